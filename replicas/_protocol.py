@@ -1,0 +1,198 @@
+"""The gateway <-> replica wire protocol.
+
+One persistent stream per replica (a Unix socket locally, TCP across hosts)
+carries *frames*: a 4-byte big-endian length, then one msgspec MessagePack
+message. Messages are a tagged union (field ``t``). Many calls are in flight on
+one connection at once; each carries an ``id`` chosen by the gateway and the
+reply echoes it.
+
+Session::
+
+    gateway -> replica   Hello(version)
+    replica -> gateway   Welcome(version, deployment, replica_id, pid, state)
+                         or Refused(reason), then the replica closes
+    gateway -> replica   Call(...)*, Ping, Drain
+    replica -> gateway   Reply(...)* (each with the replica's state), Pong, Drained
+
+Every ``Reply`` and ``Pong`` carries ``ReplicaState`` (in-flight count, loaded
+model ids in LRU order, ids being loaded), so the router's view of a replica
+is as fresh as its last response. The version is checked at the handshake;
+bump ``PROTOCOL_VERSION`` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "Call",
+    "Drain",
+    "Drained",
+    "ErrorInfo",
+    "FrameDecoder",
+    "Hello",
+    "HttpRequest",
+    "Message",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "Refused",
+    "Reply",
+    "ReplicaState",
+    "Welcome",
+    "encode_frame",
+]
+
+PROTOCOL_VERSION = 1
+#: Upper bound of one frame; a larger length prefix is a protocol error.
+MAX_FRAME_BYTES = 1 << 30
+
+_HEADER = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame of this protocol."""
+
+
+class ReplicaState(msgspec.Struct, frozen=True, array_like=True):
+    """What a replica reports about itself with every reply."""
+
+    in_flight: int = 0
+    models: list[str] = []  # loaded, least recently used first
+    loading: list[str] = []
+
+
+class HttpRequest(msgspec.Struct, frozen=True, array_like=True):
+    method: str
+    path: str  # path below the deployment's route prefix, starting with "/"
+    query: str  # raw query string, without "?"
+    headers: list[tuple[str, str]]  # lower-case names
+    body: bytes
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
+    """A failure of a call. ``code`` is a stable machine-readable string."""
+
+    code: str  # "user_error" | "model_not_found" | "bad_request" | "deadline" | "draining"
+    message: str
+    status: int = 500
+
+
+class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="t"):
+    version: int
+
+
+class Welcome(msgspec.Struct, frozen=True, tag="welcome", tag_field="t"):
+    version: int
+    deployment: str
+    replica_id: str
+    pid: int
+    state: ReplicaState
+
+
+class Refused(msgspec.Struct, frozen=True, tag="refused", tag_field="t"):
+    reason: str
+
+
+class Call(msgspec.Struct, frozen=True, tag="call", tag_field="t"):
+    """Run one request on the replica.
+
+    ``http`` is set for HTTP ingress (``__call__`` gets a ``Request``);
+    otherwise ``method`` is called with ``args``/``kwargs``, which are
+    MessagePack-encoded values (handle calls). ``timeout_s`` is the time left
+    before the request's deadline when the gateway sent it (relative, so
+    clocks need not agree).
+    """
+
+    id: int
+    request_id: str
+    model_id: str = ""
+    timeout_s: float | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    http: HttpRequest | None = None
+    method: str = "__call__"
+    args: bytes = b""  # msgpack list
+    kwargs: bytes = b""  # msgpack map
+
+
+class Reply(msgspec.Struct, frozen=True, tag="reply", tag_field="t"):
+    """The outcome of a ``Call``.
+
+    For HTTP calls ``status``/``headers``/``body`` form the response; for
+    handle calls ``body`` is the MessagePack-encoded return value. On failure
+    ``error`` is set and the others are defaults.
+    """
+
+    id: int
+    state: ReplicaState
+    status: int = 200
+    headers: list[tuple[str, str]] = []
+    body: bytes = b""
+    error: ErrorInfo | None = None
+
+
+class Ping(msgspec.Struct, frozen=True, tag="ping", tag_field="t"):
+    pass
+
+
+class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
+    state: ReplicaState
+
+
+class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):
+    """Stop taking calls, finish those in flight, unload every model, exit."""
+
+
+class Drained(msgspec.Struct, frozen=True, tag="drained", tag_field="t"):
+    pass
+
+
+Message = Hello | Welcome | Refused | Call | Reply | Ping | Pong | Drain | Drained
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
+
+
+def encode_frame(message: Message) -> bytes:
+    """One frame: length prefix plus the encoded message."""
+    payload = _encoder.encode(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, get whole messages out."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buffer += data
+        messages: list[Message] = []
+        buf = self._buffer
+        offset = 0
+        while len(buf) - offset >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf, offset)
+            if size > MAX_FRAME_BYTES:
+                raise ProtocolError(f"frame of {size} bytes exceeds the limit")
+            end = offset + _HEADER.size + size
+            if len(buf) < end:
+                break
+            try:
+                messages.append(_decoder.decode(memoryview(buf)[offset + _HEADER.size : end]))
+            except msgspec.DecodeError as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from exc
+            offset = end
+        if offset:
+            del buf[:offset]
+        return messages
+
+    def __repr__(self) -> str:
+        return f"<FrameDecoder buffered={len(self._buffer)}>"
