@@ -142,7 +142,12 @@ class Ping(msgspec.Struct, frozen=True, tag="ping", tag_field="t"):
 
 
 class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
+    """Answer to ``Ping``; also carries the replica's cumulative counters
+    (model loads, unloads by reason, cache hits/misses, load seconds), which
+    the gateway aggregates into its metrics."""
+
     state: ReplicaState
+    counters: dict[str, float] = {}
 
 
 class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):
