@@ -1,0 +1,43 @@
+"""Write N small torch models in the seed's layout: ``<root>/<id>/model.pt``.
+
+    python examples/make_models.py /tmp/models --count 8
+    python examples/make_models.py s3://my-bucket/models --count 8   # any fsspec URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import fsspec
+import torch
+
+try:  # run as a script: examples/ is on sys.path
+    from torch_mlp import make_net
+except ImportError:  # imported as examples.make_models
+    from examples.torch_mlp import make_net
+
+
+def write_models(root: str, count: int, *, seed: int = 0) -> list[str]:
+    """Create models ``1..count`` under ``root``; returns their ids."""
+    ids = [str(i) for i in range(1, count + 1)]
+    for model_id in ids:
+        torch.manual_seed(seed + int(model_id))
+        buffer = io.BytesIO()
+        torch.save(make_net().state_dict(), buffer)
+        with fsspec.open(f"{root.rstrip('/')}/{model_id}/model.pt", "wb", auto_mkdir=True) as f:
+            f.write(buffer.getvalue())
+    return ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("root", help="folder or fsspec URL to write to")
+    parser.add_argument("--count", type=int, default=8)
+    args = parser.parse_args(argv)
+    ids = write_models(args.root, args.count)
+    print(f"wrote {len(ids)} models under {args.root}")
+
+
+if __name__ == "__main__":
+    main()
