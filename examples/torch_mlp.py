@@ -34,7 +34,7 @@ def make_net() -> torch.nn.Module:
 
 @deployment(max_ongoing_requests=8)
 class Model:
-    def __init__(self, model_root: str, max_models: int = 3) -> None:
+    def __init__(self, model_root: str) -> None:
         self.model_root = model_root
 
     @multiplexed(max_num_models_per_replica=3)
