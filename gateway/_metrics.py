@@ -1,0 +1,327 @@
+"""Prometheus metrics of one gateway.
+
+Every ``GatewayMetrics`` owns its own ``CollectorRegistry`` (never the
+process-global one), so several gateways in one process (tests, embedding)
+do not share or clash over series. Names follow the Prometheus conventions:
+prefix ``muxgate_``, base units (seconds), ``_total`` on counters.
+
+Two kinds of series:
+
+* **Gateway-side** (requests, request duration, queue length, replicas by
+  state, spillovers) are observed by the gateway itself and kept in ordinary
+  ``prometheus_client`` metrics.
+* **Replica-side** (model loads, load failures, unloads by reason, cache hits
+  and misses, summed load seconds, models loaded) are cumulative counters each
+  replica process reports in its ``Pong``. The gateway stores the latest
+  snapshot per replica and a custom collector sums them per deployment at
+  scrape time. A replica that goes away (drained, died, replaced) is folded
+  into a retained per-deployment base by ``forget_replica``, and a replica
+  whose counters go backwards (a restarted process reusing an id) has its
+  previous values folded in the same way, so every ``_total`` the gateway
+  exposes is monotonic: ``rate()`` and ``increase()`` never see a false reset.
+
+Per-model labels (``model``) on requests, request duration and spillovers are
+opt-in through ``per_model_labels=True``: with thousands of models each label
+value is a new series in Prometheus.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "REPLICA_COUNTER_KEYS",
+    "REQUEST_DURATION_BUCKETS",
+    "UNLOAD_REASONS",
+    "GatewayMetrics",
+]
+
+#: Request latency spans a cache hit (about a millisecond) to a cold model
+#: load behind a queue (tens of seconds); roughly 2.5x steps over that range.
+REQUEST_DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+#: Unload reasons a replica reports, each as counter key ``model_unloads_<reason>``.
+UNLOAD_REASONS: Final[tuple[str, ...]] = ("lru", "shutdown", "drain")
+
+#: Cumulative counter keys of a replica's ``counters()`` (``models_loaded`` is a
+#: gauge and is not in this tuple).
+REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
+    "model_loads",
+    "model_load_failures",
+    *(f"model_unloads_{reason}" for reason in UNLOAD_REASONS),
+    "cache_hits",
+    "cache_misses",
+    "model_load_seconds_sum",
+)
+
+_MODELS_LOADED_KEY: Final = "models_loaded"
+
+
+class _ReplicaCounters(Collector):
+    """Sums the cumulative counters replicas report, per deployment.
+
+    State: ``_live[(deployment, replica_id)]`` is the latest snapshot of each
+    known replica; ``_base[deployment]`` holds what replicas that are gone (or
+    that reset) had counted. Exposed total = base + sum of live snapshots,
+    which can only grow because a snapshot leaves ``_live`` only by being
+    added to ``_base``.
+
+    Load duration: a replica reports only the sum of its load seconds, so the
+    gateway exposes ``muxgate_model_load_seconds_total`` (a counter of summed
+    seconds); with ``muxgate_model_loads_total`` that gives the mean load time
+    (``rate(seconds) / rate(loads)``), not percentiles. For a histogram
+    (``muxgate_model_load_duration_seconds``) each replica would report
+    cumulative per-bucket counts (keys such as ``model_load_seconds_le_0.5``)
+    that merge by the same base + live sum as every other key here, and
+    ``collect`` would emit a ``HistogramMetricFamily``; nothing else changes.
+    A gateway-side histogram of raw observations is not possible, since the
+    gateway never sees individual loads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[tuple[str, str], dict[str, float]] = {}
+        self._base: dict[str, dict[str, float]] = {}
+
+    def update(self, deployment: str, replica_id: str, counters: Mapping[str, float]) -> None:
+        snapshot = {key: float(counters.get(key, 0.0)) for key in REPLICA_COUNTER_KEYS}
+        snapshot[_MODELS_LOADED_KEY] = float(counters.get(_MODELS_LOADED_KEY, 0.0))
+        with self._lock:
+            previous = self._live.get((deployment, replica_id))
+            if previous is not None and any(
+                snapshot[key] < previous[key] for key in REPLICA_COUNTER_KEYS
+            ):
+                # The process behind this id started counting again: keep
+                # what it had counted before, like Prometheus's reset handling.
+                self._fold(deployment, previous)
+            self._live[(deployment, replica_id)] = snapshot
+            self._base.setdefault(deployment, dict.fromkeys(REPLICA_COUNTER_KEYS, 0.0))
+
+    def forget(self, deployment: str, replica_id: str) -> None:
+        with self._lock:
+            last = self._live.pop((deployment, replica_id), None)
+            if last is not None:
+                self._fold(deployment, last)
+
+    def _fold(self, deployment: str, snapshot: Mapping[str, float]) -> None:
+        base = self._base.setdefault(deployment, dict.fromkeys(REPLICA_COUNTER_KEYS, 0.0))
+        for key in REPLICA_COUNTER_KEYS:
+            base[key] += snapshot[key]
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        """Per deployment, base plus every live replica's snapshot."""
+        with self._lock:
+            out = {deployment: dict(base) for deployment, base in self._base.items()}
+            for (deployment, _), snapshot in self._live.items():
+                total = out[deployment]
+                for key in REPLICA_COUNTER_KEYS:
+                    total[key] += snapshot[key]
+            return out
+
+    def models_loaded(self) -> list[tuple[str, str, float]]:
+        with self._lock:
+            return [
+                (deployment, replica_id, snapshot[_MODELS_LOADED_KEY])
+                for (deployment, replica_id), snapshot in sorted(self._live.items())
+            ]
+
+    def live_count(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def collect(self) -> Iterable[Metric]:
+        totals = self.totals()
+        deployments = sorted(totals)
+
+        def per_deployment(name: str, doc: str, key: str) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["deployment"])
+            for deployment in deployments:
+                family.add_metric([deployment], totals[deployment][key])
+            return family
+
+        yield per_deployment(
+            "muxgate_model_loads_total", "Models loaded successfully by replicas.", "model_loads"
+        )
+        yield per_deployment(
+            "muxgate_model_load_failures_total",
+            "Model loads that raised.",
+            "model_load_failures",
+        )
+        unloads = CounterMetricFamily(
+            "muxgate_model_unloads_total",
+            "Models unloaded by replicas, by reason (lru, shutdown, drain).",
+            labels=["deployment", "reason"],
+        )
+        for deployment in deployments:
+            for reason in UNLOAD_REASONS:
+                unloads.add_metric(
+                    [deployment, reason], totals[deployment][f"model_unloads_{reason}"]
+                )
+        yield unloads
+        yield per_deployment(
+            "muxgate_model_load_seconds_total",
+            "Seconds spent loading models, summed over loads (see muxgate_model_loads_total).",
+            "model_load_seconds_sum",
+        )
+        yield per_deployment(
+            "muxgate_cache_hits_total",
+            "Model lookups answered from a replica's cache.",
+            "cache_hits",
+        )
+        yield per_deployment(
+            "muxgate_cache_misses_total",
+            "Model lookups that needed a load.",
+            "cache_misses",
+        )
+        loaded = GaugeMetricFamily(
+            "muxgate_models_loaded",
+            "Models currently loaded, per replica.",
+            labels=["deployment", "replica"],
+        )
+        for deployment, replica_id, value in self.models_loaded():
+            loaded.add_metric([deployment, replica_id], value)
+        yield loaded
+
+
+class GatewayMetrics:
+    """The Prometheus metrics of one gateway, in a registry of its own.
+
+    Series (all prefixed ``muxgate_``):
+
+    * ``requests_total{deployment,status}``: finished requests by HTTP status.
+    * ``request_duration_seconds{deployment}``: histogram, gateway-observed.
+    * ``queue_length{deployment}``: requests waiting for a replica.
+    * ``replicas{deployment,state}``: replicas by state (e.g. starting,
+      running, draining).
+    * ``spillovers_total{deployment}``: requests routed past the model's home
+      replica by the bounded-load rule.
+    * ``model_loads_total``, ``model_load_failures_total``,
+      ``model_unloads_total{reason}``, ``model_load_seconds_total``,
+      ``cache_hits_total``, ``cache_misses_total`` (all ``{deployment}``):
+      replica counters summed over replicas, monotonic across replica churn.
+    * ``models_loaded{deployment,replica}``: per live replica.
+
+    With ``per_model_labels=True`` requests, request duration and spillovers
+    also carry ``model`` (the multiplexed model id, ``""`` for none).
+
+    Thread-safe; every method is cheap and non-blocking, so it can be called
+    from the event loop.
+    """
+
+    def __init__(self, *, per_model_labels: bool = False) -> None:
+        self.per_model_labels = per_model_labels
+        self.registry = CollectorRegistry(auto_describe=True)
+        model = ["model"] if per_model_labels else []
+        self._requests = Counter(
+            "muxgate_requests_total",
+            "Requests answered by the gateway, by HTTP status.",
+            ["deployment", "status", *model],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "muxgate_request_duration_seconds",
+            "Time from request received to response started, as seen by the gateway.",
+            ["deployment", *model],
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._queue = Gauge(
+            "muxgate_queue_length",
+            "Requests waiting in the gateway for a replica.",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self._replicas = Gauge(
+            "muxgate_replicas",
+            "Replicas by state.",
+            ["deployment", "state"],
+            registry=self.registry,
+        )
+        self._spillovers = Counter(
+            "muxgate_spillovers_total",
+            "Requests routed past the model's home replica because it was at capacity.",
+            ["deployment", *model],
+            registry=self.registry,
+        )
+        self._replica_counters = _ReplicaCounters()
+        self.registry.register(self._replica_counters)
+        self._lock = threading.Lock()
+        self._replica_states: dict[str, set[str]] = {}
+        self._requests_seen = 0
+
+    def observe_request(
+        self, deployment: str, status: int, seconds: float, model_id: str = ""
+    ) -> None:
+        """Count one finished request and observe its duration."""
+        if self.per_model_labels:
+            self._requests.labels(deployment, str(status), model_id).inc()
+            self._duration.labels(deployment, model_id).observe(seconds)
+        else:
+            self._requests.labels(deployment, str(status)).inc()
+            self._duration.labels(deployment).observe(seconds)
+        with self._lock:
+            self._requests_seen += 1
+
+    def set_queue_length(self, deployment: str, n: int) -> None:
+        """Set how many requests of ``deployment`` wait for a replica."""
+        self._queue.labels(deployment).set(n)
+
+    def set_replicas(self, deployment: str, counts_by_state: Mapping[str, int]) -> None:
+        """Set the replica count per state; states seen before but absent now go to 0."""
+        with self._lock:
+            states = self._replica_states.setdefault(deployment, set())
+            states.update(counts_by_state)
+            known = sorted(states)
+        for state in known:
+            self._replicas.labels(deployment, state).set(counts_by_state.get(state, 0))
+
+    def count_spillover(self, deployment: str, model_id: str = "") -> None:
+        """Count one request routed away from its model's home replica."""
+        if self.per_model_labels:
+            self._spillovers.labels(deployment, model_id).inc()
+        else:
+            self._spillovers.labels(deployment).inc()
+
+    def set_replica_counters(
+        self, deployment: str, replica_id: str, counters: Mapping[str, float]
+    ) -> None:
+        """Record a replica's latest cumulative counters (from its ``Pong``).
+
+        Missing keys count as 0; unknown keys are ignored.
+        """
+        self._replica_counters.update(deployment, replica_id, counters)
+
+    def forget_replica(self, deployment: str, replica_id: str) -> None:
+        """Drop a replica that is gone; its counts stay in the deployment totals."""
+        self._replica_counters.forget(deployment, replica_id)
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """Render every series for a scrape.
+
+        Args:
+            accept: the scraper's ``Accept`` header; OpenMetrics is returned
+                when it asks for it, the Prometheus text format otherwise.
+
+        Returns:
+            ``(body, content_type)``.
+        """
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def __repr__(self) -> str:
+        with self._lock:
+            requests = self._requests_seen
+        return (
+            f"GatewayMetrics(per_model_labels={self.per_model_labels}, "
+            f"requests={requests}, live_replicas={self._replica_counters.live_count()})"
+        )

@@ -1,0 +1,216 @@
+"""GatewayMetrics: rendered values after known call sequences, monotonic totals."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from muxgate.gateway._metrics import REQUEST_DURATION_BUCKETS, GatewayMetrics
+
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def scrape(metrics: GatewayMetrics) -> dict[Key, float]:
+    """Every sample of a rendered scrape, keyed by (sample name, sorted labels)."""
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    out: dict[Key, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue  # wall-clock creation times; not ours to assert
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def only(samples: dict[Key, float], name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {labels: value for (n, labels), value in samples.items() if n == name}
+
+
+def test_gateway_side_series_have_exact_values() -> None:
+    m = GatewayMetrics()
+    m.observe_request("Model", 200, 0.003)
+    m.observe_request("Model", 200, 0.2, model_id="m1")
+    m.observe_request("Model", 503, 7.0)
+    m.observe_request("Other", 500, 0.0005)
+    m.set_queue_length("Model", 4)
+    m.set_queue_length("Model", 2)
+    m.set_replicas("Model", {"starting": 1, "running": 2})
+    m.set_replicas("Model", {"running": 3, "draining": 1})
+    m.count_spillover("Model", "m1")
+    m.count_spillover("Model")
+
+    s = scrape(m)
+    assert only(s, "muxgate_requests_total") == {
+        (("deployment", "Model"), ("status", "200")): 2.0,
+        (("deployment", "Model"), ("status", "503")): 1.0,
+        (("deployment", "Other"), ("status", "500")): 1.0,
+    }
+    assert only(s, "muxgate_request_duration_seconds_count") == {
+        (("deployment", "Model"),): 3.0,
+        (("deployment", "Other"),): 1.0,
+    }
+    assert only(s, "muxgate_request_duration_seconds_sum")[(("deployment", "Model"),)] == (
+        0.003 + 0.2 + 7.0
+    )
+    buckets = {
+        dict(labels)["le"]: value
+        for labels, value in only(s, "muxgate_request_duration_seconds_bucket").items()
+        if dict(labels)["deployment"] == "Model"
+    }
+    assert len(buckets) == len(REQUEST_DURATION_BUCKETS) + 1
+    assert buckets["0.001"] == 0.0
+    assert buckets["0.005"] == 1.0
+    assert buckets["0.25"] == 2.0
+    assert buckets["5.0"] == 2.0
+    assert buckets["10.0"] == 3.0
+    assert buckets["+Inf"] == 3.0
+    assert only(s, "muxgate_queue_length") == {(("deployment", "Model"),): 2.0}
+    assert only(s, "muxgate_replicas") == {
+        (("deployment", "Model"), ("state", "draining")): 1.0,
+        (("deployment", "Model"), ("state", "running")): 3.0,
+        (("deployment", "Model"), ("state", "starting")): 0.0,  # seen before, now none
+    }
+    assert only(s, "muxgate_spillovers_total") == {(("deployment", "Model"),): 2.0}
+
+
+def test_per_model_labels_are_off_by_default() -> None:
+    m = GatewayMetrics()
+    m.observe_request("Model", 200, 0.01, model_id="m1")
+    m.count_spillover("Model", "m1")
+    body, _ = m.render()
+    assert b"model=" not in body
+    assert 'model="m1"' not in body.decode()
+
+
+def test_per_model_labels_when_enabled() -> None:
+    m = GatewayMetrics(per_model_labels=True)
+    m.observe_request("Model", 200, 0.01, model_id="m1")
+    m.observe_request("Model", 200, 0.01, model_id="m2")
+    m.observe_request("Model", 200, 0.01)
+    m.count_spillover("Model", "m2")
+    s = scrape(m)
+    assert only(s, "muxgate_requests_total") == {
+        (("deployment", "Model"), ("model", "m1"), ("status", "200")): 1.0,
+        (("deployment", "Model"), ("model", "m2"), ("status", "200")): 1.0,
+        (("deployment", "Model"), ("model", ""), ("status", "200")): 1.0,
+    }
+    assert (
+        only(s, "muxgate_request_duration_seconds_count")[
+            (("deployment", "Model"), ("model", "m1"))
+        ]
+        == 1.0
+    )
+    assert only(s, "muxgate_spillovers_total") == {(("deployment", "Model"), ("model", "m2")): 1.0}
+
+
+def counters(**values: float) -> dict[str, float]:
+    return dict(values)
+
+
+def test_replica_counters_are_summed_per_deployment() -> None:
+    m = GatewayMetrics()
+    m.set_replica_counters(
+        "Model",
+        "Model#a",
+        counters(
+            model_loads=3,
+            model_load_failures=1,
+            model_unloads_lru=1,
+            model_unloads_shutdown=0,
+            model_unloads_drain=0,
+            cache_hits=10,
+            cache_misses=4,
+            model_load_seconds_sum=1.5,
+            models_loaded=2,
+        ),
+    )
+    m.set_replica_counters(
+        "Model",
+        "Model#b",
+        counters(model_loads=2, model_unloads_drain=2, cache_hits=1, model_load_seconds_sum=0.25),
+    )
+    m.set_replica_counters("Other", "Other#a", counters(cache_misses=7, models_loaded=1))
+    s = scrape(m)
+    model = (("deployment", "Model"),)
+    assert only(s, "muxgate_model_loads_total")[model] == 5.0
+    assert only(s, "muxgate_model_load_failures_total")[model] == 1.0
+    assert only(s, "muxgate_cache_hits_total")[model] == 11.0
+    assert only(s, "muxgate_cache_misses_total") == {model: 4.0, (("deployment", "Other"),): 7.0}
+    assert only(s, "muxgate_model_load_seconds_total")[model] == 1.75
+    assert only(s, "muxgate_model_unloads_total") == {
+        (("deployment", "Model"), ("reason", "drain")): 2.0,
+        (("deployment", "Model"), ("reason", "lru")): 1.0,
+        (("deployment", "Model"), ("reason", "shutdown")): 0.0,
+        (("deployment", "Other"), ("reason", "drain")): 0.0,
+        (("deployment", "Other"), ("reason", "lru")): 0.0,
+        (("deployment", "Other"), ("reason", "shutdown")): 0.0,
+    }
+    assert only(s, "muxgate_models_loaded") == {
+        (("deployment", "Model"), ("replica", "Model#a")): 2.0,
+        (("deployment", "Model"), ("replica", "Model#b")): 0.0,
+        (("deployment", "Other"), ("replica", "Other#a")): 1.0,
+    }
+
+
+def test_forget_replica_keeps_totals_monotonic() -> None:
+    m = GatewayMetrics()
+    model = (("deployment", "Model"),)
+    m.set_replica_counters("Model", "a", counters(model_loads=3, cache_hits=5, models_loaded=3))
+    m.set_replica_counters("Model", "b", counters(model_loads=1, cache_hits=1, models_loaded=1))
+    assert only(scrape(m), "muxgate_model_loads_total")[model] == 4.0
+
+    m.set_replica_counters("Model", "a", counters(model_loads=4, cache_hits=9, models_loaded=3))
+    m.forget_replica("Model", "a")
+    s = scrape(m)
+    assert only(s, "muxgate_model_loads_total")[model] == 5.0
+    assert only(s, "muxgate_cache_hits_total")[model] == 10.0
+    # the gauge of a forgotten replica disappears with it
+    assert only(s, "muxgate_models_loaded") == {(("deployment", "Model"), ("replica", "b")): 1.0}
+
+    # a replacement replica starts from zero; the total keeps growing
+    m.set_replica_counters("Model", "c", counters(model_loads=1))
+    assert only(scrape(m), "muxgate_model_loads_total")[model] == 6.0
+    m.forget_replica("Model", "b")
+    m.forget_replica("Model", "c")
+    m.forget_replica("Model", "never-seen")  # harmless
+    s = scrape(m)
+    assert only(s, "muxgate_model_loads_total")[model] == 6.0
+    assert only(s, "muxgate_cache_hits_total")[model] == 10.0
+    assert only(s, "muxgate_models_loaded") == {}
+    assert "live_replicas=0" in repr(m)
+
+
+def test_counter_reset_under_same_replica_id_is_not_a_decrease() -> None:
+    m = GatewayMetrics()
+    model = (("deployment", "Model"),)
+    m.set_replica_counters("Model", "a", counters(model_loads=5, cache_misses=5))
+    m.set_replica_counters("Model", "a", counters(model_loads=1, cache_misses=6))
+    s = scrape(m)
+    assert only(s, "muxgate_model_loads_total")[model] == 6.0
+    assert only(s, "muxgate_cache_misses_total")[model] == 11.0
+
+
+def test_unknown_counter_keys_are_ignored_and_missing_ones_are_zero() -> None:
+    m = GatewayMetrics()
+    m.set_replica_counters("Model", "a", {"something_new": 3.0, "cache_hits": 1.0})
+    s = scrape(m)
+    assert only(s, "muxgate_cache_hits_total") == {(("deployment", "Model"),): 1.0}
+    assert only(s, "muxgate_model_loads_total") == {(("deployment", "Model"),): 0.0}
+    assert not any("something_new" in name for name, _ in s)
+
+
+def test_instances_do_not_share_series() -> None:
+    a, b = GatewayMetrics(), GatewayMetrics()
+    a.observe_request("Model", 200, 0.01)
+    assert only(scrape(b), "muxgate_requests_total") == {}
+    assert only(scrape(a), "muxgate_requests_total") == {
+        (("deployment", "Model"), ("status", "200")): 1.0
+    }
+
+
+def test_openmetrics_on_request() -> None:
+    m = GatewayMetrics()
+    m.observe_request("Model", 200, 0.01)
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
