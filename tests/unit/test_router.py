@@ -1,0 +1,363 @@
+"""Router: consistent-hash ring with bounded loads (pure, no I/O)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from muxgate.gateway._router import HashRing, RouteDecision, Router, stable_hash
+
+MODEL_IDS = [f"model-{i}" for i in range(2000)]
+
+
+def make_router(n: int, **kwargs: object) -> Router:
+    router = Router(rng=random.Random(0), **kwargs)  # type: ignore[arg-type]
+    for i in range(n):
+        router.add_replica(f"replica-{i}")
+    return router
+
+
+def homes(router: Router, model_ids: list[str]) -> dict[str, str]:
+    return {m: router.preference_list(m)[0] for m in model_ids}
+
+
+def test_stable_hash_is_fixed() -> None:
+    # Same value in every process (not Python's salted hash()).
+    assert stable_hash("model-1") == stable_hash("model-1")
+    assert stable_hash("a") != stable_hash("b")
+    assert 0 <= stable_hash("x") < 2**64
+
+
+def test_empty_router_returns_none() -> None:
+    router = Router()
+    assert router.choose("m") is None
+    assert router.choose("") is None
+    assert router.capacity() == 0
+    assert router.replica_ids == []
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="balance_factor"):
+        Router(balance_factor=1.0)
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        Router(max_ongoing_requests=0)
+    with pytest.raises(ValueError, match="min_capacity"):
+        Router(min_capacity=0)
+    with pytest.raises(ValueError, match="virtual_nodes"):
+        HashRing(virtual_nodes=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.permutations([f"r{i}" for i in range(7)]), st.sampled_from(MODEL_IDS[:50]))
+def test_same_replica_for_any_insertion_order(order: list[str], model_id: str) -> None:
+    a = Router()
+    b = Router()
+    for r in sorted(order):
+        a.add_replica(r)
+    for r in order:
+        b.add_replica(r)
+    assert a.preference_list(model_id) == b.preference_list(model_id)
+    da, db = a.choose(model_id), b.choose(model_id)
+    assert da == db
+    assert da is not None
+    assert da.replica_id == a.preference_list(model_id)[0]
+    assert not da.spillover
+    assert da.reason == "home"
+
+
+def test_preference_list_is_a_permutation() -> None:
+    router = make_router(9)
+    for m in MODEL_IDS[:100]:
+        prefs = router.preference_list(m)
+        assert sorted(prefs) == router.replica_ids
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(min_value=4, max_value=24), st.data())
+def test_adding_or_removing_one_replica_moves_about_one_nth(n: int, data: st.DataObject) -> None:
+    router = make_router(n)
+    before = homes(router, MODEL_IDS)
+    victim = data.draw(st.sampled_from(router.replica_ids))
+    router.remove_replica(victim)
+    after_remove = homes(router, MODEL_IDS)
+    moved = [m for m in MODEL_IDS if before[m] != after_remove[m]]
+    # Only the victim's models move, and they move to their second choice.
+    assert all(before[m] == victim for m in moved)
+    assert len(moved) <= 2 * len(MODEL_IDS) / n
+    router.add_replica(victim)
+    assert homes(router, MODEL_IDS) == before
+    router.add_replica("newcomer")
+    after_add = homes(router, MODEL_IDS)
+    moved = [m for m in MODEL_IDS if before[m] != after_add[m]]
+    assert all(after_add[m] == "newcomer" for m in moved)
+    assert len(moved) <= 2 * len(MODEL_IDS) / (n + 1)
+
+
+def test_spread_is_roughly_even() -> None:
+    router = make_router(10)
+    counts: dict[str, int] = {}
+    for home in homes(router, MODEL_IDS).values():
+        counts[home] = counts.get(home, 0) + 1
+    assert len(counts) == 10
+    # 64 virtual nodes: every replica within a factor ~1.6 of the mean (200).
+    assert min(counts.values()) > 120
+    assert max(counts.values()) < 320
+
+
+def test_capacity_rule() -> None:
+    router = make_router(4, balance_factor=1.5, max_ongoing_requests=8, min_capacity=1)
+    assert router.capacity() == math.ceil(1.5 * 1 / 4)
+    for _ in range(9):
+        router.acquire("replica-0", "")
+    assert router.total_in_flight == 9
+    assert router.capacity() == 4  # ceil(1.5 * 10 / 4)
+    for _ in range(20):
+        router.acquire("replica-1", "")
+    assert router.capacity() == 8  # capped at max_ongoing_requests
+
+
+def test_min_capacity_floor_keeps_second_request_home() -> None:
+    model = "hot"
+    no_floor = make_router(8, min_capacity=1)
+    floor = make_router(8, min_capacity=2)
+    for router in (no_floor, floor):
+        first = router.choose(model)
+        assert first is not None
+        router.acquire(first.replica_id, model)
+    second_no_floor = no_floor.choose(model)
+    second_floor = floor.choose(model)
+    assert second_no_floor is not None and second_no_floor.spillover
+    assert second_no_floor.reason == "spill"
+    assert second_floor is not None and not second_floor.spillover
+
+
+def test_spill_follows_preference_order_and_sticks_to_holders() -> None:
+    router = make_router(6, balance_factor=1.25, max_ongoing_requests=2, min_capacity=1)
+    model = "m"
+    prefs = router.preference_list(model)
+    # Fill the home replica to max_ongoing_requests.
+    router.acquire(prefs[0], model)
+    router.acquire(prefs[0], model)
+    d = router.choose(model)
+    assert d == RouteDecision(prefs[1], True, prefs[0], "spill")
+    # Another model is already on prefs[3]: the request goes to the holder, not prefs[1].
+    router.observe(prefs[3], models=[model], loading=[])
+    d = router.choose(model)
+    assert d == RouteDecision(prefs[3], True, prefs[0], "cached")
+    # Once the home has room again, home wins (it holds the model).
+    router.release(prefs[0])
+    router.release(prefs[0])
+    d = router.choose(model)
+    assert d is not None and d.replica_id == prefs[0] and d.reason == "home"
+
+
+def test_acquire_marks_model_loading_optimistically() -> None:
+    router = make_router(5, min_capacity=1, max_ongoing_requests=4)
+    model = "m"
+    prefs = router.preference_list(model)
+    router.acquire(prefs[0], "other")
+    router.acquire(prefs[0], "other")
+    d = router.choose(model)
+    assert d is not None and d.replica_id != prefs[0]
+    router.acquire(d.replica_id, model)
+    assert model in router.models(d.replica_id)
+    assert d.replica_id in router.holders(model)
+    # The replica reports it has nothing (e.g. the load failed): the mark goes.
+    router.observe(d.replica_id, models=[], loading=[])
+    assert router.holders(model) == set()
+
+
+def test_returns_none_only_when_all_full() -> None:
+    router = make_router(3, max_ongoing_requests=2)
+    for r in router.replica_ids:
+        router.acquire(r, "")
+    assert router.choose("m") is not None
+    for r in router.replica_ids:
+        router.acquire(r, "")
+    assert router.choose("m") is None
+    assert router.choose("") is None
+    router.release("replica-1")
+    d = router.choose("m")
+    assert d is not None and d.replica_id == "replica-1"
+    d = router.choose("")
+    assert d is not None and d.replica_id == "replica-1" and d.reason == "no_model"
+
+
+def test_power_of_two_choices_prefers_less_loaded() -> None:
+    router = make_router(2, max_ongoing_requests=8)
+    for _ in range(3):
+        router.acquire("replica-0", "")
+    for _ in range(20):
+        d = router.choose("")
+        assert d is not None and d.replica_id == "replica-1" and not d.spillover
+
+
+def test_removal_order_prefers_fewest_unique_models() -> None:
+    router = make_router(3)
+    router.observe("replica-0", models=["a", "b", "c"], loading=[])
+    router.observe("replica-1", models=["a"], loading=["d"])
+    router.observe("replica-2", models=["b", "c"], loading=[])
+    assert router.removal_cost("replica-0") == 0  # a, b, c all held elsewhere
+    assert router.removal_cost("replica-1") == 1  # d
+    assert router.removal_cost("replica-2") == 0
+    router.acquire("replica-2", "")
+    assert router.removal_order() == ["replica-0", "replica-2", "replica-1"]
+    assert router.removal_cost("nope") == 0
+
+
+def test_remove_replica_forgets_its_state() -> None:
+    router = make_router(3)
+    router.acquire("replica-0", "m")
+    router.acquire("replica-0", "m")
+    router.remove_replica("replica-0")
+    assert router.total_in_flight == 0
+    assert router.holders("m") == set()
+    router.release("replica-0")  # a late reply from a removed replica is ignored
+    router.observe("replica-0", models=["m"], loading=[])
+    assert router.holders("m") == set()
+    assert "replica-0" not in router.replica_ids
+
+
+def test_repr_summarises_state() -> None:
+    router = make_router(2, max_ongoing_requests=4)
+    router.observe("replica-0", models=["a", "b"], loading=[])
+    router.acquire("replica-1", "c")
+    text = repr(router)
+    assert "replicas=2" in text
+    assert "in_flight=1" in text
+    assert "models_held=2" in text
+    assert "distinct_models=3" in text
+    assert repr(HashRing()) == "HashRing(members=0, virtual_nodes=64)"
+
+
+def test_walk_beyond_cached_prefix() -> None:
+    # max_ongoing 1: fill the first five preferences, the sixth must be found.
+    router = make_router(8, max_ongoing_requests=1)
+    prefs = router.preference_list("m")
+    for r in prefs[:5]:
+        router.acquire(r, "")
+    d = router.choose("m")
+    assert d is not None and d.replica_id == prefs[5]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=12),
+    balance_factor=st.sampled_from([1.1, 1.25, 1.5, 2.0]),
+    min_capacity=st.integers(min_value=1, max_value=4),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(min_value=0, max_value=30)), max_size=200),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_choices_respect_capacity(
+    n: int,
+    balance_factor: float,
+    min_capacity: int,
+    ops: list[tuple[bool, int]],
+    seed: int,
+) -> None:
+    router = make_router(
+        n, balance_factor=balance_factor, min_capacity=min_capacity, max_ongoing_requests=6
+    )
+    rng = random.Random(seed)
+    sent: list[str] = []
+    for is_send, model_index in ops:
+        if is_send:
+            model = f"m{model_index}" if model_index else ""
+            cap = router.capacity()
+            d = router.choose(model)
+            if d is None:
+                assert all(router.in_flight(r) >= 6 for r in router.replica_ids)
+                continue
+            limit = 6 if model == "" else cap
+            assert router.in_flight(d.replica_id) < limit
+            router.acquire(d.replica_id, model)
+            sent.append(d.replica_id)
+        elif sent:
+            router.release(sent.pop(rng.randrange(len(sent))))
+
+
+class RouterMachine(RuleBasedStateMachine):
+    """Random add/remove/acquire/release/observe against a simple model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = Router(
+            rng=random.Random(1), max_ongoing_requests=3, balance_factor=1.25, min_capacity=1
+        )
+        self.in_flight: dict[str, int] = {}
+        self.held: dict[str, set[str]] = {}
+        self.next_id = 0
+
+    @rule()
+    def add(self) -> None:
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        self.router.add_replica(rid)
+        self.in_flight[rid] = 0
+        self.held[rid] = set()
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.in_flight)))
+        self.router.remove_replica(rid)
+        del self.in_flight[rid]
+        del self.held[rid]
+
+    @rule(model=st.sampled_from(["", "a", "b", "c", "d", "e"]))
+    def send(self, model: str) -> None:
+        cap = self.router.capacity()
+        d = self.router.choose(model)
+        if d is None:
+            assert all(v >= 3 for v in self.in_flight.values())
+            return
+        assert d.replica_id in self.in_flight
+        if model:
+            prefs = self.router.preference_list(model)
+            assert d.home_replica_id == prefs[0]
+            assert d.spillover == (d.replica_id != prefs[0])
+            under = [r for r in prefs if self.in_flight[r] < cap]
+            holding = [r for r in under if model in self.held[r]]
+            # A holder under capacity always wins, in preference order; else the first free.
+            assert d.replica_id == (holding[0] if holding else under[0])
+        else:
+            assert self.in_flight[d.replica_id] < 3
+        self.router.acquire(d.replica_id, model)
+        self.in_flight[d.replica_id] += 1
+        if model:
+            self.held[d.replica_id].add(model)
+
+    @precondition(lambda self: any(self.in_flight.values()))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(r for r, v in self.in_flight.items() if v)))
+        self.router.release(rid)
+        self.in_flight[rid] -= 1
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data(), models=st.sets(st.sampled_from(["a", "b", "c", "d", "e"])))
+    def observe(self, data: st.DataObject, models: set[str]) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.in_flight)))
+        loaded = sorted(models)[:2]
+        loading = sorted(models)[2:]
+        self.router.observe(rid, models=loaded, loading=loading)
+        self.held[rid] = set(models)
+
+    @invariant()
+    def matches_model(self) -> None:
+        assert self.router.replica_ids == sorted(self.in_flight)
+        assert self.router.total_in_flight == sum(self.in_flight.values())
+        for rid, count in self.in_flight.items():
+            assert self.router.in_flight(rid) == count
+            assert self.router.models(rid) == self.held[rid]
+        for model in "abcde":
+            assert self.router.holders(model) == {r for r, h in self.held.items() if model in h}
+
+
+TestRouterMachine = RouterMachine.TestCase
+TestRouterMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
