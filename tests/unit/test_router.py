@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,8 +16,8 @@ from muxgate.gateway._router import HashRing, RouteDecision, Router, stable_hash
 MODEL_IDS = [f"model-{i}" for i in range(2000)]
 
 
-def make_router(n: int, **kwargs: object) -> Router:
-    router = Router(rng=random.Random(0), **kwargs)  # type: ignore[arg-type]
+def make_router(n: int, **kwargs: Any) -> Router:
+    router = Router(rng=random.Random(0), **kwargs)
     for i in range(n):
         router.add_replica(f"replica-{i}")
     return router
