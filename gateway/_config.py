@@ -1,0 +1,185 @@
+"""The application config (``app.yaml`` or ``app.toml``), decoded once at start.
+
+``load_config(path)`` reads YAML (or TOML when the file ends in ``.toml``),
+then decodes it into ``AppConfig`` with msgspec, so every type, bound and
+cross-field rule is checked before anything starts. A bad file raises
+``ConfigError`` naming the file, the field's path (``$.deployments[0].name``)
+and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from muxgate.gateway._errors import ConfigError
+
+__all__ = [
+    "AppConfig",
+    "AutoscalingConfig",
+    "DeploymentConfig",
+    "HttpConfig",
+    "MetricsConfig",
+    "RoutingConfig",
+    "TracingConfig",
+    "load_config",
+    "parse_config",
+]
+
+from muxgate.gateway._policy import AutoscalingConfig
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
+
+class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The gateway's HTTP listener and per-request limits."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 10 * 1024 * 1024
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    #: when set, every ``/-/`` endpoint needs ``Authorization: Bearer <token>``;
+    #: when unset, they answer only clients on the loopback interface
+    admin_token: str | None = None
+
+
+class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Parameters of the bounded-load consistent-hash router (DESIGN.md section 5)."""
+
+    balance_factor: Annotated[float, msgspec.Meta(gt=1.0)] = 1.25
+    virtual_nodes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+
+
+class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One deployment: a user class served by a pool of replica processes."""
+
+    name: Annotated[str, msgspec.Meta(pattern=_NAME)]
+    import_path: Annotated[str, msgspec.Meta(pattern=_IMPORT_PATH)]
+    init_kwargs: dict[str, Any] = {}
+    route_prefix: str = "/"
+    max_ongoing_requests: Annotated[int, msgspec.Meta(ge=1)] = 8
+    #: gateway queue bound for this deployment; -1 means unbounded
+    max_queued_requests: Annotated[int, msgspec.Meta(ge=-1)] = 1000
+    num_replicas: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    autoscaling: AutoscalingConfig | None = None
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("num_replicas and autoscaling are mutually exclusive")
+        prefix = self.route_prefix
+        if not prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        if prefix != "/" and prefix.endswith("/"):
+            raise ValueError("route_prefix must not end with '/' (except the root '/')")
+        if prefix == "/-" or prefix.startswith("/-/"):
+            raise ValueError("route_prefix under '/-/' is reserved for the admin API")
+        if any(c.isspace() or c in "?#" for c in prefix):
+            raise ValueError("route_prefix must not contain whitespace, '?' or '#'")
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas that must be running for the deployment to be healthy."""
+        if self.autoscaling is not None:
+            return int(self.autoscaling.min_replicas)
+        return self.num_replicas if self.num_replicas is not None else 1
+
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas started with the gateway."""
+        if self.autoscaling is not None:
+            initial = self.autoscaling.initial_replicas
+            return int(initial if initial is not None else self.autoscaling.min_replicas)
+        return self.num_replicas if self.num_replicas is not None else 1
+
+
+class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    exporter: Literal["otlp", "console", "none"] = "none"
+    endpoint: str | None = None
+
+
+class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    #: label request metrics with the model id (unbounded cardinality: opt-in)
+    per_model_labels: bool = False
+
+
+class AppConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The whole application: HTTP listener, deployments, storage, telemetry."""
+
+    deployments: Annotated[list[DeploymentConfig], msgspec.Meta(min_length=1)]
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    #: fsspec storage options per protocol, e.g. ``{"s3": {"endpoint_url": ...}}``
+    storage: dict[str, dict[str, Any]] = {}
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    #: folder put on ``sys.path`` of replicas to resolve ``import_path``;
+    #: ``load_config`` resolves it against the config file's folder
+    app_dir: str = ""
+
+    def __post_init__(self) -> None:
+        names: set[str] = set()
+        prefixes: set[str] = set()
+        for i, d in enumerate(self.deployments):
+            # msgspec reports errors raised here at `$`; name the field ourselves.
+            if d.name in names:
+                raise ValueError(
+                    f"deployment name {d.name!r} is used twice - at `$.deployments[{i}].name`"
+                )
+            if d.route_prefix in prefixes:
+                raise ValueError(
+                    f"route_prefix {d.route_prefix!r} is used twice"
+                    f" - at `$.deployments[{i}].route_prefix`"
+                )
+            names.add(d.name)
+            prefixes.add(d.route_prefix)
+
+    def deployment(self, name: str) -> DeploymentConfig:
+        for d in self.deployments:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+
+def parse_config(data: Any, *, source: str = "<config>", base_dir: str = ".") -> AppConfig:
+    """Validate already-parsed data (a dict) into an ``AppConfig``.
+
+    Raises:
+        ConfigError: naming ``source``, the field's path and the reason.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(source, "expected a mapping at the top level")
+    try:
+        config = msgspec.convert(data, AppConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(source, str(exc)) from exc
+    app_dir = os.path.abspath(os.path.join(base_dir, config.app_dir))
+    return msgspec.structs.replace(config, app_dir=app_dir)
+
+
+def load_config(path: str | os.PathLike[str]) -> AppConfig:
+    """Read and validate an application config file (YAML, or TOML by suffix).
+
+    Raises:
+        ConfigError: the file is missing, unparsable or invalid; the message
+            names the file, the field's path and the reason.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(source, f"cannot read: {exc.strerror}") from exc
+    try:
+        if source.endswith(".toml"):
+            data: Any = tomllib.loads(raw.decode())
+        else:
+            data = yaml.safe_load(raw)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        kind = "TOML" if source.endswith(".toml") else "YAML"
+        raise ConfigError(source, f"not valid {kind}: {exc}") from exc
+    return parse_config(data, source=source, base_dir=os.path.dirname(os.path.abspath(source)))

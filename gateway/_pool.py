@@ -1,0 +1,433 @@
+"""The replica pool of one deployment: start, watch, replace, drain.
+
+A ``ReplicaPool`` keeps ``target`` replica processes of one deployment
+running. It owns the deployment's ``Router`` and ``Dispatcher`` and the map
+``targets`` (replica id -> connection) the dispatcher sends over.
+
+Life of a replica::
+
+    STARTING --ready--> RUNNING --death--> (removed, replaced)
+                           |
+                           +--scale down / shutdown--> DRAINING --exit--> (removed)
+
+* Starts run in parallel; a replica joins the router only when its process
+  said READY and the handshake succeeded. Repeated start failures back off
+  exponentially (0.5 s doubling, capped at 30 s); the last failure reason is
+  kept for ``/-/replicas``.
+* A replica is dead when its connection closes or it stops answering pings.
+  It leaves the router at once (the dispatcher fails its in-flight calls with
+  502 through the connection) and the reconciler starts a replacement.
+* Scale-down (``set_target``) drains the replicas that are cheapest to lose
+  (``Router.removal_order``): a replica leaves the ring first, so no new
+  request goes to it, then gets ``Drain`` and finishes what it has.
+
+Every reply and pong refreshes the router's view of the replica through the
+connection's ``on_state`` callback; a poller pings each replica about once a
+second for counters (metrics) and liveness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from muxgate.gateway._config import DeploymentConfig
+from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway._dispatch import Dispatcher
+from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.gateway._router import Router
+from muxgate.replicas._protocol import ReplicaState
+
+__all__ = [
+    "DRAINING",
+    "RUNNING",
+    "STARTING",
+    "Launcher",
+    "ReplicaPool",
+    "ReplicaProcessLike",
+]
+
+_log = logging.getLogger("muxgate.gateway.pool")
+
+STARTING = "starting"
+RUNNING = "running"
+DRAINING = "draining"
+
+PING_INTERVAL_S = 1.0
+#: a replica that has not answered a ping for this long is treated as dead
+PING_TIMEOUT_S = 10.0
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+#: seconds a process gets to exit after its connection closed, before SIGKILL
+EXIT_GRACE_S = 5.0
+
+
+class ReplicaProcessLike(Protocol):
+    """What the pool needs of a started replica process."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def address(self) -> str: ...
+
+    def kill(self) -> None: ...
+
+    async def wait(self) -> int | None: ...
+
+
+class Launcher(Protocol):
+    """Starts replica processes (local processes now, pods later)."""
+
+    async def start(self, spec: Any) -> ReplicaProcessLike: ...
+
+
+Connector = Callable[[str, Callable[[ReplicaState], None]], Awaitable[ReplicaConnection]]
+SpecFactory = Callable[[DeploymentConfig, str], Any]
+
+
+async def _connect(address: str, on_state: Callable[[ReplicaState], None]) -> ReplicaConnection:
+    return await ReplicaConnection.connect(address, on_state=on_state)
+
+
+@dataclass(eq=False)
+class _Replica:
+    id: str
+    state: str = STARTING
+    process: ReplicaProcessLike | None = None
+    conn: ReplicaConnection | None = None
+    last_pong: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+
+class ReplicaPool:
+    """Keeps ``target`` replicas of one deployment running.
+
+    Args:
+        config: the deployment.
+        launcher: starts processes from a spec.
+        make_spec: ``(deployment config, replica id) -> spec`` for the launcher.
+        metrics: optional ``GatewayMetrics`` to report replicas and counters to.
+        connect: ``(address, on_state) -> ReplicaConnection`` (a seam for tests).
+        per_model_labels: pass model ids to per-model metrics.
+    """
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        *,
+        launcher: Launcher,
+        make_spec: SpecFactory,
+        metrics: GatewayMetrics | None = None,
+        connect: Connector = _connect,
+        per_model_labels: bool = False,
+        drain_timeout_s: float = 60.0,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._launcher = launcher
+        self._make_spec = make_spec
+        self._metrics = metrics
+        self._connect = connect
+        self._drain_timeout = drain_timeout_s
+        self.router = Router(
+            balance_factor=config.routing.balance_factor,
+            virtual_nodes=config.routing.virtual_nodes,
+            max_ongoing_requests=config.max_ongoing_requests,
+        )
+        #: replica id -> connection, for RUNNING replicas only
+        self.targets: dict[str, ReplicaConnection] = {}
+        self.dispatcher = Dispatcher(
+            config.name,
+            self.router,
+            self.targets,
+            max_queued_requests=config.max_queued_requests,
+            starting=self.is_starting,
+            metrics=metrics,
+            per_model_labels=per_model_labels,
+        )
+        self.target = config.initial_replicas
+        self.min_replicas: int = config.min_replicas
+        self.last_failure: str | None = None
+        self._failures = 0
+        self._backoff_until = 0.0
+        self._replicas: dict[str, _Replica] = {}
+        self._kick = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    def __repr__(self) -> str:
+        counts = self.counts()
+        return (
+            f"<ReplicaPool {self.name} target={self.target} {counts}"
+            f" failures={self._failures} queued={self.dispatcher.queued}>"
+        )
+
+    # -- public API ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the reconciler and the poller (on the running loop)."""
+        self._spawn(self._reconcile_loop(), "reconcile")
+        self._spawn(self._poll_loop(), "poll")
+
+    def set_target(self, n: int) -> None:
+        """Change the desired number of replicas (used by the autoscaler)."""
+        self.target = max(0, n)
+        self._kick.set()
+
+    def counts(self) -> dict[str, int]:
+        """Replicas by state."""
+        out = {STARTING: 0, RUNNING: 0, DRAINING: 0}
+        for rep in self._replicas.values():
+            out[rep.state] += 1
+        return out
+
+    @property
+    def running(self) -> int:
+        return len(self.targets)
+
+    def is_starting(self) -> bool:
+        """Whether a replica is starting or about to be (requests may wait)."""
+        if self._closing:
+            return False
+        if any(r.state == STARTING for r in self._replicas.values()):
+            return True
+        return self.running < self.target and time.monotonic() >= self._backoff_until
+
+    @property
+    def healthy(self) -> bool:
+        """At least ``min_replicas`` running."""
+        return self.running >= self.min_replicas
+
+    async def wait_healthy(self) -> None:
+        """Wait until ``healthy`` (bound it with ``asyncio.timeout``)."""
+        while not self.healthy:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def status_line(self) -> str:
+        """One line for start-up errors: running vs wanted, last start failure."""
+        reason = f"; last start failure: {self.last_failure}" if self.last_failure else ""
+        return f"{self.name}: {self.running} of {self.min_replicas} replicas running{reason}"
+
+    def snapshot(self) -> dict[str, Any]:
+        """The deployment's entry of ``GET /-/replicas``."""
+        replicas = []
+        for rep in sorted(self._replicas.values(), key=lambda r: r.id):
+            conn = rep.conn
+            state = conn.state if conn is not None else ReplicaState()
+            replicas.append(
+                {
+                    "id": rep.id,
+                    "state": rep.state,
+                    "pid": rep.process.pid if rep.process is not None else None,
+                    "address": rep.process.address if rep.process is not None else None,
+                    "in_flight": conn.in_flight if conn is not None else 0,
+                    "models": list(state.models),
+                    "loading": list(state.loading),
+                }
+            )
+        return {
+            "target_replicas": self.target,
+            "queued": self.dispatcher.queued,
+            "replicas": replicas,
+            "last_failure": self.last_failure,
+        }
+
+    async def aclose(self) -> None:
+        """Stop every replica (connection closed, then SIGKILL after a grace)."""
+        self._closing = True
+        self.dispatcher.wake()  # fail waiters: nothing will start any more
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        reps = list(self._replicas.values())
+        await asyncio.gather(*(self._stop(rep) for rep in reps), return_exceptions=True)
+        self._replicas.clear()
+        self._report()
+
+    # -- internals ----------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[Any], what: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"muxgate-pool-{self.name}-{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("pool task %s failed", task.get_name(), exc_info=task.exception())
+
+    def _report(self) -> None:
+        self._changed.set()
+        if self._metrics is not None:
+            self._metrics.set_replicas(self.name, self.counts())
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            self._reconcile()
+            delay = max(0.0, self._backoff_until - time.monotonic())
+            self._kick.clear()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._kick.wait()
+            else:
+                await self._kick.wait()
+
+    def _reconcile(self) -> None:
+        # Decide synchronously, then spawn the I/O.
+        active = [r for r in self._replicas.values() if r.state in (STARTING, RUNNING)]
+        missing = self.target - len(active)
+        if missing > 0 and time.monotonic() >= self._backoff_until:
+            for _ in range(missing):
+                rep = _Replica(id=f"{self.name}#{secrets.token_hex(3)}")
+                self._replicas[rep.id] = rep
+                rep.task = self._spawn(self._run_replica(rep), rep.id)
+            self._report()
+        elif missing < 0:
+            # Prefer cancelling starts, then drain the cheapest running replicas.
+            starting = [r for r in active if r.state == STARTING]
+            order = {rid: i for i, rid in enumerate(self.router.removal_order())}
+            running = sorted(
+                (r for r in active if r.state == RUNNING), key=lambda r: order.get(r.id, 0)
+            )
+            for rep in (starting + running)[:-missing]:
+                rep.state = DRAINING
+                self._leave(rep)
+                self._spawn(self._drain(rep), f"drain-{rep.id}")
+            self._report()
+
+    async def _run_replica(self, rep: _Replica) -> None:
+        """Start one replica, serve until it dies, then make room for a new one."""
+        try:
+            rep.process = await self._launcher.start(self._make_spec(self.config, rep.id))
+            rep.conn = await self._connect(
+                rep.process.address, lambda state: self._on_state(rep.id, state)
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._start_failed(rep, exc)
+            return
+        if rep.state != STARTING:  # scaled down while starting: the drain task owns it
+            return
+        self._failures = 0
+        rep.state = RUNNING
+        rep.last_pong = time.monotonic()
+        self.targets[rep.id] = rep.conn
+        self.router.add_replica(rep.id)
+        self._on_state(rep.id, rep.conn.state)
+        _log.info("replica %s running (pid %s, %s)", rep.id, rep.process.pid, rep.process.address)
+        self._report()
+        self.dispatcher.wake()
+        await rep.conn.closed.wait()
+        if rep.state == RUNNING and not self._closing:
+            _log.warning("replica %s died: %s", rep.id, rep.conn.close_reason)
+            self._leave(rep)
+            self._replicas.pop(rep.id, None)
+            self._kick.set()  # replace it
+            self._report()
+            self.dispatcher.wake()
+            await self._stop(rep)
+
+    def _start_failed(self, rep: _Replica, exc: Exception) -> None:
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+        self.last_failure = str(reason)
+        self._failures += 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (self._failures - 1))
+        self._backoff_until = time.monotonic() + delay
+        _log.error(
+            "replica %s of %s failed to start (%s); next try in %.1f s",
+            rep.id,
+            self.name,
+            reason,
+            delay,
+        )
+        self._replicas.pop(rep.id, None)
+        if rep.process is not None:
+            # Killed here, not in a task that shutdown could cancel: no orphans.
+            with contextlib.suppress(ProcessLookupError):
+                rep.process.kill()
+            self._spawn(self._stop(rep), f"reap-{rep.id}")
+        self._report()
+        self._kick.set()
+        self.dispatcher.wake()
+
+    def _on_state(self, replica_id: str, state: ReplicaState) -> None:
+        self.router.observe(replica_id, models=state.models, loading=state.loading)
+
+    def _leave(self, rep: _Replica) -> None:
+        """Take a replica out of routing (first step of draining or removal)."""
+        self.targets.pop(rep.id, None)
+        self.router.remove_replica(rep.id)
+        if self._metrics is not None:
+            self._metrics.forget_replica(self.name, rep.id)
+
+    async def _drain(self, rep: _Replica) -> None:
+        try:
+            if rep.task is not None and rep.conn is None:
+                rep.task.cancel()  # still starting: abandon the start
+                with contextlib.suppress(BaseException):
+                    await rep.task
+            if rep.conn is not None:
+                # In-flight calls finish; the replica unloads its models and exits.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self._drain_timeout):
+                        await rep.conn.drain()
+        finally:
+            await self._stop(rep)
+            self._replicas.pop(rep.id, None)
+            self._report()
+
+    async def _stop(self, rep: _Replica) -> None:
+        """Close the connection and make sure the process is gone."""
+        if rep.conn is not None:
+            with contextlib.suppress(Exception):
+                await rep.conn.aclose()
+        proc = rep.process
+        if proc is None:
+            return
+        try:
+            async with asyncio.timeout(EXIT_GRACE_S):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                await proc.wait()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            running = [r for r in self._replicas.values() if r.state == RUNNING and r.conn]
+            await asyncio.gather(*(self._ping(rep) for rep in running), return_exceptions=True)
+
+    async def _ping(self, rep: _Replica) -> None:
+        conn = rep.conn
+        assert conn is not None
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                pong = await conn.ping()
+        except Exception:
+            if rep.state == RUNNING and time.monotonic() - rep.last_pong > PING_TIMEOUT_S:
+                _log.warning("replica %s stopped answering pings; killing it", rep.id)
+                if rep.process is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        rep.process.kill()
+                await conn.aclose()  # wakes _run_replica, which replaces it
+            return
+        rep.last_pong = time.monotonic()
+        if self._metrics is not None and rep.state == RUNNING:
+            self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
