@@ -256,10 +256,10 @@ def test_policy_invariants(
         before_state = d.state
         target = d.step(in_flight, queued)
         load = in_flight + queued
-        if load == 0:
-            idle_since = d.now if idle_since is None else idle_since
-        else:
+        if load:
             idle_since = None
+        elif idle_since is None:
+            idle_since = d.now
         assert c.min_replicas <= target <= c.max_replicas
         if target > previous:
             if previous == 0:
