@@ -1,0 +1,199 @@
+"""Process-wide storage configuration, set once from the app config.
+
+Nothing here reads the environment at import time: the default
+configuration is built on first use (or by :func:`configure_storage`), and
+only then are ``MUXGATE_CACHE_DIR`` and ``XDG_CACHE_HOME`` consulted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from ._registry import backend_spec
+
+DEFAULT_CACHE_MAX_BYTES = 20 * 2**30
+DEFAULT_PART_SIZE = 8 * 2**20
+DEFAULT_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential back-off for transient storage errors.
+
+    Attempt ``n`` (from 1) that fails transiently waits
+    ``min(max_delay, base_delay * multiplier ** (n - 1))`` before the next,
+    unless ``max_attempts`` are used up or the next attempt would start after
+    ``deadline`` seconds from the first.
+
+    Attributes:
+        max_attempts: Total attempts per storage call (>= 1).
+        base_delay: First back-off in seconds.
+        multiplier: Growth factor of the back-off.
+        max_delay: Cap of one back-off.
+        deadline: Cap on the whole call including back-off, in seconds.
+    """
+
+    max_attempts: int = 5
+    base_delay: float = 0.1
+    multiplier: float = 2.0
+    max_delay: float = 2.0
+    deadline: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.base_delay < 0 or self.max_delay < 0 or self.deadline <= 0:
+            raise ValueError("delays must be >= 0 and deadline > 0")
+
+    def delay(self, attempt: int) -> float:
+        """Back-off after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.max_delay, self.base_delay * self.multiplier ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The local disk cache shared by every replica process of a host.
+
+    Attributes:
+        directory: Cache folder; ``None`` means ``$MUXGATE_CACHE_DIR`` or
+            ``$XDG_CACHE_HOME/muxgate`` or ``~/.cache/muxgate``, resolved when
+            the configuration is built.
+        max_bytes: Size bound; least recently used files are removed beyond it.
+        enabled: ``None`` caches remote protocols (s3, gs, ...) and not local
+            ones (file, memory); ``True``/``False`` force it for all.
+        protocols: Per-protocol override of ``enabled``, e.g. ``{"s3": False}``.
+    """
+
+    directory: Path | None = None
+    max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    enabled: bool | None = None
+    protocols: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
+
+    def enabled_for(self, protocol: str) -> bool:
+        """Whether objects of ``protocol`` go through the disk cache."""
+        if protocol in self.protocols:
+            return bool(self.protocols[protocol])
+        if self.enabled is not None:
+            return self.enabled
+        return backend_spec(protocol).remote
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Everything backends needs to know, parsed once and passed down.
+
+    Attributes:
+        options: fsspec storage options per protocol, e.g.
+            ``{"s3": {"endpoint_url": "http://127.0.0.1:9000"}}``.
+        cache: Disk cache settings.
+        retry: Retry policy for transient errors.
+        part_size: Bytes per ranged request of a parallel download.
+        concurrency: Ranged requests in flight per download.
+    """
+
+    options: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    part_size: int = DEFAULT_PART_SIZE
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    def __post_init__(self) -> None:
+        if self.part_size < 1 or self.concurrency < 1:
+            raise ValueError("part_size and concurrency must be >= 1")
+
+    def options_for(
+        self, protocol: str, override: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Storage options for ``protocol``: registry defaults, config, then ``override``."""
+        merged: dict[str, Any] = dict(backend_spec(protocol).default_options)
+        merged.update(self.options.get(protocol, {}))
+        if override:
+            merged.update(override)
+        return merged
+
+    def cache_dir(self) -> Path:
+        """The resolved cache directory."""
+        assert self.cache.directory is not None, "resolve() fills the directory"
+        return self.cache.directory
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$MUXGATE_CACHE_DIR``, else ``$XDG_CACHE_HOME/muxgate``, else ``~/.cache/muxgate``."""
+    env = os.environ if environ is None else environ
+    if env.get("MUXGATE_CACHE_DIR"):
+        return Path(env["MUXGATE_CACHE_DIR"]).expanduser()
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]).expanduser() / "muxgate"
+    return Path.home() / ".cache" / "muxgate"
+
+
+def _resolved(config: StorageConfig) -> StorageConfig:
+    if config.cache.directory is not None:
+        return config
+    return replace(config, cache=replace(config.cache, directory=default_cache_dir()))
+
+
+_lock = threading.Lock()
+_current: StorageConfig | None = None
+
+
+def configure_storage(
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    cache: CacheConfig | None = None,
+    retry: RetryPolicy | None = None,
+    part_size: int = DEFAULT_PART_SIZE,
+    concurrency: int = DEFAULT_CONCURRENCY,
+) -> StorageConfig:
+    """Set the process-wide storage configuration (call once at start-up).
+
+    Args:
+        options: fsspec storage options per protocol (the app config's
+            ``storage:`` section). Credentials not given here come from the
+            usual environment of each library (AWS_*, GOOGLE_*...).
+        cache: Disk cache settings (default: on for remote protocols).
+        retry: Retry policy for transient failures.
+        part_size: Bytes per ranged request.
+        concurrency: Ranged requests in flight per download.
+
+    Returns:
+        The configuration now in effect, with the cache directory resolved.
+    """
+    global _current
+    frozen_options = MappingProxyType(
+        {proto.lower(): MappingProxyType(dict(opts)) for proto, opts in (options or {}).items()}
+    )
+    config = _resolved(
+        StorageConfig(
+            options=frozen_options,
+            cache=cache or CacheConfig(),
+            retry=retry or RetryPolicy(),
+            part_size=part_size,
+            concurrency=concurrency,
+        )
+    )
+    with _lock:
+        _current = config
+    return config
+
+
+def get_storage_config() -> StorageConfig:
+    """The process-wide configuration (defaults, built on first use)."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = _resolved(StorageConfig())
+        return _current
+
+
+def resolve_config(config: StorageConfig | None) -> StorageConfig:
+    """``config`` with its cache directory resolved, or the process-wide one."""
+    return get_storage_config() if config is None else _resolved(config)

@@ -1,0 +1,102 @@
+"""Exceptions raised by muxgate.backends.
+
+Every error that leaves the package is a :class:`BackendError`; errors from
+fsspec, botocore, aiohttp or gcsfs are translated at the boundary with
+``raise ... from exc`` so callers never depend on a storage library.
+"""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """Base class of every error raised by muxgate.backends.
+
+    Attributes:
+        url: The storage URL involved, without credentials ("" when none).
+    """
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class InvalidModelIdError(BackendError, ValueError):
+    """A model id or path part would leave the storage root or is malformed.
+
+    Attributes:
+        model_id: The refused id (or path part).
+        reason: Why it was refused, meant for the client.
+    """
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(f"invalid model id {model_id!r}: {reason}")
+        self.model_id = model_id
+        self.reason = reason
+
+
+class UnsupportedProtocolError(BackendError, ValueError):
+    """No storage backend is registered for the URL's protocol."""
+
+    def __init__(self, protocol: str, *, url: str = "") -> None:
+        super().__init__(
+            f"no storage backend registered for {protocol}:// URLs "
+            "(see muxgate.backends.register_backend)",
+            url=url,
+        )
+        self.protocol = protocol
+
+
+class MissingDependencyError(BackendError, ImportError):
+    """The package implementing a protocol is not installed."""
+
+    def __init__(self, protocol: str, package: str, *, url: str = "") -> None:
+        super().__init__(f"Install {package} to access {protocol}:// URLs", url=url)
+        self.protocol = protocol
+        self.package = package
+
+
+class ModelNotFoundError(BackendError):
+    """The model file does not exist in storage (an HTTP 404 at the edge)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"model file not found: {url}", url=url)
+
+
+class ModelFormatError(BackendError):
+    """The file exists but is not a valid model of the requested format.
+
+    Raised for truncated or corrupt files, a file of another format, or a
+    pickle that refers to objects a safe load refuses.
+
+    Attributes:
+        format: The requested format ("state_dict", "torchscript", ...).
+        reason: What was wrong with the file.
+    """
+
+    def __init__(self, url: str, format: str, reason: str) -> None:
+        super().__init__(f"{url} is not a valid {format} file: {reason}", url=url)
+        self.format = format
+        self.reason = reason
+
+
+class UnsafePickleError(ModelFormatError):
+    """A pickle needs arbitrary code to load and the caller did not trust it."""
+
+
+class StorageUnavailableError(BackendError):
+    """Storage kept failing with transient errors until the retry budget ran out.
+
+    Attributes:
+        attempts: How many attempts were made.
+        elapsed: Seconds spent, including back-off.
+    """
+
+    def __init__(self, url: str, *, attempts: int, elapsed: float, reason: str) -> None:
+        super().__init__(
+            f"storage unavailable for {url} after {attempts} attempt(s) "
+            f"in {elapsed:.1f}s: {reason}",
+            url=url,
+        )
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.reason = reason

@@ -1,0 +1,320 @@
+"""Fetching one object to somewhere torch can read it from.
+
+The decision of *how* (read a local file in place, read bytes from memory,
+download through the disk cache, download to a temp file) is made from the
+filesystem's capabilities and the configuration, never from URL prefixes.
+Remote objects are downloaded with concurrent ranged reads written straight
+to their offsets in the destination file, so no full copy is held in memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from filelock import Timeout
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from opentelemetry import trace
+
+from ._cache import DiskCache, cache_key, version_token
+from ._config import StorageConfig, resolve_config
+from ._errors import BackendError, ModelNotFoundError
+from ._registry import filesystem_class
+from ._retry import is_transient, with_retries
+from ._urls import redact_url, split_protocol
+
+logger = logging.getLogger("muxgate.backends")
+
+T = TypeVar("T")
+
+# How long a process waits for another one's download of the same object.
+_LOCK_WAIT_SECONDS = 900.0
+_LOCK_POLL_SECONDS = 0.5
+
+
+class Strategy(enum.Enum):
+    """How an object reaches the loader."""
+
+    LOCAL_FILE = "local_file"  # read in place (file://, plain paths)
+    BYTES = "bytes"  # one read into memory (memory://, small uncached objects)
+    CACHED = "cached"  # ranged download into the shared disk cache
+    TEMP_FILE = "temp_file"  # ranged download into a temp file, removed after use
+
+
+def choose_strategy(*, is_local: bool, cached: bool, size: int, part_size: int) -> Strategy:
+    """Pure decision of how to fetch an object (see :class:`Strategy`)."""
+    if cached:
+        return Strategy.CACHED
+    if is_local:
+        return Strategy.LOCAL_FILE
+    if size <= part_size:
+        return Strategy.BYTES
+    return Strategy.TEMP_FILE
+
+
+def plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` covering ``size`` bytes in ``part_size`` pieces."""
+    return [(start, min(start + part_size, size)) for start in range(0, size, part_size)]
+
+
+@dataclass
+class Artifact:
+    """A fetched object, readable by torch.
+
+    Attributes:
+        url: The object's URL without credentials.
+        size: Size in bytes.
+        cache_hit: Whether it came from the disk cache without a download.
+        path: A local file (``None`` when ``data`` holds the bytes).
+        data: The bytes, for objects read into memory.
+        strategy: How it was fetched.
+    """
+
+    url: str
+    size: int
+    cache_hit: bool
+    strategy: Strategy
+    path: str | None = None
+    data: bytes | None = None
+    _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+
+class _ShortRead(ConnectionError):
+    """A ranged read returned fewer bytes than asked (retried as transient)."""
+
+
+async def _thread(func: Callable[..., T], *args: Any) -> T:
+    return await anyio.to_thread.run_sync(partial(func, *args))
+
+
+def _translate(exc: Exception, url: str) -> BackendError:
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return ModelNotFoundError(url)
+    return BackendError(f"storage error for {url}: {type(exc).__name__}: {exc}", url=url)
+
+
+async def _acquire(lock: Any) -> None:
+    # Poll in short blocking slices so a cancelled caller stops waiting
+    # within _LOCK_POLL_SECONDS and never leaves the lock held by a thread.
+    deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+    while True:
+        try:
+            await anyio.to_thread.run_sync(partial(lock.acquire, timeout=_LOCK_POLL_SECONDS))
+            return
+        except Timeout:
+            if time.monotonic() > deadline:
+                raise
+        await anyio.lowlevel.checkpoint()
+
+
+def _remove(path: str | Path) -> None:
+    with suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_leaf(exc)
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            return exc
+    return group.exceptions[0]
+
+
+class _Fetcher:
+    """One fetch of one URL (created per call; holds no state between calls)."""
+
+    def __init__(
+        self, url: str, config: StorageConfig, storage_options: Mapping[str, Any] | None
+    ) -> None:
+        self.url = url
+        self.safe_url = redact_url(url)
+        self.config = config
+        self.protocol, _ = split_protocol(url)
+        self.options = config.options_for(self.protocol, storage_options)
+        self.cls = filesystem_class(self.protocol, url=self.safe_url)
+        self.path = self.cls._strip_protocol(url)
+        self.fs: AbstractFileSystem | None = None
+
+    def _make_fs(self) -> Any:
+        return self.cls(**self.options)
+
+    async def _call(self, func: Callable[..., T], *args: Any) -> T:
+        return await with_retries(
+            partial(_thread, func, *args), policy=self.config.retry, url=self.safe_url
+        )
+
+    async def info(self) -> dict[str, Any]:
+        fs: Any = await _thread(self._make_fs)
+        self.fs = fs
+        with suppress(Exception):
+            fs.invalidate_cache(self.path)  # never trust a cached listing for versions
+        info: dict[str, Any] = await self._call(fs.info, self.path)
+        if info.get("type") == "directory":
+            raise ModelNotFoundError(self.safe_url)
+        return info
+
+    def identity(self) -> str:
+        # The endpoint is part of an object's identity: the same bucket name
+        # on two S3-compatible services holds different objects.
+        endpoint = self.options.get("endpoint_url") or self.options.get("client_kwargs", {}).get(
+            "endpoint_url", ""
+        )
+        return f"{self.protocol}://{self.path}@{endpoint}"
+
+    async def download(self, dest: Path, size: int) -> None:
+        """Concurrent ranged reads, each written at its offset of ``dest``."""
+        assert self.fs is not None
+        fs = self.fs
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            limiter = anyio.CapacityLimiter(self.config.concurrency)
+
+            def read_part(start: int, end: int) -> None:
+                data = fs.cat_file(self.path, start=start, end=end)
+                if len(data) != end - start:
+                    raise _ShortRead(f"range {start}-{end} returned {len(data)} bytes")
+                view = memoryview(data)
+                offset = start
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view = view[written:]
+                    offset += written
+
+            async def one(start: int, end: int) -> None:
+                async with limiter:
+                    await self._call(read_part, start, end)
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    for start, end in plan_parts(size, self.config.part_size):
+                        tg.start_soon(one, start, end)
+            except BaseExceptionGroup as group:
+                # The first failing part cancels the others; report that failure.
+                raise _first_leaf(group) from None
+        finally:
+            os.close(fd)
+
+    async def through_cache(self, info: Mapping[str, Any], size: int) -> tuple[str, bool]:
+        cache = DiskCache(self.config.cache_dir(), self.config.cache.max_bytes)
+        key = cache_key(self.identity(), version_token(info))
+        hit = await _thread(cache.lookup, key, size)
+        if hit is not None:
+            return str(hit), True
+        lock = await _thread(cache.lock, key)
+        await _acquire(lock)
+        try:
+            # Another process may have finished the download while we waited.
+            hit = await _thread(cache.lookup, key, size)
+            if hit is not None:
+                return str(hit), True
+            temp = await _thread(cache.temp_path, key)
+            try:
+                logger.info("Downloading %s (%d bytes) into the cache.", self.safe_url, size)
+                await self.download(temp, size)
+                final = await _thread(cache.commit, temp, key)
+            except BaseException:
+                _remove(temp)
+                raise
+        finally:
+            lock.release()
+        await _thread(cache.evict, final)
+        return str(final), False
+
+    async def fetch(self) -> Artifact:
+        info = await self.info()
+        size = int(info.get("size") or 0)
+        strategy = choose_strategy(
+            is_local=isinstance(self.fs, LocalFileSystem),
+            cached=self.config.cache.enabled_for(self.protocol),
+            size=size,
+            part_size=self.config.part_size,
+        )
+        artifact = Artifact(self.safe_url, size, cache_hit=False, strategy=strategy)
+        if strategy is Strategy.LOCAL_FILE:
+            artifact.path = self.path
+        elif strategy is Strategy.BYTES:
+            assert self.fs is not None
+            artifact.data = await self._call(self.fs.cat_file, self.path)
+        elif strategy is Strategy.CACHED:
+            artifact.path, artifact.cache_hit = await self.through_cache(info, size)
+        else:
+            fd, name = tempfile.mkstemp(prefix="muxgate-", suffix=".part")
+            os.close(fd)
+            artifact._cleanup.append(partial(_remove, name))
+            try:
+                await self.download(Path(name), size)
+            except BaseException:
+                _remove(name)
+                raise
+            artifact.path = name
+        return artifact
+
+
+def _tracer() -> trace.Tracer:
+    # Looked up per call: the provider may be installed after import.
+    return trace.get_tracer("muxgate")
+
+
+@asynccontextmanager
+async def fetch(
+    url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    config: StorageConfig | None = None,
+) -> AsyncIterator[Artifact]:
+    """Fetch ``url`` and yield an :class:`Artifact` valid inside the block.
+
+    Emits a ``muxgate.storage.fetch`` span with ``url.full`` (no
+    credentials), ``muxgate.bytes``, ``muxgate.cache_hit`` and
+    ``muxgate.duration_ms``.
+
+    Raises:
+        ModelNotFoundError: The object does not exist.
+        StorageUnavailableError: Transient failures outlasted the retry policy.
+        BackendError: Any other storage failure.
+    """
+    cfg = resolve_config(config)
+    safe_url = redact_url(url)
+    started = time.perf_counter()
+    with _tracer().start_as_current_span(
+        "muxgate.storage.fetch",
+        attributes={"url.full": safe_url},
+        record_exception=True,
+        set_status_on_exception=True,
+    ) as span:
+        try:
+            artifact = await _Fetcher(url, cfg, storage_options).fetch()
+        except Exception as exc:
+            translated = _translate(exc, safe_url)
+            if translated is exc:
+                raise
+            raise translated from exc
+        finally:
+            span.set_attribute("muxgate.duration_ms", (time.perf_counter() - started) * 1000)
+        span.set_attribute("muxgate.bytes", artifact.size)
+        span.set_attribute("muxgate.cache_hit", artifact.cache_hit)
+        span.set_attribute("muxgate.storage.strategy", artifact.strategy.value)
+    try:
+        yield artifact
+    finally:
+        for cleanup in artifact._cleanup:
+            cleanup()
+
+
+__all__ = ["Artifact", "Strategy", "choose_strategy", "fetch", "is_transient", "plan_parts"]

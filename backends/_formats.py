@@ -1,0 +1,246 @@
+"""Model formats: state dicts, TorchScript, safetensors and (trusted) pickles.
+
+Every loader is async: the fetch runs on the event loop with blocking I/O
+in worker threads, and deserialisation runs in a worker thread. Files that
+are local (plain paths or the disk cache) are memory-mapped where the
+format allows, so tensors are paged in on use rather than copied.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import torch
+
+from ._config import StorageConfig
+from ._errors import ModelFormatError, UnsafePickleError
+from ._fetch import Artifact, fetch
+from ._urls import join_model_url
+
+T = TypeVar("T")
+
+MapLocation = str | torch.device | dict[str, str] | None
+
+
+class UntrustedPickleWarning(UserWarning):
+    """A pickled module was loaded with ``trusted=True``: it can run any code."""
+
+
+def _source(artifact: Artifact) -> str | io.BytesIO:
+    if artifact.path is not None:
+        return artifact.path
+    assert artifact.data is not None
+    return io.BytesIO(artifact.data)
+
+
+def _mmap_ok(artifact: Artifact) -> bool:
+    # torch can only mmap the zip format (torch.save's default since 1.6).
+    return artifact.path is not None and zipfile.is_zipfile(artifact.path)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+async def _load(
+    url: str,
+    fmt: str,
+    decode: Callable[[Artifact], T],
+    *,
+    storage_options: Mapping[str, Any] | None,
+    config: StorageConfig | None,
+) -> T:
+    async with fetch(url, storage_options=storage_options, config=config) as artifact:
+        return await anyio.to_thread.run_sync(partial(_decode, artifact, fmt, decode))
+
+
+def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
+    try:
+        return decode(artifact)
+    except ModelFormatError:
+        raise
+    except pickle.UnpicklingError as exc:
+        # torch raises this when weights_only refuses a global: the file
+        # wants to run code. It never ran.
+        raise UnsafePickleError(
+            artifact.url,
+            fmt,
+            "it needs objects a safe load refuses (" + _reason(exc) + "); "
+            "load it only if you trust it",
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise ModelFormatError(artifact.url, fmt, _reason(exc)) from exc
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        if type(exc).__name__ == "SafetensorError":
+            raise ModelFormatError(artifact.url, fmt, _reason(exc)) from exc
+        raise
+
+
+def _state_dict(map_location: MapLocation, artifact: Artifact) -> dict[str, Any]:
+    obj = torch.load(
+        _source(artifact), map_location=map_location, weights_only=True, mmap=_mmap_ok(artifact)
+    )
+    if not isinstance(obj, Mapping):
+        raise ModelFormatError(artifact.url, "state_dict", f"holds a {type(obj).__name__}")
+    return dict(obj)
+
+
+async def load_state_dict(
+    root: str,
+    model_id: str,
+    filename: str = "model.pt",
+    *,
+    map_location: MapLocation = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+    config: StorageConfig | None = None,
+) -> dict[str, Any]:
+    """Load a ``torch.save``d state dict from ``root/model_id/filename``.
+
+    Uses ``torch.load(weights_only=True)``, so a file that would run code is
+    refused (:class:`UnsafePickleError`) without running it; local and cached
+    files are memory-mapped.
+
+    Args:
+        root: Storage root URL or path, e.g. ``"s3://bucket/models"``.
+        model_id: Model id; refused if it would leave ``root``.
+        filename: File below the model's folder.
+        map_location: As for ``torch.load``.
+        storage_options: fsspec options for this call, over the configured ones.
+        config: Storage configuration (default: the process-wide one).
+
+    Raises:
+        InvalidModelIdError: ``model_id`` or ``filename`` would leave ``root``.
+        ModelNotFoundError: No such file.
+        ModelFormatError: Not a state dict (corrupt, truncated, other format).
+        StorageUnavailableError: Storage kept failing transiently.
+    """
+    url = join_model_url(root, model_id, filename)
+    return await _load(
+        url, "state_dict", partial(_state_dict, map_location),
+        storage_options=storage_options, config=config,
+    )
+
+
+def _torchscript(map_location: MapLocation, artifact: Artifact) -> torch.jit.ScriptModule:
+    loaded = torch.jit.load(  # type: ignore[no-untyped-call]
+        _source(artifact), map_location=map_location
+    )
+    return loaded  # type: ignore[no-any-return]
+
+
+async def load_torchscript(
+    root: str,
+    model_id: str,
+    filename: str = "model.ts",
+    *,
+    map_location: MapLocation = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+    config: StorageConfig | None = None,
+) -> torch.jit.ScriptModule:
+    """Load a TorchScript module (``torch.jit.save``) from ``root/model_id/filename``.
+
+    TorchScript archives hold code, but only TorchScript, which cannot call
+    arbitrary Python. Arguments and errors as for :func:`load_state_dict`.
+    """
+    url = join_model_url(root, model_id, filename)
+    return await _load(
+        url, "torchscript", partial(_torchscript, map_location),
+        storage_options=storage_options, config=config,
+    )
+
+
+def _device(map_location: MapLocation) -> str:
+    if map_location is None:
+        return "cpu"
+    if isinstance(map_location, torch.device):
+        return str(map_location)
+    if isinstance(map_location, str):
+        return map_location
+    raise TypeError("safetensors needs a device, not a mapping, as map_location")
+
+
+def _safetensors(map_location: MapLocation, artifact: Artifact) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+
+    device = _device(map_location)
+    if artifact.path is not None:
+        # safe_open memory-maps the file.
+        return safetensors.torch.load_file(artifact.path, device=device)
+    assert artifact.data is not None
+    tensors = safetensors.torch.load(artifact.data)
+    return {name: t.to(device) for name, t in tensors.items()}
+
+
+async def load_safetensors(
+    root: str,
+    model_id: str,
+    filename: str = "model.safetensors",
+    *,
+    map_location: MapLocation = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+    config: StorageConfig | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load a safetensors file from ``root/model_id/filename`` as a state dict.
+
+    ``map_location`` must name a device here. Arguments and errors as for
+    :func:`load_state_dict`.
+    """
+    url = join_model_url(root, model_id, filename)
+    return await _load(
+        url, "safetensors", partial(_safetensors, map_location),
+        storage_options=storage_options, config=config,
+    )
+
+
+def _pickled(map_location: MapLocation, trusted: bool, artifact: Artifact) -> torch.nn.Module:
+    if trusted:
+        warnings.warn(
+            f"Loading the pickled module {artifact.url} with trusted=True: a pickle "
+            "can run arbitrary code; load only files you produced.",
+            UntrustedPickleWarning,
+            stacklevel=2,
+        )
+    # Untrusted: weights_only=True, which refuses every global outside torch's
+    # allow-list (extend it with torch.serialization.add_safe_globals).
+    obj = torch.load(
+        _source(artifact),
+        map_location=map_location,
+        weights_only=not trusted,
+        mmap=_mmap_ok(artifact),
+    )
+    if not isinstance(obj, torch.nn.Module):
+        raise ModelFormatError(artifact.url, "pickled_module", f"holds a {type(obj).__name__}")
+    return obj
+
+
+async def load_pickled_module(
+    root: str,
+    model_id: str,
+    filename: str = "model.pt",
+    *,
+    trusted: bool = False,
+    map_location: MapLocation = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+    config: StorageConfig | None = None,
+) -> torch.nn.Module:
+    """Load a whole ``torch.save(module)`` from ``root/model_id/filename``.
+
+    Unpickling a module imports and calls whatever the file names, so it is
+    refused (:class:`UnsafePickleError`, nothing runs) unless ``trusted=True``
+    is passed, which also emits an :class:`UntrustedPickleWarning`. Classes
+    allow-listed with ``torch.serialization.add_safe_globals`` load without it.
+    Arguments and other errors as for :func:`load_state_dict`.
+    """
+    url = join_model_url(root, model_id, filename)
+    return await _load(
+        url, "pickled_module", partial(_pickled, map_location, trusted),
+        storage_options=storage_options, config=config,
+    )

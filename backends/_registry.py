@@ -1,0 +1,155 @@
+"""Protocol registry: protocol -> fsspec filesystem class, imported lazily.
+
+Adding a protocol is one :func:`register_backend` call; nothing in the
+package branches on URL prefixes. The class is imported on first use so a
+missing optional package only matters to the URLs that need it, and then
+with an actionable message ("Install s3fs to access s3:// URLs").
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from fsspec import AbstractFileSystem
+
+from ._errors import MissingDependencyError, UnsupportedProtocolError
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to reach one protocol.
+
+    Attributes:
+        class_path: Dotted path of the fsspec filesystem class,
+            ``"package.module.Class"``.
+        package: Pip package to suggest when the import fails.
+        remote: Whether objects live on another host; remote protocols go
+            through the disk cache and ranged parallel downloads by default.
+        default_options: Storage options applied under the configured ones.
+    """
+
+    class_path: str
+    package: str = ""
+    remote: bool = True
+    default_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+# botocore and s3fs retry on their own with long sleeps; muxgate retries
+# (bounded, see RetryPolicy), so the inner layers make one attempt each.
+_S3_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "retries": 1,
+        "config_kwargs": {
+            "retries": {"max_attempts": 1, "mode": "standard"},
+            "connect_timeout": 5,
+            "read_timeout": 60,
+        },
+    }
+)
+
+_BUILTIN: dict[str, BackendSpec] = {
+    "file": BackendSpec("fsspec.implementations.local.LocalFileSystem", "fsspec", remote=False),
+    "local": BackendSpec("fsspec.implementations.local.LocalFileSystem", "fsspec", remote=False),
+    "memory": BackendSpec("fsspec.implementations.memory.MemoryFileSystem", "fsspec", remote=False),
+    "s3": BackendSpec("s3fs.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
+    "s3a": BackendSpec("s3fs.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
+    # gcsfs.core, not gcsfs: the package root may swap in an experimental
+    # class that probes gRPC first (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT).
+    "gs": BackendSpec("gcsfs.core.GCSFileSystem", "gcsfs"),
+    "gcs": BackendSpec("gcsfs.core.GCSFileSystem", "gcsfs"),
+    "http": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp"),
+    "https": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp"),
+    "az": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs"),
+    "abfs": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs"),
+    "hf": BackendSpec("huggingface_hub.HfFileSystem", "huggingface_hub"),
+}
+
+_lock = threading.Lock()
+_registry: dict[str, BackendSpec] = dict(_BUILTIN)
+_classes: dict[str, type[AbstractFileSystem]] = {}
+
+
+def register_backend(
+    protocol: str,
+    class_path: str,
+    *,
+    package: str = "",
+    remote: bool = True,
+    default_options: Mapping[str, Any] | None = None,
+    clobber: bool = False,
+) -> None:
+    """Register (or with ``clobber=True`` replace) the filesystem for a protocol.
+
+    Args:
+        protocol: URL scheme without ``://``, e.g. ``"oss"``.
+        class_path: Dotted path of an fsspec ``AbstractFileSystem`` subclass.
+        package: Package name for the "Install ..." hint (default: first
+            component of ``class_path``).
+        remote: Use the disk cache and ranged downloads by default.
+        default_options: Storage options applied under configured ones.
+        clobber: Allow replacing an existing registration.
+
+    Raises:
+        ValueError: If the protocol is registered and ``clobber`` is false.
+    """
+    protocol = protocol.lower()
+    spec = BackendSpec(
+        class_path,
+        package or class_path.split(".", 1)[0],
+        remote=remote,
+        default_options=MappingProxyType(dict(default_options or {})),
+    )
+    with _lock:
+        if protocol in _registry and not clobber:
+            raise ValueError(f"a backend for {protocol}:// is already registered")
+        _registry[protocol] = spec
+        _classes.pop(protocol, None)
+
+
+def registered_protocols() -> list[str]:
+    """Protocols with a registered backend, sorted."""
+    with _lock:
+        return sorted(_registry)
+
+
+def backend_spec(protocol: str, *, url: str = "") -> BackendSpec:
+    """Return the registration for ``protocol``.
+
+    Raises:
+        UnsupportedProtocolError: If nothing is registered for it.
+    """
+    with _lock:
+        spec = _registry.get(protocol)
+    if spec is None:
+        raise UnsupportedProtocolError(protocol, url=url)
+    return spec
+
+
+def filesystem_class(protocol: str, *, url: str = "") -> type[AbstractFileSystem]:
+    """Import (once) and return the filesystem class for ``protocol``.
+
+    Raises:
+        UnsupportedProtocolError: If nothing is registered for it.
+        MissingDependencyError: If its package cannot be imported.
+    """
+    with _lock:
+        cls = _classes.get(protocol)
+    if cls is not None:
+        return cls
+    spec = backend_spec(protocol, url=url)
+    module_name, _, class_name = spec.class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise MissingDependencyError(protocol, spec.package, url=url) from exc
+    loaded = getattr(module, class_name, None)
+    if not (isinstance(loaded, type) and issubclass(loaded, AbstractFileSystem)):
+        raise MissingDependencyError(protocol, spec.package, url=url)
+    with _lock:
+        _classes[protocol] = loaded
+    return loaded
