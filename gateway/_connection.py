@@ -1,0 +1,430 @@
+"""The gateway's end of one replica connection.
+
+One persistent stream per replica carries every call to it (see
+``muxgate.replicas._protocol``). A ``ReplicaConnection`` multiplexes many
+concurrent calls over that stream: each call gets an id, frames are written
+under a lock (a frame is never interleaved with another, and a write is
+shielded from cancellation so a cancelled caller cannot leave half a frame on
+the wire), and one reader task resolves the pending call named by each reply.
+
+Every ``Reply`` and ``Pong`` carries the replica's ``ReplicaState``; the
+connection keeps the latest in ``state`` (and the latest counters in
+``counters``) and hands it to the ``on_state`` callback, which the pool wires
+to the router.
+
+Failure semantics (what the caller may retry):
+
+* ``ReplicaUnavailableError``: the call was never written to the socket
+  (connection already closed or draining). Safe to send elsewhere.
+* ``ReplicaDiedError``: the call was written, and the connection dropped
+  before its reply arrived. The replica may have run it; the gateway answers
+  502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+from muxgate.replicas._protocol import (
+    PROTOCOL_VERSION,
+    Call,
+    Drain,
+    Drained,
+    FrameDecoder,
+    Hello,
+    HttpRequest,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refused,
+    ReplicaState,
+    Reply,
+    Welcome,
+    encode_frame,
+)
+
+__all__ = [
+    "HandshakeError",
+    "ReplicaConnection",
+    "ReplicaConnectionError",
+    "ReplicaDiedError",
+    "ReplicaUnavailableError",
+    "connect_stream",
+]
+
+_log = logging.getLogger("muxgate.gateway.connection")
+
+_READ_SIZE = 1 << 16
+
+
+class ReplicaConnectionError(Exception):
+    """Base class of the failures of a replica connection."""
+
+
+class ReplicaUnavailableError(ReplicaConnectionError):
+    """The call was not sent: the connection is closed, closing or draining.
+
+    The replica never saw the call, so it is safe to route it elsewhere.
+    """
+
+
+class ReplicaDiedError(ReplicaConnectionError):
+    """The connection dropped after the call was sent and before its reply.
+
+    The replica may or may not have run the call; the gateway answers 502.
+    """
+
+
+class HandshakeError(ReplicaConnectionError):
+    """The replica refused the connection or answered the handshake wrongly
+    (a protocol version mismatch, an unexpected first message, no answer)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def connect_stream(address: str) -> anyio.abc.SocketStream:
+    """Open a byte stream to ``address`` (``unix:/path`` or ``tcp:host:port``)."""
+    scheme, _, rest = address.partition(":")
+    if scheme == "unix" and rest:
+        return await anyio.connect_unix(rest)
+    if scheme == "tcp" and rest:
+        host, _, port = rest.rpartition(":")
+        return await anyio.connect_tcp(host.strip("[]"), int(port))
+    raise ValueError(f"unsupported replica address {address!r}")
+
+
+class ReplicaConnection:
+    """A handshaken connection to one replica; create it with :meth:`connect`.
+
+    Attributes:
+        address: where the replica listens.
+        deployment, replica_id, pid: what the replica said in ``Welcome``.
+        state: the latest ``ReplicaState`` the replica reported.
+        counters: the latest cumulative counters (from ``Pong``).
+        closed: set once the connection is gone, for whatever reason.
+        close_reason: why it closed (``None`` while open).
+    """
+
+    def __init__(
+        self,
+        stream: anyio.abc.SocketStream,
+        welcome: Welcome,
+        *,
+        address: str,
+        decoder: FrameDecoder,
+        on_state: Callable[[ReplicaState], None] | None = None,
+    ) -> None:
+        # Use connect(); the constructor only wires an already handshaken stream.
+        self.address = address
+        self.deployment = welcome.deployment
+        self.replica_id = welcome.replica_id
+        self.pid = welcome.pid
+        self.version = welcome.version
+        self.state: ReplicaState = welcome.state
+        self.counters: dict[str, float] = {}
+        self.on_state = on_state
+        self.closed = anyio.Event()
+        self.close_reason: str | None = None
+        self._stream = stream
+        self._decoder = decoder
+        self._ids = itertools.count(1)
+        # id -> future of the reply; an entry exists from just before the
+        # frame is written until the reply arrives or the caller gives up.
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._pongs: deque[asyncio.Future[Pong]] = deque()
+        self._drained: asyncio.Future[None] | None = None
+        self._draining = False
+        self._write_lock = anyio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+
+    # -- life cycle ---------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str,
+        *,
+        on_state: Callable[[ReplicaState], None] | None = None,
+        connect_timeout: float = 10.0,
+    ) -> ReplicaConnection:
+        """Connect to the replica at ``address`` and do the handshake.
+
+        Args:
+            address: ``unix:/path`` or ``tcp:host:port``, as the launcher reports.
+            on_state: called (synchronously, on the event loop) with every
+                ``ReplicaState`` the replica reports; must not raise or block.
+            connect_timeout: seconds allowed for connecting plus the handshake.
+
+        Raises:
+            HandshakeError: refused, wrong version or no proper answer.
+            OSError: nothing listens at ``address``.
+        """
+        with anyio.fail_after(connect_timeout):
+            stream = await connect_stream(address)
+            try:
+                decoder = FrameDecoder()
+                await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION)))
+                first = await _read_one(stream, decoder)
+            except BaseException:
+                await anyio.aclose_forcefully(stream)
+                raise
+        if isinstance(first, Welcome) and first.version == PROTOCOL_VERSION:
+            conn = cls(stream, first, address=address, decoder=decoder, on_state=on_state)
+            # The reader outlives the caller's scope (the pool keeps the
+            # connection for the replica's lifetime), so it is a plain task
+            # owned by the connection and cancelled by aclose().
+            conn._reader = asyncio.get_running_loop().create_task(
+                conn._read_loop(), name=f"muxgate-replica-reader-{first.replica_id}"
+            )
+            return conn
+        await anyio.aclose_forcefully(stream)
+        if isinstance(first, Refused):
+            raise HandshakeError(f"refused by replica at {address}: {first.reason}")
+        if isinstance(first, Welcome):
+            raise HandshakeError(
+                f"replica at {address} speaks protocol {first.version}, "
+                f"gateway speaks {PROTOCOL_VERSION}"
+            )
+        raise HandshakeError(f"unexpected {type(first).__name__} from {address} at handshake")
+
+    async def aclose(self) -> None:
+        """Close the connection; pending calls raise ``ReplicaDiedError``.
+
+        The replica treats the close as its gateway going away and exits.
+        """
+        self._shutdown("closed by gateway")
+        await anyio.aclose_forcefully(self._stream)
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def __aenter__(self) -> ReplicaConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- calls --------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent on this connection and not yet answered."""
+        return len(self._pending)
+
+    async def call(
+        self,
+        *,
+        request_id: str,
+        model_id: str = "",
+        timeout_s: float | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+        http: HttpRequest | None = None,
+        method: str = "__call__",
+        args: bytes = b"",
+        kwargs: bytes = b"",
+    ) -> Reply:
+        """Run one call on the replica and return its ``Reply``.
+
+        The arguments are the fields of ``Call`` (the id is chosen here). A
+        failure of the user's code is a ``Reply`` with ``error`` set, not an
+        exception. Cancelling the caller abandons the call (its reply, if it
+        comes, is dropped); the replica still runs it to its deadline.
+
+        Raises:
+            ReplicaUnavailableError: not sent (closed or draining); reroute.
+            ReplicaDiedError: sent, and the connection dropped before the reply.
+        """
+        if self.close_reason is not None:
+            raise ReplicaUnavailableError(
+                f"replica {self.replica_id} connection closed: {self.close_reason}"
+            )
+        if self._draining:
+            raise ReplicaUnavailableError(f"replica {self.replica_id} is draining")
+        call_id = next(self._ids)
+        frame = encode_frame(
+            Call(
+                id=call_id,
+                request_id=request_id,
+                model_id=model_id,
+                timeout_s=timeout_s,
+                traceparent=traceparent,
+                tracestate=tracestate,
+                http=http,
+                method=method,
+                args=args,
+                kwargs=kwargs,
+            )
+        )
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            await self._write(frame)
+            return await future
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def ping(self) -> Pong:
+        """Ask for the replica's state and counters (also refreshes ``state``).
+
+        Raises:
+            ReplicaUnavailableError: the connection is closed.
+            ReplicaDiedError: it dropped while waiting for the answer.
+
+        Bound the wait with ``anyio.fail_after`` around the call.
+        """
+        if self.close_reason is not None:
+            raise ReplicaUnavailableError(
+                f"replica {self.replica_id} connection closed: {self.close_reason}"
+            )
+        future: asyncio.Future[Pong] = asyncio.get_running_loop().create_future()
+        # Pongs come back in the order of the pings: a FIFO matches them.
+        self._pongs.append(future)
+        await self._write(encode_frame(Ping()))
+        return await future
+
+    async def drain(self) -> None:
+        """Ask the replica to drain and wait until it reports ``Drained``.
+
+        New calls on this connection raise ``ReplicaUnavailableError`` from
+        now on; calls already sent finish normally. The replica unloads its
+        models (reason ``drain``) and exits after answering.
+
+        Raises:
+            ReplicaDiedError: the connection dropped before ``Drained``.
+
+        Bound the wait with ``anyio.fail_after`` around the call; a cancelled
+        wait can be resumed by calling ``drain()`` again.
+        """
+        if self._drained is None:
+            self._draining = True
+            self._drained = asyncio.get_running_loop().create_future()
+            if self.close_reason is not None:
+                raise ReplicaDiedError(
+                    f"replica {self.replica_id} connection closed: {self.close_reason}"
+                )
+            await self._write(encode_frame(Drain()))
+        await asyncio.shield(self._drained)
+
+    async def _write(self, frame: bytes) -> None:
+        async with self._write_lock:
+            if self.close_reason is not None:
+                raise ReplicaUnavailableError(
+                    f"replica {self.replica_id} connection closed: {self.close_reason}"
+                )
+            # Shielded: a cancelled caller must not leave a partial frame.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._stream.send(frame)
+                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                    self._shutdown(f"write failed: {exc!r}")
+                    # Part of the frame may have reached the replica.
+                    raise ReplicaDiedError(
+                        f"replica {self.replica_id} connection failed while sending"
+                    ) from exc
+
+    # -- reading ------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        reason = "replica closed the connection"
+        try:
+            while True:
+                data = await self._stream.receive(_READ_SIZE)
+                for message in self._decoder.feed(data):
+                    self._dispatch(message)
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+        except OSError as exc:
+            reason = f"connection error: {exc!r}"
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            _log.error("replica %s sent a bad frame: %s", self.replica_id, exc)
+        except asyncio.CancelledError:
+            reason = "closed by gateway"
+            raise
+        finally:
+            self._shutdown(reason)
+            with contextlib.suppress(Exception):
+                await anyio.aclose_forcefully(self._stream)
+
+    def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Reply):
+            future = self._pending.get(message.id)
+            self._set_state(message.state)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif isinstance(message, Pong):
+            self.counters = message.counters
+            self._set_state(message.state)
+            while self._pongs:
+                pong = self._pongs.popleft()
+                if not pong.done():
+                    pong.set_result(message)
+                    break
+        elif isinstance(message, Drained):
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+        else:
+            _log.warning("replica %s sent unexpected %s", self.replica_id, type(message).__name__)
+
+    def _set_state(self, state: ReplicaState) -> None:
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:
+                _log.exception("on_state callback failed for replica %s", self.replica_id)
+
+    def _shutdown(self, reason: str) -> None:
+        """Mark closed and fail everything waiting; idempotent."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        died = f"replica {self.replica_id} ({self.address}) connection lost: {reason}"
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ReplicaDiedError(died))
+        while self._pongs:
+            pong = self._pongs.popleft()
+            if not pong.done():
+                pong.set_exception(ReplicaDiedError(died))
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ReplicaDiedError(died))
+        self.closed.set()
+
+    def __repr__(self) -> str:
+        status = "open" if self.close_reason is None else f"closed ({self.close_reason})"
+        if self._draining and self.close_reason is None:
+            status = "draining"
+        return (
+            f"<ReplicaConnection {self.replica_id} {self.address} pid={self.pid} {status} "
+            f"pending={len(self._pending)} in_flight={self.state.in_flight} "
+            f"models={self.state.models} loading={self.state.loading}>"
+        )
+
+
+async def _read_one(stream: anyio.abc.SocketStream, decoder: FrameDecoder) -> Message:
+    """Read until one whole message is decoded (used for the handshake only:
+    the replica sends nothing else before ``Welcome``)."""
+    while True:
+        try:
+            data = await stream.receive(_READ_SIZE)
+        except anyio.EndOfStream:
+            raise HandshakeError("replica closed the connection during the handshake") from None
+        messages = decoder.feed(data)
+        if messages:
+            if len(messages) > 1:
+                raise HandshakeError("replica sent more than one message at handshake")
+            return messages[0]
