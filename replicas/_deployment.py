@@ -1,0 +1,153 @@
+"""The ``deployment`` decorator: options attached to a user's class.
+
+``@deployment`` returns the very class it decorates (it stays an ordinary,
+testable class) with a :class:`DeploymentOptions` attached. The gateway reads
+the options with :func:`get_deployment_options` and lets the config file
+override them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, TypeVar, overload
+
+import msgspec
+
+__all__ = ["DeploymentOptions", "deployment", "get_deployment_options"]
+
+_C = TypeVar("_C", bound=type)
+_OPTIONS_ATTR = "__muxgate_deployment__"
+
+
+class DeploymentOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Options of one deployment, as given to :func:`deployment`.
+
+    Attributes:
+        name: deployment name (routes, metrics, logs); defaults to the class name.
+        max_ongoing_requests: requests one replica serves at once; beyond it the
+            router looks elsewhere or queues.
+        max_queued_requests: gateway queue per deployment, ``-1`` for no limit.
+        num_replicas: fixed number of replicas, or ``None`` to leave it to the config.
+        graceful_shutdown_timeout_s: how long a draining replica may finish its requests.
+    """
+
+    name: str
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 1000
+    num_replicas: int | None = None
+    graceful_shutdown_timeout_s: float = 20.0
+
+
+def _int_option(name: str, value: object, minimum: int, *, allow_minus_one: bool = False) -> int:
+    if type(value) is not int:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < minimum and not (allow_minus_one and value == -1):
+        extra = " or -1 (no limit)" if allow_minus_one else ""
+        raise ValueError(f"{name} must be at least {minimum}{extra}, got {value}.")
+    return value
+
+
+@overload
+def deployment(
+    cls: _C,
+    *,
+    name: str | None = None,
+    max_ongoing_requests: int = 8,
+    max_queued_requests: int = 1000,
+    num_replicas: int | None = None,
+    graceful_shutdown_timeout_s: float = 20.0,
+) -> _C: ...
+
+
+@overload
+def deployment(
+    cls: None = None,
+    *,
+    name: str | None = None,
+    max_ongoing_requests: int = 8,
+    max_queued_requests: int = 1000,
+    num_replicas: int | None = None,
+    graceful_shutdown_timeout_s: float = 20.0,
+) -> Any: ...
+
+
+def deployment(
+    cls: type | None = None,
+    *,
+    name: str | None = None,
+    max_ongoing_requests: int = 8,
+    max_queued_requests: int = 1000,
+    num_replicas: int | None = None,
+    graceful_shutdown_timeout_s: float = 20.0,
+) -> Any:
+    """Mark a class as a deployment, bare (``@deployment``) or with options.
+
+    Args:
+        cls: the class, when used bare.
+        name: deployment name; defaults to the class's ``__name__``.
+        max_ongoing_requests: concurrent requests per replica, at least 1.
+        max_queued_requests: gateway queue bound, at least 1 or ``-1``.
+        num_replicas: fixed replica count (at least 0), or ``None``.
+        graceful_shutdown_timeout_s: drain time limit in seconds, at least 0.
+
+    Returns:
+        The same class, with its options attached.
+
+    Raises:
+        TypeError: not a class, or an option of the wrong type.
+        ValueError: an option out of range.
+    """
+    if name is not None and (type(name) is not str or not name.strip()):
+        raise (TypeError if type(name) is not str else ValueError)(
+            f"name must be a non-empty str, got {name!r}."
+        )
+    _int_option("max_ongoing_requests", max_ongoing_requests, 1)
+    _int_option("max_queued_requests", max_queued_requests, 1, allow_minus_one=True)
+    if num_replicas is not None:
+        _int_option("num_replicas", num_replicas, 0)
+    timeout = graceful_shutdown_timeout_s
+    if type(timeout) not in (int, float):
+        raise TypeError(
+            f"graceful_shutdown_timeout_s must be a number, got {type(timeout).__name__}."
+        )
+    if not timeout >= 0:  # also refuses NaN
+        raise ValueError(f"graceful_shutdown_timeout_s must be >= 0, got {timeout}.")
+
+    def decorate(target: type) -> type:
+        if not inspect.isclass(target):
+            raise TypeError(
+                f"@deployment decorates a class, not {type(target).__name__} "
+                "(function deployments are not supported)."
+            )
+        options = DeploymentOptions(
+            name=name if name is not None else target.__name__,
+            max_ongoing_requests=max_ongoing_requests,
+            max_queued_requests=max_queued_requests,
+            num_replicas=num_replicas,
+            graceful_shutdown_timeout_s=float(timeout),
+        )
+        setattr(target, _OPTIONS_ATTR, options)
+        return target
+
+    if cls is None:
+        return decorate
+    return decorate(cls)
+
+
+def get_deployment_options(cls: type) -> DeploymentOptions:
+    """The options of a class; defaults (named after the class) if it was not decorated.
+
+    Only the class's own decoration counts: a subclass of a deployment is not
+    that deployment.
+    """
+    if not inspect.isclass(cls):
+        raise TypeError(f"Expected a class, got {type(cls).__name__}.")
+    options = cls.__dict__.get(_OPTIONS_ATTR)
+    if isinstance(options, DeploymentOptions):
+        return options
+    return DeploymentOptions(name=cls.__name__)
+
+
+def is_deployment(cls: type) -> bool:
+    """Whether ``cls`` itself was decorated with :func:`deployment`."""
+    return inspect.isclass(cls) and isinstance(cls.__dict__.get(_OPTIONS_ATTR), DeploymentOptions)

@@ -1,0 +1,202 @@
+"""What user code sees of HTTP: :class:`Request` in, a return value or :class:`Response` out.
+
+The replica receives an :class:`~muxgate.replicas._protocol.HttpRequest` from the
+gateway, builds a :class:`Request` for ``__call__``, and turns whatever it returns
+into ``(status, headers, body)`` with :func:`encode_result`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from muxgate.replicas._protocol import HttpRequest
+
+__all__ = ["Headers", "QueryParams", "Request", "Response", "encode_result"]
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+OCTETS = "application/octet-stream"
+_json_encoder = msgspec.json.Encoder()
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class _MultiDict(Mapping[str, str]):
+    """A read-only multi-valued mapping: ``m[key]`` is the first value, ``getlist`` all."""
+
+    __slots__ = ("_first", "_items")
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items = [(self._fold(k), v) for k, v in items]
+        self._first: dict[str, str] = {}
+        for key, value in self._items:
+            self._first.setdefault(key, value)
+
+    @staticmethod
+    def _fold(key: str) -> str:
+        return key
+
+    def __getitem__(self, key: str) -> str:
+        return self._first[self._fold(key)]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._fold(key) in self._first
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._first)
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def getlist(self, key: str) -> list[str]:
+        """Every value of ``key``, in order."""
+        folded = self._fold(key)
+        return [v for k, v in self._items if k == folded]
+
+    def multi_items(self) -> list[tuple[str, str]]:
+        """All ``(key, value)`` pairs, repeats included, in order."""
+        return list(self._items)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._items!r})"
+
+
+class Headers(_MultiDict):
+    """Request headers; names are case-insensitive (stored lower-case)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _fold(key: str) -> str:
+        return key.lower()
+
+
+class QueryParams(_MultiDict):
+    """Query string parameters (case-sensitive, blank values kept)."""
+
+    __slots__ = ()
+
+
+class Request:
+    """An HTTP request as user code sees it.
+
+    Attributes:
+        method: upper-case HTTP method.
+        path: the path below the deployment's route prefix, starting with ``/``.
+        query_string: the raw query string, without ``?``.
+        query_params: parsed query parameters.
+        headers: case-insensitive headers.
+    """
+
+    __slots__ = ("_body", "headers", "method", "path", "query_params", "query_string")
+
+    def __init__(
+        self,
+        method: str = "GET",
+        path: str = "/",
+        *,
+        query_string: str = "",
+        headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
+        body: bytes = b"",
+    ) -> None:
+        self.method = method.upper()
+        self.path = path
+        self.query_string = query_string
+        self.query_params = QueryParams(parse_qsl(query_string, keep_blank_values=True))
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        self.headers = Headers(pairs)
+        self._body = bytes(body)
+
+    @classmethod
+    def from_wire(cls, http: HttpRequest) -> Request:
+        """Build from the gateway's :class:`HttpRequest` message."""
+        return cls(
+            http.method, http.path, query_string=http.query, headers=http.headers, body=http.body
+        )
+
+    async def body(self) -> bytes:
+        """The whole request body."""
+        return self._body
+
+    async def text(self) -> str:
+        """The body decoded as UTF-8."""
+        return self._body.decode("utf-8")
+
+    async def json(self) -> Any:
+        """The body decoded as JSON (raises ``msgspec.DecodeError`` if it is not)."""
+        return msgspec.json.decode(self._body)
+
+    def __repr__(self) -> str:
+        query = f"?{self.query_string}" if self.query_string else ""
+        return f"<Request {self.method} {self.path}{query} body={len(self._body)}B>"
+
+
+class Response:
+    """An explicit response: status, headers and media type of the user's choosing.
+
+    ``content`` is encoded like a plain return value (bytes as is, str as UTF-8
+    text, anything else as JSON); ``media_type`` overrides the content type.
+    """
+
+    __slots__ = ("content", "headers", "media_type", "status_code")
+
+    def __init__(
+        self,
+        content: Any = None,
+        status_code: int = 200,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+        media_type: str | None = None,
+    ) -> None:
+        if type(status_code) is not int:
+            raise TypeError(f"status_code must be an int, got {type(status_code).__name__}.")
+        if not 100 <= status_code <= 599:
+            raise ValueError(f"status_code must be between 100 and 599, got {status_code}.")
+        self.content = content
+        self.status_code = status_code
+        pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+        self.headers = [(str(k).lower(), str(v)) for k, v in pairs]
+        self.media_type = media_type
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status_code} {self.media_type or type(self.content).__name__}>"
+
+
+def _encode_content(content: Any) -> tuple[str, bytes]:
+    if isinstance(content, bytes | bytearray | memoryview):
+        return OCTETS, bytes(content)
+    if isinstance(content, str):
+        return TEXT, content.encode("utf-8")
+    try:
+        return JSON, _json_encoder.encode(content)
+    except TypeError as exc:
+        raise TypeError(
+            f"Cannot turn a {type(content).__name__} into a response; return a dict, list, "
+            "str, number, None, bytes, a msgspec Struct or a Response."
+        ) from exc
+
+
+def encode_result(result: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Turn what ``__call__`` returned into ``(status, headers, body)``.
+
+    dict, list, number, bool, ``None`` and msgspec Structs become JSON; ``str``
+    becomes ``text/plain; charset=utf-8``; bytes ``application/octet-stream``;
+    a :class:`Response` keeps its status and headers (its 204/304 have no body).
+
+    Raises:
+        TypeError: the value cannot be encoded.
+    """
+    if not isinstance(result, Response):
+        media_type, body = _encode_content(result)
+        return 200, [("content-type", media_type)], body
+    headers = list(result.headers)
+    if result.status_code in _NO_BODY_STATUSES or result.status_code < 200:
+        return result.status_code, headers, b""
+    media_type, body = _encode_content(result.content)
+    if result.media_type is not None:
+        media_type = result.media_type
+    if not any(name == "content-type" for name, _ in headers):
+        headers.append(("content-type", media_type))
+    return result.status_code, headers, body

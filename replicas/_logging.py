@@ -1,0 +1,66 @@
+"""Replica log lines with who and what in the prefix.
+
+``INFO 2026-11-25 12:00:00,123 Model Model#ab12 3f9c... _multiplex.py:412 - Loading model '1'.``
+
+The deployment and replica id come from the replica context, the request id
+from the request context variable, so concurrent requests on one loop (and the
+worker threads they start) are told apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+from muxgate.replicas._context import current_replica, current_request
+
+__all__ = ["FORMAT", "ReplicaContextFilter", "install_replica_logging"]
+
+FORMAT = (
+    "%(levelname)s %(asctime)s %(deployment)s %(replica_id)s %(request_id)s "
+    "%(filename)s:%(lineno)d - %(message)s"
+)
+
+
+class ReplicaContextFilter(logging.Filter):
+    """Adds ``deployment``, ``replica_id`` and ``request_id`` to every record (``-`` if unset)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        replica = current_replica()
+        request = current_request()
+        record.deployment = replica.deployment or "-"
+        record.replica_id = replica.replica_id or "-"
+        record.request_id = (request.request_id if request is not None else "") or "-"
+        return True
+
+
+class _ReplicaHandler(logging.StreamHandler[TextIO]):
+    """Marks the handler this module installed, so a second install replaces it."""
+
+
+def install_replica_logging(
+    level: int | str = "INFO", stream: TextIO | None = None
+) -> logging.Handler:
+    """Log to ``stream`` (stderr) from the root logger with the replica prefix.
+
+    Idempotent: calling it again replaces the handler it installed before.
+
+    Args:
+        level: root logger level.
+        stream: where to write; ``sys.stderr`` by default.
+
+    Returns:
+        The installed handler.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _ReplicaHandler):
+            root.removeHandler(handler)
+            handler.close()
+    handler = _ReplicaHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(ReplicaContextFilter())
+    handler.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
