@@ -1,0 +1,174 @@
+"""The status page in a real headless Chromium, against a stand-in admin API.
+
+The stand-in serves the real page file, a /-/replicas snapshot the test
+changes, and /-/metrics rendered by a real GatewayMetrics. It checks what a
+user sees: replicas, models as chips in LRU order with loading ones marked,
+load/unload events derived from successive snapshots, a request rate, and
+that ?token= becomes a bearer header.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from muxgate.gateway._metrics import GatewayMetrics
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (`make system-deps` installs it)"
+)
+TOKEN = "s3cret"
+PAGE = importlib.resources.files("muxgate.gateway").joinpath("static/status.html").read_bytes()
+
+
+class AdminStandIn:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.snapshot: dict[str, Any] = {"deployments": {}}
+        self.metrics = GatewayMetrics()
+        self.auth_seen: list[str | None] = []
+
+    def set_snapshot(self, snapshot: dict[str, Any]) -> None:
+        with self.lock:
+            self.snapshot = snapshot
+
+
+def make_handler(state: AdminStandIn) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path == "/-/":
+                self.answer(200, "text/html; charset=utf-8", PAGE)
+                return
+            if path not in ("/-/replicas", "/-/metrics"):
+                self.answer(404, "text/plain", b"")  # e.g. the browser's /favicon.ico
+                return
+            auth = self.headers.get("Authorization")
+            state.auth_seen.append(auth)
+            if auth != f"Bearer {TOKEN}":
+                self.answer(401, "application/json", b"{}")
+            elif path == "/-/replicas":
+                with state.lock:
+                    body = json.dumps(state.snapshot).encode()
+                self.answer(200, "application/json", body)
+            elif path == "/-/metrics":
+                body, content_type = state.metrics.render()
+                self.answer(200, content_type, body)
+
+        def answer(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def admin() -> Iterator[tuple[AdminStandIn, str]]:
+    state = AdminStandIn()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield state, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def replica(rid: str, models: list[str], loading: list[str], in_flight: int = 0) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "state": "running",
+        "pid": 1234,
+        "address": f"unix:/tmp/{rid}.sock",
+        "in_flight": in_flight,
+        "models": models,
+        "loading": loading,
+    }
+
+
+def test_status_page_shows_replicas_models_events_and_rate(
+    admin: tuple[AdminStandIn, str],
+) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    state, url = admin
+    state.set_snapshot(
+        {
+            "deployments": {
+                "Model": {
+                    "target_replicas": 2,
+                    "queued": 3,
+                    "replicas": [
+                        replica("Model#a", ["m1", "m2"], ["m3"], in_flight=2),
+                        replica("Model#b", [], []),
+                    ],
+                }
+            }
+        }
+    )
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/-/?token={TOKEN}")
+            expect = sync_api.expect
+            dep = page.locator('[data-deployment="Model"]')
+            expect(page.locator("#conn")).to_have_attribute("data-ok", "true")
+            expect(dep.locator('[data-field="target"]')).to_have_text("2")
+            expect(dep.locator('[data-field="queued"]')).to_have_text("3")
+            a = dep.locator('[data-replica-id="Model#a"]')
+            expect(a.locator('[data-field="in-flight"]')).to_have_text("2")
+            chips = a.locator("[data-model-id]")
+            expect(chips).to_have_count(3)
+            assert chips.evaluate_all("els => els.map(e => e.dataset.modelId)") == [
+                "m1",
+                "m2",
+                "m3",
+            ]
+            expect(a.locator('[data-model-id="m3"]')).to_have_attribute("data-loading", "true")
+            expect(a.locator('[data-model-id="m1"]')).to_have_attribute("data-loading", "false")
+            expect(dep.locator('[data-replica-id="Model#b"] [data-model-id]')).to_have_count(0)
+
+            # m3 finishes loading, m1 is evicted, a replica goes away; traffic flows.
+            for _ in range(50):
+                state.metrics.observe_request("Model", 200, 0.01, "m2")
+            state.set_snapshot(
+                {
+                    "deployments": {
+                        "Model": {
+                            "target_replicas": 1,
+                            "queued": 0,
+                            "replicas": [replica("Model#a", ["m2", "m3"], [])],
+                        }
+                    }
+                }
+            )
+            events = dep.locator("[data-event]")
+            expect(dep.locator('[data-event="loaded"]')).to_contain_text("loaded m3 on Model#a")
+            expect(dep.locator('[data-event="unloaded"]')).to_contain_text(
+                "unloaded m1 from Model#a"
+            )
+            expect(dep.locator('[data-event="replica-removed"]')).to_contain_text("Model#b")
+            assert events.first.locator("time").get_attribute("datetime")
+            expect(dep.locator("[data-replica-id]")).to_have_count(1)
+            expect(dep.locator('[data-field="rate"]')).not_to_have_text("0.0")
+            expect(dep.locator('[data-field="rate"]')).not_to_have_text("\u2013")
+        finally:
+            browser.close()
+    assert set(state.auth_seen) == {f"Bearer {TOKEN}"}
