@@ -50,6 +50,9 @@ import msgspec
 from opentelemetry import trace
 
 from muxgate.replicas._context import request_scope, set_replica_context
+from muxgate.replicas._http import Request, encode_result
+from muxgate.replicas._logging import install_replica_logging
+from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -70,7 +73,7 @@ from muxgate.replicas._protocol import (
 )
 from muxgate.replicas._tracing import configure_tracing, extract_context, shutdown_tracing
 
-__all__ = ["ReplicaSpec", "main"]
+__all__ = ["Replica", "ReplicaSpec", "TracingSettings", "main"]
 
 _log = logging.getLogger("muxgate.replica")
 _tracer = trace.get_tracer("muxgate")
@@ -124,51 +127,6 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     tracing: TracingSettings | None = None
     storage: dict[str, dict[str, Any]] = {}
-
-
-# -- SDK hooks -------------------------------------------------------------
-# SDK-FALLBACK: until replicas/_http.py, _multiplex.py and _logging.py land
-# these minimal stand-ins keep the server runnable. Remove the except
-# branches once the SDK is in.
-try:
-    from muxgate.replicas._http import Request, encode_result
-except ImportError:  # pragma: no cover - SDK-FALLBACK
-    Request = None  # type: ignore[assignment,misc,unused-ignore]
-
-    def encode_result(result: Any) -> tuple[int, list[tuple[str, str]], bytes]:  # type: ignore[misc,unused-ignore]
-        if isinstance(result, bytes):
-            return 200, [("content-type", "application/octet-stream")], result
-        if isinstance(result, str):
-            return 200, [("content-type", "text/plain; charset=utf-8")], result.encode()
-        return 200, [("content-type", "application/json")], msgspec.json.encode(result)
-
-
-try:
-    from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
-except ImportError:  # pragma: no cover - SDK-FALLBACK
-
-    def counters() -> dict[str, float]:  # type: ignore[misc,unused-ignore]
-        return {}
-
-    def model_caches() -> list[Any]:  # type: ignore[misc,unused-ignore]
-        return []
-
-    def replica_state_snapshot() -> tuple[list[str], list[str]]:  # type: ignore[misc,unused-ignore]
-        return [], []
-
-
-try:
-    from muxgate.replicas._logging import install_replica_logging
-except ImportError:  # pragma: no cover - SDK-FALLBACK
-
-    def install_replica_logging(level: str = "INFO") -> None:  # type: ignore[misc,unused-ignore]
-        logging.basicConfig(level=level, stream=sys.stderr)
-
-
-def _make_request(http: Any) -> Any:
-    if Request is None:  # pragma: no cover - SDK-FALLBACK
-        return http
-    return Request.from_wire(http)
 
 
 # -- calls -----------------------------------------------------------------
@@ -486,7 +444,7 @@ class Replica:
     async def _invoke_call(self, call: Call) -> tuple[int, list[tuple[str, str]], bytes]:
         if call.http is not None:
             target = self._target("__call__")
-            result = await self._invoke(target, (_make_request(call.http),), {})
+            result = await self._invoke(target, (Request.from_wire(call.http),), {})
             encoded: tuple[int, list[tuple[str, str]], bytes] = encode_result(result)
             return encoded
         target = self._target(call.method)

@@ -1,0 +1,305 @@
+"""The gateway <-> replica protocol against a real replica process.
+
+One Echo replica and one connection are shared by the module (a replica costs
+a process start); tests that end a replica live in test_replica_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from muxgate.gateway._connection import HandshakeError, ReplicaConnection, connect_stream
+from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess
+from muxgate.replicas._protocol import (
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Hello,
+    HttpRequest,
+    Pong,
+    Refused,
+    Reply,
+    ReplicaState,
+    Welcome,
+    encode_frame,
+)
+from muxgate.replicas._server import ReplicaSpec
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+APP_DIR = str(Path(__file__).resolve().parents[1] / "apps")
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def replica() -> AsyncIterator[tuple[ReplicaProcess, ReplicaConnection]]:
+    launcher = LocalLauncher()
+    spec = ReplicaSpec(
+        deployment="Echo",
+        import_path="echo:Echo",
+        replica_id="Echo#proto",
+        init_kwargs={"greeting": "hi"},
+        app_dir=APP_DIR,
+        listen="unix:",
+        max_ongoing_requests=64,
+    )
+    process = await launcher.start(spec)
+    conn = await ReplicaConnection.connect(process.address)
+    try:
+        yield process, conn
+    finally:
+        await conn.aclose()
+        with anyio.fail_after(20):
+            # Closing the only connection makes the replica exit by itself.
+            assert await process.wait() == 0
+        await launcher.aclose()
+
+
+@pytest.fixture
+def conn(replica: tuple[ReplicaProcess, ReplicaConnection]) -> ReplicaConnection:
+    return replica[1]
+
+
+def pack(*args: Any, **kwargs: Any) -> dict[str, bytes]:
+    return {
+        "args": msgspec.msgpack.encode(list(args)),
+        "kwargs": msgspec.msgpack.encode(kwargs),
+    }
+
+
+def value(reply: Reply) -> Any:
+    assert reply.error is None, reply.error
+    return msgspec.msgpack.decode(reply.body)
+
+
+async def test_handshake_reports_identity(
+    replica: tuple[ReplicaProcess, ReplicaConnection],
+) -> None:
+    process, conn = replica
+    assert conn.deployment == "Echo"
+    assert conn.replica_id == "Echo#proto"
+    assert conn.pid == process.pid
+    assert conn.version == PROTOCOL_VERSION
+    assert conn.state.in_flight == 0
+    assert "open" in repr(conn)
+
+
+async def _raw_handshake(address: str, hello: Hello) -> tuple[list[Any], bool]:
+    """Send one Hello on a fresh socket: (messages received, closed by peer)."""
+    stream = await connect_stream(address)
+    async with stream:
+        await stream.send(encode_frame(hello))
+        decoder = FrameDecoder()
+        messages: list[Any] = []
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    messages += decoder.feed(await stream.receive())
+                except anyio.EndOfStream:
+                    return messages, True
+
+
+async def test_version_mismatch_is_refused_and_replica_keeps_serving(
+    replica: tuple[ReplicaProcess, ReplicaConnection],
+) -> None:
+    process, conn = replica
+    messages, closed = await _raw_handshake(process.address, Hello(version=PROTOCOL_VERSION + 1))
+    assert closed
+    assert len(messages) == 1 and isinstance(messages[0], Refused)
+    assert f"speaks {PROTOCOL_VERSION}" in messages[0].reason
+    # A refused connection is not the gateway leaving: the replica serves on.
+    assert value(await conn.call(request_id="after-refusal", method="add", **pack(2, 3))) == 5
+
+
+async def test_second_gateway_connection_is_welcome(
+    replica: tuple[ReplicaProcess, ReplicaConnection],
+) -> None:
+    process, conn = replica
+    other = await ReplicaConnection.connect(process.address)
+    try:
+        assert other.replica_id == conn.replica_id
+        assert value(await other.call(request_id="other", method="add", **pack(1, 2))) == 3
+    finally:
+        await other.aclose()
+    # Closing one of two connections does not stop the replica.
+    assert value(await conn.call(request_id="still", method="add", **pack(3, 4))) == 7
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (Refused(reason="go away"), "refused by replica"),
+        (
+            Welcome(
+                version=PROTOCOL_VERSION + 1,
+                deployment="D",
+                replica_id="r",
+                pid=1,
+                state=ReplicaState(),
+            ),
+            f"gateway speaks {PROTOCOL_VERSION}",
+        ),
+        (Pong(state=ReplicaState()), "unexpected Pong"),
+    ],
+)
+async def test_connect_raises_handshake_error(tmp_path: Path, answer: Any, expected: str) -> None:
+    # A stand-in replica at a real socket that answers the Hello wrongly.
+    path = f"/tmp/muxgate-hs-{os.getpid()}-{len(expected)}.sock"
+    listener = await anyio.create_unix_listener(path)
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def serve_one() -> None:
+                stream = await listener.accept()
+                async with stream:
+                    await stream.receive()
+                    await stream.send(encode_frame(answer))
+
+            tg.start_soon(serve_one)
+            with pytest.raises(HandshakeError, match=expected):
+                await ReplicaConnection.connect(f"unix:{path}", connect_timeout=10)
+    finally:
+        await listener.aclose()
+        os.unlink(path)
+
+
+async def test_connect_to_nothing_raises_oserror(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        await ReplicaConnection.connect(f"unix:{tmp_path}/absent.sock")
+
+
+async def test_http_round_trip(conn: ReplicaConnection) -> None:
+    http = HttpRequest(
+        method="POST",
+        path="/predict",
+        query="a=1&b=two",
+        headers=[("x-test", "yes"), ("content-type", "text/plain")],
+        body=b"payload",
+    )
+    reply = await conn.call(request_id="req-http", model_id="m7", http=http)
+    assert reply.error is None, reply.error
+    assert reply.status == 200
+    assert ("content-type", "application/json") in [(k.lower(), v) for k, v in reply.headers]
+    assert json.loads(reply.body) == {
+        "greeting": "hi",
+        "method": "POST",
+        "path": "/predict",
+        "query": {"a": "1", "b": "two"},
+        "header": "yes",
+        "model_id": "m7",
+        "body": "payload",
+    }
+
+
+async def test_handle_call_with_args_and_kwargs(conn: ReplicaConnection) -> None:
+    assert value(await conn.call(request_id="r1", method="add", **pack(1, b=41))) == 42
+    assert value(await conn.call(request_id="r2", method="echo", **pack({"k": [1, 2]}))) == {
+        "k": [1, 2]
+    }
+
+
+async def test_sync_method_runs_with_request_context(conn: ReplicaConnection) -> None:
+    reply = await conn.call(request_id="r3", model_id="model-a", method="sync_echo", **pack(9))
+    assert value(reply) == {"value": 9, "model_id": "model-a"}
+
+
+async def test_fifty_concurrent_calls_on_one_connection(conn: ReplicaConnection) -> None:
+    results: dict[int, Any] = {}
+    seen_in_flight: list[int] = []
+
+    async def one(i: int) -> None:
+        # Later calls sleep less, so replies come back out of order.
+        await conn.call(request_id=f"c{i}", method="sleep", **pack((50 - i) * 0.002))
+        reply = await conn.call(request_id=f"e{i}", model_id=f"m{i}", method="echo", **pack(i))
+        results[i] = value(reply)
+        seen_in_flight.append(reply.state.in_flight)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(one, i)
+    assert results == {i: i for i in range(50)}
+    assert conn.in_flight == 0
+    assert conn.state.in_flight == 0 or max(seen_in_flight) > 0
+
+
+async def test_user_exception_is_user_error_and_replica_keeps_serving(
+    conn: ReplicaConnection,
+) -> None:
+    reply = await conn.call(request_id="boom", method="fail", **pack("kaput"))
+    assert reply.error is not None
+    assert (reply.error.code, reply.error.status, reply.status) == ("user_error", 500, 500)
+    assert reply.error.message == "ValueError: kaput"
+    reply = await conn.call(request_id="boom-sync", method="sync_fail", **pack("k"))
+    assert reply.error is not None and reply.error.message == "KeyError: 'k'"
+    assert value(await conn.call(request_id="after", method="add", **pack(1, 1))) == 2
+
+
+async def test_model_not_found_maps_to_404(conn: ReplicaConnection) -> None:
+    reply = await conn.call(request_id="nf", method="missing_model", **pack("ghost"))
+    assert reply.error is not None
+    assert (reply.error.code, reply.error.status) == ("model_not_found", 404)
+    assert "ghost" in reply.error.message
+
+
+@pytest.mark.parametrize("method", ["sleep", "sync_sleep"])
+async def test_deadline_gives_504_and_replica_keeps_serving(
+    conn: ReplicaConnection, method: str
+) -> None:
+    with anyio.fail_after(10):
+        reply = await conn.call(request_id="late", method=method, timeout_s=0.05, **pack(3.0))
+    assert reply.error is not None
+    assert (reply.error.code, reply.error.status, reply.status) == ("deadline", 504, 504)
+    assert value(await conn.call(request_id="in-time", method="add", **pack(2, 2))) == 4
+
+
+async def test_expired_deadline_is_not_run(conn: ReplicaConnection) -> None:
+    reply = await conn.call(request_id="expired", method="add", timeout_s=0.0, **pack(1))
+    assert reply.error is not None and reply.error.code == "deadline"
+
+
+@pytest.mark.parametrize("method", ["nope", "_private", "__init__", ""])
+async def test_unknown_or_private_method_is_bad_request(
+    conn: ReplicaConnection, method: str
+) -> None:
+    reply = await conn.call(request_id="bad", method=method)
+    assert reply.error is not None
+    assert (reply.error.code, reply.error.status) == ("bad_request", 400)
+
+
+async def test_undecodable_args_are_bad_request(conn: ReplicaConnection) -> None:
+    reply = await conn.call(request_id="bad-args", method="add", args=b"\xc1")
+    assert reply.error is not None and reply.error.code == "bad_request"
+
+
+async def test_ping_returns_state_and_counters(conn: ReplicaConnection) -> None:
+    seen: list[Any] = []
+    conn.on_state = seen.append
+    try:
+        pong = await conn.ping()
+    finally:
+        conn.on_state = None
+    assert pong.state.in_flight == 0
+    assert seen == [pong.state]
+    assert {"model_loads", "cache_hits", "models_loaded"} <= set(pong.counters)
+    assert conn.counters == pong.counters
+
+
+async def test_replica_process_repr_and_pid(
+    replica: tuple[ReplicaProcess, ReplicaConnection],
+) -> None:
+    process, _ = replica
+    assert process.returncode is None
+    assert f"pid={process.pid}" in repr(process) and "running" in repr(process)
+    os.kill(process.pid, 0)  # alive
