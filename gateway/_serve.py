@@ -1,0 +1,228 @@
+"""Run the gateway: in-process (``serve``) or in the foreground (``run``).
+
+``async with serve(config) as base_url:`` starts one ``ReplicaPool`` per
+deployment, the ASGI server on the configured host and port (port 0 picks a
+free one; the URL has the real port), waits until every deployment has its
+minimum replicas running, and yields. On exit it stops the server, then every
+replica (connection closed, SIGKILL after a grace period), so nothing
+outlives the block.
+
+The ASGI server is uvicorn (httptools parser) driven on the caller's event
+loop through its public ``startup``/``main_loop``/``shutdown`` steps, so it
+installs no signal handlers and shares the loop with the pools. Granian was
+measured as the alternative (see bench/bench_gateway.py); its embedded
+server runs Python handlers on a loop of its own, which the pools and the
+dispatcher's state would have to cross threads to reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+
+from muxgate.gateway._app import GatewayASGI
+from muxgate.gateway._config import AppConfig, DeploymentConfig
+from muxgate.gateway._launcher import LocalLauncher
+from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.gateway._pool import Launcher, ReplicaPool
+from muxgate.replicas._server import ReplicaSpec, TracingSettings
+
+__all__ = ["Gateway", "GatewayStartError", "run", "serve"]
+
+_log = logging.getLogger("muxgate.gateway")
+
+
+class GatewayStartError(Exception):
+    """The gateway could not start (port taken, replicas failing to start)."""
+
+
+class Gateway:
+    """A running gateway's parts, for embedding code and tests that need
+    more than the URL (``serve(...)`` yields the URL; ``start_gateway``
+    yields this)."""
+
+    def __init__(
+        self, config: AppConfig, pools: dict[str, ReplicaPool], metrics: GatewayMetrics, url: str
+    ) -> None:
+        self.config = config
+        self.pools = pools
+        self.metrics = metrics
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"<Gateway {self.url} pools={list(self.pools.values())}>"
+
+
+def make_spec(config: AppConfig, deployment: DeploymentConfig, replica_id: str) -> ReplicaSpec:
+    """The launcher's spec for one replica of ``deployment``."""
+    tracing = TracingSettings(exporter=config.tracing.exporter, endpoint=config.tracing.endpoint)
+    return ReplicaSpec(
+        deployment=deployment.name,
+        import_path=deployment.import_path,
+        replica_id=replica_id,
+        init_kwargs=deployment.init_kwargs,
+        app_dir=config.app_dir or None,
+        listen="unix:",
+        max_ongoing_requests=deployment.max_ongoing_requests,
+        tracing=tracing,
+        storage=config.storage,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise GatewayStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def start_gateway(
+    config: AppConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    launcher: Launcher | None = None,
+    ready_timeout_s: float = 120.0,
+) -> AsyncIterator[Gateway]:
+    """Like ``serve`` but yields the ``Gateway`` (pools, metrics, url)."""
+    host = host if host is not None else config.http.host
+    port = port if port is not None else config.http.port
+    metrics = GatewayMetrics(per_model_labels=config.metrics.per_model_labels)
+    own_launcher: LocalLauncher | None = None
+    if launcher is None:
+        launcher = own_launcher = LocalLauncher()
+    use_launcher = launcher
+    pools = {
+        d.name: ReplicaPool(
+            d,
+            launcher=use_launcher,
+            make_spec=lambda dep, rid: make_spec(config, dep, rid),
+            metrics=metrics,
+            per_model_labels=config.metrics.per_model_labels,
+            drain_timeout_s=config.http.request_timeout_s + 5.0,
+        )
+        for d in config.deployments
+    }
+    app = GatewayASGI(config, pools, metrics)
+    server: uvicorn.Server | None = None
+    main_loop: asyncio.Task[None] | None = None
+    sock: socket.socket | None = None
+    try:
+        for pool in pools.values():
+            pool.start()
+        sock = _bind(host, port)
+        real_port = sock.getsockname()[1]
+        uv_config = uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            server_header=False,
+        )
+        uv_config.load()
+        server = uvicorn.Server(uv_config)
+        # Server.serve() would install signal handlers; drive its steps instead.
+        server.lifespan = uv_config.lifespan_class(uv_config)
+        await server.startup(sockets=[sock])
+        main_loop = asyncio.create_task(server.main_loop(), name="muxgate-http")
+        try:
+            async with asyncio.timeout(ready_timeout_s):
+                await asyncio.gather(*(p.wait_healthy() for p in pools.values()))
+        except TimeoutError:
+            lines = "; ".join(p.status_line() for p in pools.values() if not p.healthy)
+            raise GatewayStartError(
+                f"replicas not running after {ready_timeout_s:g} s: {lines}"
+            ) from None
+        url_host = f"[{host}]" if ":" in host else host
+        yield Gateway(config, pools, metrics, f"http://{url_host}:{real_port}")
+    finally:
+        with contextlib.suppress(Exception):
+            if server is not None:
+                server.should_exit = True
+                if main_loop is not None:
+                    await main_loop
+                await server.shutdown(sockets=[sock] if sock is not None else None)
+            elif sock is not None:
+                sock.close()
+        await asyncio.gather(*(p.aclose() for p in pools.values()), return_exceptions=True)
+        if own_launcher is not None:
+            await own_launcher.aclose()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    config: AppConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    ready_timeout_s: float = 120.0,
+) -> AsyncIterator[str]:
+    """Run the gateway and its replicas in this process; yield the base URL.
+
+    Example::
+
+        async with serve(load_config("app.yaml"), port=0) as url:
+            httpx.get(f"{url}/", headers={"serve_multiplexed_model_id": "1"})
+
+    Args:
+        config: the validated app config.
+        host, port: override ``config.http``; port 0 picks a free port.
+        ready_timeout_s: how long to wait for every deployment's minimum
+            replicas before giving up.
+
+    Raises:
+        GatewayStartError: the port is taken, or replicas did not start in
+            time (the message has each deployment's last start failure).
+    """
+    async with start_gateway(
+        config, host=host, port=port, ready_timeout_s=ready_timeout_s
+    ) as gateway:
+        yield gateway.url
+
+
+def run(config: AppConfig, *, host: str | None = None, port: int | None = None) -> int:
+    """Serve in the foreground until SIGINT or SIGTERM; return the exit code."""
+    loop_factory: Any = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_run(config, host=host, port=port))
+
+
+async def _run(config: AppConfig, *, host: str | None, port: int | None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with serve(config, host=host, port=port) as url:
+            print(f"muxgate: serving on {url}", file=sys.stderr, flush=True)
+            await stop.wait()
+            print("muxgate: shutting down", file=sys.stderr, flush=True)
+    except GatewayStartError as exc:
+        print(f"muxgate: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
