@@ -1,0 +1,216 @@
+"""The gateway end to end: routing, model caches, errors (real replica processes).
+
+One gateway with four deployments is shared by the whole module (replica
+processes take a second or two to start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from muxgate.gateway._config import parse_config
+from muxgate.gateway._serve import Gateway, start_gateway
+
+APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
+MODEL = "serve_multiplexed_model_id"
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
+    config = parse_config(
+        {
+            "http": {"port": 0},
+            "deployments": [
+                # 2 replicas, one model per replica.
+                {
+                    "name": "Sticky",
+                    "import_path": "gateway_apps:Echo1",
+                    "route_prefix": "/sticky",
+                    "num_replicas": 2,
+                },
+                {
+                    "name": "Lru",
+                    "import_path": "gateway_apps:Echo2",
+                    "route_prefix": "/lru",
+                    "num_replicas": 1,
+                },
+                {
+                    "name": "Spread",
+                    "import_path": "gateway_apps:Echo3",
+                    "route_prefix": "/spread",
+                    "num_replicas": 2,
+                    "max_ongoing_requests": 1,
+                },
+                {
+                    "name": "Nested",
+                    "import_path": "gateway_apps:Echo3",
+                    "route_prefix": "/sticky/deeper",
+                    "num_replicas": 1,
+                    "init_kwargs": {"greeting": "nested"},
+                },
+            ],
+        },
+        base_dir=APPS,
+    )
+    async with start_gateway(config) as gw:
+        yield gw
+
+
+@pytest.fixture
+async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as c:
+        yield c
+
+
+async def replicas(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
+    r = await client.get("/-/replicas")
+    assert r.status_code == 200
+    out: dict[str, Any] = r.json()["deployments"][name]
+    return out
+
+
+async def test_one_model_stays_on_one_replica(client: httpx.AsyncClient) -> None:
+    served = set()
+    for _ in range(20):
+        r = await client.post("/sticky/predict", headers={MODEL: "m1"}, content=b"{}")
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "m1"
+        served.add(r.headers["x-muxgate-replica"])
+    assert len(served) == 1
+    (replica_id,) = served
+    assert replica_id.startswith("Sticky#")
+    view = await replicas(client, "Sticky")
+    holders = [rep["id"] for rep in view["replicas"] if "m1" in rep["models"]]
+    assert holders == [replica_id]
+
+
+async def test_lru_eviction_visible_in_admin(client: httpx.AsyncClient) -> None:
+    for model in ("1", "2", "1", "3"):
+        r = await client.get("/lru/", headers={MODEL: model})
+        assert r.status_code == 200, r.text
+    view = await replicas(client, "Lru")
+    assert view["target_replicas"] == 1
+    assert view["queued"] == 0
+    (rep,) = view["replicas"]
+    assert rep["models"] == ["1", "3"]  # least recently used first
+    assert rep["loading"] == []
+    assert rep["state"] == "running"
+    assert rep["in_flight"] == 0
+    assert isinstance(rep["pid"], int)
+    assert rep["address"].startswith(("unix:", "tcp:"))
+    assert set(rep) == {"id", "state", "pid", "address", "in_flight", "models", "loading"}
+
+
+async def test_concurrent_requests_spill_to_second_replica(client: httpx.AsyncClient) -> None:
+    async def slow() -> httpx.Response:
+        return await client.get("/spread/slow", params={"s": "1"}, headers={MODEL: "hot"})
+
+    first, second = await asyncio.gather(slow(), slow())
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-muxgate-replica"] != second.headers["x-muxgate-replica"]
+
+
+async def test_request_without_model_id_is_served(client: httpx.AsyncClient) -> None:
+    r = await client.get("/sticky/anything", params={"q": "1"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == ""
+    assert body["path"] == "/anything"
+    assert r.headers["x-muxgate-replica"].startswith("Sticky#")
+
+
+async def test_hyphenated_header_and_longest_prefix(client: httpx.AsyncClient) -> None:
+    r = await client.get("/sticky/deeper/x", headers={"serve-multiplexed-model-id": "h1"})
+    assert r.status_code == 200
+    assert r.json()["model"] == "h1"
+    assert r.json()["greeting"] == "nested"
+    assert r.json()["path"] == "/x"
+    assert r.headers["x-muxgate-replica"].startswith("Nested#")
+    # A prefix matches whole path segments only.
+    r = await client.get("/stickyx")
+    assert r.status_code == 404
+
+
+async def test_unknown_route_is_404(client: httpx.AsyncClient) -> None:
+    r = await client.get("/nope", headers={"x-request-id": "req-42"})
+    assert r.status_code == 404
+    assert r.json() == {
+        "error": {
+            "code": "not_found",
+            "message": "no deployment serves '/nope'",
+            "request_id": "req-42",
+        }
+    }
+    assert r.headers["x-request-id"] == "req-42"
+    assert r.headers["x-muxgate-replica"] == ""
+
+
+@pytest.mark.parametrize("bad", ["a b", "x" * 257, "tab\tid", "caf\u00e9", ""])
+async def test_bad_model_id_is_400_before_any_replica(client: httpx.AsyncClient, bad: str) -> None:
+    r = await client.get("/sticky/", headers=[(MODEL.encode(), bad.encode("utf-8"))])
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "bad_model_id"
+    assert r.headers["x-muxgate-replica"] == ""
+    # The router never saw it: no replica holds or loads it.
+    view = await replicas(client, "Sticky")
+    for rep in view["replicas"]:
+        assert bad not in rep["models"] + rep["loading"]
+
+
+async def test_model_id_of_256_printable_chars_is_fine(client: httpx.AsyncClient) -> None:
+    model = "a~!" * 85 + "z"
+    assert len(model) == 256
+    r = await client.get("/lru/", headers={MODEL: model})
+    assert r.status_code == 200
+    assert r.json()["model"] == model
+
+
+async def test_deployment_error_is_500_and_replica_keeps_serving(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.get("/lru/raise", headers={MODEL: "1"})
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["code"] == "user_error"
+    assert err["request_id"] == r.headers["x-request-id"]
+    assert "Traceback" not in err["message"]
+    failed_on = r.headers["x-muxgate-replica"]
+    r = await client.get("/lru/ok", headers={MODEL: "1"})
+    assert r.status_code == 200
+    assert r.headers["x-muxgate-replica"] == failed_on
+
+
+async def test_request_id_is_honoured_or_generated(client: httpx.AsyncClient) -> None:
+    r = await client.get("/sticky/", headers={"x-request-id": "abc.DEF-123"})
+    assert r.headers["x-request-id"] == "abc.DEF-123"
+    r = await client.get("/sticky/", headers={"x-request-id": "not sane"})
+    assert r.headers["x-request-id"] != "not sane"
+    assert len(r.headers["x-request-id"]) >= 16
+
+
+async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> None:
+    r = await client.get("/-/healthz")
+    assert r.status_code == 200
+    r = await client.get("/-/metrics")
+    assert r.status_code == 200
+    assert 'muxgate_requests_total{deployment="Sticky",status="200"}' in r.text
+    assert 'muxgate_replicas{deployment="Sticky",state="running"} 2.0' in r.text
+    r = await client.get("/-/nothing-here")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
+    view = (await client.get("/-/replicas")).json()["deployments"]
+    assert set(view) == {"Sticky", "Lru", "Spread", "Nested"}
+    assert "Sticky" in repr(gateway)
