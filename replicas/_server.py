@@ -241,8 +241,6 @@ class Replica:
             await self.stop_requested.wait()
             # No new connections while stopping.
             accepting.cancel()
-            with contextlib.suppress(Exception):
-                await listener.aclose()
             _log.info("Stopping (%s), %d call(s) in flight.", self.stop_reason, self.in_flight)
             if self.stop_graceful:
                 with anyio.move_on_after(self.spec.graceful_shutdown_timeout_s):
@@ -260,8 +258,14 @@ class Replica:
         self, listener: anyio.abc.Listener[anyio.abc.SocketStream], scope: anyio.CancelScope
     ) -> None:
         assert self._tg is not None
-        with scope, contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            await listener.serve(self._serve_connection, task_group=self._tg)
+        try:
+            with scope:
+                await listener.serve(self._serve_connection, task_group=self._tg)
+        finally:
+            # Closed only once serve() has stopped: closing it under a pending
+            # accept() would raise instead of ending quietly.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await listener.aclose()
 
     async def _unload_models(self) -> None:
         reason = "drain" if self.stop_reason == "drain" else "shutdown"

@@ -25,8 +25,8 @@ from muxgate.replicas._protocol import (
     HttpRequest,
     Pong,
     Refused,
-    Reply,
     ReplicaState,
+    Reply,
     Welcome,
     encode_frame,
 )

@@ -1,0 +1,232 @@
+"""Starting and ending replica processes: failures at start, parallel starts,
+death of the replica, of its connection and of its parent."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from muxgate.gateway._connection import (
+    ReplicaConnection,
+    ReplicaDiedError,
+    ReplicaUnavailableError,
+)
+from muxgate.gateway._launcher import LocalLauncher, ReplicaStartError
+from muxgate.replicas._protocol import HttpRequest
+from muxgate.replicas._server import ReplicaSpec
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+APP_DIR = str(Path(__file__).resolve().parents[1] / "apps")
+
+
+def spec(replica_id: str, import_path: str = "echo:Echo", **kwargs: Any) -> ReplicaSpec:
+    return ReplicaSpec(
+        deployment=import_path.rpartition(":")[2],
+        import_path=import_path,
+        replica_id=replica_id,
+        app_dir=APP_DIR,
+        listen=kwargs.pop("listen", "unix:"),
+        **kwargs,
+    )
+
+
+def pack(*args: Any) -> dict[str, bytes]:
+    return {"args": msgspec.msgpack.encode(list(args))}
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def wait_gone(pid: int, deadline_s: float = 15.0) -> None:
+    # Not our child (its parent was killed), so there is nothing to wait on:
+    # check the condition until a deadline.
+    with anyio.fail_after(deadline_s):
+        while not process_gone(pid):  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
+@pytest.fixture
+async def launcher() -> AsyncIterator[LocalLauncher]:
+    launcher = LocalLauncher(start_timeout=60)
+    try:
+        yield launcher
+    finally:
+        await launcher.aclose()
+
+
+async def test_raising_init_is_a_start_error_with_the_reason(launcher: LocalLauncher) -> None:
+    with pytest.raises(ReplicaStartError) as info:
+        await launcher.start(spec("bad#1", "echo:BadInit", init_kwargs={"why": "no weights"}))
+    assert info.value.reason == "RuntimeError: no weights"
+
+
+@pytest.mark.parametrize(
+    ("import_path", "reason"),
+    [
+        ("no_such_module:Thing", "ModuleNotFoundError: No module named 'no_such_module'"),
+        ("echo:Missing", "AttributeError"),
+        (
+            "echo:get_multiplexed_model_id",
+            "TypeError: echo:get_multiplexed_model_id is not a class",
+        ),
+        ("echo", "ValueError: import_path 'echo' is not 'module:Class'"),
+    ],
+)
+async def test_bad_import_path_is_a_start_error(
+    launcher: LocalLauncher, import_path: str, reason: str
+) -> None:
+    with pytest.raises(ReplicaStartError, match=reason.replace("(", r"\(")):
+        await launcher.start(spec("bad#2", import_path))
+
+
+async def test_invalid_spec_field_is_a_start_error(launcher: LocalLauncher) -> None:
+    with pytest.raises(ReplicaStartError, match="cannot listen"):
+        await launcher.start(spec("bad#3", listen="udp:nowhere"))
+
+
+async def test_user_prints_do_not_confuse_readiness(launcher: LocalLauncher) -> None:
+    process = await launcher.start(spec("noisy#1", "echo:Noisy"))
+    async with await ReplicaConnection.connect(process.address) as conn:
+        http = HttpRequest(method="GET", path="/", query="", headers=[], body=b"")
+        reply = await conn.call(request_id="n", http=http)
+        assert (reply.status, reply.body) == (200, b"ok")
+    with anyio.fail_after(15):
+        assert await process.wait() == 0
+
+
+async def test_parallel_starts_and_closing_the_connection_ends_each_replica(
+    launcher: LocalLauncher,
+) -> None:
+    specs = [spec(f"par#{i}") for i in range(3)] + [spec("par#tcp", listen="tcp:127.0.0.1:0")]
+    processes: dict[str, Any] = {}
+
+    async def start(s: ReplicaSpec) -> None:
+        processes[s.replica_id] = await launcher.start(s)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for s in specs:
+                tg.start_soon(start, s)
+    assert len({p.pid for p in processes.values()}) == 4
+    assert processes["par#tcp"].address.startswith("tcp:127.0.0.1:")
+    for process in processes.values():
+        conn = await ReplicaConnection.connect(process.address)
+        assert conn.pid == process.pid
+        reply = await conn.call(request_id="p", method="pid")
+        assert msgspec.msgpack.decode(reply.body) == process.pid
+        # The gateway going away (its connection closing) ends the replica.
+        await conn.aclose()
+        with anyio.fail_after(15):
+            assert await process.wait() == 0
+        if process.address.startswith("unix:"):
+            assert not await anyio.Path(process.address[len("unix:") :]).exists()
+
+
+async def test_sigkill_fails_pending_calls_with_replica_died(launcher: LocalLauncher) -> None:
+    process = await launcher.start(spec("victim#1"))
+    conn = await ReplicaConnection.connect(process.address)
+    errors: list[BaseException] = []
+
+    async def pending(i: int) -> None:
+        try:
+            await conn.call(request_id=f"p{i}", method="sleep", **pack(60))
+        except ReplicaDiedError as exc:
+            errors.append(exc)
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+                    tg.start_soon(pending, i)
+                # Frames are read in order: the Pong proves all five calls arrived.
+                while (await conn.ping()).state.in_flight < 5:
+                    pass
+                assert conn.in_flight == 5
+                process.kill()
+            await conn.closed.wait()
+        assert len(errors) == 5
+        assert conn.close_reason is not None
+        with pytest.raises(ReplicaUnavailableError):
+            await conn.call(request_id="after", method="add", **pack(1))
+        with pytest.raises(ReplicaUnavailableError):
+            await conn.ping()
+        assert await process.wait() == -signal.SIGKILL
+    finally:
+        await conn.aclose()
+
+
+async def test_sigterm_finishes_in_flight_calls_then_exits(launcher: LocalLauncher) -> None:
+    process = await launcher.start(spec("term#1"))
+    conn = await ReplicaConnection.connect(process.address)
+    replies: list[Any] = []
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+
+                async def slow() -> None:
+                    replies.append(await conn.call(request_id="s", method="sleep", **pack(0.3)))
+
+                tg.start_soon(slow)
+                while (await conn.ping()).state.in_flight < 1:
+                    pass
+                process.terminate()
+            assert msgspec.msgpack.decode(replies[0].body) == 0.3
+            assert await process.wait() == 0
+            await conn.closed.wait()
+    finally:
+        await conn.aclose()
+
+
+_FAKE_GATEWAY = """
+import anyio, sys
+from muxgate.gateway._launcher import LocalLauncher
+from muxgate.replicas._server import ReplicaSpec
+
+async def main():
+    launcher = LocalLauncher()
+    process = await launcher.start(ReplicaSpec(
+        deployment="Echo", import_path="echo:Echo", replica_id="orphan#1",
+        app_dir=sys.argv[1], listen="unix:"))
+    print(process.pid, flush=True)
+    await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+async def test_replica_exits_when_its_parent_dies(tmp_path: Path) -> None:
+    script = tmp_path / "fake_gateway.py"
+    script.write_text(_FAKE_GATEWAY)
+    gateway = await anyio.open_process(
+        [sys.executable, str(script), APP_DIR], stdout=subprocess.PIPE
+    )
+    try:
+        assert gateway.stdout is not None
+        with anyio.fail_after(60):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await gateway.stdout.receive()
+        replica_pid = int(line)
+        assert not process_gone(replica_pid)
+        gateway.kill()
+        await gateway.wait()
+        await wait_gone(replica_pid)
+    finally:
+        if gateway.returncode is None:
+            gateway.kill()
+        await gateway.aclose()
