@@ -1,0 +1,637 @@
+"""The model cache rules of DESIGN.md section 2, one test per rule, observed from outside."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from opentelemetry import trace
+from otlp_receiver import OtlpReceiver
+
+from muxgate.replicas._context import (
+    current_replica,
+    get_multiplexed_model_id,
+    request_scope,
+    set_replica_context,
+)
+from muxgate.replicas._multiplex import (
+    LRUState,
+    ModelCache,
+    ModelCacheClosedError,
+    counters,
+    model_cache,
+    model_caches,
+    multiplexed,
+    replica_state_snapshot,
+)
+from muxgate.replicas._tracing import configure_tracing, flush_tracing, shutdown_tracing
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeModel:
+    """A model whose unload hook records itself."""
+
+    def __init__(self, model_id: str, journal: list[str]) -> None:
+        self.model_id = model_id
+        self.journal = journal
+
+    async def aclose(self) -> None:
+        self.journal.append(f"unload {self.model_id}")
+
+    def __repr__(self) -> str:
+        return f"FakeModel({self.model_id!r})"
+
+
+class Loads:
+    """An async loader the test drives: loads wait for ``finish(id)`` unless ``auto``."""
+
+    def __init__(self, *, auto: bool = True) -> None:
+        self.auto = auto
+        self.calls: list[str] = []
+        self.journal: list[str] = []
+        self.failures: dict[str, BaseException] = {}
+        self.cancelled: list[str] = []
+        self._started: dict[str, anyio.Event] = {}
+        self._gates: dict[str, anyio.Event] = {}
+
+    def started(self, model_id: str) -> anyio.Event:
+        return self._started.setdefault(model_id, anyio.Event())
+
+    def finish(self, model_id: str) -> None:
+        self._gates.setdefault(model_id, anyio.Event()).set()
+
+    async def __call__(self, model_id: str) -> FakeModel:
+        self.calls.append(model_id)
+        self.journal.append(f"load {model_id}")
+        self.started(model_id).set()
+        if not self.auto:
+            try:
+                await self._gates.setdefault(model_id, anyio.Event()).wait()
+            except anyio.get_cancelled_exc_class():
+                self.cancelled.append(model_id)
+                raise
+            self._gates.pop(model_id)
+            self._started.pop(model_id)
+        if model_id in self.failures:
+            raise self.failures.pop(model_id)
+        return FakeModel(model_id, self.journal)
+
+
+def make_loader(loads: Loads, limit: int = 3, max_loads: int = 4) -> Any:
+    @multiplexed(max_num_models_per_replica=limit, max_concurrent_loads=max_loads)
+    async def get_model(model_id: str) -> FakeModel:
+        return await loads(model_id)
+
+    return get_model
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for a condition with a deadline (polls: worker threads may be involved)."""
+    with anyio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110 (conditions set from other threads too)
+            await anyio.sleep(0.001)
+
+
+# -- the pure bookkeeping --------------------------------------------------------------------
+
+
+def test_lru_state_decides_evictions_without_io() -> None:
+    state: LRUState[str] = LRUState(2)
+    assert state.start_load("a") == []
+    assert state.finish_load("a", "A") == []
+    state.start_load("b")
+    state.finish_load("b", "B")
+    assert state.lookup("a") == "A"  # hit: a becomes most recently used
+    state.pin("a")
+    assert repr(state) == "<LRUState capacity=2 loaded=['b', 'a'] loading=[] pinned={'a': 1}>"
+    assert state.start_load("c") == [("b", "B")]  # evicted before c loads
+    assert state.start_load("d") == []  # a is pinned: over the limit, nothing to evict
+    state.finish_load("c", "C")
+    state.fail_load("d")
+    assert state.loaded_ids() == ["a", "c"]
+    assert state.unpin("a") == []  # back at the limit
+    assert repr(state) == "<LRUState capacity=2 loaded=['a', 'c'] loading=[] pinned={}>"
+    with pytest.raises(ValueError, match="not pinned"):
+        state.unpin("a")
+
+
+def test_lru_state_sheds_the_excess_when_pins_release_and_spares_a_fresh_load() -> None:
+    state: LRUState[str] = LRUState(1)
+    state.start_load("a")
+    state.finish_load("a", "A")
+    state.pin("a")
+    assert state.start_load("b") == []
+    assert state.finish_load("b", "B") == []  # b is about to be handed out: spared
+    assert state.unpin("a") == [("a", "A")]
+    assert state.loaded_ids() == ["b"]
+    unlimited: LRUState[int] = LRUState(-1)
+    for i in range(100):
+        unlimited.start_load(str(i))
+        unlimited.finish_load(str(i), i)
+    assert len(unlimited) == 100
+    assert repr(unlimited).startswith("<LRUState capacity=unlimited")
+
+
+# -- LRU -------------------------------------------------------------------------------------
+
+
+async def test_a_hit_moves_the_model_to_the_most_recently_used_end() -> None:
+    loads = Loads()
+    get_model = make_loader(loads, limit=2)
+    a = await get_model("a")
+    await get_model("b")
+    assert await get_model("a") is a
+    assert model_cache(get_model).loaded_ids() == ["b", "a"]
+    await get_model("c")  # evicts b, the least recently used
+    assert model_cache(get_model).loaded_ids() == ["a", "c"]
+    assert loads.calls == ["a", "b", "c"]
+    await wait_until(lambda: "unload b" in loads.journal)
+    assert "unload a" not in loads.journal
+
+
+async def test_minus_one_means_no_limit() -> None:
+    loads = Loads()
+    get_model = make_loader(loads, limit=-1)
+    for i in range(20):
+        await get_model(str(i))
+    assert len(model_cache(get_model).loaded_ids()) == 20
+    assert not any(line.startswith("unload") for line in loads.journal)
+
+
+# -- single flight and concurrency -------------------------------------------------------------
+
+
+async def test_fifty_concurrent_calls_for_one_id_share_one_load() -> None:
+    loads = Loads(auto=False)
+    get_model = make_loader(loads)
+    results: list[FakeModel] = []
+
+    async def call() -> None:
+        results.append(await get_model("x"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(call)
+        await loads.started("x").wait()
+        assert model_cache(get_model).loading_ids() == ["x"]
+        loads.finish("x")
+    assert loads.calls == ["x"]
+    assert len(results) == 50
+    assert all(model is results[0] for model in results)
+
+
+async def test_loads_of_different_ids_run_concurrently() -> None:
+    loads = Loads(auto=False)
+    get_model = make_loader(loads)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get_model, "a")
+        tg.start_soon(get_model, "b")
+        with anyio.fail_after(5):
+            # Both loaders are running while neither is allowed to finish: no global lock.
+            await loads.started("a").wait()
+            await loads.started("b").wait()
+        loads.finish("b")
+        loads.finish("a")
+    assert sorted(model_cache(get_model).loaded_ids()) == ["a", "b"]
+
+
+async def test_concurrent_loads_are_bounded() -> None:
+    loads = Loads(auto=False)
+    get_model = make_loader(loads, limit=5, max_loads=2)
+    cache = model_cache(get_model)
+    async with anyio.create_task_group() as tg:
+        for model_id in "abc":
+            tg.start_soon(get_model, model_id)
+        await loads.started("a").wait()
+        await loads.started("b").wait()
+        await wait_until(lambda: len(cache.loading_ids()) == 3)
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()  # give c every chance to start, were it allowed
+        assert loads.calls == ["a", "b"]
+        loads.finish("a")
+        await loads.started("c").wait()
+        loads.finish("b")
+        loads.finish("c")
+    assert sorted(cache.loaded_ids()) == ["a", "b", "c"]
+
+
+async def test_cancelling_the_caller_that_started_a_load_does_not_cancel_it() -> None:
+    loads = Loads(auto=False)
+    get_model = make_loader(loads)
+    starter = anyio.CancelScope()
+
+    async def start() -> None:
+        with starter:
+            await get_model("a")
+
+    results: list[FakeModel] = []
+
+    async def wait() -> None:
+        results.append(await get_model("a"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start)
+        await loads.started("a").wait()
+        starter.cancel()
+        tg.start_soon(wait)
+        await wait_until(lambda: starter.cancel_called)
+        loads.finish("a")
+    assert starter.cancelled_caught
+    assert loads.cancelled == []
+    assert loads.calls == ["a"]
+    assert [m.model_id for m in results] == ["a"]
+
+
+async def test_a_load_every_waiter_gave_up_on_still_lands_in_the_cache() -> None:
+    loads = Loads(auto=False)
+    get_model = make_loader(loads)
+    cache = model_cache(get_model)
+    with request_scope("r1", "a"):
+        with anyio.move_on_after(0.05) as scope:
+            await get_model("a")
+        assert scope.cancelled_caught
+        assert cache.pins() == {}  # the cancelled waiter's pin is gone at once
+    loads.finish("a")
+    await wait_until(lambda: cache.loaded_ids() == ["a"])
+    assert loads.cancelled == []
+    assert await get_model("a") is not None
+    assert loads.calls == ["a"]
+
+
+# -- pinning -------------------------------------------------------------------------------
+
+
+async def test_pinned_models_are_not_evicted_and_the_excess_goes_when_pins_release() -> None:
+    loads = Loads()
+    get_model = make_loader(loads, limit=1)
+    cache = model_cache(get_model)
+    holding, release = anyio.Event(), anyio.Event()
+
+    async def request() -> None:
+        with request_scope("r1", "a"):
+            await get_model("a")
+            holding.set()
+            await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(request)
+        await holding.wait()
+        assert cache.pins() == {"a": 1}
+        await get_model("b")  # outside any request: the cache is full of pinned models
+        assert cache.loaded_ids() == ["a", "b"]
+        assert "unload a" not in loads.journal
+        release.set()
+    await wait_until(lambda: "unload a" in loads.journal)
+    assert cache.loaded_ids() == ["b"]
+    assert cache.pins() == {}
+
+
+async def test_nothing_is_pinned_outside_a_request_scope() -> None:
+    loads = Loads()
+    get_model = make_loader(loads, limit=1)
+    cache = model_cache(get_model)
+    await get_model("a")
+    await get_model("a")
+    assert cache.pins() == {}
+    await get_model("b")
+    assert cache.loaded_ids() == ["b"]
+
+
+async def test_each_call_in_a_request_pins_until_the_request_ends() -> None:
+    get_model = make_loader(Loads(), limit=2)
+    cache = model_cache(get_model)
+    with request_scope("r1", "a"):
+        await get_model("a")  # miss
+        await get_model("a")  # hit
+        assert cache.pins() == {"a": 2}
+    assert cache.pins() == {}
+
+
+async def test_eviction_is_unloaded_before_the_new_load_starts() -> None:
+    loads = Loads()
+    get_model = make_loader(loads, limit=1)
+    await get_model("a")
+    await get_model("b")
+    assert loads.journal == ["load a", "unload a", "load b"]
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+async def test_a_failed_load_is_not_cached_and_every_waiter_gets_the_same_error() -> None:
+    loads = Loads(auto=False)
+    boom = RuntimeError("boom")
+    loads.failures["a"] = boom
+    get_model = make_loader(loads)
+    cache = model_cache(get_model)
+    errors: list[BaseException] = []
+    before = counters()
+
+    async def call() -> None:
+        with request_scope("r", "a"):
+            try:
+                await get_model("a")
+            except RuntimeError as exc:
+                errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(call)
+        await loads.started("a").wait()
+        loads.finish("a")
+    assert len(errors) == 3
+    assert all(error is boom for error in errors)
+    assert cache.loaded_ids() == [] and cache.loading_ids() == [] and cache.pins() == {}
+    assert counters()["model_load_failures"] == before["model_load_failures"] + 1
+    loads.finish("a")
+    assert (await get_model("a")).model_id == "a"  # the next call tries again
+    assert loads.calls == ["a", "a"]
+
+
+# -- unload hooks ----------------------------------------------------------------------------
+
+
+class SyncClose:
+    def __init__(self) -> None:
+        self.closed_in: list[int] = []
+
+    def close(self) -> None:
+        self.closed_in.append(threading.get_ident())
+
+
+class BothHooks:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def aclose(self) -> None:
+        self.calls.append("aclose")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+class Finalized:
+    deleted = 0
+
+    def __del__(self) -> None:
+        type(self).deleted += 1
+
+
+class BrokenHook:
+    async def aclose(self) -> None:
+        raise OSError("disk on fire")
+
+
+async def test_unload_hooks_prefer_aclose_then_close_in_a_thread_then_del() -> None:
+    made: dict[str, Any] = {"both": BothHooks(), "sync": SyncClose(), "del": Finalized()}
+
+    @multiplexed(max_num_models_per_replica=1)
+    async def get_model(model_id: str) -> Any:
+        return made[model_id]
+
+    both, sync = made["both"], made["sync"]
+    await get_model("both")
+    await get_model("sync")
+    await get_model("del")
+    await wait_until(lambda: bool(sync.closed_in))
+    assert both.calls == ["aclose"]
+    assert sync.closed_in != [threading.get_ident()]  # close() ran in a worker thread
+    await model_cache(get_model).aclose()
+    assert Finalized.deleted == 1
+    made.clear()
+    gc.collect()
+    assert Finalized.deleted == 1  # not a second time when the object is collected
+
+
+async def test_a_hook_runs_once_per_object_even_when_cached_under_two_ids() -> None:
+    shared = BothHooks()
+
+    @multiplexed(max_num_models_per_replica=2)
+    async def get_model(model_id: str) -> Any:
+        return shared if model_id in ("a", "b") else BothHooks()
+
+    await get_model("a")
+    await get_model("b")
+    await get_model("c")  # evicts a; b still holds the object: no hook yet
+    await get_model("d")  # evicts b
+    await wait_until(lambda: shared.calls == ["aclose"])
+    await model_cache(get_model).aclose()
+    assert shared.calls == ["aclose"]
+
+
+async def test_a_failing_hook_is_logged_and_the_request_that_evicted_succeeds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @multiplexed(max_num_models_per_replica=1)
+    async def get_model(model_id: str) -> Any:
+        return BrokenHook() if model_id == "broken" else FakeModel(model_id, [])
+
+    await get_model("broken")
+    with caplog.at_level(logging.INFO, logger="muxgate.replicas"):
+        model = await get_model("fine")
+    assert model.model_id == "fine"
+    failures = [r for r in caplog.records if "Unload hook of model 'broken' failed" in r.message]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+async def test_closing_the_cache_unloads_every_model_with_its_reason() -> None:
+    loads = Loads()
+    get_model = make_loader(loads)
+    await get_model("a")
+    await get_model("b")
+    before = counters()
+    await model_cache(get_model).aclose("drain")
+    assert sorted(loads.journal[2:]) == ["unload a", "unload b"]
+    assert model_cache(get_model).loaded_ids() == []
+    after = counters()
+    assert after["model_unloads_drain"] == before["model_unloads_drain"] + 2
+    with pytest.raises(ValueError, match="reason must be 'shutdown' or 'drain'"):
+        await model_cache(get_model).aclose("lru")
+
+
+async def test_closing_the_cache_during_a_load_fails_its_waiters() -> None:
+    loads = Loads(auto=False)
+    get_model = make_loader(loads)
+    errors: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await get_model("a")
+        except ModelCacheClosedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await loads.started("a").wait()
+        await model_cache(get_model).aclose("shutdown")
+    assert [str(e) for e in errors] == ["The model cache was closed while loading model 'a'."]
+    assert loads.cancelled == ["a"]
+    assert model_cache(get_model).loading_ids() == []
+
+
+# -- model ids, sync loaders, per-instance caches --------------------------------------------
+
+
+async def test_an_empty_model_id_is_refused() -> None:
+    get_model = make_loader(Loads())
+    with pytest.raises(ValueError, match=r"^The model ID cannot be empty\.$"):
+        await get_model("")
+    assert get_multiplexed_model_id() == ""
+
+
+async def test_a_sync_loader_runs_in_a_worker_thread_and_sees_the_request() -> None:
+    seen: list[tuple[int, str]] = []
+
+    @multiplexed
+    def get_model(model_id: str) -> str:
+        seen.append((threading.get_ident(), get_multiplexed_model_id()))
+        return model_id.upper()
+
+    with request_scope("r1", "m1"):
+        assert await get_model("m1") == "M1"
+    assert seen[0][0] != threading.get_ident()
+    assert seen[0][1] == "m1"
+
+
+class Deployment:
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    @multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> tuple[Deployment, str]:
+        self.loaded.append(model_id)
+        return self, model_id
+
+    @multiplexed
+    def get_sync(self, model_id: str) -> str:
+        self.loaded.append(model_id)
+        return model_id
+
+
+async def test_each_instance_has_its_own_cache_and_a_function_has_one() -> None:
+    one, two = Deployment(), Deployment()
+    assert await one.get_model("a") == (one, "a")
+    assert await two.get_model("a") == (two, "a")
+    assert await one.get_model("a") == (one, "a")
+    assert one.loaded == ["a"] and two.loaded == ["a"]
+    assert model_cache(one.get_model) is not model_cache(two.get_model)
+    assert model_cache(one.get_model) is not model_cache(one.get_sync)
+    assert await one.get_sync("s") == "s"
+    get_model = make_loader(Loads())
+    assert model_cache(get_model) is model_cache(get_model)
+    with pytest.raises(TypeError, match="bound method"):
+        model_cache(Deployment.get_model)
+
+
+# -- observability -----------------------------------------------------------------------------
+
+
+async def test_log_lines_for_loads_and_unloads(caplog: pytest.LogCaptureFixture) -> None:
+    get_model = make_loader(Loads(), limit=1)
+    with caplog.at_level(logging.INFO, logger="muxgate.replicas"):
+        await get_model("1")
+        await get_model("3")
+        await model_cache(get_model).aclose()
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("muxgate.replicas")]
+    assert messages[0] == "Loading model '1'."
+    assert re.fullmatch(r"Loaded model '1' in \d+\.\dms\.", messages[1])
+    assert messages[2] == "Unloading model '1'."
+    assert re.fullmatch(r"Unloaded model '1' in \d+\.\dms\.", messages[3])
+    assert "Unloading model '3'." in messages
+    assert all(r.levelno == logging.INFO for r in caplog.records if "oad" in r.getMessage())
+
+
+async def test_process_wide_caches_snapshot_and_counters() -> None:
+    gc.collect()  # caches of earlier tests are weakly held
+    loads = Loads(auto=False)
+    get_model = make_loader(loads, limit=2)
+    cache = model_cache(get_model)
+    assert cache in model_caches()
+    assert isinstance(cache, ModelCache)
+    before = counters()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get_model, "snap-a")
+        await loads.started("snap-a").wait()
+        assert "snap-a" in replica_state_snapshot()[1]
+        loads.finish("snap-a")
+    loads.auto = True
+    await get_model("snap-b")
+    await get_model("snap-a")
+    models, loading = replica_state_snapshot()
+    assert [m for m in models if m.startswith("snap-")] == ["snap-b", "snap-a"]
+    assert not [m for m in loading if m.startswith("snap-")]
+    after = counters()
+    assert after["cache_misses"] - before["cache_misses"] == 2
+    assert after["cache_hits"] - before["cache_hits"] == 1
+    assert after["model_loads"] - before["model_loads"] == 2
+    assert after["model_load_seconds_sum"] > before["model_load_seconds_sum"]
+    assert after["models_loaded"] >= 2
+    assert set(after) == {
+        "model_loads",
+        "model_load_failures",
+        "model_unloads_lru",
+        "model_unloads_shutdown",
+        "model_unloads_drain",
+        "cache_hits",
+        "cache_misses",
+        "model_load_seconds_sum",
+        "models_loaded",
+    }
+    assert repr(cache) == (
+        "<ModelCache 'make_loader.<locals>.get_model' capacity=2 "
+        "loaded=['snap-b', 'snap-a'] loading=[] pinned={}>"
+    )
+    await cache.aclose()
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
+    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER"):
+        monkeypatch.delenv(name, raising=False)
+    previous = current_replica()
+    set_replica_context("Model", "Model#t1")
+    with OtlpReceiver() as r:
+        configure_tracing("otlp", r.endpoint, service_name="muxgate-sdk-tests")
+        try:
+            yield r
+        finally:
+            shutdown_tracing()
+            set_replica_context(previous.deployment, previous.replica_id)
+
+
+async def test_load_and_unload_spans_are_children_of_the_caller(receiver: OtlpReceiver) -> None:
+    loads = Loads()
+    loads.failures["bad"] = RuntimeError("no such model")
+    get_model = make_loader(loads, limit=1)
+    tracer = trace.get_tracer("muxgate.tests")
+    with tracer.start_as_current_span("request") as parent:
+        await get_model("a")
+        await get_model("b")  # evicts a (lru)
+        with pytest.raises(RuntimeError):
+            await get_model("bad")  # evicts b first
+        await get_model("c")
+    await model_cache(get_model).aclose("shutdown")
+    assert flush_tracing()
+    parent_id = format(parent.get_span_context().span_id, "016x")
+    common = {"muxgate.replica_id": "Model#t1", "muxgate.deployment": "Model"}
+    load_a = receiver.wait_for_span("muxgate.model.load", **{"muxgate.model_id": "a"}, **common)
+    assert load_a.parent_span_id == parent_id
+    evict = receiver.wait_for_span(
+        "muxgate.model.unload", **{"muxgate.model_id": "a", "muxgate.unload_reason": "lru"}
+    )
+    assert evict.parent_span_id == parent_id
+    failed = receiver.wait_for_span("muxgate.model.load", **{"muxgate.model_id": "bad"})
+    assert failed.status_code == trace.StatusCode.ERROR.value
+    receiver.wait_for_span(
+        "muxgate.model.unload",
+        **{"muxgate.model_id": "c", "muxgate.unload_reason": "shutdown"},
+        **common,
+    )
