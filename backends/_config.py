@@ -95,6 +95,12 @@ class StorageConfig:
         retry: Retry policy for transient errors.
         part_size: Bytes per ranged request of a parallel download.
         concurrency: Ranged requests in flight per download.
+        mmap_local_files: Memory-map local model files (file://, plain
+            paths) instead of reading them. Off by default: overwriting a
+            mapped file in place (``torch.save`` truncates) changes the
+            weights of loaded models or crashes the process with SIGBUS.
+            Cached downloads are always mapped: the cache never rewrites a
+            file in place.
     """
 
     options: Mapping[str, Mapping[str, Any]] = field(
@@ -104,6 +110,7 @@ class StorageConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     part_size: int = DEFAULT_PART_SIZE
     concurrency: int = DEFAULT_CONCURRENCY
+    mmap_local_files: bool = False
 
     def __post_init__(self) -> None:
         if self.part_size < 1 or self.concurrency < 1:
@@ -152,6 +159,7 @@ def configure_storage(
     retry: RetryPolicy | None = None,
     part_size: int = DEFAULT_PART_SIZE,
     concurrency: int = DEFAULT_CONCURRENCY,
+    mmap_local_files: bool = False,
 ) -> StorageConfig:
     """Set the process-wide storage configuration (call once at start-up).
 
@@ -163,6 +171,7 @@ def configure_storage(
         retry: Retry policy for transient failures.
         part_size: Bytes per ranged request.
         concurrency: Ranged requests in flight per download.
+        mmap_local_files: Memory-map local files (see :class:`StorageConfig`).
 
     Returns:
         The configuration now in effect, with the cache directory resolved.
@@ -178,6 +187,7 @@ def configure_storage(
             retry=retry or RetryPolicy(),
             part_size=part_size,
             concurrency=concurrency,
+            mmap_local_files=mmap_local_files,
         )
     )
     with _lock:

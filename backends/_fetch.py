@@ -80,6 +80,10 @@ class Artifact:
         path: A local file (``None`` when ``data`` holds the bytes).
         data: The bytes, for objects read into memory.
         strategy: How it was fetched.
+        mmap_safe: Whether ``path`` may be memory-mapped: nobody rewrites
+            it in place (cache files are only ever replaced atomically; a
+            file a user overwrites with ``torch.save`` is truncated under
+            the mapping, which crashes the reader with SIGBUS).
     """
 
     url: str
@@ -88,6 +92,7 @@ class Artifact:
     strategy: Strategy
     path: str | None = None
     data: bytes | None = None
+    mmap_safe: bool = False
     _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
 
@@ -248,11 +253,13 @@ class _Fetcher:
         artifact = Artifact(self.safe_url, size, cache_hit=False, strategy=strategy)
         if strategy is Strategy.LOCAL_FILE:
             artifact.path = self.path
+            artifact.mmap_safe = self.config.mmap_local_files
         elif strategy is Strategy.BYTES:
             assert self.fs is not None
             artifact.data = await self._call(self.fs.cat_file, self.path)
         elif strategy is Strategy.CACHED:
             artifact.path, artifact.cache_hit = await self.through_cache(info, size)
+            artifact.mmap_safe = True
         else:
             fd, name = tempfile.mkstemp(prefix="muxgate-", suffix=".part")
             os.close(fd)
@@ -263,6 +270,7 @@ class _Fetcher:
                 _remove(name)
                 raise
             artifact.path = name
+            artifact.mmap_safe = True  # private; unlinking keeps the mapping valid
         return artifact
 
 

@@ -1,15 +1,18 @@
 """Model formats: state dicts, TorchScript, safetensors and (trusted) pickles.
 
 Every loader is async: the fetch runs on the event loop with blocking I/O
-in worker threads, and deserialisation runs in a worker thread. Files that
-are local (plain paths or the disk cache) are memory-mapped where the
-format allows, so tensors are paged in on use rather than copied.
+in worker threads, and deserialisation runs in a worker thread. Files in
+the disk cache (and private temp downloads) are memory-mapped where the
+format allows, so tensors are paged in on use rather than copied; user
+files on local disk are mapped only with ``mmap_local_files`` (see
+:class:`~muxgate.backends.StorageConfig` for why).
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -29,6 +32,9 @@ T = TypeVar("T")
 MapLocation = str | torch.device | dict[str, str] | None
 
 
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
 class UntrustedPickleWarning(UserWarning):
     """A pickled module was loaded with ``trusted=True``: it can run any code."""
 
@@ -42,7 +48,9 @@ def _source(artifact: Artifact) -> str | io.BytesIO:
 
 def _mmap_ok(artifact: Artifact) -> bool:
     # torch can only mmap the zip format (torch.save's default since 1.6).
-    return artifact.path is not None and zipfile.is_zipfile(artifact.path)
+    return (
+        artifact.mmap_safe and artifact.path is not None and zipfile.is_zipfile(artifact.path)
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -68,13 +76,16 @@ def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
     except ModelFormatError:
         raise
     except pickle.UnpicklingError as exc:
-        # torch raises this when weights_only refuses a global: the file
-        # wants to run code. It never ran.
+        # torch's weights_only unpickler refuses globals outside its allow-list
+        # before calling them: the payload never ran.
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused is None:
+            raise ModelFormatError(artifact.url, fmt, "not a loadable torch file") from exc
         raise UnsafePickleError(
             artifact.url,
             fmt,
-            "it needs objects a safe load refuses (" + _reason(exc) + "); "
-            "load it only if you trust it",
+            f"it calls {refused.group(1)}, which a safe load refuses; "
+            "load it only if you trust its source",
         ) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelFormatError(artifact.url, fmt, _reason(exc)) from exc
@@ -105,8 +116,8 @@ async def load_state_dict(
     """Load a ``torch.save``d state dict from ``root/model_id/filename``.
 
     Uses ``torch.load(weights_only=True)``, so a file that would run code is
-    refused (:class:`UnsafePickleError`) without running it; local and cached
-    files are memory-mapped.
+    refused (:class:`UnsafePickleError`) without running it; cached files
+    are memory-mapped.
 
     Args:
         root: Storage root URL or path, e.g. ``"s3://bucket/models"``.

@@ -40,10 +40,10 @@ class BackendSpec:
 
 
 # botocore and s3fs retry on their own with long sleeps; muxgate retries
-# (bounded, see RetryPolicy), so the inner layers make one attempt each.
+# (bounded, see RetryPolicy), so the inner layers make one attempt each
+# (botocore here, s3fs in muxgate.backends._s3).
 _S3_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
-        "retries": 1,
         "config_kwargs": {
             "retries": {"max_attempts": 1, "mode": "standard"},
             "connect_timeout": 5,
@@ -56,8 +56,8 @@ _BUILTIN: dict[str, BackendSpec] = {
     "file": BackendSpec("fsspec.implementations.local.LocalFileSystem", "fsspec", remote=False),
     "local": BackendSpec("fsspec.implementations.local.LocalFileSystem", "fsspec", remote=False),
     "memory": BackendSpec("fsspec.implementations.memory.MemoryFileSystem", "fsspec", remote=False),
-    "s3": BackendSpec("s3fs.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
-    "s3a": BackendSpec("s3fs.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
+    "s3": BackendSpec("muxgate.backends._s3.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
+    "s3a": BackendSpec("muxgate.backends._s3.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
     # gcsfs.core, not gcsfs: the package root may swap in an experimental
     # class that probes gRPC first (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT).
     "gs": BackendSpec("gcsfs.core.GCSFileSystem", "gcsfs"),

@@ -1,0 +1,340 @@
+"""Storage conformance suite: one set of tests, run against every backend.
+
+``store`` is parametrized over file://, memory://, a real moto S3 server and
+a real fake-gcs-server (each server started once per session on a free
+127.0.0.1 port by tests/storage_servers.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import pathlib
+import sys
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+
+with warnings.catch_warnings():
+    # torch warns at import when numpy is absent; pytest turns warnings into errors.
+    warnings.simplefilter("ignore", UserWarning)
+    import torch
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
+from muxgate.backends._errors import (
+    InvalidModelIdError,
+    ModelFormatError,
+    ModelNotFoundError,
+    UnsafePickleError,
+)
+from muxgate.backends._formats import (
+    UntrustedPickleWarning,
+    load_pickled_module,
+    load_safetensors,
+    load_state_dict,
+    load_torchscript,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from storage_servers import GcsServer, S3Server, fake_gcs, moto_s3
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+BUCKET = "muxgate-models"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    with moto_s3() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GcsServer]:
+    with fake_gcs() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@dataclass
+class Store:
+    """One backend under test: a fresh root, a writer and matching options."""
+
+    name: str
+    root: str
+    put: Callable[[str, bytes], None]
+    storage_options: dict[str, Any]
+    config: StorageConfig
+    cached: bool
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"storage_options": self.storage_options, "config": self.config}
+
+
+def _config(tmp_path: Path) -> StorageConfig:
+    # Small parts so that a few-MB file is a real multi-part ranged download.
+    return StorageConfig(
+        cache=CacheConfig(directory=tmp_path / "cache", max_bytes=1 << 30),
+        retry=RetryPolicy(max_attempts=3, base_delay=0.01, deadline=10),
+        part_size=1 << 20,
+        concurrency=4,
+    )
+
+
+@pytest.fixture(params=["file", "memory", "s3", "gs"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    prefix = uuid.uuid4().hex
+    config = _config(tmp_path)
+    if request.param == "file":
+        folder = tmp_path / "models"
+
+        def put_file(rel: str, data: bytes) -> None:
+            target = folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+        yield Store("file", folder.as_uri(), put_file, {}, config, cached=False)
+    elif request.param == "memory":
+        fs = fsspec.filesystem("memory")
+        root = f"memory://muxgate-test-{prefix}"
+
+        def put_memory(rel: str, data: bytes) -> None:
+            fs.pipe_file(f"{root}/{rel}", data)
+
+        yield Store("memory", root, put_memory, {}, config, cached=False)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+    elif request.param == "s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+        yield Store(
+            "s3", f"s3://{BUCKET}/{prefix}",
+            lambda rel, data: s3.put(BUCKET, f"{prefix}/{rel}", data),
+            s3.storage_options, config, cached=True,
+        )
+    else:
+        gcs: GcsServer = request.getfixturevalue("gcs_server")
+        yield Store(
+            "gs", f"gs://{BUCKET}/{prefix}",
+            lambda rel, data: gcs.put(BUCKET, f"{prefix}/{rel}", data),
+            gcs.storage_options, config, cached=True,
+        )
+
+
+def _torch_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.float16: "F16"}
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Serialise per the safetensors spec (safetensors.torch.save needs numpy)."""
+    header: dict[str, Any] = {}
+    blobs: list[bytes] = []
+    offset = 0
+    for name, tensor in tensors.items():
+        t = tensor.contiguous()
+        blob = ctypes.string_at(t.data_ptr(), t.nbytes)
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs)
+
+
+def _state() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    # ~3.2 MB: four 1 MiB parts, the last one short.
+    return {"weight": torch.randn(800, 1000, generator=gen), "bias": torch.arange(10.0)}
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)  # type: ignore[no-any-return]
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="session")
+def spans() -> InMemorySpanExporter:
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_state_dict_round_trip(store: Store) -> None:
+    state = _state()
+    store.put("m1/model.pt", _torch_bytes(state))
+    loaded = await load_state_dict(store.root, "m1", "model.pt", **store.kwargs())
+    assert loaded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor)
+
+
+async def test_state_dict_under_nested_model_id(store: Store) -> None:
+    store.put("org/m1/model.pt", _torch_bytes({"x": torch.ones(2)}))
+    loaded = await load_state_dict(store.root, "org/m1", **store.kwargs())
+    assert torch.equal(loaded["x"], torch.ones(2))
+
+
+# torch 2.13 deprecates TorchScript (torch.jit.*) in favour of torch.export.
+JIT_DEPRECATED = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
+
+@JIT_DEPRECATED
+async def test_torchscript_round_trip(store: Store) -> None:
+    scripted = torch.jit.script(Net())
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    store.put("ts/model.ts", buf.getvalue())
+    loaded = await load_torchscript(store.root, "ts", "model.ts", **store.kwargs())
+    x = torch.randn(3, 4)
+    assert torch.equal(loaded(x), scripted(x))
+
+
+async def test_safetensors_round_trip(store: Store) -> None:
+    state = _state()
+    store.put("st/model.safetensors", _safetensors_bytes(state))
+    loaded = await load_safetensors(store.root, "st", **store.kwargs())
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+async def test_pickled_module_needs_trust(store: Store) -> None:
+    net = Net()
+    store.put("pm/model.pt", _torch_bytes(net))
+    with pytest.raises(UnsafePickleError) as info:
+        await load_pickled_module(store.root, "pm", **store.kwargs())
+    assert info.value.url.endswith("/pm/model.pt")
+    with pytest.warns(UntrustedPickleWarning):
+        loaded = await load_pickled_module(store.root, "pm", trusted=True, **store.kwargs())
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), net(x))
+
+
+async def test_malicious_pickle_never_runs(store: Store, tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    store.put("evil/model.pt", _torch_bytes({"weight": Payload(marker)}))
+    with pytest.raises(UnsafePickleError, match=r"evil/model\.pt"):
+        await load_state_dict(store.root, "evil", **store.kwargs())
+    with pytest.raises(UnsafePickleError):
+        await load_pickled_module(store.root, "evil", **store.kwargs())
+    assert not marker.exists()
+
+
+async def test_not_found(store: Store) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        await load_state_dict(store.root, "missing", **store.kwargs())
+    assert info.value.url == f"{store.root}/missing/model.pt"
+
+
+async def test_truncated_file(store: Store) -> None:
+    data = _torch_bytes(_state())
+    store.put("cut/model.pt", data[: len(data) // 2])
+    with pytest.raises(ModelFormatError, match=r"cut/model\.pt") as info:
+        await load_state_dict(store.root, "cut", **store.kwargs())
+    assert info.value.format == "state_dict"
+
+
+@JIT_DEPRECATED
+async def test_wrong_format(store: Store) -> None:
+    store.put("wrong/model.pt", _safetensors_bytes({"x": torch.ones(3)}))
+    store.put("wrong/model.safetensors", _torch_bytes({"x": torch.ones(3)}))
+    with pytest.raises(ModelFormatError):
+        await load_state_dict(store.root, "wrong", **store.kwargs())
+    with pytest.raises(ModelFormatError):
+        await load_safetensors(store.root, "wrong", **store.kwargs())
+    with pytest.raises(ModelFormatError):
+        await load_torchscript(store.root, "wrong", "model.pt", **store.kwargs())
+
+
+async def test_not_a_state_dict(store: Store) -> None:
+    store.put("list/model.pt", _torch_bytes([torch.ones(1)]))
+    with pytest.raises(ModelFormatError, match="holds a list"):
+        await load_state_dict(store.root, "list", **store.kwargs())
+
+
+async def test_changed_object_is_fetched_again(
+    store: Store, spans: InMemorySpanExporter
+) -> None:
+    store.put("v/model.pt", _torch_bytes({"v": torch.tensor([1.0])}))
+    first = await load_state_dict(store.root, "v", **store.kwargs())
+    again = await load_state_dict(store.root, "v", **store.kwargs())
+    store.put("v/model.pt", _torch_bytes({"v": torch.tensor([2.0, 2.0])}))
+    spans.clear()
+    second = await load_state_dict(store.root, "v", **store.kwargs())
+    assert first["v"].tolist() == again["v"].tolist() == [1.0]
+    assert second["v"].tolist() == [2.0, 2.0]
+    (span,) = [s for s in spans.get_finished_spans() if s.name == "muxgate.storage.fetch"]
+    assert span.attributes is not None
+    assert span.attributes["muxgate.cache_hit"] is False
+
+
+async def test_fetch_span(store: Store, spans: InMemorySpanExporter) -> None:
+    data = _torch_bytes(_state())
+    store.put("span/model.pt", data)
+    spans.clear()
+    await load_state_dict(store.root, "span", **store.kwargs())
+    await load_state_dict(store.root, "span", **store.kwargs())
+    fetches = [s for s in spans.get_finished_spans() if s.name == "muxgate.storage.fetch"]
+    assert len(fetches) == 2
+    for span in fetches:
+        assert span.attributes is not None
+        assert span.attributes["url.full"] == f"{store.root}/span/model.pt"
+        assert span.attributes["muxgate.bytes"] == len(data)
+        assert float(span.attributes["muxgate.duration_ms"]) >= 0  # type: ignore[arg-type]
+    hits = [s.attributes["muxgate.cache_hit"] for s in fetches if s.attributes]
+    assert hits == ([False, True] if store.cached else [False, False])
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    ["..", "../other", "a/../../etc", "/etc/passwd", "s3://other/x", "file:///etc", "a//b",
+     "a\\..\\b", "a\x00b", "%2e%2e", "a/%2E%2E/..", "", "C:evil", "~root"],
+)
+async def test_path_escape_refused(store: Store, model_id: str) -> None:
+    with pytest.raises(InvalidModelIdError) as info:
+        await load_state_dict(store.root, model_id, **store.kwargs())
+    assert isinstance(info.value, ValueError)
+
+
+async def test_plain_path_root(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    torch.save({"a": torch.zeros(2)}, tmp_path / "m" / "model.pt")
+    loaded = await load_state_dict(str(tmp_path), "m", config=_config(tmp_path))
+    assert torch.equal(loaded["a"], torch.zeros(2))
