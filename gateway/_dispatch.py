@@ -198,6 +198,10 @@ class Dispatcher:
                 except TimeoutError:
                     raise DeadlineExceededError("the request's deadline passed") from None
             except ReplicaUnavailableError:
+                # Closed or draining: it can take no call again. Take it out
+                # of routing now (the pool's watcher may not have run yet),
+                # so the next choice is another replica.
+                router.remove_replica(replica_id)
                 reroutes += 1
                 if reroutes > MAX_REROUTES:
                     raise OverCapacityError(

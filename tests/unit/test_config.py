@@ -1,0 +1,147 @@
+"""app.yaml / app.toml decoding and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from muxgate.gateway._config import AppConfig, load_config, parse_config
+from muxgate.gateway._errors import ConfigError
+from muxgate.gateway._policy import AutoscalingConfig
+
+YAML = """
+http: {host: 127.0.0.1, port: 8000}
+deployments:
+  - name: Model
+    import_path: examples.torch_mlp:Model
+    init_kwargs: {model_root: "file:///srv/models"}
+    route_prefix: /
+    max_ongoing_requests: 8
+    max_queued_requests: 1000
+    autoscaling:
+      min_replicas: 0
+      max_replicas: 8
+      initial_replicas: 1
+      target_ongoing_requests: 2
+      upscale_delay_s: 2
+      downscale_delay_s: 60
+      downscale_to_zero_delay_s: 300
+    routing: {balance_factor: 1.25, virtual_nodes: 64}
+storage:
+  s3: {endpoint_url: "http://127.0.0.1:9000"}
+tracing: {exporter: otlp, endpoint: "http://127.0.0.1:4318"}
+metrics: {per_model_labels: true}
+"""
+
+
+def dep(**over: Any) -> dict[str, Any]:
+    return {"name": "M", "import_path": "pkg.mod:Cls", **over}
+
+
+def error_of(data: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="app.yaml")
+    return str(info.value)
+
+
+def test_design_example_loads(tmp_path: Path) -> None:
+    path = tmp_path / "app.yaml"
+    path.write_text(YAML)
+    config = load_config(path)
+    assert isinstance(config, AppConfig)
+    (d,) = config.deployments
+    assert d.name == "Model"
+    assert isinstance(d.autoscaling, AutoscalingConfig)
+    assert d.autoscaling.max_replicas == 8
+    assert d.min_replicas == 0 and d.initial_replicas == 1
+    assert d.routing.balance_factor == 1.25
+    assert config.storage == {"s3": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert config.tracing.exporter == "otlp"
+    assert config.metrics.per_model_labels is True
+    assert config.app_dir == str(tmp_path)
+
+
+def test_toml_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "app.toml"
+    path.write_text(
+        '[http]\nport = 0\n[[deployments]]\nname = "M"\nimport_path = "a:B"\nnum_replicas = 2\n'
+    )
+    config = load_config(path)
+    assert config.http.port == 0
+    assert config.deployments[0].num_replicas == 2
+    assert config.deployments[0].min_replicas == 2
+
+
+def test_defaults() -> None:
+    config = parse_config({"deployments": [dep()]})
+    d = config.deployments[0]
+    assert (d.route_prefix, d.max_ongoing_requests, d.max_queued_requests) == ("/", 8, 1000)
+    assert d.num_replicas is None and d.initial_replicas == 1 and d.min_replicas == 1
+    assert config.http.port == 8000 and config.http.admin_token is None
+    assert config.tracing.exporter == "none"
+
+
+def test_app_dir_is_relative_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "app.yaml"
+    path.write_text("app_dir: src\ndeployments: [{name: M, import_path: 'a:B'}]\n")
+    assert load_config(path).app_dir == str(tmp_path / "src")
+
+
+@pytest.mark.parametrize(
+    ("data", "where", "why"),
+    [
+        (
+            {"deployments": [dep(max_ongoing_requests=0)]},
+            "$.deployments[0].max_ongoing_requests",
+            ">= 1",
+        ),
+        ({"deployments": [dep(import_path="no_colon")]}, "$.deployments[0].import_path", ""),
+        ({"deployments": [dep(name="")]}, "$.deployments[0].name", ""),
+        (
+            {"deployments": [dep(num_replicas=1, autoscaling={})]},
+            "$.deployments[0]",
+            "mutually exclusive",
+        ),
+        ({"deployments": [dep(route_prefix="api")]}, "$.deployments[0]", "start with '/'"),
+        ({"deployments": [dep(route_prefix="/api/")]}, "$.deployments[0]", "end with"),
+        ({"deployments": [dep(route_prefix="/-/x")]}, "$.deployments[0]", "reserved"),
+        (
+            {"deployments": [dep(routing={"balance_factor": 1.0})]},
+            "$.deployments[0].routing.balance_factor",
+            "> 1.0",
+        ),
+        ({"deployments": [dep(), dep(route_prefix="/b")]}, "$.deployments[1].name", "twice"),
+        ({"deployments": [dep(), dep(name="N")]}, "$.deployments[1].route_prefix", "twice"),
+        ({"deployments": [dep(bogus=1)]}, "$.deployments[0]", "unknown field `bogus`"),
+        ({"deployments": [dep()], "http": {"port": 70000}}, "$.http.port", "<= 65535"),
+        ({"deployments": [dep()], "tracing": {"exporter": "jaeger"}}, "$.tracing.exporter", ""),
+        ({"deployments": []}, "$.deployments", "length >= 1"),
+        ({}, "deployments", "missing"),
+        (
+            {"deployments": [dep(autoscaling={"min_replicas": 3, "max_replicas": 2})]},
+            "$.deployments[0].autoscaling",
+            "min_replicas",
+        ),
+    ],
+)
+def test_invalid_configs_name_the_field(data: Any, where: str, why: str) -> None:
+    message = error_of(data)
+    assert message.startswith("app.yaml: ")
+    assert where in message
+    assert why in message
+
+
+def test_unreadable_and_unparsable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("deployments: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_config(bad)
+    assert info.value.path == str(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(top)

@@ -1,0 +1,75 @@
+"""The one mapping from exceptions to HTTP error responses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from muxgate.gateway._errors import (
+    BadModelIdError,
+    DeadlineExceededError,
+    DeploymentError,
+    GatewayError,
+    ModelNotFoundError,
+    NoReplicaError,
+    OverCapacityError,
+    PayloadTooLargeError,
+    ReplicaFailedError,
+    RouteNotFoundError,
+    error_from_info,
+    error_response,
+)
+from muxgate.replicas._protocol import ErrorInfo
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (BadModelIdError("m"), 400, "bad_model_id"),
+        (RouteNotFoundError("m"), 404, "not_found"),
+        (ModelNotFoundError("m"), 404, "model_not_found"),
+        (PayloadTooLargeError("m"), 413, "payload_too_large"),
+        (DeploymentError("m"), 500, "user_error"),
+        (ReplicaFailedError("m"), 502, "replica_died"),
+        (OverCapacityError("m"), 503, "over_capacity"),
+        (NoReplicaError("m"), 503, "no_replica"),
+        (DeadlineExceededError("m"), 504, "deadline"),
+    ],
+)
+def test_statuses_and_body(exc: GatewayError, status: int, code: str) -> None:
+    got_status, headers, body = error_response(exc, "rid")
+    assert got_status == status
+    assert json.loads(body) == {"error": {"code": code, "message": "m", "request_id": "rid"}}
+    assert (b"content-type", b"application/json") in headers
+    assert any(k == b"retry-after" for k, _ in headers) == (status == 503)
+
+
+def test_internal_errors_hide_details() -> None:
+    status, _, body = error_response(RuntimeError("secret path /etc/x"), "rid")
+    assert status == 500
+    assert b"secret" not in body
+    assert json.loads(body)["error"]["code"] == "internal"
+
+
+@pytest.mark.parametrize(
+    ("code", "cls", "status"),
+    [
+        ("user_error", DeploymentError, 500),
+        ("model_not_found", ModelNotFoundError, 404),
+        ("deadline", DeadlineExceededError, 504),
+        ("payload_too_large", PayloadTooLargeError, 413),
+        ("draining", OverCapacityError, 503),
+    ],
+)
+def test_replica_error_codes(code: str, cls: type[GatewayError], status: int) -> None:
+    err = error_from_info(ErrorInfo(code=code, message="msg", status=status))
+    assert isinstance(err, cls)
+    assert err.status == status
+
+
+def test_unknown_replica_code_keeps_status() -> None:
+    err = error_from_info(ErrorInfo(code="teapot", message="short", status=418))
+    assert (err.status, err.code, err.message) == (418, "teapot", "short")
+    err = error_from_info(ErrorInfo(code="odd", message="x", status=200))
+    assert err.status == 500
