@@ -3,9 +3,10 @@
 One persistent stream per replica carries every call to it (see
 ``muxgate.replicas._protocol``). A ``ReplicaConnection`` multiplexes many
 concurrent calls over that stream: each call gets an id, frames are written
-under a lock (a frame is never interleaved with another, and a write is
-shielded from cancellation so a cancelled caller cannot leave half a frame on
-the wire), and one reader task resolves the pending call named by each reply.
+by one task at a time (frames queued meanwhile go out together in the next
+write, and a write is shielded from cancellation so a cancelled caller cannot
+leave half a frame on the wire), and one reader task resolves the pending
+call named by each reply.
 
 Every ``Reply`` and ``Pong`` carries the replica's ``ReplicaState``; the
 connection keeps the latest in ``state`` (and the latest counters in
@@ -145,7 +146,9 @@ class ReplicaConnection:
         self._pongs: deque[asyncio.Future[Pong]] = deque()
         self._drained: asyncio.Future[None] | None = None
         self._draining = False
-        self._write_lock = anyio.Lock()
+        # (call id or 0, frame) waiting for the active writer
+        self._out: list[tuple[int, bytes]] = []
+        self._sending = False
         self._reader: asyncio.Task[None] | None = None
 
     # -- life cycle ---------------------------------------------------------
@@ -271,7 +274,7 @@ class ReplicaConnection:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
-            await self._write(frame)
+            await self._write(frame, call_id)
             return await future
         finally:
             self._pending.pop(call_id, None)
@@ -318,22 +321,34 @@ class ReplicaConnection:
             await self._write(encode_frame(Drain()))
         await asyncio.shield(self._drained)
 
-    async def _write(self, frame: bytes) -> None:
-        async with self._write_lock:
-            if self.close_reason is not None:
-                raise ReplicaUnavailableError(
-                    f"replica {self.replica_id} connection closed: {self.close_reason}"
-                )
+    async def _write(self, frame: bytes, call_id: int = 0) -> None:
+        """Write one frame, coalesced with others queued while a write is
+        under way (one task writes for everyone; the others return at once
+        and learn of a failure through their pending future)."""
+        if self.close_reason is not None:
+            raise ReplicaUnavailableError(
+                f"replica {self.replica_id} connection closed: {self.close_reason}"
+            )
+        self._out.append((call_id, frame))
+        if self._sending:
+            return
+        self._sending = True
+        try:
             # Shielded: a cancelled caller must not leave a partial frame.
             with anyio.CancelScope(shield=True):
-                try:
-                    await self._stream.send(frame)
-                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-                    self._shutdown(f"write failed: {exc!r}")
-                    # Part of the frame may have reached the replica.
-                    raise ReplicaDiedError(
-                        f"replica {self.replica_id} connection failed while sending"
-                    ) from exc
+                while self._out:
+                    batch, self._out = self._out, []
+                    await self._stream.send(
+                        batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch)
+                    )
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            self._shutdown(f"write failed: {exc!r}")
+            # Part of the data may have reached the replica.
+            raise ReplicaDiedError(
+                f"replica {self.replica_id} connection failed while sending"
+            ) from exc
+        finally:
+            self._sending = False
 
     # -- reading ------------------------------------------------------------
 
@@ -393,9 +408,15 @@ class ReplicaConnection:
             return
         self.close_reason = reason
         died = f"replica {self.replica_id} ({self.address}) connection lost: {reason}"
-        for future in self._pending.values():
+        # Calls still queued behind the active write never reached the replica.
+        unsent = {call_id for call_id, _ in self._out}
+        self._out = []
+        for call_id, future in self._pending.items():
             if not future.done():
-                future.set_exception(ReplicaDiedError(died))
+                if call_id in unsent:
+                    future.set_exception(ReplicaUnavailableError(died))
+                else:
+                    future.set_exception(ReplicaDiedError(died))
         while self._pongs:
             pong = self._pongs.popleft()
             if not pong.done():
