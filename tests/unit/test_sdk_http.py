@@ -1,0 +1,103 @@
+"""Request (what __call__ receives) and encode_result (what it returns)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from muxgate.replicas._http import Request, Response, encode_result
+from muxgate.replicas._protocol import HttpRequest
+
+JSON = [("content-type", "application/json")]
+TEXT = [("content-type", "text/plain; charset=utf-8")]
+OCTETS = [("content-type", "application/octet-stream")]
+
+
+@pytest.mark.anyio
+async def test_request_from_the_wire() -> None:
+    wire = HttpRequest(
+        method="post",
+        path="/predict",
+        query="a=1&b=&a=2",
+        headers=[("content-type", "application/json"), ("x-tag", "one"), ("x-tag", "two")],
+        body=b'{"x": [1, 2]}',
+    )
+    request = Request.from_wire(wire)
+    assert request.method == "POST"
+    assert request.path == "/predict"
+    assert request.query_string == "a=1&b=&a=2"
+    assert request.query_params["a"] == "1"
+    assert request.query_params.getlist("a") == ["1", "2"]
+    assert request.query_params["b"] == ""
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers.get("X-TAG") == "one"
+    assert request.headers.getlist("x-Tag") == ["one", "two"]
+    assert "CONTENT-TYPE" in request.headers
+    assert "missing" not in request.headers
+    assert await request.body() == b'{"x": [1, 2]}'
+    assert await request.json() == {"x": [1, 2]}
+    assert await request.text() == '{"x": [1, 2]}'
+    assert repr(request) == "<Request POST /predict?a=1&b=&a=2 body=13B>"
+
+
+@pytest.mark.anyio
+async def test_request_json_of_a_bad_body_raises_msgspec_decode_error() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        await Request("POST", "/", body=b"not json").json()
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [
+        ({"y": [1.5]}, (200, JSON, b'{"y":[1.5]}')),
+        ([1, "a"], (200, JSON, b'[1,"a"]')),
+        (3, (200, JSON, b"3")),
+        (2.5, (200, JSON, b"2.5")),
+        (None, (200, JSON, b"null")),
+        (True, (200, JSON, b"true")),
+        ("héllo", (200, TEXT, "héllo".encode())),
+        (b"\x00\x01", (200, OCTETS, b"\x00\x01")),
+        (bytearray(b"ab"), (200, OCTETS, b"ab")),
+        (Point(1, 2), (200, JSON, b'{"x":1,"y":2}')),
+    ],
+)
+def test_encode_result_of_plain_values(result: object, expected: object) -> None:
+    assert encode_result(result) == expected
+
+
+def test_encode_result_of_a_response() -> None:
+    assert encode_result(Response({"error": "nope"}, status_code=422)) == (
+        422,
+        JSON,
+        b'{"error":"nope"}',
+    )
+    assert encode_result(Response("<b>hi</b>", media_type="text/html")) == (
+        200,
+        [("content-type", "text/html")],
+        b"<b>hi</b>",
+    )
+    assert encode_result(Response(b"raw", headers={"X-Model": "7"})) == (
+        200,
+        [("x-model", "7"), ("content-type", "application/octet-stream")],
+        b"raw",
+    )
+    assert encode_result(Response("x", headers=[("Content-Type", "text/csv")])) == (
+        200,
+        [("content-type", "text/csv")],
+        b"x",
+    )
+    assert encode_result(Response(None, status_code=204)) == (204, [], b"")
+
+
+def test_encode_result_refuses_what_it_cannot_encode() -> None:
+    with pytest.raises(TypeError, match="Cannot turn a object into a response"):
+        encode_result(object())
+    with pytest.raises(ValueError, match="status_code must be between 100 and 599, got 600"):
+        Response("x", status_code=600)
+    with pytest.raises(TypeError, match="status_code must be an int, got str"):
+        Response("x", status_code="200")  # type: ignore[arg-type]
