@@ -7,6 +7,15 @@ fsspec, botocore, aiohttp or gcsfs are translated at the boundary with
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def _restore(cls: type[BackendError], message: str, state: dict[str, Any]) -> BackendError:
+    obj = cls.__new__(cls)
+    Exception.__init__(obj, message)
+    obj.__dict__.update(state)
+    return obj
+
 
 class BackendError(Exception):
     """Base class of every error raised by muxgate.backends.
@@ -18,6 +27,11 @@ class BackendError(Exception):
     def __init__(self, message: str, *, url: str = "") -> None:
         super().__init__(message)
         self.url = url
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take structured keyword arguments; pickle by state so
+        # errors survive a trip between processes.
+        return (_restore, (type(self), str(self), dict(self.__dict__)))
 
 
 class InvalidModelIdError(BackendError, ValueError):

@@ -1,0 +1,237 @@
+"""Pure parts of muxgate.backends: joins, redaction, retry rules, cache planning."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from muxgate.backends._cache import CachedFile, DiskCache, cache_key, plan_eviction, version_token
+from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
+from muxgate.backends._errors import (
+    InvalidModelIdError,
+    ModelNotFoundError,
+    StorageUnavailableError,
+)
+from muxgate.backends._fetch import Strategy, choose_strategy, plan_parts
+from muxgate.backends._retry import is_transient, with_retries
+from muxgate.backends._urls import join_model_url, redact_url, split_protocol
+
+
+@pytest.mark.parametrize(
+    ("root", "expected"),
+    [
+        ("s3://bucket", "s3://bucket/m1/model.pt"),
+        ("s3://bucket/models/", "s3://bucket/models/m1/model.pt"),
+        ("file:///srv/models", "file:///srv/models/m1/model.pt"),
+        ("file:///", "file:///m1/model.pt"),
+        ("/srv/models", "/srv/models/m1/model.pt"),
+        ("/", "/m1/model.pt"),
+        ("memory://root", "memory://root/m1/model.pt"),
+    ],
+)
+def test_join(root: str, expected: str) -> None:
+    assert join_model_url(root, "m1", "model.pt") == expected
+
+
+def test_join_allows_nested_ids_and_ordinary_characters() -> None:
+    assert join_model_url("s3://b", "org/model-v1.2_x:tag", "w.pt") == "s3://b/org/model-v1.2_x:tag/w.pt"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "..", ".", "a/..", "../x", "/abs", "a//b", "a/", "s3://x", "http://h/x", "file:/etc",
+     "C:x", "c:\\x", "a\\b", "a\nb", "a\x7fb", "%2e%2E", "a/%2f", "~user"],
+)
+def test_join_refuses(bad: str) -> None:
+    with pytest.raises(InvalidModelIdError) as info:
+        join_model_url("s3://bucket/models", bad)
+    assert isinstance(info.value, ValueError)
+    assert info.value.model_id == bad
+    with pytest.raises(InvalidModelIdError):
+        join_model_url("s3://bucket/models", "ok", bad)
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=30))
+def test_join_never_leaves_root(model_id: str) -> None:
+    root = "s3://bucket/models"
+    try:
+        url = join_model_url(root, model_id, "model.pt")
+    except InvalidModelIdError:
+        return
+    assert url.startswith(root + "/")
+    segments = url[len(root) + 1 :].split("/")
+    assert all(s not in ("", ".", "..") for s in segments)
+    assert "\\" not in url and "://" not in url[len("s3://") :]
+
+
+def test_split_and_redact() -> None:
+    assert split_protocol("s3://b/k") == ("s3", "b/k")
+    assert split_protocol("/srv/m") == ("file", "/srv/m")
+    assert split_protocol("GS://b") == ("gs", "b")
+    assert redact_url("https://user:secret@host/x.pt?X-Amz-Signature=abc") == "https://host/x.pt"
+    assert redact_url("s3://bucket/k") == "s3://bucket/k"
+    assert redact_url("/a/b") == "/a/b"
+
+
+class _ClientError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"status {status}")
+        self.response = {"ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+class EndpointConnectionError(Exception):
+    """Named like botocore's: classified by name, botocore not imported."""
+
+
+def _wrapped(inner: BaseException) -> OSError:
+    try:
+        try:
+            raise inner
+        except BaseException as exc:
+            raise OSError(errno.EIO, "translated") from exc
+    except OSError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (ConnectionResetError(), True),
+        (TimeoutError(), True),
+        (OSError(errno.ECONNREFUSED, "refused"), True),
+        (_ClientError(503), True),
+        (_ClientError(500), True),
+        (_ClientError(429), True),
+        (_ClientError(403), False),
+        (_ClientError(404), False),
+        (_wrapped(_ClientError(503)), True),
+        (_wrapped(_ClientError(400)), False),
+        (EndpointConnectionError(), True),
+        (FileNotFoundError("x"), False),
+        (PermissionError("x"), False),
+        (ModelNotFoundError("s3://b/k"), False),
+        (ValueError("bad"), False),
+    ],
+)
+def test_is_transient(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+
+
+def test_retry_policy_backoff() -> None:
+    policy = RetryPolicy(base_delay=0.1, multiplier=2, max_delay=0.5)
+    assert [policy.delay(n) for n in range(1, 6)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+
+
+@pytest.mark.anyio
+async def test_with_retries_gives_up_after_max_attempts() -> None:
+    calls = 0
+
+    async def op() -> int:
+        nonlocal calls
+        calls += 1
+        raise ConnectionResetError("reset")
+
+    policy = RetryPolicy(max_attempts=3, base_delay=0, deadline=5)
+    with pytest.raises(StorageUnavailableError) as info:
+        await with_retries(op, policy=policy, url="s3://b/k")
+    assert calls == 3
+    assert info.value.attempts == 3
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+
+
+@pytest.mark.anyio
+async def test_with_retries_respects_deadline_and_permanent_errors() -> None:
+    now = [0.0]
+
+    async def slow_failure() -> int:
+        now[0] += 4.0  # each attempt "takes" 4 s on the fake clock
+        raise TimeoutError
+
+    policy = RetryPolicy(max_attempts=100, base_delay=0, deadline=10)
+    with pytest.raises(StorageUnavailableError) as info:
+        await with_retries(slow_failure, policy=policy, url="u", clock=lambda: now[0])
+    assert info.value.attempts == 3
+
+    async def missing() -> int:
+        raise FileNotFoundError("k")
+
+    with pytest.raises(FileNotFoundError):
+        await with_retries(missing, policy=policy, url="u")
+
+    results = iter([ConnectionResetError(), 7])
+
+    async def flaky() -> int:
+        item = next(results)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    assert await with_retries(flaky, policy=RetryPolicy(base_delay=0), url="u") == 7
+
+
+def test_version_token_prefers_store_versions() -> None:
+    assert version_token({"size": 3, "generation": "17", "mtime": 1}) == "generation=17;size=3"
+    assert version_token({"size": 3, "ETag": '"abc"'}) == 'ETag="abc";size=3'
+    assert version_token({"size": 3, "mtime": 12.5}) == "mtime=12.5;size=3"
+    assert cache_key("s3://b/k@", "ETag=1") != cache_key("s3://b/k@", "ETag=2")
+    assert cache_key("s3://b/k@http://a", "t") != cache_key("s3://b/k@http://b", "t")
+
+
+def test_plan_eviction_lru_and_keep() -> None:
+    files = [CachedFile(Path(f"/c/{n}"), 10, mtime) for n, mtime in (("a", 1), ("b", 2), ("c", 3))]
+    assert plan_eviction(files, 30, None) == []
+    assert plan_eviction(files, 25, None) == [Path("/c/a")]
+    assert plan_eviction(files, 10, None) == [Path("/c/a"), Path("/c/b")]
+    assert plan_eviction(files, 10, Path("/c/a")) == [Path("/c/b"), Path("/c/c")]
+    assert plan_eviction(files, 0, Path("/c/c")) == [Path("/c/a"), Path("/c/b")]
+
+
+def test_disk_cache_commit_lookup_evict(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, max_bytes=15)
+    keys = [cache_key(f"file:///{i}@", "t") for i in range(3)]
+    for key in keys[:2]:
+        temp = cache.temp_path(key)
+        temp.write_bytes(b"x" * 10)
+        assert cache.lookup(key) is None  # a temp file is never visible
+        final = cache.commit(temp, key)
+        cache.evict(keep=final)
+    assert cache.lookup(keys[0]) is None  # evicted: 20 > 15
+    assert cache.lookup(keys[1], 10) is not None
+    assert cache.lookup(keys[1], 11) is None  # wrong size: dropped
+    assert cache.files() == []
+    assert "max_bytes=15" in repr(cache)
+
+
+def test_strategy_and_parts() -> None:
+    kw = {"size": 10, "part_size": 4}
+    assert choose_strategy(is_local=True, cached=False, **kw) is Strategy.LOCAL_FILE
+    assert choose_strategy(is_local=False, cached=True, **kw) is Strategy.CACHED
+    assert choose_strategy(is_local=False, cached=False, **kw) is Strategy.TEMP_FILE
+    assert choose_strategy(is_local=False, cached=False, size=4, part_size=4) is Strategy.BYTES
+    assert plan_parts(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert plan_parts(0, 4) == []
+
+
+def test_storage_config_validation_and_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        StorageConfig(part_size=0)
+    config = StorageConfig(cache=CacheConfig(directory=tmp_path, enabled=False))
+    assert not config.cache.enabled_for("s3")
+    assert CacheConfig(protocols={"file": True}).enabled_for("file")
+    assert config.options_for("s3")["config_kwargs"]["retries"]["max_attempts"] == 1
+
+
+def test_errors_pickle_with_their_fields() -> None:
+    err = StorageUnavailableError("s3://b/k", attempts=3, elapsed=1.5, reason="503")
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is StorageUnavailableError
+    assert (copy.url, copy.attempts, copy.elapsed, str(copy)) == ("s3://b/k", 3, 1.5, str(err))
+    bad = pickle.loads(pickle.dumps(InvalidModelIdError("..", "nope")))
+    assert isinstance(bad, ValueError) and bad.reason == "nope"
