@@ -103,9 +103,7 @@ class StorageConfig:
             file in place.
     """
 
-    options: Mapping[str, Mapping[str, Any]] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
     cache: CacheConfig = field(default_factory=CacheConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     part_size: int = DEFAULT_PART_SIZE

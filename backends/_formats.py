@@ -48,9 +48,7 @@ def _source(artifact: Artifact) -> str | io.BytesIO:
 
 def _mmap_ok(artifact: Artifact) -> bool:
     # torch can only mmap the zip format (torch.save's default since 1.6).
-    return (
-        artifact.mmap_safe and artifact.path is not None and zipfile.is_zipfile(artifact.path)
-    )
+    return artifact.mmap_safe and artifact.path is not None and zipfile.is_zipfile(artifact.path)
 
 
 def _reason(exc: BaseException) -> str:
@@ -135,8 +133,11 @@ async def load_state_dict(
     """
     url = join_model_url(root, model_id, filename)
     return await _load(
-        url, "state_dict", partial(_state_dict, map_location),
-        storage_options=storage_options, config=config,
+        url,
+        "state_dict",
+        partial(_state_dict, map_location),
+        storage_options=storage_options,
+        config=config,
     )
 
 
@@ -163,8 +164,11 @@ async def load_torchscript(
     """
     url = join_model_url(root, model_id, filename)
     return await _load(
-        url, "torchscript", partial(_torchscript, map_location),
-        storage_options=storage_options, config=config,
+        url,
+        "torchscript",
+        partial(_torchscript, map_location),
+        storage_options=storage_options,
+        config=config,
     )
 
 
@@ -206,8 +210,11 @@ async def load_safetensors(
     """
     url = join_model_url(root, model_id, filename)
     return await _load(
-        url, "safetensors", partial(_safetensors, map_location),
-        storage_options=storage_options, config=config,
+        url,
+        "safetensors",
+        partial(_safetensors, map_location),
+        storage_options=storage_options,
+        config=config,
     )
 
 
@@ -252,6 +259,9 @@ async def load_pickled_module(
     """
     url = join_model_url(root, model_id, filename)
     return await _load(
-        url, "pickled_module", partial(_pickled, map_location, trusted),
-        storage_options=storage_options, config=config,
+        url,
+        "pickled_module",
+        partial(_pickled, map_location, trusted),
+        storage_options=storage_options,
+        config=config,
     )

@@ -127,7 +127,11 @@ async def with_retries(
                 ) from exc
             logger.info(
                 "Transient storage error on %s (attempt %d/%d), retrying in %.2fs: %s",
-                url, attempt, policy.max_attempts, delay, exc,
+                url,
+                attempt,
+                policy.max_attempts,
+                delay,
+                exc,
             )
         # Back-off between attempts (not synchronisation): bounded by the policy.
         await anyio.sleep(delay)

@@ -208,7 +208,9 @@ class GcsServer:
     def create_bucket(self, bucket: str) -> None:
         """Create ``bucket``."""
         self._request(
-            "POST", "/storage/v1/b?project=test", json.dumps({"name": bucket}).encode(),
+            "POST",
+            "/storage/v1/b?project=test",
+            json.dumps({"name": bucket}).encode(),
             "application/json",
         )
 
@@ -216,7 +218,9 @@ class GcsServer:
         """Upload ``data`` to ``bucket/key`` (a new generation each time)."""
         name = urllib.parse.quote(key, safe="")
         self._request(
-            "POST", f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name={name}", data,
+            "POST",
+            f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name={name}",
+            data,
             "application/octet-stream",
         )
 
@@ -228,9 +232,21 @@ def fake_gcs(port: int | None = None) -> Iterator[GcsServer]:
     endpoint = f"http://127.0.0.1:{port}"
     root = tempfile.mkdtemp(prefix="fake-gcs-")
     cmd = [
-        str(_fake_gcs_binary()), "-scheme", "http", "-backend", "memory",
-        "-filesystem-root", root, "-host", "127.0.0.1", "-port", str(port),
-        "-external-url", endpoint, "-log-level", "error",
+        str(_fake_gcs_binary()),
+        "-scheme",
+        "http",
+        "-backend",
+        "memory",
+        "-filesystem-root",
+        root,
+        "-host",
+        "127.0.0.1",
+        "-port",
+        str(port),
+        "-external-url",
+        endpoint,
+        "-log-level",
+        "error",
     ]
     try:
         proc = _start(cmd, endpoint + "/storage/v1/b", "fake-gcs-server")
@@ -289,7 +305,8 @@ class FaultProxy:
         """Requests seen (before fault injection), filtered by method and path."""
         with self._lock:
             return sum(
-                1 for m, p in self.requests
+                1
+                for m, p in self.requests
                 if (method is None or m == method) and path_contains in p
             )
 
@@ -316,9 +333,7 @@ class FaultProxy:
                     )
                     if failure is not None:
                         proxy._failures.remove(failure)
-                    holds = [
-                        e for m, p, e in proxy._holds if m == self.command and p in path
-                    ]
+                    holds = [e for m, p, e in proxy._holds if m == self.command and p in path]
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 if failure is not None:

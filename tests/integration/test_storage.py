@@ -120,16 +120,22 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     elif request.param == "s3":
         s3: S3Server = request.getfixturevalue("s3_server")
         yield Store(
-            "s3", f"s3://{BUCKET}/{prefix}",
+            "s3",
+            f"s3://{BUCKET}/{prefix}",
             lambda rel, data: s3.put(BUCKET, f"{prefix}/{rel}", data),
-            s3.storage_options, config, cached=True,
+            s3.storage_options,
+            config,
+            cached=True,
         )
     else:
         gcs: GcsServer = request.getfixturevalue("gcs_server")
         yield Store(
-            "gs", f"gs://{BUCKET}/{prefix}",
+            "gs",
+            f"gs://{BUCKET}/{prefix}",
             lambda rel, data: gcs.put(BUCKET, f"{prefix}/{rel}", data),
-            gcs.storage_options, config, cached=True,
+            gcs.storage_options,
+            config,
+            cached=True,
         )
 
 
@@ -289,9 +295,7 @@ async def test_not_a_state_dict(store: Store) -> None:
         await load_state_dict(store.root, "list", **store.kwargs())
 
 
-async def test_changed_object_is_fetched_again(
-    store: Store, spans: InMemorySpanExporter
-) -> None:
+async def test_changed_object_is_fetched_again(store: Store, spans: InMemorySpanExporter) -> None:
     store.put("v/model.pt", _torch_bytes({"v": torch.tensor([1.0])}))
     first = await load_state_dict(store.root, "v", **store.kwargs())
     again = await load_state_dict(store.root, "v", **store.kwargs())
@@ -324,8 +328,22 @@ async def test_fetch_span(store: Store, spans: InMemorySpanExporter) -> None:
 
 @pytest.mark.parametrize(
     "model_id",
-    ["..", "../other", "a/../../etc", "/etc/passwd", "s3://other/x", "file:///etc", "a//b",
-     "a\\..\\b", "a\x00b", "%2e%2e", "a/%2E%2E/..", "", "C:evil", "~root"],
+    [
+        "..",
+        "../other",
+        "a/../../etc",
+        "/etc/passwd",
+        "s3://other/x",
+        "file:///etc",
+        "a//b",
+        "a\\..\\b",
+        "a\x00b",
+        "%2e%2e",
+        "a/%2E%2E/..",
+        "",
+        "C:evil",
+        "~root",
+    ],
 )
 async def test_path_escape_refused(store: Store, model_id: str) -> None:
     with pytest.raises(InvalidModelIdError) as info:

@@ -39,13 +39,35 @@ def test_join(root: str, expected: str) -> None:
 
 
 def test_join_allows_nested_ids_and_ordinary_characters() -> None:
-    assert join_model_url("s3://b", "org/model-v1.2_x:tag", "w.pt") == "s3://b/org/model-v1.2_x:tag/w.pt"
+    assert (
+        join_model_url("s3://b", "org/model-v1.2_x:tag", "w.pt")
+        == "s3://b/org/model-v1.2_x:tag/w.pt"
+    )
 
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "..", ".", "a/..", "../x", "/abs", "a//b", "a/", "s3://x", "http://h/x", "file:/etc",
-     "C:x", "c:\\x", "a\\b", "a\nb", "a\x7fb", "%2e%2E", "a/%2f", "~user"],
+    [
+        "",
+        "..",
+        ".",
+        "a/..",
+        "../x",
+        "/abs",
+        "a//b",
+        "a/",
+        "s3://x",
+        "http://h/x",
+        "file:/etc",
+        "C:x",
+        "c:\\x",
+        "a\\b",
+        "a\nb",
+        "a\x7fb",
+        "%2e%2E",
+        "a/%2f",
+        "~user",
+    ],
 )
 def test_join_refuses(bad: str) -> None:
     with pytest.raises(InvalidModelIdError) as info:
