@@ -102,3 +102,14 @@ class Noisy:
 
     async def __call__(self, request: Any) -> str:
         return "ok"
+
+
+class SlowInit:
+    """``__init__`` announces itself on a FIFO, then takes (practically) forever."""
+
+    def __init__(self, fifo_path: str) -> None:
+        import time
+
+        with open(fifo_path, "w") as fifo:
+            fifo.write("started\n")
+        time.sleep(3600)

@@ -3,6 +3,8 @@ death of the replica, of its connection and of its parent."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -230,3 +232,64 @@ async def test_replica_exits_when_its_parent_dies(tmp_path: Path) -> None:
         if gateway.returncode is None:
             gateway.kill()
         await gateway.aclose()
+
+
+def children() -> set[int]:
+    """Pids of this process's children (all threads)."""
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            pids.update(int(p) for p in (task / "children").read_text().split())
+    return pids
+
+
+async def test_start_timeout_kills_the_process(tmp_path: Path) -> None:
+    fifo = tmp_path / "init.fifo"
+    os.mkfifo(fifo)  # nobody reads it: __init__ blocks opening it
+    before = children()
+    launcher = LocalLauncher(start_timeout=1.0)
+    try:
+        with pytest.raises(ReplicaStartError, match="not ready within 1s"):
+            await launcher.start(
+                spec("slow#1", "echo:SlowInit", init_kwargs={"fifo_path": str(fifo)})
+            )
+    finally:
+        await launcher.aclose()
+    assert children() - before == set()
+
+
+async def test_sigterm_during_slow_init_exits_with_failed(tmp_path: Path) -> None:
+    fifo = tmp_path / "init.fifo"
+    os.mkfifo(fifo)
+    raw = msgspec.json.encode(
+        spec(
+            "slow#2",
+            "echo:SlowInit",
+            init_kwargs={"fifo_path": str(fifo)},
+            listen="tcp:127.0.0.1:0",
+        )
+    ).decode()
+    process = await anyio.open_process(
+        [sys.executable, "-m", "muxgate.replicas._server", "--spec", raw], stdout=subprocess.PIPE
+    )
+    try:
+
+        def started() -> str:
+            with open(fifo) as f:
+                return f.read()
+
+        with anyio.fail_after(30):
+            # __init__ is running (in a worker thread) once it wrote this.
+            assert await anyio.to_thread.run_sync(started) == "started\n"
+            process.terminate()
+            assert await process.wait() == 1
+            assert process.stdout is not None
+            out = b""
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    out += await process.stdout.receive()
+        assert out.decode() == "FAILED stopped during start-up (shutdown)\n"
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -303,3 +304,27 @@ async def test_replica_process_repr_and_pid(
     assert process.returncode is None
     assert f"pid={process.pid}" in repr(process) and "running" in repr(process)
     os.kill(process.pid, 0)  # alive
+
+
+async def test_large_payloads_cross_many_reads(conn: ReplicaConnection) -> None:
+    blob = os.urandom(3 << 20)
+    assert value(await conn.call(request_id="big", method="echo", **pack(blob))) == blob
+    http = HttpRequest(method="POST", path="/", query="", headers=[], body=b"x" * (2 << 20))
+    reply = await conn.call(request_id="big-http", http=http)
+    assert len(json.loads(reply.body)["body"]) == 2 << 20
+
+
+async def test_cancelled_call_leaves_connection_usable(conn: ReplicaConnection) -> None:
+    with anyio.move_on_after(0.05) as scope:
+        await conn.call(request_id="abandoned", method="sleep", **pack(0.3))
+    assert scope.cancelled_caught
+    assert conn.in_flight == 0  # the caller's entry is gone; a late reply is dropped
+    assert value(await conn.call(request_id="next", method="add", **pack(5, 5))) == 10
+    # Many callers cancelled at once while their frames are being written.
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(lambda i=i: conn.call(request_id=f"x{i}", method="echo", **pack(i)))
+        await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    assert value(await conn.call(request_id="after-cancel", method="add", **pack(1, 2))) == 3
+    assert conn.close_reason is None
