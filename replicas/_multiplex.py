@@ -200,8 +200,29 @@ _COUNTERS: dict[str, float] = dict.fromkeys(
     ),
     0.0,
 )
+
+
+class _IdentitySet:
+    """Weakly held objects compared by identity (a WeakSet would use ``__eq__``)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref[Any]] = {}
+
+    def add(self, obj: object) -> bool:
+        """Record ``obj``; False if it was already there. TypeError if not weak-referenceable."""
+        key = id(obj)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is obj:
+            return False
+        self._refs[key] = weakref.ref(obj, functools.partial(self._forget, key))
+        return True
+
+    def _forget(self, key: int, _ref: object) -> None:
+        self._refs.pop(key, None)
+
+
 # Objects whose unload hook already ran, across every cache: a hook runs at most once per object.
-_UNLOADED: weakref.WeakSet[Any] = weakref.WeakSet()
+_UNLOADED = _IdentitySet()
 
 
 def model_caches() -> list[ModelCache[Any]]:
@@ -323,6 +344,7 @@ class ModelCache(Generic[M]):
 
     async def load(self, model_id: str) -> M:
         """The miss path: join the flight for ``model_id`` or start one."""
+        _check_model_id(model_id)
         _COUNTERS["cache_misses"] += 1
         self._bind_loop()
         flight = self._flights.get(model_id)
@@ -357,8 +379,7 @@ class ModelCache(Generic[M]):
         """
         if reason not in ("shutdown", "drain"):
             raise ValueError(f"reason must be 'shutdown' or 'drain', got {reason!r}")
-        if self._loop is not None and self._loop is not asyncio.get_running_loop():
-            self._forget_loop()
+        self._bind_loop()
         for flight in list(self._flights.values()):
             if flight.task is not None:
                 flight.task.cancel()
@@ -416,19 +437,21 @@ class ModelCache(Generic[M]):
                 model = await self._timed_load(model_id)
         except Exception as exc:
             flight.error = exc
-            self._state.fail_load(model_id)
         except BaseException:
             flight.error = ModelCacheClosedError(
                 f"The model cache was closed while loading model '{model_id}'."
             )
-            self._state.fail_load(model_id)
             raise
         else:
             flight.model = model
-            self._spawn_unloads(self._state.finish_load(model_id, model))
         finally:
+            # A flight this cache forgot (its loop went away) no longer owns the state.
             if self._flights.get(model_id) is flight:
                 del self._flights[model_id]
+                if flight.error is None:
+                    self._spawn_unloads(self._state.finish_load(model_id, model))
+                else:
+                    self._state.fail_load(model_id)
             flight.done.set()
 
     async def _timed_load(self, model_id: str) -> M:
@@ -516,11 +539,10 @@ def _attrs(model_id: str) -> dict[str, str]:
 async def _run_unload_hook(model: object) -> None:
     """``aclose()``, else ``close()``, else ``__del__``: at most once per object."""
     try:
-        if model in _UNLOADED:
+        if not _UNLOADED.add(model):
             return
-        _UNLOADED.add(model)
     except TypeError:
-        pass  # not weak-referenceable (or unhashable): cannot be tracked
+        pass  # not weak-referenceable: cannot be tracked
     aclose = getattr(model, "aclose", None)
     if callable(aclose):
         result = aclose()
@@ -704,7 +726,6 @@ def multiplexed(
                 cache = cache_for(self)
                 model = cache.get_loaded(model_id)
                 if model is MISSING:
-                    _check_model_id(model_id)
                     return await cache.load(model_id)
                 return model
 
@@ -715,7 +736,6 @@ def multiplexed(
             async def function_wrapper(model_id: str) -> Any:
                 model = cache.get_loaded(model_id)
                 if model is MISSING:
-                    _check_model_id(model_id)
                     return await cache.load(model_id)
                 return model
 

@@ -427,6 +427,32 @@ async def test_a_hook_runs_once_per_object_even_when_cached_under_two_ids() -> N
     assert shared.calls == ["aclose"]
 
 
+class EqualModel:
+    """Every instance equals every other: the at-most-once record must go by identity."""
+
+    closed = 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EqualModel)
+
+    def __hash__(self) -> int:
+        return 0
+
+    async def aclose(self) -> None:
+        type(self).closed += 1
+
+
+async def test_equal_but_distinct_models_are_each_unloaded() -> None:
+    @multiplexed(max_num_models_per_replica=1)
+    async def get_model(model_id: str) -> EqualModel:
+        return EqualModel()
+
+    for model_id in "abc":
+        await get_model(model_id)
+    await model_cache(get_model).aclose()
+    assert EqualModel.closed == 3
+
+
 async def test_a_failing_hook_is_logged_and_the_request_that_evicted_succeeds(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
