@@ -362,3 +362,14 @@ class RouterMachine(RuleBasedStateMachine):
 
 TestRouterMachine = RouterMachine.TestCase
 TestRouterMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_default_capacity_floor_is_half_of_max_ongoing() -> None:
+    from muxgate.gateway._router import DEFAULT_BALANCE_FACTOR, default_min_capacity
+
+    assert Router().balance_factor == DEFAULT_BALANCE_FACTOR
+    assert Router(max_ongoing_requests=8).min_capacity == 4
+    assert Router(max_ongoing_requests=1).min_capacity == 1
+    assert default_min_capacity(5) == 3
+    router = make_router(8, max_ongoing_requests=8)
+    assert router.capacity() == 4
