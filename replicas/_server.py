@@ -81,6 +81,8 @@ _tracer = trace.get_tracer("muxgate")
 _READ_SIZE = 1 << 16
 #: Seconds a new connection has to send ``Hello``.
 _HANDSHAKE_TIMEOUT = 10.0
+#: Seconds the gateway gets to close its end after the replica stopped.
+_CLOSE_GRACE_S = 5.0
 #: Seconds between checks that the parent process is still alive (fallback
 #: for when the spec did not come on a stdin pipe).
 _PARENT_POLL_S = 1.0
@@ -164,7 +166,7 @@ class _Connection:
     a frame is written at once.
     """
 
-    __slots__ = ("_out", "_sending", "broken", "peer", "stream", "welcomed")
+    __slots__ = ("_out", "_sending", "_written", "broken", "peer", "stream", "welcomed")
 
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self.stream = stream
@@ -172,6 +174,8 @@ class _Connection:
         self.broken = False
         self._out: list[bytes] = []
         self._sending = False
+        self._written = anyio.Event()  # set while nothing waits to be written
+        self._written.set()
         try:
             self.peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address))
         except Exception:
@@ -186,6 +190,7 @@ class _Connection:
         if self._sending:
             return True  # the active sender writes it
         self._sending = True
+        self._written = anyio.Event()
         try:
             # Shielded so a cancelled call task never leaves half a frame.
             with anyio.CancelScope(shield=True):
@@ -199,7 +204,15 @@ class _Connection:
             return False
         finally:
             self._sending = False
+            self._written.set()
         return True
+
+    async def finish(self) -> None:
+        """Write what is queued, then half-close: the gateway reads every
+        reply, sees end-of-stream, and closes its end."""
+        await self._written.wait()
+        with contextlib.suppress(Exception):
+            await self.stream.send_eof()
 
 
 class Replica:
@@ -218,6 +231,7 @@ class Replica:
         self._idle.set()
         self._call_scopes: set[anyio.CancelScope] = set()
         self._connections: set[_Connection] = set()
+        self._all_closed = anyio.Event()
         self._drain_requester: _Connection | None = None
         self._limiter = anyio.CapacityLimiter(max(1, spec.max_ongoing_requests))
         self._tg: anyio.abc.TaskGroup | None = None
@@ -270,6 +284,14 @@ class Replica:
             await self._unload_models()
             if self._drain_requester is not None:
                 await self._drain_requester.send(Drained())
+            # Closing a socket may drop data still buffered for it, so
+            # half-close and let each gateway close its end once it has read
+            # everything (bounded: a gateway that never closes is cut off).
+            with anyio.move_on_after(_CLOSE_GRACE_S):
+                for conn in list(self._connections):
+                    await conn.finish()
+                if self._connections:
+                    await self._all_closed.wait()
             tg.cancel_scope.cancel()
         for conn in list(self._connections):
             await anyio.aclose_forcefully(conn.stream)
@@ -316,6 +338,7 @@ class Replica:
         finally:
             self._connections.discard(conn)
             if conn.welcomed and not self._connections:
+                self._all_closed.set()
                 # The gateway is gone: nobody can receive replies any more.
                 self.request_stop("gateway disconnected", graceful=False)
 
@@ -364,7 +387,9 @@ class Replica:
         if isinstance(message, Call):
             self.in_flight += 1
             self._idle = anyio.Event() if self._idle.is_set() else self._idle
-            self._tg.start_soon(self._run_call, conn, message)
+            # Decided here, in frame order: a Call that arrived before a Drain
+            # runs even if its task starts after the Drain was handled.
+            self._tg.start_soon(self._run_call, conn, message, self.stopping)
         elif isinstance(message, Ping):
             self._tg.start_soon(self._pong, conn)
         elif isinstance(message, Drain):
@@ -377,14 +402,14 @@ class Replica:
     async def _pong(self, conn: _Connection) -> None:
         await conn.send(Pong(state=self.state(), counters=counters()))
 
-    async def _run_call(self, conn: _Connection, call: Call) -> None:
+    async def _run_call(self, conn: _Connection, call: Call, refuse: bool) -> None:
         scope = anyio.CancelScope()
         self._call_scopes.add(scope)
         reply: Reply | None = None
         finished = False
         try:
             with scope:
-                if self.stopping:
+                if refuse:
                     error = ErrorInfo(
                         code="draining", message="replica is shutting down", status=503
                     )
@@ -445,7 +470,9 @@ class Replica:
                         outcome = await self._invoke_call(call)
                     except _CallFailed as failed:
                         outcome = failed.error
-                    except Exception as exc:
+                    except (Exception, SystemExit) as exc:
+                        # SystemExit too: a handler calling sys.exit() fails
+                        # its request, not the replica.
                         outcome = _error_for(exc)
                         if outcome.code == "model_not_found":
                             _log.warning("%s", outcome.message)

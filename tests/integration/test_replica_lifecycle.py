@@ -293,3 +293,25 @@ async def test_sigterm_during_slow_init_exits_with_failed(tmp_path: Path) -> Non
         if process.returncode is None:
             process.kill()
         await process.aclose()
+
+
+async def test_drain_over_tcp_delivers_a_large_last_reply(launcher: LocalLauncher) -> None:
+    process = await launcher.start(spec("tcp#drain", listen="tcp:127.0.0.1:0"))
+    conn = await ReplicaConnection.connect(process.address)
+    blob = os.urandom(8 << 20)
+    replies: list[Any] = []
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+
+                async def big() -> None:
+                    replies.append(await conn.call(request_id="big", method="echo", **pack(blob)))
+
+                tg.start_soon(big)
+                await anyio.wait_all_tasks_blocked()  # the call's frame is written
+                await conn.drain()
+            assert msgspec.msgpack.decode(replies[0].body) == blob
+            assert await process.wait() == 0
+            await conn.closed.wait()
+    finally:
+        await conn.aclose()
