@@ -30,6 +30,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -411,18 +412,25 @@ class ReplicaConnection:
         # Calls still queued behind the active write never reached the replica.
         unsent = {call_id for call_id, _ in self._out}
         self._out = []
+        failed: list[asyncio.Future[Any]] = []
         for call_id, future in self._pending.items():
             if not future.done():
-                if call_id in unsent:
-                    future.set_exception(ReplicaUnavailableError(died))
-                else:
-                    future.set_exception(ReplicaDiedError(died))
+                error = ReplicaUnavailableError if call_id in unsent else ReplicaDiedError
+                future.set_exception(error(died))
+                failed.append(future)
         while self._pongs:
             pong = self._pongs.popleft()
             if not pong.done():
                 pong.set_exception(ReplicaDiedError(died))
+                failed.append(pong)
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ReplicaDiedError(died))
+            failed.append(self._drained)
+        for future in failed:
+            # Marks the exception as seen: a waiter that gave up (or whose
+            # own write raised first) must not leave an "exception was never
+            # retrieved" log behind. Awaiting the future still raises.
+            future.exception()
         self.closed.set()
 
     def __repr__(self) -> str:
