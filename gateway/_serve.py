@@ -24,11 +24,11 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 
-from muxgate.gateway._app import GatewayASGI
+from muxgate.gateway._app import GatewayASGI, create_app
 from muxgate.gateway._config import AppConfig, DeploymentConfig
 from muxgate.gateway._launcher import LocalLauncher
 from muxgate.gateway._metrics import GatewayMetrics
@@ -99,8 +99,16 @@ async def start_gateway(
     port: int | None = None,
     launcher: Launcher | None = None,
     ready_timeout_s: float = 120.0,
+    litestar_ingress: bool = False,
+    server: Literal["uvicorn", "granian"] = "uvicorn",
 ) -> AsyncIterator[Gateway]:
-    """Like ``serve`` but yields the ``Gateway`` (pools, metrics, url)."""
+    """Like ``serve`` but yields the ``Gateway`` (pools, metrics, url).
+
+    ``litestar_ingress=True`` serves ``create_app()`` (ingress mounted in
+    Litestar) instead of ``GatewayASGI`` (ingress beside it); the benchmark
+    compares the two. ``server="granian"`` runs granian's embedded server
+    instead of uvicorn (measured in bench/bench_gateway.py).
+    """
     host = host if host is not None else config.http.host
     port = port if port is not None else config.http.port
     metrics = GatewayMetrics(per_model_labels=config.metrics.per_model_labels)
@@ -119,52 +127,109 @@ async def start_gateway(
         )
         for d in config.deployments
     }
-    app = GatewayASGI(config, pools, metrics)
-    server: uvicorn.Server | None = None
-    main_loop: asyncio.Task[None] | None = None
-    sock: socket.socket | None = None
+    app: Any = (
+        create_app(config, pools, metrics)
+        if litestar_ingress
+        else GatewayASGI(config, pools, metrics)
+    )
+    runner = _granian_server if server == "granian" else _uvicorn_server
     try:
         for pool in pools.values():
             pool.start()
-        sock = _bind(host, port)
-        real_port = sock.getsockname()[1]
-        uv_config = uvicorn.Config(
-            app,
-            http="httptools",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=5,
-            server_header=False,
-        )
-        uv_config.load()
-        server = uvicorn.Server(uv_config)
-        # Server.serve() would install signal handlers; drive its steps instead.
-        server.lifespan = uv_config.lifespan_class(uv_config)
-        await server.startup(sockets=[sock])
-        main_loop = asyncio.create_task(server.main_loop(), name="muxgate-http")
-        try:
-            async with asyncio.timeout(ready_timeout_s):
-                await asyncio.gather(*(p.wait_healthy() for p in pools.values()))
-        except TimeoutError:
-            lines = "; ".join(p.status_line() for p in pools.values() if not p.healthy)
-            raise GatewayStartError(
-                f"replicas not running after {ready_timeout_s:g} s: {lines}"
-            ) from None
-        url_host = f"[{host}]" if ":" in host else host
-        yield Gateway(config, pools, metrics, f"http://{url_host}:{real_port}")
+        async with runner(app, host, port) as real_port:
+            try:
+                async with asyncio.timeout(ready_timeout_s):
+                    await asyncio.gather(*(p.wait_healthy() for p in pools.values()))
+            except TimeoutError:
+                lines = "; ".join(p.status_line() for p in pools.values() if not p.healthy)
+                raise GatewayStartError(
+                    f"replicas not running after {ready_timeout_s:g} s: {lines}"
+                ) from None
+            url_host = f"[{host}]" if ":" in host else host
+            yield Gateway(config, pools, metrics, f"http://{url_host}:{real_port}")
     finally:
-        with contextlib.suppress(Exception):
-            if server is not None:
-                server.should_exit = True
-                if main_loop is not None:
-                    await main_loop
-                await server.shutdown(sockets=[sock] if sock is not None else None)
-            elif sock is not None:
-                sock.close()
         await asyncio.gather(*(p.aclose() for p in pools.values()), return_exceptions=True)
         if own_launcher is not None:
             await own_launcher.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _uvicorn_server(app: Any, host: str, port: int) -> AsyncIterator[int]:
+    """uvicorn (httptools) on the running loop; yields the bound port."""
+    sock = _bind(host, port)
+    uv_config = uvicorn.Config(
+        app,
+        http="httptools",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    uv_config.load()
+    server = uvicorn.Server(uv_config)
+    # Server.serve() would install signal handlers; drive its steps instead.
+    server.lifespan = uv_config.lifespan_class(uv_config)
+    try:
+        await server.startup(sockets=[sock])
+    except BaseException:
+        sock.close()
+        raise
+    main_loop = asyncio.create_task(server.main_loop(), name="muxgate-http")
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await main_loop
+        with contextlib.suppress(Exception):
+            await server.shutdown(sockets=[sock])
+
+
+@contextlib.asynccontextmanager
+async def _granian_server(app: Any, host: str, port: int) -> AsyncIterator[int]:
+    """granian's embedded server (experimental upstream) on the running loop.
+
+    Granian binds the socket itself, so port 0 is resolved here by binding
+    and releasing a free port first (a small race, acceptable for a
+    benchmark option).
+    """
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    if port == 0:
+        probe = _bind(host, 0)
+        port = int(probe.getsockname()[1])
+        probe.close()
+    server = Server(
+        app,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGINL,
+        websockets=False,
+        log_enabled=False,
+    )
+    task = asyncio.create_task(server.serve(), name="muxgate-http")
+    try:
+        # Ready when it accepts a connection (granian reports no readiness).
+        async with asyncio.timeout(10):
+            while True:
+                if task.done():
+                    await task
+                    raise GatewayStartError(f"granian stopped at start on {host}:{port}")
+                try:
+                    _, writer = await asyncio.open_connection(host, port)
+                except OSError:
+                    await asyncio.sleep(0.01)
+                    continue
+                writer.close()
+                break
+        yield port
+    finally:
+        server.stop()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(Exception):
+            await task
 
 
 @contextlib.asynccontextmanager
