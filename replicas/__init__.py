@@ -1,5 +1,35 @@
-"""muxgate.replicas: the user SDK, and the code that runs inside a replica process."""
+"""muxgate.replicas: the user SDK, and the code that runs inside a replica process.
+
+Write a deployment class with :func:`deployment`, decorate its model loader
+with :func:`multiplexed`, and read the request's model id with
+:func:`get_multiplexed_model_id`: the same API as Ray Serve's model
+multiplexing.
+"""
 
 from muxgate.replicas._context import get_multiplexed_model_id
+from muxgate.replicas._deployment import DeploymentOptions, deployment, get_deployment_options
+from muxgate.replicas._http import Request, Response
+from muxgate.replicas._multiplex import (
+    ModelCache,
+    ModelCacheClosedError,
+    model_cache,
+    model_caches,
+    multiplexed,
+)
+from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
 
-__all__ = ["get_multiplexed_model_id"]
+__all__ = [
+    "DeploymentOptions",
+    "ModelCache",
+    "ModelCacheClosedError",
+    "Request",
+    "Response",
+    "configure_tracing",
+    "deployment",
+    "get_deployment_options",
+    "get_multiplexed_model_id",
+    "model_cache",
+    "model_caches",
+    "multiplexed",
+    "shutdown_tracing",
+]
