@@ -113,8 +113,8 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             in-flight calls before cancelling them.
         event_loop: ``"auto"`` (uvloop when installed), ``"uvloop"`` or ``"asyncio"``.
         tracing: span export settings; None: the ``OTEL_*`` environment only.
-        storage: fsspec storage options per protocol; placeholder, passed
-            through to the storage backends.
+        storage: fsspec storage options per protocol (the config's
+            ``storage:`` section), handed to ``configure_storage``.
     """
 
     deployment: str
@@ -752,6 +752,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     set_replica_context(spec.deployment, spec.replica_id)
     install_replica_logging(spec.log_level)
+    if spec.storage:
+        # Imported only when used: a deployment need not touch storage.
+        from muxgate.backends._config import configure_storage
+
+        configure_storage(spec.storage)
     tracing = spec.tracing or TracingSettings()
     try:
         configure_tracing(

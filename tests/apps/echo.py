@@ -113,3 +113,12 @@ class SlowInit:
         with open(fifo_path, "w") as fifo:
             fifo.write("started\n")
         time.sleep(3600)
+
+
+class StorageProbe:
+    """Reports the storage options the replica configured from its spec."""
+
+    def options(self, protocol: str) -> dict[str, Any]:
+        from muxgate.backends._config import get_storage_config
+
+        return dict(get_storage_config().options.get(protocol, {}))

@@ -315,3 +315,13 @@ async def test_drain_over_tcp_delivers_a_large_last_reply(launcher: LocalLaunche
             await conn.closed.wait()
     finally:
         await conn.aclose()
+
+
+async def test_storage_options_from_the_spec_reach_the_backends(launcher: LocalLauncher) -> None:
+    options = {"s3": {"endpoint_url": "http://127.0.0.1:9", "anon": True}}
+    process = await launcher.start(spec("store#1", "echo:StorageProbe", storage=options))
+    async with await ReplicaConnection.connect(process.address) as conn:
+        reply = await conn.call(request_id="o", method="options", **pack("s3"))
+        assert msgspec.msgpack.decode(reply.body) == options["s3"]
+    with anyio.fail_after(15):
+        assert await process.wait() == 0
