@@ -373,3 +373,25 @@ def test_default_capacity_floor_is_half_of_max_ongoing() -> None:
     assert default_min_capacity(5) == 3
     router = make_router(8, max_ongoing_requests=8)
     assert router.capacity() == 4
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(MODEL_IDS[:200]), st.integers(min_value=2, max_value=10))
+def test_hot_model_fills_preference_list_in_order(model: str, n: int) -> None:
+    # A burst for one model fills its home, then the next replicas, in order:
+    # every gateway spills a hot model to the same few replicas.
+    router = make_router(n, balance_factor=100.0, max_ongoing_requests=2)
+    prefs = router.preference_list(model)
+    chosen = []
+    for _ in range(2 * n):
+        d = router.choose(model)
+        assert d is not None
+        assert d.home_replica_id == prefs[0]
+        router.acquire(d.replica_id, model)
+        chosen.append(d.replica_id)
+    assert chosen == [r for r in prefs for _ in range(2)]
+    assert router.choose(model) is None
+    # Released slots on a holder are refilled before a non-holder is used.
+    router.release(prefs[-1])
+    d = router.choose(model)
+    assert d is not None and d.replica_id == prefs[-1] and d.reason == "cached"
