@@ -7,6 +7,7 @@ only then are ``MUXGATE_CACHE_DIR`` and ``XDG_CACHE_HOME`` consulted.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Mapping
@@ -117,12 +118,16 @@ class StorageConfig:
     def options_for(
         self, protocol: str, override: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Storage options for ``protocol``: registry defaults, config, then ``override``."""
+        """Storage options for ``protocol``: registry defaults, config, then ``override``.
+
+        A deep copy: filesystem constructors (botocore's Config) mutate
+        nested option dicts, which must not leak into the next call.
+        """
         merged: dict[str, Any] = dict(backend_spec(protocol).default_options)
         merged.update(self.options.get(protocol, {}))
         if override:
             merged.update(override)
-        return merged
+        return copy.deepcopy(merged)
 
     def cache_dir(self) -> Path:
         """The resolved cache directory."""

@@ -19,12 +19,11 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
-import anyio.to_thread
 import torch
 
 from ._config import StorageConfig
 from ._errors import ModelFormatError, UnsafePickleError
-from ._fetch import Artifact, fetch
+from ._fetch import Artifact, fetch_and_decode
 from ._urls import join_model_url
 
 T = TypeVar("T")
@@ -64,8 +63,12 @@ async def _load(
     storage_options: Mapping[str, Any] | None,
     config: StorageConfig | None,
 ) -> T:
-    async with fetch(url, storage_options=storage_options, config=config) as artifact:
-        return await anyio.to_thread.run_sync(partial(_decode, artifact, fmt, decode))
+    return await fetch_and_decode(
+        url,
+        lambda artifact: _decode(artifact, fmt, decode),
+        storage_options=storage_options,
+        config=config,
+    )
 
 
 def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
