@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.resources
 import logging
 import os
 import re
@@ -264,7 +265,9 @@ _LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1", "localhost"})
 def _admin_guard(token: str | None) -> Any:
     expected = f"Bearer {token}".encode() if token else None
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        if handler.opt.get("public"):
+            return
         if expected is not None:
             given = connection.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
@@ -335,7 +338,16 @@ def create_app(
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(content=body, status_code=200, media_type=content_type)
 
-    handlers: list[Any] = [healthz, replicas, metrics_endpoint]
+    # Read once: the page is static; it polls /-/replicas and /-/metrics,
+    # sending ?token= as a bearer header, so the page itself needs no guard.
+    page = importlib.resources.files("muxgate.gateway").joinpath("static/status.html")
+    page_bytes = page.read_bytes() if page.is_file() else b"<p>status page not installed</p>"
+
+    @get("/-/", sync_to_thread=False, opt={"public": True})
+    def status_page() -> Response[bytes]:
+        return Response(content=page_bytes, status_code=200, media_type="text/html; charset=utf-8")
+
+    handlers: list[Any] = [healthz, replicas, metrics_endpoint, status_page]
     if mount_ingress:
         ingress = build_ingress(config, pools, metrics, use_raw_path=True)
 

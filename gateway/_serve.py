@@ -275,15 +275,29 @@ def run(config: AppConfig, *, host: str | None = None, port: int | None = None) 
 
 
 async def _run(config: AppConfig, *, host: str | None, port: int | None) -> int:
-    stop = asyncio.Event()
+    # A signal cancels the main task wherever it is (starting replicas or
+    # serving); serve()'s exit then stops the server and every replica.
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    signalled: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        if not signalled:
+            signalled.append(sig)
+            print("muxgate: shutting down", file=sys.stderr, flush=True)
+            main.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         async with serve(config, host=host, port=port) as url:
             print(f"muxgate: serving on {url}", file=sys.stderr, flush=True)
-            await stop.wait()
-            print("muxgate: shutting down", file=sys.stderr, flush=True)
+            await asyncio.Event().wait()  # until a signal cancels us
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+        main.uncancel()
     except GatewayStartError as exc:
         print(f"muxgate: {exc}", file=sys.stderr)
         return 1

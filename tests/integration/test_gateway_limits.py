@@ -155,6 +155,7 @@ async def test_admin_token_and_remote_clients(gateway: Gateway) -> None:
         assert (await c.get("/-/replicas")).status_code == 401
         r = await c.get("/-/replicas", headers={"authorization": "Bearer s3cret"})
         assert r.status_code == 200
+        assert (await c.get("/-/")).status_code == 200  # the page itself is public
     # Without a token, only local clients may use the admin API.
     app = GatewayASGI(gateway.config, gateway.pools, gateway.metrics)
     transport = httpx.ASGITransport(app=app, client=("10.0.0.5", 1234))

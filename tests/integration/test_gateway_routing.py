@@ -208,6 +208,9 @@ async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> N
     assert r.status_code == 200
     assert 'muxgate_requests_total{deployment="Sticky",status="200"}' in r.text
     assert 'muxgate_replicas{deployment="Sticky",state="running"} 2.0' in r.text
+    r = await client.get("/-/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
     r = await client.get("/-/nothing-here")
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "not_found"

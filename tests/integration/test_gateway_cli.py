@@ -1,0 +1,155 @@
+"""``muxgate serve`` in the foreground: starts, serves, stops cleanly on
+SIGTERM/SIGINT with no replica left behind; ``serve()`` cleans up too."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from muxgate.gateway._config import parse_config
+from muxgate.gateway._serve import serve
+
+APPS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "apps"))
+
+pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _gone(pids: list[int], within_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        if not alive:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def _read_line(proc: subprocess.Popen[str], within_s: float = 60.0) -> str:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
+        if ready:
+            line = proc.stderr.readline()
+            if "serving on" in line or not line:
+                return line
+    raise AssertionError("muxgate serve did not report its URL")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_command_runs_and_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text(
+        f"app_dir: {APPS}\n"
+        "deployments:\n"
+        "  - {name: Cli, import_path: 'gateway_apps:Echo1', num_replicas: 2}\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "muxgate.gateway._cli",
+            "serve",
+            str(config),
+            "--port",
+            "0",
+            "--log-level",
+            "WARNING",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = _read_line(proc)
+        url = line.strip().rsplit(" ", 1)[-1]
+        assert url.startswith("http://127.0.0.1:")
+        r = httpx.get(f"{url}/x", headers={"serve_multiplexed_model_id": "7"}, timeout=30)
+        assert r.status_code == 200
+        assert r.json()["model"] == "7"
+        assert httpx.get(f"{url}/-/healthz", timeout=10).status_code == 200
+        replicas = _children(proc.pid)
+        assert len(replicas) == 2
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0
+        assert _gone(replicas)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@pytest.mark.anyio
+async def test_serve_context_manager_leaves_no_process() -> None:
+    config = parse_config(
+        {
+            "http": {"port": 0},
+            "deployments": [{"name": "Ctx", "import_path": "gateway_apps:Echo1"}],
+        },
+        base_dir=APPS,
+    )
+    async with serve(config) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/")
+        assert r.status_code == 200
+        pid = r.json()["pid"]
+    assert _gone([pid])
+
+
+def test_serve_reports_replicas_that_cannot_start(tmp_path: Path) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text("deployments:\n  - {name: Broken, import_path: 'no_such_module:Thing'}\n")
+    env = {**os.environ}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, asyncio\n"
+            "from muxgate.gateway._config import load_config\n"
+            "from muxgate.gateway._serve import serve, GatewayStartError\n"
+            "async def main():\n"
+            "    try:\n"
+            "        async with serve(load_config(sys.argv[1]), port=0, ready_timeout_s=3):\n"
+            "            pass\n"
+            "    except GatewayStartError as exc:\n"
+            "        print('ERROR', exc)\n"
+            "asyncio.run(main())\n",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert "ERROR replicas not running" in proc.stdout, proc.stdout + proc.stderr
+    assert "no_such_module" in proc.stdout
