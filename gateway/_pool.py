@@ -399,6 +399,10 @@ class ReplicaPool:
         proc = rep.process
         if proc is None:
             return
+        if rep.conn is None:
+            # Never connected (start abandoned): nothing to finish, no grace.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
         try:
             async with asyncio.timeout(EXIT_GRACE_S):
                 await proc.wait()
