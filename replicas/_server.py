@@ -287,7 +287,10 @@ class Replica:
                 with anyio.move_on_after(self.spec.graceful_shutdown_timeout_s):
                     await self._idle.wait()
             self._cancel_calls()
-            await self._idle.wait()
+            with anyio.move_on_after(_CLOSE_GRACE_S):
+                # Bounded: a reply stuck writing to a gateway that stopped
+                # reading must not keep the process alive.
+                await self._idle.wait()
             await self._unload_models()
             if self._drain_requester is not None:
                 await self._drain_requester.send(Drained())
