@@ -1,0 +1,512 @@
+"""Serving inside a replica process: the ``Replica`` (calls, state, stop)
+and its gateway connections.
+
+Each ``Call`` runs in its own task inside a request scope and (when tracing
+is on) a ``muxgate.replica.handle`` span continued from the caller's
+``traceparent``, bounded by its ``timeout_s``. User exceptions become
+``ErrorInfo("user_error", 500)`` (``model_not_found``, 404, for the storage
+backends' not-found error) and the replica keeps serving.
+
+Stopping (one path, three triggers, see ``Replica.request_stop``):
+
+* ``Drain`` message: reason ``drain``; in-flight calls finish, models are
+  unloaded, ``Drained`` is sent;
+* SIGTERM/SIGINT: the same with reason ``shutdown`` (a second signal stops
+  waiting for in-flight calls);
+* the gateway's connection closes, or the parent dies: nobody can receive
+  replies any more, so in-flight calls are cancelled and models unloaded
+  with reason ``shutdown``.
+
+While stopping, calls are answered with ``ErrorInfo("draining", 503)``;
+whether a call is refused is decided in frame order, so a ``Call`` that
+arrived before the ``Drain`` still runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import msgspec
+from opentelemetry import trace
+
+from muxgate.replicas._context import request_scope
+from muxgate.replicas._http import Request, encode_result
+from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
+from muxgate.replicas._protocol import (
+    PROTOCOL_VERSION,
+    Call,
+    Drain,
+    Drained,
+    ErrorInfo,
+    FrameDecoder,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refused,
+    ReplicaState,
+    Reply,
+    Welcome,
+    encode_frame,
+)
+from muxgate.replicas._tracing import extract_context, tracing_active
+
+if TYPE_CHECKING:
+    from muxgate.replicas._server import ReplicaSpec
+
+__all__ = ["Replica"]
+
+_log = logging.getLogger("muxgate.replica")
+_tracer = trace.get_tracer("muxgate")
+
+_READ_SIZE = 1 << 16
+#: Seconds a new connection has to send ``Hello``.
+_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds the gateway gets to close its end after the replica stopped.
+_CLOSE_GRACE_S = 5.0
+
+
+# -- calls ---------------------------------------------------------------------
+
+
+class _CallFailed(Exception):
+    """Internal: a call ends with this ``ErrorInfo`` instead of a result."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _error_for(exc: BaseException) -> ErrorInfo:
+    """Map an exception raised by user code to what the gateway gets."""
+    message = f"{type(exc).__name__}: {exc}"
+    # muxgate.backends is optional here (and must not be imported eagerly):
+    # match its not-found error by name anywhere in the class hierarchy.
+    if any(cls.__name__ == "ModelNotFoundError" for cls in type(exc).__mro__):
+        return ErrorInfo(code="model_not_found", message=message, status=404)
+    return ErrorInfo(code="user_error", message=message, status=500)
+
+
+class _Connection:
+    """One accepted gateway connection.
+
+    Frames are coalesced: a sender that finds another send under way only
+    queues its frame, and the active sender writes everything queued in one
+    go. Under load this turns many small writes into a few large ones; alone,
+    a frame is written at once.
+    """
+
+    __slots__ = ("_out", "_sending", "_written", "broken", "peer", "stream", "welcomed")
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.welcomed = False
+        self.broken = False
+        self._out: list[bytes] = []
+        self._sending = False
+        self._written = anyio.Event()  # set while nothing waits to be written
+        self._written.set()
+        try:
+            self.peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address))
+        except Exception:
+            self.peer = "?"
+
+    async def send(self, message: Message) -> bool:
+        """Queue one frame and write it (with any others queued meanwhile);
+        False when the peer is gone (the caller moves on)."""
+        if self.broken:
+            return False
+        self._out.append(encode_frame(message))
+        if self._sending:
+            return True  # the active sender writes it
+        self._sending = True
+        self._written = anyio.Event()
+        try:
+            # Shielded so a cancelled call task never leaves half a frame.
+            with anyio.CancelScope(shield=True):
+                while self._out:
+                    data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+                    self._out.clear()
+                    await self.stream.send(data)
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.broken = True
+            self._out.clear()
+            return False
+        finally:
+            self._sending = False
+            self._written.set()
+        return True
+
+    async def finish(self) -> None:
+        """Write what is queued, then half-close: the gateway reads every
+        reply, sees end-of-stream, and closes its end."""
+        await self._written.wait()
+        with contextlib.suppress(Exception):
+            await self.stream.send_eof()
+
+
+class Replica:
+    """The serving state of this process: the instance, calls in flight,
+    connections, and the stop request."""
+
+    def __init__(self, spec: ReplicaSpec, instance: Any) -> None:
+        self.spec = spec
+        self.instance = instance
+        self.in_flight = 0
+        self.stopping = False
+        self.stop_requested = anyio.Event()
+        self.stop_reason = "shutdown"
+        self.stop_graceful = True
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._call_scopes: set[anyio.CancelScope] = set()
+        self._connections: set[_Connection] = set()
+        self._all_closed = anyio.Event()
+        self._drain_requester: _Connection | None = None
+        self._limiter = anyio.CapacityLimiter(max(1, spec.max_ongoing_requests))
+        self._tg: anyio.abc.TaskGroup | None = None
+        # method name -> coroutine function? (inspect is slow on the hot path)
+        self._async_methods: dict[str, bool] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<Replica {self.spec.deployment}#{self.spec.replica_id} in_flight={self.in_flight} "
+            f"connections={len(self._connections)} stopping={self.stopping}>"
+        )
+
+    # -- state ---------------------------------------------------------------
+
+    def state(self) -> ReplicaState:
+        models, loading = replica_state_snapshot()
+        return ReplicaState(in_flight=self.in_flight, models=models, loading=loading)
+
+    def request_stop(self, reason: str, *, graceful: bool) -> None:
+        """Ask the main task to stop; a later, less graceful request wins."""
+        if self.stop_requested.is_set():
+            if not graceful and self.stop_graceful:
+                self.stop_graceful = False
+                self._cancel_calls()
+            return
+        self.stop_reason = reason
+        self.stop_graceful = graceful
+        self.stopping = True
+        self.stop_requested.set()
+
+    def _cancel_calls(self) -> None:
+        for scope in list(self._call_scopes):
+            scope.cancel()
+
+    # -- serving -------------------------------------------------------------
+
+    async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        """Serve until a stop is requested, then stop as the reason says."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            accepting = anyio.CancelScope()
+            tg.start_soon(self._accept_loop, listener, accepting)
+            await self.stop_requested.wait()
+            # No new connections while stopping.
+            accepting.cancel()
+            _log.info("Stopping (%s), %d call(s) in flight.", self.stop_reason, self.in_flight)
+            if self.stop_graceful:
+                with anyio.move_on_after(self.spec.graceful_shutdown_timeout_s):
+                    await self._idle.wait()
+            self._cancel_calls()
+            with anyio.move_on_after(_CLOSE_GRACE_S):
+                # Bounded: a reply stuck writing to a gateway that stopped
+                # reading must not keep the process alive.
+                await self._idle.wait()
+            await self._unload_models()
+            if self._drain_requester is not None:
+                await self._drain_requester.send(Drained())
+            # Closing a socket may drop data still buffered for it, so
+            # half-close and let each gateway close its end once it has read
+            # everything (bounded: a gateway that never closes is cut off).
+            with anyio.move_on_after(_CLOSE_GRACE_S):
+                for conn in list(self._connections):
+                    await conn.finish()
+                if self._connections:
+                    await self._all_closed.wait()
+            tg.cancel_scope.cancel()
+        for conn in list(self._connections):
+            await anyio.aclose_forcefully(conn.stream)
+
+    async def _accept_loop(
+        self, listener: anyio.abc.Listener[anyio.abc.SocketStream], scope: anyio.CancelScope
+    ) -> None:
+        assert self._tg is not None
+        try:
+            with scope:
+                await listener.serve(self._serve_connection, task_group=self._tg)
+        finally:
+            # Closed only once serve() has stopped: closing it under a pending
+            # accept() would raise instead of ending quietly.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await listener.aclose()
+
+    async def _unload_models(self) -> None:
+        reason = "drain" if self.stop_reason == "drain" else "shutdown"
+        for cache in model_caches():
+            try:
+                with anyio.move_on_after(self.spec.graceful_shutdown_timeout_s):
+                    await cache.aclose(reason)
+            except Exception:
+                _log.exception("Unloading models of %r failed.", cache)
+
+    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
+        conn = _Connection(stream)
+        decoder = FrameDecoder()
+        try:
+            async with stream:
+                if not await self._handshake(conn, decoder):
+                    return
+                self._connections.add(conn)
+                while True:
+                    try:
+                        data = await stream.receive(_READ_SIZE)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                        return
+                    for message in decoder.feed(data):
+                        self._dispatch(conn, message)
+        except ProtocolError as exc:
+            _log.error("Closing connection from the gateway: %s", exc)
+        finally:
+            self._connections.discard(conn)
+            if conn.welcomed and not self._connections:
+                self._all_closed.set()
+                # The gateway is gone: nobody can receive replies any more.
+                self.request_stop("gateway disconnected", graceful=False)
+
+    async def _handshake(self, conn: _Connection, decoder: FrameDecoder) -> bool:
+        messages: list[Message] = []
+        with anyio.move_on_after(_HANDSHAKE_TIMEOUT):
+            while not messages:
+                try:
+                    data = await conn.stream.receive(_READ_SIZE)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    return False
+                messages = decoder.feed(data)
+        if not messages:
+            await conn.send(Refused(reason="no Hello within the handshake timeout"))
+            return False
+        hello, rest = messages[0], messages[1:]
+        if not isinstance(hello, Hello):
+            await conn.send(Refused(reason=f"expected Hello, got {type(hello).__name__}"))
+            return False
+        if hello.version != PROTOCOL_VERSION:
+            await conn.send(
+                Refused(
+                    reason=f"protocol version {hello.version} not supported; "
+                    f"this replica speaks {PROTOCOL_VERSION}"
+                )
+            )
+            return False
+        if self.stopping:
+            await conn.send(Refused(reason=f"replica is stopping ({self.stop_reason})"))
+            return False
+        conn.welcomed = await conn.send(
+            Welcome(
+                version=PROTOCOL_VERSION,
+                deployment=self.spec.deployment,
+                replica_id=self.spec.replica_id,
+                pid=os.getpid(),
+                state=self.state(),
+            )
+        )
+        for message in rest:
+            self._dispatch(conn, message)
+        return conn.welcomed
+
+    def _dispatch(self, conn: _Connection, message: Message) -> None:
+        assert self._tg is not None
+        if isinstance(message, Call):
+            self.in_flight += 1
+            self._idle = anyio.Event() if self._idle.is_set() else self._idle
+            # Decided here, in frame order: a Call that arrived before a Drain
+            # runs even if its task starts after the Drain was handled.
+            self._tg.start_soon(self._run_call, conn, message, self.stopping)
+        elif isinstance(message, Ping):
+            self._tg.start_soon(self._pong, conn)
+        elif isinstance(message, Drain):
+            if self._drain_requester is None:
+                self._drain_requester = conn
+            self.request_stop("drain", graceful=True)
+        else:
+            _log.warning("Ignoring unexpected %s from the gateway.", type(message).__name__)
+
+    async def _pong(self, conn: _Connection) -> None:
+        await conn.send(Pong(state=self.state(), counters=counters()))
+
+    async def _run_call(self, conn: _Connection, call: Call, refuse: bool) -> None:
+        scope = anyio.CancelScope()
+        self._call_scopes.add(scope)
+        reply: Reply | None = None
+        finished = False
+        try:
+            with scope:
+                if refuse:
+                    error = ErrorInfo(
+                        code="draining", message="replica is shutting down", status=503
+                    )
+                    outcome: tuple[int, list[tuple[str, str]], bytes] | ErrorInfo = error
+                else:
+                    outcome = await self._execute(call)
+            if not scope.cancelled_caught:
+                # Count the call out before taking the state, so the state in
+                # its reply matches the router's view once it releases it.
+                finished = True
+                self._finish()
+                state = self.state()
+                if isinstance(outcome, ErrorInfo):
+                    reply = Reply(id=call.id, state=state, status=outcome.status, error=outcome)
+                else:
+                    status, headers, body = outcome
+                    reply = Reply(
+                        id=call.id, state=state, status=status, headers=headers, body=body
+                    )
+        finally:
+            self._call_scopes.discard(scope)
+            if not finished:
+                self._finish()
+        if reply is not None:
+            await conn.send(reply)
+
+    def _finish(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def _execute(self, call: Call) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
+        with request_scope(call.request_id, call.model_id):
+            if not tracing_active():
+                # No exporter: skip the span machinery (a fifth of the
+                # per-call cost) since nothing would record it.
+                return await self._run_with_deadline(call, None)
+            parent = (
+                extract_context(call.traceparent, call.tracestate) if call.traceparent else None
+            )
+            with _tracer.start_as_current_span(
+                "muxgate.replica.handle",
+                context=parent,
+                kind=trace.SpanKind.SERVER,
+                attributes={
+                    "muxgate.deployment": self.spec.deployment,
+                    "muxgate.replica_id": self.spec.replica_id,
+                    "muxgate.request_id": call.request_id,
+                    "muxgate.model_id": call.model_id,
+                    "muxgate.method": call.method if call.http is None else "__call__",
+                },
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                outcome = await self._run_with_deadline(call, span)
+                if isinstance(outcome, ErrorInfo):
+                    span.set_attribute("muxgate.error_code", outcome.code)
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.code))
+                else:
+                    span.set_attribute("http.response.status_code", outcome[0])
+                return outcome
+
+    async def _run_with_deadline(
+        self, call: Call, span: trace.Span | None
+    ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
+        timeout = call.timeout_s
+        if timeout is None:
+            return await self._run_guarded(call, span)
+        if timeout <= 0:
+            return ErrorInfo(code="deadline", message="deadline passed", status=504)
+        with anyio.move_on_after(timeout):
+            return await self._run_guarded(call, span)
+        # Only reached when the deadline cancelled the call.
+        return ErrorInfo(
+            code="deadline",
+            message=f"deadline of {timeout:.3f}s passed in the replica",
+            status=504,
+        )
+
+    async def _run_guarded(
+        self, call: Call, span: trace.Span | None
+    ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
+        try:
+            return await self._invoke_call(call)
+        except _CallFailed as failed:
+            return failed.error
+        except (Exception, SystemExit) as exc:
+            # SystemExit too: a handler calling sys.exit() fails its
+            # request, not the replica.
+            error = _error_for(exc)
+            if error.code == "model_not_found":
+                _log.warning("%s", error.message)
+            else:
+                _log.exception("Request %s failed.", call.request_id)
+            if span is not None:
+                span.record_exception(exc)
+            return error
+
+    async def _invoke_call(self, call: Call) -> tuple[int, list[tuple[str, str]], bytes]:
+        if call.http is not None:
+            target = self._target("__call__")
+            result = await self._invoke("__call__", target, (Request.from_wire(call.http),), {})
+            encoded: tuple[int, list[tuple[str, str]], bytes] = encode_result(result)
+            return encoded
+        target = self._target(call.method)
+        try:
+            args = msgspec.msgpack.decode(call.args) if call.args else []
+            kwargs = msgspec.msgpack.decode(call.kwargs) if call.kwargs else {}
+        except msgspec.DecodeError as exc:
+            raise _CallFailed(
+                ErrorInfo("bad_request", f"undecodable arguments: {exc}", 400)
+            ) from exc
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise _CallFailed(ErrorInfo("bad_request", "args must be a list, kwargs a map", 400))
+        result = await self._invoke(call.method, target, tuple(args), kwargs)
+        return 200, [], msgspec.msgpack.encode(result)
+
+    def _target(self, name: str) -> Callable[..., Any]:
+        # Only public methods and __call__ are reachable from the wire.
+        if name != "__call__" and (not name or name.startswith("_")):
+            raise _CallFailed(ErrorInfo("bad_request", f"method {name!r} is not callable", 400))
+        target = getattr(self.instance, name, None)
+        if not callable(target):
+            raise _CallFailed(
+                ErrorInfo("bad_request", f"{self.spec.deployment} has no method {name!r}", 400)
+            )
+        return target  # type: ignore[no-any-return]
+
+    async def _invoke(
+        self, name: str, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        is_async = self._async_methods.get(name)
+        if is_async is None:
+            is_async = self._async_methods[name] = _is_async(target)
+        if is_async:
+            return await target(*args, **kwargs)
+        # Sync user code runs in a worker thread with this request's context
+        # (request scope, span) so get_multiplexed_model_id() and logging work.
+        ctx = contextvars.copy_context()
+        result = await anyio.to_thread.run_sync(
+            ctx.run,
+            functools.partial(target, *args, **kwargs),
+            abandon_on_cancel=True,
+            limiter=self._limiter,
+        )
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+def _is_async(target: Callable[..., Any]) -> bool:
+    if inspect.iscoroutinefunction(target):
+        return True
+    call = getattr(target, "__call__", None)  # noqa: B004 - callable objects
+    return call is not None and inspect.iscoroutinefunction(call)
