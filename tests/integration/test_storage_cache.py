@@ -15,9 +15,11 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 with warnings.catch_warnings():
@@ -289,3 +291,35 @@ async def test_unknown_protocol_and_missing_package(tmp_path: Path) -> None:
         MissingDependencyError, match=f"Install muxgate-fake to access {protocol}://"
     ):
         await load_state_dict(f"{protocol}://bucket", "m", config=_config(tmp_path))
+
+
+async def test_cancelled_download_leaves_no_partial_file_or_lock(
+    s3: S3Server, proxy: FaultProxy, prefix: str, tmp_path: Path
+) -> None:
+    s3.put(BUCKET, f"{prefix}/m/model.pt", _model_bytes(1000, seed=2))
+    key_path = f"/{BUCKET}/{prefix}/m/model.pt"
+    config = _config(tmp_path / "c")
+    opts = s3.options_via(proxy.endpoint)
+    root = f"s3://{BUCKET}/{prefix}"
+    release = proxy.hold("GET", key_path)
+    scope = anyio.CancelScope()
+
+    async def load() -> None:
+        with scope:
+            await load_state_dict(root, "m", storage_options=opts, config=config)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load)
+        await anyio.to_thread.run_sync(
+            partial(wait_until, lambda: proxy.count("GET", key_path) >= 1, timeout=30, what="GET")
+        )
+        scope.cancel()  # mid-download: the ranged read is in flight
+        release.set()
+    assert scope.cancelled_caught
+    cache = DiskCache(tmp_path / "c", config.cache.max_bytes)
+    assert cache.files() == []
+    assert not list((tmp_path / "c" / "objects").rglob("*.part"))
+    # The lock was released: the next load downloads and succeeds.
+    loaded = await load_state_dict(root, "m", storage_options=opts, config=config)
+    assert float(loaded["w"].sum()) == 2000.0
+    assert proxy.count("GET", key_path) == 2
