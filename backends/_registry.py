@@ -58,10 +58,9 @@ _BUILTIN: dict[str, BackendSpec] = {
     "memory": BackendSpec("fsspec.implementations.memory.MemoryFileSystem", "fsspec", remote=False),
     "s3": BackendSpec("muxgate.backends._s3.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
     "s3a": BackendSpec("muxgate.backends._s3.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
-    # gcsfs.core, not gcsfs: the package root may swap in an experimental
-    # class that probes gRPC first (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT).
-    "gs": BackendSpec("gcsfs.core.GCSFileSystem", "gcsfs"),
-    "gcs": BackendSpec("gcsfs.core.GCSFileSystem", "gcsfs"),
+    # One attempt per request; see muxgate.backends._gcs.
+    "gs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs"),
+    "gcs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs"),
     "http": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp"),
     "https": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp"),
     "az": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs"),

@@ -45,7 +45,16 @@ from muxgate.backends._formats import load_state_dict
 from muxgate.backends._registry import register_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from storage_servers import FaultProxy, S3Server, fault_proxy, free_port, moto_s3, wait_until
+from storage_servers import (
+    FaultProxy,
+    GcsServer,
+    S3Server,
+    fake_gcs,
+    fault_proxy,
+    free_port,
+    moto_s3,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -323,3 +332,43 @@ async def test_cancelled_download_leaves_no_partial_file_or_lock(
     loaded = await load_state_dict(root, "m", storage_options=opts, config=config)
     assert float(loaded["w"].sum()) == 2000.0
     assert proxy.count("GET", key_path) == 2
+
+
+@pytest.fixture(scope="module")
+def gcs() -> Iterator[GcsServer]:
+    with fake_gcs() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+async def test_gcs_transient_failures_are_retried(
+    gcs: GcsServer, prefix: str, tmp_path: Path
+) -> None:
+    gcs.put(BUCKET, f"{prefix}/m/model.pt", _model_bytes(1000, seed=5))
+    with fault_proxy(gcs.endpoint) as proxy:
+        proxy.fail_next(2, status=503)
+        started = time.monotonic()
+        loaded = await load_state_dict(
+            f"gs://{BUCKET}/{prefix}",
+            "m",
+            storage_options=gcs.options_via(proxy.endpoint),
+            config=_config(tmp_path / "c"),
+        )
+        # Our policy's short back-off, not gcsfs's 1 s + 2 s sleeps.
+        assert time.monotonic() - started < 3
+        assert proxy.count() >= 4
+    assert float(loaded["w"].sum()) == 5000.0
+
+
+async def test_gcs_server_down_fails_fast(gcs: GcsServer, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError) as info:
+        await load_state_dict(
+            f"gs://{BUCKET}",
+            "m",
+            storage_options=gcs.options_via(dead),
+            config=_config(tmp_path / "c"),
+        )
+    assert info.value.attempts == 4
+    assert time.monotonic() - started < 15
