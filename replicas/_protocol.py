@@ -161,7 +161,7 @@ class Drained(msgspec.Struct, frozen=True, tag="drained", tag_field="t"):
 Message = Hello | Welcome | Refused | Call | Reply | Ping | Pong | Drain | Drained
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
 
 
 def encode_frame(message: Message) -> bytes:
