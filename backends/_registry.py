@@ -45,7 +45,7 @@ class BackendSpec:
 _S3_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "config_kwargs": {
-            "retries": {"max_attempts": 1, "mode": "standard"},
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
             "connect_timeout": 5,
             "read_timeout": 60,
         },

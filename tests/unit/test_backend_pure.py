@@ -247,7 +247,7 @@ def test_storage_config_validation_and_defaults(tmp_path: Path) -> None:
     config = StorageConfig(cache=CacheConfig(directory=tmp_path, enabled=False))
     assert not config.cache.enabled_for("s3")
     assert CacheConfig(protocols={"file": True}).enabled_for("file")
-    assert config.options_for("s3")["config_kwargs"]["retries"]["max_attempts"] == 1
+    assert config.options_for("s3")["config_kwargs"]["retries"]["total_max_attempts"] == 1
 
 
 def test_errors_pickle_with_their_fields() -> None:
