@@ -17,9 +17,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from ._config import StorageConfig
 from ._errors import ModelFormatError, UnsafePickleError
@@ -28,7 +26,12 @@ from ._urls import join_model_url
 
 T = TypeVar("T")
 
-MapLocation = str | torch.device | dict[str, str] | None
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a file is decoded, not at import time: the gateway
+# imports muxgate.backends (errors, joins) and should not pay for torch.
+MapLocation: TypeAlias = "str | torch.device | dict[str, str] | None"
 
 
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
@@ -97,6 +100,8 @@ def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
 
 
 def _state_dict(map_location: MapLocation, artifact: Artifact) -> dict[str, Any]:
+    import torch
+
     obj = torch.load(
         _source(artifact), map_location=map_location, weights_only=True, mmap=_mmap_ok(artifact)
     )
@@ -145,6 +150,8 @@ async def load_state_dict(
 
 
 def _torchscript(map_location: MapLocation, artifact: Artifact) -> torch.jit.ScriptModule:
+    import torch
+
     loaded = torch.jit.load(  # type: ignore[no-untyped-call]
         _source(artifact), map_location=map_location
     )
@@ -176,6 +183,8 @@ async def load_torchscript(
 
 
 def _device(map_location: MapLocation) -> str:
+    import torch
+
     if map_location is None:
         return "cpu"
     if isinstance(map_location, torch.device):
@@ -222,6 +231,8 @@ async def load_safetensors(
 
 
 def _pickled(map_location: MapLocation, trusted: bool, artifact: Artifact) -> torch.nn.Module:
+    import torch
+
     if trusted:
         warnings.warn(
             f"Loading the pickled module {artifact.url} with trusted=True: a pickle "
