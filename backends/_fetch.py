@@ -96,8 +96,16 @@ class Artifact:
     _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
 
-class _ShortRead(ConnectionError):
-    """A ranged read returned fewer bytes than asked (retried as transient)."""
+class _ObjectChanged(Exception):
+    """The object changed while it was being downloaded; the fetch restarts."""
+
+
+class _ShortRead(_ObjectChanged):
+    """A ranged read returned fewer bytes than asked: the object shrank."""
+
+
+# Restarts of a whole fetch because the object changed under it.
+_MAX_VERSION_RESTARTS = 3
 
 
 async def _thread(func: Callable[..., T], *args: Any) -> T:
@@ -236,6 +244,7 @@ class _Fetcher:
             try:
                 logger.info("Downloading %s (%d bytes) into the cache.", self.safe_url, size)
                 await self.download(temp, size)
+                await self.check_unchanged(info)
                 final = await _thread(cache.commit, temp, key)
             except BaseException:
                 _remove(temp)
@@ -273,7 +282,25 @@ class _Fetcher:
         data: bytes = fs.cat_file(self.path)
         return Artifact(self.safe_url, size, cache_hit=False, strategy=Strategy.BYTES, data=data)
 
+    async def check_unchanged(self, before: Mapping[str, Any]) -> None:
+        """Raise if the object's version changed since ``before`` (mixed parts)."""
+        if version_token(await self.info()) != version_token(before):
+            raise _ObjectChanged(self.safe_url)
+
     async def fetch(self) -> Artifact:
+        """Fetch, restarting (bounded) if the object changes mid-download."""
+        for _ in range(_MAX_VERSION_RESTARTS):
+            try:
+                return await self._fetch_once()
+            except _ObjectChanged:
+                logger.info("%s changed during download; fetching it again.", self.safe_url)
+        raise BackendError(
+            f"{self.safe_url} kept changing during download "
+            f"({_MAX_VERSION_RESTARTS} attempts)",
+            url=self.safe_url,
+        )
+
+    async def _fetch_once(self) -> Artifact:
         info = await self.info()
         size = int(info.get("size") or 0)
         strategy = choose_strategy(
@@ -298,6 +325,7 @@ class _Fetcher:
             artifact._cleanup.append(partial(_remove, name))
             try:
                 await self.download(Path(name), size)
+                await self.check_unchanged(info)
             except BaseException:
                 _remove(name)
                 raise

@@ -189,7 +189,8 @@ async def test_transient_failures_are_retried(
         config=_config(tmp_path / "c"),
     )
     assert float(loaded["w"].sum()) == 1000.0
-    assert proxy.count(path_contains=f"{prefix}/m/model.pt") == 4  # 2 x 503, HEAD, GET
+    # 2 x 503, HEAD, GET, HEAD (the version check after the download)
+    assert proxy.count(path_contains=f"{prefix}/m/model.pt") == 5
 
 
 async def test_persistent_503_gives_storage_unavailable(
@@ -372,3 +373,35 @@ async def test_gcs_server_down_fails_fast(gcs: GcsServer, tmp_path: Path) -> Non
         )
     assert info.value.attempts == 4
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("new_size", [150_000, 50_000], ids=["grows", "shrinks"])
+async def test_object_replaced_mid_download_is_fetched_again(
+    s3: S3Server, proxy: FaultProxy, prefix: str, tmp_path: Path, new_size: int
+) -> None:
+    key = f"{prefix}/m/model.pt"
+    s3.put(BUCKET, key, _model_bytes(100_000, seed=1))
+    release = proxy.hold("GET", f"/{BUCKET}/{key}")
+    config = _config(tmp_path / "c", part_size=128 * 1024)
+    result: dict[str, torch.Tensor] = {}
+
+    async def load() -> None:
+        result.update(
+            await load_state_dict(
+                f"s3://{BUCKET}/{prefix}",
+                "m",
+                storage_options=s3.options_via(proxy.endpoint),
+                config=config,
+            )
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load)
+        await anyio.to_thread.run_sync(
+            partial(wait_until, lambda: proxy.count("GET", key) >= 1, timeout=30, what="GET")
+        )
+        # The first ranged GET is in flight; replace the object under it.
+        await anyio.to_thread.run_sync(s3.put, BUCKET, key, _model_bytes(new_size, seed=2))
+        release.set()
+    assert result["w"].shape == (new_size,)
+    assert float(result["w"].sum()) == 2.0 * new_size
