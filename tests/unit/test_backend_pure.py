@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,14 @@ def test_errors_pickle_with_their_fields() -> None:
     assert (copy.url, copy.attempts, copy.elapsed, str(copy)) == ("s3://b/k", 3, 1.5, str(err))
     bad = pickle.loads(pickle.dumps(InvalidModelIdError("..", "nope")))
     assert isinstance(bad, ValueError) and bad.reason == "nope"
+
+
+def test_importing_backends_does_not_import_torch_or_cloud_sdks() -> None:
+    code = (
+        "import sys, muxgate.backends._formats, muxgate.backends._fetch;"
+        "print(sorted(m for m in ('torch', 's3fs', 'gcsfs', 'botocore') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
