@@ -295,8 +295,7 @@ class _Fetcher:
             except _ObjectChanged:
                 logger.info("%s changed during download; fetching it again.", self.safe_url)
         raise BackendError(
-            f"{self.safe_url} kept changing during download "
-            f"({_MAX_VERSION_RESTARTS} attempts)",
+            f"{self.safe_url} kept changing during download ({_MAX_VERSION_RESTARTS} attempts)",
             url=self.safe_url,
         )
 
