@@ -169,6 +169,7 @@ class Ingress:
         model_id = ""
         status = 500
         replica_id = ""
+        responded = False
         try:
             if route is None:
                 raise RouteNotFoundError(f"no deployment serves {path!r}")
@@ -202,6 +203,7 @@ class Ingress:
             out.append((b"content-length", str(len(reply.body)).encode()))
             out.append((b"x-request-id", request_id.encode()))
             out.append((b"x-muxgate-replica", replica_id.encode()))
+            responded = True  # from here on, a failure cannot become an error response
             await send({"type": "http.response.start", "status": status, "headers": out})
             await send({"type": "http.response.body", "body": reply.body})
         except _TooLarge:
@@ -212,6 +214,9 @@ class Ingress:
                 "",
             )
         except Exception as exc:
+            if responded:
+                _log.info("could not send the response of %s: %r", request_id, exc)
+                return
             if not isinstance(exc, GatewayError):
                 _log.exception("gateway error for request %s", request_id)
             replica_id = getattr(exc, "replica_id", "")
