@@ -1,3 +1,63 @@
-"""muxgate.backends: model storage through fsspec, and model file formats."""
+"""muxgate.backends: model storage through fsspec, and model file formats.
 
-__all__: list[str] = []
+Models are read by URL (``file://`` or a plain path, ``s3://``, ``gs://``,
+``memory://``, more through :func:`register_backend`), with ids joined safely
+onto a storage root, remote objects fetched with parallel ranged reads into a
+disk cache shared by the replicas of a host, and weights loaded without
+running pickled code unless the caller says ``trusted=True``.
+"""
+
+from muxgate.backends._config import (
+    CacheConfig,
+    RetryPolicy,
+    StorageConfig,
+    configure_storage,
+    get_storage_config,
+)
+from muxgate.backends._errors import (
+    BackendError,
+    InvalidModelIdError,
+    MissingDependencyError,
+    ModelFormatError,
+    ModelNotFoundError,
+    StorageUnavailableError,
+    UnsafePickleError,
+    UnsupportedProtocolError,
+)
+from muxgate.backends._fetch import Artifact, fetch
+from muxgate.backends._formats import (
+    UntrustedPickleWarning,
+    load_pickled_module,
+    load_safetensors,
+    load_state_dict,
+    load_torchscript,
+)
+from muxgate.backends._registry import register_backend, registered_protocols
+from muxgate.backends._urls import join_model_url, redact_url
+
+__all__ = [
+    "Artifact",
+    "BackendError",
+    "CacheConfig",
+    "InvalidModelIdError",
+    "MissingDependencyError",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "RetryPolicy",
+    "StorageConfig",
+    "StorageUnavailableError",
+    "UnsafePickleError",
+    "UnsupportedProtocolError",
+    "UntrustedPickleWarning",
+    "configure_storage",
+    "fetch",
+    "get_storage_config",
+    "join_model_url",
+    "load_pickled_module",
+    "load_safetensors",
+    "load_state_dict",
+    "load_torchscript",
+    "redact_url",
+    "register_backend",
+    "registered_protocols",
+]
