@@ -194,9 +194,17 @@ class ReplicaPool:
         return len(self.targets)
 
     def is_starting(self) -> bool:
-        """Whether a replica is starting or about to be (requests may wait)."""
+        """Whether a replica is starting or about to be (requests may wait).
+
+        The dispatcher asks this only when it has no replica to send a request
+        to. For an autoscaled deployment at zero replicas it is also the
+        activator: the request raises the target to one and waits for it.
+        """
         if self._closing:
             return False
+        scaling = self.config.autoscaling
+        if self.target == 0 and scaling is not None and scaling.max_replicas > 0:
+            self.set_target(1)
         if any(r.state == STARTING for r in self._replicas.values()):
             return True
         return self.running < self.target and time.monotonic() >= self._backoff_until

@@ -44,6 +44,12 @@ async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
                     "max_queued_requests": 1,
                 },
                 {
+                    "name": "Zero",
+                    "import_path": "gateway_apps:Echo1",
+                    "route_prefix": "/zero",
+                    "autoscaling": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0},
+                },
+                {
                     "name": "Empty",
                     "import_path": "gateway_apps:Echo1",
                     "route_prefix": "/empty",
@@ -181,3 +187,15 @@ def test_cli_refuses_an_invalid_config(tmp_path: Any) -> None:
     assert proc.returncode == 2
     assert "$.deployments[0].max_ongoing_requests" in proc.stderr
     assert str(path) in proc.stderr
+
+
+async def test_scaled_to_zero_deployment_holds_the_first_request(
+    client: httpx.AsyncClient,
+) -> None:
+    assert (await view(client, "Zero"))["replicas"] == []
+    r = await client.get("/zero/first", headers={MODEL: "z"})
+    assert r.status_code == 200
+    assert r.json()["model"] == "z"
+    zero = await view(client, "Zero")
+    assert zero["target_replicas"] == 1
+    assert [rep["state"] for rep in zero["replicas"]] == ["running"]
