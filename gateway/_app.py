@@ -303,6 +303,22 @@ def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Res
     )
 
 
+def _admin_ids(message: lt.Message, scope: lt.Scope) -> None:
+    """Give admin responses the ``x-request-id``/``x-muxgate-replica`` headers
+    every gateway response carries (ingress responses set their own)."""
+    if message["type"] != "http.response.start" or not scope["path"].startswith("/-"):
+        return
+    headers = cast(list[tuple[bytes, bytes]], message.setdefault("headers", []))
+    if any(name == b"x-request-id" for name, _ in headers):
+        return  # the error handler set them
+    request_id = b""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value) is not None:
+            request_id = value
+    headers.append((b"x-request-id", request_id or _new_request_id().encode()))
+    headers.append((b"x-muxgate-replica", b""))
+
+
 def create_app(
     config: AppConfig,
     pools: Mapping[str, ReplicaPool],
@@ -362,6 +378,7 @@ def create_app(
         handlers.append(asgi("/", is_mount=True)(ingress_handler))
     return Litestar(
         route_handlers=handlers,
+        before_send=[_admin_ids],
         guards=[_admin_guard(config.http.admin_token)],
         exception_handlers={Exception: _admin_error_handler},
         openapi_config=None,

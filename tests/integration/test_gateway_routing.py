@@ -202,8 +202,10 @@ async def test_request_id_is_honoured_or_generated(client: httpx.AsyncClient) ->
 
 
 async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> None:
-    r = await client.get("/-/healthz")
+    r = await client.get("/-/healthz", headers={"x-request-id": "admin-1"})
     assert r.status_code == 200
+    assert r.headers["x-request-id"] == "admin-1"
+    assert r.headers["x-muxgate-replica"] == ""
     r = await client.get("/-/metrics")
     assert r.status_code == 200
     assert 'muxgate_requests_total{deployment="Sticky",status="200"}' in r.text
@@ -213,6 +215,8 @@ async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> N
     assert r.headers["content-type"].startswith("text/html")
     r = await client.get("/-/nothing-here")
     assert r.status_code == 404
+    assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+    assert r.headers.get_list("x-request-id") == [r.headers["x-request-id"]]
     assert r.json()["error"]["code"] == "not_found"
     view = (await client.get("/-/replicas")).json()["deployments"]
     assert set(view) == {"Sticky", "Lru", "Spread", "Nested"}
