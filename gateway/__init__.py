@@ -1,3 +1,68 @@
-"""muxgate.gateway: the HTTP edge: Litestar app, router, replica pool, autoscaler, CLI."""
+"""muxgate.gateway: the HTTP edge: Litestar app, router, replica pool, autoscaler, CLI.
 
-__all__: list[str] = []
+Start a gateway in-process (tests, embedding)::
+
+    from muxgate.gateway import load_config, serve
+
+    async with serve(load_config("app.yaml")) as base_url:
+        ...
+
+or from the shell with ``muxgate serve app.yaml``.
+"""
+
+from muxgate.gateway._config import (
+    AppConfig,
+    DeploymentConfig,
+    HttpConfig,
+    MetricsConfig,
+    RoutingConfig,
+    TracingConfig,
+    load_config,
+    parse_config,
+)
+from muxgate.gateway._connection import (
+    HandshakeError,
+    ReplicaConnection,
+    ReplicaConnectionError,
+    ReplicaDiedError,
+    ReplicaUnavailableError,
+)
+from muxgate.gateway._errors import ConfigError, GatewayError
+from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess, ReplicaStartError
+from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.gateway._policy import AutoscalingConfig, PolicyState, Sample, decide
+from muxgate.gateway._router import HashRing, RouteDecision, Router
+from muxgate.gateway._serve import Gateway, GatewayStartError, serve, start_gateway
+
+__all__ = [
+    "AppConfig",
+    "AutoscalingConfig",
+    "ConfigError",
+    "DeploymentConfig",
+    "Gateway",
+    "GatewayError",
+    "GatewayMetrics",
+    "GatewayStartError",
+    "HandshakeError",
+    "HashRing",
+    "HttpConfig",
+    "LocalLauncher",
+    "MetricsConfig",
+    "PolicyState",
+    "ReplicaConnection",
+    "ReplicaConnectionError",
+    "ReplicaDiedError",
+    "ReplicaProcess",
+    "ReplicaStartError",
+    "ReplicaUnavailableError",
+    "RouteDecision",
+    "Router",
+    "RoutingConfig",
+    "Sample",
+    "TracingConfig",
+    "decide",
+    "load_config",
+    "parse_config",
+    "serve",
+    "start_gateway",
+]
