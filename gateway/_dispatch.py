@@ -75,9 +75,12 @@ class Target(Protocol):
         timeout_s: float | None,
         traceparent: str | None,
         tracestate: str | None,
-        http: HttpRequest,
+        http: HttpRequest | None,
+        method: str = "__call__",
+        args: bytes = b"",
+        kwargs: bytes = b"",
     ) -> Reply:
-        """Send one call.
+        """Send one call (HTTP when ``http`` is set, else a method call).
 
         Raises:
             ReplicaUnavailableError: not sent; the dispatcher reroutes.
@@ -155,12 +158,19 @@ class Dispatcher:
         *,
         request_id: str,
         model_id: str,
-        http: HttpRequest,
+        http: HttpRequest | None,
         deadline: float,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        method: str = "__call__",
+        args: bytes = b"",
+        kwargs: bytes = b"",
     ) -> tuple[Reply, str]:
         """Send one request to a replica and return ``(reply, replica_id)``.
+
+        With ``http=None`` it is a handle call: ``method`` is called with the
+        MessagePack-encoded ``args`` (a list) and ``kwargs`` (a map), routed
+        exactly like HTTP traffic.
 
         ``deadline`` is in ``loop.time()`` units. A reply that carries an
         ``error`` is turned into the matching ``GatewayError`` here.
@@ -194,6 +204,9 @@ class Dispatcher:
                             traceparent=traceparent,
                             tracestate=tracestate,
                             http=http,
+                            method=method,
+                            args=args,
+                            kwargs=kwargs,
                         )
                 except TimeoutError:
                     raise DeadlineExceededError("the request's deadline passed") from None
