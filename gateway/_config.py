@@ -17,6 +17,8 @@ import msgspec
 import yaml
 
 from muxgate.gateway._errors import ConfigError
+from muxgate.gateway._policy import AutoscalingConfig
+from muxgate.gateway._router import DEFAULT_BALANCE_FACTOR, DEFAULT_VIRTUAL_NODES
 
 __all__ = [
     "AppConfig",
@@ -29,8 +31,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-from muxgate.gateway._policy import AutoscalingConfig
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
@@ -51,8 +51,16 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):
 class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Parameters of the bounded-load consistent-hash router (DESIGN.md section 5)."""
 
-    balance_factor: Annotated[float, msgspec.Meta(gt=1.0)] = 1.25
-    virtual_nodes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    #: c in the bounded-load rule; the default was chosen by
+    #: bench/bench_routing_sim.py (see ``muxgate.gateway._router``)
+    balance_factor: Annotated[float, msgspec.Meta(gt=1.0)] = DEFAULT_BALANCE_FACTOR
+    virtual_nodes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = DEFAULT_VIRTUAL_NODES
+    #: floor on the bounded-load capacity; None: half of ``max_ongoing_requests``
+    min_capacity: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: how long the oldest queued request lets younger requests whose model is
+    #: already on the freed replica go first (cache-affine queue); None: a
+    #: moving estimate of the model load time the replicas report
+    queue_affinity_wait_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
