@@ -11,7 +11,6 @@ import ctypes
 import io
 import json
 import pathlib
-import sys
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,10 +26,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
     import torch
 
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from otlp_receiver import OtlpReceiver, ReceivedSpan
+from storage_servers import GcsServer, S3Server, fake_gcs, moto_s3
 
 from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
 from muxgate.backends._errors import (
@@ -46,9 +44,7 @@ from muxgate.backends._formats import (
     load_state_dict,
     load_torchscript,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from storage_servers import GcsServer, S3Server, fake_gcs, moto_s3
+from muxgate.replicas._tracing import configure_tracing, flush_tracing, shutdown_tracing
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -193,15 +189,27 @@ class Payload:
         return (pathlib.Path.touch, (self.marker,))
 
 
-@pytest.fixture(scope="session")
-def spans() -> InMemorySpanExporter:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
+    """Export this process's spans to a real OTLP/HTTP receiver, through
+    muxgate's own tracing set-up (a global SDK provider set here would
+    shadow it for every later test in the session)."""
+    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER"):
+        monkeypatch.delenv(name, raising=False)
+    with OtlpReceiver() as receiver:
+        configure_tracing("otlp", receiver.endpoint, service_name="muxgate-storage-tests")
+        try:
+            yield receiver
+        finally:
+            shutdown_tracing()
+
+
+def _fetch_spans(receiver: OtlpReceiver, count: int) -> list[ReceivedSpan]:
+    assert flush_tracing()
+    spans = receiver.wait_for(
+        lambda spans: sum(s.name == "muxgate.storage.fetch" for s in spans) >= count
+    )
+    return [s for s in spans if s.name == "muxgate.storage.fetch"]
 
 
 async def test_state_dict_round_trip(store: Store) -> None:
@@ -295,34 +303,34 @@ async def test_not_a_state_dict(store: Store) -> None:
         await load_state_dict(store.root, "list", **store.kwargs())
 
 
-async def test_changed_object_is_fetched_again(store: Store, spans: InMemorySpanExporter) -> None:
+async def test_changed_object_is_fetched_again(store: Store, spans: OtlpReceiver) -> None:
     store.put("v/model.pt", _torch_bytes({"v": torch.tensor([1.0])}))
     first = await load_state_dict(store.root, "v", **store.kwargs())
     again = await load_state_dict(store.root, "v", **store.kwargs())
     store.put("v/model.pt", _torch_bytes({"v": torch.tensor([2.0, 2.0])}))
+    assert flush_tracing()  # earlier fetches' spans must not arrive after the clear
     spans.clear()
     second = await load_state_dict(store.root, "v", **store.kwargs())
     assert first["v"].tolist() == again["v"].tolist() == [1.0]
     assert second["v"].tolist() == [2.0, 2.0]
-    (span,) = [s for s in spans.get_finished_spans() if s.name == "muxgate.storage.fetch"]
-    assert span.attributes is not None
+    (span,) = _fetch_spans(spans, 1)
     assert span.attributes["muxgate.cache_hit"] is False
 
 
-async def test_fetch_span(store: Store, spans: InMemorySpanExporter) -> None:
+async def test_fetch_span(store: Store, spans: OtlpReceiver) -> None:
     data = _torch_bytes(_state())
     store.put("span/model.pt", data)
+    assert flush_tracing()  # earlier fetches' spans must not arrive after the clear
     spans.clear()
     await load_state_dict(store.root, "span", **store.kwargs())
     await load_state_dict(store.root, "span", **store.kwargs())
-    fetches = [s for s in spans.get_finished_spans() if s.name == "muxgate.storage.fetch"]
+    fetches = _fetch_spans(spans, 2)
     assert len(fetches) == 2
     for span in fetches:
-        assert span.attributes is not None
         assert span.attributes["url.full"] == f"{store.root}/span/model.pt"
         assert span.attributes["muxgate.bytes"] == len(data)
         assert float(span.attributes["muxgate.duration_ms"]) >= 0  # type: ignore[arg-type]
-    hits = [s.attributes["muxgate.cache_hit"] for s in fetches if s.attributes]
+    hits = [s.attributes["muxgate.cache_hit"] for s in fetches]
     assert hits == ([False, True] if store.cached else [False, False])
 
 
