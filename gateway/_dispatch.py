@@ -4,12 +4,26 @@
 
     choose (Router, pure) -> acquire -> Target.call -> observe -> release -> wake
 
-When the router has no replica under ``max_ongoing_requests`` the request
-waits in the deployment's queue. The queue is one FIFO per deployment (hence
-FIFO per model id too): a free slot is handed to the head waiter
-synchronously inside ``wake()`` (decided and acquired without awaiting), so a
-new arrival can never overtake a waiter and a woken waiter never finds its
-slot taken. New arrivals go straight to a replica only while nobody waits.
+When the router has no replica under capacity the request waits in the
+deployment's queue. Free slots are handed out synchronously inside
+``wake()`` (decided and acquired without awaiting), so a woken waiter never
+finds its slot taken, and new arrivals go straight to a replica only while
+nobody waits.
+
+The queue is cache-affine, FIFO per model id. A strict global FIFO collapses
+a busy deployment (bench/bench_routing_sim.py ``--queue fifo``): the slot that
+frees on replica r goes to the head request, usually a cache miss on r, so
+r loads a model, holds the slot for the load, and every replica stays full of
+loads. Instead a free slot goes to the oldest waiter whose model the chosen
+replica already holds (loaded or loading); the head gets a slot that would
+be a miss only once it has waited ``affinity_wait_s`` (about one model load,
+estimated by the pool), when nothing is in flight, or when the chosen
+replica is idle (a load there delays nobody). Waiters of one model id are
+served oldest first, since they all see the same routing choice.
+
+Each routing decision runs in a ``muxgate.route`` span (when tracing is on)
+and the traceparent sent to the replica is that span's, so the replica's
+span is its child.
 
 The dispatcher never sees processes or sockets: replicas are ``Target``
 objects looked up by id in a mapping the pool keeps current. Tests inject
@@ -19,10 +33,13 @@ fakes there.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Protocol
+
+from opentelemetry import trace
 
 from muxgate.gateway._connection import ReplicaDiedError, ReplicaUnavailableError
 from muxgate.gateway._errors import (
@@ -36,6 +53,7 @@ from muxgate.gateway._errors import (
 )
 from muxgate.gateway._router import RouteDecision, Router
 from muxgate.replicas._protocol import HttpRequest, Reply
+from muxgate.replicas._tracing import extract_context, inject_traceparent, tracing_active
 
 __all__ = [
     "DispatchMetrics",
@@ -49,6 +67,10 @@ MAX_MODEL_ID = 256
 _MODEL_ID = re.compile(rb"[!-~]{1,256}")
 #: how many times a request that never reached a replica is routed again
 MAX_REROUTES = 3
+#: waiters a ``wake()`` pass looks at for a cache hit (bounds its cost)
+AFFINITY_SCAN = 64
+
+_tracer = trace.get_tracer("muxgate")
 
 
 def validate_model_id(raw: bytes) -> str:
@@ -98,11 +120,16 @@ class DispatchMetrics(Protocol):
 
 
 class _Waiter:
-    __slots__ = ("future", "model_id")
+    # ``queued`` is True until the waiter is handed a slot or gives up; the
+    # queue drops entries lazily (a served waiter may sit behind the head
+    # for a while), so ``Dispatcher.queued`` counts, it does not take len().
+    __slots__ = ("future", "model_id", "queued", "since")
 
-    def __init__(self, model_id: str, future: asyncio.Future[RouteDecision]) -> None:
+    def __init__(self, model_id: str, future: asyncio.Future[RouteDecision], since: float) -> None:
         self.model_id = model_id
         self.future = future
+        self.since = since
+        self.queued = True
 
 
 class Dispatcher:
@@ -115,8 +142,12 @@ class Dispatcher:
         max_queued_requests: queue bound; ``-1`` for unbounded.
         starting: returns whether a replica is starting (so a request with no
             replica to go to waits instead of failing at once).
+        unavailable_reason: why no replica runs (e.g. the last start
+            failure), added to the 503's message; None when unknown.
         metrics: where queue length and spillovers are reported.
         per_model_labels: pass model ids to the spillover metric.
+        affinity_wait_s: how long the queue head lets cache hits go first
+            (the pool updates it with its model load time estimate).
     """
 
     def __init__(
@@ -130,28 +161,34 @@ class Dispatcher:
         metrics: DispatchMetrics | None = None,
         per_model_labels: bool = False,
         retry_after_s: int = 1,
+        unavailable_reason: Callable[[], str | None] = lambda: None,
+        affinity_wait_s: float = 0.5,
     ) -> None:
         self.name = name
         self.router = router
         self._targets = targets
         self._max_queued = max_queued_requests
         self._starting = starting
+        self._unavailable_reason = unavailable_reason
         self._metrics = metrics
         self._per_model = per_model_labels
         self._retry_after = retry_after_s
         self._queue: deque[_Waiter] = deque()
+        self._waiting = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.affinity_wait_s = affinity_wait_s
         self.in_flight = 0
 
     def __repr__(self) -> str:
         return (
-            f"<Dispatcher {self.name} in_flight={self.in_flight} queued={len(self._queue)}"
-            f" replicas={len(self.router)}>"
+            f"<Dispatcher {self.name} in_flight={self.in_flight} queued={self._waiting}"
+            f" replicas={len(self.router)} affinity_wait_s={self.affinity_wait_s:.3f}>"
         )
 
     @property
     def queued(self) -> int:
         """Requests waiting for a replica slot."""
-        return len(self._queue)
+        return self._waiting
 
     async def dispatch(
         self,
@@ -183,9 +220,13 @@ class Dispatcher:
         router = self.router
         reroutes = 0
         while True:
-            decision = self._take_slot(model_id) if not self._queue else None
-            if decision is None:
-                decision = await self._wait_for_slot(model_id, deadline)
+            if tracing_active():
+                decision, sent_parent, sent_state = await self._route_traced(
+                    model_id, deadline, traceparent, tracestate
+                )
+            else:
+                decision, _ = await self._route(model_id, deadline)
+                sent_parent, sent_state = traceparent, tracestate
             replica_id = decision.replica_id
             self.in_flight += 1
             try:
@@ -201,8 +242,8 @@ class Dispatcher:
                             request_id=request_id,
                             model_id=model_id,
                             timeout_s=remaining,
-                            traceparent=traceparent,
-                            tracestate=tracestate,
+                            traceparent=sent_parent,
+                            tracestate=sent_state,
                             http=http,
                             method=method,
                             args=args,
@@ -223,16 +264,16 @@ class Dispatcher:
                     ) from None
                 continue
             except ReplicaDiedError:
-                err = ReplicaFailedError("the replica serving the request died")
-                err.replica_id = replica_id
-                raise err from None
+                died = ReplicaFailedError("the replica serving the request died")
+                died.replica_id = replica_id
+                raise died from None
             except GatewayError as exc:
                 exc.replica_id = replica_id
                 raise
             finally:
                 self.in_flight -= 1
                 router.release(replica_id)
-                if self._queue:
+                if self._waiting:
                     self.wake()
             # The router's model view is refreshed by the connection's
             # on_state callback (wired by the pool), for replies and pongs.
@@ -242,28 +283,81 @@ class Dispatcher:
                 raise err
             return reply, replica_id
 
+    async def _route(self, model_id: str, deadline: float) -> tuple[RouteDecision, bool]:
+        """A replica slot for the request (acquired); and whether it queued."""
+        if not self._waiting:
+            decision = self._take_slot(model_id)
+            if decision is not None:
+                return decision, False
+        return await self._wait_for_slot(model_id, deadline), True
+
+    async def _route_traced(
+        self,
+        model_id: str,
+        deadline: float,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> tuple[RouteDecision, str | None, str | None]:
+        """``_route`` inside a ``muxgate.route`` span; returns the span's
+        traceparent and tracestate for the call to the replica."""
+        # Parent: the gateway's server span when there is one, else the
+        # client's traceparent (continued), else a new trace.
+        parent = (
+            None
+            if trace.get_current_span().get_span_context().is_valid
+            else extract_context(traceparent, tracestate)
+        )
+        with _tracer.start_as_current_span(
+            "muxgate.route", context=parent, kind=trace.SpanKind.INTERNAL
+        ) as span:
+            recording = span.is_recording()
+            if recording:
+                span.set_attribute("muxgate.deployment", self.name)
+                span.set_attribute("muxgate.model_id", model_id)
+            decision, queued = await self._route(model_id, deadline)
+            if recording:
+                span.set_attribute("muxgate.replica_id", decision.replica_id)
+                span.set_attribute("muxgate.spillover", decision.spillover)
+                span.set_attribute("muxgate.route.reason", decision.reason)
+                span.set_attribute("muxgate.queued", queued)
+            sent_parent, sent_state = inject_traceparent()
+        return decision, sent_parent, sent_state
+
     def _take_slot(self, model_id: str) -> RouteDecision | None:
         # Decide and acquire without awaiting, so the slot cannot be lost.
         decision = self.router.choose(model_id)
         if decision is not None:
-            self.router.acquire(decision.replica_id, model_id)
-            if decision.spillover and self._metrics is not None:
-                self._metrics.count_spillover(self.name, model_id if self._per_model else "")
+            self._acquire(decision, model_id)
         return decision
+
+    def _acquire(self, decision: RouteDecision, model_id: str) -> None:
+        self.router.acquire(decision.replica_id, model_id)
+        if decision.spillover and self._metrics is not None:
+            self._metrics.count_spillover(self.name, model_id if self._per_model else "")
+
+    def _no_replica(self, message: str) -> NoReplicaError:
+        reason = self._unavailable_reason()
+        if reason:
+            message = f"{message} ({reason})"
+        return NoReplicaError(message, retry_after=self._retry_after)
 
     async def _wait_for_slot(self, model_id: str, deadline: float) -> RouteDecision:
         if not len(self.router) and not self._starting():
-            raise NoReplicaError(
-                f"no replica of {self.name} is running", retry_after=self._retry_after
-            )
-        if 0 <= self._max_queued <= len(self._queue):
+            raise self._no_replica(f"no replica of {self.name} is running")
+        if 0 <= self._max_queued <= self._waiting:
             raise OverCapacityError(
-                f"{self.name} is over capacity ({len(self._queue)} requests queued)",
+                f"{self.name} is over capacity ({self._waiting} requests queued)",
                 retry_after=self._retry_after,
             )
-        future: asyncio.Future[RouteDecision] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(model_id, future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RouteDecision] = loop.create_future()
+        waiter = _Waiter(model_id, future, loop.time())
         self._queue.append(waiter)
+        self._waiting += 1
+        # A cache hit may go at once even behind older waiters.
+        self.wake()
+        if future.done():
+            return future.result()
         self._report_queue()
         try:
             async with asyncio.timeout_at(deadline):
@@ -277,50 +371,115 @@ class Dispatcher:
             else:
                 future.cancel()
             if isinstance(exc, TimeoutError):
+                if not len(self.router):
+                    # Cold start slower than the request's deadline: the
+                    # client may retry (503), it did not time out on a replica.
+                    raise self._no_replica(
+                        f"no replica of {self.name} became ready before the request's deadline"
+                    ) from None
                 raise DeadlineExceededError(
                     "the request's deadline passed while it was queued"
                 ) from None
             raise
         finally:
-            if waiter in self._queue:
-                self._queue.remove(waiter)
+            if waiter.queued:
+                waiter.queued = False
+                self._waiting -= 1
+            self._compact()
             self._report_queue()
+
+    def _compact(self) -> None:
+        # Served and abandoned waiters leave lazily; drop them from the
+        # head, and rebuild when they make up most of the deque.
+        queue = self._queue
+        while queue and not queue[0].queued:
+            queue.popleft()
+        if len(queue) > 2 * self._waiting + 64:
+            self._queue = deque(w for w in queue if w.queued)
 
     def wake(self) -> None:
-        """Hand free slots to queued requests, oldest first.
+        """Hand free slots to queued requests (cache hits first, see the
+        module docstring).
 
-        Called when a request finishes and when the pool adds a replica or
-        gives up starting one.
+        Called when a request finishes or queues, when the pool adds a
+        replica or gives up starting one, and by a timer when the head's
+        affinity wait ends while a slot is free.
         """
-        queue = self._queue
-        changed = False
-        while queue:
-            waiter = queue[0]
-            if waiter.future.done():
-                queue.popleft()
-                changed = True
-                continue
-            decision = self._take_slot(waiter.model_id)
-            if decision is None:
-                break
-            queue.popleft()
-            changed = True
-            waiter.future.set_result(decision)
-        if queue and not len(self.router) and not self._starting():
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting_before = self._waiting
+        while self._waiting and self._serve_one():
+            pass
+        if self._waiting and not len(self.router) and not self._starting():
             # Nothing will ever free a slot: fail the waiters now, not at their deadline.
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.future.done():
-                    waiter.future.set_exception(
-                        NoReplicaError(
-                            f"no replica of {self.name} is running",
-                            retry_after=self._retry_after,
-                        )
-                    )
-            changed = True
-        if changed:
+            error = self._no_replica(f"no replica of {self.name} is running")
+            for waiter in self._queue:
+                if waiter.queued:
+                    waiter.queued = False
+                    if not waiter.future.done():
+                        waiter.future.set_exception(error)
+            self._queue.clear()
+            self._waiting = 0
+        if self._waiting != waiting_before:
+            self._compact()
             self._report_queue()
+
+    def _serve_one(self) -> bool:
+        """Hand one free slot to a waiter; False when none should get one now."""
+        router = self.router
+        refused: set[str] = set()  # models whose oldest waiter would miss
+        models_full = False  # no replica under capacity for model requests
+        head: _Waiter | None = None
+        head_decision: RouteDecision | None = None
+        scanned = 0
+        for waiter in itertools.islice(self._queue, AFFINITY_SCAN * 2):
+            if not waiter.queued:
+                continue
+            if waiter.future.done():  # cancelled, its task not yet resumed
+                waiter.queued = False
+                self._waiting -= 1
+                continue
+            scanned += 1
+            if scanned > AFFINITY_SCAN:
+                break
+            model_id = waiter.model_id
+            if model_id in refused or (model_id and models_full):
+                continue
+            decision = router.choose(model_id)
+            if head is None:
+                head, head_decision = waiter, decision
+            if decision is None:
+                if not model_id:
+                    return False  # every replica at max_ongoing_requests
+                models_full = True
+                continue
+            if not model_id or decision.replica_id in router.holders(model_id):
+                self._hand(waiter, decision)
+                return True
+            refused.add(model_id)
+        if head is None or head_decision is None:
+            return False
+        loop = asyncio.get_running_loop()
+        due = head.since + self.affinity_wait_s
+        if (
+            loop.time() >= due
+            or router.total_in_flight == 0
+            or router.in_flight(head_decision.replica_id) == 0
+        ):
+            self._hand(head, head_decision)
+            return True
+        # A slot is free but only a miss could use it: try again when the
+        # head has waited long enough (or earlier, if a request finishes).
+        self._timer = loop.call_at(due, self.wake)
+        return False
+
+    def _hand(self, waiter: _Waiter, decision: RouteDecision) -> None:
+        self._acquire(decision, waiter.model_id)
+        waiter.queued = False
+        self._waiting -= 1
+        waiter.future.set_result(decision)
 
     def _report_queue(self) -> None:
         if self._metrics is not None:
-            self._metrics.set_queue_length(self.name, len(self._queue))
+            self._metrics.set_queue_length(self.name, self._waiting)

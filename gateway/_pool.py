@@ -8,7 +8,7 @@ Life of a replica::
 
     STARTING --ready--> RUNNING --death--> (removed, replaced)
                            |
-                           +--scale down / shutdown--> DRAINING --exit--> (removed)
+                           +--scale down--> DRAINING --Drained--> STOPPING --exit--> (removed)
 
 * Starts run in parallel; a replica joins the router only when its process
   said READY and the handshake succeeded. Repeated start failures back off
@@ -18,8 +18,18 @@ Life of a replica::
   It leaves the router at once (the dispatcher fails its in-flight calls with
   502 through the connection) and the reconciler starts a replacement.
 * Scale-down (``set_target``) drains the replicas that are cheapest to lose
-  (``Router.removal_order``): a replica leaves the ring first, so no new
-  request goes to it, then gets ``Drain`` and finishes what it has.
+  (``Router.removal_order``: fewest models held nowhere else, then fewest in
+  flight): a replica leaves the ring first, so no new request goes to it,
+  then gets ``Drain``, finishes what it has in flight, unloads its models
+  through their hooks (reason ``drain``), answers ``Drained`` and exits.
+  The replica's ``graceful_shutdown_timeout_s`` is set to the request
+  timeout (no request can need longer) and the pool waits that plus
+  ``DRAIN_MARGIN_S`` before it closes the connection (then SIGKILL after
+  ``EXIT_GRACE_S``).
+* An autoscaled deployment gets an ``Autoscaler`` loop (started by
+  ``start()``), which moves ``target`` with the policy. At zero replicas the
+  pool is also the activator: the first request that finds no replica raises
+  the target to one at once and waits in the dispatcher's queue.
 
 Every reply and pong refreshes the router's view of the replica through the
 connection's ``on_state`` callback; a poller pings each replica about once a
@@ -37,17 +47,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
+
+from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._router import Router
 from muxgate.replicas._protocol import ReplicaState
+from muxgate.replicas._server import ReplicaSpec
 
 __all__ = [
     "DRAINING",
     "RUNNING",
     "STARTING",
+    "STOPPING",
     "Launcher",
     "ReplicaPool",
     "ReplicaProcessLike",
@@ -58,6 +73,7 @@ _log = logging.getLogger("muxgate.gateway.pool")
 STARTING = "starting"
 RUNNING = "running"
 DRAINING = "draining"
+STOPPING = "stopping"
 
 PING_INTERVAL_S = 1.0
 #: a replica that has not answered a ping for this long is treated as dead
@@ -66,6 +82,13 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 #: seconds a process gets to exit after its connection closed, before SIGKILL
 EXIT_GRACE_S = 5.0
+#: the pool waits for ``Drained`` this much longer than the replica's own
+#: graceful timeout (models unload after the in-flight calls finish)
+DRAIN_MARGIN_S = 5.0
+#: first guess of a model load (s), until replicas report real loads
+INITIAL_LOAD_TIME_S = 0.5
+#: weight of a new observation in the moving load-time estimate
+LOAD_TIME_ALPHA = 0.3
 
 
 class ReplicaProcessLike(Protocol):
@@ -104,6 +127,8 @@ class _Replica:
     conn: ReplicaConnection | None = None
     last_pong: float = 0.0
     task: asyncio.Task[None] | None = None
+    #: last cumulative (model_loads, model_load_seconds_sum) from a pong
+    loads_seen: tuple[float, float] = (0.0, 0.0)
 
 
 class ReplicaPool:
@@ -116,6 +141,10 @@ class ReplicaPool:
         metrics: optional ``GatewayMetrics`` to report replicas and counters to.
         connect: ``(address, on_state) -> ReplicaConnection`` (a seam for tests).
         per_model_labels: pass model ids to per-model metrics.
+        drain_timeout_s: how long a scale-down waits for a replica's
+            ``Drained``; the replica's graceful timeout is this minus
+            ``DRAIN_MARGIN_S`` (the gateway passes request timeout + 5 s).
+        clock: monotonic seconds for the autoscaler (a seam for tests).
     """
 
     def __init__(
@@ -128,6 +157,7 @@ class ReplicaPool:
         connect: Connector = _connect,
         per_model_labels: bool = False,
         drain_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -140,6 +170,7 @@ class ReplicaPool:
             balance_factor=config.routing.balance_factor,
             virtual_nodes=config.routing.virtual_nodes,
             max_ongoing_requests=config.max_ongoing_requests,
+            min_capacity=config.routing.min_capacity,
         )
         #: replica id -> connection, for RUNNING replicas only
         self.targets: dict[str, ReplicaConnection] = {}
@@ -149,9 +180,17 @@ class ReplicaPool:
             self.targets,
             max_queued_requests=config.max_queued_requests,
             starting=self.is_starting,
+            unavailable_reason=self._unavailable_reason,
             metrics=metrics,
             per_model_labels=per_model_labels,
+            affinity_wait_s=(
+                config.routing.queue_affinity_wait_s
+                if config.routing.queue_affinity_wait_s is not None
+                else INITIAL_LOAD_TIME_S
+            ),
         )
+        #: moving estimate of one model load (s), from the replicas' counters
+        self.load_time_s = INITIAL_LOAD_TIME_S
         self.target = config.initial_replicas
         self.min_replicas: int = config.min_replicas
         self.last_failure: str | None = None
@@ -162,6 +201,11 @@ class ReplicaPool:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self.autoscaler: Autoscaler | None = (
+            Autoscaler(self, config.autoscaling, clock=clock)
+            if config.autoscaling is not None
+            else None
+        )
 
     def __repr__(self) -> str:
         counts = self.counts()
@@ -173,18 +217,35 @@ class ReplicaPool:
     # -- public API ---------------------------------------------------------
 
     def start(self) -> None:
-        """Start the reconciler and the poller (on the running loop)."""
+        """Start the reconciler, the poller and, if autoscaled, the autoscaler
+        (on the running loop)."""
         self._spawn(self._reconcile_loop(), "reconcile")
         self._spawn(self._poll_loop(), "poll")
+        if self.autoscaler is not None:
+            self._spawn(self.autoscaler.run(), "autoscaler")
 
     def set_target(self, n: int) -> None:
-        """Change the desired number of replicas (used by the autoscaler)."""
-        self.target = max(0, n)
+        """Change the desired number of replicas (used by the autoscaler).
+
+        For an autoscaled deployment the target stays within
+        ``[0, max_replicas]`` whoever sets it.
+        """
+        n = max(0, n)
+        if self.config.autoscaling is not None:
+            n = min(n, self.config.autoscaling.max_replicas)
+        changed = n != self.target
+        self.target = n
         self._kick.set()
+        if changed:
+            self._changed.set()
+
+    def load(self) -> tuple[int, int]:
+        """``(in_flight, queued)`` requests of this deployment right now."""
+        return self.dispatcher.in_flight, self.dispatcher.queued
 
     def counts(self) -> dict[str, int]:
         """Replicas by state."""
-        out = {STARTING: 0, RUNNING: 0, DRAINING: 0}
+        out = {STARTING: 0, RUNNING: 0, DRAINING: 0, STOPPING: 0}
         for rep in self._replicas.values():
             out[rep.state] += 1
         return out
@@ -216,7 +277,12 @@ class ReplicaPool:
 
     async def wait_healthy(self) -> None:
         """Wait until ``healthy`` (bound it with ``asyncio.timeout``)."""
-        while not self.healthy:
+        await self.wait_for(lambda: self.healthy)
+
+    async def wait_for(self, check: Callable[[], bool]) -> None:
+        """Wait until ``check()`` holds; it is re-evaluated whenever a replica
+        changes state or the target moves (bound it with ``asyncio.timeout``)."""
+        while not check():
             self._changed.clear()
             await self._changed.wait()
 
@@ -242,12 +308,21 @@ class ReplicaPool:
                     "loading": list(state.loading),
                 }
             )
-        return {
+        out: dict[str, Any] = {
             "target_replicas": self.target,
             "queued": self.dispatcher.queued,
+            "in_flight": self.dispatcher.in_flight,
             "replicas": replicas,
             "last_failure": self.last_failure,
+            "load_time_s": round(self.load_time_s, 4),
         }
+        scaling = self.config.autoscaling
+        if scaling is not None:
+            out["autoscaling"] = {
+                "min_replicas": scaling.min_replicas,
+                "max_replicas": scaling.max_replicas,
+            }
+        return out
 
     async def aclose(self) -> None:
         """Stop every replica (connection closed, then SIGKILL after a grace)."""
@@ -320,7 +395,7 @@ class ReplicaPool:
     async def _run_replica(self, rep: _Replica) -> None:
         """Start one replica, serve until it dies, then make room for a new one."""
         try:
-            rep.process = await self._launcher.start(self._make_spec(self.config, rep.id))
+            rep.process = await self._launcher.start(self._spec(rep.id))
             rep.conn = await self._connect(
                 rep.process.address, lambda state: self._on_state(rep.id, state)
             )
@@ -349,6 +424,21 @@ class ReplicaPool:
             self._report()
             self.dispatcher.wake()
             await self._stop(rep)
+
+    def _spec(self, replica_id: str) -> Any:
+        spec = self._make_spec(self.config, replica_id)
+        if isinstance(spec, ReplicaSpec):
+            # A drain must be able to wait for the longest request (the
+            # gateway's request timeout); the pool waits DRAIN_MARGIN_S more.
+            graceful = max(1.0, self._drain_timeout - DRAIN_MARGIN_S)
+            if spec.graceful_shutdown_timeout_s != graceful:
+                spec = msgspec.structs.replace(spec, graceful_shutdown_timeout_s=graceful)
+        return spec
+
+    def _unavailable_reason(self) -> str | None:
+        if self.last_failure is None or self._failures == 0:
+            return None
+        return f"last start failure: {self.last_failure}"
 
     def _start_failed(self, rep: _Replica, exc: Exception) -> None:
         reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
@@ -391,10 +481,15 @@ class ReplicaPool:
                     await rep.task
             if rep.conn is not None:
                 # In-flight calls finish; the replica unloads its models and exits.
-                with contextlib.suppress(Exception):
+                _log.info("draining replica %s", rep.id)
+                try:
                     async with asyncio.timeout(self._drain_timeout):
                         await rep.conn.drain()
+                except Exception as exc:
+                    _log.warning("replica %s did not drain cleanly: %r", rep.id, exc)
         finally:
+            rep.state = STOPPING
+            self._report()
             await self._stop(rep)
             self._replicas.pop(rep.id, None)
             self._report()
@@ -441,5 +536,22 @@ class ReplicaPool:
                 await conn.aclose()  # wakes _run_replica, which replaces it
             return
         rep.last_pong = time.monotonic()
+        self._observe_loads(rep, pong.counters)
         if self._metrics is not None and rep.state == RUNNING:
             self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
+
+    def _observe_loads(self, rep: _Replica, counters: dict[str, float]) -> None:
+        """Fold the loads since the last pong into the load-time estimate.
+
+        The dispatcher lets cache hits overtake the queue head for about one
+        load time, unless the config fixes ``queue_affinity_wait_s``.
+        """
+        loads = counters.get("model_loads", 0.0)
+        seconds = counters.get("model_load_seconds_sum", 0.0)
+        seen_loads, seen_seconds = rep.loads_seen
+        rep.loads_seen = (loads, seconds)
+        if loads > seen_loads and seconds >= seen_seconds:
+            mean = (seconds - seen_seconds) / (loads - seen_loads)
+            self.load_time_s += LOAD_TIME_ALPHA * (mean - self.load_time_s)
+            if self.config.routing.queue_affinity_wait_s is None:
+                self.dispatcher.affinity_wait_s = self.load_time_s
