@@ -23,7 +23,7 @@ bump ``PROTOCOL_VERSION`` on any incompatible change.
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -42,8 +42,8 @@ __all__ = [
     "Pong",
     "ProtocolError",
     "Refused",
-    "Reply",
     "ReplicaState",
+    "Reply",
     "Welcome",
     "encode_frame",
 ]
