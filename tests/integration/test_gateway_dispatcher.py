@@ -282,3 +282,202 @@ async def test_spillover_is_counted() -> None:
         assert t.gate is not None
         t.gate.set()
     await asyncio.gather(*tasks)
+
+
+# -- cache-affine queue ------------------------------------------------------
+
+
+class GatedReplica:
+    """A ``Target`` whose every call waits on its own event (``release(i)``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[dict[str, Any]] = []
+        self.gates: list[asyncio.Event] = []
+        self.called = asyncio.Event()
+
+    async def call(self, **kwargs: Any) -> Reply:
+        gate = asyncio.Event()
+        self.calls.append(kwargs)
+        self.gates.append(gate)
+        self.called.set()
+        await gate.wait()
+        return Reply(id=1, state=ReplicaState(), body=self.name.encode())
+
+    def release(self, i: int) -> None:
+        self.gates[i].set()
+
+    def ids(self) -> list[str]:
+        return [c["request_id"] for c in self.calls]
+
+
+def affine(
+    names: list[str], *, max_ongoing: int, wait_s: float
+) -> tuple[Dispatcher, dict[str, GatedReplica], FakeMetrics]:
+    router = Router(
+        max_ongoing_requests=max_ongoing, min_capacity=max_ongoing, rng=random.Random(0)
+    )
+    targets = {n: GatedReplica(n) for n in names}
+    for n in names:
+        router.add_replica(n)
+    metrics = FakeMetrics()
+    d = Dispatcher("D", router, targets, metrics=metrics, affinity_wait_s=wait_s)
+    return d, targets, metrics
+
+
+def start(d: Dispatcher, request_id: str, model: str) -> asyncio.Future[tuple[Reply, str]]:
+    return asyncio.ensure_future(
+        d.dispatch(request_id=request_id, model_id=model, http=HTTP, deadline=deadline())
+    )
+
+
+async def test_freed_slot_goes_to_the_oldest_cache_hit_not_the_head() -> None:
+    d, t, _ = affine(["a", "b"], max_ongoing=1, wait_s=60.0)
+    d.router.observe("a", models=["ma"], loading=[])
+    d.router.observe("b", models=["mb"], loading=[])
+    busy = [start(d, "busy-a", "ma"), start(d, "busy-b", "mb")]
+    await settle()
+    assert t["a"].ids() == ["busy-a"] and t["b"].ids() == ["busy-b"]
+    # Head: a request for mb (held by b); behind it one for ma (held by a).
+    w1 = start(d, "w1-mb", "mb")
+    await settle()
+    w2 = start(d, "w2-ma", "ma")
+    await settle()
+    assert d.queued == 2
+    t["a"].release(0)  # a slot frees on a: a strict FIFO would load mb there
+    await settle()
+    assert t["a"].ids() == ["busy-a", "w2-ma"]
+    assert d.queued == 1
+    t["b"].release(0)
+    await settle()
+    assert t["b"].ids() == ["busy-b", "w1-mb"]  # the head got its cache hit
+    assert d.queued == 0
+    t["a"].release(1)
+    t["b"].release(1)
+    await asyncio.gather(*busy, w1, w2)
+    # Every request ran where its model already was: no model left its replica.
+    assert d.router.holders("ma") == {"a"} and d.router.holders("mb") == {"b"}
+    assert d.router.total_in_flight == 0
+
+
+async def test_head_falls_back_to_a_miss_after_the_affinity_wait() -> None:
+    d, t, _ = affine(["a"], max_ongoing=2, wait_s=0.2)
+    d.router.observe("a", models=["ma"], loading=[])
+    busy = [start(d, "busy1", "ma"), start(d, "busy2", "ma")]
+    await settle()
+    loop = asyncio.get_running_loop()
+    queued_at = loop.time()
+    miss = start(d, "miss-mc", "mc")
+    await settle()
+    hits = [start(d, "hit1", "ma"), start(d, "hit2", "ma")]
+    await settle()
+    assert d.queued == 3
+    t["a"].release(0)
+    await settle()
+    t["a"].release(1)
+    await settle()
+    # Cache hits overtook the (young) head, oldest first per model id.
+    assert t["a"].ids() == ["busy1", "busy2", "hit1", "hit2"]
+    t["a"].release(2)  # a slot frees, a is still busy: only a miss could use it
+    await settle()
+    assert d.queued == 1, "a young head must not take a miss slot at once"
+    async with asyncio.timeout(5):
+        while len(t["a"].calls) < 5:
+            t["a"].called.clear()
+            await t["a"].called.wait()
+    assert t["a"].ids()[-1] == "miss-mc"
+    assert loop.time() - queued_at >= 0.2
+    for i in range(3, 5):
+        t["a"].release(i)
+    await asyncio.gather(*busy, miss, *hits)
+    assert "affinity_wait_s=0.200" in repr(d)
+
+
+async def test_head_takes_a_miss_when_nothing_else_is_in_flight() -> None:
+    d, t, _ = affine(["a"], max_ongoing=1, wait_s=60.0)
+    d.router.observe("a", models=["ma"], loading=[])
+    busy = start(d, "busy", "ma")
+    await settle()
+    miss = start(d, "miss", "mc")
+    await settle()
+    t["a"].release(0)
+    await settle()
+    assert t["a"].ids() == ["busy", "miss"]  # nothing else would ever free a slot
+    t["a"].release(1)
+    await asyncio.gather(busy, miss)
+
+
+async def test_cold_start_deadline_is_503_with_retry_after() -> None:
+    router = Router(max_ongoing_requests=2)
+    d = Dispatcher(
+        "D",
+        router,
+        {},
+        starting=lambda: True,
+        unavailable_reason=lambda: "last start failure: boom",
+    )
+    with pytest.raises(NoReplicaError) as info:
+        await send(d, within_s=0.05)
+    assert info.value.status == 503 and info.value.retry_after is not None
+    assert "became ready" in info.value.message and "boom" in info.value.message
+    assert d.queued == 0
+
+
+async def test_waiters_get_the_start_failure_reason() -> None:
+    router = Router(max_ongoing_requests=2)
+    starting = True
+    d = Dispatcher(
+        "D",
+        router,
+        {},
+        starting=lambda: starting,
+        unavailable_reason=lambda: "last start failure: ImportError: no module x",
+    )
+    pending = asyncio.ensure_future(send(d))
+    await settle()
+    starting = False
+    d.wake()
+    with pytest.raises(NoReplicaError) as info:
+        await pending
+    assert "ImportError: no module x" in info.value.message
+
+
+# -- muxgate.route span --------------------------------------------------------
+
+
+async def test_route_span_is_the_replicas_parent() -> None:
+    from otlp_receiver import OtlpReceiver
+
+    from muxgate.replicas._tracing import configure_tracing, flush_tracing, shutdown_tracing
+
+    d, targets, _ = make(["a", "b"], max_ongoing=4)
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with OtlpReceiver() as receiver:
+        configure_tracing("otlp", receiver.endpoint, service_name="muxgate-test")
+        try:
+            _, rid = await d.dispatch(
+                request_id="r", model_id="m1", http=HTTP, deadline=deadline(), traceparent=incoming
+            )
+            assert flush_tracing()
+            span = receiver.wait_for_span("muxgate.route")
+        finally:
+            shutdown_tracing()
+    assert span.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert span.parent_span_id == "b7ad6b7169203331"
+    assert span.attributes["muxgate.model_id"] == "m1"
+    assert span.attributes["muxgate.replica_id"] == rid
+    assert span.attributes["muxgate.deployment"] == "D"
+    assert span.attributes["muxgate.spillover"] is False
+    assert span.attributes["muxgate.route.reason"] == "home"
+    assert span.attributes["muxgate.queued"] is False
+    sent = targets[rid].calls[0]["traceparent"]
+    assert sent == f"00-{span.trace_id}-{span.span_id}-01"
+
+
+async def test_traceparent_passes_through_when_tracing_is_off() -> None:
+    d, targets, _ = make(["a"])
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await d.dispatch(
+        request_id="r", model_id="m", http=HTTP, deadline=deadline(), traceparent=incoming
+    )
+    assert targets["a"].calls[0]["traceparent"] == incoming
