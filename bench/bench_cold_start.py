@@ -1,0 +1,201 @@
+"""Cold start and scale-up reaction of an autoscaled deployment.
+
+Each run starts a fresh gateway whose deployment (``tests/apps/cold_start_apps.py``
+``Mlp``: a 3-layer torch MLP, weights loaded per model id from local files
+through ``muxgate.backends``) has ``min_replicas: 0`` and no replica, then:
+
+1. Cold start: one request; the time to its response is split into
+   * activator: request sent -> the pool asks the launcher for a replica,
+   * replica start: launcher call -> ``READY`` (process spawn, imports
+     incl. torch, ``__init__``),
+   * connect: ``READY`` -> handshake done, replica in the router,
+   * model load: the replica's own ``model_load_seconds_sum``,
+   * rest: routing, the call, the HTTP hops (total minus the above).
+2. Scale-up reaction: with one replica running, a burst of ``--burst``
+   requests that each stay in flight ``--hold`` s; the time from the burst's
+   start until the autoscaler raises the target, until a second replica
+   runs, and until ``max_replicas`` run.
+
+Prints per-run rows and the median; bounded (``--runs`` x ~5 s).
+
+    .venv/bin/python bench/bench_cold_start.py [--runs 5] [--hidden 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+APPS = os.path.join(HERE, "..", "tests", "apps")
+sys.path.insert(0, APPS)
+
+from cold_start_apps import make_models  # noqa: E402
+
+from muxgate.gateway._config import parse_config  # noqa: E402
+from muxgate.gateway._launcher import LocalLauncher  # noqa: E402
+from muxgate.gateway._serve import start_gateway  # noqa: E402
+
+MODEL = "serve_multiplexed_model_id"
+
+
+class TimedLauncher(LocalLauncher):
+    """A ``LocalLauncher`` that records when each start began and ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[tuple[float, float]] = []
+
+    async def start(self, spec: Any) -> Any:
+        began = time.perf_counter()
+        process = await super().start(spec)
+        self.starts.append((began, time.perf_counter()))
+        return process
+
+
+async def one_run(args: argparse.Namespace, root: str, run: int) -> dict[str, float]:
+    config = parse_config(
+        {
+            "http": {"port": 0},
+            "deployments": [
+                {
+                    "name": "Mlp",
+                    "import_path": "cold_start_apps:Mlp",
+                    "init_kwargs": {"model_root": f"file://{root}", "hidden": args.hidden},
+                    "max_ongoing_requests": 4,
+                    "autoscaling": {
+                        "min_replicas": 0,
+                        "max_replicas": args.max_replicas,
+                        "target_ongoing_requests": 2,
+                        "upscale_delay_s": args.upscale_delay,
+                        "downscale_delay_s": 60,
+                        "metrics_interval_s": 0.1,
+                        "look_back_period_s": 0.5,
+                    },
+                }
+            ],
+        },
+        base_dir=APPS,
+    )
+    launcher = TimedLauncher()
+    out: dict[str, float] = {}
+    try:
+        async with (
+            start_gateway(config, launcher=launcher) as gw,
+            httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
+        ):
+            pool = gw.pools["Mlp"]
+            joined: list[float] = []
+
+            async def watch_join() -> None:
+                await pool.wait_for(lambda: pool.running >= 1)
+                joined.append(time.perf_counter())
+
+            watcher = asyncio.ensure_future(watch_join())
+            sent = time.perf_counter()
+            response = await client.get("/", headers={MODEL: f"m{run}"})
+            done = time.perf_counter()
+            response.raise_for_status()
+            await watcher
+            ((began, ready),) = launcher.starts
+            (conn,) = pool.targets.values()
+            counters = (await conn.ping()).counters  # type: ignore[attr-defined]
+            load = counters.get("model_load_seconds_sum", 0.0)
+            out = {
+                "total": done - sent,
+                "activator": began - sent,
+                "replica_start": ready - began,
+                "connect": joined[0] - ready,
+                "model_load": load,
+                "rest": (done - joined[0]) - load,
+            }
+            # Scale-up: a burst of requests that stay in flight.
+            burst_at = time.perf_counter()
+            burst = [
+                asyncio.ensure_future(
+                    client.get(
+                        "/",
+                        params={"sleep": str(args.hold)},
+                        headers={MODEL: f"m{(run + i) % args.models}"},
+                    )
+                )
+                for i in range(args.burst)
+            ]
+            async with asyncio.timeout(60):
+                await pool.wait_for(lambda: pool.target >= 2)
+                out["scale_up_decided"] = time.perf_counter() - burst_at
+                await pool.wait_for(lambda: pool.running >= 2)
+                out["scale_up_2nd"] = time.perf_counter() - burst_at
+                await pool.wait_for(lambda: pool.running >= args.max_replicas)
+                out["scale_up_max"] = time.perf_counter() - burst_at
+            for r in await asyncio.gather(*burst):
+                r.raise_for_status()
+    finally:
+        await launcher.aclose()
+    return out
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def prepare(root: str, ids: list[str], hidden: int) -> int:
+    """Write the model files; return one file's size."""
+    make_models(root, ids, hidden)
+    return os.path.getsize(os.path.join(root, ids[0], "model.pt"))
+
+
+def command() -> str:
+    return " ".join([os.path.relpath(sys.executable), *sys.argv])
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=1024, help="MLP width (1024: ~4.3 MB)")
+    parser.add_argument("--burst", type=int, default=24)
+    parser.add_argument("--hold", type=float, default=1.0, help="seconds each burst request holds")
+    parser.add_argument("--max-replicas", type=int, default=3)
+    parser.add_argument("--upscale-delay", type=float, default=0.0)
+    parser.add_argument("--models", type=int, default=8)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="muxgate-bench-") as root:
+        ids = [f"m{i}" for i in range(max(args.models, args.runs))]
+        size = prepare(root, ids, args.hidden)
+        rows = []
+        for run in range(args.runs):
+            rows.append(await one_run(args, root, run))
+            print(f"run {run}: " + " ".join(f"{k}={v * 1000:.0f}ms" for k, v in rows[-1].items()))
+    keys = list(rows[0])
+    print(
+        f"\ncold start of an autoscaled deployment (min 0), model file {size / 1e6:.1f} MB,"
+        f" {args.runs} runs; scale-up: burst of {args.burst} x {args.hold:g} s,"
+        f" target 2/replica, upscale_delay_s={args.upscale_delay:g}"
+    )
+    print(f"{'phase':<16}{'median ms':>10}{'min ms':>9}{'max ms':>9}")
+    for key in keys:
+        values = [r[key] * 1000 for r in rows]
+        print(f"{key:<16}{statistics.median(values):>10.0f}{min(values):>9.0f}{max(values):>9.0f}")
+    print(
+        f"\nmachine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}"
+    )
+    print(f"command: {command()}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
