@@ -220,12 +220,16 @@ class Dispatcher:
         router = self.router
         reroutes = 0
         while True:
+            decision: RouteDecision | None
             if tracing_active():
                 decision, sent_parent, sent_state = await self._route_traced(
                     model_id, deadline, traceparent, tracestate
                 )
             else:
-                decision, _ = await self._route(model_id, deadline)
+                # Hot path (tracing off): no span, no extra coroutine.
+                decision = self._take_slot(model_id) if not self._waiting else None
+                if decision is None:
+                    decision = await self._wait_for_slot(model_id, deadline)
                 sent_parent, sent_state = traceparent, tracestate
             replica_id = decision.replica_id
             self.in_flight += 1
@@ -428,8 +432,12 @@ class Dispatcher:
     def _serve_one(self) -> bool:
         """Hand one free slot to a waiter; False when none should get one now."""
         router = self.router
+        cap = router.capacity()
+        # Replicas with a free slot for a model request: a waiter whose model
+        # none of them holds cannot be a cache hit, so it costs no choose().
+        free = {r for r in router.replica_ids if router.in_flight(r) < cap}
         refused: set[str] = set()  # models whose oldest waiter would miss
-        models_full = False  # no replica under capacity for model requests
+        models_full = not free
         head: _Waiter | None = None
         head_decision: RouteDecision | None = None
         scanned = 0
@@ -445,6 +453,9 @@ class Dispatcher:
                 break
             model_id = waiter.model_id
             if model_id in refused or (model_id and models_full):
+                continue
+            if head is not None and model_id and free.isdisjoint(router.holders(model_id)):
+                refused.add(model_id)  # a miss, and not the head: skip it cheaply
                 continue
             decision = router.choose(model_id)
             if head is None:
