@@ -1,10 +1,14 @@
-"""ReplicaPool start failures, with a fake launcher at its ``launcher`` seam
-(no processes): backoff, last failure reason, 503 while nothing starts."""
+"""ReplicaPool with fakes at its ``launcher`` and ``connect`` seams (no
+processes): start failures (backoff, last failure reason, 503 while nothing
+starts), parallel starts, ring membership only when ready, scale-down order
+and replica states, the drain timeout, the load-time estimate, activation
+from zero."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,8 +16,10 @@ import pytest
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._errors import NoReplicaError
 from muxgate.gateway._launcher import ReplicaStartError
+from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._pool import ReplicaPool
-from muxgate.replicas._protocol import HttpRequest
+from muxgate.replicas._protocol import HttpRequest, Pong, ReplicaState, Reply
+from muxgate.replicas._server import ReplicaSpec
 
 pytestmark = pytest.mark.anyio
 
@@ -60,3 +66,231 @@ async def test_start_failures_back_off_and_are_reported() -> None:
     finally:
         await pool.aclose()
     assert "Bad" in repr(pool)
+
+
+# -- scaling with fakes at the launcher and connect seams ----------------------
+
+
+class FakeProcess:
+    def __init__(self, replica_id: str) -> None:
+        self.pid = abs(hash(replica_id)) % 100_000
+        self.address = f"fake:{replica_id}"
+        self.exited = asyncio.Event()
+        self.killed = False
+        #: exit when the gateway closes the connection (False: stay until told)
+        self.exit_on_close = True
+
+    def kill(self) -> None:
+        self.killed = True
+        self.exited.set()
+
+    async def wait(self) -> int | None:
+        await self.exited.wait()
+        return 0
+
+
+class GatedLauncher:
+    """Starts fake processes; every start waits for ``ready`` to be set."""
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        self.specs: list[Any] = []
+        self.in_progress = 0
+        self.most_in_progress = 0
+        self.processes: dict[str, FakeProcess] = {}
+
+    async def start(self, spec: Any) -> FakeProcess:
+        self.specs.append(spec)
+        self.in_progress += 1
+        self.most_in_progress = max(self.most_in_progress, self.in_progress)
+        try:
+            await self.ready.wait()
+        finally:
+            self.in_progress -= 1
+        rid = spec.replica_id if isinstance(spec, ReplicaSpec) else str(spec)
+        proc = self.processes[rid] = FakeProcess(rid)
+        return proc
+
+
+class FakeConnection:
+    """What the pool uses of a ``ReplicaConnection``."""
+
+    def __init__(
+        self,
+        address: str,
+        on_state: Callable[[ReplicaState], None],
+        process: FakeProcess,
+    ) -> None:
+        self.replica_id = address.removeprefix("fake:")
+        self.process = process
+        self.state = ReplicaState()
+        self.in_flight = 0
+        self.closed = asyncio.Event()
+        self.close_reason: str | None = None
+        self.drain_gate = asyncio.Event()
+        self.drain_gate.set()
+        self.drained = False
+        self.counters: dict[str, float] = {}
+        self.on_state = on_state
+
+    async def ping(self) -> Pong:
+        return Pong(state=self.state, counters=dict(self.counters))
+
+    async def drain(self) -> None:
+        await self.drain_gate.wait()
+        self.drained = True
+
+    async def aclose(self) -> None:
+        self.close_reason = self.close_reason or "closed by gateway"
+        self.closed.set()
+        if self.process.exit_on_close:
+            self.process.exited.set()
+
+    async def call(self, **kwargs: Any) -> Reply:
+        return Reply(id=1, state=self.state, body=b"ok")
+
+
+class Fakes:
+    def __init__(self) -> None:
+        self.launcher = GatedLauncher()
+        self.conns: dict[str, FakeConnection] = {}
+
+    async def connect(
+        self, address: str, on_state: Callable[[ReplicaState], None]
+    ) -> FakeConnection:
+        conn = FakeConnection(
+            address, on_state, self.launcher.processes[address.removeprefix("fake:")]
+        )
+        self.conns[conn.replica_id] = conn
+        return conn
+
+    def pool(self, config: DeploymentConfig, **kw: Any) -> ReplicaPool:
+        def spec(d: DeploymentConfig, rid: str) -> ReplicaSpec:
+            return ReplicaSpec(deployment=d.name, import_path=d.import_path, replica_id=rid)
+
+        return ReplicaPool(
+            config,
+            launcher=self.launcher,
+            make_spec=spec,
+            connect=self.connect,  # type: ignore[arg-type]
+            **kw,
+        )
+
+
+async def until(pool: ReplicaPool, check: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Wait for a pool condition (re-checked on every pool change)."""
+    async with asyncio.timeout(within_s):
+        await pool.wait_for(check)
+
+
+async def poll(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Wait for a condition nothing signals (checked every 20 ms, bounded)."""
+    for _ in range(int(within_s / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_starts_run_in_parallel_and_join_the_ring_only_when_ready() -> None:
+    fakes = Fakes()
+    pool = fakes.pool(
+        DeploymentConfig(name="P", import_path="m:P", num_replicas=3), drain_timeout_s=25.0
+    )
+    pool.start()
+    try:
+        await until(pool, lambda: pool.counts()["starting"] == 3)
+        await poll(lambda: fakes.launcher.in_progress == 3)
+        assert len(pool.router) == 0 and not pool.targets  # not ready: not routable
+        assert [s["state"] for s in pool.snapshot()["replicas"]] == ["starting"] * 3
+        fakes.launcher.ready.set()
+        await until(pool, lambda: pool.running == 3)
+        assert fakes.launcher.most_in_progress == 3
+        assert len(pool.router) == 3
+        # A drain waits for the longest request: request timeout (25 - 5) s.
+        assert {s.graceful_shutdown_timeout_s for s in fakes.launcher.specs} == {20.0}
+    finally:
+        await pool.aclose()
+
+
+async def test_scale_down_drains_the_replicas_that_lose_the_fewest_models() -> None:
+    fakes = Fakes()
+    fakes.launcher.ready.set()
+    pool = fakes.pool(DeploymentConfig(name="P", import_path="m:P", num_replicas=3))
+    pool.start()
+    try:
+        await until(pool, lambda: pool.running == 3)
+        r1, r2, r3 = sorted(pool.targets)
+        pool.router.observe(r1, models=["a", "b"], loading=[])
+        pool.router.observe(r2, models=["a"], loading=[])  # only a copy of "a"
+        pool.router.observe(r3, models=["c"], loading=[])
+        assert pool.router.removal_order()[0] == r2
+        conn = fakes.conns[r2]
+        conn.drain_gate.clear()
+        conn.process.exit_on_close = False
+        pool.set_target(2)
+        await until(pool, lambda: pool.counts()["draining"] == 1)
+        states = {s["id"]: s["state"] for s in pool.snapshot()["replicas"]}
+        assert states == {r1: "running", r2: "draining", r3: "running"}
+        assert r2 not in pool.router and r2 not in pool.targets  # out of the ring first
+        conn.drain_gate.set()
+        await until(pool, lambda: pool.counts()["stopping"] == 1)
+        assert conn.drained and conn.closed.is_set()
+        fakes.launcher.processes[r2].exited.set()  # the process exits
+        await until(pool, lambda: len(pool.snapshot()["replicas"]) == 2)
+        assert sorted(pool.targets) == [r1, r3]
+        assert pool.snapshot()["target_replicas"] == 2
+        assert "target=2" in repr(pool)
+    finally:
+        await pool.aclose()
+
+
+async def test_model_load_time_estimate_feeds_the_queue_affinity_wait() -> None:
+    fakes = Fakes()
+    fakes.launcher.ready.set()
+    pool = fakes.pool(DeploymentConfig(name="P", import_path="m:P", num_replicas=1))
+    pool.start()
+    try:
+        await until(pool, lambda: pool.running == 1)
+        (conn,) = fakes.conns.values()
+        conn.counters = {"model_loads": 2.0, "model_load_seconds_sum": 3.0}  # 1.5 s each
+        await poll(lambda: pool.load_time_s != 0.5)  # the poller pings about once a second
+        assert pool.load_time_s == pytest.approx(0.5 + 0.3 * (1.5 - 0.5))
+        assert pool.dispatcher.affinity_wait_s == pool.load_time_s
+        assert pool.snapshot()["load_time_s"] == pytest.approx(0.8)
+    finally:
+        await pool.aclose()
+
+
+async def test_autoscaled_pool_at_zero_activates_on_a_request() -> None:
+    fakes = Fakes()
+    fakes.launcher.ready.set()
+    config = DeploymentConfig(
+        name="P",
+        import_path="m:P",
+        autoscaling=AutoscalingConfig(
+            min_replicas=0, max_replicas=2, metrics_interval_s=0.05, downscale_delay_s=60
+        ),
+    )
+    pool = fakes.pool(config)
+    pool.start()
+    try:
+        assert pool.target == 0 and pool.autoscaler is not None
+        reply, rid = await pool.dispatcher.dispatch(
+            request_id="r",
+            model_id="m",
+            http=HttpRequest(method="GET", path="/", query="", headers=[], body=b""),
+            deadline=asyncio.get_running_loop().time() + 5,
+        )
+        assert reply.body == b"ok" and rid in pool.targets
+        assert pool.snapshot()["target_replicas"] == 1
+        # The autoscaler adopts the activator's target instead of undoing it.
+        decisions = pool.autoscaler.decisions
+        await poll(
+            lambda: pool.autoscaler is not None and pool.autoscaler.decisions > decisions + 2
+        )
+        assert pool.target == 1 and pool.autoscaler.state.target == 1
+        pool.set_target(5)
+        assert pool.target == 2  # clamped to max_replicas
+    finally:
+        await pool.aclose()
