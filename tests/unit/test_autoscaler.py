@@ -202,11 +202,10 @@ def test_invalid_autoscaling_config_names_the_field(
 
 
 def test_routing_defaults_come_from_the_simulation() -> None:
-    data = {"deployments": [{"name": "A", "import_path": "m:A"}]}
-    routing = parse_config(data).deployments[0].routing
+    dep: dict[str, Any] = {"name": "A", "import_path": "m:A"}
+    routing = parse_config({"deployments": [dep]}).deployments[0].routing
     assert routing.balance_factor == 3.0
     assert routing.min_capacity is None
     assert routing.queue_affinity_wait_s is None
-    data["deployments"][0]["routing"] = {"min_capacity": 0}  # type: ignore[index]
     with pytest.raises(ConfigError, match=r"routing\.min_capacity"):
-        parse_config(data)
+        parse_config({"deployments": [{**dep, "routing": {"min_capacity": 0}}]})
