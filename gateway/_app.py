@@ -45,11 +45,12 @@ from muxgate.gateway._errors import (
     error_body,
     error_response,
 )
+from muxgate.gateway._handles import HANDLES_PREFIX, HandleIngress, ServerSpan, server_span
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import ReplicaPool
 from muxgate.replicas._protocol import HttpRequest
 
-__all__ = ["GatewayASGI", "Ingress", "build_ingress", "create_app"]
+__all__ = ["GatewayASGI", "Ingress", "build_handle_ingress", "build_ingress", "create_app"]
 
 # Plain ASGI types: Litestar's TypedDicts are stricter than a raw handler needs.
 Scope = MutableMapping[str, Any]
@@ -170,9 +171,23 @@ class Ingress:
         status = 500
         replica_id = ""
         responded = False
+        span: ServerSpan | None = None
         try:
             if route is None:
                 raise RouteNotFoundError(f"no deployment serves {path!r}")
+            span = server_span(
+                f"{scope['method']} {route.prefix}",
+                method=scope["method"],
+                path=path,
+                deployment=name,
+                traceparent=traceparent,
+                tracestate=tracestate,
+            )
+            if span is not None:
+                # Current while dispatching: the route span becomes its
+                # child, and the replica continues this span.
+                span.attach()
+                traceparent, tracestate = span.traceparent()
             if model_raw is not None:
                 model_id = validate_model_id(model_raw)
             if content_length > self._max_body:
@@ -222,6 +237,8 @@ class Ingress:
             replica_id = getattr(exc, "replica_id", "")
             status = await self._send_error(send, exc, request_id, replica_id)
         finally:
+            if span is not None:
+                span.finish(status, replica_id, model_id)
             if self._metrics is not None and route is not None:
                 self._metrics.observe_request(
                     name,
@@ -370,6 +387,18 @@ def create_app(
 
     handlers: list[Any] = [healthz, replicas, metrics_endpoint, status_page]
     if mount_ingress:
+        handles = build_handle_ingress(config, pools, metrics)
+
+        async def handles_handler(scope: lt.Scope, receive: lt.Receive, send: lt.Send) -> None:
+            raw = cast(Scope, scope)
+            # Litestar rewrites "path" for mounts; the handle ingress wants the full path.
+            raw["path"] = unquote(raw.get("raw_path", b"/").decode("latin-1"))
+            await handles(raw, cast(Receive, receive), cast(Send, send))
+
+        # The handle ingress checks the token or the client address itself.
+        handlers.append(
+            asgi(HANDLES_PREFIX.rstrip("/"), is_mount=True, opt={"public": True})(handles_handler)
+        )
         ingress = build_ingress(config, pools, metrics, use_raw_path=True)
 
         async def ingress_handler(scope: lt.Scope, receive: lt.Receive, send: lt.Send) -> None:
@@ -405,8 +434,22 @@ def build_ingress(
     )
 
 
+def build_handle_ingress(
+    config: AppConfig, pools: Mapping[str, ReplicaPool], metrics: GatewayMetrics | None
+) -> HandleIngress:
+    """The ``/-/handles/`` endpoint for every deployment of ``config``."""
+    return HandleIngress(
+        {d.name: pools[d.name].dispatcher for d in config.deployments},
+        max_body_bytes=config.http.max_body_bytes,
+        request_timeout_s=config.http.request_timeout_s,
+        admin_token=config.http.admin_token,
+        metrics=metrics,
+    )
+
+
 class GatewayASGI:
-    """The ASGI app the server runs: ``/-/`` to Litestar, the rest to ``Ingress``."""
+    """The ASGI app the server runs: ``/-/handles/`` to ``HandleIngress``,
+    the rest of ``/-/`` to Litestar, everything else to ``Ingress``."""
 
     def __init__(
         self, config: AppConfig, pools: Mapping[str, ReplicaPool], metrics: GatewayMetrics
@@ -415,11 +458,14 @@ class GatewayASGI:
         # Litestar types its ASGI arguments with TypedDicts; ours are plain.
         self.admin = cast(Callable[[Scope, Receive, Send], Awaitable[None]], self.litestar)
         self.ingress = build_ingress(config, pools, metrics)
+        self.handles = build_handle_ingress(config, pools, metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
-            if path.startswith("/-/") or path == "/-":
+            if path.startswith(HANDLES_PREFIX):
+                await self.handles(scope, receive, send)
+            elif path.startswith("/-/") or path == "/-":
                 await self.admin(scope, receive, send)
             else:
                 await self.ingress(scope, receive, send)

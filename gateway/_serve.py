@@ -36,6 +36,7 @@ from muxgate.gateway._launcher import LocalLauncher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import Launcher, ReplicaPool
 from muxgate.replicas._server import ReplicaSpec, TracingSettings
+from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
 
 __all__ = ["Gateway", "GatewayStartError", "run", "serve"]
 
@@ -63,8 +64,19 @@ class Gateway:
         return f"<Gateway {self.url} pools={list(self.pools.values())}>"
 
 
-def make_spec(config: AppConfig, deployment: DeploymentConfig, replica_id: str) -> ReplicaSpec:
-    """The launcher's spec for one replica of ``deployment``."""
+def make_spec(
+    config: AppConfig,
+    deployment: DeploymentConfig,
+    replica_id: str,
+    gateway_url: str | None = None,
+) -> ReplicaSpec:
+    """The launcher's spec for one replica of ``deployment``.
+
+    ``gateway_url`` (with the admin token) lets code in the replica call
+    other deployments through handles. A drain or SIGTERM waits for
+    in-flight calls as long as a request may last (``request_timeout_s``):
+    the pool waits that long plus a margin before it kills a draining replica.
+    """
     tracing = TracingSettings(exporter=config.tracing.exporter, endpoint=config.tracing.endpoint)
     return ReplicaSpec(
         deployment=deployment.name,
@@ -76,12 +88,18 @@ def make_spec(config: AppConfig, deployment: DeploymentConfig, replica_id: str) 
         max_ongoing_requests=deployment.max_ongoing_requests,
         tracing=tracing,
         storage=config.storage,
+        graceful_shutdown_timeout_s=config.http.request_timeout_s,
+        gateway_url=gateway_url,
+        admin_token=config.http.admin_token,
     )
 
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose
+    # proto says TCP, and accepted sockets inherit it. With proto 0, a response
+    # written as head + body waits for the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -118,11 +136,15 @@ async def start_gateway(
     if launcher is None:
         launcher = own_launcher = LocalLauncher()
     use_launcher = launcher
+    # Known once the server has bound its port; replicas start after that.
+    gateway_url: list[str] = []
     pools = {
         d.name: ReplicaPool(
             d,
             launcher=use_launcher,
-            make_spec=lambda dep, rid: make_spec(config, dep, rid),
+            make_spec=lambda dep, rid: make_spec(
+                config, dep, rid, gateway_url[0] if gateway_url else None
+            ),
             metrics=metrics,
             per_model_labels=config.metrics.per_model_labels,
             drain_timeout_s=config.http.request_timeout_s + 5.0,
@@ -135,10 +157,20 @@ async def start_gateway(
         else GatewayASGI(config, pools, metrics)
     )
     runner = _granian_server if server == "granian" else _uvicorn_server
+    # Tracing is process-wide: touch it only when this gateway exports spans,
+    # so an embedding application's own set-up is left alone otherwise.
+    traced = config.tracing.exporter != "none"
     try:
-        for pool in pools.values():
-            pool.start()
+        if traced:
+            configure_tracing(config.tracing.exporter, config.tracing.endpoint, "muxgate-gateway")
         async with runner(app, host, port) as real_port:
+            url_host = f"[{host}]" if ":" in host else host
+            connect_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)
+            if connect_host is not None:  # replicas cannot connect to a wildcard
+                connect_host = f"[{connect_host}]" if ":" in connect_host else connect_host
+            gateway_url.append(f"http://{connect_host or url_host}:{real_port}")
+            for pool in pools.values():
+                pool.start()
             try:
                 async with asyncio.timeout(ready_timeout_s):
                     await asyncio.gather(*(p.wait_healthy() for p in pools.values()))
@@ -147,12 +179,13 @@ async def start_gateway(
                 raise GatewayStartError(
                     f"replicas not running after {ready_timeout_s:g} s: {lines}"
                 ) from None
-            url_host = f"[{host}]" if ":" in host else host
             yield Gateway(config, pools, metrics, f"http://{url_host}:{real_port}")
     finally:
         await asyncio.gather(*(p.aclose() for p in pools.values()), return_exceptions=True)
         if own_launcher is not None:
             await own_launcher.aclose()
+        if traced:
+            shutdown_tracing()
 
 
 @contextlib.asynccontextmanager

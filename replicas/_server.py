@@ -34,6 +34,7 @@ import anyio.abc
 import msgspec
 
 from muxgate.replicas._context import set_replica_context
+from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
 from muxgate.replicas._logging import install_replica_logging
 from muxgate.replicas._replica import Replica
 from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
@@ -74,6 +75,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         tracing: span export settings; None: the ``OTEL_*`` environment only.
         storage: fsspec storage options per protocol (the config's
             ``storage:`` section), handed to ``configure_storage``.
+        gateway_url: base URL of the gateway that started the replica; the
+            default of ``get_deployment_handle`` inside it.
+        admin_token: the gateway's admin token (handle calls need it when set).
     """
 
     deployment: str
@@ -88,6 +92,8 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     tracing: TracingSettings | None = None
     storage: dict[str, dict[str, Any]] = {}
+    gateway_url: str | None = None
+    admin_token: str | None = None
 
 
 def _one_line(text: str, limit: int = 2000) -> str:
@@ -258,6 +264,8 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, watch_stdin: bool) -> int:
             if address.startswith("unix:"):
                 with contextlib.suppress(OSError):
                     os.unlink(address[len("unix:") :])
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await aclose_handle_clients()
         watchers.cancel_scope.cancel()
     _log.info("Replica stopped (%s).", replica.stop_reason)
     return 0
@@ -298,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         os.write(ready_fd, f"FAILED invalid spec: {_one_line(str(exc))}\n".encode())
         return 2
     set_replica_context(spec.deployment, spec.replica_id)
+    set_handle_defaults(spec.gateway_url, spec.admin_token)
     install_replica_logging(spec.log_level)
     if spec.storage:
         # Imported only when used: a deployment need not touch storage.

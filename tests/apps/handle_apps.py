@@ -1,0 +1,87 @@
+"""Deployments for the handle and composition tests (tests/integration/test_handles*.py).
+
+``Down`` is multiplexed and reports the model id it sees; ``Up`` holds a
+handle to ``Down`` (made in ``__init__``, inside its replica, with no URL:
+the gateway passed its own) and calls it with a different model id.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from muxgate.replicas._context import current_replica, get_multiplexed_model_id
+from muxgate.replicas._deployment import deployment
+from muxgate.replicas._handle import HandleError, get_deployment_handle
+from muxgate.replicas._http import Request
+from muxgate.replicas._multiplex import multiplexed
+
+
+class ModelNotFoundError(LookupError):
+    """Matched by name by the replica: 404 model_not_found."""
+
+
+@deployment
+class Down:
+    @multiplexed(max_num_models_per_replica=4)
+    async def get_model(self, model_id: str) -> str:
+        if model_id.startswith("missing"):
+            raise ModelNotFoundError(f"no model {model_id!r}")
+        return f"model-{model_id}"
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        model_id = get_multiplexed_model_id()
+        model = await self.get_model(model_id) if model_id else None
+        return {
+            "model_id": model_id,
+            "model": model,
+            "args": list(args),
+            "kwargs": kwargs,
+            "replica": current_replica().replica_id,
+            "pid": os.getpid(),
+        }
+
+    async def add(self, a: int, b: int = 0) -> int:
+        return a + b
+
+    async def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    def unencodable(self) -> object:
+        return object()
+
+
+@deployment
+class Up:
+    def __init__(self) -> None:
+        # Made in __init__ (a worker thread, before serving): no event loop needed.
+        self.down = get_deployment_handle("Down")
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        body = await request.json()
+        return await self.compose(body.get("down_model", "bar"))
+
+    async def compose(self, down_model: str) -> dict[str, Any]:
+        before = get_multiplexed_model_id()
+        handle = self.down.options(multiplexed_model_id=down_model)
+        downstream = await handle.remote("from-up", k=1)
+        plain = await self.down.add.remote(2, b=3)
+        return {
+            "upstream_before": before,
+            "downstream": downstream,
+            "upstream_after": get_multiplexed_model_id(),
+            "original_handle_model": self.down.multiplexed_model_id,
+            "add": plain,
+        }
+
+    async def call_failing(self) -> dict[str, Any]:
+        try:
+            await self.down.fail.remote("downstream broke")
+        except HandleError as exc:
+            return {
+                "type": type(exc).__name__,
+                "status": exc.status,
+                "code": exc.code,
+                "message": exc.message,
+            }
+        return {}
