@@ -5,18 +5,35 @@ Layout under the cache directory::
     objects/ab/abcdef...      complete files, named by key (sha256)
     objects/ab/.abcdef...part in-progress downloads (same folder: atomic rename)
     locks/abcdef....lock      one file lock per key: one download at a time
-    .evict.lock               one eviction at a time
+    .evict.lock               the cache-wide lock held by a cleanup
 
-Invariants: a file under its final name is complete (written to a temp name
-then ``os.replace``d); a key names one version of one object (the version
-token is part of the key), so a changed object gets a new key and is fetched
-again; the least recently used files (by mtime, bumped on every hit) are
-removed once the total passes ``max_bytes``. Removing a file another process
-has memory-mapped is safe on POSIX: the mapping keeps the inode alive.
+Invariants: a file under its final name is complete (written to a temp name,
+fsynced, then ``os.replace``d); a key names one version of one object (the
+version token is part of the key), so a changed object gets a new key and is
+fetched again; the least recently used files (by mtime, bumped on every hit)
+are removed once the total passes ``max_bytes``. Removing a file another
+process has memory-mapped or open is safe on POSIX: the inode lives on.
+
+Cleanups run one at a time under the cache-wide lock, and every process
+runs one after each download (waiting for a running one rather than
+skipping it), so a file published while another process was scanning is
+counted by the next scan: the bound holds across processes up to the
+downloads in progress (temp files are not counted).
+
+Lock files: a cleanup also removes the lock file of every key whose cache
+file is gone, but only while holding that lock (taken without blocking; a
+lock in use is left alone). A process that opened the lock file before the
+removal then holds a lock on an unlinked inode, so :class:`KeyLock` checks,
+after locking, that the path still names the inode it locked, and starts
+over if not: two processes never both believe they hold one key's lock.
+Locks are ``flock`` locks (POSIX), released by the kernel when their
+holder dies.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import secrets
@@ -26,11 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 _PART_SUFFIX = ".part"
+_LOCK_SUFFIX = ".lock"
 # A temp file this old belongs to a process that died mid-download.
 _STALE_PART_SECONDS = 3600.0
+# Polling interval of a lock wait: flock has no timeout of its own.
+_LOCK_POLL_SECONDS = 0.02
+# A cleanup is a directory scan; waiting longer than this for one means a
+# stuck process, and the next download's cleanup will catch up.
+_EVICT_WAIT_SECONDS = 30.0
 
 
 def version_token(info: Mapping[str, Any]) -> str:
@@ -84,6 +105,81 @@ def plan_eviction(files: Iterable[CachedFile], max_bytes: int, keep: Path | None
     return victims
 
 
+class LockTimeout(TimeoutError):
+    """A :class:`KeyLock` was not acquired within the timeout."""
+
+
+class KeyLock:
+    """An exclusive inter-process lock on a lock file (``flock``), safe
+    against the file being removed by a cleanup (see the module docstring).
+
+    Not reentrant; one holder per instance. Blocking: call it from a
+    worker thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"KeyLock(path={str(self.path)!r}, held={self._fd is not None})"
+
+    @property
+    def is_locked(self) -> bool:
+        """Whether this instance holds the lock."""
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it; never blocks."""
+        assert self._fd is None, "KeyLock is not reentrant"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    return False
+                raise
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = -1
+            if current == os.fstat(fd).st_ino:
+                self._fd = fd
+                return True
+            # A cleanup removed the file between our open and our flock:
+            # the lock we hold guards nothing. Start over on the new file.
+            os.close(fd)
+
+    def acquire(self, timeout: float) -> None:
+        """Take the lock, polling up to ``timeout`` seconds.
+
+        Raises:
+            LockTimeout: The lock stayed held by someone else.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                raise LockTimeout(f"{self.path} is held by another process")
+            time.sleep(_LOCK_POLL_SECONDS)  # flock has no timeout: poll
+
+    def release(self) -> None:
+        """Release the lock (closing the descriptor drops the flock)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DiskCache:
     """The on-disk cache; cheap to construct, all state is in the directory.
 
@@ -122,10 +218,10 @@ class DiskCache:
             return None
         return path
 
-    def lock(self, key: str) -> FileLock:
+    def lock(self, key: str) -> KeyLock:
         """The inter-process lock that serialises downloads of ``key``."""
         self._locks.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self._locks / f"{key}.lock"))
+        return KeyLock(self._locks / f"{key}{_LOCK_SUFFIX}")
 
     def temp_path(self, key: str) -> Path:
         """A fresh temp path next to the final one (same filesystem)."""
@@ -133,8 +229,14 @@ class DiskCache:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f".{key}.{os.getpid()}.{secrets.token_hex(4)}{_PART_SUFFIX}"
 
-    def commit(self, temp: Path, key: str) -> Path:
-        """Atomically publish a complete temp file under ``key``."""
+    def commit(self, temp: Path, key: str, *, fsync: bool = True) -> Path:
+        """Atomically publish a complete temp file under ``key``.
+
+        With ``fsync``, the data reach the disk before the name does; the
+        directory is not synced: a rename lost in a crash is a cache miss.
+        """
+        if fsync:
+            fsync_file(temp)
         final = self.path_for(key)
         os.replace(temp, final)
         return final
@@ -164,21 +266,51 @@ class DiskCache:
         """Bytes held by complete files."""
         return sum(f.size for f in self.files())
 
-    def evict(self, keep: Path | None = None) -> list[Path]:
+    def lock_files(self) -> list[Path]:
+        """Lock files present in the cache."""
+        if not self._locks.is_dir():
+            return []
+        return [Path(e.path) for e in os.scandir(self._locks) if e.name.endswith(_LOCK_SUFFIX)]
+
+    def evict(
+        self, keep: Path | None = None, *, timeout: float = _EVICT_WAIT_SECONDS
+    ) -> list[Path]:
         """Remove least recently used files beyond ``max_bytes``; returns them.
 
-        Skipped (returns []) when another process is already evicting.
+        Runs under the cache-wide lock, waiting up to ``timeout`` for a
+        cleanup of another process (returns [] if it does not finish), then
+        removes idle lock files of keys no longer cached.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.directory / ".evict.lock"))
+        lock = KeyLock(self.directory / ".evict.lock")
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
+            lock.acquire(timeout)
+        except LockTimeout:
             return []
         try:
             victims = plan_eviction(self.files(), self.max_bytes, keep)
             for victim in victims:
                 victim.unlink(missing_ok=True)
+            self._remove_stale_locks()
             return victims
         finally:
             lock.release()
+
+    def _remove_stale_locks(self) -> list[Path]:
+        removed: list[Path] = []
+        for path in self.lock_files():
+            key = path.name[: -len(_LOCK_SUFFIX)]
+            if self.path_for(key).exists():
+                continue  # cheap pre-check; a cached key is not downloaded again
+            lock = KeyLock(path)
+            if not lock.try_acquire():
+                continue  # a download of this key is running or waiting
+            try:
+                # Checked again under the lock: a download may have finished
+                # between the pre-check and the acquire.
+                if not self.path_for(key).exists():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+            finally:
+                lock.release()
+        return removed

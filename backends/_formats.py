@@ -1,4 +1,5 @@
-"""Model formats: state dicts, TorchScript, safetensors and (trusted) pickles.
+"""Model formats: state dicts, exported programs, TorchScript, safetensors
+and (trusted) pickles.
 
 Every loader is async: the fetch runs on the event loop with blocking I/O
 in worker threads, and deserialisation runs in a worker thread. Files in
@@ -170,13 +171,68 @@ async def load_torchscript(
     """Load a TorchScript module (``torch.jit.save``) from ``root/model_id/filename``.
 
     TorchScript archives hold code, but only TorchScript, which cannot call
-    arbitrary Python. Arguments and errors as for :func:`load_state_dict`.
+    arbitrary Python. TorchScript is deprecated in torch 2.13 (``torch.jit``
+    emits a ``DeprecationWarning``); prefer :func:`load_exported_program`
+    for new models. Arguments and errors as for :func:`load_state_dict`.
     """
     url = join_model_url(root, model_id, filename)
     return await _load(
         url,
         "torchscript",
         partial(_torchscript, map_location),
+        storage_options=storage_options,
+        config=config,
+    )
+
+
+def _exported_program(trusted: bool, artifact: Artifact) -> torch.export.ExportedProgram:
+    import torch
+
+    if not trusted:
+        # Checked before reading a byte: nothing in the file runs.
+        raise UnsafePickleError(
+            artifact.url,
+            "exported_program",
+            "torch.export.load unpickles parts of a .pt2 archive without "
+            "weights_only (sample inputs, custom objects), so it can run code; "
+            "pass trusted=True for files you produced",
+        )
+    warnings.warn(
+        f"Loading the exported program {artifact.url} with trusted=True: torch.export.load "
+        "unpickles parts of it, which can run arbitrary code; load only files you produced.",
+        UntrustedPickleWarning,
+        stacklevel=2,
+    )
+    return torch.export.load(_source(artifact))
+
+
+async def load_exported_program(
+    root: str,
+    model_id: str,
+    filename: str = "model.pt2",
+    *,
+    trusted: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    config: StorageConfig | None = None,
+) -> torch.export.ExportedProgram:
+    """Load a ``torch.export.save``d program (``.pt2``) from ``root/model_id/filename``.
+
+    The successor of TorchScript (deprecated in torch 2.13): call
+    ``.module()`` on the result for a callable ``nn.Module``. Weights
+    stay on the device they were exported on.
+
+    ``torch.export.load`` falls back to full unpickling for some archive
+    entries, so like :func:`load_pickled_module` it is refused
+    (:class:`UnsafePickleError`, before anything is deserialised) unless
+    ``trusted=True`` is passed, which also emits an
+    :class:`UntrustedPickleWarning`. Other arguments and errors as for
+    :func:`load_state_dict`.
+    """
+    url = join_model_url(root, model_id, filename)
+    return await _load(
+        url,
+        "exported_program",
+        partial(_exported_program, trusted),
         storage_options=storage_options,
         config=config,
     )
