@@ -257,24 +257,48 @@ class GatewayMetrics:
         self.registry.register(self._replica_counters)
         self._lock = threading.Lock()
         self._replica_states: dict[str, set[str]] = {}
-        self._requests_seen = 0
+        # Labelled children, cached: ``labels()`` costs about as much as the
+        # increment and the observation together (a tuple build, a dict
+        # lookup and a lock per call; see bench/bench_metrics.py). Key:
+        # (deployment, status, model), model "" unless per-model labels are on.
+        # Filled lazily without a lock of ours: two threads missing at once
+        # both get the same child from ``labels()``, so either store is right.
+        self._request_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
+        self._queue_children: dict[str, Gauge] = {}
+        self._spillover_children: dict[tuple[str, str], Counter] = {}
 
     def observe_request(
         self, deployment: str, status: int, seconds: float, model_id: str = ""
     ) -> None:
         """Count one finished request and observe its duration."""
+        key = (deployment, status, model_id if self.per_model_labels else "")
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._new_request_children(key)
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def _new_request_children(self, key: tuple[str, int, str]) -> tuple[Counter, Histogram]:
+        deployment, status, model_id = key
         if self.per_model_labels:
-            self._requests.labels(deployment, str(status), model_id).inc()
-            self._duration.labels(deployment, model_id).observe(seconds)
+            children = (
+                self._requests.labels(deployment, str(status), model_id),
+                self._duration.labels(deployment, model_id),
+            )
         else:
-            self._requests.labels(deployment, str(status)).inc()
-            self._duration.labels(deployment).observe(seconds)
-        with self._lock:
-            self._requests_seen += 1
+            children = (
+                self._requests.labels(deployment, str(status)),
+                self._duration.labels(deployment),
+            )
+        self._request_children[key] = children
+        return children
 
     def set_queue_length(self, deployment: str, n: int) -> None:
         """Set how many requests of ``deployment`` wait for a replica."""
-        self._queue.labels(deployment).set(n)
+        child = self._queue_children.get(deployment)
+        if child is None:
+            child = self._queue_children[deployment] = self._queue.labels(deployment)
+        child.set(n)
 
     def set_replicas(self, deployment: str, counts_by_state: Mapping[str, int]) -> None:
         """Set the replica count per state; states seen before but absent now go to 0."""
@@ -287,10 +311,15 @@ class GatewayMetrics:
 
     def count_spillover(self, deployment: str, model_id: str = "") -> None:
         """Count one request routed away from its model's home replica."""
-        if self.per_model_labels:
-            self._spillovers.labels(deployment, model_id).inc()
-        else:
-            self._spillovers.labels(deployment).inc()
+        key = (deployment, model_id if self.per_model_labels else "")
+        child = self._spillover_children.get(key)
+        if child is None:
+            if self.per_model_labels:
+                child = self._spillovers.labels(deployment, model_id)
+            else:
+                child = self._spillovers.labels(deployment)
+            self._spillover_children[key] = child
+        child.inc()
 
     def set_replica_counters(
         self, deployment: str, replica_id: str, counters: Mapping[str, float]
@@ -318,10 +347,18 @@ class GatewayMetrics:
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
+    def requests_seen(self) -> int:
+        """Requests counted so far, over every label set (a sum at call time)."""
+        total = 0.0
+        for family in self._requests.collect():
+            for sample in family.samples:
+                if sample.name == "muxgate_requests_total":
+                    total += sample.value
+        return int(total)
+
     def __repr__(self) -> str:
-        with self._lock:
-            requests = self._requests_seen
         return (
             f"GatewayMetrics(per_model_labels={self.per_model_labels}, "
-            f"requests={requests}, live_replicas={self._replica_counters.live_count()})"
+            f"requests={self.requests_seen()}, "
+            f"live_replicas={self._replica_counters.live_count()})"
         )

@@ -214,3 +214,52 @@ def test_openmetrics_on_request() -> None:
     body, content_type = m.render("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
+
+
+def test_cached_children_count_per_label_set_and_from_many_threads() -> None:
+    # observe_request resolves each (deployment, status, model) once and
+    # reuses the child; values must stay exact per label set, also when
+    # threads race to resolve the same new label set.
+    import threading
+
+    m = GatewayMetrics(per_model_labels=True)
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        barrier.wait()
+        for i in range(500):
+            m.observe_request("Model", 200 if i % 5 else 500, 0.01, f"m{i % 2}")
+            m.count_spillover("Model", "m1")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = scrape(m)
+    requests = only(s, "muxgate_requests_total")
+
+    def key(status: str, model: str) -> tuple[tuple[str, str], ...]:
+        return (("deployment", "Model"), ("model", model), ("status", status))
+
+    assert requests == {
+        key("200", "m0"): 800.0,
+        key("200", "m1"): 800.0,
+        key("500", "m0"): 200.0,
+        key("500", "m1"): 200.0,
+    }
+    counts = only(s, "muxgate_request_duration_seconds_count")
+    assert sum(counts.values()) == 2000.0
+    assert only(s, "muxgate_spillovers_total") == {
+        (("deployment", "Model"), ("model", "m1")): 2000.0
+    }
+    assert m.requests_seen() == 2000
+    assert "requests=2000" in repr(m)
+
+    # Without per-model labels, the model id is not part of the key.
+    plain = GatewayMetrics()
+    plain.observe_request("Model", 200, 0.01, "m1")
+    plain.observe_request("Model", 200, 0.01, "m2")
+    assert only(scrape(plain), "muxgate_requests_total") == {
+        (("deployment", "Model"), ("status", "200")): 2.0
+    }
