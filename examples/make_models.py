@@ -1,7 +1,8 @@
 """Write N small torch models in the seed's layout: ``<root>/<id>/model.pt``.
 
-    python examples/make_models.py /tmp/models --count 8
-    python examples/make_models.py s3://my-bucket/models --count 8   # any fsspec URL
+python examples/make_models.py                      # examples/models/1..8
+python examples/make_models.py /tmp/models --count 8
+python examples/make_models.py s3://my-bucket/models --count 8   # any fsspec URL
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import fsspec
 import torch
 
 try:  # run as a script: examples/ is on sys.path
-    from torch_mlp import make_net
+    from torch_mlp import DEFAULT_ROOT, make_net
 except ImportError:  # imported as examples.make_models
-    from examples.torch_mlp import make_net
+    from examples.torch_mlp import DEFAULT_ROOT, make_net
 
 
 def write_models(root: str, count: int, *, seed: int = 0) -> list[str]:
@@ -31,8 +32,12 @@ def write_models(root: str, count: int, *, seed: int = 0) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("root", help="folder or fsspec URL to write to")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "root", nargs="?", default=DEFAULT_ROOT, help="folder or fsspec URL (default: %(default)s)"
+    )
     parser.add_argument("--count", type=int, default=8)
     args = parser.parse_args(argv)
     ids = write_models(args.root, args.count)

@@ -8,10 +8,18 @@ Layout (local folder by default, S3 or GCS with one setting)::
 
 Each ``model.pt`` is a ``state_dict`` of :func:`make_net`, loaded with
 ``torch.load(weights_only=True)``: a pickle is code, a state dict is data.
+
+Where the models are: the ``model_root`` init argument (``init_kwargs`` in
+the app config), else the ``MODEL_ROOT`` environment variable, else the
+``models/`` folder next to this file (what ``make_models.py`` writes by
+default). ``MODEL_ROOT=s3://my-bucket/models`` is the one setting that moves
+the example to S3 (endpoint and credentials: the config's ``storage.s3``
+section or the usual ``AWS_*`` variables).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -21,6 +29,8 @@ from muxgate.replicas import Request, deployment, get_multiplexed_model_id, mult
 
 IN_FEATURES = 4
 OUT_FEATURES = 2
+#: where make_models.py writes by default, and where Model looks last
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
 
 def make_net() -> torch.nn.Module:
@@ -34,8 +44,8 @@ def make_net() -> torch.nn.Module:
 
 @deployment(max_ongoing_requests=8)
 class Model:
-    def __init__(self, model_root: str) -> None:
-        self.model_root = model_root
+    def __init__(self, model_root: str | None = None) -> None:
+        self.model_root = model_root or os.environ.get("MODEL_ROOT") or DEFAULT_ROOT
 
     @multiplexed(max_num_models_per_replica=3)
     async def get_model(self, model_id: str) -> torch.nn.Module:
@@ -43,16 +53,19 @@ class Model:
         net.load_state_dict(await load_state_dict(self.model_root, model_id, "model.pt"))
         return net.eval()
 
-    async def __call__(self, request: Request) -> dict[str, Any]:
+    async def __call__(self, request: Request | dict[str, Any]) -> dict[str, Any]:
+        """HTTP: ``request`` is a ``Request`` with a JSON body ``{"x": [...]}``;
+        handle: ``await handle.options(multiplexed_model_id="2").remote({"x": [...]})``."""
         model_id = get_multiplexed_model_id()
         model = await self.get_model(model_id)
-        x = torch.tensor((await request.json())["x"], dtype=torch.float32)
+        payload = await request.json() if isinstance(request, Request) else request
+        x = torch.tensor(payload["x"], dtype=torch.float32)
         with torch.inference_mode():
             y = model(x)
         return {"model_id": model_id, "y": y.tolist()}
 
     async def predict(self, x: list[float]) -> list[float]:
-        """Called through a handle: ``handle.options(multiplexed_model_id="2").predict.remote(x)``."""
+        """Through a handle: ``handle.options(multiplexed_model_id="2").predict.remote(x)``."""
         model = await self.get_model(get_multiplexed_model_id())
         with torch.inference_mode():
             result: list[float] = model(torch.tensor(x, dtype=torch.float32)).tolist()

@@ -1,0 +1,135 @@
+"""The examples/ folder runs as its README says, at small sizes.
+
+Models are made by examples/make_models.py in a temp folder (or a moto S3
+bucket), the gateway serves examples/app.yaml or examples/composition.yaml
+in-process (port 0, MODEL_ROOT pointing at the models), and the client
+scripts run as subprocesses against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import msgspec
+import pytest
+
+from muxgate.gateway._config import AppConfig, load_config
+from muxgate.gateway._serve import serve
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+pytestmark = pytest.mark.anyio
+
+
+def _small(config: AppConfig, **storage: dict[str, object]) -> AppConfig:
+    """The example's config with one replica per deployment and a free port."""
+    deployments = [msgspec.structs.replace(d, num_replicas=1) for d in config.deployments]
+    return msgspec.structs.replace(
+        config,
+        deployments=deployments,
+        http=msgspec.structs.replace(config.http, port=0),
+        storage=dict(storage) or config.storage,
+    )
+
+
+def _run(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run an example script (blocking: only while no gateway runs on this loop)."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+async def _arun(script: str, *args: str) -> str:
+    """Run an example script without blocking the loop the gateway serves on."""
+    with anyio.fail_after(60):
+        proc = await anyio.run_process([sys.executable, str(EXAMPLES / script), *args], check=False)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, f"{script} failed:\n{out}\n{proc.stderr.decode()}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    out = _run("make_models.py", str(root), "--count", "3")
+    assert "wrote 3 models" in out
+    assert sorted(p.name for p in root.iterdir()) == ["1", "2", "3"]
+    assert (root / "2" / "model.pt").is_file()
+    return root
+
+
+@pytest.fixture
+def model_env(model_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    # Replicas inherit the gateway's environment: MODEL_ROOT is the one setting.
+    monkeypatch.setenv("MODEL_ROOT", str(model_root))
+    yield model_root
+
+
+async def test_app_yaml_http_and_handle_clients(model_env: Path) -> None:
+    config = _small(load_config(EXAMPLES / "app.yaml"))
+    async with serve(config) as url:
+        out = await _arun("client_http.py", "--url", url, "--model", "2")
+        status_line, body = out.strip().splitlines()
+        assert status_line.startswith("200 served by Model#")
+        result = json.loads(body)
+        assert result["model_id"] == "2"
+        assert len(result["y"]) == 2
+
+        out = await _arun("client_handle.py", "--url", url, "--model", "2")
+        call_result, predict = (json.loads(line) for line in out.strip().splitlines())
+        # Same model, same input: the handle and HTTP paths agree.
+        assert call_result == result
+        assert predict == {"model_id": "2", "predict": result["y"]}
+
+        async with httpx.AsyncClient() as client:
+            missing = await client.post(
+                f"{url}/", json={"x": [0, 0, 0, 0]}, headers={"serve_multiplexed_model_id": "9"}
+            )
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_composition_example(model_env: Path) -> None:
+    config = _small(load_config(EXAMPLES / "composition.yaml"))
+    async with serve(config) as url, httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/ensemble",
+            json={"x": [1, 2, 3, 4], "models": ["1", "2", "3"]},
+            headers={"serve_multiplexed_model_id": "upstream-id"},
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["own_model_id"] == "upstream-id"
+        assert len(body["outputs"]) == 3
+        assert body["outputs"][0] != body["outputs"][1]  # different weights
+        direct = await client.post(
+            f"{url}/model", json={"x": [1, 2, 3, 4]}, headers={"serve_multiplexed_model_id": "3"}
+        )
+        assert direct.json()["y"] == body["outputs"][2]
+
+
+async def test_app_yaml_against_s3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same example against an S3 bucket: MODEL_ROOT plus the storage section."""
+    from storage_servers import moto_s3
+
+    with moto_s3() as s3:
+        s3.create_bucket("bucket")
+        _run("make_models.py", "s3://bucket/models", "--count", "2", env=s3.env)
+        monkeypatch.setenv("MODEL_ROOT", "s3://bucket/models")
+        config = _small(load_config(EXAMPLES / "app.yaml"), s3=s3.storage_options)
+        async with serve(config) as url:
+            out = await _arun("client_http.py", "--url", url, "--model", "2")
+        assert json.loads(out.strip().splitlines()[1])["model_id"] == "2"
