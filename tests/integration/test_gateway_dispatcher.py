@@ -481,3 +481,22 @@ async def test_traceparent_passes_through_when_tracing_is_off() -> None:
         request_id="r", model_id="m", http=HTTP, deadline=deadline(), traceparent=incoming
     )
     assert targets["a"].calls[0]["traceparent"] == incoming
+
+
+async def test_a_new_idle_replica_takes_a_miss_at_once() -> None:
+    d, t, _ = affine(["a"], max_ongoing=1, wait_s=60.0)
+    d.router.observe("a", models=["ma"], loading=[])
+    busy = start(d, "busy", "ma")
+    await settle()
+    miss = start(d, "miss", "mc")
+    await settle()
+    assert d.queued == 1
+    # Scale-up: a replica joins; a load there delays nobody, so no affinity wait.
+    t["b"] = GatedReplica("b")
+    d.router.add_replica("b")
+    d.wake()
+    await settle()
+    assert t["b"].ids() == ["miss"] and d.queued == 0
+    t["a"].release(0)
+    t["b"].release(0)
+    await asyncio.gather(busy, miss)
