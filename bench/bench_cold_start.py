@@ -19,6 +19,15 @@ through ``muxgate.backends``) has ``min_replicas: 0`` and no replica, then:
 Prints per-run rows and the median; bounded (``--runs`` x ~5 s).
 
     .venv/bin/python bench/bench_cold_start.py [--runs 5] [--hidden 1024]
+
+Result (2 cores, Intel Xeon, Python 3.11, 5 runs, 4.3 MB model, medians):
+first response 1141 ms from zero = activator 3 ms + replica start 1094 ms
+(spawn, imports incl. torch, ``__init__``) + connect 1 ms + model load 20 ms
++ routing and HTTP 10 ms. The process start is the cold start; trimming it
+means a lighter import path or a pre-forked warm replica. Scale-up: the
+autoscaler raised the target 56 ms after the burst began (upscale_delay 0,
+0.1 s samples); the second replica ran after 2.1 s and the third after 2.3 s
+(two torch processes starting at once on 2 cores take ~2 s each).
 """
 
 from __future__ import annotations
