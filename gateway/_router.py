@@ -15,11 +15,15 @@ import random
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = [
     "DEFAULT_BALANCE_FACTOR",
+    "DEFAULT_PLACEMENT_CHOICES",
+    "DEFAULT_POPULARITY_HALF_LIFE",
     "DEFAULT_VIRTUAL_NODES",
     "HashRing",
+    "PopularitySketch",
     "RouteDecision",
     "Router",
     "default_min_capacity",
@@ -34,6 +38,11 @@ __all__ = [
 # the best p99 and hit rate in every simulated regime.
 DEFAULT_BALANCE_FACTOR = 3.0
 DEFAULT_VIRTUAL_NODES = 64
+# Also from bench/bench_routing_sim.py: 4 candidates for a model no replica
+# holds raised the "wide" hit rate the most without costing the hot regimes
+# (2: less gain; 8: more loads under shifting popularity).
+DEFAULT_PLACEMENT_CHOICES = 4
+DEFAULT_POPULARITY_HALF_LIFE = 1000.0  # requests; 300 and 3000 measured the same
 
 
 def default_min_capacity(max_ongoing_requests: int) -> int:
@@ -46,6 +55,7 @@ REASON_HOME = "home"  # the home replica (first in the preference list)
 REASON_CACHED = "cached"  # a later replica that already holds (or is loading) the model
 REASON_SPILL = "spill"  # the first replica under capacity; it does not hold the model
 REASON_NO_MODEL = "no_model"  # no model id: power of two choices
+REASON_PLACED = "placed"  # a later replica chosen because a load there evicts a colder model
 
 _PREFIX_LEN = 4  # preference-list prefix cached per model id
 _DEFAULT_CACHE_SIZE = 131_072
@@ -147,6 +157,71 @@ class HashRing:
         return out
 
 
+class PopularitySketch:
+    """Exponentially decayed request counts per model id.
+
+    Time is the number of requests recorded, not the wall clock: a model's
+    score is ``sum(2 ** -(age / half_life))`` over its requests, ``age``
+    counted in requests since each one. So the sketch is pure and
+    deterministic (same requests, same scores), adapts to the request rate by
+    itself, and ranks models by their share of the last few ``half_life``
+    requests.
+
+    Forward decay makes a record O(1): each request adds a weight that grows by
+    ``2 ** (1 / half_life)`` per request, and a score is the stored sum divided
+    by the current weight. The sums are rescaled before they overflow; ids whose
+    score fell below 1/100 of a request are forgotten then, and when more than
+    ``max_tracked`` ids are kept, the weaker half goes.
+    """
+
+    __slots__ = ("_max", "_scores", "_step", "_weight", "half_life")
+
+    def __init__(self, *, half_life: float = 1000.0, max_tracked: int = 65_536) -> None:
+        if not half_life > 0:
+            raise ValueError(f"half_life must be > 0, got {half_life}")
+        self.half_life = half_life
+        self._max = max(16, max_tracked)
+        self._step = 2.0 ** (1.0 / half_life)
+        self._weight = 1.0
+        self._scores: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def __repr__(self) -> str:
+        return f"PopularitySketch(tracked={len(self._scores)}, half_life={self.half_life:g})"
+
+    def record(self, model_id: str) -> None:
+        """Count one request for ``model_id``."""
+        self._weight *= self._step
+        scores = self._scores
+        scores[model_id] = scores.get(model_id, 0.0) + self._weight
+        if self._weight > 1e100:
+            self._rescale()
+        elif len(scores) > self._max:
+            self._prune()
+
+    def score(self, model_id: str) -> float:
+        """Decayed request count of ``model_id`` (0.0 if never seen or forgotten)."""
+        return self._scores.get(model_id, 0.0) / self._weight
+
+    def _rescale(self) -> None:
+        w = self._weight
+        self._scores = {m: v / w for m, v in self._scores.items() if v / w >= 0.01}
+        self._weight = 1.0
+        if len(self._scores) > self._max:
+            self._prune()
+
+    def _prune(self) -> None:
+        floor = 0.01 * self._weight
+        kept = {m: v for m, v in self._scores.items() if v >= floor}
+        if len(kept) > self._max * 3 // 4:
+            # Keep the stronger half; ties broken by id so every copy agrees.
+            ranked = sorted(kept.items(), key=lambda kv: (-kv[1], kv[0]))
+            kept = dict(ranked[: self._max // 2])
+        self._scores = kept
+
+
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
     """Where one request goes.
@@ -157,7 +232,9 @@ class RouteDecision:
         home_replica_id: First replica of the model's preference list (for a
             request without a model id: the chosen replica).
         reason: ``"home"``, ``"cached"`` (a later replica already holding the
-            model), ``"spill"`` (a later replica, model not there yet) or
+            model), ``"spill"`` (a later replica, model not there yet),
+            ``"placed"`` (a later replica picked for a model no replica holds,
+            because loading it there evicts a less popular model) or
             ``"no_model"`` (no model id, power of two choices).
     """
 
@@ -168,16 +245,45 @@ class RouteDecision:
 
 
 class _Replica:
-    __slots__ = ("in_flight", "loading", "models", "optimistic")
+    __slots__ = (
+        "cache_limit",
+        "in_flight",
+        "loading",
+        "lru",
+        "models",
+        "pending",
+        "pending_total",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.models: set[str] = set()  # reported loaded
+        self.lru: list[str] = []  # the same, least recently used first (as reported)
         self.loading: set[str] = set()  # reported loading
-        self.optimistic: set[str] = set()  # sent here, not yet reported
+        # Requests sent here and not yet answered, per model id. They pin
+        # their model on the replica, so each is a holder mark that only its
+        # own release removes (a report may predate the request's arrival).
+        self.pending: dict[str, int] = {}
+        self.pending_total = 0
+        self.cache_limit: int | None = None  # models it can hold, when reported
 
     def holds(self, model_id: str) -> bool:
-        return model_id in self.models or model_id in self.loading or model_id in self.optimistic
+        return model_id in self.models or model_id in self.loading or model_id in self.pending
+
+    def held(self) -> set[str]:
+        return self.models | self.loading | self.pending.keys()
+
+    def drop_pending(self, model_id: str) -> bool:
+        """Remove one pending mark; True when it was the model's last one."""
+        count = self.pending.get(model_id, 0)
+        if not count:
+            return False
+        self.pending_total -= 1
+        if count == 1:
+            del self.pending[model_id]
+            return True
+        self.pending[model_id] = count - 1
+        return False
 
 
 class Router:
@@ -195,28 +301,54 @@ class Router:
        ``capacity = min(max_ongoing_requests,
        max(min_capacity, ceil(balance_factor * (T + 1) / n)))``.
        A replica is *under capacity* when its in-flight count is below it.
-    3. Among replicas under capacity, in preference order: the first that
-       already holds m (loaded, loading, or sent m and not yet reported), else
-       the first. So a model stays on its home replica and only load beyond its
-       share spills, always to the same next replicas: hot models gain copies,
-       cold ones keep one. ``min_capacity`` keeps a lightly loaded deployment
-       from spilling (and paying a model load) for a second concurrent request:
-       a spill costs a model load (hundreds of ms), waiting costs a few
-       service times. Defaults (c = 3, floor = max_ongoing_requests / 2) come
-       from ``bench/bench_routing_sim.py``.
-    4. No model id: power of two choices among replicas below
+    3. Holders first: if replicas under capacity hold m (loaded, loading, or
+       a request for m in flight there), the one with the fewest requests in
+       flight wins, ties in preference order (``holder_choice="first"``: the
+       first in preference order). Spreading over the copies a hot model
+       already has costs no load and halves queueing in the simulation.
+    4. Else, if some replica holds m but all of them are full, m spills to the
+       first replica under capacity in preference order: load beyond a
+       model's share always goes to the same next replicas, so hot models gain
+       copies in a stable order and cold ones keep one.
+    5. Else m is held nowhere (a cold miss): of the first
+       ``placement_choices`` replicas under capacity in preference order, the
+       one where loading m evicts the least popular model: a replica with a
+       free cache slot first, else the lowest popularity of its victim (its
+       least recently used reported model that no in-flight request pins);
+       ties go to the earlier one, so with no information m goes home. This
+       keeps a one-off request from evicting a hot model, and evens out the
+       hot models that consistent hashing happens to give the same home.
+       Popularity is a :class:`PopularitySketch` of the requests this router
+       sent (decayed per request, no clock). The cache size is the one a
+       replica reported (``observe(cache_limit=...)``), else the router's
+       ``cache_limit``, else the most models any replica was seen holding.
+    6. No model id: power of two choices among replicas below
        ``max_ongoing_requests`` (the less loaded of two random ones).
-    5. When every replica is at ``max_ongoing_requests``, :meth:`choose`
+    7. When every replica is at ``max_ongoing_requests``, :meth:`choose`
        returns None and the caller queues the request.
 
-    Because capacity is at least ``ceil(balance_factor * (T + 1) / n)`` and
-    ``balance_factor > 1``, some replica is always under capacity unless all are
-    at ``max_ongoing_requests``.
+    ``min_capacity`` keeps a lightly loaded deployment from spilling (and
+    paying a model load) for a second concurrent request: a spill costs a model
+    load (hundreds of ms), waiting costs a few service times. The defaults
+    (c = 3, floor = max_ongoing_requests / 2, least-loaded holder, 4 placement
+    choices) come from ``bench/bench_routing_sim.py``.
+
+    Guarantees: a choice never exceeds capacity (some replica is always under
+    it unless all are at ``max_ongoing_requests``, since capacity is at least
+    ``ceil(balance_factor * (T + 1) / n)`` with ``balance_factor > 1``); a
+    model held by a replica under capacity is always sent to a holder; and the
+    choice is a pure function of the replica set, the reported and in-flight
+    state and the requests recorded, so gateways that saw the same agree.
+    Placement (5) only picks where a model with no copy is loaded; once loaded
+    there, every gateway sees the copy in the replica's reports and follows it.
 
     Cost per decision: one blake2b, one bisect (ring points are sorted once
-    per membership change), and a walk that stops at the first holder under
-    capacity, or the first replica under capacity when no holder is; the first
-    few preference entries per model id are kept in a bounded LRU cache.
+    per membership change), and a walk that stops once every holder under
+    capacity was seen, or at the first ``placement_choices`` replicas under
+    capacity when none is; the first few preference entries per model id are
+    kept in a bounded LRU cache. A cold miss also reads the LRU end of up to
+    ``placement_choices`` replicas' model lists. :meth:`acquire` adds one
+    dictionary update to the popularity sketch.
     """
 
     def __init__(
@@ -228,6 +360,10 @@ class Router:
         min_capacity: int | None = None,
         rng: random.Random | None = None,
         preference_cache_size: int = _DEFAULT_CACHE_SIZE,
+        holder_choice: Literal["least_loaded", "first"] = "least_loaded",
+        placement_choices: int = DEFAULT_PLACEMENT_CHOICES,
+        popularity_half_life: float = DEFAULT_POPULARITY_HALF_LIFE,
+        cache_limit: int | None = None,
     ) -> None:
         """Create an empty router.
 
@@ -241,6 +377,13 @@ class Router:
                 :func:`default_min_capacity` (half of ``max_ongoing_requests``).
             rng: Randomness for requests without a model id (injected for tests).
             preference_cache_size: Model ids whose preference prefix is cached.
+            holder_choice: Among holders under capacity, ``"least_loaded"``
+                (fewest in flight) or ``"first"`` (in preference order).
+            placement_choices: Candidates for a model no replica holds (1: its
+                first replica under capacity, as for a spill).
+            popularity_half_life: Half-life of the popularity sketch, in requests.
+            cache_limit: Models a replica can hold, when known for all
+                replicas; a replica's own report overrides it.
         """
         if not balance_factor > 1.0:
             raise ValueError(f"balance_factor must be > 1, got {balance_factor}")
@@ -261,6 +404,19 @@ class Router:
         self._total_in_flight = 0
         self._prefix_cache: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._prefix_cache_size = max(0, preference_cache_size)
+        if placement_choices < 1:
+            raise ValueError(f"placement_choices must be >= 1, got {placement_choices}")
+        if holder_choice not in ("first", "least_loaded"):
+            raise ValueError(
+                f"holder_choice must be 'first' or 'least_loaded', got {holder_choice!r}"
+            )
+        if cache_limit is not None and cache_limit < 1:
+            raise ValueError(f"cache_limit must be >= 1, got {cache_limit}")
+        self.placement_choices = placement_choices
+        self.holder_choice = holder_choice
+        self.cache_limit = cache_limit
+        self.popularity = PopularitySketch(half_life=popularity_half_life)
+        self._high_water = 0  # most models any replica was seen holding
 
     # -- membership -------------------------------------------------------
 
@@ -296,51 +452,88 @@ class Router:
             return
         self._ids.remove(replica_id)
         self._total_in_flight -= rep.in_flight
-        for model_id in rep.models | rep.loading | rep.optimistic:
+        for model_id in rep.held():
             self._unhold(model_id, replica_id)
         self._ring.remove(replica_id)
         self._prefix_cache.clear()
 
     # -- state updates ----------------------------------------------------
 
-    def observe(self, replica_id: str, *, models: Iterable[str], loading: Iterable[str]) -> None:
+    def observe(
+        self,
+        replica_id: str,
+        *,
+        models: Iterable[str],
+        loading: Iterable[str],
+        cache_limit: int | None = None,
+    ) -> None:
         """Replace a replica's model view with what it reported.
 
-        Optimistic marks from :meth:`acquire` are dropped too: the report is
-        newer than the decision that made them, or the request is still on the
-        wire and the next report will show the model loading.
+        Marks of requests still in flight there (see :meth:`acquire`) stay: a
+        report can predate a request's arrival, and the request pins its model.
+
+        Args:
+            replica_id: The reporting replica.
+            models: Loaded model ids, least recently used first.
+            loading: Model ids being loaded.
+            cache_limit: How many models the replica can hold, if it says.
         """
         rep = self._replicas.get(replica_id)
         if rep is None:
             return
-        before = rep.models | rep.loading | rep.optimistic
-        rep.models = set(models)
+        before = rep.held()
+        rep.lru = list(dict.fromkeys(models))
+        rep.models = set(rep.lru)
         rep.loading = set(loading)
-        rep.optimistic = set()
-        after = rep.models | rep.loading
+        if cache_limit is not None:
+            rep.cache_limit = cache_limit
+        # Every replica of a deployment runs the same code, so the most models
+        # any of them was seen holding estimates the cache size of all.
+        self._high_water = max(self._high_water, len(rep.models))
+        after = rep.held()
         for model_id in before - after:
             self._unhold(model_id, replica_id)
         for model_id in after - before:
             self._holders.setdefault(model_id, set()).add(replica_id)
 
     def acquire(self, replica_id: str, model_id: str) -> None:
-        """Record a request sent to ``replica_id`` for ``model_id`` ("" for none)."""
+        """Record a request sent to ``replica_id`` for ``model_id`` ("" for none).
+
+        The replica counts as holding the model until the matching
+        :meth:`release`, whatever it reports meanwhile.
+        """
         rep = self._replicas.get(replica_id)
         if rep is None:
             return
         rep.in_flight += 1
         self._total_in_flight += 1
-        if model_id and not rep.holds(model_id):
-            rep.optimistic.add(model_id)
-            self._holders.setdefault(model_id, set()).add(replica_id)
+        if model_id:
+            self.popularity.record(model_id)
+            if not rep.holds(model_id):
+                self._holders.setdefault(model_id, set()).add(replica_id)
+            rep.pending[model_id] = rep.pending.get(model_id, 0) + 1
+            rep.pending_total += 1
 
-    def release(self, replica_id: str) -> None:
-        """Record a reply (or failure) from ``replica_id``."""
+    def release(self, replica_id: str, model_id: str | None = None) -> None:
+        """Record a reply (or failure) from ``replica_id``.
+
+        Args:
+            replica_id: Where the request went.
+            model_id: The request's model id, as given to :meth:`acquire`. When
+                omitted, the replica's oldest model mark goes once it has more
+                marks than requests in flight, so marks never outnumber them.
+        """
         rep = self._replicas.get(replica_id)
         if rep is None or rep.in_flight == 0:
             return
         rep.in_flight -= 1
         self._total_in_flight -= 1
+        if model_id is None:
+            if rep.pending_total <= rep.in_flight:
+                return
+            model_id = next(iter(rep.pending))
+        if rep.drop_pending(model_id) and not (model_id in rep.models or model_id in rep.loading):
+            self._unhold(model_id, replica_id)
 
     def _unhold(self, model_id: str, replica_id: str) -> None:
         holders = self._holders.get(model_id)
@@ -366,7 +559,7 @@ class Router:
         rep = self._replicas.get(replica_id)
         if rep is None:
             return set()
-        return rep.models | rep.loading | rep.optimistic
+        return rep.held()
 
     def holders(self, model_id: str) -> set[str]:
         """Replicas the router believes hold ``model_id``."""
@@ -416,27 +609,78 @@ class Router:
         cap = self.capacity()
         replicas = self._replicas
         holders = self._holders.get(model_id, ())
-        # Holders under capacity: if there are none, the first replica under
-        # capacity wins and the walk can stop there.
+        # Holders under capacity: if there are none, the first replica(s) under
+        # capacity win and the walk can stop there.
         wanted = {r for r in holders if replicas[r].in_flight < cap}
+        least_loaded = self.holder_choice == "least_loaded" and len(wanted) > 1
+        # A spill (some replica holds m, all of them full) takes the first
+        # replica under capacity; only a model held nowhere looks further.
+        n_free = 1 if holders else self.placement_choices
         home: str | None = None
-        first_free: str | None = None
+        best: str | None = None  # least loaded holder seen so far (least_loaded only)
+        free: list[str] = []  # the first n_free replicas under capacity
         for replica_id in self._walk(model_id):
             if home is None:
                 home = replica_id
-            if replicas[replica_id].in_flight >= cap:
+            in_flight = replicas[replica_id].in_flight
+            if in_flight >= cap:
                 continue
             if replica_id in wanted:
-                reason = REASON_HOME if replica_id == home else REASON_CACHED
-                return RouteDecision(replica_id, replica_id != home, home, reason)
-            if first_free is None:
-                first_free = replica_id
+                if not least_loaded:
+                    reason = REASON_HOME if replica_id == home else REASON_CACHED
+                    return RouteDecision(replica_id, replica_id != home, home, reason)
+                if best is None or in_flight < replicas[best].in_flight:
+                    best = replica_id
+                wanted.discard(replica_id)
                 if not wanted:
                     break
-        if first_free is None or home is None:
+            elif not wanted and len(free) < n_free:
+                free.append(replica_id)
+                if len(free) == n_free:
+                    break
+            elif not wanted:
+                break
+        if best is not None and home is not None:
+            reason = REASON_HOME if best == home else REASON_CACHED
+            return RouteDecision(best, best != home, home, reason)
+        if not free or home is None:
             return None
-        reason = REASON_HOME if first_free == home else REASON_SPILL
-        return RouteDecision(first_free, first_free != home, home, reason)
+        target = free[0]
+        if len(free) > 1 and not holders:
+            target = self._place(free)
+        if target == home:
+            return RouteDecision(target, False, home, REASON_HOME)
+        reason = REASON_SPILL if target == free[0] else REASON_PLACED
+        return RouteDecision(target, True, home, reason)
+
+    def _victim_score(self, replica_id: str) -> float:
+        """Popularity of the model a new load on ``replica_id`` would evict.
+
+        -1.0 when it has a free cache slot (nothing would be evicted). The
+        victim is the least recently used reported model that no request in
+        flight pins there.
+        """
+        rep = self._replicas[replica_id]
+        limit = rep.cache_limit or self.cache_limit or self._high_water
+        occupancy = len(rep.models) + len(rep.loading)
+        for m in rep.pending:
+            if m not in rep.models and m not in rep.loading:
+                occupancy += 1
+        if occupancy < limit or not rep.lru:
+            return -1.0
+        victim = next((m for m in rep.lru if m not in rep.pending), rep.lru[0])
+        return self.popularity.score(victim)
+
+    def _place(self, free: list[str]) -> str:
+        """Where a model that no replica holds should be loaded: of the first
+        few replicas under capacity, the one whose load evicts the least
+        popular model (a free slot first; ties in preference order)."""
+        scores = [self._victim_score(r) for r in free]
+        best = 0
+        for i in range(1, len(free)):
+            if scores[i] < scores[best]:
+                best = i
+        return free[best]
 
     def _choose_p2c(self) -> RouteDecision | None:
         limit = self.max_ongoing_requests
@@ -470,8 +714,7 @@ class Router:
         rep = self._replicas.get(replica_id)
         if rep is None:
             return 0
-        held = rep.models | rep.loading | rep.optimistic
-        return sum(1 for m in held if len(self._holders.get(m, ())) <= 1)
+        return sum(1 for m in rep.held() if len(self._holders.get(m, ())) <= 1)
 
     def removal_order(self) -> list[str]:
         """Replica ids, cheapest to remove first.

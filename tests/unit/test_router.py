@@ -137,8 +137,15 @@ def test_min_capacity_floor_keeps_second_request_home() -> None:
     assert second_floor is not None and not second_floor.spillover
 
 
-def test_spill_follows_preference_order_and_sticks_to_holders() -> None:
-    router = make_router(6, balance_factor=1.25, max_ongoing_requests=2, min_capacity=1)
+@pytest.mark.parametrize("holder_choice", ["first", "least_loaded"])
+def test_spill_follows_preference_order_and_sticks_to_holders(holder_choice: Any) -> None:
+    router = make_router(
+        6,
+        balance_factor=1.25,
+        max_ongoing_requests=2,
+        min_capacity=2,
+        holder_choice=holder_choice,
+    )
     model = "m"
     prefs = router.preference_list(model)
     # Fill the home replica to max_ongoing_requests.
@@ -150,14 +157,22 @@ def test_spill_follows_preference_order_and_sticks_to_holders() -> None:
     router.observe(prefs[3], models=[model], loading=[])
     d = router.choose(model)
     assert d == RouteDecision(prefs[3], True, prefs[0], "cached")
-    # Once the home has room again, home wins (it holds the model).
-    router.release(prefs[0])
-    router.release(prefs[0])
+    # The replies report the model loaded; once the home has room again, home
+    # wins (it holds the model; both holders are idle, so ties go home).
+    router.observe(prefs[0], models=[model], loading=[])
+    router.release(prefs[0], model)
+    router.release(prefs[0], model)
     d = router.choose(model)
     assert d is not None and d.replica_id == prefs[0] and d.reason == "home"
+    # A busier home: "first" stays home, "least_loaded" takes the idle copy.
+    router.acquire(prefs[0], model)
+    d = router.choose(model)
+    assert d is not None
+    expected = prefs[0] if holder_choice == "first" else prefs[3]
+    assert d.replica_id == expected
 
 
-def test_acquire_marks_model_loading_optimistically() -> None:
+def test_acquire_marks_model_until_its_release() -> None:
     router = make_router(5, min_capacity=1, max_ongoing_requests=4)
     model = "m"
     prefs = router.preference_list(model)
@@ -168,8 +183,14 @@ def test_acquire_marks_model_loading_optimistically() -> None:
     router.acquire(d.replica_id, model)
     assert model in router.models(d.replica_id)
     assert d.replica_id in router.holders(model)
-    # The replica reports it has nothing (e.g. the load failed): the mark goes.
+    # A report written before the request arrived does not drop the mark:
+    # the request is still in transit and will load the model there.
     router.observe(d.replica_id, models=[], loading=[])
+    assert router.holders(model) == {d.replica_id}
+    again = router.choose(model)
+    assert again is not None and again.replica_id == d.replica_id and again.reason == "cached"
+    # Its reply (the load failed, nothing reported) removes it.
+    router.release(d.replica_id, model)
     assert router.holders(model) == set()
 
 
@@ -291,8 +312,12 @@ class RouterMachine(RuleBasedStateMachine):
             rng=random.Random(1), max_ongoing_requests=3, balance_factor=1.25, min_capacity=1
         )
         self.in_flight: dict[str, int] = {}
-        self.held: dict[str, set[str]] = {}
+        self.reported: dict[str, set[str]] = {}
+        self.sent: list[tuple[str, str]] = []  # (replica, model) of requests in flight
         self.next_id = 0
+
+    def held(self, rid: str) -> set[str]:
+        return self.reported[rid] | {m for r, m in self.sent if r == rid and m}
 
     @rule()
     def add(self) -> None:
@@ -300,7 +325,7 @@ class RouterMachine(RuleBasedStateMachine):
         self.next_id += 1
         self.router.add_replica(rid)
         self.in_flight[rid] = 0
-        self.held[rid] = set()
+        self.reported[rid] = set()
 
     @precondition(lambda self: self.in_flight)
     @rule(data=st.data())
@@ -308,7 +333,8 @@ class RouterMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(self.in_flight)))
         self.router.remove_replica(rid)
         del self.in_flight[rid]
-        del self.held[rid]
+        del self.reported[rid]
+        self.sent = [(r, m) for r, m in self.sent if r != rid]
 
     @rule(model=st.sampled_from(["", "a", "b", "c", "d", "e"]))
     def send(self, model: str) -> None:
@@ -323,21 +349,28 @@ class RouterMachine(RuleBasedStateMachine):
             assert d.home_replica_id == prefs[0]
             assert d.spillover == (d.replica_id != prefs[0])
             under = [r for r in prefs if self.in_flight[r] < cap]
-            holding = [r for r in under if model in self.held[r]]
-            # A holder under capacity always wins, in preference order; else the first free.
-            assert d.replica_id == (holding[0] if holding else under[0])
+            holding = [r for r in under if model in self.held(r)]
+            if holding:
+                # A holder under capacity always wins: the least loaded, ties
+                # in preference order.
+                assert d.replica_id == min(holding, key=lambda r: self.in_flight[r])
+            elif any(model in self.held(r) for r in prefs):
+                assert d.replica_id == under[0]  # spill: the first under capacity
+            else:
+                # Held nowhere: one of the first few under capacity.
+                assert d.replica_id in under[: self.router.placement_choices]
+                assert d.replica_id == under[0] or d.reason == "placed"
         else:
             assert self.in_flight[d.replica_id] < 3
         self.router.acquire(d.replica_id, model)
         self.in_flight[d.replica_id] += 1
-        if model:
-            self.held[d.replica_id].add(model)
+        self.sent.append((d.replica_id, model))
 
-    @precondition(lambda self: any(self.in_flight.values()))
+    @precondition(lambda self: self.sent)
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
-        rid = data.draw(st.sampled_from(sorted(r for r, v in self.in_flight.items() if v)))
-        self.router.release(rid)
+        rid, model = self.sent.pop(data.draw(st.integers(0, len(self.sent) - 1)))
+        self.router.release(rid, model)
         self.in_flight[rid] -= 1
 
     @precondition(lambda self: self.in_flight)
@@ -347,7 +380,7 @@ class RouterMachine(RuleBasedStateMachine):
         loaded = sorted(models)[:2]
         loading = sorted(models)[2:]
         self.router.observe(rid, models=loaded, loading=loading)
-        self.held[rid] = set(models)
+        self.reported[rid] = set(models)
 
     @invariant()
     def matches_model(self) -> None:
@@ -355,9 +388,11 @@ class RouterMachine(RuleBasedStateMachine):
         assert self.router.total_in_flight == sum(self.in_flight.values())
         for rid, count in self.in_flight.items():
             assert self.router.in_flight(rid) == count
-            assert self.router.models(rid) == self.held[rid]
+            assert self.router.models(rid) == self.held(rid)
         for model in "abcde":
-            assert self.router.holders(model) == {r for r, h in self.held.items() if model in h}
+            assert self.router.holders(model) == {
+                r for r in self.in_flight if model in self.held(r)
+            }
 
 
 TestRouterMachine = RouterMachine.TestCase
