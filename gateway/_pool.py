@@ -89,6 +89,9 @@ DRAIN_MARGIN_S = 5.0
 INITIAL_LOAD_TIME_S = 0.5
 #: weight of a new observation in the moving load-time estimate
 LOAD_TIME_ALPHA = 0.3
+#: bounds of the queue's affinity wait taken from the estimate: the head of
+#: the queue never waits longer than this behind cache hits
+AFFINITY_WAIT_BOUNDS_S = (0.01, 10.0)
 
 
 class ReplicaProcessLike(Protocol):
@@ -554,4 +557,5 @@ class ReplicaPool:
             mean = (seconds - seen_seconds) / (loads - seen_loads)
             self.load_time_s += LOAD_TIME_ALPHA * (mean - self.load_time_s)
             if self.config.routing.queue_affinity_wait_s is None:
-                self.dispatcher.affinity_wait_s = self.load_time_s
+                low, high = AFFINITY_WAIT_BOUNDS_S
+                self.dispatcher.affinity_wait_s = min(high, max(low, self.load_time_s))
