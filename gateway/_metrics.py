@@ -301,11 +301,22 @@ class GatewayMetrics:
         child.set(n)
 
     def set_replicas(self, deployment: str, counts_by_state: Mapping[str, int]) -> None:
-        """Set the replica count per state; states seen before but absent now go to 0."""
+        """Set the replica count per state; states seen before but absent now go to 0.
+
+        The first report of a deployment also creates its queue length and
+        (without per-model labels) spillover series at 0, so dashboards and
+        alerts see 0 rather than no data before the first queued or spilled
+        request.
+        """
         with self._lock:
+            first = deployment not in self._replica_states
             states = self._replica_states.setdefault(deployment, set())
             states.update(counts_by_state)
             known = sorted(states)
+        if first:
+            self._queue.labels(deployment)
+            if not self.per_model_labels:
+                self._spillovers.labels(deployment)
         for state in known:
             self._replicas.labels(deployment, state).set(counts_by_state.get(state, 0))
 

@@ -263,3 +263,16 @@ def test_cached_children_count_per_label_set_and_from_many_threads() -> None:
     assert only(scrape(plain), "muxgate_requests_total") == {
         (("deployment", "Model"), ("status", "200")): 2.0
     }
+
+
+def test_first_replica_report_creates_zero_queue_and_spillover_series() -> None:
+    m = GatewayMetrics()
+    assert only(scrape(m), "muxgate_queue_length") == {}
+    m.set_replicas("Model", {"starting": 1})
+    s = scrape(m)
+    assert only(s, "muxgate_queue_length") == {(("deployment", "Model"),): 0.0}
+    assert only(s, "muxgate_spillovers_total") == {(("deployment", "Model"),): 0.0}
+    # With per-model labels a spillover series needs a model: none is invented.
+    per_model = GatewayMetrics(per_model_labels=True)
+    per_model.set_replicas("Model", {"running": 1})
+    assert only(scrape(per_model), "muxgate_spillovers_total") == {}

@@ -1,0 +1,136 @@
+"""/-/metrics of a real gateway after a known request sequence: exact values.
+
+One replica of ``observability_apps:Observed`` (two models per replica, real
+torch files loaded through muxgate.backends). The sequence and what each
+request does to the replica's cache:
+
+====  ==========================  ======  =====================================
+#     request                     status  cache (LRU first) / counters
+====  ==========================  ======  =====================================
+1     model 1                     200     miss, load 1          -> [1]
+2     model 2                     200     miss, load 2          -> [1, 2]
+3     model 1                     200     hit                   -> [2, 1]
+4     model 3                     200     miss, evict 2 (lru), load 3 -> [1, 3]
+5     model id "bad id"           400     refused by the gateway, never sent
+6     model 3, path /raise        500     hit, then the deployment raises
+====  ==========================  ======  =====================================
+
+Replica-side series arrive through the pool's ping (about once a second),
+so the test waits, with a deadline, until the scrape shows them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from muxgate.gateway._config import parse_config
+from muxgate.gateway._serve import Gateway, start_gateway
+
+APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
+MODEL = "serve_multiplexed_model_id"
+DEP = (("deployment", "Observed"),)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    from apps.observability_apps import write_models
+
+    write_models(tmp_path, ["1", "2", "3"])
+    config = parse_config(
+        {
+            "http": {"port": 0},
+            "deployments": [
+                {
+                    "name": "Observed",
+                    "import_path": "observability_apps:Observed",
+                    "init_kwargs": {"model_root": tmp_path.as_uri()},
+                    "num_replicas": 1,
+                }
+            ],
+        },
+        base_dir=APPS,
+    )
+    async with start_gateway(config) as gw:
+        yield gw
+
+
+async def scrape(client: httpx.AsyncClient) -> Samples:
+    r = await client.get("/-/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    out: Samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def only(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {labels: value for (n, labels), value in samples.items() if n == name}
+
+
+async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        statuses = []
+        for model_id, path in [("1", "/"), ("2", "/"), ("1", "/"), ("3", "/")]:
+            r = await client.post(path, headers={MODEL: model_id})
+            statuses.append(r.status_code)
+            assert r.json()["model"] == model_id
+        r = await client.post("/", headers={MODEL: "bad id"})
+        statuses.append(r.status_code)
+        assert r.json()["error"]["code"] == "bad_model_id"
+        r = await client.post("/raise", headers={MODEL: "3"})
+        statuses.append(r.status_code)
+        assert statuses == [200, 200, 200, 200, 400, 500]
+
+        # The replica's counters reach the gateway with its next Pong.
+        with anyio.fail_after(10):
+            while True:
+                samples = await scrape(client)
+                hits = only(samples, "muxgate_cache_hits_total").get(DEP)
+                if hits == 2.0:
+                    break
+                await anyio.sleep(0.1)  # poll interval, not synchronisation
+
+    replica_id = next(iter(gateway.pools["Observed"].snapshot()["replicas"]))["id"]
+    assert only(samples, "muxgate_requests_total") == {
+        (("deployment", "Observed"), ("status", "200")): 4.0,
+        (("deployment", "Observed"), ("status", "400")): 1.0,
+        (("deployment", "Observed"), ("status", "500")): 1.0,
+    }
+    assert only(samples, "muxgate_request_duration_seconds_count") == {DEP: 6.0}
+    # Every request was answered; the +Inf bucket counts them all.
+    buckets = only(samples, "muxgate_request_duration_seconds_bucket")
+    assert buckets[(("deployment", "Observed"), ("le", "+Inf"))] == 6.0
+    assert only(samples, "muxgate_request_duration_seconds_sum")[DEP] > 0.0
+    assert only(samples, "muxgate_model_loads_total") == {DEP: 3.0}
+    assert only(samples, "muxgate_model_load_failures_total") == {DEP: 0.0}
+    assert only(samples, "muxgate_model_load_seconds_total")[DEP] > 0.0
+    assert only(samples, "muxgate_model_unloads_total") == {
+        (("deployment", "Observed"), ("reason", "drain")): 0.0,
+        (("deployment", "Observed"), ("reason", "lru")): 1.0,
+        (("deployment", "Observed"), ("reason", "shutdown")): 0.0,
+    }
+    assert only(samples, "muxgate_cache_hits_total") == {DEP: 2.0}
+    assert only(samples, "muxgate_cache_misses_total") == {DEP: 3.0}
+    assert only(samples, "muxgate_models_loaded") == {
+        (("deployment", "Observed"), ("replica", replica_id)): 2.0
+    }
+    assert only(samples, "muxgate_spillovers_total") == {DEP: 0.0}
+    assert only(samples, "muxgate_queue_length") == {DEP: 0.0}
+    replicas = only(samples, "muxgate_replicas")
+    assert replicas[(("deployment", "Observed"), ("state", "running"))] == 1.0
+    assert sum(replicas.values()) == 1.0
