@@ -276,7 +276,7 @@ class Dispatcher:
                 raise
             finally:
                 self.in_flight -= 1
-                router.release(replica_id)
+                router.release(replica_id, model_id)
                 if self._waiting:
                     self.wake()
             # The router's model view is refreshed by the connection's
@@ -370,7 +370,7 @@ class Dispatcher:
             if future.done() and not future.cancelled() and future.exception() is None:
                 # Handed a slot at the moment we gave up (deadline or
                 # cancellation): give it back to the next waiter.
-                self.router.release(future.result().replica_id)
+                self.router.release(future.result().replica_id, model_id)
                 self.wake()
             else:
                 future.cancel()
