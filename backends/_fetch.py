@@ -36,6 +36,7 @@ import anyio
 import anyio.to_thread
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from ._cache import DiskCache, LockTimeout, cache_key, version_token
@@ -459,20 +460,49 @@ def _translate_and_raise(exc: Exception, safe_url: str) -> NoReturn:
 
 
 def _record(span: trace.Span, artifact: Artifact, seconds: float) -> None:
-    span.set_attribute("muxgate.duration_ms", seconds * 1000)
-    span.set_attribute("muxgate.bytes", artifact.size)
-    span.set_attribute("muxgate.cache_hit", artifact.cache_hit)
-    span.set_attribute("muxgate.storage.strategy", artifact.strategy.value)
-    span.set_attribute("muxgate.source", artifact.source)
-
-
-def _start_span(safe_url: str) -> Any:
-    return _tracer().start_as_current_span(
-        "muxgate.storage.fetch",
-        attributes={"url.full": safe_url},
-        record_exception=True,
-        set_status_on_exception=True,
+    span.set_attributes(
+        {
+            "muxgate.duration_ms": seconds * 1000,
+            "muxgate.bytes": artifact.size,
+            "muxgate.cache_hit": artifact.cache_hit,
+            "muxgate.storage.strategy": artifact.strategy.value,
+            "muxgate.source": artifact.source,
+        }
     )
+
+
+class _FetchSpan:
+    """``tracer.start_as_current_span`` for the fetch span, as a plain class:
+    the generator-based context managers of the OpenTelemetry API cost about
+    5 us per load here, a measurable share of a small local load.
+
+    Like ``start_as_current_span(record_exception=True,
+    set_status_on_exception=True)``, except that a cancellation is not
+    recorded as an error of the fetch.
+    """
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, safe_url: str) -> None:
+        self._span = _tracer().start_span(
+            "muxgate.storage.fetch", attributes={"url.full": safe_url}
+        )
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if isinstance(exc, Exception) and self._span.is_recording():
+                self._span.record_exception(exc)
+                self._span.set_status(
+                    trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                )
+        finally:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._span.end()
 
 
 @asynccontextmanager
@@ -499,7 +529,7 @@ async def fetch(
     cfg = resolve_config(config)
     safe_url = redact_url(url)
     started = time.perf_counter()
-    with _start_span(safe_url) as span:
+    with _FetchSpan(safe_url) as span:
         try:
             artifact = await _Fetcher(url, cfg, storage_options).fetch()
         except Exception as exc:
@@ -529,7 +559,7 @@ async def fetch_and_decode(
     safe_url = redact_url(url)
     started = time.perf_counter()
     outcome_fn: Callable[[], T] | None = None
-    with _start_span(safe_url) as span:
+    with _FetchSpan(safe_url) as span:
         try:
             fetcher = _Fetcher(url, cfg, storage_options)
             if fetcher.in_process():
