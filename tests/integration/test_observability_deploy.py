@@ -1,0 +1,106 @@
+"""The health checks shipped in deploy/ pass against a real gateway.
+
+``/-/healthz`` sits behind the admin guard: loopback clients only when no
+``http.admin_token`` is set, the bearer token otherwise. The Kubernetes
+probes (deploy/k8s/deployment.yaml) and the compose health check
+(deploy/compose.yaml) therefore run *inside* the container against
+127.0.0.1 and send the token when there is one. This runs those exact
+commands (only the port and the Python interpreter are swapped) against a
+gateway without and with a token.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+
+from muxgate.gateway._config import load_config, parse_config
+from muxgate.gateway._serve import Gateway, start_gateway
+
+ROOT = Path(__file__).resolve().parents[2]
+APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
+#: the token deploy/app.yaml sets and deploy/compose.yaml's check sends
+DEV_TOKEN = "muxgate-dev-token"
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def k8s_probe() -> list[str]:
+    """The gateway's startup/readiness probe command."""
+    with (ROOT / "deploy" / "k8s" / "deployment.yaml").open() as f:
+        manifest = yaml.safe_load(f)
+    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    command: list[str] = container["startupProbe"]["exec"]["command"]
+    assert container["readinessProbe"]["exec"]["command"] == command
+    return command
+
+
+def compose_check() -> list[str]:
+    with (ROOT / "deploy" / "compose.yaml").open() as f:
+        compose = yaml.safe_load(f)
+    test: list[str] = compose["services"]["gateway"]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    return test[1:]
+
+
+def localise(command: list[str], gateway: Gateway) -> list[str]:
+    """Run the probe here: this interpreter, the gateway's real port."""
+    port = gateway.url.rsplit(":", 1)[1]
+    assert command[0] == "python"
+    return [sys.executable, *(arg.replace(":8000/", f":{port}/") for arg in command[1:])]
+
+
+async def run_probe(command: list[str], env: Mapping[str, str]) -> int:
+    clean = {k: v for k, v in os.environ.items() if k != "MUXGATE_ADMIN_TOKEN"}
+    with anyio.fail_after(30):
+        result = await anyio.run_process(command, env={**clean, **env}, check=False)
+    return result.returncode
+
+
+def config(admin_token: str | None) -> Any:
+    return parse_config(
+        {
+            "http": {"port": 0, "admin_token": admin_token},
+            "deployments": [{"name": "Echo", "import_path": "gateway_apps:Echo1"}],
+        },
+        base_dir=APPS,
+    )
+
+
+@pytest.fixture
+async def open_gateway() -> AsyncIterator[Gateway]:
+    async with start_gateway(config(None)) as gw:
+        yield gw
+
+
+@pytest.fixture
+async def dev_token_gateway() -> AsyncIterator[Gateway]:
+    async with start_gateway(config(DEV_TOKEN)) as gw:
+        yield gw
+
+
+async def test_probes_pass_without_a_token(open_gateway: Gateway) -> None:
+    assert await run_probe(localise(k8s_probe(), open_gateway), {}) == 0
+    # A token in the pod's environment but none configured: still fine.
+    probe = localise(k8s_probe(), open_gateway)
+    assert await run_probe(probe, {"MUXGATE_ADMIN_TOKEN": "unused"}) == 0
+
+
+async def test_probes_need_the_same_token_as_the_config(dev_token_gateway: Gateway) -> None:
+    probe = localise(k8s_probe(), dev_token_gateway)
+    assert await run_probe(probe, {"MUXGATE_ADMIN_TOKEN": DEV_TOKEN}) == 0
+    # The token lives in two places (http.admin_token in the app config and
+    # the muxgate-admin Secret the probe reads): when they disagree, or the
+    # Secret is missing, the probe fails and the pod never becomes ready.
+    assert await run_probe(probe, {}) != 0
+    assert await run_probe(probe, {"MUXGATE_ADMIN_TOKEN": "other"}) != 0
+    # The compose check carries deploy/app.yaml's token inline.
+    assert load_config(ROOT / "deploy" / "app.yaml").http.admin_token == DEV_TOKEN
+    assert await run_probe(localise(compose_check(), dev_token_gateway), {}) == 0
