@@ -64,6 +64,11 @@ def _demo(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``muxgate`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        # The demo parses its own options (argparse's REMAINDER would stop
+        # at the first "--option" and reject it).
+        return _demo(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args.config, args.host, args.port, args.log_level)

@@ -69,6 +69,7 @@ def make_spec(
     deployment: DeploymentConfig,
     replica_id: str,
     gateway_url: str | None = None,
+    log_level: str = "INFO",
 ) -> ReplicaSpec:
     """The launcher's spec for one replica of ``deployment``.
 
@@ -91,6 +92,7 @@ def make_spec(
         graceful_shutdown_timeout_s=config.http.request_timeout_s,
         gateway_url=gateway_url,
         admin_token=config.http.admin_token,
+        log_level=log_level,
     )
 
 
@@ -121,8 +123,12 @@ async def start_gateway(
     ready_timeout_s: float = 120.0,
     litestar_ingress: bool = False,
     server: Literal["uvicorn", "granian"] = "uvicorn",
+    replica_log_level: str = "INFO",
 ) -> AsyncIterator[Gateway]:
     """Like ``serve`` but yields the ``Gateway`` (pools, metrics, url).
+
+    ``replica_log_level`` is the root log level inside the replicas
+    (``muxgate demo`` quiets them to ``WARNING``).
 
     ``litestar_ingress=True`` serves ``create_app()`` (ingress mounted in
     Litestar) instead of ``GatewayASGI`` (ingress beside it); the benchmark
@@ -143,7 +149,7 @@ async def start_gateway(
             d,
             launcher=use_launcher,
             make_spec=lambda dep, rid: make_spec(
-                config, dep, rid, gateway_url[0] if gateway_url else None
+                config, dep, rid, gateway_url[0] if gateway_url else None, replica_log_level
             ),
             metrics=metrics,
             per_model_labels=config.metrics.per_model_labels,

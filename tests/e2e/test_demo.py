@@ -1,0 +1,106 @@
+"""``muxgate demo`` as a user runs it: a subprocess that completes with a
+clean summary, stops cleanly on Ctrl-C, and leaves no process behind.
+
+Processes the demo starts are found by a marker in their environment (the
+replicas inherit the demo's environment), so a replica that outlived the
+demo would be found even after being re-parented.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _tagged(tag: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose environment carries ``tag``."""
+    marker = f"MUXGATE_DEMO_TEST={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _wait_for(predicate: object, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path, Path, str]:
+    tag = uuid.uuid4().hex
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    # Files, not pipes: nobody drains a pipe while the test waits.
+    with out.open("wb") as out_file, err.open("wb") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "muxgate.gateway._cli", "demo", *args],
+            stdout=out_file,
+            stderr=err_file,
+            env={**os.environ, "MUXGATE_DEMO_TEST": tag},
+            start_new_session=True,  # its own process group, as at a terminal
+        )
+    return proc, out, err, tag
+
+
+def _model_dir(err: Path) -> Path:
+    match = re.search(r"writing \d+ models to (\S+)", err.read_text())
+    assert match, err.read_text()
+    return Path(match.group(1))
+
+
+def test_demo_completes_with_zero_errors_and_cleans_up(tmp_path: Path) -> None:
+    proc, out, err, tag = _start(tmp_path, "--requests", "200")
+    try:
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    summary = out.read_text()
+    assert code == 0, f"{summary}\n{err.read_text()[-3000:]}"
+    # The summary row: requests, errors, p50, p99, req/s, hit rate, spillovers.
+    row = re.search(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+\d+\s+[\d.]+%\s+\d+$", summary, re.M)
+    assert row, summary
+    assert (int(row.group(1)), int(row.group(2))) == (200, 0)
+    assert len(re.findall(r"^\s+Demo#\w+\s+\d+", summary, re.M)) == 3  # one row per replica
+    assert "status page: http://127.0.0.1:" in summary
+    assert not _model_dir(err).exists()
+    _wait_for(lambda: not _tagged(tag), 10, "every demo process to exit")
+
+
+def test_demo_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
+    proc, _out, err, tag = _start(tmp_path, "--requests", "1000000", "--replicas", "2")
+    try:
+        _wait_for(lambda: "requests, errors" in err.read_text(), 60, "traffic to start")
+        running = _tagged(tag)
+        assert len(running) >= 3  # the demo and its replicas
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 130, err.read_text()[-3000:]
+    assert "stopping" in err.read_text()
+    assert "Traceback" not in err.read_text()
+    assert not _model_dir(err).exists()
+    _wait_for(lambda: not _tagged(tag), 10, "every demo process to exit")
