@@ -35,7 +35,8 @@ class Down:
         return {
             "model_id": model_id,
             "model": model,
-            "args": list(args),
+            # HTTP traffic passes a Request: report its path instead.
+            "args": [a.path if isinstance(a, Request) else a for a in args],
             "kwargs": kwargs,
             "replica": current_replica().replica_id,
             "pid": os.getpid(),
