@@ -59,7 +59,7 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     min_capacity: Annotated[int, msgspec.Meta(ge=1)] | None = None
     #: how long the oldest queued request lets younger requests whose model is
     #: already on the freed replica go first (cache-affine queue); None: a
-    #: moving estimate of the model load time the replicas report
+    #: moving estimate of the model load time the replicas report; 0: strict FIFO
     queue_affinity_wait_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 

@@ -16,10 +16,14 @@ frees on replica r goes to the head request, usually a cache miss on r, so
 r loads a model, holds the slot for the load, and every replica stays full of
 loads. Instead a free slot goes to the oldest waiter whose model the chosen
 replica already holds (loaded or loading); the head gets a slot that would
-be a miss only once it has waited ``affinity_wait_s`` (about one model load,
-estimated by the pool), when nothing is in flight, or when the chosen
-replica is idle (a load there delays nobody). Waiters of one model id are
-served oldest first, since they all see the same routing choice.
+be a miss once it has waited ``affinity_wait_s`` (about one model load,
+estimated by the pool) and no hit wants the slot, when nothing is in flight,
+or when the chosen replica is idle (a load there delays nobody). So that a
+cold model's requests cannot starve behind a stream of hits, a head that has
+waited ``affinity_wait_s`` also takes a slot over younger hits, but at most
+once per ``affinity_wait_s``: those forced loads occupy about one slot, not
+all of them. Waiters of one model id are served oldest first, since they all
+see the same routing choice.
 
 Each routing decision runs in a ``muxgate.route`` span (when tracing is on)
 and the traceparent sent to the replica is that span's, so the replica's
@@ -176,6 +180,7 @@ class Dispatcher:
         self._queue: deque[_Waiter] = deque()
         self._waiting = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._forced_after = 0.0  # loop time before which no head may jump hits
         self.affinity_wait_s = affinity_wait_s
         self.in_flight = 0
 
@@ -458,9 +463,9 @@ class Dispatcher:
                 refused.add(model_id)  # a miss, and not the head: skip it cheaply
                 continue
             decision = router.choose(model_id)
-            if head is None:
-                head, head_decision = waiter, decision
             if decision is None:
+                if head is None:
+                    head = waiter
                 if not model_id:
                     return False  # every replica at max_ongoing_requests
                 models_full = True
@@ -468,6 +473,17 @@ class Dispatcher:
             if not model_id or decision.replica_id in router.holders(model_id):
                 self._hand(waiter, decision)
                 return True
+            if head is None:
+                head, head_decision = waiter, decision
+                # No starvation: a head that has waited its affinity time
+                # takes this slot over younger cache hits, at most once per
+                # affinity wait, so these forced loads hold about one slot
+                # and a busy deployment cannot fall into the FIFO collapse.
+                now = asyncio.get_running_loop().time()
+                if now >= head.since + self.affinity_wait_s and now >= self._forced_after:
+                    self._forced_after = now + self.affinity_wait_s
+                    self._hand(head, decision)
+                    return True
             refused.add(model_id)
         if head is None or head_decision is None:
             return False

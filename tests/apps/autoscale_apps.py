@@ -56,3 +56,25 @@ class Broken:
 
     async def __call__(self, request: Request) -> str:
         return "never"
+
+
+@deployment(max_ongoing_requests=4)
+class SlowLoad:
+    """Loads take ``load_s`` (sleep), requests ``serve_s``; two models per
+    replica, so an overloaded pool with many models thrashes unless the
+    gateway queue prefers cache hits."""
+
+    def __init__(self, load_s: float = 0.2, serve_s: float = 0.01) -> None:
+        self.load_s = load_s
+        self.serve_s = serve_s
+
+    @multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> _Model:
+        await asyncio.sleep(self.load_s)
+        return _Model(model_id, "")
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        model_id = get_multiplexed_model_id()
+        await self.get_model(model_id)
+        await asyncio.sleep(self.serve_s)
+        return {"model": model_id, "replica": current_replica().replica_id}

@@ -500,3 +500,40 @@ async def test_a_new_idle_replica_takes_a_miss_at_once() -> None:
     t["a"].release(0)
     t["b"].release(0)
     await asyncio.gather(busy, miss)
+
+
+async def test_an_old_head_is_not_starved_by_a_stream_of_hits() -> None:
+    d, t, _ = affine(["a"], max_ongoing=2, wait_s=0.1)
+    d.router.observe("a", models=["ma"], loading=[])
+    running = [start(d, "busy1", "ma"), start(d, "busy2", "ma")]
+    await settle()
+    cold = start(d, "cold", "mc")
+    await settle()
+    hits = [start(d, f"hit{i}", "ma") for i in range(6)]
+    await settle()
+    t["a"].release(0)
+    await settle()
+    assert t["a"].ids()[-1] == "hit0"  # young head: the hit goes first
+    loop = asyncio.get_running_loop()
+    aged_at = loop.time() + 0.1
+    await poll_time(aged_at)  # time itself is the subject here
+    t["a"].release(1)
+    await settle()
+    # Hits are still queued, but the head has waited its affinity time.
+    assert t["a"].ids()[-1] == "cold"
+    assert d.queued == 5
+    for i in range(2, 9):
+        t["a"].release(i)
+        await settle()
+    await asyncio.gather(*running, cold, *hits)
+    assert t["a"].ids().index("cold") < t["a"].ids().index("hit1")
+
+
+async def poll_time(when: float) -> None:
+    """Let the loop clock reach ``when`` (bounded)."""
+    loop = asyncio.get_running_loop()
+    for _ in range(200):
+        if loop.time() >= when:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the clock did not advance")
