@@ -345,8 +345,7 @@ class _Fetcher:
             temp = await _thread(cache.temp_path, key)
             try:
                 logger.info("Downloading %s (%d bytes) into the cache.", self.safe_url, size)
-                await self.download(temp, size)
-                await self.check_unchanged(info)
+                await self.download_unchanged(temp, info, size)
                 final = await _thread(
                     partial(cache.commit, temp, key, fsync=self.config.cache.fsync)
                 )
@@ -388,6 +387,28 @@ class _Fetcher:
         fs: Any = self.fs
         data: bytes = fs.cat_file(self.path)
         return Artifact(self.safe_url, size, cache_hit=False, strategy=Strategy.BYTES, data=data)
+
+    async def download_unchanged(self, dest: Path, info: Mapping[str, Any], size: int) -> None:
+        """:meth:`download`, then make sure every part came from one version.
+
+        A part can also fail outright because the object changed under the
+        download (S3 answers 416 to a range past the end of a shrunken
+        object); a failure is therefore checked against the current
+        version, and a changed object restarts the fetch instead of failing.
+        """
+        try:
+            await self.download(dest, size)
+        except _ObjectChanged:
+            raise
+        except Exception as exc:
+            try:
+                changed = version_token(await self.info()) != version_token(info)
+            except Exception:
+                changed = False  # e.g. deleted meanwhile: report the original error
+            if changed:
+                raise _ObjectChanged(self.safe_url) from exc
+            raise
+        await self.check_unchanged(info)
 
     async def check_unchanged(self, before: Mapping[str, Any]) -> None:
         """Raise if the object's version changed since ``before`` (mixed parts)."""
@@ -437,8 +458,7 @@ class _Fetcher:
             os.close(fd)
             artifact._cleanup.append(partial(_remove, name))
             try:
-                await self.download(Path(name), size)
-                await self.check_unchanged(info)
+                await self.download_unchanged(Path(name), info, size)
             except BaseException:
                 _remove(name)
                 raise

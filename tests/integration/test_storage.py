@@ -20,6 +20,7 @@ from typing import Any
 
 import fsspec
 import pytest
+from opentelemetry import trace
 
 with warnings.catch_warnings():
     # torch warns at import when numpy is absent; pytest turns warnings into errors.
@@ -39,6 +40,7 @@ from muxgate.backends._errors import (
 )
 from muxgate.backends._formats import (
     UntrustedPickleWarning,
+    load_exported_program,
     load_pickled_module,
     load_safetensors,
     load_state_dict,
@@ -242,6 +244,33 @@ async def test_torchscript_round_trip(store: Store) -> None:
     assert torch.equal(loaded(x), scripted(x))
 
 
+@pytest.fixture(scope="session")
+def exported() -> tuple[bytes, torch.export.ExportedProgram]:
+    """One torch.export program for every backend (exporting takes ~1.5 s)."""
+    program = torch.export.export(Net(), (torch.randn(3, 4),))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue(), program
+
+
+async def test_exported_program_round_trip(
+    store: Store, exported: tuple[bytes, torch.export.ExportedProgram]
+) -> None:
+    data, program = exported
+    store.put("ep/model.pt2", data)
+    # torch.export.load may unpickle with weights_only=False: trust is explicit.
+    with pytest.raises(UnsafePickleError, match=r"ep/model\.pt2") as info:
+        await load_exported_program(store.root, "ep", **store.kwargs())
+    assert info.value.format == "exported_program"
+    with pytest.warns(UntrustedPickleWarning):
+        loaded = await load_exported_program(store.root, "ep", trusted=True, **store.kwargs())
+    x = torch.randn(3, 4)
+    assert torch.equal(loaded.module()(x), program.module()(x))
+    store.put("ep/bad.pt2", _torch_bytes({"x": torch.ones(2)}))
+    with pytest.warns(UntrustedPickleWarning), pytest.raises(ModelFormatError):
+        await load_exported_program(store.root, "ep", "bad.pt2", trusted=True, **store.kwargs())
+
+
 async def test_safetensors_round_trip(store: Store) -> None:
     state = _state()
     store.put("st/model.safetensors", _safetensors_bytes(state))
@@ -329,9 +358,21 @@ async def test_fetch_span(store: Store, spans: OtlpReceiver) -> None:
     for span in fetches:
         assert span.attributes["url.full"] == f"{store.root}/span/model.pt"
         assert span.attributes["muxgate.bytes"] == len(data)
-        assert float(span.attributes["muxgate.duration_ms"]) >= 0  # type: ignore[arg-type]
+        assert float(span.attributes["muxgate.duration_ms"]) >= 0
     hits = [s.attributes["muxgate.cache_hit"] for s in fetches]
     assert hits == ([False, True] if store.cached else [False, False])
+    sources = [s.attributes["muxgate.source"] for s in fetches]
+    assert sources == (["remote", "cache"] if store.cached else ["local", "local"])
+
+
+async def test_fetch_span_is_a_child_of_the_load_span(store: Store, spans: OtlpReceiver) -> None:
+    store.put("child/model.pt", _torch_bytes({"x": torch.ones(2)}))
+    assert flush_tracing()
+    spans.clear()
+    with trace.get_tracer("test").start_as_current_span("muxgate.model.load") as parent:
+        await load_state_dict(store.root, "child", **store.kwargs())
+    (span,) = _fetch_spans(spans, 1)
+    assert span.parent_span_id == format(parent.get_span_context().span_id, "016x")
 
 
 @pytest.mark.parametrize(

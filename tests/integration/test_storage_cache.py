@@ -6,6 +6,7 @@ test can prove how many downloads happened) and injects 503s.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -175,6 +176,62 @@ async def test_parallel_ranged_download(
         assert await anyio.Path(artifact.path).read_bytes() == data
     parts = -(-len(data) // (512 * 1024))
     assert proxy.count("GET", f"/{BUCKET}/{prefix}/m/model.pt") == parts
+
+
+@pytest.mark.parametrize(
+    ("size", "threshold", "gets"),
+    [
+        (150_000, None, 1),  # ~600 KB < two 512 KiB parts: one GET
+        (1_000_000, 8 << 20, 1),  # ~4 MB under an explicit 8 MiB threshold: one GET
+        (1_000_000, 1, 8),  # everything parallel: 8 parts of 512 KiB
+    ],
+    ids=["default-below", "threshold-above-size", "always-parallel"],
+)
+async def test_single_get_below_parallel_threshold(
+    s3: S3Server,
+    proxy: FaultProxy,
+    prefix: str,
+    tmp_path: Path,
+    size: int,
+    threshold: int | None,
+    gets: int,
+) -> None:
+    data = _model_bytes(size)
+    s3.put(BUCKET, f"{prefix}/m/model.pt", data)
+    config = _config(
+        tmp_path / "c", part_size=512 * 1024, concurrency=4, parallel_threshold=threshold
+    )
+    async with fetch(
+        f"s3://{BUCKET}/{prefix}/m/model.pt",
+        storage_options=s3.options_via(proxy.endpoint),
+        config=config,
+    ) as artifact:
+        assert artifact.path is not None
+        assert await anyio.Path(artifact.path).read_bytes() == data
+    assert proxy.count("GET", f"/{BUCKET}/{prefix}/m/model.pt") == gets
+
+
+async def test_options_are_not_mutated_and_fsync_can_be_off(
+    s3: S3Server, proxy: FaultProxy, prefix: str, tmp_path: Path
+) -> None:
+    s3.put(BUCKET, f"{prefix}/m/model.pt", _model_bytes(1000, seed=4))
+    options = {
+        **s3.options_via(proxy.endpoint),
+        "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}},
+    }
+    before = copy.deepcopy(options)
+    config = StorageConfig(
+        cache=CacheConfig(directory=tmp_path / "c", fsync=False),
+        retry=RetryPolicy(base_delay=0.01),
+    )
+    for _ in range(2):  # a new filesystem instance, then the kept one
+        loaded = await load_state_dict(
+            f"s3://{BUCKET}/{prefix}", "m", storage_options=options, config=config
+        )
+        assert float(loaded["w"].sum()) == 4000.0
+    # botocore's Config edits nested retry dicts in place: ours must not change.
+    assert options == before
+    assert proxy.count("GET", f"/{BUCKET}/{prefix}/m/model.pt") == 1
 
 
 async def test_transient_failures_are_retried(

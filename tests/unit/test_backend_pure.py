@@ -6,20 +6,36 @@ import errno
 import pickle
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from muxgate.backends._cache import CachedFile, DiskCache, cache_key, plan_eviction, version_token
+from muxgate.backends._cache import (
+    CachedFile,
+    DiskCache,
+    KeyLock,
+    cache_key,
+    plan_eviction,
+    version_token,
+)
 from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
 from muxgate.backends._errors import (
     InvalidModelIdError,
     ModelNotFoundError,
     StorageUnavailableError,
 )
-from muxgate.backends._fetch import Strategy, choose_strategy, plan_parts
+from muxgate.backends._fetch import (
+    Strategy,
+    _freeze,
+    _Instances,
+    choose_strategy,
+    plan_parts,
+    source_of,
+)
 from muxgate.backends._retry import is_transient, with_retries
 from muxgate.backends._urls import join_model_url, redact_url, split_protocol
 
@@ -189,7 +205,7 @@ async def test_with_retries_respects_deadline_and_permanent_errors() -> None:
     with pytest.raises(FileNotFoundError):
         await with_retries(missing, policy=policy, url="u")
 
-    results = iter([ConnectionResetError(), 7])
+    results: Iterator[BaseException | int] = iter([ConnectionResetError(), 7])
 
     async def flaky() -> int:
         item = next(results)
@@ -241,11 +257,93 @@ def test_strategy_and_parts() -> None:
     assert choose_strategy(is_local=False, cached=False, size=4, part_size=4) is Strategy.BYTES
     assert plan_parts(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert plan_parts(0, 4) == []
+    # One request below the threshold, parts from it up.
+    assert plan_parts(7, 4, parallel_threshold=8) == [(0, 7)]
+    assert plan_parts(8, 4, parallel_threshold=8) == [(0, 4), (4, 8)]
+    assert plan_parts(0, 4, parallel_threshold=8) == []
+    assert StorageConfig(part_size=4).single_request_below() == 8
+    assert StorageConfig(part_size=4, parallel_threshold=100).single_request_below() == 100
+
+
+def test_fetch_source_attribute() -> None:
+    assert source_of(cache_hit=True, remote=True) == "cache"
+    assert source_of(cache_hit=False, remote=True) == "remote"
+    assert source_of(cache_hit=False, remote=False) == "local"
+
+
+def test_filesystem_instances_keyed_by_option_values() -> None:
+    a = {"endpoint_url": "http://x", "client_kwargs": {"region_name": "r"}, "list": [1, 2]}
+    b = {"list": [1, 2], "client_kwargs": {"region_name": "r"}, "endpoint_url": "http://x"}
+    assert _freeze(a) == _freeze(b) and hash(_freeze(a)) == hash(_freeze(b))
+    assert _freeze({**a, "client_kwargs": {"region_name": "s"}}) != _freeze(a)
+    assert _freeze({"x": [1]}) != _freeze({"x": (1,)})
+    hash(_freeze({"unhashable": bytearray(b"x")}))
+    instances = _Instances(max_size=2)
+    fs = [object(), object(), object()]
+    for i, f in enumerate(fs):
+        instances.put(i, f)
+    assert instances.get(0) is None  # least recently used went first
+    assert instances.get(2) is fs[2]
+    assert "size=2" in repr(instances)
+    instances.clear()
+    assert instances.get(2) is None
+
+
+def test_key_lock_is_exclusive_and_stale_locks_go_only_when_idle(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, max_bytes=100)
+    cached, gone, busy = (cache_key(f"file:///{n}@", "t") for n in ("c", "g", "b"))
+    for key in (cached, gone, busy):
+        lock = cache.lock(key)
+        lock.acquire(1)
+        assert lock.is_locked
+        other = cache.lock(key)
+        assert not other.try_acquire()  # exclusive, also within one process
+        lock.release()
+    temp = cache.temp_path(cached)
+    temp.write_bytes(b"x")
+    cache.commit(temp, cached)
+    holder = cache.lock(busy)
+    assert holder.try_acquire()
+    cache.evict()
+    names = sorted(p.name for p in cache.lock_files())
+    # gone: no cache file and idle, removed; busy: held, kept; cached: kept.
+    assert names == sorted(f"{k}.lock" for k in (cached, busy))
+    assert "held=True" in repr(holder)
+    holder.release()
+    cache.evict()
+    assert [p.name for p in cache.lock_files()] == [f"{cached}.lock"]
+    # A lock taken after its file was removed is a lock on the new file.
+    again = cache.lock(gone)
+    assert again.try_acquire()
+    assert not KeyLock(tmp_path / "locks" / f"{gone}.lock").try_acquire()
+    again.release()
+
+
+def test_eviction_waits_for_a_running_cleanup(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, max_bytes=10)
+    keys = [cache_key(f"file:///{i}@", "t") for i in range(2)]
+    for key in keys:
+        temp = cache.temp_path(key)
+        temp.write_bytes(b"x" * 10)
+        cache.commit(temp, key, fsync=False)
+    other = KeyLock(tmp_path / ".evict.lock")  # another process's cleanup
+    assert other.try_acquire()
+    assert cache.evict(timeout=0.05) == []  # gave up waiting: nothing removed
+    result: list[list[Path]] = []
+    waiter = threading.Thread(target=lambda: result.append(cache.evict(timeout=30)))
+    waiter.start()
+    other.release()
+    waiter.join(timeout=30)
+    assert result == [[cache.path_for(keys[0])]] or result == [[cache.path_for(keys[1])]]
+    assert cache.total_bytes() <= 10
 
 
 def test_storage_config_validation_and_defaults(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         StorageConfig(part_size=0)
+    with pytest.raises(ValueError):
+        StorageConfig(parallel_threshold=0)
+    assert CacheConfig().fsync
     config = StorageConfig(cache=CacheConfig(directory=tmp_path, enabled=False))
     assert not config.cache.enabled_for("s3")
     assert CacheConfig(protocols={"file": True}).enabled_for("file")
@@ -258,7 +356,8 @@ def test_errors_pickle_with_their_fields() -> None:
     assert type(copy) is StorageUnavailableError
     assert (copy.url, copy.attempts, copy.elapsed, str(copy)) == ("s3://b/k", 3, 1.5, str(err))
     bad = pickle.loads(pickle.dumps(InvalidModelIdError("..", "nope")))
-    assert isinstance(bad, ValueError) and bad.reason == "nope"
+    assert isinstance(bad, InvalidModelIdError) and isinstance(bad, ValueError)
+    assert bad.reason == "nope"
 
 
 def test_importing_backends_does_not_import_torch_or_cloud_sdks() -> None:
