@@ -87,7 +87,7 @@ async def steady_traffic(client: httpx.AsyncClient) -> None:
 async def test_status_page_shows_replicas_models_events_and_rate(gateway: Gateway) -> None:
     from playwright.async_api import async_playwright, expect
 
-    expect.set_options(timeout=UI_TIMEOUT_MS)
+    expect.set_options(timeout=UI_TIMEOUT_MS)  # global in playwright: reset below
     async with (
         async_playwright() as p,
         httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
@@ -149,3 +149,4 @@ async def test_status_page_shows_replicas_models_events_and_rate(gateway: Gatewa
             assert foreign == []
         finally:
             await browser.close()
+            expect.set_options(timeout=None)

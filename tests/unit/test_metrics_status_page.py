@@ -26,6 +26,16 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium not installed (`make system-deps` installs it)"
 )
 TOKEN = "s3cret"
+#: headless, and nothing that reaches the network on its own
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 PAGE = importlib.resources.files("muxgate.gateway").joinpath("static/status.html").read_bytes()
 
 
@@ -123,7 +133,7 @@ def test_status_page_shows_replicas_models_events_and_rate(
         }
     )
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(f"{url}/-/?token={TOKEN}")
