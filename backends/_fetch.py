@@ -96,17 +96,19 @@ def source_of(*, cache_hit: bool, remote: bool) -> str:
 
 
 def _freeze(value: Any) -> Any:
-    """A hashable stand-in for storage options, equal when the options are."""
+    """A hashable stand-in for storage options, equal when the options are.
+
+    Raises:
+        TypeError: An option value is neither hashable nor a container of
+            hashables (such options are not cached; see ``_Fetcher``).
+    """
     if isinstance(value, Mapping):
         return tuple(sorted(((str(k), _freeze(v)) for k, v in value.items()), key=lambda kv: kv[0]))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_freeze(v) for v in value))
     if isinstance(value, (set, frozenset)):
         return frozenset(_freeze(v) for v in value)
-    try:
-        hash(value)
-    except TypeError:
-        return ("unhashable", type(value).__qualname__, id(value))
+    hash(value)  # objects hashed by identity are kept alive by the key itself
     return value
 
 
@@ -254,8 +256,9 @@ class _Fetcher:
         self._fs_key: Any = None
         self.fs: AbstractFileSystem | None = None
         if not self.is_local:
-            self._fs_key = (self.protocol, self.cls, _freeze(self.options))
-            self.fs = _instances.get(self._fs_key)
+            with suppress(TypeError):  # unhashable options: a new instance each time
+                self._fs_key = (self.protocol, self.cls, _freeze(self.options))
+                self.fs = _instances.get(self._fs_key)
 
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
         return await with_retries(
