@@ -131,7 +131,7 @@ async def one_run(args: argparse.Namespace, root: str, run: int) -> dict[str, fl
             await watcher
             ((began, ready),) = launcher.starts
             (conn,) = pool.targets.values()
-            counters = (await conn.ping()).counters  # type: ignore[attr-defined]
+            counters = (await conn.ping()).counters
             load = counters.get("model_load_seconds_sum", 0.0)
             out = {
                 "total": done - sent,
@@ -208,7 +208,7 @@ async def queue_run(args: argparse.Namespace, wait: float | None, seed: int) -> 
         elapsed = time.perf_counter() - started
         loads = 0.0
         for conn in gw.pools["S"].targets.values():
-            loads += (await conn.ping()).counters.get("model_loads", 0.0)  # type: ignore[attr-defined]
+            loads += (await conn.ping()).counters.get("model_loads", 0.0)
     latencies.sort()
     n = len(latencies)
     return {
