@@ -45,13 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-models-per-replica",
         type=int,
-        default=4,
-        help="max_num_models_per_replica of the cache (default 4)",
+        default=6,
+        help="max_num_models_per_replica of the cache (default 6)",
     )
     parser.add_argument("--requests", type=int, default=3000, help="requests (default 3000)")
-    parser.add_argument(
-        "--concurrency", type=int, default=16, help="concurrent clients (default 16)"
-    )
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent clients (default 8)")
     parser.add_argument(
         "--zipf", type=float, default=1.1, help="Zipf exponent of model popularity (default 1.1)"
     )
@@ -301,7 +299,8 @@ async def _amain(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 async with httpx.AsyncClient(trust_env=False) as client:
                     metrics = await client.get(f"{gateway.url}/-/metrics")
                 print(format_summary(ns, result, rows, _spillovers(metrics.content)), file=out)
-                print(f"\n  status page: {gateway.url}/-/", file=out, flush=True)
+                hint = "" if ns.keep_running else "  (add --keep-running to keep it up)"
+                print(f"\n  status page: {gateway.url}/-/{hint}", file=out, flush=True)
                 if ns.keep_running:
                     print("muxgate demo: serving until Ctrl-C", file=err, flush=True)
                     await asyncio.Event().wait()
