@@ -19,6 +19,9 @@ Two kinds of series:
   whose counters go backwards (a restarted process reusing an id) has its
   previous values folded in the same way, so every ``_total`` the gateway
   exposes is monotonic: ``rate()`` and ``increase()`` never see a false reset.
+  A replica's last counters after it stopped polling (a drain unloads its
+  models after it left routing) go in with ``final_replica_counters``, which
+  adds only what was not counted yet.
 
 Per-model labels (``model``) on requests, request duration and spillovers are
 opt-in through ``per_model_labels=True``: with thousands of models each label
@@ -28,6 +31,7 @@ value is a new series in Prometheus.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -65,6 +69,8 @@ REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
 )
 
 _MODELS_LOADED_KEY: Final = "models_loaded"
+#: forgotten replicas remembered for late final reports (ids are never reused)
+_FORGOTTEN_MAX: Final = 1024
 
 
 class _ReplicaCounters(Collector):
@@ -92,10 +98,18 @@ class _ReplicaCounters(Collector):
         self._lock = threading.Lock()
         self._live: dict[tuple[str, str], dict[str, float]] = {}
         self._base: dict[str, dict[str, float]] = {}
+        # What was folded into _base for recently forgotten replicas, so that
+        # a final report arriving after ``forget`` adds only what is new.
+        self._forgotten: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
 
-    def update(self, deployment: str, replica_id: str, counters: Mapping[str, float]) -> None:
+    @staticmethod
+    def _snapshot(counters: Mapping[str, float]) -> dict[str, float]:
         snapshot = {key: float(counters.get(key, 0.0)) for key in REPLICA_COUNTER_KEYS}
         snapshot[_MODELS_LOADED_KEY] = float(counters.get(_MODELS_LOADED_KEY, 0.0))
+        return snapshot
+
+    def update(self, deployment: str, replica_id: str, counters: Mapping[str, float]) -> None:
+        snapshot = self._snapshot(counters)
         with self._lock:
             previous = self._live.get((deployment, replica_id))
             if previous is not None and any(
@@ -108,10 +122,48 @@ class _ReplicaCounters(Collector):
             self._base.setdefault(deployment, dict.fromkeys(REPLICA_COUNTER_KEYS, 0.0))
 
     def forget(self, deployment: str, replica_id: str) -> None:
+        key = (deployment, replica_id)
         with self._lock:
-            last = self._live.pop((deployment, replica_id), None)
+            last = self._live.pop(key, None)
             if last is not None:
                 self._fold(deployment, last)
+                self._remember(key, last)
+
+    def final(self, deployment: str, replica_id: str, counters: Mapping[str, float]) -> None:
+        """A gone replica's last counters: fold in what was not counted yet.
+
+        Whether the replica is still live, was forgotten (its last polled
+        snapshot already folded) or was never seen, each count ends up in
+        the totals exactly once; a repeated final report adds nothing.
+        """
+        key = (deployment, replica_id)
+        snapshot = self._snapshot(counters)
+        with self._lock:
+            live = self._live.pop(key, None)
+            folded = self._forgotten.pop(key, None)
+            reset = False
+            if live is not None:
+                reset = any(snapshot[k] < live[k] for k in REPLICA_COUNTER_KEYS)
+                if reset:
+                    self._fold(deployment, live)  # as update() does on a reset
+                self._fold(deployment, snapshot)
+            elif folded is not None:
+                reset = any(snapshot[k] < folded[k] for k in REPLICA_COUNTER_KEYS)
+                new = (
+                    snapshot
+                    if reset
+                    else {k: snapshot[k] - folded[k] for k in REPLICA_COUNTER_KEYS}
+                )
+                self._fold(deployment, new)
+            else:
+                self._fold(deployment, snapshot)
+            self._remember(key, snapshot)
+
+    def _remember(self, key: tuple[str, str], folded: dict[str, float]) -> None:
+        self._forgotten[key] = folded
+        self._forgotten.move_to_end(key)
+        while len(self._forgotten) > _FORGOTTEN_MAX:
+            self._forgotten.popitem(last=False)
 
     def _fold(self, deployment: str, snapshot: Mapping[str, float]) -> None:
         base = self._base.setdefault(deployment, dict.fromkeys(REPLICA_COUNTER_KEYS, 0.0))
@@ -344,6 +396,19 @@ class GatewayMetrics:
     def forget_replica(self, deployment: str, replica_id: str) -> None:
         """Drop a replica that is gone; its counts stay in the deployment totals."""
         self._replica_counters.forget(deployment, replica_id)
+
+    def final_replica_counters(
+        self, deployment: str, replica_id: str, counters: Mapping[str, float]
+    ) -> None:
+        """Record a departed replica's last cumulative counters (e.g. sent with
+        ``Drained``, after it unloaded its models with reason ``drain``).
+
+        Call it before or after ``forget_replica``: only what the replica
+        counted since the snapshot already in the totals is added, so the
+        unloads of a drain and the requests it finished are not lost and
+        nothing is counted twice. The replica is no longer live afterwards.
+        """
+        self._replica_counters.final(deployment, replica_id, counters)
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """Render every series for a scrape.

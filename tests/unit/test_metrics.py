@@ -276,3 +276,46 @@ def test_first_replica_report_creates_zero_queue_and_spillover_series() -> None:
     per_model = GatewayMetrics(per_model_labels=True)
     per_model.set_replicas("Model", {"running": 1})
     assert only(scrape(per_model), "muxgate_spillovers_total") == {}
+
+
+def test_final_counters_of_a_drained_replica_count_once() -> None:
+    m = GatewayMetrics()
+    model = (("deployment", "Model"),)
+
+    def unloads(s: dict[Key, float]) -> dict[str, float]:
+        return {
+            dict(labels)["reason"]: value
+            for labels, value in only(s, "muxgate_model_unloads_total").items()
+        }
+
+    # Polled, then the drain starts (forgotten), then Drained brings the rest.
+    m.set_replica_counters("Model", "a", counters(model_loads=2, cache_misses=2, models_loaded=2))
+    m.forget_replica("Model", "a")
+    m.final_replica_counters(
+        "Model", "a", counters(model_loads=3, cache_misses=3, model_unloads_drain=3)
+    )
+    s = scrape(m)
+    assert only(s, "muxgate_model_loads_total")[model] == 3.0
+    assert only(s, "muxgate_cache_misses_total")[model] == 3.0
+    assert unloads(s) == {"drain": 3.0, "lru": 0.0, "shutdown": 0.0}
+    assert only(s, "muxgate_models_loaded") == {}
+    # A repeated final report, or a forget after it, adds nothing.
+    m.final_replica_counters(
+        "Model", "a", counters(model_loads=3, cache_misses=3, model_unloads_drain=3)
+    )
+    m.forget_replica("Model", "a")
+    assert only(scrape(m), "muxgate_model_loads_total")[model] == 3.0
+
+    # Final report while still live (no forget first): the live snapshot is replaced.
+    m.set_replica_counters("Model", "b", counters(model_loads=1))
+    m.final_replica_counters("Model", "b", counters(model_loads=2, model_unloads_drain=2))
+    s = scrape(m)
+    assert only(s, "muxgate_model_loads_total")[model] == 5.0
+    assert unloads(s)["drain"] == 5.0
+    assert "live_replicas=0" in repr(m)
+
+    # Never polled at all (drained within its first second): all of it counts.
+    m.final_replica_counters("Model", "c", counters(model_loads=1, cache_hits=4))
+    s = scrape(m)
+    assert only(s, "muxgate_model_loads_total")[model] == 6.0
+    assert only(s, "muxgate_cache_hits_total")[model] == 4.0
