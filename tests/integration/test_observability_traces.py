@@ -214,6 +214,6 @@ async def test_otel_environment_alone_turns_tracing_on(
                 {"muxgate.route", "muxgate.model.load"}
                 <= {s.name for s in spans if s.trace_id == trace_id}
             ),
-            timeout=3,
+            timeout=1.5,
         )
     assert spans
