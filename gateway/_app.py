@@ -388,23 +388,26 @@ def create_app(
     handlers: list[Any] = [healthz, replicas, metrics_endpoint, status_page]
     if mount_ingress:
         handles = build_handle_ingress(config, pools, metrics)
-
-        async def handles_handler(scope: lt.Scope, receive: lt.Receive, send: lt.Send) -> None:
-            raw = cast(Scope, scope)
-            # Litestar rewrites "path" for mounts; the handle ingress wants the full path.
-            raw["path"] = unquote(raw.get("raw_path", b"/").decode("latin-1"))
-            await handles(raw, cast(Receive, receive), cast(Send, send))
-
-        # The handle ingress checks the token or the client address itself.
-        handlers.append(
-            asgi(HANDLES_PREFIX.rstrip("/"), is_mount=True, opt={"public": True})(handles_handler)
-        )
         ingress = build_ingress(config, pools, metrics, use_raw_path=True)
+        handles_prefix = HANDLES_PREFIX.encode()
 
         async def ingress_handler(scope: lt.Scope, receive: lt.Receive, send: lt.Send) -> None:
-            await ingress(cast(Scope, scope), cast(Receive, receive), cast(Send, send))
+            raw = cast(Scope, scope)
+            raw_path: bytes = raw.get("raw_path", b"/")
+            if raw_path.startswith(handles_prefix):
+                # Litestar rewrites "path" for mounts; the handle ingress
+                # wants the full path (a copy: the scope is not ours).
+                raw = dict(raw, path=unquote(raw_path.decode("latin-1")))
+                await handles(raw, cast(Receive, receive), cast(Send, send))
+            else:
+                await ingress(raw, cast(Receive, receive), cast(Send, send))
 
-        handlers.append(asgi("/", is_mount=True)(ingress_handler))
+        # Public: ingress traffic needs no admin token, and the handle
+        # ingress checks the token or the client address itself. Neither
+        # changes the scope, so it is not copied.
+        handlers.append(
+            asgi("/", is_mount=True, copy_scope=False, opt={"public": True})(ingress_handler)
+        )
     return Litestar(
         route_handlers=handlers,
         before_send=[_admin_ids],

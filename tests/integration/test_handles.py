@@ -246,3 +246,23 @@ async def test_admin_token_guards_handles_and_reaches_replicas() -> None:
         result = await up.options(multiplexed_model_id="foo").compose.remote("bar")
         assert result["downstream"]["model_id"] == "bar"
         await aclose_handle_clients()
+
+
+async def test_handles_through_the_litestar_app() -> None:
+    """``create_app`` (ingress mounted in Litestar) serves handle calls too."""
+    config = parse_config(
+        {
+            "app_dir": APPS,
+            "http": {"port": 0},
+            "deployments": [
+                {"name": "Down", "import_path": "handle_apps:Down", "route_prefix": "/down"}
+            ],
+        }
+    )
+    async with start_gateway(config, litestar_ingress=True) as gw:
+        handle = get_deployment_handle("Down", gw.url).options(multiplexed_model_id="3")
+        assert (await handle.remote("a"))["args"] == ["a"]
+        assert await handle.add.remote(1, b=2) == 3
+        err = await _raises(get_deployment_handle("Nope", gw.url))
+        assert (err.status, err.code) == (404, "not_found")
+        await aclose_handle_clients()
