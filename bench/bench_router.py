@@ -4,8 +4,11 @@ Run: .venv/bin/python bench/bench_router.py [--decisions N] [--models N]
 
 Each decision is choose() + acquire(), with releases keeping the deployment at
 about half of max_ongoing_requests per replica (so bounded-load spills happen),
-and a replica report (observe) every 50 decisions. Model ids are drawn from a
-Zipf(1.1) distribution over the id space; "cold" is a first pass where every
+and a replica report (observe, LRU order, 3 models per replica) every 50
+decisions. Model ids are drawn from a Zipf(1.1) distribution over the id
+space, so most decisions for the long tail are cold misses that take the
+placement path (victim popularity on up to 4 replicas); "placed %" counts the
+decisions it moved off the first candidate. "cold" is a first pass where every
 model id is new to the preference cache, "warm" the steady state.
 Bounded: at most ~60 s in total.
 """
@@ -54,7 +57,7 @@ def run(n_replicas: int, n_models: int, decisions: int, seed: int = 0) -> dict[s
     cum = zipf_sampler(n_models, 1.1, rng)
     total = cum[-1]
     target_in_flight = n_replicas * max_ongoing // 2
-    in_flight: list[str] = []
+    in_flight: list[tuple[str, str]] = []
     # Replica-side LRU view (K=3) so observe() reports realistic sets.
     caches: dict[str, list[str]] = {r: [] for r in router.replica_ids}
     cold: list[float] = []
@@ -66,7 +69,7 @@ def run(n_replicas: int, n_models: int, decisions: int, seed: int = 0) -> dict[s
     choose_only: list[float] = []
     picks = [model_ids[bisect.bisect_left(cum, rng.random() * total)] for _ in range(decisions)]
     perf = time.perf_counter_ns
-    spills = 0
+    spills = placed = 0
     for i, m in enumerate(picks):
         t = perf()
         d = router.choose(m)
@@ -79,14 +82,15 @@ def run(n_replicas: int, n_models: int, decisions: int, seed: int = 0) -> dict[s
         if d is None:
             continue
         spills += d.spillover
-        in_flight.append(d.replica_id)
+        placed += d.reason == "placed"
+        in_flight.append((d.replica_id, m))
         cache = caches[d.replica_id]
         if m in cache:
             cache.remove(m)
         cache.append(m)
         del cache[:-3]
         while len(in_flight) > target_in_flight:
-            router.release(in_flight.pop(rng.randrange(len(in_flight))))
+            router.release(*in_flight.pop(rng.randrange(len(in_flight))))
         if i % 50 == 0:
             router.observe(d.replica_id, models=cache, loading=[])
     times.sort()
@@ -99,6 +103,7 @@ def run(n_replicas: int, n_models: int, decisions: int, seed: int = 0) -> dict[s
         "choose_median_us": statistics.median(choose_only) / 1e3,
         "choose_p99_us": choose_only[int(len(choose_only) * 0.99)] / 1e3,
         "spill_pct": 100.0 * spills / len(picks),
+        "placed_pct": 100.0 * placed / len(picks),
         "p2c_us": p2c_time(router),
     }
 
@@ -123,7 +128,7 @@ def main() -> None:
     header = (
         f"{'replicas':>8} {'build ms':>9} {'cold µs':>8} {'choose p50':>11} "
         f"{'choose p99':>11} {'+acquire p50':>13} {'+acquire p99':>13} {'spill %':>8} "
-        f"{'p2c µs':>7}"
+        f"{'placed %':>9} {'p2c µs':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -133,7 +138,7 @@ def main() -> None:
             f"{n:>8} {r['build_ms']:>9.1f} {r['cold_median_us']:>8.2f} "
             f"{r['choose_median_us']:>11.2f} {r['choose_p99_us']:>11.2f} "
             f"{r['median_us']:>13.2f} {r['p99_us']:>13.2f} {r['spill_pct']:>8.2f} "
-            f"{r['p2c_us']:>7.2f}"
+            f"{r.get('placed_pct', 0.0):>9.2f} {r['p2c_us']:>7.2f}"
         )
 
 

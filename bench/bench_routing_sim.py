@@ -35,6 +35,26 @@ queue) collapses the "hot" scenario after the cold start for every policy
 request is at the head, which is a miss on that replica, so the loads keep
 the replicas full. Dispatching queued requests to replicas that already hold
 their model first (``affinity``, the default here) avoids it.
+
+``--variants`` compares Router options at c=3/floor=4 (see ``VARIANTS``), e.g.
+``--variants before,least_loaded_only,placement_only,default --seeds 8
+--first-seed 1001``. Result that set ``holder_choice="least_loaded"`` and
+``placement_choices=4`` (2 seed sets x 8 seeds x 9 cells, 2 shared cores):
+least-loaded holders alone halve p50 in "hot" and "slow" (e.g. slow/zipf1.2
+p50 76 -> 40 ms, p99 293 -> 113 ms) and cut loads by 2-4x there, with no
+effect on "wide"; placement of models held nowhere alone lifts the "wide" hit
+rate (zipf1.0 43 -> 57%, zipf1.2 62 -> 71%, shift 42 -> 50%) but costs p99 in
+hot/slow; together they keep both gains (summary p99 gmean 1.13-1.27 vs
+1.91-2.30 before, p50 gmean 1.02-1.05 vs 2.83-2.87, loads/1k 100-102 vs 115).
+Tried and dropped, no clear win: placement for every miss, spills included
+(copies scatter, slow/shift loads x2); placement only for models colder than
+the home's victim; 2 or 8 candidates (2: less "wide" gain; 8: more loads under
+shifting popularity); popularity half-lives 300 and 3000 requests (same as
+1000); a known cache size instead of the learnt one (same; a per-replica
+learnt size instead of the deployment-wide one: hot p99 x2-3); treating a
+victim with another copy as free (noise); proactively copying a hot model
+whose share of the in-flight load exceeds its copies' capacity
+(``replicate``: never or rarely triggers beyond what the bound already does).
 """
 
 from __future__ import annotations
@@ -54,7 +74,34 @@ from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from muxgate.gateway._router import Router
+from muxgate.gateway._router import RouteDecision, Router
+
+
+class ReplicatingRouter(Router):
+    """Experiment (b): give a hot model copies before its holders are full.
+
+    A model whose decayed share of requests times the in-flight load exceeds
+    what one replica takes under the bound (``share * (T + 1) > capacity``
+    per copy) and whose least loaded holder is busy goes to the first
+    non-holder under capacity in preference order (a stable order, as for a
+    spill) instead of queueing behind the holder.
+    """
+
+    def choose(self, model_id: str) -> RouteDecision | None:
+        d = super().choose(model_id)
+        if d is None or not model_id or self.in_flight(d.replica_id) == 0:
+            return d
+        holders = self.holders(model_id)
+        if not holders:
+            return d  # a cold miss: placement decides
+        cap = self.capacity()
+        share = self.popularity.score(model_id) * math.log(2) / self.popularity.half_life
+        if share * (self.total_in_flight + 1) <= cap * len(holders):
+            return d
+        for r in self.preference_list(model_id):
+            if r not in holders and self.in_flight(r) < cap:
+                return RouteDecision(r, r != d.home_replica_id, d.home_replica_id, "spill")
+        return d
 
 
 @dataclass(frozen=True)
@@ -110,23 +157,39 @@ def workload(kind: str, p: Params) -> list[tuple[float, str]]:
 
 def ideal_hit_rate(kind: str, p: Params) -> float:
     s = {"zipf1.0": 1.0, "zipf1.2": 1.2, "shift": 1.0}[kind]
-    weights = [1.0 / (k**s) for k in range(1, p.models + 1)]
+    weights = [1.0 / float(k**s) for k in range(1, p.models + 1)]
     return sum(weights[: p.replicas * p.cache_size]) / sum(weights)
 
 
-def simulate(kind: str, policy: str, bf: float, floor: int, p: Params) -> dict[str, float]:
+def simulate(
+    kind: str,
+    policy: str,
+    bf: float,
+    floor: int,
+    p: Params,
+    options: tuple[tuple[str, object], ...] = (),
+) -> dict[str, float]:
     arrivals = workload(kind, p)
     rng = random.Random(p.seed + 7)
     ids = [f"replica-{i}" for i in range(p.replicas)]
     if policy == "chash":
         # Consistent hashing without the load bound: only max_ongoing spills.
-        router = Router(balance_factor=1e9, max_ongoing_requests=p.max_ongoing, rng=rng)
-    else:
         router = Router(
+            balance_factor=1e9,
+            max_ongoing_requests=p.max_ongoing,
+            rng=rng,
+            holder_choice="first",
+            placement_choices=1,
+        )
+    else:
+        kwargs = dict(options)
+        cls = ReplicatingRouter if kwargs.pop("replicate", False) else Router
+        router = cls(
             balance_factor=bf if policy == "bounded" else 1.25,
             min_capacity=floor,
             max_ongoing_requests=p.max_ongoing,
             rng=rng,
+            **kwargs,  # type: ignore[arg-type]
         )
     for r in ids:
         router.add_replica(r)
@@ -234,8 +297,9 @@ def simulate(kind: str, policy: str, bf: float, floor: int, p: Params) -> dict[s
             if model in rep.cache:
                 rep.cache.move_to_end(model)
             rep.evict_unpinned(p.cache_size)
-            router.release(rid)
+            # As over the real connection: the reply carries the replica's state.
             router.observe(rid, models=list(rep.cache), loading=list(rep.loading))
+            router.release(rid, model)
             if req >= warmup:
                 latencies.append(now - arrive_at[req])
                 counted += 1
@@ -268,12 +332,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-_Job = tuple[str, str, float, int, Params]
+_Job = tuple[str, str, float, int, Params, tuple[tuple[str, object], ...]]
 
 
-def _job(args: _Job) -> tuple[str, str, float, int, dict[str, float]]:
-    kind, policy, bf, floor, p = args
-    return kind, policy, bf, floor, simulate(kind, policy, bf, floor, p)
+def _job(args: _Job) -> dict[str, float]:
+    kind, policy, bf, floor, p, options = args
+    return simulate(kind, policy, bf, floor, p, options)
+
+
+# Router options compared with --variants (all at c=3, floor=4). "limit" in a
+# variant's options means "the replicas' real cache size" (the simulated K).
+VARIANTS: dict[str, dict[str, object]] = {
+    # The rule before placement and least-loaded holders (DESIGN.md section 5 as first built).
+    "before": {"holder_choice": "first", "placement_choices": 1},
+    "least_loaded_only": {"placement_choices": 1},
+    "placement_only": {"holder_choice": "first"},
+    "default": {},
+    "default+limit": {"cache_limit": "limit"},
+    "place2": {"placement_choices": 2},
+    "place8": {"placement_choices": 8},
+    "half_life300": {"popularity_half_life": 300.0},
+    "half_life3000": {"popularity_half_life": 3000.0},
+    "replicate": {"replicate": True},
+}
 
 
 # (name, overrides): the regimes the defaults must do well in.
@@ -296,6 +377,13 @@ def main() -> None:
     parser.add_argument("--balance-factors", help="comma-separated, e.g. 1.25,2,3")
     parser.add_argument("--floors", help="comma-separated capacity floors, e.g. 1,2,4")
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
+    parser.add_argument(
+        "--variants",
+        help="comma-separated router variants (c=3, floor=4) instead of the grid: "
+        + ",".join(VARIANTS),
+    )
+    parser.add_argument("--first-seed", type=int, default=1)
+    parser.add_argument("--workloads", help="comma-separated subset of zipf1.0,zipf1.2,shift")
     args = parser.parse_args()
     scenarios = args.scenario or list(SCENARIOS)
     bfs = [1.25, 3.0] if args.quick else [1.1, 1.25, 1.5, 2.0, 3.0]
@@ -304,9 +392,9 @@ def main() -> None:
         bfs = [float(x) for x in args.balance_factors.split(",")]
     if args.floors:
         floors = [int(x) for x in args.floors.split(",")]
-    kinds = ["zipf1.0", "zipf1.2", "shift"]
+    kinds = args.workloads.split(",") if args.workloads else ["zipf1.0", "zipf1.2", "shift"]
     base = Params(requests=args.requests, queue=args.queue)
-    seeds = range(1, args.seeds + 1)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     params = {
         (name, seed): dataclasses.replace(
             base,
@@ -322,12 +410,22 @@ def main() -> None:
     keys: list[tuple[str, str, int, str]] = []  # (scenario, workload, seed, policy name)
     for (name, seed), p in params.items():
         for kind in kinds:
+            if args.variants:
+                for v in args.variants.split(","):
+                    opts = tuple(VARIANTS[v].items())
+                    if "cache_limit" in VARIANTS[v]:
+                        opts = tuple(
+                            (k, p.cache_size if k == "cache_limit" else x) for k, x in opts
+                        )
+                    jobs.append((kind, "bounded", 3.0, 4, p, opts))
+                    keys.append((name, kind, seed, v))
+                continue
             for bf in bfs:
                 for fl in floors:
-                    jobs.append((kind, "bounded", bf, fl, p))
+                    jobs.append((kind, "bounded", bf, fl, p, ()))
                     keys.append((name, kind, seed, f"bounded c={bf:g} floor={fl}"))
             for pol in ("chash", "p2c", "random"):
-                jobs.append((kind, pol, 0.0, 1, p))
+                jobs.append((kind, pol, 0.0, 1, p, ()))
                 keys.append((name, kind, seed, pol))
 
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
@@ -341,7 +439,7 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = [r for *_, r in pool.map(_job, jobs)]
+        results = list(pool.map(_job, jobs))
     # cell (scenario, workload) -> policy -> per-seed results
     cells: dict[tuple[str, str], dict[str, list[dict[str, float]]]] = {}
     for (name, kind, _seed, policy), r in zip(keys, results, strict=True):

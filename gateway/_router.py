@@ -520,8 +520,9 @@ class Router:
         Args:
             replica_id: Where the request went.
             model_id: The request's model id, as given to :meth:`acquire`. When
-                omitted, the replica's oldest model mark goes once it has more
-                marks than requests in flight, so marks never outnumber them.
+                omitted (older callers), once the replica has more marks than
+                requests in flight, the mark of the model marked longest goes,
+                so marks never outnumber requests in flight.
         """
         rep = self._replicas.get(replica_id)
         if rep is None or rep.in_flight == 0:
@@ -734,5 +735,7 @@ class Router:
             f"capacity={self.capacity()}, models_held={models}, "
             f"distinct_models={len(self._holders)}, balance_factor={self.balance_factor}, "
             f"min_capacity={self.min_capacity}, "
-            f"max_ongoing_requests={self.max_ongoing_requests})"
+            f"max_ongoing_requests={self.max_ongoing_requests}, "
+            f"holder_choice={self.holder_choice}, placement_choices={self.placement_choices}, "
+            f"popular_models={len(self.popularity)})"
         )
