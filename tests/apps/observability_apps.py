@@ -8,6 +8,8 @@ emits ``muxgate.model.load`` with ``muxgate.storage.fetch`` below it. What
 ``__call__`` does depends on the path below the route prefix:
 
 * ``/raise``: use the request's model, then raise ``ValueError`` (500);
+* ``/hold?fifo=PATH``: use the request's model, then stay in flight until
+  the test writes to the FIFO at ``PATH`` and closes it;
 * anything else: run the model on a fixed input and answer
   ``{"model", "y"}``.
 
@@ -20,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 
 from muxgate.backends import load_state_dict
@@ -63,6 +66,14 @@ class Observed:
         model = await self.get_model(model_id) if model_id else None
         if request.path == "/raise":
             raise ValueError("the deployment failed on purpose")
+        if request.path == "/hold":
+            fifo = request.query_params["fifo"]
+
+            def wait() -> str:
+                with open(fifo) as f:
+                    return f.read()
+
+            await anyio.to_thread.run_sync(wait, abandon_on_cancel=True)
         y: list[float] = []
         if model is not None:
             with torch.no_grad():

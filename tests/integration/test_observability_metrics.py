@@ -28,6 +28,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from otlp_receiver import OtlpReceiver
 from prometheus_client.parser import text_string_to_metric_families
 
 from muxgate.gateway._config import parse_config
@@ -183,3 +184,94 @@ async def test_scale_down_counts_drain_unloads_and_keeps_totals(gateway: Gateway
         (("deployment", "Observed"), ("reason", "lru")): 0.0,
         (("deployment", "Observed"), ("reason", "shutdown")): 0.0,
     }
+
+
+async def test_spillovers_per_model_match_the_route_spans(tmp_path: Path) -> None:
+    """Two replicas, one request each at most, per-model labels, tracing on.
+
+    While a request for model 1 is held in flight on one replica, a second
+    request for model 1 must go to the other replica. Exactly one of the two
+    replicas is the model's home, so exactly one of the two requests is a
+    spillover, whatever the router's placement chose for the first; the
+    metric and the ``muxgate.spillover`` attribute of the route spans must
+    agree on which.
+    """
+    from apps.observability_apps import write_models
+
+    write_models(tmp_path, ["1"])
+    fifo = tmp_path / "hold"
+    os.mkfifo(fifo)
+    with OtlpReceiver() as receiver:
+        config = parse_config(
+            {
+                "http": {"port": 0},
+                "metrics": {"per_model_labels": True},
+                "tracing": {"exporter": "otlp", "endpoint": receiver.endpoint},
+                "deployments": [
+                    {
+                        "name": "Observed",
+                        "import_path": "observability_apps:Observed",
+                        "init_kwargs": {"model_root": tmp_path.as_uri()},
+                        "num_replicas": 2,
+                        "max_ongoing_requests": 1,
+                    }
+                ],
+            },
+            base_dir=APPS,
+        )
+        async with (
+            start_gateway(config) as gateway,
+            httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
+        ):
+            dispatcher = gateway.pools["Observed"].dispatcher
+            served: dict[str, str] = {}
+
+            async def held() -> None:
+                r = await client.post("/hold", params={"fifo": str(fifo)}, headers={MODEL: "1"})
+                assert r.status_code == 200
+                served["held"] = r.headers["x-muxgate-replica"]
+
+            async def in_flight() -> bool:
+                return dispatcher.in_flight == 1
+
+            def release() -> None:
+                with open(fifo, "w") as f:
+                    f.write("go")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(held)
+                with anyio.fail_after(10):
+                    await eventually(in_flight)
+                r = await client.post("/", headers={MODEL: "1"})
+                assert r.status_code == 200
+                served["second"] = r.headers["x-muxgate-replica"]
+                with anyio.fail_after(10):
+                    await anyio.to_thread.run_sync(release)
+            assert served["held"] != served["second"]
+
+            async def polled() -> bool:
+                return only(await scrape(client), "muxgate_model_loads_total").get(DEP) == 2.0
+
+            with anyio.fail_after(10):
+                await eventually(polled)
+            samples = await scrape(client)
+        spans = receiver.wait_for(
+            lambda spans: sum(s.name == "muxgate.route" for s in spans) == 2, timeout=10
+        )
+
+    model_1 = (("deployment", "Observed"), ("model", "1"))
+    assert only(samples, "muxgate_spillovers_total") == {model_1: 1.0}
+    assert only(samples, "muxgate_requests_total") == {
+        (("deployment", "Observed"), ("model", "1"), ("status", "200")): 2.0
+    }
+    assert only(samples, "muxgate_request_duration_seconds_count") == {model_1: 2.0}
+    # Model 1 now has a copy on each replica.
+    assert sorted(only(samples, "muxgate_models_loaded").values()) == [1.0, 1.0]
+
+    routes = [s for s in spans if s.name == "muxgate.route"]
+    spilled = [
+        s.attributes["muxgate.replica_id"] for s in routes if s.attributes["muxgate.spillover"]
+    ]
+    assert len(spilled) == 1
+    assert spilled[0] in (served["held"], served["second"])
+    assert {s.attributes["muxgate.replica_id"] for s in routes} == set(served.values())
