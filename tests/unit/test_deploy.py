@@ -149,7 +149,7 @@ def test_app_configs_pass_gateway_validation_and_resolve_in_the_image() -> None:
 
 
 def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
-    docs = []
+    docs: list[tuple[str, dict[str, Any]]] = []
     for path in sorted(K8S.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
