@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -165,10 +166,15 @@ async def start_gateway(
     runner = _granian_server if server == "granian" else _uvicorn_server
     # Tracing is process-wide: touch it only when this gateway exports spans,
     # so an embedding application's own set-up is left alone otherwise.
-    traced = config.tracing.exporter != "none"
+    # An exporter of None (no choice in the config) defers to the standard
+    # OTEL_TRACES_EXPORTER variable, as the replicas do.
+    exporter: str | None = config.tracing.exporter
+    traced = (
+        bool(os.environ.get("OTEL_TRACES_EXPORTER")) if exporter is None else exporter != "none"
+    )
     try:
         if traced:
-            configure_tracing(config.tracing.exporter, config.tracing.endpoint, "muxgate-gateway")
+            configure_tracing(exporter, config.tracing.endpoint, "muxgate-gateway")
         async with runner(app, host, port) as real_port:
             url_host = f"[{host}]" if ":" in host else host
             connect_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)
