@@ -146,7 +146,9 @@ async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: the fix spans three owners (protocol, replica, pool) and
+    # may land in steps; an XPASS in the summary says it is done.
+    strict=False,
     reason=(
         "A drained replica's last counters never reach the gateway: ReplicaPool._leave "
         "calls forget_replica with the last polled snapshot when the drain starts, and "

@@ -36,7 +36,7 @@ import httpx
 import pytest
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
-from muxgate.gateway._config import parse_config
+from muxgate.gateway._config import TracingConfig, parse_config
 from muxgate.gateway._serve import start_gateway
 
 APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
@@ -170,6 +170,9 @@ async def test_a_model_load_is_one_trace_across_gateway_replica_and_storage(
 
 
 @pytest.mark.xfail(
+    # Expected to pass as soon as the config's default exporter defers to the
+    # environment (None); gateway/_serve.py already handles None.
+    TracingConfig().exporter == "none",
     strict=True,
     reason=(
         "DESIGN.md section 8: exporters follow the standard OTEL_* variables. With no "
