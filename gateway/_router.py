@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import math
 import random
 from collections import OrderedDict
@@ -578,7 +579,7 @@ class Router:
         """The full preference list of ``model_id`` (home first)."""
         return self._ring.preference_list(model_id)
 
-    def _walk(self, model_id: str) -> Iterator[str]:
+    def _walk(self, model_id: str) -> Iterable[str]:
         prefix = self._prefix_cache.get(model_id)
         if prefix is None:
             prefix = tuple(self._ring.preference_list(model_id, _PREFIX_LEN))
@@ -588,13 +589,16 @@ class Router:
                     self._prefix_cache.popitem(last=False)
         else:
             self._prefix_cache.move_to_end(model_id)
-        yield from prefix
-        if len(prefix) == _PREFIX_LEN and len(self._replicas) > _PREFIX_LEN:
-            # Rare: the first few are all full. Continue the (deterministic) walk.
-            walk = self._ring.walk(model_id)
-            for _ in range(_PREFIX_LEN):
-                next(walk)
-            yield from walk
+        if len(prefix) < _PREFIX_LEN or len(self._replicas) == _PREFIX_LEN:
+            return prefix
+        # The rest of the walk is only computed if the first few do not do.
+        return itertools.chain(prefix, self._walk_beyond_prefix(model_id))
+
+    def _walk_beyond_prefix(self, model_id: str) -> Iterator[str]:
+        walk = self._ring.walk(model_id)
+        for _ in range(_PREFIX_LEN):
+            next(walk)
+        yield from walk
 
     # -- decisions --------------------------------------------------------
 
@@ -662,26 +666,34 @@ class Router:
         flight pins there.
         """
         rep = self._replicas[replica_id]
-        limit = rep.cache_limit or self.cache_limit or self._high_water
-        occupancy = len(rep.models) + len(rep.loading)
-        for m in rep.pending:
-            if m not in rep.models and m not in rep.loading:
-                occupancy += 1
-        if occupancy < limit or not rep.lru:
+        lru = rep.lru
+        if not lru:
             return -1.0
-        victim = next((m for m in rep.lru if m not in rep.pending), rep.lru[0])
-        return self.popularity.score(victim)
+        models, loading, pending = rep.models, rep.loading, rep.pending
+        occupancy = len(models) + len(loading)
+        for m in pending:
+            if m not in models and m not in loading:
+                occupancy += 1
+        if occupancy < (rep.cache_limit or self.cache_limit or self._high_water):
+            return -1.0
+        for m in lru:
+            if m not in pending:
+                return self.popularity.score(m)
+        return self.popularity.score(lru[0])
 
     def _place(self, free: list[str]) -> str:
         """Where a model that no replica holds should be loaded: of the first
         few replicas under capacity, the one whose load evicts the least
         popular model (a free slot first; ties in preference order)."""
-        scores = [self._victim_score(r) for r in free]
-        best = 0
-        for i in range(1, len(free)):
-            if scores[i] < scores[best]:
-                best = i
-        return free[best]
+        best = free[0]
+        best_score = self._victim_score(best)
+        for replica_id in free[1:]:
+            if best_score < 0.0:
+                break  # a free slot: nothing beats it
+            score = self._victim_score(replica_id)
+            if score < best_score:
+                best, best_score = replica_id, score
+        return best
 
     def _choose_p2c(self) -> RouteDecision | None:
         limit = self.max_ongoing_requests
