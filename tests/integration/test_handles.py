@@ -89,6 +89,21 @@ async def test_handle_routes_by_model_like_http(gateway: Gateway) -> None:
     assert response.headers["x-muxgate-replica"] in replicas
 
 
+async def test_many_concurrent_calls_share_the_pooled_client(gateway: Gateway) -> None:
+    import anyio
+
+    handle = get_deployment_handle("Down", gateway.url)
+    results: dict[int, int] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await handle.options(multiplexed_model_id=str(i % 5)).add.remote(i, b=1)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(200):
+            tg.start_soon(one, i)
+    assert results == {i: i + 1 for i in range(200)}
+
+
 async def test_options_returns_a_new_handle(gateway: Gateway) -> None:
     handle = get_deployment_handle("Down", gateway.url)
     two = handle.options(multiplexed_model_id="2")
