@@ -107,7 +107,11 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
-    exporter: Literal["otlp", "console", "none"] = "none"
+    """Span export. ``None`` leaves the choice to the standard ``OTEL_*``
+    variables (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``), read
+    when the gateway and each replica start; unset, nothing is exported."""
+
+    exporter: Literal["otlp", "console", "none"] | None = None
     endpoint: str | None = None
 
 

@@ -390,6 +390,8 @@ class ReplicaConnection:
                     pong.set_result(message)
                     break
         elif isinstance(message, Drained):
+            if message.counters:
+                self.counters = message.counters
             if self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
         else:

@@ -490,6 +490,10 @@ class ReplicaPool:
                         await rep.conn.drain()
                 except Exception as exc:
                     _log.warning("replica %s did not drain cleanly: %r", rep.id, exc)
+                else:
+                    if self._metrics is not None:
+                        # Drained carries the drain's unloads, counted after the last Pong.
+                        self._metrics.final_replica_counters(self.name, rep.id, rep.conn.counters)
         finally:
             rep.state = STOPPING
             self._report()

@@ -174,7 +174,8 @@ async def start_gateway(
     )
     try:
         if traced:
-            configure_tracing(exporter, config.tracing.endpoint, "muxgate-gateway")
+            # service name None: OTEL_SERVICE_NAME, else "muxgate-gateway".
+            configure_tracing(exporter, config.tracing.endpoint, None)
         async with runner(app, host, port) as real_port:
             url_host = f"[{host}]" if ":" in host else host
             connect_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)

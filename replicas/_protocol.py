@@ -155,7 +155,11 @@ class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):
 
 
 class Drained(msgspec.Struct, frozen=True, tag="drained", tag_field="t"):
-    pass
+    """The replica finished its calls and unloaded its models; it exits next.
+    Carries its final counters (the drain's unloads happen after the last
+    ``Pong``, so only this message can report them)."""
+
+    counters: dict[str, float] = {}
 
 
 Message = Hello | Welcome | Refused | Call | Reply | Ping | Pong | Drain | Drained

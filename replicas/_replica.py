@@ -228,7 +228,7 @@ class Replica:
                 await self._idle.wait()
             await self._unload_models()
             if self._drain_requester is not None:
-                await self._drain_requester.send(Drained())
+                await self._drain_requester.send(Drained(counters=counters()))
             # Closing a socket may drop data still buffered for it, so
             # half-close and let each gateway close its end once it has read
             # everything (bounded: a gateway that never closes is cut off).

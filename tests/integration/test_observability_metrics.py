@@ -145,19 +145,6 @@ async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
     assert sum(replicas.values()) == 1.0
 
 
-@pytest.mark.xfail(
-    # Not strict: the fix spans three owners (protocol, replica, pool) and
-    # may land in steps; an XPASS in the summary says it is done.
-    strict=False,
-    reason=(
-        "A drained replica's last counters never reach the gateway: ReplicaPool._leave "
-        "calls forget_replica with the last polled snapshot when the drain starts, and "
-        "Drained (replicas/_protocol.py) carries no counters, so unloads with reason "
-        "'drain' (and anything counted since the last ping) are lost. Fix: Drained gets "
-        "counters, the replica sends counters() in it, the pool passes them to "
-        "GatewayMetrics.final_replica_counters after conn.drain()."
-    ),
-)
 async def test_scale_down_counts_drain_unloads_and_keeps_totals(gateway: Gateway) -> None:
     pool = gateway.pools["Observed"]
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:

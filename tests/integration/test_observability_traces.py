@@ -169,18 +169,6 @@ async def test_a_model_load_is_one_trace_across_gateway_replica_and_storage(
     assert at_shutdown == ["2", "3"]
 
 
-@pytest.mark.xfail(
-    # Expected to pass as soon as the config's default exporter defers to the
-    # environment (None); gateway/_serve.py already handles None.
-    TracingConfig().exporter == "none",
-    strict=True,
-    reason=(
-        "DESIGN.md section 8: exporters follow the standard OTEL_* variables. With no "
-        "`tracing:` section, TracingConfig.exporter defaults to 'none' (gateway/_config.py), "
-        "so start_gateway never configures tracing and make_spec hands replicas "
-        "exporter='none', which overrides OTEL_TRACES_EXPORTER (gateway/_serve.py)."
-    ),
-)
 async def test_otel_environment_alone_turns_tracing_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -80,7 +80,7 @@ def test_defaults() -> None:
     assert (d.route_prefix, d.max_ongoing_requests, d.max_queued_requests) == ("/", 8, 1000)
     assert d.num_replicas is None and d.initial_replicas == 1 and d.min_replicas == 1
     assert config.http.port == 8000 and config.http.admin_token is None
-    assert config.tracing.exporter == "none"
+    assert config.tracing.exporter is None  # OTEL_TRACES_EXPORTER decides
 
 
 def test_app_dir_is_relative_to_the_file(tmp_path: Path) -> None:
