@@ -10,6 +10,7 @@ Start a gateway in-process (tests, embedding)::
 or from the shell with ``muxgate serve app.yaml``.
 """
 
+from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import (
     AppConfig,
     DeploymentConfig,
@@ -36,6 +37,7 @@ from muxgate.gateway._serve import Gateway, GatewayStartError, serve, start_gate
 
 __all__ = [
     "AppConfig",
+    "Autoscaler",
     "AutoscalingConfig",
     "ConfigError",
     "DeploymentConfig",
