@@ -8,8 +8,6 @@ every replica report (Reply/Pong) to :meth:`Router.observe`.
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import itertools
 import math
 import random
@@ -17,6 +15,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
+
+from muxgate.gateway._popularity import PopularitySketch
+from muxgate.gateway._ring import DEFAULT_VIRTUAL_NODES, HashRing, stable_hash
 
 __all__ = [
     "DEFAULT_BALANCE_FACTOR",
@@ -38,7 +39,6 @@ __all__ = [
 # themselves). c = 3 with a floor of half of max_ongoing_requests was at or near
 # the best p99 and hit rate in every simulated regime.
 DEFAULT_BALANCE_FACTOR = 3.0
-DEFAULT_VIRTUAL_NODES = 64
 # Also from bench/bench_routing_sim.py: 4 candidates for a model no replica
 # holds raised the "wide" hit rate the most without costing the hot regimes
 # (2: less gain; 8: more loads under shifting popularity).
@@ -60,167 +60,6 @@ REASON_PLACED = "placed"  # a later replica chosen because a load there evicts a
 
 _PREFIX_LEN = 4  # preference-list prefix cached per model id
 _DEFAULT_CACHE_SIZE = 131_072
-
-
-def stable_hash(key: str) -> int:
-    """Return a 64-bit hash of ``key`` that is the same in every process.
-
-    Python's ``hash()`` is salted per process (PYTHONHASHSEED), so two gateways
-    would disagree; blake2b is stable, fast and well mixed.
-    """
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
-class HashRing:
-    """A consistent-hash ring with ``virtual_nodes`` points per member.
-
-    The ring depends only on the *set* of members, never on the order they were
-    added: points are sorted by (hash, member id), so even a hash collision
-    breaks the same way everywhere.
-    """
-
-    def __init__(self, *, virtual_nodes: int = DEFAULT_VIRTUAL_NODES) -> None:
-        if virtual_nodes < 1:
-            raise ValueError(f"virtual_nodes must be >= 1, got {virtual_nodes}")
-        self.virtual_nodes = virtual_nodes
-        self._members: set[str] = set()
-        self._points: list[tuple[int, str]] = []
-        self._hashes: list[int] = []
-        self._dirty = False
-
-    def __len__(self) -> int:
-        return len(self._members)
-
-    def __contains__(self, member: object) -> bool:
-        return member in self._members
-
-    def __repr__(self) -> str:
-        return f"HashRing(members={len(self._members)}, virtual_nodes={self.virtual_nodes})"
-
-    @property
-    def members(self) -> list[str]:
-        """The members, sorted."""
-        return sorted(self._members)
-
-    def add(self, member: str) -> None:
-        """Add ``member`` (no-op if present)."""
-        if member in self._members:
-            return
-        self._members.add(member)
-        self._points.extend(
-            (stable_hash(f"{member}#{i}"), member) for i in range(self.virtual_nodes)
-        )
-        # Sorting is deferred to the next lookup so adding many members is O(P log P) once.
-        self._dirty = True
-
-    def remove(self, member: str) -> None:
-        """Remove ``member`` (no-op if absent)."""
-        if member not in self._members:
-            return
-        self._members.discard(member)
-        self._points = [p for p in self._points if p[1] != member]
-        self._hashes = [p[0] for p in self._points]
-
-    def _ensure_sorted(self) -> None:
-        if self._dirty:
-            self._points.sort()
-            self._hashes = [p[0] for p in self._points]
-            self._dirty = False
-
-    def walk(self, key: str) -> Iterator[str]:
-        """Yield the distinct members clockwise from ``stable_hash(key)``.
-
-        This is the key's preference list; the first member is its home.
-        """
-        self._ensure_sorted()
-        points = self._points
-        n_points = len(points)
-        if not n_points:
-            return
-        n_members = len(self._members)
-        start = bisect.bisect_left(self._hashes, stable_hash(key))
-        seen: set[str] = set()
-        for i in range(n_points):
-            member = points[(start + i) % n_points][1]
-            if member not in seen:
-                seen.add(member)
-                yield member
-                if len(seen) == n_members:
-                    return
-
-    def preference_list(self, key: str, limit: int | None = None) -> list[str]:
-        """Return the first ``limit`` members (all when None) of ``walk(key)``."""
-        out: list[str] = []
-        for member in self.walk(key):
-            if limit is not None and len(out) >= limit:
-                break
-            out.append(member)
-        return out
-
-
-class PopularitySketch:
-    """Exponentially decayed request counts per model id.
-
-    Time is the number of requests recorded, not the wall clock: a model's
-    score is ``sum(2 ** -(age / half_life))`` over its requests, ``age``
-    counted in requests since each one. So the sketch is pure and
-    deterministic (same requests, same scores), adapts to the request rate by
-    itself, and ranks models by their share of the last few ``half_life``
-    requests.
-
-    Forward decay makes a record O(1): each request adds a weight that grows by
-    ``2 ** (1 / half_life)`` per request, and a score is the stored sum divided
-    by the current weight. The sums are rescaled before they overflow; ids whose
-    score fell below 1/100 of a request are forgotten then, and when more than
-    ``max_tracked`` ids are kept, the weaker half goes.
-    """
-
-    __slots__ = ("_max", "_scores", "_step", "_weight", "half_life")
-
-    def __init__(self, *, half_life: float = 1000.0, max_tracked: int = 65_536) -> None:
-        if not half_life > 0:
-            raise ValueError(f"half_life must be > 0, got {half_life}")
-        self.half_life = half_life
-        self._max = max(16, max_tracked)
-        self._step = 2.0 ** (1.0 / half_life)
-        self._weight = 1.0
-        self._scores: dict[str, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._scores)
-
-    def __repr__(self) -> str:
-        return f"PopularitySketch(tracked={len(self._scores)}, half_life={self.half_life:g})"
-
-    def record(self, model_id: str) -> None:
-        """Count one request for ``model_id``."""
-        self._weight *= self._step
-        scores = self._scores
-        scores[model_id] = scores.get(model_id, 0.0) + self._weight
-        if self._weight > 1e100:
-            self._rescale()
-        elif len(scores) > self._max:
-            self._prune()
-
-    def score(self, model_id: str) -> float:
-        """Decayed request count of ``model_id`` (0.0 if never seen or forgotten)."""
-        return self._scores.get(model_id, 0.0) / self._weight
-
-    def _rescale(self) -> None:
-        w = self._weight
-        self._scores = {m: v / w for m, v in self._scores.items() if v / w >= 0.01}
-        self._weight = 1.0
-        if len(self._scores) > self._max:
-            self._prune()
-
-    def _prune(self) -> None:
-        floor = 0.01 * self._weight
-        kept = {m: v for m, v in self._scores.items() if v >= floor}
-        if len(kept) > self._max * 3 // 4:
-            # Keep the stronger half; ties broken by id so every copy agrees.
-            ranked = sorted(kept.items(), key=lambda kv: (-kv[1], kv[0]))
-            kept = dict(ranked[: self._max // 2])
-        self._scores = kept
 
 
 @dataclass(frozen=True, slots=True)
