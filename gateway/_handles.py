@@ -22,6 +22,7 @@ tracing is off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -202,6 +203,7 @@ class HandleIngress:
         traceparent: str | None = None
         tracestate: str | None = None
         auth = b""
+        timeout = self._timeout
         content_length = -1
         for name, value in scope["headers"]:
             lname = name.lower()
@@ -212,6 +214,10 @@ class HandleIngress:
                     request_id = value.decode()
             elif lname == b"authorization":
                 auth = value
+            elif lname == b"x-muxgate-timeout-s":
+                # The caller waits no longer than this: neither do we.
+                with contextlib.suppress(ValueError):
+                    timeout = max(0.0, min(timeout, float(value)))
             elif lname == b"traceparent":
                 if _TRACEPARENT.fullmatch(value) is not None:
                     traceparent = value.decode()
@@ -271,7 +277,7 @@ class HandleIngress:
                 request_id=request_id,
                 model_id=model_id,
                 http=None,
-                deadline=started + self._timeout,
+                deadline=started + timeout,
                 traceparent=traceparent,
                 tracestate=tracestate,
                 method=method,

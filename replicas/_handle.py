@@ -22,6 +22,11 @@ Inside a replica the gateway URL (and the admin token, when one is
 configured) come from the replica's spec; elsewhere pass ``gateway_url``, or
 set ``MUXGATE_GATEWAY_URL`` (and ``MUXGATE_ADMIN_TOKEN``).
 
+Deadlines: a handle call made while a replica serves a request gets at most
+the time that request has left (sent as ``x-muxgate-timeout-s``; the gateway
+takes the smaller of it and ``http.request_timeout_s``), so a downstream call
+never outlives its caller. ``options(timeout_s=...)`` bounds a call further.
+
 Transport: one pooled keep-alive ``httpx.AsyncClient`` per event loop and
 process, created on first use, so a call costs one HTTP round trip on a warm
 connection.
@@ -30,8 +35,12 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import os
+import time
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -50,12 +59,15 @@ __all__ = [
     "HandleUnavailableError",
     "HandleUserError",
     "aclose_handle_clients",
+    "call_deadline",
     "get_deployment_handle",
     "set_handle_defaults",
 ]
 
 #: Header carrying the model id (the same as for HTTP requests).
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
+#: Header carrying the seconds the caller still waits for the answer.
+TIMEOUT_HEADER = "x-muxgate-timeout-s"
 _MSGPACK = "application/msgpack"
 
 
@@ -202,6 +214,31 @@ async def aclose_handle_clients() -> None:
         await client.aclose()
 
 
+# -- deadlines ------------------------------------------------------------------
+
+# time.monotonic() by which the request being served must be answered.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "muxgate_call_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def call_deadline(timeout_s: float) -> Iterator[None]:
+    """Within the block, handle calls get at most ``timeout_s`` (from now);
+    the replica wraps every call with a deadline in it."""
+    token = _deadline.set(time.monotonic() + timeout_s)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def remaining_time() -> float | None:
+    """Seconds left before the current request's deadline (None: no deadline)."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
 # -- the handle -----------------------------------------------------------------
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -223,7 +260,14 @@ class DeploymentHandle:
         TypeError: an argument is not a MessagePack value.
     """
 
-    __slots__ = ("_headers", "_url", "deployment_name", "method_name", "multiplexed_model_id")
+    __slots__ = (
+        "_headers",
+        "_url",
+        "deployment_name",
+        "method_name",
+        "multiplexed_model_id",
+        "timeout_s",
+    )
 
     def __init__(
         self,
@@ -233,10 +277,14 @@ class DeploymentHandle:
         token: str | None = None,
         multiplexed_model_id: str = "",
         method_name: str = "__call__",
+        timeout_s: float | None = None,
     ) -> None:
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.deployment_name = deployment_name
         self.method_name = method_name
         self.multiplexed_model_id = multiplexed_model_id
+        self.timeout_s = timeout_s
         base = gateway_url.rstrip("/")
         self._url = f"{base}/-/handles/{deployment_name}/{method_name}"
         headers = {"content-type": _MSGPACK, "accept": _MSGPACK}
@@ -259,13 +307,20 @@ class DeploymentHandle:
         return auth[len("Bearer ") :] if auth else None
 
     def options(
-        self, *, multiplexed_model_id: str | None = None, method_name: str | None = None
+        self,
+        *,
+        multiplexed_model_id: str | None = None,
+        method_name: str | None = None,
+        timeout_s: float | None = None,
     ) -> DeploymentHandle:
         """A new handle with these options changed; this one is not modified.
 
         Args:
             multiplexed_model_id: the model id the calls carry (``""``: none).
             method_name: the method the calls invoke (default ``__call__``).
+            timeout_s: the longest a call may take (the gateway answers 504
+                after it); default: the gateway's ``request_timeout_s``, or
+                less inside a request that has less time left.
         """
         return DeploymentHandle(
             self.deployment_name,
@@ -275,6 +330,7 @@ class DeploymentHandle:
                 self.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id
             ),
             method_name=self.method_name if method_name is None else method_name,
+            timeout_s=self.timeout_s if timeout_s is None else timeout_s,
         )
 
     def __getattr__(self, name: str) -> DeploymentHandle:
@@ -288,6 +344,17 @@ class DeploymentHandle:
         """Call the method with these arguments and return its result."""
         content = _encode({"args": args, "kwargs": kwargs})
         headers = self._headers
+        budget = self.timeout_s
+        left = remaining_time()
+        if left is not None:
+            if left <= 0:
+                raise HandleDeadlineError(
+                    504, "deadline", "the calling request's deadline passed before the call"
+                )
+            budget = left if budget is None else min(budget, left)
+        if budget is not None:
+            headers = dict(headers)
+            headers[TIMEOUT_HEADER] = f"{budget:.3f}"
         if tracing_active():
             traceparent, tracestate = inject_traceparent()
             if traceparent:

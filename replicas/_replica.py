@@ -39,6 +39,7 @@ import msgspec
 from opentelemetry import trace
 
 from muxgate.replicas._context import request_scope
+from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
 from muxgate.replicas._protocol import (
@@ -425,7 +426,8 @@ class Replica:
             return await self._run_guarded(call, span)
         if timeout <= 0:
             return ErrorInfo(code="deadline", message="deadline passed", status=504)
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(timeout), call_deadline(timeout):
+            # Handle calls made from here get only the time left (call_deadline).
             return await self._run_guarded(call, span)
         # Only reached when the deadline cancelled the call.
         return ErrorInfo(

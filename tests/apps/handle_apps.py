@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import anyio
+
 from muxgate.replicas._context import current_replica, get_multiplexed_model_id
 from muxgate.replicas._deployment import deployment
-from muxgate.replicas._handle import HandleError, get_deployment_handle
+from muxgate.replicas._handle import HandleError, get_deployment_handle, remaining_time
 from muxgate.replicas._http import Request
 from muxgate.replicas._multiplex import multiplexed
 
@@ -48,6 +50,14 @@ class Down:
     async def fail(self, message: str) -> None:
         raise ValueError(message)
 
+    async def budget(self) -> float | None:
+        """Seconds this call has left (its deadline, as the replica got it)."""
+        return remaining_time()
+
+    async def sleep(self, seconds: float) -> float:
+        await anyio.sleep(seconds)
+        return seconds
+
     def unencodable(self) -> object:
         return object()
 
@@ -74,6 +84,12 @@ class Up:
             "original_handle_model": self.down.multiplexed_model_id,
             "add": plain,
         }
+
+    async def relay_budget(self) -> float | None:
+        return await self.down.budget.remote()  # type: ignore[no-any-return]
+
+    async def slow_down(self, seconds: float) -> float:
+        return await self.down.sleep.remote(seconds)  # type: ignore[no-any-return]
 
     async def call_failing(self) -> dict[str, Any]:
         try:

@@ -18,6 +18,7 @@ from muxgate.gateway._serve import Gateway, start_gateway
 from muxgate.replicas._handle import (
     DeploymentHandle,
     HandleBadRequestError,
+    HandleDeadlineError,
     HandleError,
     HandleNotFoundError,
     HandleUnavailableError,
@@ -197,6 +198,31 @@ async def test_handle_errors(gateway: Gateway) -> None:
 
     # The deployment keeps serving after all of that.
     assert await down.add.remote(1, 1) == 2
+
+
+async def test_deadlines_bound_calls_and_propagate_downstream(gateway: Gateway) -> None:
+    import time
+
+    down = get_deployment_handle("Down", gateway.url)
+    up = get_deployment_handle("Up", gateway.url)
+    # No timeout given: the gateway's request_timeout_s (60 s by default).
+    budget = await down.budget.remote()
+    assert 50 < budget <= 60
+    # An explicit timeout reaches the replica as the call's deadline...
+    assert 0 < await down.options(timeout_s=2).budget.remote() <= 2
+    # ... and a call made inside that call gets no more than what is left.
+    relayed = await up.options(timeout_s=2).relay_budget.remote()
+    assert 0 < relayed < 2
+    # Past it, 504, without waiting for the slow call.
+    started = time.monotonic()
+    with pytest.raises(HandleDeadlineError) as info:
+        await down.options(timeout_s=0.3).sleep.remote(30)
+    assert (info.value.status, info.value.code) == (504, "deadline")
+    with pytest.raises(HandleDeadlineError):
+        await up.options(timeout_s=0.3).slow_down.remote(30)
+    assert time.monotonic() - started < 10
+    with pytest.raises(ValueError):
+        down.options(timeout_s=0)
 
 
 async def test_handle_endpoint_wire_format(gateway: Gateway) -> None:
