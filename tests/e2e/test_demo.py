@@ -128,3 +128,34 @@ def test_demo_keep_running_serves_the_status_page_until_ctrl_c(tmp_path: Path) -
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 0, err.read_text()[-3000:]
     _wait_for(lambda: not _tagged(tag), 10, "every demo process to exit")
+
+
+def test_demo_pure_parts() -> None:
+    """Zipf weights, percentiles and the summary table, without processes."""
+    import argparse
+
+    from muxgate.gateway._demo import DemoResult, format_summary, zipf_weights
+
+    weights = zipf_weights(4, 1.0)
+    assert weights == pytest.approx([1.0, 1.5, 1.5 + 1 / 3, 1.5 + 1 / 3 + 0.25])
+    result = DemoResult(latencies=[0.001 * i for i in range(1, 101)], seconds=2.0)
+    assert result.requests == 100
+    assert result.percentile(0.5) == pytest.approx(0.051)
+    assert result.percentile(0.99) == pytest.approx(0.1)
+    ns = argparse.Namespace(models=4, replicas=1, max_models_per_replica=2, zipf=1.0, concurrency=2)
+    rows = [
+        {
+            "id": "Demo#abc",
+            "pid": 42,
+            "counters": {
+                "cache_hits": 90.0,
+                "cache_misses": 10.0,
+                "model_loads": 10.0,
+                "model_unloads_lru": 8.0,
+            },
+            "models": ["3", "1"],
+        }
+    ]
+    text = format_summary(ns, result, rows, spillovers=0)
+    assert "90.0%" in text
+    assert re.search(r"Demo#abc\s+42\s+100\s+90\s+10\s+8\s+3 1", text), text
