@@ -68,7 +68,11 @@ class RouteDecision:
 
     Attributes:
         replica_id: The chosen replica.
-        spillover: True when the chosen replica is not the model's home.
+        spillover: True when load pushed the model onto a new replica: every
+            replica holding it (or its home, when none does) was at capacity,
+            so this request starts a load elsewhere (``reason == "spill"``).
+            Following an existing copy (``"cached"``) or placing a model held
+            nowhere by popularity (``"placed"``) is not a spill.
         home_replica_id: First replica of the model's preference list (for a
             request without a model id: the chosen replica).
         reason: ``"home"``, ``"cached"`` (a later replica already holding the
@@ -472,7 +476,7 @@ class Router:
             if replica_id in wanted:
                 if not least_loaded:
                     reason = REASON_HOME if replica_id == home else REASON_CACHED
-                    return RouteDecision(replica_id, replica_id != home, home, reason)
+                    return RouteDecision(replica_id, False, home, reason)
                 if best is None or in_flight < replicas[best].in_flight:
                     best = replica_id
                 wanted.discard(replica_id)
@@ -486,7 +490,7 @@ class Router:
                 break
         if best is not None and home is not None:
             reason = REASON_HOME if best == home else REASON_CACHED
-            return RouteDecision(best, best != home, home, reason)
+            return RouteDecision(best, False, home, reason)
         if not free or home is None:
             return None
         target = free[0]
@@ -494,8 +498,9 @@ class Router:
             target = self._place(free)
         if target == home:
             return RouteDecision(target, False, home, REASON_HOME)
-        reason = REASON_SPILL if target == free[0] else REASON_PLACED
-        return RouteDecision(target, True, home, reason)
+        if target == free[0]:
+            return RouteDecision(target, True, home, REASON_SPILL)
+        return RouteDecision(target, False, home, REASON_PLACED)
 
     def _victim_score(self, replica_id: str) -> float:
         """Popularity of the model a new load on ``replica_id`` would evict.

@@ -156,7 +156,7 @@ def test_spill_follows_preference_order_and_sticks_to_holders(holder_choice: Any
     # Another model is already on prefs[3]: the request goes to the holder, not prefs[1].
     router.observe(prefs[3], models=[model], loading=[])
     d = router.choose(model)
-    assert d == RouteDecision(prefs[3], True, prefs[0], "cached")
+    assert d == RouteDecision(prefs[3], False, prefs[0], "cached")  # an existing copy: no spill
     # The replies report the model loaded; once the home has room again, home
     # wins (it holds the model; both holders are idle, so ties go home).
     router.observe(prefs[0], models=[model], loading=[])
@@ -347,7 +347,8 @@ class RouterMachine(RuleBasedStateMachine):
         if model:
             prefs = self.router.preference_list(model)
             assert d.home_replica_id == prefs[0]
-            assert d.spillover == (d.replica_id != prefs[0])
+            assert d.spillover == (d.reason == "spill")
+            assert d.spillover <= (d.replica_id != prefs[0])
             under = [r for r in prefs if self.in_flight[r] < cap]
             holding = [r for r in under if model in self.held(r)]
             if holding:

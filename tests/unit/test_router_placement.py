@@ -51,7 +51,7 @@ def test_cold_miss_goes_where_it_evicts_the_least_popular_model() -> None:
     assert d is not None
     assert (d.replica_id, d.spillover, d.home_replica_id, d.reason) == (
         prefs[3],
-        True,
+        False,  # placement by popularity, not a spill
         prefs[0],
         "placed",
     )
