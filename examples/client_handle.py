@@ -12,10 +12,7 @@ import argparse
 import asyncio
 import json
 
-try:
-    from muxgate.replicas import get_deployment_handle
-except ImportError:  # builds before muxgate.replicas exported it
-    from muxgate.replicas._handle import get_deployment_handle
+from muxgate.replicas import get_deployment_handle
 
 
 async def run(url: str, model_id: str) -> None:

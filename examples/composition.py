@@ -16,12 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from muxgate.replicas import Request, deployment, get_multiplexed_model_id
-
-try:
-    from muxgate.replicas import get_deployment_handle
-except ImportError:  # builds before muxgate.replicas exported it
-    from muxgate.replicas._handle import get_deployment_handle
+from muxgate.replicas import Request, deployment, get_deployment_handle, get_multiplexed_model_id
 
 
 @deployment(max_ongoing_requests=16)

@@ -8,6 +8,17 @@ multiplexing.
 
 from muxgate.replicas._context import get_multiplexed_model_id
 from muxgate.replicas._deployment import DeploymentOptions, deployment, get_deployment_options
+from muxgate.replicas._handle import (
+    DeploymentHandle,
+    HandleBadRequestError,
+    HandleDeadlineError,
+    HandleError,
+    HandleNotFoundError,
+    HandleUnavailableError,
+    HandleUserError,
+    aclose_handle_clients,
+    get_deployment_handle,
+)
 from muxgate.replicas._http import Request, Response
 from muxgate.replicas._multiplex import (
     ModelCache,
@@ -19,13 +30,22 @@ from muxgate.replicas._multiplex import (
 from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
 
 __all__ = [
+    "DeploymentHandle",
     "DeploymentOptions",
+    "HandleBadRequestError",
+    "HandleDeadlineError",
+    "HandleError",
+    "HandleNotFoundError",
+    "HandleUnavailableError",
+    "HandleUserError",
     "ModelCache",
     "ModelCacheClosedError",
     "Request",
     "Response",
+    "aclose_handle_clients",
     "configure_tracing",
     "deployment",
+    "get_deployment_handle",
     "get_deployment_options",
     "get_multiplexed_model_id",
     "model_cache",
