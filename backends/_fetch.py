@@ -575,8 +575,12 @@ async def fetch_and_decode(
     """Fetch ``url`` and run ``decode`` on it in a worker thread.
 
     Same span and errors as :func:`fetch`. Local disk and memory objects
-    are fetched and decoded in a single worker-thread hop, which keeps
-    small local loads within a few percent of a plain ``torch.load``.
+    are fetched and decoded in a single worker-thread hop. Measured
+    (``bench/bench_storage.py``, 2 vCPUs): a 4 MB state dict loads at
+    0.91-0.94x the rate of ``torch.load`` in a worker thread (~55-75 us
+    more per call) and ~0.8x of ``torch.load`` on the calling thread, the
+    hop itself costing most of the difference; 64 and 256 MB loads at
+    0.86-0.94x of the calling thread.
     """
     cfg = resolve_config(config)
     safe_url = redact_url(url)
