@@ -22,9 +22,7 @@ import logging
 import os
 import stat
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from opentelemetry import trace
 from ._cache import DiskCache, LockTimeout, cache_key, version_token
 from ._config import StorageConfig, resolve_config
 from ._errors import BackendError, ModelNotFoundError
+from ._instances import freeze_options, instances
 from ._registry import backend_spec, filesystem_class
 from ._retry import is_transient, with_retries
 from ._urls import redact_url, split_protocol
@@ -93,65 +92,6 @@ def source_of(*, cache_hit: bool, remote: bool) -> str:
     if cache_hit:
         return "cache"
     return "remote" if remote else "local"
-
-
-def _freeze(value: Any) -> Any:
-    """A hashable stand-in for storage options, equal when the options are.
-
-    Raises:
-        TypeError: An option value is neither hashable nor a container of
-            hashables (such options are not cached; see ``_Fetcher``).
-    """
-    if isinstance(value, Mapping):
-        return tuple(sorted(((str(k), _freeze(v)) for k, v in value.items()), key=lambda kv: kv[0]))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_freeze(v) for v in value))
-    if isinstance(value, (set, frozenset)):
-        return frozenset(_freeze(v) for v in value)
-    hash(value)  # objects hashed by identity are kept alive by the key itself
-    return value
-
-
-class _Instances:
-    """Filesystem instances per (protocol, class, options), bounded LRU.
-
-    fsspec caches instances too, but finds them by tokenising the options
-    on every construction, and the options must be deep-copied before each
-    (botocore's Config mutates nested dicts in place). Here a hit costs one
-    hash of the frozen options and nothing is copied; only a miss copies and
-    constructs. Cleared in a forked child: async filesystems (s3fs, gcsfs)
-    are bound to their parent's event-loop thread.
-    """
-
-    def __init__(self, max_size: int = 64) -> None:
-        self._lock = threading.Lock()
-        self._items: OrderedDict[Any, AbstractFileSystem] = OrderedDict()
-        self._max_size = max_size
-
-    def __repr__(self) -> str:
-        return f"_Instances(size={len(self._items)}, max_size={self._max_size})"
-
-    def get(self, key: Any) -> AbstractFileSystem | None:
-        with self._lock:
-            fs = self._items.get(key)
-            if fs is not None:
-                self._items.move_to_end(key)
-            return fs
-
-    def put(self, key: Any, fs: AbstractFileSystem) -> None:
-        with self._lock:
-            self._items[key] = fs
-            self._items.move_to_end(key)
-            while len(self._items) > self._max_size:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-_instances = _Instances()
-os.register_at_fork(after_in_child=_instances.clear)
 
 
 @dataclass
@@ -257,8 +197,8 @@ class _Fetcher:
         self.fs: AbstractFileSystem | None = None
         if not self.is_local:
             with suppress(TypeError):  # unhashable options: a new instance each time
-                self._fs_key = (self.protocol, self.cls, _freeze(self.options))
-                self.fs = _instances.get(self._fs_key)
+                self._fs_key = (self.protocol, self.cls, freeze_options(self.options))
+                self.fs = instances.get(self._fs_key)
 
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
         return await with_retries(
@@ -270,7 +210,7 @@ class _Fetcher:
         if self.fs is None:
             self.fs = self.cls(**copy.deepcopy(self.options))
             if self._fs_key is not None:
-                _instances.put(self._fs_key, self.fs)
+                instances.put(self._fs_key, self.fs)
         return self.fs
 
     def _stat(self) -> dict[str, Any]:

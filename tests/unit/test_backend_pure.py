@@ -28,14 +28,8 @@ from muxgate.backends._errors import (
     ModelNotFoundError,
     StorageUnavailableError,
 )
-from muxgate.backends._fetch import (
-    Strategy,
-    _freeze,
-    _Instances,
-    choose_strategy,
-    plan_parts,
-    source_of,
-)
+from muxgate.backends._fetch import Strategy, choose_strategy, plan_parts, source_of
+from muxgate.backends._instances import FilesystemInstances, freeze_options
 from muxgate.backends._retry import is_transient, with_retries
 from muxgate.backends._urls import join_model_url, redact_url, split_protocol
 
@@ -274,12 +268,14 @@ def test_fetch_source_attribute() -> None:
 def test_filesystem_instances_keyed_by_option_values() -> None:
     a = {"endpoint_url": "http://x", "client_kwargs": {"region_name": "r"}, "list": [1, 2]}
     b = {"list": [1, 2], "client_kwargs": {"region_name": "r"}, "endpoint_url": "http://x"}
-    assert _freeze(a) == _freeze(b) and hash(_freeze(a)) == hash(_freeze(b))
-    assert _freeze({**a, "client_kwargs": {"region_name": "s"}}) != _freeze(a)
-    assert _freeze({"x": [1]}) != _freeze({"x": (1,)})
+    assert freeze_options(a) == freeze_options(b) and hash(freeze_options(a)) == hash(
+        freeze_options(b)
+    )
+    assert freeze_options({**a, "client_kwargs": {"region_name": "s"}}) != freeze_options(a)
+    assert freeze_options({"x": [1]}) != freeze_options({"x": (1,)})
     with pytest.raises(TypeError):
-        _freeze({"unhashable": bytearray(b"x")})
-    instances = _Instances(max_size=2)
+        freeze_options({"unhashable": bytearray(b"x")})
+    instances = FilesystemInstances(max_size=2)
     fs = [object(), object(), object()]
     for i, f in enumerate(fs):
         instances.put(i, f)
