@@ -27,6 +27,7 @@ from muxgate.backends._errors import (
 from muxgate.backends._fetch import Artifact, fetch
 from muxgate.backends._formats import (
     UntrustedPickleWarning,
+    load_exported_program,
     load_pickled_module,
     load_safetensors,
     load_state_dict,
@@ -53,6 +54,7 @@ __all__ = [
     "fetch",
     "get_storage_config",
     "join_model_url",
+    "load_exported_program",
     "load_pickled_module",
     "load_safetensors",
     "load_state_dict",
