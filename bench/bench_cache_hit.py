@@ -10,31 +10,18 @@ the timer's own cost is spread; median and p99 are over the samples.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+from _common import print_machine
 
 from muxgate.replicas._context import request_scope
 from muxgate.replicas._multiplex import model_cache, multiplexed
 
 BATCH = 10
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def trivial(model_id: str) -> str:
@@ -92,8 +79,7 @@ async def main(calls: int) -> None:
     assert model_cache(get_model).pins() == {}
 
     base = statistics.median(rows[0][1])
-    print(f"machine: {os.cpu_count()} cpus, {cpu_model()}, Python {platform.python_version()}")
-    print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    print_machine()
     print(f"calls per row: {calls} (batches of {BATCH})")
     print(f"{'case':<36} {'median us':>10} {'p99 us':>9} {'x trivial':>10}")
     for name, values in rows:

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -42,6 +41,8 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+from _common import print_machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APPS = os.path.join(HERE, "..", "tests", "apps")
@@ -331,14 +332,6 @@ async def direct_load(conn: Any, concurrency: int, seconds: float) -> dict[str, 
 # -- main ---------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -385,10 +378,8 @@ def main() -> None:
 
             uvloop.run(direct())
 
-    print(
-        f"\nmachine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}"
-    )
-    print(f"command: {' '.join([os.path.relpath(sys.executable), *sys.argv])}")
+    print()
+    print_machine()
     print(
         f"load: {'wrk -t1 (HTTP/1.1 keep-alive)' if have_wrk else 'asyncio raw-socket client'};"
         f" {args.seconds:g} s per row\n"

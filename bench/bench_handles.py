@@ -20,26 +20,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import msgspec
+from _common import machine_line, percentile
 
 APPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "apps")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def client(url: str, calls: int, rounds: int) -> dict[str, list[float]]:
@@ -116,17 +105,16 @@ def main() -> None:
         sys.stdout.buffer.write(msgspec.json.encode(samples))
         return
     samples = asyncio.run(serve_and_measure(args.calls, args.rounds))
-    print(f"machine: {os.cpu_count()} cpus, {cpu_model()}, Python {platform.python_version()}")
+    print(machine_line())
     print(
         f"command: .venv/bin/python bench/bench_handles.py --calls {args.calls}"
         f" --rounds {args.rounds}"
     )
     print(f"{'path':<8} {'calls':>7} {'p50 us':>8} {'p99 us':>8} {'mean us':>8}")
     for name, values in samples.items():
-        ordered = sorted(values)
-        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
         print(
-            f"{name:<8} {len(values):>7} {statistics.median(values):>8.0f} {p99:>8.0f}"
+            f"{name:<8} {len(values):>7} {statistics.median(values):>8.0f}"
+            f" {percentile(values, 0.99):>8.0f}"
             f" {statistics.fmean(values):>8.0f}"
         )
 

@@ -24,30 +24,17 @@ this machine is shared and noise only adds). Bounded: about 10 s by default.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
 import threading
 import time
 from collections.abc import Callable
 
+from _common import print_machine
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from muxgate.gateway._metrics import REQUEST_DURATION_BUCKETS, GatewayMetrics
 
 STATUSES = [200] * 9 + [500]
 MODELS = [f"m{i}" for i in range(8)]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def best_ns(body: Callable[[int], None], calls: int, repeats: int) -> float:
@@ -156,8 +143,7 @@ def main() -> int:
         )
     )
 
-    print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}")
+    print_machine()
     print(f"calls per round: {calls}, best of {repeats} rounds (after one warm-up pass)")
     print()
     print(f"{'variant':<48} {'call':<18} {'ns/call':>9}")

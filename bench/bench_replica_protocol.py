@@ -15,15 +15,13 @@ unless ``--client-uvloop``. Bounded: ``--calls`` per cell and ``--max-seconds``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import anyio
 import msgspec
+from _common import percentile, print_machine
 
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._launcher import LocalLauncher
@@ -31,16 +29,6 @@ from muxgate.replicas._protocol import HttpRequest
 from muxgate.replicas._server import ReplicaSpec
 
 APP_DIR = str(Path(__file__).resolve().parents[1] / "tests" / "apps")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def run_cell(
@@ -74,11 +62,6 @@ async def run_cell(
     return latencies, time.perf_counter() - began
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def main(args: argparse.Namespace) -> None:
     launcher = LocalLauncher()
     rows: list[tuple[str, str, int, int, float, float, float, float]] = []
@@ -108,8 +91,8 @@ async def main(args: argparse.Namespace) -> None:
                                 kind,
                                 concurrency,
                                 len(lat),
-                                pct(lat, 0.5) * 1e6,
-                                pct(lat, 0.99) * 1e6,
+                                percentile(lat, 0.5) * 1e6,
+                                percentile(lat, 0.99) * 1e6,
                                 statistics.fmean(lat) * 1e6,
                                 len(lat) / elapsed,
                             )
@@ -119,8 +102,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         await launcher.aclose()
 
-    print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}")
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print_machine()
     print(f"client loop: {'uvloop' if args.client_uvloop else 'asyncio'}; Unix socket")
     header = (
         f"{'replica loop':<12} {'call':<6} {'conc':>4} {'calls':>6} "

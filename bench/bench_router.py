@@ -18,25 +18,13 @@ from __future__ import annotations
 import argparse
 import bisect
 import itertools
-import os
-import platform
 import random
 import statistics
-import sys
 import time
 
+from _common import print_machine
+
 from muxgate.gateway._router import Router
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def zipf_sampler(n: int, s: float, rng: random.Random) -> list[float]:
@@ -122,8 +110,7 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=200_000)
     parser.add_argument("--models", type=int, default=100_000)
     args = parser.parse_args()
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}")
+    print_machine()
     print(f"model ids: {args.models:,} (Zipf 1.1), decisions per row: {args.decisions:,}")
     header = (
         f"{'replicas':>8} {'build ms':>9} {'cold µs':>8} {'choose p50':>11} "

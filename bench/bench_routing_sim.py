@@ -66,13 +66,13 @@ import heapq
 import itertools
 import math
 import os
-import platform
 import random
-import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+
+from _common import print_machine
 
 from muxgate.gateway._router import RouteDecision, Router
 
@@ -321,17 +321,6 @@ def simulate(
     }
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 _Job = tuple[str, str, float, int, Params, tuple[tuple[str, object], ...]]
 
 
@@ -428,8 +417,7 @@ def main() -> None:
                 jobs.append((kind, pol, 0.0, 1, p, ()))
                 keys.append((name, kind, seed, pol))
 
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}")
+    print_machine()
     print(
         f"common: R={base.replicas} replicas, K={base.cache_size} models/replica, "
         f"max_ongoing={base.max_ongoing}, load={base.load * 1e3:g} ms, "

@@ -52,6 +52,7 @@ import anyio
 import anyio.to_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _common import command_line, machine_line
 from storage_servers import S3Server, fake_gcs, moto_s3
 
 from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
@@ -63,16 +64,6 @@ BUCKET = "bench"
 # Older muxgate.backends (for before/after runs) lack these settings.
 HAS_THRESHOLD = "parallel_threshold" in {f.name for f in dataclasses.fields(StorageConfig)}
 HAS_FSYNC = "fsync" in {f.name for f in dataclasses.fields(CacheConfig)}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def model_bytes(size_mb: int) -> bytes:
@@ -288,11 +279,11 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(command_line())
     print(
-        f"machine: {platform.node()} nproc={os.cpu_count()} cpu={cpu_model()} "
-        f"python={platform.python_version()} torch={torch.__version__} "
-        f"loadavg={os.getloadavg()[0]:.2f}"
+        machine_line(
+            f"torch={torch.__version__} host={platform.node()} loadavg={os.getloadavg()[0]:.2f}"
+        )
     )
     print(f"elapsed: {time.monotonic() - started:.1f}s; MB = 10^6 bytes\n")
     head = "".join(f"{f'{s} MB':>18}" for s in sizes)
