@@ -22,23 +22,13 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from gateway_harness import MODEL, observed_config, running_gateway
+from headless_chromium import CHROMIUM_ARGS
 
-from muxgate.gateway._config import parse_config
-from muxgate.gateway._serve import Gateway, start_gateway
+from muxgate.gateway._serve import Gateway
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-MODEL = "serve_multiplexed_model_id"
 #: the page polls once a second; a few polls' worth of patience
 UI_TIMEOUT_MS = 8000
 NONZERO_RATE = re.compile(r"^(?!0\.0$)\d+\.\d$")
@@ -58,21 +48,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
     from apps.observability_apps import write_models
 
     write_models(tmp_path, ["1", "2", "3"])
-    config = parse_config(
-        {
-            "http": {"port": 0},
-            "deployments": [
-                {
-                    "name": "Observed",
-                    "import_path": "observability_apps:Observed",
-                    "init_kwargs": {"model_root": tmp_path.as_uri()},
-                    "num_replicas": 1,
-                }
-            ],
-        },
-        base_dir=APPS,
-    )
-    async with start_gateway(config) as gw:
+    async with running_gateway(observed_config(tmp_path)) as gw:
         yield gw
 
 

@@ -22,25 +22,21 @@ so the test waits, with a deadline, until the scrape shows them.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
+from gateway_harness import MODEL, eventually, observed_config, running_gateway
 from otlp_receiver import OtlpReceiver
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_text import Samples, only, parse_samples
 
-from muxgate.gateway._config import parse_config
-from muxgate.gateway._serve import Gateway, start_gateway
+from muxgate.gateway._serve import Gateway
 
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
-MODEL = "serve_multiplexed_model_id"
 DEP = (("deployment", "Observed"),)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture
@@ -48,21 +44,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
     from apps.observability_apps import write_models
 
     write_models(tmp_path, ["1", "2", "3"])
-    config = parse_config(
-        {
-            "http": {"port": 0},
-            "deployments": [
-                {
-                    "name": "Observed",
-                    "import_path": "observability_apps:Observed",
-                    "init_kwargs": {"model_root": tmp_path.as_uri()},
-                    "num_replicas": 1,
-                }
-            ],
-        },
-        base_dir=APPS,
-    )
-    async with start_gateway(config) as gw:
+    async with running_gateway(observed_config(tmp_path)) as gw:
         yield gw
 
 
@@ -70,25 +52,7 @@ async def scrape(client: httpx.AsyncClient) -> Samples:
     r = await client.get("/-/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
-    out: Samples = {}
-    for family in text_string_to_metric_families(r.text):
-        for sample in family.samples:
-            if sample.name.endswith("_created"):
-                continue
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll ``check()`` until it holds (bound it with ``anyio.fail_after``)."""
-    while True:
-        if await check():
-            return
-        await anyio.sleep(0.1)  # poll interval, not synchronisation
-
-
-def only(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    return {labels: value for (n, labels), value in samples.items() if n == name}
+    return parse_samples(r.text)
 
 
 async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
@@ -158,11 +122,9 @@ async def test_scale_down_counts_drain_unloads_and_keeps_totals(gateway: Gateway
         async def gone() -> bool:
             return not pool.snapshot()["replicas"]
 
-        with anyio.fail_after(10):
-            await eventually(polled)
+        await eventually(polled, within_s=10)
         pool.set_target(0)  # drain the only replica: it unloads both models
-        with anyio.fail_after(20):
-            await eventually(gone)
+        await eventually(gone, within_s=20)
         samples = await scrape(client)
 
     assert only(samples, "muxgate_model_loads_total") == {DEP: 2.0}
@@ -191,25 +153,14 @@ async def test_spillovers_per_model_match_the_route_spans(tmp_path: Path) -> Non
     fifo = tmp_path / "hold"
     os.mkfifo(fifo)
     with OtlpReceiver() as receiver:
-        config = parse_config(
-            {
-                "http": {"port": 0},
-                "metrics": {"per_model_labels": True},
-                "tracing": {"exporter": "otlp", "endpoint": receiver.endpoint},
-                "deployments": [
-                    {
-                        "name": "Observed",
-                        "import_path": "observability_apps:Observed",
-                        "init_kwargs": {"model_root": tmp_path.as_uri()},
-                        "num_replicas": 2,
-                        "max_ongoing_requests": 1,
-                    }
-                ],
-            },
-            base_dir=APPS,
+        config = observed_config(
+            tmp_path,
+            deployment={"num_replicas": 2, "max_ongoing_requests": 1},
+            metrics={"per_model_labels": True},
+            tracing={"exporter": "otlp", "endpoint": receiver.endpoint},
         )
         async with (
-            start_gateway(config) as gateway,
+            running_gateway(config) as gateway,
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
         ):
             dispatcher = gateway.pools["Observed"].dispatcher
@@ -229,8 +180,7 @@ async def test_spillovers_per_model_match_the_route_spans(tmp_path: Path) -> Non
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(held)
-                with anyio.fail_after(10):
-                    await eventually(in_flight)
+                await eventually(in_flight, within_s=10)
                 r = await client.post("/", headers={MODEL: "1"})
                 assert r.status_code == 200
                 served["second"] = r.headers["x-muxgate-replica"]
@@ -241,8 +191,7 @@ async def test_spillovers_per_model_match_the_route_spans(tmp_path: Path) -> Non
             async def polled() -> bool:
                 return only(await scrape(client), "muxgate_model_loads_total").get(DEP) == 2.0
 
-            with anyio.fail_after(10):
-                await eventually(polled)
+            await eventually(polled, within_s=10)
             samples = await scrape(client)
         spans = receiver.wait_for(
             lambda spans: sum(s.name == "muxgate.route" for s in spans) == 2, timeout=10

@@ -34,13 +34,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gateway_harness import MODEL, observed_config, running_gateway
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
-from muxgate.gateway._config import TracingConfig, parse_config
-from muxgate.gateway._serve import start_gateway
-
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
-MODEL = "serve_multiplexed_model_id"
 SPAN_KIND_SERVER = 2
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -73,23 +69,11 @@ async def test_a_model_load_is_one_trace_across_gateway_replica_and_storage(
     write_models(tmp_path, ["1", "2", "3"])
     traces = [new_traceparent() for _ in range(3)]
     with OtlpReceiver() as receiver:
-        config = parse_config(
-            {
-                "http": {"port": 0},
-                "tracing": {"exporter": "otlp", "endpoint": receiver.endpoint},
-                "deployments": [
-                    {
-                        "name": "Observed",
-                        "import_path": "observability_apps:Observed",
-                        "init_kwargs": {"model_root": tmp_path.as_uri()},
-                        "num_replicas": 1,
-                    }
-                ],
-            },
-            base_dir=APPS,
+        config = observed_config(
+            tmp_path, tracing={"exporter": "otlp", "endpoint": receiver.endpoint}
         )
         async with (
-            start_gateway(config) as gateway,
+            running_gateway(config) as gateway,
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
         ):
             replica_ids = set()
@@ -179,22 +163,8 @@ async def test_otel_environment_alone_turns_tracing_on(
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-        config = parse_config(
-            {
-                "http": {"port": 0},
-                "deployments": [
-                    {
-                        "name": "Observed",
-                        "import_path": "observability_apps:Observed",
-                        "init_kwargs": {"model_root": tmp_path.as_uri()},
-                        "num_replicas": 1,
-                    }
-                ],
-            },
-            base_dir=APPS,
-        )
         async with (
-            start_gateway(config) as gateway,
+            running_gateway(observed_config(tmp_path)) as gateway,
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
         ):
             r = await client.post("/", headers={MODEL: "1", "traceparent": traceparent})

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_text import Samples, only, parse_samples
 
 from muxgate.gateway._metrics import REQUEST_DURATION_BUCKETS, GatewayMetrics
 
-Key = tuple[str, tuple[tuple[str, str], ...]]
 
-
-def scrape(metrics: GatewayMetrics) -> dict[Key, float]:
+def scrape(metrics: GatewayMetrics) -> Samples:
     """Every sample of a rendered scrape, keyed by (sample name, sorted labels)."""
     body, content_type = metrics.render()
     assert content_type.startswith("text/plain")
-    out: dict[Key, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name.endswith("_created"):
-                continue  # wall-clock creation times; not ours to assert
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def only(samples: dict[Key, float], name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    return {labels: value for (n, labels), value in samples.items() if n == name}
+    return parse_samples(body.decode())
 
 
 def test_gateway_side_series_have_exact_values() -> None:
@@ -282,7 +270,7 @@ def test_final_counters_of_a_drained_replica_count_once() -> None:
     m = GatewayMetrics()
     model = (("deployment", "Model"),)
 
-    def unloads(s: dict[Key, float]) -> dict[str, float]:
+    def unloads(s: Samples) -> dict[str, float]:
         return {
             dict(labels)["reason"]: value
             for labels, value in only(s, "muxgate_model_unloads_total").items()

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from headless_chromium import CHROMIUM_ARGS
 
 from muxgate.gateway._metrics import GatewayMetrics
 
@@ -26,16 +27,6 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium not installed (`make system-deps` installs it)"
 )
 TOKEN = "s3cret"
-#: headless, and nothing that reaches the network on its own
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PAGE = importlib.resources.files("muxgate.gateway").joinpath("static/status.html").read_bytes()
 
 
