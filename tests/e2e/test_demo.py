@@ -13,11 +13,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from storage_servers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +37,6 @@ def _tagged(tag: str) -> list[int]:
         if marker in environ.split(b"\0") and state != "Z":
             pids.append(int(entry))
     return pids
-
-
-def _wait_for(predicate: object, within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path, Path, str]:
@@ -85,13 +76,15 @@ def test_demo_completes_with_zero_errors_and_cleans_up(tmp_path: Path) -> None:
     assert len(re.findall(r"^\s+Demo#\w+\s+\d+", summary, re.M)) == 3  # one row per replica
     assert "status page: http://127.0.0.1:" in summary
     assert not _model_dir(err).exists()
-    _wait_for(lambda: not _tagged(tag), 10, "every demo process to exit")
+    wait_until(lambda: not _tagged(tag), timeout=10, what="every demo process to exit")
 
 
 def test_demo_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
     proc, _out, err, tag = _start(tmp_path, "--requests", "1000000", "--replicas", "2")
     try:
-        _wait_for(lambda: "requests, errors" in err.read_text(), 60, "traffic to start")
+        wait_until(
+            lambda: "requests, errors" in err.read_text(), timeout=60, what="traffic to start"
+        )
         running = _tagged(tag)
         assert len(running) >= 3  # the demo and its replicas
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
@@ -105,7 +98,7 @@ def test_demo_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
     # cut off by the shutdown; those are not the demo's).
     assert not err.read_text().rstrip().splitlines()[-1].startswith(("Traceback", "  File"))
     assert not _model_dir(err).exists()
-    _wait_for(lambda: not _tagged(tag), 10, "every demo process to exit")
+    wait_until(lambda: not _tagged(tag), timeout=10, what="every demo process to exit")
 
 
 def test_demo_keep_running_serves_the_status_page_until_ctrl_c(tmp_path: Path) -> None:
@@ -115,7 +108,9 @@ def test_demo_keep_running_serves_the_status_page_until_ctrl_c(tmp_path: Path) -
         tmp_path, "--requests", "20", "--replicas", "1", "--models", "3", "--keep-running"
     )
     try:
-        _wait_for(lambda: "serving until Ctrl-C" in err.read_text(), 60, "the summary")
+        wait_until(
+            lambda: "serving until Ctrl-C" in err.read_text(), timeout=60, what="the summary"
+        )
         match = re.search(r"status page: (\S+)", out.read_text())
         assert match, out.read_text()
         page = httpx.get(match.group(1), timeout=10)
@@ -127,7 +122,7 @@ def test_demo_keep_running_serves_the_status_page_until_ctrl_c(tmp_path: Path) -
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 0, err.read_text()[-3000:]
-    _wait_for(lambda: not _tagged(tag), 10, "every demo process to exit")
+    wait_until(lambda: not _tagged(tag), timeout=10, what="every demo process to exit")
 
 
 def test_demo_pure_parts() -> None:

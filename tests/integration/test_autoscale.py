@@ -13,7 +13,6 @@ The tests run in file order and each first waits for the state it needs.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,13 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+from gateway_harness import MODEL, running_gateway
 
-from muxgate.gateway._config import parse_config
 from muxgate.gateway._pool import ReplicaPool
-from muxgate.gateway._serve import Gateway, start_gateway
+from muxgate.gateway._serve import Gateway
 
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
-MODEL = "serve_multiplexed_model_id"
 REQUEST_TIMEOUT_S = 20.0
 UPSCALE_DELAY_S = 0.25
 
@@ -51,36 +48,33 @@ async def gateway(anyio_backend: str, hook_log: str) -> AsyncIterator[Gateway]:
         "look_back_period_s": 0.5,
         "upscale_delay_s": UPSCALE_DELAY_S,
     }
-    config = parse_config(
-        {
-            "http": {"port": 0, "request_timeout_s": REQUEST_TIMEOUT_S},
-            "deployments": [
-                {
-                    "name": "Auto",
-                    "import_path": "autoscale_apps:Hooked",
-                    "init_kwargs": {"hook_log": hook_log},
-                    "route_prefix": "/auto",
-                    "max_ongoing_requests": 4,
-                    "autoscaling": {
-                        "min_replicas": 0,
-                        "max_replicas": 3,
-                        "target_ongoing_requests": 2,
-                        "downscale_delay_s": 1.0,
-                        "downscale_to_zero_delay_s": 1.5,
-                        **fast,
-                    },
+    config = {
+        "http": {"port": 0, "request_timeout_s": REQUEST_TIMEOUT_S},
+        "deployments": [
+            {
+                "name": "Auto",
+                "import_path": "autoscale_apps:Hooked",
+                "init_kwargs": {"hook_log": hook_log},
+                "route_prefix": "/auto",
+                "max_ongoing_requests": 4,
+                "autoscaling": {
+                    "min_replicas": 0,
+                    "max_replicas": 3,
+                    "target_ongoing_requests": 2,
+                    "downscale_delay_s": 1.0,
+                    "downscale_to_zero_delay_s": 1.5,
+                    **fast,
                 },
-                {
-                    "name": "Broken",
-                    "import_path": "autoscale_apps:Broken",
-                    "route_prefix": "/broken",
-                    "autoscaling": {"min_replicas": 0, "max_replicas": 1, **fast},
-                },
-            ],
-        },
-        base_dir=APPS,
-    )
-    async with start_gateway(config) as gw:
+            },
+            {
+                "name": "Broken",
+                "import_path": "autoscale_apps:Broken",
+                "route_prefix": "/broken",
+                "autoscaling": {"min_replicas": 0, "max_replicas": 1, **fast},
+            },
+        ],
+    }
+    async with running_gateway(config) as gw:
         yield gw
 
 

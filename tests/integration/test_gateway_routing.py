@@ -7,18 +7,14 @@ processes take a second or two to start).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from gateway_harness import MODEL, running_gateway
 
-from muxgate.gateway._config import parse_config
-from muxgate.gateway._serve import Gateway, start_gateway
-
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
-MODEL = "serve_multiplexed_model_id"
+from muxgate.gateway._serve import Gateway
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -30,42 +26,39 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
-    config = parse_config(
-        {
-            "http": {"port": 0},
-            "deployments": [
-                # 2 replicas, one model per replica.
-                {
-                    "name": "Sticky",
-                    "import_path": "gateway_apps:Echo1",
-                    "route_prefix": "/sticky",
-                    "num_replicas": 2,
-                },
-                {
-                    "name": "Lru",
-                    "import_path": "gateway_apps:Echo2",
-                    "route_prefix": "/lru",
-                    "num_replicas": 1,
-                },
-                {
-                    "name": "Spread",
-                    "import_path": "gateway_apps:Echo3",
-                    "route_prefix": "/spread",
-                    "num_replicas": 2,
-                    "max_ongoing_requests": 1,
-                },
-                {
-                    "name": "Nested",
-                    "import_path": "gateway_apps:Echo3",
-                    "route_prefix": "/sticky/deeper",
-                    "num_replicas": 1,
-                    "init_kwargs": {"greeting": "nested"},
-                },
-            ],
-        },
-        base_dir=APPS,
-    )
-    async with start_gateway(config) as gw:
+    config = {
+        "http": {"port": 0},
+        "deployments": [
+            # 2 replicas, one model per replica.
+            {
+                "name": "Sticky",
+                "import_path": "gateway_apps:Echo1",
+                "route_prefix": "/sticky",
+                "num_replicas": 2,
+            },
+            {
+                "name": "Lru",
+                "import_path": "gateway_apps:Echo2",
+                "route_prefix": "/lru",
+                "num_replicas": 1,
+            },
+            {
+                "name": "Spread",
+                "import_path": "gateway_apps:Echo3",
+                "route_prefix": "/spread",
+                "num_replicas": 2,
+                "max_ongoing_requests": 1,
+            },
+            {
+                "name": "Nested",
+                "import_path": "gateway_apps:Echo3",
+                "route_prefix": "/sticky/deeper",
+                "num_replicas": 1,
+                "init_kwargs": {"greeting": "nested"},
+            },
+        ],
+    }
+    async with running_gateway(config) as gw:
         yield gw
 
 

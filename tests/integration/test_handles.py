@@ -6,15 +6,14 @@ One gateway (module fixture) serves ``Down`` (multiplexed, 2 replicas) and
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from gateway_harness import running_gateway
 
-from muxgate.gateway._config import parse_config
-from muxgate.gateway._serve import Gateway, start_gateway
+from muxgate.gateway._serve import Gateway
 from muxgate.replicas._handle import (
     DeploymentHandle,
     HandleBadRequestError,
@@ -27,8 +26,6 @@ from muxgate.replicas._handle import (
     get_deployment_handle,
 )
 
-APPS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "apps"))
-
 pytestmark = pytest.mark.anyio
 
 
@@ -39,22 +36,19 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def gateway() -> AsyncIterator[Gateway]:
-    config = parse_config(
-        {
-            "app_dir": APPS,
-            "http": {"port": 0},
-            "deployments": [
-                {
-                    "name": "Down",
-                    "import_path": "handle_apps:Down",
-                    "route_prefix": "/down",
-                    "num_replicas": 2,
-                },
-                {"name": "Up", "import_path": "handle_apps:Up", "route_prefix": "/up"},
-            ],
-        }
-    )
-    async with start_gateway(config) as gw:
+    config = {
+        "http": {"port": 0},
+        "deployments": [
+            {
+                "name": "Down",
+                "import_path": "handle_apps:Down",
+                "route_prefix": "/down",
+                "num_replicas": 2,
+            },
+            {"name": "Up", "import_path": "handle_apps:Up", "route_prefix": "/up"},
+        ],
+    }
+    async with running_gateway(config) as gw:
         yield gw
         await aclose_handle_clients()
 
@@ -270,17 +264,14 @@ def test_no_gateway_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
 async def test_admin_token_guards_handles_and_reaches_replicas() -> None:
     """With a token, outside callers need it, and replicas get it from the
     gateway (Up's handle to Down works with no token given in code)."""
-    config = parse_config(
-        {
-            "app_dir": APPS,
-            "http": {"port": 0, "admin_token": "s3cret"},
-            "deployments": [
-                {"name": "Down", "import_path": "handle_apps:Down", "route_prefix": "/down"},
-                {"name": "Up", "import_path": "handle_apps:Up", "route_prefix": "/up"},
-            ],
-        }
-    )
-    async with start_gateway(config) as gw:
+    config = {
+        "http": {"port": 0, "admin_token": "s3cret"},
+        "deployments": [
+            {"name": "Down", "import_path": "handle_apps:Down", "route_prefix": "/down"},
+            {"name": "Up", "import_path": "handle_apps:Up", "route_prefix": "/up"},
+        ],
+    }
+    async with running_gateway(config) as gw:
         err = await _raises(get_deployment_handle("Down", gw.url))
         assert (err.status, err.code) == (401, "unauthorized")
         up = get_deployment_handle("Up", gw.url, token="s3cret")
@@ -291,16 +282,13 @@ async def test_admin_token_guards_handles_and_reaches_replicas() -> None:
 
 async def test_handles_through_the_litestar_app() -> None:
     """``create_app`` (ingress mounted in Litestar) serves handle calls too."""
-    config = parse_config(
-        {
-            "app_dir": APPS,
-            "http": {"port": 0},
-            "deployments": [
-                {"name": "Down", "import_path": "handle_apps:Down", "route_prefix": "/down"}
-            ],
-        }
-    )
-    async with start_gateway(config, litestar_ingress=True) as gw:
+    config = {
+        "http": {"port": 0},
+        "deployments": [
+            {"name": "Down", "import_path": "handle_apps:Down", "route_prefix": "/down"}
+        ],
+    }
+    async with running_gateway(config, litestar_ingress=True) as gw:
         handle = get_deployment_handle("Down", gw.url).options(multiplexed_model_id="3")
         assert (await handle.remote("a"))["args"] == ["a"]
         assert await handle.add.remote(1, b=2) == 3

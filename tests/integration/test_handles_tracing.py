@@ -8,18 +8,14 @@ composition: Up's replica span -> handle call's server span -> Down's replica sp
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import pytest
+from gateway_harness import running_gateway
 from opentelemetry import trace
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
-from muxgate.gateway._config import parse_config
-from muxgate.gateway._serve import start_gateway
 from muxgate.replicas._handle import aclose_handle_clients, get_deployment_handle
 
-APPS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "apps"))
 SERVER = 2  # OTLP SpanKind SPAN_KIND_SERVER
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -39,18 +35,15 @@ async def test_server_span_and_traces_across_handles() -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     parent_id = "00f067aa0ba902b7"
     with OtlpReceiver() as receiver:
-        config = parse_config(
-            {
-                "app_dir": APPS,
-                "http": {"port": 0},
-                "tracing": {"exporter": "otlp", "endpoint": receiver.endpoint},
-                "deployments": [
-                    {"name": "Down", "import_path": "handle_apps:Down", "route_prefix": "/down"},
-                    {"name": "Up", "import_path": "handle_apps:Up", "route_prefix": "/up"},
-                ],
-            }
-        )
-        async with start_gateway(config) as gw:
+        config = {
+            "http": {"port": 0},
+            "tracing": {"exporter": "otlp", "endpoint": receiver.endpoint},
+            "deployments": [
+                {"name": "Down", "import_path": "handle_apps:Down", "route_prefix": "/down"},
+                {"name": "Up", "import_path": "handle_apps:Up", "route_prefix": "/up"},
+            ],
+        }
+        async with running_gateway(config) as gw:
             async with httpx.AsyncClient() as client:
                 response = await client.post(
                     f"{gw.url}/down",

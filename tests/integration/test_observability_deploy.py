@@ -20,12 +20,12 @@ from typing import Any
 import anyio
 import pytest
 import yaml
+from gateway_harness import running_gateway
 
-from muxgate.gateway._config import load_config, parse_config
-from muxgate.gateway._serve import Gateway, start_gateway
+from muxgate.gateway._config import load_config
+from muxgate.gateway._serve import Gateway
 
 ROOT = Path(__file__).resolve().parents[2]
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
 #: the token deploy/app.yaml sets and deploy/compose.yaml's check sends
 DEV_TOKEN = "muxgate-dev-token"
 
@@ -64,25 +64,22 @@ async def run_probe(command: list[str], env: Mapping[str, str]) -> int:
     return result.returncode
 
 
-def config(admin_token: str | None) -> Any:
-    return parse_config(
-        {
-            "http": {"port": 0, "admin_token": admin_token},
-            "deployments": [{"name": "Echo", "import_path": "gateway_apps:Echo1"}],
-        },
-        base_dir=APPS,
-    )
+def config(admin_token: str | None) -> dict[str, Any]:
+    return {
+        "http": {"port": 0, "admin_token": admin_token},
+        "deployments": [{"name": "Echo", "import_path": "gateway_apps:Echo1"}],
+    }
 
 
 @pytest.fixture
 async def open_gateway() -> AsyncIterator[Gateway]:
-    async with start_gateway(config(None)) as gw:
+    async with running_gateway(config(None)) as gw:
         yield gw
 
 
 @pytest.fixture
 async def dev_token_gateway() -> AsyncIterator[Gateway]:
-    async with start_gateway(config(DEV_TOKEN)) as gw:
+    async with running_gateway(config(DEV_TOKEN)) as gw:
         yield gw
 
 
