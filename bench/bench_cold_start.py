@@ -71,11 +71,20 @@ from muxgate.gateway._serve import start_gateway  # noqa: E402
 MODEL = "serve_multiplexed_model_id"
 
 
+#: how replicas start: spawned, forked by a fork server started with the
+#: first replica, or forked by one started (``warm_up()``) with the gateway
+MODES = {
+    "spawn": {"fork_server": False},
+    "fork-lazy": {"fork_server": True},
+    "fork-warm": {"fork_server": True},
+}
+
+
 class TimedLauncher(LocalLauncher):
     """A ``LocalLauncher`` that records when each start began and ended."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.starts: list[tuple[float, float]] = []
 
     async def start(self, spec: Any) -> Any:
@@ -85,7 +94,9 @@ class TimedLauncher(LocalLauncher):
         return process
 
 
-async def one_run(args: argparse.Namespace, root: str, run: int) -> dict[str, float]:
+async def one_run(
+    args: argparse.Namespace, root: str, run: int, mode: str = "spawn"
+) -> dict[str, float]:
     config = parse_config(
         {
             "http": {"port": 0},
@@ -109,7 +120,7 @@ async def one_run(args: argparse.Namespace, root: str, run: int) -> dict[str, fl
         },
         base_dir=APPS,
     )
-    launcher = TimedLauncher()
+    launcher = TimedLauncher(**MODES[mode])
     out: dict[str, float] = {}
     try:
         async with (
@@ -117,6 +128,8 @@ async def one_run(args: argparse.Namespace, root: str, run: int) -> dict[str, fl
             httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
         ):
             pool = gw.pools["Mlp"]
+            if mode == "fork-warm":
+                assert await launcher.warm_up(), launcher.fork_disabled_reason
             joined: list[float] = []
 
             async def watch_join() -> None:
@@ -162,6 +175,10 @@ async def one_run(args: argparse.Namespace, root: str, run: int) -> dict[str, fl
                 out["scale_up_max"] = time.perf_counter() - burst_at
             for r in await asyncio.gather(*burst):
                 r.raise_for_status()
+            # Replica start alone (launcher call -> READY) of the scale-up's starts.
+            out["scale_up_starts"] = statistics.median(b - a for a, b in launcher.starts[1:])
+            if mode != "spawn":
+                assert launcher.fork_disabled_reason is None, launcher.fork_disabled_reason
     finally:
         await launcher.aclose()
     return out
@@ -268,6 +285,13 @@ async def main() -> None:
     parser.add_argument("--upscale-delay", type=float, default=0.0)
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument(
+        "--mode",
+        choices=[*MODES, "all"],
+        default="all",
+        help="spawn replicas, fork them (fork server started with the first replica),"
+        " or fork them from a fork server started with the gateway",
+    )
+    parser.add_argument(
         "--queue-compare",
         action="store_true",
         help="instead: strict FIFO vs cache-affine gateway queue under overload",
@@ -280,23 +304,33 @@ async def main() -> None:
         print_machine()
         return
 
+    modes = list(MODES) if args.mode == "all" else [args.mode]
     with tempfile.TemporaryDirectory(prefix="muxgate-bench-") as root:
         ids = [f"m{i}" for i in range(max(args.models, args.runs))]
         size = prepare(root, ids, args.hidden)
-        rows = []
+        rows: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        # Modes interleaved run by run: drift of the machine hits each alike.
         for run in range(args.runs):
-            rows.append(await one_run(args, root, run))
-            print(f"run {run}: " + " ".join(f"{k}={v * 1000:.0f}ms" for k, v in rows[-1].items()))
-    keys = list(rows[0])
+            for mode in modes:
+                rows[mode].append(await one_run(args, root, run, mode))
+                print(
+                    f"run {run} {mode}: "
+                    + " ".join(f"{k}={v * 1000:.0f}ms" for k, v in rows[mode][-1].items())
+                )
+    keys = list(rows[modes[0]][0])
     print(
         f"\ncold start of an autoscaled deployment (min 0), model file {size / 1e6:.1f} MB,"
-        f" {args.runs} runs; scale-up: burst of {args.burst} x {args.hold:g} s,"
-        f" target 2/replica, upscale_delay_s={args.upscale_delay:g}"
+        f" {args.runs} runs per mode; scale-up: burst of {args.burst} x {args.hold:g} s,"
+        f" target 2/replica, upscale_delay_s={args.upscale_delay:g}, max {args.max_replicas}"
     )
-    print(f"{'phase':<16}{'median ms':>10}{'min ms':>9}{'max ms':>9}")
+    print("median ms (min-max)")
+    print(f"{'phase':<18}" + "".join(f"{m:>20}" for m in modes))
     for key in keys:
-        values = [r[key] * 1000 for r in rows]
-        print(f"{key:<16}{statistics.median(values):>10.0f}{min(values):>9.0f}{max(values):>9.0f}")
+        cells = []
+        for mode in modes:
+            values = [r[key] * 1000 for r in rows[mode]]
+            cells.append(f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})")
+        print(f"{key:<18}" + "".join(f"{c:>20}" for c in cells))
     print_machine()
 
 

@@ -5,23 +5,33 @@ The pool talks to replicas only through the address a launcher returns (see
 ``LocalLauncher`` without the pool changing: it would create a pod from the
 same ``ReplicaSpec``, wait for it to be ready and return its ``tcp:`` address.
 
-``LocalLauncher`` runs each replica as a child process
-(``python -m muxgate.replicas._server``) and hands it the spec on a stdin pipe
-that it keeps open: when the gateway process dies the pipe closes and the
-replica exits, so no orphans survive the gateway. The replica prints exactly
-one line on stdout, ``READY <address>`` or ``FAILED <reason>``.
+``LocalLauncher`` runs each replica as a local process, in one of two ways:
+
+* spawned: a child process ``python -m muxgate.replicas._server`` gets the
+  spec on a stdin pipe that the launcher keeps open: when the gateway
+  process dies the pipe closes and the replica exits, so no orphans survive
+  the gateway. The replica prints exactly one line on stdout,
+  ``READY <address>`` or ``FAILED <reason>``.
+* forked (``fork_server=True``): a fork server (``muxgate.replicas._forkserver``)
+  that has imported torch and muxgate once forks each replica, which then
+  starts exactly like a spawned one; the same lines come back on a socket
+  made for that start, which also plays the stdin pipe's part. A start
+  costs a fork and ``__init__`` instead of a fresh interpreter importing
+  torch (about a second). When the fork server cannot start or fork, the
+  launcher spawns (and logs why).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -29,9 +39,17 @@ import anyio
 import anyio.abc
 import msgspec
 
+from muxgate.gateway._processes import (
+    ForkedProcess,
+    ForkServer,
+    NoForkError,
+    ReplicaProcess,
+    SpawnedProcess,
+)
 from muxgate.replicas._server import ReplicaSpec
 
 __all__ = [
+    "FORK_SERVER_DEFAULT",
     "Launcher",
     "LocalLauncher",
     "ReplicaHandle",
@@ -39,8 +57,17 @@ __all__ = [
     "ReplicaStartError",
 ]
 
+_log = logging.getLogger("muxgate.gateway.launcher")
+
 #: Longest path a Unix socket address may have on Linux (sun_path is 108 bytes).
 _MAX_UNIX_PATH = 107
+#: Fork servers that may die before the launcher spawns replicas for good.
+_FORK_SERVER_RESTARTS = 3
+#: Whether ``LocalLauncher()`` forks replicas. Off for now only because
+#: tests/integration/test_gateway_cli.py counts the gateway's *children* as
+#: its replicas (forked replicas are the fork server's children); the whole
+#: replica, gateway, autoscale, handles and e2e suites pass with it on.
+FORK_SERVER_DEFAULT = False
 
 
 class ReplicaStartError(Exception):
@@ -80,74 +107,8 @@ class Launcher(Protocol):
     async def aclose(self) -> None: ...
 
 
-class ReplicaProcess:
-    """A replica running as a local child process.
-
-    Attributes:
-        spec: what it was started with.
-        address: where it listens (``unix:/path`` or ``tcp:host:port``).
-        pid: its process id.
-    """
-
-    def __init__(self, spec: ReplicaSpec, process: anyio.abc.Process, address: str) -> None:
-        self.spec = spec
-        self.address = address
-        self._process = process
-
-    @property
-    def replica_id(self) -> str:
-        replica_id: str = self.spec.replica_id
-        return replica_id
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit code once it has exited and been waited for, else None."""
-        return self._process.returncode
-
-    def terminate(self) -> None:
-        """SIGTERM: the replica finishes in-flight calls, unloads, exits 0."""
-        with contextlib.suppress(ProcessLookupError):
-            self._process.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """SIGKILL: immediate; connections to it drop."""
-        with contextlib.suppress(ProcessLookupError):
-            self._process.kill()
-
-    async def wait(self) -> int:
-        """Wait for the process to exit; its exit code."""
-        code = await self._process.wait()
-        await self._close_pipes()
-        return code
-
-    async def stop(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109 - a grace period
-        """Terminate, wait up to ``timeout`` seconds, then kill; the exit code."""
-        self.terminate()
-        with anyio.move_on_after(timeout):
-            return await self.wait()
-        self.kill()
-        return await self.wait()
-
-    async def _close_pipes(self) -> None:
-        if self._process.stdin is not None:
-            with contextlib.suppress(Exception):
-                await self._process.stdin.aclose()
-        if self._process.stdout is not None:
-            with contextlib.suppress(Exception):
-                await self._process.stdout.aclose()
-
-    def __repr__(self) -> str:
-        code = self._process.returncode
-        status = "running" if code is None else f"exited({code})"
-        return f"<ReplicaProcess {self.replica_id} pid={self.pid} {self.address} {status}>"
-
-
 class LocalLauncher:
-    """Starts replicas as child processes of this (gateway) process.
+    """Starts replicas as local processes: forked by a fork server, or spawned.
 
     Args:
         socket_dir: folder for the replicas' Unix sockets; default a fresh
@@ -157,8 +118,24 @@ class LocalLauncher:
             (importing torch alone takes a second or two).
         python: interpreter to run replicas with.
         env: extra environment variables for the replicas.
+        fork_server: fork replicas from a fork server (a process that has
+            imported torch, msgspec, anyio, opentelemetry and
+            ``muxgate.replicas`` once) instead of spawning a fresh
+            interpreter each: a start then costs a fork plus ``__init__``
+            instead of about a second. It starts with the first replica
+            (or ``warm_up()``); when it cannot start or cannot fork, replicas
+            are spawned (logged). Needs ``os.pidfd_open`` (Linux >= 5.3).
+            Default: ``FORK_SERVER_DEFAULT``.
+        fork_server_preload: more modules for the fork server to import
+            (e.g. the deployment's own module, found through ``env``'s
+            ``PYTHONPATH``); one that fails to import disables forking.
 
     ``start`` may be called concurrently to start several replicas at once.
+    The fork server and its children see the environment of the moment it
+    started. It exits, stopping its children, when the launcher is closed or
+    the gateway process dies (its control socket closes); a forked replica
+    also exits at once when the gateway dies (its start socket closes) and
+    gets SIGTERM if the fork server dies.
     """
 
     def __init__(
@@ -168,6 +145,8 @@ class LocalLauncher:
         start_timeout: float = 60.0,
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
+        fork_server: bool | None = None,
+        fork_server_preload: Sequence[str] = (),
     ) -> None:
         self._own_dir = socket_dir is None
         self.socket_dir = Path(
@@ -176,10 +155,28 @@ class LocalLauncher:
         self.start_timeout = start_timeout
         self.python = python
         self.env = dict(env or {})
+        wanted = FORK_SERVER_DEFAULT if fork_server is None else fork_server
+        self.fork_server = wanted and hasattr(os, "pidfd_open")
+        self.fork_server_preload = tuple(fork_server_preload)
         self._started = 0
+        self._forked = 0
+        self._server: ForkServer | None = None
+        self._server_failures = 0
+        self._server_lock = anyio.Lock()
+        self._closed = False
+        #: why forking is off for good (a broken fork server), else None
+        self.fork_disabled_reason: str | None = None
 
     def __repr__(self) -> str:
-        return f"<LocalLauncher socket_dir={str(self.socket_dir)!r} started={self._started}>"
+        mode = (
+            f"fork_server={self._server!r}"
+            if self.fork_server and self.fork_disabled_reason is None
+            else f"spawn ({self.fork_disabled_reason or 'fork_server=False'})"
+        )
+        return (
+            f"<LocalLauncher socket_dir={str(self.socket_dir)!r} started={self._started}"
+            f" forked={self._forked} {mode}>"
+        )
 
     def socket_address(self, replica_id: str) -> str:
         """The ``unix:`` address a replica with this id gets by default."""
@@ -191,8 +188,14 @@ class LocalLauncher:
             )
         return f"unix:{path}"
 
+    async def warm_up(self) -> bool:
+        """Start the fork server now rather than with the first replica, so
+        that a first start from zero costs a fork; True if replicas will be
+        forked. Cheap once done; a gateway can run it in the background."""
+        return await self._fork_server() is not None
+
     async def start(self, spec: ReplicaSpec) -> ReplicaProcess:
-        """Spawn a replica and wait until it is ready to accept connections.
+        """Start a replica and wait until it is ready to accept connections.
 
         Raises:
             ReplicaStartError: it printed ``FAILED``, exited, or did not get
@@ -200,6 +203,101 @@ class LocalLauncher:
         """
         if spec.listen in ("", "unix:"):
             spec = msgspec.structs.replace(spec, listen=self.socket_address(spec.replica_id))
+        server = await self._fork_server()
+        if server is not None:
+            try:
+                process = await self._start_forked(server, spec)
+            except NoForkError as exc:
+                self._disable_forking(str(exc))
+            else:
+                self._started += 1
+                self._forked += 1
+                return process
+        process = await self._spawn(spec)
+        self._started += 1
+        return process
+
+    def _disable_forking(self, reason: str) -> None:
+        _log.warning("fork server: %s; spawning replicas instead", reason)
+        self.fork_disabled_reason = reason
+
+    async def _fork_server(self) -> ForkServer | None:
+        """The running fork server, started if need be; None: spawn."""
+        if not self.fork_server or self.fork_disabled_reason is not None or self._closed:
+            return None
+        if self._server is not None and self._server.alive:
+            return self._server
+        async with self._server_lock:
+            if self._server is not None and not self._server.alive:
+                _log.warning("fork server %s exited; starting another", self._server.process.pid)
+                await self._server.aclose()
+                self._server = None
+                self._server_failures += 1
+            if self._server is None and self._server_failures < _FORK_SERVER_RESTARTS:
+                try:
+                    self._server = await ForkServer.start(
+                        self.python,
+                        {**os.environ, **self.env},
+                        self.fork_server_preload,
+                        self.start_timeout,
+                    )
+                except (NoForkError, OSError) as exc:
+                    self._disable_forking(f"cannot start: {exc}")
+            elif self._server is None:
+                self._disable_forking(f"exited {self._server_failures} times")
+            return self._server if self.fork_disabled_reason is None else None
+
+    async def _start_forked(self, server: ForkServer, spec: ReplicaSpec) -> ReplicaProcess:
+        lines = await server.fork(spec)
+        pid: int | None = None
+        pidfd: int | None = None
+        address: str | None = None
+        said = ""
+        try:
+            with anyio.move_on_after(self.start_timeout) as timer:
+                # PID (from the fork server) and READY (from the child) come
+                # in either order.
+                while address is None or pid is None:
+                    line = await lines.readline()
+                    if line is None:
+                        break
+                    said = line
+                    if line.startswith("PID "):
+                        pid = int(line[len("PID ") :])
+                        with contextlib.suppress(ProcessLookupError):
+                            pidfd = os.pidfd_open(pid)
+                    elif line.startswith("READY "):
+                        address = line[len("READY ") :]
+                    elif line.startswith("FAILED"):
+                        raise ReplicaStartError(line[len("FAILED") :].strip() or "failed to start")
+                    elif line.startswith("NOFORK"):
+                        raise NoForkError(line[len("NOFORK") :].strip())
+                    elif line.startswith("EXIT "):
+                        raise ReplicaStartError(
+                            f"replica {spec.replica_id} exited with code "
+                            f"{line[len('EXIT ') :]} before it was ready"
+                        )
+            if timer.cancelled_caught:
+                raise ReplicaStartError(
+                    f"replica {spec.replica_id} not ready within {self.start_timeout:g}s"
+                )
+            if pid is None:
+                raise NoForkError(f"fork server went away (said {said!r})")
+            if address is None:
+                raise ReplicaStartError(
+                    f"replica {spec.replica_id} exited before it was ready"
+                    + (f" (said {said!r})" if said else "")
+                )
+            return ForkedProcess(spec, address, pid, pidfd, lines)
+        except BaseException:
+            if pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.close(pidfd)
+            lines.sock.close()
+            raise
+
+    async def _spawn(self, spec: ReplicaSpec) -> ReplicaProcess:
         env = {**os.environ, **self.env}
         process = await anyio.open_process(
             [self.python, "-m", "muxgate.replicas._server", "--spec", "-"],
@@ -225,10 +323,9 @@ class LocalLauncher:
                 )
             text = line.decode(errors="replace").strip()
             if text.startswith("READY "):
-                self._started += 1
                 # Nothing more comes on stdout (the replica redirects it).
                 await process.stdout.aclose()
-                return ReplicaProcess(spec, process, text[len("READY ") :])
+                return SpawnedProcess(spec, process, text[len("READY ") :])
             if text.startswith("FAILED"):
                 raise ReplicaStartError(text[len("FAILED") :].strip() or "failed to start")
             with anyio.move_on_after(5):
@@ -245,7 +342,12 @@ class LocalLauncher:
             raise
 
     async def aclose(self) -> None:
-        """Remove the socket folder if this launcher created it."""
+        """Stop the fork server (and replicas it forked that still run) and
+        remove the socket folder if this launcher created it."""
+        self._closed = True
+        if self._server is not None:
+            await self._server.aclose()
+            self._server = None
         if self._own_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 

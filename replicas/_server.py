@@ -39,7 +39,7 @@ from muxgate.replicas._logging import install_replica_logging
 from muxgate.replicas._replica import Replica
 from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
 
-__all__ = ["ReplicaSpec", "TracingSettings", "main"]
+__all__ = ["ReplicaSpec", "TracingSettings", "main", "run_replica"]
 
 _log = logging.getLogger("muxgate.replica")
 
@@ -173,9 +173,9 @@ async def _watch_signals(replica_stop: Callable[[str, bool], None]) -> None:
             replica_stop("shutdown", count == 1)
 
 
-async def _watch_stdin(replica_stop: Callable[[str, bool], None]) -> None:
-    """End-of-file on the stdin pipe means the parent (gateway) died."""
-    fd = sys.stdin.fileno()
+async def _watch_parent_fd(fd: int, replica_stop: Callable[[str, bool], None]) -> None:
+    """End-of-file on ``fd`` means the gateway died: the spec's stdin pipe
+    (spawned replicas) or the launcher's socket (forked replicas)."""
     os.set_blocking(fd, False)
     while True:
         await anyio.wait_readable(fd)
@@ -186,7 +186,7 @@ async def _watch_stdin(replica_stop: Callable[[str, bool], None]) -> None:
             continue
         except OSError:
             break
-    _log.warning("Parent process went away (stdin closed); shutting down.")
+    _log.warning("Gateway went away (its pipe closed); shutting down.")
     replica_stop("parent died", False)
 
 
@@ -217,7 +217,7 @@ class _Starter:
         self.stop.set()
 
 
-async def _amain(spec: ReplicaSpec, ready_fd: int, watch_stdin: bool) -> int:
+async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int:
     starter = _Starter()
 
     def announce(line: str) -> None:
@@ -227,8 +227,8 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, watch_stdin: bool) -> int:
     async with anyio.create_task_group() as watchers:
         watchers.start_soon(_watch_signals, starter.request_stop)
         watchers.start_soon(_watch_parent, starter.request_stop)
-        if watch_stdin:
-            watchers.start_soon(_watch_stdin, starter.request_stop)
+        if parent_fd is not None:
+            watchers.start_soon(_watch_parent_fd, parent_fd, starter.request_stop)
 
         def instantiate() -> Any:
             cls = _import_class(spec)
@@ -271,7 +271,7 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, watch_stdin: bool) -> int:
     return 0
 
 
-def _parse_args(argv: list[str] | None) -> tuple[ReplicaSpec, bool]:
+def _parse_args(argv: list[str] | None) -> tuple[bytes, bool]:
     parser = argparse.ArgumentParser(prog="python -m muxgate.replicas._server")
     parser.add_argument(
         "--spec", default="-", help="ReplicaSpec as JSON, or '-' to read one line from stdin"
@@ -279,7 +279,7 @@ def _parse_args(argv: list[str] | None) -> tuple[ReplicaSpec, bool]:
     ns = parser.parse_args(argv)
     from_stdin = ns.spec == "-"
     raw = sys.stdin.buffer.readline() if from_stdin else ns.spec.encode()
-    return msgspec.json.decode(raw, type=ReplicaSpec), from_stdin
+    return raw, from_stdin
 
 
 def _use_uvloop(choice: str) -> bool:
@@ -300,8 +300,24 @@ def main(argv: list[str] | None = None) -> int:
     # writes to fd 1 (user prints, libraries) is sent to stderr instead.
     ready_fd = os.dup(1)
     os.dup2(2, 1)
+    raw, from_stdin = _parse_args(argv)
+    return run_replica(raw, ready_fd, sys.stdin.fileno() if from_stdin else None)
+
+
+def run_replica(raw_spec: bytes, ready_fd: int, parent_fd: int | None) -> int:
+    """Start a replica from its JSON spec and serve until it stops; the exit code.
+
+    Shared by ``main`` (a spawned replica) and the fork server's children.
+
+    Args:
+        raw_spec: the ``ReplicaSpec`` as JSON.
+        ready_fd: where the one ``READY``/``FAILED`` line is written; closed
+            after it.
+        parent_fd: a pipe or socket whose end-of-file means the gateway died
+            (None: only ``getppid`` is watched).
+    """
     try:
-        spec, from_stdin = _parse_args(argv)
+        spec = msgspec.json.decode(raw_spec, type=ReplicaSpec)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         os.write(ready_fd, f"FAILED invalid spec: {_one_line(str(exc))}\n".encode())
         return 2
@@ -332,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             _amain,
             spec,
             ready_fd,
-            from_stdin,
+            parent_fd,
             backend="asyncio",
             backend_options={"use_uvloop": _use_uvloop(spec.event_loop)},
         )

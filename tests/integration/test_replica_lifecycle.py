@@ -62,9 +62,10 @@ async def wait_gone(pid: int, deadline_s: float = 15.0) -> None:
             await anyio.sleep(0.02)
 
 
-@pytest.fixture
-async def launcher() -> AsyncIterator[LocalLauncher]:
-    launcher = LocalLauncher(start_timeout=60)
+@pytest.fixture(params=[False, True], ids=["spawn", "fork"])
+async def launcher(request: pytest.FixtureRequest) -> AsyncIterator[LocalLauncher]:
+    # Each test runs with spawned replicas and with forked ones.
+    launcher = LocalLauncher(start_timeout=60, fork_server=request.param)
     try:
         yield launcher
     finally:

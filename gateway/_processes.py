@@ -1,0 +1,310 @@
+"""Local replica processes, spawned or forked, and the launcher's side of
+the fork server (``muxgate.replicas._forkserver`` describes its protocol).
+
+Used by ``muxgate.gateway._launcher.LocalLauncher``; nothing here decides
+when to fork or spawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Mapping, Sequence
+
+import anyio
+import anyio.abc
+import msgspec
+
+from muxgate.replicas._server import ReplicaSpec
+
+__all__ = ["ForkServer", "ForkedProcess", "NoForkError", "ReplicaProcess", "SpawnedProcess"]
+
+#: Seconds the fork server gets to stop its children and exit (it gives
+#: them 5 s after SIGTERM).
+_FORK_SERVER_EXIT_S = 15.0
+
+
+class ReplicaProcess:
+    """A replica running as a local process (spawned, or forked by the fork server).
+
+    Attributes:
+        spec: what it was started with.
+        address: where it listens (``unix:/path`` or ``tcp:host:port``).
+        pid: its process id.
+        forked: True if the fork server forked it.
+    """
+
+    forked = False
+
+    def __init__(self, spec: ReplicaSpec, address: str) -> None:
+        self.spec = spec
+        self.address = address
+
+    @property
+    def replica_id(self) -> str:
+        replica_id: str = self.spec.replica_id
+        return replica_id
+
+    @property
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code once it has exited and been waited for, else None."""
+        raise NotImplementedError
+
+    def terminate(self) -> None:
+        """SIGTERM: the replica finishes in-flight calls, unloads, exits 0."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: immediate; connections to it drop."""
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: signal.Signals) -> None:
+        raise NotImplementedError
+
+    async def wait(self) -> int | None:
+        """Wait for the process to exit; its exit code (``-N``: killed by
+        signal N; None: unknown, its fork server died first)."""
+        raise NotImplementedError
+
+    async def stop(self, timeout: float = 30.0) -> int | None:  # noqa: ASYNC109 - a grace period
+        """Terminate, wait up to ``timeout`` seconds, then kill; the exit code."""
+        self.terminate()
+        with anyio.move_on_after(timeout):
+            return await self.wait()
+        self.kill()
+        return await self.wait()
+
+    def __repr__(self) -> str:
+        code = self.returncode
+        status = "running" if code is None else f"exited({code})"
+        kind = " forked" if self.forked else ""
+        return f"<ReplicaProcess {self.replica_id} pid={self.pid}{kind} {self.address} {status}>"
+
+
+class SpawnedProcess(ReplicaProcess):
+    """A replica spawned as ``python -m muxgate.replicas._server``, our child."""
+
+    def __init__(self, spec: ReplicaSpec, process: anyio.abc.Process, address: str) -> None:
+        super().__init__(spec, address)
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    def _signal(self, signum: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.send_signal(signum)
+
+    async def wait(self) -> int:
+        code = await self._process.wait()
+        await self._close_pipes()
+        return code
+
+    async def _close_pipes(self) -> None:
+        if self._process.stdin is not None:
+            with contextlib.suppress(Exception):
+                await self._process.stdin.aclose()
+        if self._process.stdout is not None:
+            with contextlib.suppress(Exception):
+                await self._process.stdout.aclose()
+
+
+class ForkedProcess(ReplicaProcess):
+    """A replica forked by the fork server: not our child, so its exit is
+    learnt from the fork server (``EXIT`` on the start socket) and signals
+    go through a pidfd (never to a recycled pid)."""
+
+    forked = True
+
+    def __init__(
+        self, spec: ReplicaSpec, address: str, pid: int, pidfd: int | None, lines: _SocketLines
+    ) -> None:
+        super().__init__(spec, address)
+        self._pid = pid
+        self._pidfd = pidfd
+        self._lines = lines
+        self._code: int | None = None
+        self._exited = False
+        self._wait_lock = anyio.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._code
+
+    def _signal(self, signum: signal.Signals) -> None:
+        if self._pidfd is not None and not self._exited:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+    async def wait(self) -> int | None:
+        async with self._wait_lock:
+            if not self._exited:
+                self._code = await _exit_code(self._lines)
+                self._exited = True
+                self._release()
+        return self._code
+
+    def _release(self) -> None:
+        # Closing the start socket before the replica exits would tell it
+        # that the gateway died; here it has exited.
+        self._lines.sock.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def __del__(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+
+
+async def _exit_code(lines: _SocketLines) -> int | None:
+    while (line := await lines.readline()) is not None:
+        if line.startswith("EXIT "):
+            return int(line[len("EXIT ") :])
+    return None  # the fork server died before it could tell
+
+
+class _SocketLines:
+    """Lines from a non-blocking stream socket, and sending on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._buf = b""
+
+    async def readline(self, limit: int = 1 << 16) -> str | None:
+        """The next line without its newline; None at end of stream."""
+        while b"\n" not in self._buf:
+            if len(self._buf) > limit:
+                raise ValueError("line too long")
+            # Cancellation lands in the wait, never after a recv: no data lost.
+            await anyio.wait_readable(self.sock)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode(errors="replace").strip()
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(self.sock)
+
+
+class NoForkError(Exception):
+    """The fork server could not fork this replica (spawn it instead)."""
+
+
+class ForkServer:
+    """The launcher's side of one fork server process (see
+    ``muxgate.replicas._forkserver`` for the protocol)."""
+
+    def __init__(self, process: anyio.abc.Process, control: socket.socket) -> None:
+        self.process = process
+        self.control = control
+
+    @classmethod
+    async def start(
+        cls, python: str, env: Mapping[str, str], preload: Sequence[str], ready_timeout_s: float
+    ) -> ForkServer:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = await anyio.open_process(
+                [python, "-m", "muxgate.replicas._forkserver", *preload],
+                stdin=theirs.fileno(),
+                stdout=None,
+                stderr=None,
+                env=dict(env),
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        server = cls(process, ours)
+        try:
+            ours.setblocking(False)
+            reply = b""
+            with anyio.move_on_after(ready_timeout_s):
+                await anyio.wait_readable(ours)
+                with contextlib.suppress(OSError):
+                    reply = ours.recv(4096)
+            if reply != b"ready":
+                text = reply.decode(errors="replace")
+                raise NoForkError(
+                    text.removeprefix("failed ")
+                    if text
+                    else f"fork server not ready within {ready_timeout_s:g}s"
+                )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await server.aclose()
+            raise
+        return server
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None and self.control.fileno() != -1
+
+    async def fork(self, spec: ReplicaSpec) -> _SocketLines:
+        """Ask for a replica; the start socket to read its lines from."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        lines = _SocketLines(ours)
+        try:
+            try:
+                while True:
+                    try:
+                        socket.send_fds(self.control, [b"S"], [theirs.fileno()])
+                        break
+                    except BlockingIOError:
+                        await anyio.wait_writable(self.control)
+            except OSError as exc:
+                raise NoForkError(f"fork server unreachable: {exc}") from exc
+            finally:
+                theirs.close()
+            await lines.send_all(msgspec.json.encode(spec) + b"\n")
+        except BaseException:
+            ours.close()
+            raise
+        return lines
+
+    async def aclose(self) -> None:
+        """Close the control socket: the fork server stops its children
+        (SIGTERM, SIGKILL after 5 s) and exits; wait for that."""
+        self.control.close()
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_FORK_SERVER_EXIT_S):
+                await self.process.wait()
+            if self.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+            await self.process.aclose()
+
+    def __repr__(self) -> str:
+        return f"<fork server pid={self.process.pid} {'alive' if self.alive else 'gone'}>"
