@@ -20,11 +20,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
     config = {
         "http": {"port": 0},

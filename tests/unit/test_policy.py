@@ -152,16 +152,11 @@ def test_downscale_waits_for_delay() -> None:
     assert d.target == 1
 
 
-def test_never_below_min_replicas() -> None:
-    d = Driver(cfg(min_replicas=2, downscale_delay_s=0, downscale_to_zero_delay_s=0))
+@pytest.mark.parametrize("min_replicas", [2, 1], ids=["two", "one-never-zero"])
+def test_never_below_min_replicas(min_replicas: int) -> None:
+    d = Driver(cfg(min_replicas=min_replicas, downscale_delay_s=0, downscale_to_zero_delay_s=0))
     d.run(100, in_flight=0)
-    assert d.target == 2
-
-
-def test_min_replicas_one_never_reaches_zero() -> None:
-    d = Driver(cfg(min_replicas=1, downscale_delay_s=0, downscale_to_zero_delay_s=0))
-    d.run(100, in_flight=0)
-    assert d.target == 1
+    assert d.target == min_replicas
 
 
 def test_scale_to_zero_after_zero_delay() -> None:
