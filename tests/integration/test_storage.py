@@ -115,23 +115,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         yield Store("memory", root, put_memory, {}, config, cached=False)
         if fs.exists(root):
             fs.rm(root, recursive=True)
-    elif request.param == "s3":
-        s3: S3Server = request.getfixturevalue("s3_server")
-        yield Store(
-            "s3",
-            f"s3://{BUCKET}/{prefix}",
-            lambda rel, data: s3.put(BUCKET, f"{prefix}/{rel}", data),
-            s3.storage_options,
-            config,
-            cached=True,
-        )
     else:
-        gcs: GcsServer = request.getfixturevalue("gcs_server")
+        scheme = request.param
+        server: S3Server | GcsServer = request.getfixturevalue(
+            "s3_server" if scheme == "s3" else "gcs_server"
+        )
         yield Store(
-            "gs",
-            f"gs://{BUCKET}/{prefix}",
-            lambda rel, data: gcs.put(BUCKET, f"{prefix}/{rel}", data),
-            gcs.storage_options,
+            scheme,
+            f"{scheme}://{BUCKET}/{prefix}",
+            lambda rel, data: server.put(BUCKET, f"{prefix}/{rel}", data),
+            server.storage_options,
             config,
             cached=True,
         )
