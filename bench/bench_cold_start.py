@@ -20,6 +20,25 @@ Prints per-run rows and the median; bounded (``--runs`` x ~5 s).
 
     .venv/bin/python bench/bench_cold_start.py [--runs 5] [--hidden 1024]
 
+``--mode spawn|fork-lazy|fork-warm|all`` (default all, interleaved run by
+run): spawned replicas; replicas forked by the fork server, started with the
+first replica (lazy) or with ``LocalLauncher.warm_up()`` right after the
+gateway started (warm). ``scale_up_starts`` is the median launcher start
+(call -> ``READY``) of the scale-up's replicas.
+
+Result (2 cores, Intel Xeon, Python 3.11, ``--runs 3``, medians, ms):
+
+    phase              spawn  fork-lazy  fork-warm
+    total               1102       1281         94
+    replica_start       1073       1218         26
+    scale_up_2nd        1248        148        123
+    scale_up_max (3)    1321        190        163
+    scale_up_starts     1200         56         48
+
+Forking cuts a replica start ~40x (1.1 s -> 26-56 ms: fork + ``__init__``);
+from zero it helps only when the fork server is up before the first request
+(fork-lazy pays the fork server's own torch import on the first start).
+
 ``--queue-compare`` measures instead what the pool's queue discipline does
 under overload (``queue_affinity_wait_s: 0``, strict FIFO, against the
 default cache-affine queue), on ``tests/apps/autoscale_apps.py`` ``SlowLoad``.
