@@ -29,6 +29,7 @@ with warnings.catch_warnings():
 
 
 from otlp_receiver import OtlpReceiver, ReceivedSpan
+from span_export import exporting_spans
 from storage_servers import GcsServer, S3Server, fake_gcs, moto_s3
 
 from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
@@ -46,7 +47,7 @@ from muxgate.backends._formats import (
     load_state_dict,
     load_torchscript,
 )
-from muxgate.replicas._tracing import configure_tracing, flush_tracing, shutdown_tracing
+from muxgate.replicas._tracing import flush_tracing
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -189,14 +190,8 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
     """Export this process's spans to a real OTLP/HTTP receiver, through
     muxgate's own tracing set-up (a global SDK provider set here would
     shadow it for every later test in the session)."""
-    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER"):
-        monkeypatch.delenv(name, raising=False)
-    with OtlpReceiver() as receiver:
-        configure_tracing("otlp", receiver.endpoint, service_name="muxgate-storage-tests")
-        try:
-            yield receiver
-        finally:
-            shutdown_tracing()
+    with exporting_spans(monkeypatch, "muxgate-storage-tests") as receiver:
+        yield receiver
 
 
 def _fetch_spans(receiver: OtlpReceiver, count: int) -> list[ReceivedSpan]:

@@ -14,6 +14,7 @@ import anyio.lowlevel
 import pytest
 from opentelemetry import trace
 from otlp_receiver import OtlpReceiver
+from span_export import exporting_spans
 
 from muxgate.replicas._context import (
     current_replica,
@@ -31,7 +32,7 @@ from muxgate.replicas._multiplex import (
     multiplexed,
     replica_state_snapshot,
 )
-from muxgate.replicas._tracing import configure_tracing, flush_tracing, shutdown_tracing
+from muxgate.replicas._tracing import flush_tracing
 
 pytestmark = pytest.mark.anyio
 
@@ -620,17 +621,13 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
 
 @pytest.fixture
 def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
-    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER"):
-        monkeypatch.delenv(name, raising=False)
     previous = current_replica()
     set_replica_context("Model", "Model#t1")
-    with OtlpReceiver() as r:
-        configure_tracing("otlp", r.endpoint, service_name="muxgate-sdk-tests")
-        try:
+    try:
+        with exporting_spans(monkeypatch, "muxgate-sdk-tests") as r:
             yield r
-        finally:
-            shutdown_tracing()
-            set_replica_context(previous.deployment, previous.replica_id)
+    finally:
+        set_replica_context(previous.deployment, previous.replica_id)
 
 
 async def test_load_and_unload_spans_are_children_of_the_caller(receiver: OtlpReceiver) -> None:
