@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,24 @@ async def running_gateway(config: Mapping[str, Any], **options: Any) -> AsyncIte
         yield gw
 
 
-def observed_config(
-    model_root: Path, *, deployment: Mapping[str, Any] | None = None, **top: Any
-) -> dict[str, Any]:
-    """A config with one replica of ``observability_apps:Observed`` over ``model_root``.
+@contextlib.asynccontextmanager
+async def observed_gateway(
+    model_root: Path,
+    model_ids: Iterable[str],
+    *,
+    deployment: Mapping[str, Any] | None = None,
+    **top: Any,
+) -> AsyncIterator[Gateway]:
+    """A gateway serving ``observability_apps:Observed`` on ``/``, one replica.
 
-    ``deployment`` overrides the deployment's fields (``num_replicas``, ...);
-    ``top`` adds top-level sections (``tracing``, ``metrics``, ...).
+    Writes a real torch model for each of ``model_ids`` under ``model_root``
+    first. ``deployment`` overrides the deployment's fields
+    (``num_replicas``, ...); ``top`` adds top-level config sections
+    (``tracing``, ``metrics``, ...).
     """
+    from apps.observability_apps import write_models
+
+    write_models(model_root, model_ids)
     observed = {
         "name": "Observed",
         "import_path": "observability_apps:Observed",
@@ -49,7 +59,8 @@ def observed_config(
         "num_replicas": 1,
         **(deployment or {}),
     }
-    return {"http": {"port": 0}, **top, "deployments": [observed]}
+    async with running_gateway({"http": {"port": 0}, **top, "deployments": [observed]}) as gw:
+        yield gw
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, within_s: float) -> None:

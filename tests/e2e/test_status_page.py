@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from gateway_harness import MODEL, observed_config, running_gateway
+from gateway_harness import MODEL, observed_gateway
 from headless_chromium import CHROMIUM_ARGS
 
 from muxgate.gateway._serve import Gateway
@@ -45,10 +45,7 @@ pytestmark = [
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
-    from apps.observability_apps import write_models
-
-    write_models(tmp_path, ["1", "2", "3"])
-    async with running_gateway(observed_config(tmp_path)) as gw:
+    async with observed_gateway(tmp_path, ["1", "2", "3"]) as gw:
         yield gw
 
 

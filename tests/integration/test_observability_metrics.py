@@ -28,7 +28,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, observed_config, running_gateway
+from gateway_harness import MODEL, eventually, observed_gateway
 from otlp_receiver import OtlpReceiver
 from prometheus_text import Samples, only, parse_samples
 
@@ -41,10 +41,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
-    from apps.observability_apps import write_models
-
-    write_models(tmp_path, ["1", "2", "3"])
-    async with running_gateway(observed_config(tmp_path)) as gw:
+    async with observed_gateway(tmp_path, ["1", "2", "3"]) as gw:
         yield gw
 
 
@@ -147,20 +144,17 @@ async def test_spillovers_per_model_match_the_route_spans(tmp_path: Path) -> Non
     metric and the ``muxgate.spillover`` attribute of the route spans must
     agree on which.
     """
-    from apps.observability_apps import write_models
-
-    write_models(tmp_path, ["1"])
     fifo = tmp_path / "hold"
     os.mkfifo(fifo)
     with OtlpReceiver() as receiver:
-        config = observed_config(
-            tmp_path,
-            deployment={"num_replicas": 2, "max_ongoing_requests": 1},
-            metrics={"per_model_labels": True},
-            tracing={"exporter": "otlp", "endpoint": receiver.endpoint},
-        )
         async with (
-            running_gateway(config) as gateway,
+            observed_gateway(
+                tmp_path,
+                ["1"],
+                deployment={"num_replicas": 2, "max_ongoing_requests": 1},
+                metrics={"per_model_labels": True},
+                tracing={"exporter": "otlp", "endpoint": receiver.endpoint},
+            ) as gateway,
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
         ):
             dispatcher = gateway.pools["Observed"].dispatcher

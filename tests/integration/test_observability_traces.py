@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gateway_harness import MODEL, observed_config, running_gateway
+from gateway_harness import MODEL, observed_gateway
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
 SPAN_KIND_SERVER = 2
@@ -64,16 +64,11 @@ def one(by_name: dict[str, list[ReceivedSpan]], name: str) -> ReceivedSpan:
 async def test_a_model_load_is_one_trace_across_gateway_replica_and_storage(
     tmp_path: Path,
 ) -> None:
-    from apps.observability_apps import write_models
-
-    write_models(tmp_path, ["1", "2", "3"])
     traces = [new_traceparent() for _ in range(3)]
     with OtlpReceiver() as receiver:
-        config = observed_config(
-            tmp_path, tracing={"exporter": "otlp", "endpoint": receiver.endpoint}
-        )
+        tracing = {"exporter": "otlp", "endpoint": receiver.endpoint}
         async with (
-            running_gateway(config) as gateway,
+            observed_gateway(tmp_path, ["1", "2", "3"], tracing=tracing) as gateway,
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
         ):
             replica_ids = set()
@@ -156,15 +151,12 @@ async def test_a_model_load_is_one_trace_across_gateway_replica_and_storage(
 async def test_otel_environment_alone_turns_tracing_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from apps.observability_apps import write_models
-
-    write_models(tmp_path, ["1"])
     traceparent, trace_id, _ = new_traceparent()
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         async with (
-            running_gateway(observed_config(tmp_path)) as gateway,
+            observed_gateway(tmp_path, ["1"]) as gateway,
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
         ):
             r = await client.post("/", headers={MODEL: "1", "traceparent": traceparent})
