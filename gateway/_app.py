@@ -13,7 +13,14 @@ Two ASGI entry points share one ``Ingress`` and one admin app:
 ``Ingress`` does per request only what must be per request: one pass over
 the raw headers, a longest-prefix match over the route table built at start,
 the body read under the size limit, then ``Dispatcher.dispatch``. Errors of
-any kind become JSON through ``_errors.error_response``.
+any kind become JSON through ``_errors.error_response``. A client that
+disconnects while its request is in flight cancels the dispatch (and so the
+call in the replica, see ``_disconnect``); nothing is sent and the request is
+counted with status 499.
+
+``GET /-/healthz`` is public (probes and load balancers cannot send a token)
+and says only ``{"status": "ok"}`` or 503 ``{"status": "starting"}``; the
+detailed view stays behind the admin guard at ``/-/replicas``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler, asgi
 
 from muxgate.gateway._config import AppConfig
+from muxgate.gateway._disconnect import (
+    CLIENT_CLOSED_REQUEST,
+    ClientDisconnected,
+    until_disconnect,
+)
 from muxgate.gateway._dispatch import Dispatcher, validate_model_id
 from muxgate.gateway._errors import (
     GatewayError,
@@ -201,13 +213,16 @@ class Ingress:
                 headers=headers,
                 body=body,
             )
-            reply, replica_id = await route.dispatcher.dispatch(
-                request_id=request_id,
-                model_id=model_id,
-                http=http,
-                deadline=started + self._timeout,
-                traceparent=traceparent,
-                tracestate=tracestate,
+            reply, replica_id = await until_disconnect(
+                receive,
+                route.dispatcher.dispatch(
+                    request_id=request_id,
+                    model_id=model_id,
+                    http=http,
+                    deadline=started + self._timeout,
+                    traceparent=traceparent,
+                    tracestate=tracestate,
+                ),
             )
             status = reply.status
             out = [
@@ -228,6 +243,9 @@ class Ingress:
                 request_id,
                 "",
             )
+        except ClientDisconnected:
+            status = CLIENT_CLOSED_REQUEST  # nobody to answer
+            _log.debug("client of %s disconnected; request cancelled", request_id)
         except Exception as exc:
             if responded:
                 _log.info("could not send the response of %s: %r", request_id, exc)
@@ -249,6 +267,8 @@ class Ingress:
 
     async def _read_body(self, receive: Receive) -> bytes:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected before sending the body")
         body: bytes = message.get("body", b"")
         if not message.get("more_body", False):
             if len(body) > self._max_body:
@@ -259,7 +279,7 @@ class Ingress:
         while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientDisconnected("the client disconnected while sending the body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
@@ -353,12 +373,13 @@ def create_app(
             when ``GatewayASGI`` sends ingress traffic around Litestar.
     """
 
-    @get("/-/healthz", sync_to_thread=False)
+    # Public: k8s httpGet probes and load balancers cannot send a token, so
+    # it tells nothing beyond ok/starting (the details are at /-/replicas).
+    @get("/-/healthz", sync_to_thread=False, opt={"public": True})
     def healthz() -> Response[bytes]:
-        sick = [p.status_line() for p in pools.values() if not p.healthy]
-        if sick:
+        if not all(p.healthy for p in pools.values()):
             return Response(
-                content=msgspec.json.encode({"status": "starting", "deployments": sick}),
+                content=b'{"status":"starting"}',
                 status_code=503,
                 media_type="application/json",
             )

@@ -287,6 +287,16 @@ class Dispatcher:
             # The router's model view is refreshed by the connection's
             # on_state callback (wired by the pool), for replies and pongs.
             if reply.error is not None:
+                if reply.error.code == "overloaded":
+                    # The replica's own guard refused it (another gateway
+                    # fills it): it never ran, so route it again.
+                    reroutes += 1
+                    if reroutes <= MAX_REROUTES:
+                        continue
+                    raise OverCapacityError(
+                        f"the replicas of {self.name} are overloaded",
+                        retry_after=self._retry_after,
+                    )
                 err = error_from_info(reply.error)
                 err.replica_id = replica_id
                 raise err

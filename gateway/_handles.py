@@ -7,7 +7,9 @@ id comes in the usual header. The call goes through the deployment's
 error mapping), as a method call instead of an HTTP request; the reply body
 is the MessagePack-encoded return value. Errors are the HTTP contract's JSON
 error document, so a handle raises with the same status and code a client
-would see.
+would see. A caller that gives up (its task cancelled, so its HTTP client
+drops the connection) cancels the dispatch and the call in the replica, as
+for HTTP ingress (status 499 in the metrics, see ``_disconnect``).
 
 The endpoint is an admin endpoint: it answers loopback clients, or any
 client with the bearer token when ``http.admin_token`` is set (replicas get
@@ -35,6 +37,11 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from muxgate.gateway._disconnect import (
+    CLIENT_CLOSED_REQUEST,
+    ClientDisconnected,
+    until_disconnect,
+)
 from muxgate.gateway._dispatch import Dispatcher, validate_model_id
 from muxgate.gateway._errors import (
     AdminForbiddenError,
@@ -273,16 +280,19 @@ class HandleIngress:
                 raise BadRequestError(
                     f"the body must be MessagePack {{args: list, kwargs: map}}: {exc}"
                 ) from None
-            reply, replica_id = await dispatcher.dispatch(
-                request_id=request_id,
-                model_id=model_id,
-                http=None,
-                deadline=started + timeout,
-                traceparent=traceparent,
-                tracestate=tracestate,
-                method=method,
-                args=bytes(call.args),
-                kwargs=bytes(call.kwargs),
+            reply, replica_id = await until_disconnect(
+                receive,
+                dispatcher.dispatch(
+                    request_id=request_id,
+                    model_id=model_id,
+                    http=None,
+                    deadline=started + timeout,
+                    traceparent=traceparent,
+                    tracestate=tracestate,
+                    method=method,
+                    args=bytes(call.args),
+                    kwargs=bytes(call.kwargs),
+                ),
             )
             status = 200
             headers = [
@@ -301,6 +311,8 @@ class HandleIngress:
                 request_id,
                 "",
             )
+        except ClientDisconnected:
+            status = CLIENT_CLOSED_REQUEST  # nobody to answer
         except Exception as exc:
             if responded:
                 _log.info("could not send the reply of %s: %r", request_id, exc)
@@ -326,7 +338,7 @@ class HandleIngress:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientDisconnected("the client disconnected while sending the body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:

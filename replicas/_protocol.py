@@ -11,8 +11,18 @@ Session::
     gateway -> replica   Hello(version)
     replica -> gateway   Welcome(version, deployment, replica_id, pid, state)
                          or Refused(reason), then the replica closes
-    gateway -> replica   Call(...)*, Ping, Drain
+    gateway -> replica   Call(...)*, Cancel(id)*, Ping, Drain
     replica -> gateway   Reply(...)* (each with the replica's state), Pong, Drained
+
+``Cancel(id)`` says the gateway gave up on a call it sent (client gone,
+gateway-side deadline, caller cancelled): the replica cancels that call and
+sends no reply for it (a ``Reply`` already on its way is dropped by the
+gateway, which forgot the id). A ``Cancel`` for an unknown or finished id is
+ignored: it may cross the reply on the wire.
+
+A frame that does not decode, or a message tag this version does not know,
+is a ``ProtocolError``: the receiving side logs it and closes that
+connection only.
 
 Every ``Reply`` and ``Pong`` carries ``ReplicaState`` (in-flight count, loaded
 model ids in LRU order, ids being loaded), so the router's view of a replica
@@ -31,6 +41,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "Call",
+    "Cancel",
     "Drain",
     "Drained",
     "ErrorInfo",
@@ -48,7 +59,8 @@ __all__ = [
     "encode_frame",
 ]
 
-PROTOCOL_VERSION = 1
+#: 2: ``Cancel``; the ``ErrorInfo`` code "overloaded".
+PROTOCOL_VERSION = 2
 #: Upper bound of one frame; a larger length prefix is a protocol error.
 MAX_FRAME_BYTES = 1 << 30
 
@@ -78,7 +90,9 @@ class HttpRequest(msgspec.Struct, frozen=True, array_like=True):
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
     """A failure of a call. ``code`` is a stable machine-readable string."""
 
-    code: str  # "user_error" | "model_not_found" | "bad_request" | "deadline" | "draining"
+    # "user_error" | "model_not_found" | "bad_request" | "deadline" | "draining"
+    # | "overloaded" (503: the replica's own max_ongoing_requests guard refused it)
+    code: str
     message: str
     status: int = 500
 
@@ -119,6 +133,12 @@ class Call(msgspec.Struct, frozen=True, tag="call", tag_field="t"):
     method: str = "__call__"
     args: bytes = b""  # msgpack list
     kwargs: bytes = b""  # msgpack map
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel", tag_field="t"):
+    """The gateway abandoned call ``id``: stop it, send no reply for it."""
+
+    id: int
 
 
 class Reply(msgspec.Struct, frozen=True, tag="reply", tag_field="t"):
@@ -162,7 +182,7 @@ class Drained(msgspec.Struct, frozen=True, tag="drained", tag_field="t"):
     counters: dict[str, float] = {}
 
 
-Message = Hello | Welcome | Refused | Call | Reply | Ping | Pong | Drain | Drained
+Message = Hello | Welcome | Refused | Call | Cancel | Reply | Ping | Pong | Drain | Drained
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)

@@ -20,6 +20,29 @@ Stopping (one path, three triggers, see ``Replica.request_stop``):
 While stopping, calls are answered with ``ErrorInfo("draining", 503)``;
 whether a call is refused is decided in frame order, so a ``Call`` that
 arrived before the ``Drain`` still runs.
+
+Cancellation: ``Cancel(id)`` from the gateway cancels that call's task and
+no reply is sent. Async user code sees the cancellation at its next await;
+its request scope ends (pins released) as the task unwinds. Sync user code
+runs in a worker thread, which cannot be interrupted: the call is
+*abandoned* (it leaves ``in_flight`` and its slot at once, no reply), the
+thread runs to its end, still holding a worker-thread token (so at most
+``max_ongoing_requests`` threads ever run), and the model pins it took are
+released when it returns, not before (a model is never unloaded under a
+running thread). The same holds for a sync call cut off by its deadline.
+
+The replica's own guard (``max_ongoing_requests``): the gateway's router
+never sends more than that many calls, but several gateways may share a
+replica, and a call the gateway cancelled may still be unwinding here when
+the gateway reuses its slot. So the replica runs at most
+``max_ongoing_requests`` calls; up to as many again wait in a local FIFO
+(within their deadline), and beyond that a call is refused at once with
+``ErrorInfo("overloaded", 503)``, which the gateway reroutes. Waiting
+briefly is preferred over refusing: the call was routed here because its
+model lives here, and a reroute means a model load elsewhere (hundreds of
+ms) where a slot frees in milliseconds; refusing past a bound keeps the wait
+short and lets the gateways' own queues (cache-affine, visible to the
+autoscaler) do the queueing.
 """
 
 from __future__ import annotations
@@ -29,7 +52,10 @@ import contextvars
 import functools
 import inspect
 import logging
+import math
 import os
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +64,14 @@ import anyio.abc
 import msgspec
 from opentelemetry import trace
 
-from muxgate.replicas._context import request_scope
+from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
     Call,
+    Cancel,
     Drain,
     Drained,
     ErrorInfo,
@@ -98,6 +125,54 @@ def _error_for(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(code="user_error", message=message, status=500)
 
 
+class _Slots:
+    """The replica's ``max_ongoing_requests`` guard (see the module docstring).
+
+    ``try_acquire`` is the synchronous fast path; ``acquire`` waits in FIFO
+    order. A released slot passes straight to the oldest waiter, so a waiter
+    that was woken cannot lose its slot to a newcomer.
+    """
+
+    __slots__ = ("_waiters", "limit", "max_waiting", "running")
+
+    def __init__(self, limit: int, max_waiting: int) -> None:
+        self.limit = limit
+        self.max_waiting = max_waiting
+        self.running = 0
+        self._waiters: deque[anyio.Event] = deque()
+
+    def __repr__(self) -> str:
+        return f"<_Slots running={self.running}/{self.limit} waiting={len(self._waiters)}>"
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def try_acquire(self) -> bool:
+        if self.running < self.limit and not self._waiters:
+            self.running += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # handed a slot as we gave up: pass it on
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the slot changes hands; running stays
+        else:
+            self.running -= 1
+
+
 class _Connection:
     """One accepted gateway connection.
 
@@ -107,12 +182,14 @@ class _Connection:
     a frame is written at once.
     """
 
-    __slots__ = ("_out", "_sending", "_written", "broken", "peer", "stream", "welcomed")
+    __slots__ = ("_out", "_sending", "_written", "broken", "calls", "peer", "stream", "welcomed")
 
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self.stream = stream
         self.welcomed = False
         self.broken = False
+        # call id -> its cancel scope, for Cancel(id); ids are per connection.
+        self.calls: dict[int, anyio.CancelScope] = {}
         self._out: list[bytes] = []
         self._sending = False
         self._written = anyio.Event()  # set while nothing waits to be written
@@ -174,7 +251,12 @@ class Replica:
         self._connections: set[_Connection] = set()
         self._all_closed = anyio.Event()
         self._drain_requester: _Connection | None = None
-        self._limiter = anyio.CapacityLimiter(max(1, spec.max_ongoing_requests))
+        limit = max(1, spec.max_ongoing_requests)
+        # Worker threads for sync user code; an abandoned thread keeps its
+        # token until it returns.
+        self._limiter = anyio.CapacityLimiter(limit)
+        self._slots = _Slots(limit, max_waiting=limit)
+        self.cancelled = 0  # calls cancelled by a gateway's Cancel
         self._tg: anyio.abc.TaskGroup | None = None
         # method name -> coroutine function? (inspect is slow on the hot path)
         self._async_methods: dict[str, bool] = {}
@@ -182,7 +264,9 @@ class Replica:
     def __repr__(self) -> str:
         return (
             f"<Replica {self.spec.deployment}#{self.spec.replica_id} in_flight={self.in_flight} "
-            f"connections={len(self._connections)} stopping={self.stopping}>"
+            f"running={self._slots.running} waiting={self._slots.waiting} "
+            f"cancelled={self.cancelled} connections={len(self._connections)} "
+            f"stopping={self.stopping}>"
         )
 
     # -- state ---------------------------------------------------------------
@@ -280,7 +364,10 @@ class Replica:
                     for message in decoder.feed(data):
                         self._dispatch(conn, message)
         except ProtocolError as exc:
-            _log.error("Closing connection from the gateway: %s", exc)
+            _log.error("Closing the connection from %s: %s", conn.peer, exc)
+        except Exception:
+            # Whatever a peer sends, only its connection may fail.
+            _log.exception("Closing the connection from %s after an internal error.", conn.peer)
         finally:
             self._connections.discard(conn)
             if conn.welcomed and not self._connections:
@@ -333,9 +420,19 @@ class Replica:
         if isinstance(message, Call):
             self.in_flight += 1
             self._idle = anyio.Event() if self._idle.is_set() else self._idle
+            # Registered now, not when the task starts: a Cancel in the same
+            # read must find it (a scope cancelled before it is entered
+            # cancels its body at once).
+            scope = anyio.CancelScope()
+            conn.calls[message.id] = scope
             # Decided here, in frame order: a Call that arrived before a Drain
             # runs even if its task starts after the Drain was handled.
-            self._tg.start_soon(self._run_call, conn, message, self.stopping)
+            self._tg.start_soon(self._run_call, conn, message, self.stopping, scope)
+        elif isinstance(message, Cancel):
+            target = conn.calls.get(message.id)
+            if target is not None:  # else finished already: the reply crossed it
+                self.cancelled += 1
+                target.cancel()
         elif isinstance(message, Ping):
             self._tg.start_soon(self._pong, conn)
         elif isinstance(message, Drain):
@@ -348,20 +445,33 @@ class Replica:
     async def _pong(self, conn: _Connection) -> None:
         await conn.send(Pong(state=self.state(), counters=counters()))
 
-    async def _run_call(self, conn: _Connection, call: Call, refuse: bool) -> None:
-        scope = anyio.CancelScope()
+    async def _run_call(
+        self, conn: _Connection, call: Call, refuse: bool, scope: anyio.CancelScope
+    ) -> None:
         self._call_scopes.add(scope)
         reply: Reply | None = None
         finished = False
+        outcome: tuple[int, list[tuple[str, str]], bytes] | ErrorInfo
         try:
             with scope:
                 if refuse:
-                    error = ErrorInfo(
+                    outcome = ErrorInfo(
                         code="draining", message="replica is shutting down", status=503
                     )
-                    outcome: tuple[int, list[tuple[str, str]], bytes] | ErrorInfo = error
+                elif self._slots.try_acquire():
+                    try:
+                        outcome = await self._execute(call, call.timeout_s)
+                    finally:
+                        self._slots.release()
+                elif self._slots.waiting >= self._slots.max_waiting:
+                    outcome = ErrorInfo(
+                        code="overloaded",
+                        message=f"replica {self.spec.replica_id} is at max_ongoing_requests "
+                        f"({self._slots.limit}) with {self._slots.waiting} calls waiting",
+                        status=503,
+                    )
                 else:
-                    outcome = await self._execute(call)
+                    outcome = await self._execute_when_free(call)
             if not scope.cancelled_caught:
                 # Count the call out before taking the state, so the state in
                 # its reply matches the router's view once it releases it.
@@ -377,22 +487,45 @@ class Replica:
                     )
         finally:
             self._call_scopes.discard(scope)
+            if conn.calls.get(call.id) is scope:
+                del conn.calls[call.id]
             if not finished:
                 self._finish()
         if reply is not None:
             await conn.send(reply)
+
+    async def _execute_when_free(
+        self, call: Call
+    ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
+        """Wait (within the call's deadline) for a slot, then run the call."""
+        timeout = call.timeout_s
+        started = time.monotonic()
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            await self._slots.acquire()
+            try:
+                left = None if timeout is None else timeout - (time.monotonic() - started)
+                return await self._execute(call, left)
+            finally:
+                self._slots.release()
+        return ErrorInfo(
+            code="deadline",
+            message=f"deadline of {timeout:.3f}s passed while waiting for a slot in the replica",
+            status=504,
+        )
 
     def _finish(self) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
 
-    async def _execute(self, call: Call) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
+    async def _execute(
+        self, call: Call, time_left: float | None
+    ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
         with request_scope(call.request_id, call.model_id):
             if not tracing_active():
                 # No exporter: skip the span machinery (a fifth of the
                 # per-call cost) since nothing would record it.
-                return await self._run_with_deadline(call, None)
+                return await self._run_with_deadline(call, None, time_left)
             parent = (
                 extract_context(call.traceparent, call.tracestate) if call.traceparent else None
             )
@@ -410,7 +543,7 @@ class Replica:
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
-                outcome = await self._run_with_deadline(call, span)
+                outcome = await self._run_with_deadline(call, span, time_left)
                 if isinstance(outcome, ErrorInfo):
                     span.set_attribute("muxgate.error_code", outcome.code)
                     span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.code))
@@ -419,9 +552,9 @@ class Replica:
                 return outcome
 
     async def _run_with_deadline(
-        self, call: Call, span: trace.Span | None
+        self, call: Call, span: trace.Span | None, time_left: float | None
     ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
-        timeout = call.timeout_s
+        timeout = time_left
         if timeout is None:
             return await self._run_guarded(call, span)
         if timeout <= 0:
@@ -493,18 +626,54 @@ class Replica:
             is_async = self._async_methods[name] = _is_async(target)
         if is_async:
             return await target(*args, **kwargs)
-        # Sync user code runs in a worker thread with this request's context
-        # (request scope, span) so get_multiplexed_model_id() and logging work.
-        ctx = contextvars.copy_context()
-        result = await anyio.to_thread.run_sync(
-            ctx.run,
-            functools.partial(target, *args, **kwargs),
-            abandon_on_cancel=True,
-            limiter=self._limiter,
-        )
+        result = await self._run_in_thread(functools.partial(target, *args, **kwargs))
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    async def _run_in_thread(self, func: Callable[[], Any]) -> Any:
+        """Run sync user code in a worker thread; see "Cancellation" in the
+        module docstring for what happens when the call is abandoned.
+
+        The thread runs with this request's context (request scope, span), so
+        get_multiplexed_model_id() and logging work, inside a request scope
+        of its own: the pins it takes are released when it returns. A helper
+        task in the replica's task group holds the thread token until then,
+        while this call's task may be cancelled and move on.
+        """
+        assert self._tg is not None
+        request = current_request()
+        request_id = request.request_id if request is not None else ""
+        model_id = request.multiplexed_model_id if request is not None else ""
+
+        def work() -> Any:
+            with request_scope(request_id, model_id):
+                return func()
+
+        ctx = contextvars.copy_context()
+        done = anyio.Event()
+        outcome: list[tuple[bool, Any]] = []
+
+        async def hold() -> None:
+            try:
+                # Abandoned only when the replica's task group stops (exit).
+                value = await anyio.to_thread.run_sync(
+                    ctx.run, work, abandon_on_cancel=True, limiter=self._limiter
+                )
+                outcome.append((True, value))
+            except Exception as exc:
+                outcome.append((False, exc))
+            finally:
+                done.set()
+
+        self._tg.start_soon(hold)
+        await done.wait()
+        if not outcome:  # the helper was cancelled: the replica is stopping
+            raise anyio.get_cancelled_exc_class()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
 
 def _is_async(target: Callable[..., Any]) -> bool:

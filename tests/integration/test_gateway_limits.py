@@ -162,13 +162,18 @@ async def test_admin_token_and_remote_clients(gateway: Gateway) -> None:
         r = await c.get("/-/replicas", headers={"authorization": "Bearer s3cret"})
         assert r.status_code == 200
         assert (await c.get("/-/")).status_code == 200  # the page itself is public
+        # Probes cannot send a token: healthz is public, and says no more than ok.
+        r = await c.get("/-/healthz")
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
     # Without a token, only local clients may use the admin API.
     app = GatewayASGI(gateway.config, gateway.pools, gateway.metrics)
     transport = httpx.ASGITransport(app=app, client=("10.0.0.5", 1234))
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
-        r = await c.get("/-/healthz")
+        r = await c.get("/-/replicas")
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "unauthorized"
+        assert (await c.get("/-/metrics")).status_code == 401
+        assert (await c.get("/-/healthz")).status_code == 200
 
 
 def test_cli_refuses_an_invalid_config(tmp_path: Any) -> None:
@@ -199,3 +204,27 @@ async def test_scaled_to_zero_deployment_holds_the_first_request(
     zero = await view(client, "Zero")
     assert zero["target_replicas"] == 1
     assert [rep["state"] for rep in zero["replicas"]] == ["running"]
+
+
+async def test_healthz_is_public_and_terse_while_starting(gateway: Gateway) -> None:
+    from muxgate.gateway._app import GatewayASGI
+
+    class Starting:
+        """Stands in for a pool below its minimum replicas."""
+
+        healthy = False
+        dispatcher = gateway.pools["One"].dispatcher
+
+    config = parse_config(
+        {
+            "deployments": [{"name": "T", "import_path": "gateway_apps:Echo1"}],
+            "http": {"admin_token": "s3cret"},
+        },
+        base_dir=APPS,
+    )
+    app = GatewayASGI(config, {"T": Starting()}, gateway.metrics)  # type: ignore[dict-item]
+    transport = httpx.ASGITransport(app=app, client=("10.0.0.5", 1234))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        r = await c.get("/-/healthz")
+        # No token needed, and nothing about the deployments leaks.
+        assert (r.status_code, r.json()) == (503, {"status": "starting"})

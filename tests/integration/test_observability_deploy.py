@@ -1,10 +1,11 @@
 """The health checks shipped in deploy/ pass against a real gateway.
 
-``/-/healthz`` sits behind the admin guard: loopback clients only when no
-``http.admin_token`` is set, the bearer token otherwise. The Kubernetes
-probes (deploy/k8s/deployment.yaml) and the compose health check
-(deploy/compose.yaml) therefore run *inside* the container against
-127.0.0.1 and send the token when there is one. This runs those exact
+``/-/healthz`` is public (it says only ok or starting; the details sit
+behind the admin guard at ``/-/replicas``). The Kubernetes probes
+(deploy/k8s/deployment.yaml) and the compose health check
+(deploy/compose.yaml) still run *inside* the container against 127.0.0.1
+and send the token when there is one, which the gateway ignores there (they
+could be plain httpGet probes now). This runs those exact
 commands (only the port and the Python interpreter are swapped) against a
 gateway without and with a token.
 """
@@ -90,14 +91,13 @@ async def test_probes_pass_without_a_token(open_gateway: Gateway) -> None:
     assert await run_probe(probe, {"MUXGATE_ADMIN_TOKEN": "unused"}) == 0
 
 
-async def test_probes_need_the_same_token_as_the_config(dev_token_gateway: Gateway) -> None:
+async def test_probes_pass_with_or_without_the_token(dev_token_gateway: Gateway) -> None:
     probe = localise(k8s_probe(), dev_token_gateway)
     assert await run_probe(probe, {"MUXGATE_ADMIN_TOKEN": DEV_TOKEN}) == 0
-    # The token lives in two places (http.admin_token in the app config and
-    # the muxgate-admin Secret the probe reads): when they disagree, or the
-    # Secret is missing, the probe fails and the pod never becomes ready.
-    assert await run_probe(probe, {}) != 0
-    assert await run_probe(probe, {"MUXGATE_ADMIN_TOKEN": "other"}) != 0
+    # /-/healthz is public: a missing or different token does not fail the
+    # probe (probes cannot always send one; the endpoint reveals nothing).
+    assert await run_probe(probe, {}) == 0
+    assert await run_probe(probe, {"MUXGATE_ADMIN_TOKEN": "other"}) == 0
     # The compose check carries deploy/app.yaml's token inline.
     assert load_config(ROOT / "deploy" / "app.yaml").http.admin_token == DEV_TOKEN
     assert await run_probe(localise(compose_check(), dev_token_gateway), {}) == 0

@@ -6,6 +6,7 @@ a process start); tests that end a replica live in test_replica_lifecycle.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -17,7 +18,12 @@ import anyio.lowlevel
 import msgspec
 import pytest
 
-from muxgate.gateway._connection import HandshakeError, ReplicaConnection, connect_stream
+from muxgate.gateway._connection import (
+    HandshakeError,
+    ReplicaConnection,
+    ReplicaDiedError,
+    connect_stream,
+)
 from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
@@ -328,3 +334,78 @@ async def test_cancelled_call_leaves_connection_usable(conn: ReplicaConnection) 
         tg.cancel_scope.cancel()
     assert value(await conn.call(request_id="after-cancel", method="add", **pack(1, 2))) == 3
     assert conn.close_reason is None
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
+
+
+@pytest.mark.parametrize(
+    ("hello_first", "garbage"),
+    [
+        (False, b"\xff\xff\xff\xffnot a frame at all"),  # length over the limit
+        (False, _frame(b"\x00\x01\x02 not msgpack")),
+        (True, _frame(msgspec.msgpack.encode({"t": "no-such-message", "id": 1}))),
+        (True, _frame(msgspec.msgpack.encode({"t": "call", "id": "not an int"}))),
+        (True, _frame(b"\xc1")),  # a byte msgpack never uses
+    ],
+)
+async def test_garbage_closes_only_that_connection(
+    replica: tuple[ReplicaProcess, ReplicaConnection], hello_first: bool, garbage: bytes
+) -> None:
+    process, conn = replica
+    stream = await connect_stream(process.address)
+    async with stream:
+        decoder = FrameDecoder()
+        if hello_first:
+            await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION)))
+            with anyio.fail_after(10):
+                (welcome,) = decoder.feed(await stream.receive())
+            assert isinstance(welcome, Welcome)
+        await stream.send(garbage)
+        with anyio.fail_after(10), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            while True:  # the replica closes this connection, sending nothing more
+                assert decoder.feed(await stream.receive()) == []
+    # The replica keeps serving its gateway.
+    assert value(await conn.call(request_id="after-garbage", method="add", **pack(4, 5))) == 9
+    os.kill(process.pid, 0)
+
+
+async def test_gateway_closes_a_connection_whose_replica_sends_garbage() -> None:
+    """A stand-in replica that welcomes, then answers a call with garbage: the
+    connection closes with the reason, and the pending call raises."""
+    path = f"/tmp/muxgate-garbage-{os.getpid()}.sock"
+    listener = await anyio.create_unix_listener(path)
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def serve_one() -> None:
+                stream = await listener.accept()
+                async with stream:
+                    await stream.receive()
+                    await stream.send(
+                        encode_frame(
+                            Welcome(
+                                version=PROTOCOL_VERSION,
+                                deployment="D",
+                                replica_id="fake",
+                                pid=1,
+                                state=ReplicaState(),
+                            )
+                        )
+                    )
+                    await stream.receive()  # the Call
+                    await stream.send(_frame(msgspec.msgpack.encode({"t": "bogus"})))
+                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                        await stream.receive()
+
+            tg.start_soon(serve_one)
+            fake = await ReplicaConnection.connect(f"unix:{path}", connect_timeout=10)
+            with anyio.fail_after(10), pytest.raises(ReplicaDiedError):
+                await fake.call(request_id="to-garbage", method="add", **pack(1))
+            assert fake.close_reason is not None
+            assert fake.close_reason.startswith("protocol error")
+            await fake.aclose()
+    finally:
+        await listener.aclose()
+        os.unlink(path)

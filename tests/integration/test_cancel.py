@@ -1,0 +1,191 @@
+"""Cancellation across the process boundary (real gateway, real replica).
+
+A call the gateway gives up on (client disconnected, handle caller
+cancelled, call cancelled on the connection) is cancelled in the replica:
+the user code sees the cancellation, the replica's in-flight count and the
+gateway's slot return to 0, and the model pin is released. A sync call in a
+worker thread cannot be interrupted: it is abandoned (slot freed at once)
+and runs to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from muxgate.gateway._config import parse_config
+from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway._serve import Gateway, start_gateway
+from muxgate.replicas._handle import aclose_handle_clients, get_deployment_handle
+
+APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
+MODEL = "serve_multiplexed_model_id"
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def markers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cancel-markers")
+
+
+@pytest.fixture(scope="module")
+async def gateway(anyio_backend: str, markers: Path) -> AsyncIterator[Gateway]:
+    config = parse_config(
+        {
+            "http": {"port": 0, "request_timeout_s": 60},
+            "deployments": [
+                {
+                    "name": "Holder",
+                    "import_path": "cancel_apps:Holder",
+                    "init_kwargs": {"marker_dir": str(markers)},
+                    "num_replicas": 1,
+                    # One slot for the held call, one for this test's side calls.
+                    "max_ongoing_requests": 2,
+                },
+            ],
+        },
+        base_dir=APPS,
+    )
+    async with start_gateway(config) as gw:
+        yield gw
+    await aclose_handle_clients()
+
+
+@pytest.fixture(scope="module")
+async def side(gateway: Gateway) -> AsyncIterator[ReplicaConnection]:
+    """A second connection to the replica, to ask it for its own state."""
+    view = gateway.pools["Holder"].snapshot()["replicas"][0]
+    conn = await ReplicaConnection.connect(view["address"])
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+async def wait_until(check: Callable[[], Any], *, within_s: float = 10.0, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def assert_all_free(gateway: Gateway, side: ReplicaConnection) -> None:
+    """Gateway and replica agree that nothing is in flight (within a deadline)."""
+    pool = gateway.pools["Holder"]
+
+    async def replica_idle() -> bool:
+        return (await side.ping()).state.in_flight == 0
+
+    await wait_until(replica_idle, what="replica in_flight back to 0")
+    view = pool.snapshot()
+    assert view["in_flight"] == 0
+    assert [r["in_flight"] for r in view["replicas"]] == [0]
+    replica_id = view["replicas"][0]["id"]
+    assert pool.dispatcher.router.in_flight(replica_id) == 0
+
+
+async def pins(side: ReplicaConnection) -> dict[str, int]:
+    reply = await side.call(request_id="pins", method="pins")
+    assert reply.error is None, reply.error
+    out: dict[str, int] = msgspec.msgpack.decode(reply.body)
+    return out
+
+
+async def test_client_disconnect_cancels_the_call_in_the_replica(
+    gateway: Gateway, side: ReplicaConnection, markers: Path
+) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+        request = asyncio.ensure_future(
+            client.get("/hold", params={"name": "http"}, headers={MODEL: "m-http"})
+        )
+        await wait_until((markers / "http.started").exists, what="call started in the replica")
+        assert (await pins(side)).get("m-http") == 1
+        request.cancel()  # httpx drops the connection: the client is gone
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await wait_until((markers / "http.cancelled").exists, what="replica call cancelled")
+        await assert_all_free(gateway, side)
+        assert (await pins(side)).get("m-http", 0) == 0
+        assert side.close_reason is None
+        r = await client.get("/quick")
+        assert (r.status_code, r.text) == (200, "quick")
+        metrics = (await client.get("/-/metrics")).text
+        assert 'muxgate_requests_total{deployment="Holder",status="499"} 1.0' in metrics
+    conn = gateway.pools["Holder"]._replicas
+    assert any("cancels_sent=" in repr(r.conn) for r in conn.values())
+
+
+async def test_cancelled_handle_call_cancels_the_call_in_the_replica(
+    gateway: Gateway, side: ReplicaConnection, markers: Path
+) -> None:
+    handle = get_deployment_handle("Holder", gateway.url)
+    call = asyncio.ensure_future(handle.options(multiplexed_model_id="m-handle").hold.remote("h"))
+    await wait_until((markers / "h.started").exists, what="handle call started")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await wait_until((markers / "h.cancelled").exists, what="replica call cancelled")
+    await assert_all_free(gateway, side)
+    assert (await pins(side)).get("m-handle", 0) == 0
+    assert await handle.quick.remote() == "quick"
+
+
+async def test_cancelled_connection_call_sends_cancel(
+    side: ReplicaConnection, markers: Path
+) -> None:
+    before = side.cancels_sent
+    call = asyncio.ensure_future(
+        side.call(request_id="direct", method="hold", args=b"\x91\xa6direct")
+    )
+    await wait_until((markers / "direct.started").exists, what="call started")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert side.cancels_sent == before + 1
+    await wait_until((markers / "direct.cancelled").exists, what="replica call cancelled")
+
+    async def idle() -> bool:
+        return (await side.ping()).state.in_flight == 0
+
+    await wait_until(idle, what="replica idle")
+
+
+async def test_cancelled_sync_call_is_abandoned_and_runs_to_its_end(
+    side: ReplicaConnection, markers: Path
+) -> None:
+    args = msgspec.msgpack.encode(["sync", 1.5])
+    call = asyncio.ensure_future(side.call(request_id="sync", method="sync_hold", args=args))
+    await wait_until((markers / "sync.started").exists, what="sync call started")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    async def idle() -> bool:
+        return (await side.ping()).state.in_flight == 0
+
+    # The slot is freed at once, long before the thread returns.
+    await wait_until(idle, within_s=1.0, what="abandoned sync call out of in_flight")
+    assert not (markers / "sync.returned").exists()
+    await wait_until((markers / "sync.returned").exists, what="the thread ran to its end")
+    reply = await side.call(request_id="after-sync", method="quick")
+    assert msgspec.msgpack.decode(reply.body) == "quick"
