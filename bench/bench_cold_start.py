@@ -65,9 +65,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import platform
 import random
 import statistics
 import sys
@@ -76,6 +74,7 @@ import time
 from typing import Any
 
 import httpx
+from _common import percentile, print_machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APPS = os.path.join(HERE, "..", "tests", "apps")
@@ -245,13 +244,11 @@ async def queue_run(args: argparse.Namespace, wait: float | None, seed: int) -> 
         loads = 0.0
         for conn in gw.pools["S"].targets.values():
             loads += (await conn.ping()).counters.get("model_loads", 0.0)
-    latencies.sort()
-    n = len(latencies)
     return {
-        "req_per_s": n / elapsed,
+        "req_per_s": len(latencies) / elapsed,
         "loads": loads,
-        "p50_ms": latencies[n // 2] * 1000,
-        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
     }
 
 
@@ -276,22 +273,10 @@ async def queue_compare(args: argparse.Namespace) -> None:
         )
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def prepare(root: str, ids: list[str], hidden: int) -> int:
     """Write the model files; return one file's size."""
     make_models(root, ids, hidden)
     return os.path.getsize(os.path.join(root, ids[0], "model.pt"))
-
-
-def command() -> str:
-    return " ".join([os.path.relpath(sys.executable), *sys.argv])
 
 
 async def main() -> None:
@@ -320,6 +305,7 @@ async def main() -> None:
     args = parser.parse_args()
     if args.queue_compare:
         await queue_compare(args)
+        print()
         print_machine()
         return
 
@@ -350,14 +336,8 @@ async def main() -> None:
             values = [r[key] * 1000 for r in rows[mode]]
             cells.append(f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})")
         print(f"{key:<18}" + "".join(f"{c:>20}" for c in cells))
+    print()
     print_machine()
-
-
-def print_machine() -> None:
-    print(
-        f"\nmachine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()}"
-    )
-    print(f"command: {command()}")
 
 
 if __name__ == "__main__":
