@@ -76,6 +76,18 @@ def touch(state: dict[str, Any]) -> float:
     return float(sum(t.sum() for t in state.values()))
 
 
+async def timed_load(
+    root: str,
+    model_id: str,
+    config: StorageConfig,
+    storage_options: dict[str, Any] | None = None,
+) -> float:
+    """Seconds to ``load_state_dict`` a model and read every tensor of it."""
+    t = time.perf_counter()
+    touch(await load_state_dict(root, model_id, storage_options=storage_options, config=config))
+    return time.perf_counter() - t
+
+
 async def abest(reps: int, run: Callable[[], Awaitable[float]]) -> float:
     return min([await run() for _ in range(reps)])
 
@@ -105,9 +117,7 @@ def local_section(work: Path, size: int, rounds: int, block: int) -> dict[str, l
         config = StorageConfig(cache=CacheConfig(directory=work / "unused"), mmap_local_files=mmap)
 
         async def run() -> float:
-            t = time.perf_counter()
-            touch(await load_state_dict(root, f"m{size}", config=config))
-            return time.perf_counter() - t
+            return await timed_load(root, f"m{size}", config)
 
         return run
 
@@ -241,13 +251,7 @@ def main() -> None:
                             ) -> float:
                                 cache_dir = Path(tempfile.mkdtemp(dir=work))
                                 config = remote_configs(cache_dir)[label]
-                                t = time.perf_counter()
-                                touch(
-                                    await load_state_dict(
-                                        root, f"m{size}", storage_options=options, config=config
-                                    )
-                                )
-                                elapsed = time.perf_counter() - t
+                                elapsed = await timed_load(root, f"m{size}", config, options)
                                 shutil.rmtree(cache_dir)
                                 return elapsed
 
@@ -263,13 +267,7 @@ def main() -> None:
                             size: int = size,
                             config: StorageConfig = warm_config,
                         ) -> float:
-                            t = time.perf_counter()
-                            touch(
-                                await load_state_dict(
-                                    root, f"m{size}", storage_options=options, config=config
-                                )
-                            )
-                            return time.perf_counter() - t
+                            return await timed_load(root, f"m{size}", config, options)
 
                         anyio.run(warm)  # fills the cache
                         remote.append(
