@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import os
 import platform
@@ -86,6 +87,17 @@ async def timed_load(
     t = time.perf_counter()
     touch(await load_state_dict(root, model_id, storage_options=storage_options, config=config))
     return time.perf_counter() - t
+
+
+async def cold_load(
+    work: Path, label: str, root: str, model_id: str, storage_options: dict[str, Any]
+) -> float:
+    """``timed_load`` with the ``label`` config of ``remote_configs`` and an empty cache."""
+    cache_dir = Path(tempfile.mkdtemp(dir=work))
+    config = remote_configs(cache_dir)[label]
+    elapsed = await timed_load(root, model_id, config, storage_options)
+    shutil.rmtree(cache_dir)
+    return elapsed
 
 
 async def abest(reps: int, run: Callable[[], Awaitable[float]]) -> float:
@@ -242,33 +254,15 @@ def main() -> None:
                         ("gcs", f"gs://{BUCKET}", gcs.storage_options),
                     ):
                         for label in remote_configs(work):
-
-                            async def cold(
-                                root: str = root,
-                                options: dict[str, Any] = options,
-                                label: str = label,
-                                size: int = size,
-                            ) -> float:
-                                cache_dir = Path(tempfile.mkdtemp(dir=work))
-                                config = remote_configs(cache_dir)[label]
-                                elapsed = await timed_load(root, f"m{size}", config, options)
-                                shutil.rmtree(cache_dir)
-                                return elapsed
-
+                            cold = functools.partial(
+                                cold_load, work, label, root, f"m{size}", options
+                            )
                             remote.append(
                                 (f"{name} cold, {label}", size, anyio.run(abest, reps, cold))
                             )
 
                         warm_config = StorageConfig(cache=CacheConfig(directory=work / "warm"))
-
-                        async def warm(
-                            root: str = root,
-                            options: dict[str, Any] = options,
-                            size: int = size,
-                            config: StorageConfig = warm_config,
-                        ) -> float:
-                            return await timed_load(root, f"m{size}", config, options)
-
+                        warm = functools.partial(timed_load, root, f"m{size}", warm_config, options)
                         anyio.run(warm)  # fills the cache
                         remote.append(
                             (f"{name} warm (disk cache)", size, anyio.run(abest, reps, warm))
