@@ -67,7 +67,7 @@ _FORK_SERVER_RESTARTS = 3
 #: tests/integration/test_gateway_cli.py counts the gateway's *children* as
 #: its replicas (forked replicas are the fork server's children); the whole
 #: replica, gateway, autoscale, handles and e2e suites pass with it on.
-FORK_SERVER_DEFAULT = False
+FORK_SERVER_DEFAULT = sys.platform == "linux"
 
 
 class ReplicaStartError(Exception):

@@ -140,8 +140,12 @@ async def start_gateway(
     port = port if port is not None else config.http.port
     metrics = GatewayMetrics(per_model_labels=config.metrics.per_model_labels)
     own_launcher: LocalLauncher | None = None
+    warm_up: asyncio.Task[bool] | None = None
     if launcher is None:
         launcher = own_launcher = LocalLauncher()
+        # Import torch once, in the fork server, while the gateway starts: a
+        # replica start is then a fork (~30 ms), also the first one from zero.
+        warm_up = asyncio.create_task(own_launcher.warm_up())
     use_launcher = launcher
     # Known once the server has bound its port; replicas start after that.
     gateway_url: list[str] = []
@@ -195,6 +199,10 @@ async def start_gateway(
             yield Gateway(config, pools, metrics, f"http://{url_host}:{real_port}")
     finally:
         await asyncio.gather(*(p.aclose() for p in pools.values()), return_exceptions=True)
+        if warm_up is not None:
+            warm_up.cancel()
+            with contextlib.suppress(BaseException):
+                await warm_up
         if own_launcher is not None:
             await own_launcher.aclose()
         if traced:
