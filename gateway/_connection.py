@@ -5,15 +5,14 @@ One persistent stream per replica carries every call to it (see
 concurrent calls over that stream: each call gets an id, and one reader task
 resolves the pending call named by each reply.
 
-Writing: when nobody else is writing and the socket's send buffer is below
-its high-water mark, a frame goes straight into the asyncio transport, a
-synchronous call that takes the whole frame (no await, so no cancellation
-point: a frame is either written whole or not at all). Otherwise one task
-writes at a time through the stream (frames queued meanwhile go out together
-in the next write, and that write is shielded from cancellation so a
-cancelled caller cannot leave half a frame on the wire). The fast path saves
-the stream's send (two checkpoints, one a shielded yield to the loop) and our
-shielded scope: see bench/bench_replica_protocol.py.
+Writing: when nobody else is writing, a frame is written synchronously
+(``muxgate.replicas._fastwrite.DirectWriter``: no await, so no cancellation
+point). What the socket does not take at once, and every frame while a write
+is under way, goes the queued way: one task writes at a time through the
+stream (frames queued meanwhile go out together in the next write, and that
+write is shielded from cancellation so a cancelled caller cannot leave half
+a frame on the wire). The fast path saves the stream's send (checkpoints,
+one a yield to the loop) and the shielded scope: bench/bench_write_path.py.
 
 Cancellation: a caller that gives up on a call (cancelled by a client
 disconnect, a gateway-side deadline, its own caller) removes its frame if it
@@ -48,6 +47,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from muxgate.replicas._fastwrite import DirectWriter
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -80,9 +80,6 @@ __all__ = [
 _log = logging.getLogger("muxgate.gateway.connection")
 
 _READ_SIZE = 1 << 16
-#: Bytes already buffered in the transport above which the fast path is not
-#: taken (the stream's send then waits for the buffer to drain): back-pressure.
-_FAST_WRITE_LIMIT = 1 << 16
 
 
 class ReplicaConnectionError(Exception):
@@ -168,13 +165,7 @@ class ReplicaConnection:
         self._out: list[tuple[int, bytes]] = []
         self._sending = False
         self._reader: asyncio.Task[None] | None = None
-        # The asyncio transport under the anyio stream, for the synchronous
-        # fast path; None (slow path only) if the stream is not one over an
-        # asyncio transport (anyio keeps it in a private attribute).
-        transport = getattr(stream, "_transport", None)
-        self._transport: asyncio.WriteTransport | None = (
-            transport if isinstance(transport, asyncio.WriteTransport) else None
-        )
+        self._direct = DirectWriter(stream)
         self._flushers: set[asyncio.Task[None]] = set()
         self.cancels_sent = 0
 
@@ -322,9 +313,10 @@ class ReplicaConnection:
                 return
         self.cancels_sent += 1
         frame = encode_frame(Cancel(id=call_id))
-        if self._try_write_now(frame):
+        sent = 0 if self._sending or self._out else self._direct.write(frame)
+        if sent == len(frame):
             return
-        self._out.append((0, frame))
+        self._out.append((0, frame[sent:]))
         if not self._sending:
             task = asyncio.get_running_loop().create_task(self._flush_in_background())
             self._flushers.add(task)
@@ -383,36 +375,32 @@ class ReplicaConnection:
             await self._write(encode_frame(Drain()))
         await asyncio.shield(self._drained)
 
-    def _try_write_now(self, frame: bytes) -> bool:
-        """The fast path: hand ``frame`` to the transport synchronously when
-        nothing else is writing and its buffer is below the limit."""
-        transport = self._transport
-        if (
-            transport is None
-            or self._sending
-            or transport.is_closing()
-            or transport.get_write_buffer_size() > _FAST_WRITE_LIMIT
-        ):
-            return False
-        # Takes the whole frame (buffering what the socket does not accept
-        # now); errors surface as the connection being lost, to the reader.
-        transport.write(frame)
-        return True
-
     async def _write(self, frame: bytes, call_id: int = 0) -> None:
-        """Write one frame: directly when possible (``_try_write_now``), else
-        coalesced with others queued while a write is under way (one task
-        writes for everyone; the others return at once and learn of a
+        """Write one frame: directly when nothing else is being written,
+        else coalesced with others queued while a write is under way (one
+        task writes for everyone; the others return at once and learn of a
         failure through their pending future)."""
         if self.close_reason is not None:
             raise ReplicaUnavailableError(
                 f"replica {self.replica_id} connection closed: {self.close_reason}"
             )
-        if self._try_write_now(frame):
-            return
-        self._out.append((call_id, frame))
         if self._sending:
+            self._out.append((call_id, frame))
             return
+        if self._out:
+            # A Cancel waits for its background flush: keep the order (the
+            # first frame may be the rest of a partly written one).
+            self._out.append((call_id, frame))
+        else:
+            sent = self._direct.write(frame)
+            if sent == len(frame):
+                return
+            if sent:
+                # The rest must go next. Part of it is on the wire: the call
+                # is no longer unsent (id 0), nor can it be taken back.
+                self._out.append((0, frame[sent:]))
+            else:
+                self._out.append((call_id, frame))
         self._sending = True
         try:
             await self._flush()

@@ -65,6 +65,7 @@ import msgspec
 from opentelemetry import trace
 
 from muxgate.replicas._context import current_request, request_scope
+from muxgate.replicas._fastwrite import DirectWriter
 from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
@@ -176,13 +177,24 @@ class _Slots:
 class _Connection:
     """One accepted gateway connection.
 
-    Frames are coalesced: a sender that finds another send under way only
-    queues its frame, and the active sender writes everything queued in one
-    go. Under load this turns many small writes into a few large ones; alone,
-    a frame is written at once.
+    When no send is under way, a frame is written synchronously
+    (``DirectWriter``: nothing to cancel, no yield to the loop); what the
+    socket does not take at once goes the awaiting way. Frames are coalesced:
+    a sender that finds another send under way only queues its frame, and
+    the active sender writes everything queued in one go.
     """
 
-    __slots__ = ("_out", "_sending", "_written", "broken", "calls", "peer", "stream", "welcomed")
+    __slots__ = (
+        "_direct",
+        "_out",
+        "_sending",
+        "_written",
+        "broken",
+        "calls",
+        "peer",
+        "stream",
+        "welcomed",
+    )
 
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self.stream = stream
@@ -194,6 +206,7 @@ class _Connection:
         self._sending = False
         self._written = anyio.Event()  # set while nothing waits to be written
         self._written.set()
+        self._direct = DirectWriter(stream)
         try:
             self.peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address))
         except Exception:
@@ -204,7 +217,13 @@ class _Connection:
         False when the peer is gone (the caller moves on)."""
         if self.broken:
             return False
-        self._out.append(encode_frame(message))
+        frame = encode_frame(message)
+        if not self._sending:  # then nothing is queued either
+            sent = self._direct.write(frame)
+            if sent == len(frame):
+                return True
+            frame = frame[sent:]  # the rest goes first, the awaiting way
+        self._out.append(frame)
         if self._sending:
             return True  # the active sender writes it
         self._sending = True
