@@ -189,3 +189,45 @@ async def test_cancelled_sync_call_is_abandoned_and_runs_to_its_end(
     await wait_until((markers / "sync.returned").exists, what="the thread ran to its end")
     reply = await side.call(request_id="after-sync", method="quick")
     assert msgspec.msgpack.decode(reply.body) == "quick"
+
+
+async def test_replica_guard_queues_then_refuses_and_the_gateway_reroutes(
+    gateway: Gateway, side: ReplicaConnection, markers: Path
+) -> None:
+    """The side connection plays a second gateway that fills the replica:
+    max_ongoing_requests (2) run, as many again wait, the next is refused
+    ("overloaded", 503); this gateway, whose router saw none of it, reroutes
+    the refused request and finally answers 503 with Retry-After."""
+
+    def hold(name: str) -> asyncio.Future[Any]:
+        args = msgspec.msgpack.encode([name])
+        return asyncio.ensure_future(side.call(request_id=name, method="hold", args=args))
+
+    running = [hold("g1"), hold("g2")]
+    await wait_until(
+        lambda: (markers / "g1.started").exists() and (markers / "g2.started").exists(),
+        what="two calls running",
+    )
+    waiting = [hold("g3"), hold("g4")]
+
+    async def four_in() -> bool:
+        return (await side.ping()).state.in_flight == 4
+
+    await wait_until(four_in, what="two calls waiting in the replica")
+    assert not (markers / "g3.started").exists()
+    refused = await side.call(request_id="g5", method="quick")
+    assert refused.error is not None
+    assert (refused.error.code, refused.error.status) == ("overloaded", 503)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        r = await client.get("/quick")
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "over_capacity"
+        assert "retry-after" in r.headers
+    # A freed slot goes to the oldest waiter.
+    running[0].cancel()
+    await wait_until((markers / "g3.started").exists, what="first waiter runs")
+    assert not (markers / "g4.started").exists()
+    for call in [*running, *waiting]:
+        call.cancel()
+    await asyncio.gather(*running, *waiting, return_exceptions=True)
+    await assert_all_free(gateway, side)
