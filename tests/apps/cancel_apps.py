@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.from_thread
 
 from muxgate.replicas._context import get_multiplexed_model_id
 from muxgate.replicas._deployment import deployment
@@ -59,6 +60,11 @@ class Holder:
         time.sleep(seconds)
         _mark(self.marker_dir, name, "returned")
         return name
+
+    def sync_hold_model(self, name: str, seconds: float) -> str:
+        # Pins the request's model from the thread (the loader runs on the loop).
+        anyio.from_thread.run(self.get_model, get_multiplexed_model_id())
+        return self.sync_hold(name, seconds)
 
     async def quick(self) -> str:
         return "quick"

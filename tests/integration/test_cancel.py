@@ -231,3 +231,30 @@ async def test_replica_guard_queues_then_refuses_and_the_gateway_reroutes(
         call.cancel()
     await asyncio.gather(*running, *waiting, return_exceptions=True)
     await assert_all_free(gateway, side)
+
+
+async def test_abandoned_sync_call_keeps_its_pin_until_the_thread_returns(
+    side: ReplicaConnection, markers: Path
+) -> None:
+    args = msgspec.msgpack.encode(["pinned", 1.5])
+    call = asyncio.ensure_future(
+        side.call(request_id="pinned", model_id="m-sync", method="sync_hold_model", args=args)
+    )
+    await wait_until((markers / "pinned.started").exists, what="sync call started")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    async def idle() -> bool:
+        return (await side.ping()).state.in_flight == 0
+
+    await wait_until(idle, within_s=1.0, what="abandoned sync call out of in_flight")
+    # The thread still uses the model: it stays pinned (cannot be evicted).
+    assert not (markers / "pinned.returned").exists()
+    assert (await pins(side)).get("m-sync") == 1
+    await wait_until((markers / "pinned.returned").exists, what="the thread ran to its end")
+
+    async def unpinned() -> bool:
+        return (await pins(side)).get("m-sync", 0) == 0
+
+    await wait_until(unpinned, what="pin released when the thread returned")
