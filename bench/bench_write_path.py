@@ -1,15 +1,21 @@
-"""Cost of writing one frame on a replica connection (``ReplicaConnection._write``).
+"""Cost of writing one frame on a replica connection.
 
 The round-trip benches (bench_replica_protocol.py, bench_gateway.py) are
 dominated by the two processes and the loop; this isolates the write path
-the gateway takes for every call: the synchronous transport fast path
-against the queued path (anyio stream send under a shielded cancel scope),
-which is what every write took before the fast path. The peer is a Unix
-socket drained by a task in the same loop; each run writes ``--frames``
-Call frames (an HTTP call's size), yielding to the loop after each (as a
-caller awaiting its reply does; not timed), and the table shows, as medians over
-``--repeat`` runs, the time per frame spent in ``_write`` and the whole
-loop's time per frame (the peer's reading included).
+the gateway takes for every call. Paths:
+
+* ``stream.send (before)``: what every write did before the fast path, an
+  anyio stream send under a shielded cancel scope;
+* ``_write, awaiting``: ``ReplicaConnection._write`` with a ``DirectWriter``
+  that never writes, so frames go to the awaiting writer task;
+* ``_write (now)``: ``ReplicaConnection._write`` as it is: queued, written
+  synchronously at the end of the loop iteration.
+
+The peer is a socket drained by a task in the same loop; each run writes
+``--frames`` Call frames (an HTTP call's size), yielding to the loop after
+each (as a caller awaiting its reply does). The table shows the loop's time
+per frame (the write, the yield and the peer's read), median of
+``--repeat`` runs.
 
     .venv/bin/python bench/bench_write_path.py [--frames 20000] [--repeat 7] [--uvloop] [--tcp]
 """
@@ -57,17 +63,20 @@ async def connected_pair(tcp: bool) -> tuple[anyio.abc.SocketStream, anyio.abc.S
     return stream, peer
 
 
-async def one_run(fast: bool, frames: int, tcp: bool) -> tuple[float, float]:
+PATHS = ("stream.send (before)", "_write, awaiting", "_write (now)")
+
+
+async def one_run(path: str, frames: int, tcp: bool) -> float:
     stream, peer = await connected_pair(tcp)
     welcome = Welcome(version=0, deployment="D", replica_id="r", pid=0, state=ReplicaState())
     conn = ReplicaConnection(stream, welcome, address="bench", decoder=FrameDecoder())
-    if not fast:
-        # A writer that never writes: every frame takes the queued path.
+    if path == "_write, awaiting":
         conn._direct = DirectWriter(object())  # type: ignore[arg-type]
     http = HttpRequest(method="GET", path="/x", query="", headers=[("host", "h")], body=b"")
     frame = encode_frame(
         Call(id=1, request_id="0123456789abcdef01234567", model_id="m1", http=http)
     )
+    before = path == "stream.send (before)"
     async with anyio.create_task_group() as tg:
 
         async def drain() -> None:
@@ -78,37 +87,30 @@ async def one_run(fast: bool, frames: int, tcp: bool) -> tuple[float, float]:
                 pass
 
         tg.start_soon(drain)
-        elapsed = 0.0
         clock = time.perf_counter
         begin = clock()
         for _ in range(frames):
-            start = clock()
-            await conn._write(frame)
-            elapsed += clock() - start
+            if before:
+                with anyio.CancelScope(shield=True):
+                    await stream.send(frame)
+            else:
+                await conn._write(frame)
             # A caller then waits for its reply: the peer reads meanwhile.
             await asyncio.sleep(0)
         total = clock() - begin
         await stream.aclose()
         await peer.aclose()
-    return elapsed / frames * 1e6, total / frames * 1e6
+    return total / frames * 1e6
 
 
 async def main(frames: int, repeat: int, tcp: bool) -> None:
-    in_write: dict[str, list[float]] = {"fast path": [], "queued path": []}
-    per_frame: dict[str, list[float]] = {"fast path": [], "queued path": []}
+    per_frame: dict[str, list[float]] = {path: [] for path in PATHS}
     for _ in range(repeat):
-        for name, fast in (("fast path", True), ("queued path", False)):
-            spent, total = await one_run(fast, frames, tcp)
-            in_write[name].append(spent)
-            per_frame[name].append(total)
-    # "in _write": what the caller waits for; "loop total": the whole loop
-    # per frame, including the peer reading it (the CPU the path costs).
-    print(f"{'path':<14}{'in _write us (median)':>22}{'loop total us (median)':>24}")
-    for name in in_write:
-        print(
-            f"{name:<14}{statistics.median(in_write[name]):>22.2f}"
-            f"{statistics.median(per_frame[name]):>24.2f}"
-        )
+        for path in PATHS:
+            per_frame[path].append(await one_run(path, frames, tcp))
+    print(f"{'path':<24}{'us/frame (median)':>18}{'min':>8}{'max':>8}")
+    for path, values in per_frame.items():
+        print(f"{path:<24}{statistics.median(values):>18.2f}{min(values):>8.2f}{max(values):>8.2f}")
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ One persistent stream per replica carries every call to it (see
 concurrent calls over that stream: each call gets an id, and one reader task
 resolves the pending call named by each reply.
 
-Writing: when nobody else is writing, a frame is written synchronously
-(``muxgate.replicas._fastwrite.DirectWriter``: no await, so no cancellation
-point). What the socket does not take at once, and every frame while a write
-is under way, goes the queued way: one task writes at a time through the
-stream (frames queued meanwhile go out together in the next write, and that
-write is shielded from cancellation so a cancelled caller cannot leave half
-a frame on the wire). The fast path saves the stream's send (checkpoints,
-one a yield to the loop) and the shielded scope: bench/bench_write_path.py.
+Writing never awaits in the caller: a frame is queued, and the frames
+queued during one event-loop iteration are written together at its end by
+one synchronous call (``muxgate.replicas._fastwrite.DirectWriter``), so the
+callers woken by one batch of replies send their next calls in one system
+call. What the socket does not take at once goes to one writer task that
+awaits the stream (shielded, so no half frame is left on the wire; frames
+queued meanwhile go out with its next write). Since queueing is synchronous,
+a cancelled caller's frame is either still queued (it is taken back) or
+written whole (a ``Cancel`` follows). bench/bench_write_path.py measures the
+write path against the stream's own send.
 
 Cancellation: a caller that gives up on a call (cancelled by a client
 disconnect, a gateway-side deadline, its own caller) removes its frame if it
@@ -167,6 +169,7 @@ class ReplicaConnection:
         self._reader: asyncio.Task[None] | None = None
         self._direct = DirectWriter(stream)
         self._flushers: set[asyncio.Task[None]] = set()
+        self._write_scheduled = False
         self.cancels_sent = 0
 
     # -- life cycle ---------------------------------------------------------
@@ -312,26 +315,7 @@ class ReplicaConnection:
                 del self._out[i]  # never reached the socket
                 return
         self.cancels_sent += 1
-        frame = encode_frame(Cancel(id=call_id))
-        sent = 0 if self._sending or self._out else self._direct.write(frame)
-        if sent == len(frame):
-            return
-        self._out.append((0, frame[sent:]))
-        if not self._sending:
-            task = asyncio.get_running_loop().create_task(self._flush_in_background())
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
-
-    async def _flush_in_background(self) -> None:
-        if self._sending or not self._out or self.close_reason is not None:
-            return
-        self._sending = True
-        try:
-            await self._flush()
-        except ReplicaDiedError:
-            pass  # _flush shut the connection down; the callers learn it
-        finally:
-            self._sending = False
+        self._queue(encode_frame(Cancel(id=call_id)), 0)
 
     async def ping(self) -> Pong:
         """Ask for the replica's state and counters (also refreshes ``state``).
@@ -376,53 +360,64 @@ class ReplicaConnection:
         await asyncio.shield(self._drained)
 
     async def _write(self, frame: bytes, call_id: int = 0) -> None:
-        """Write one frame: directly when nothing else is being written,
-        else coalesced with others queued while a write is under way (one
-        task writes for everyone; the others return at once and learn of a
-        failure through their pending future)."""
+        """Queue one frame for writing (see ``_queue``); the caller learns of
+        a failure through its pending future."""
         if self.close_reason is not None:
             raise ReplicaUnavailableError(
                 f"replica {self.replica_id} connection closed: {self.close_reason}"
             )
-        if self._sending:
-            self._out.append((call_id, frame))
-            return
-        if self._out:
-            # A Cancel waits for its background flush: keep the order (the
-            # first frame may be the rest of a partly written one).
-            self._out.append((call_id, frame))
-        else:
-            sent = self._direct.write(frame)
-            if sent == len(frame):
-                return
-            if sent:
-                # The rest must go next. Part of it is on the wire: the call
-                # is no longer unsent (id 0), nor can it be taken back.
-                self._out.append((0, frame[sent:]))
-            else:
-                self._out.append((call_id, frame))
-        self._sending = True
-        try:
-            await self._flush()
-        finally:
-            self._sending = False
+        self._queue(frame, call_id)
 
-    async def _flush(self) -> None:
-        """Write everything queued (the caller holds ``_sending``)."""
+    def _queue(self, frame: bytes, call_id: int) -> None:
+        """Queue a frame; synchronous (callable from a cancelled task).
+
+        The first frame queued in a loop iteration schedules ``_write_now``
+        for the end of it, so the frames of every caller woken together
+        (replies come in batches) go out in one system call. While an
+        awaiting write is under way, its writer takes the frame instead.
+        """
+        self._out.append((call_id, frame))
+        if not self._sending and not self._write_scheduled:
+            self._write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        """Write everything queued without awaiting (``DirectWriter``);
+        what the socket does not take goes to an awaiting writer task."""
+        self._write_scheduled = False
+        if self._sending or not self._out or self.close_reason is not None:
+            return
+        batch = self._out
+        data = batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch)
+        sent = self._direct.write(data)
+        if sent == len(data):
+            self._out = []
+            return
+        if sent:
+            # The rest must go next, whole. Part of it is on the wire: its
+            # calls are no longer unsent (id 0), nor can they be taken back.
+            self._out = [(0, data[sent:])]
+        self._sending = True
+        task = asyncio.get_running_loop().create_task(self._flush_in_background())
+        self._flushers.add(task)
+        task.add_done_callback(self._flushers.discard)
+
+    async def _flush_in_background(self) -> None:
+        """The awaiting writer (the caller set ``_sending``)."""
         try:
-            # Shielded: a cancelled caller must not leave a partial frame.
+            # Shielded: closing the connection must not leave half a frame
+            # that a later write would continue.
             with anyio.CancelScope(shield=True):
-                while self._out:
+                while self._out and self.close_reason is None:
                     batch, self._out = self._out, []
                     await self._stream.send(
                         batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch)
                     )
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            # Part of the data may have reached the replica: those calls died.
             self._shutdown(f"write failed: {exc!r}")
-            # Part of the data may have reached the replica.
-            raise ReplicaDiedError(
-                f"replica {self.replica_id} connection failed while sending"
-            ) from exc
+        finally:
+            self._sending = False
 
     # -- reading ------------------------------------------------------------
 

@@ -55,7 +55,6 @@ import logging
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +64,6 @@ import msgspec
 from opentelemetry import trace
 
 from muxgate.replicas._context import current_request, request_scope
-from muxgate.replicas._fastwrite import DirectWriter
 from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
@@ -86,8 +84,8 @@ from muxgate.replicas._protocol import (
     ReplicaState,
     Reply,
     Welcome,
-    encode_frame,
 )
+from muxgate.replicas._replica_io import GatewayConnection, Slots
 from muxgate.replicas._tracing import extract_context, tracing_active
 
 if TYPE_CHECKING:
@@ -126,132 +124,6 @@ def _error_for(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(code="user_error", message=message, status=500)
 
 
-class _Slots:
-    """The replica's ``max_ongoing_requests`` guard (see the module docstring).
-
-    ``try_acquire`` is the synchronous fast path; ``acquire`` waits in FIFO
-    order. A released slot passes straight to the oldest waiter, so a waiter
-    that was woken cannot lose its slot to a newcomer.
-    """
-
-    __slots__ = ("_waiters", "limit", "max_waiting", "running")
-
-    def __init__(self, limit: int, max_waiting: int) -> None:
-        self.limit = limit
-        self.max_waiting = max_waiting
-        self.running = 0
-        self._waiters: deque[anyio.Event] = deque()
-
-    def __repr__(self) -> str:
-        return f"<_Slots running={self.running}/{self.limit} waiting={len(self._waiters)}>"
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    def try_acquire(self) -> bool:
-        if self.running < self.limit and not self._waiters:
-            self.running += 1
-            return True
-        return False
-
-    async def acquire(self) -> None:
-        event = anyio.Event()
-        self._waiters.append(event)
-        try:
-            await event.wait()
-        except BaseException:
-            if event.is_set():
-                self.release()  # handed a slot as we gave up: pass it on
-            else:
-                self._waiters.remove(event)
-            raise
-
-    def release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # the slot changes hands; running stays
-        else:
-            self.running -= 1
-
-
-class _Connection:
-    """One accepted gateway connection.
-
-    When no send is under way, a frame is written synchronously
-    (``DirectWriter``: nothing to cancel, no yield to the loop); what the
-    socket does not take at once goes the awaiting way. Frames are coalesced:
-    a sender that finds another send under way only queues its frame, and
-    the active sender writes everything queued in one go.
-    """
-
-    __slots__ = (
-        "_direct",
-        "_out",
-        "_sending",
-        "_written",
-        "broken",
-        "calls",
-        "peer",
-        "stream",
-        "welcomed",
-    )
-
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
-        self.stream = stream
-        self.welcomed = False
-        self.broken = False
-        # call id -> its cancel scope, for Cancel(id); ids are per connection.
-        self.calls: dict[int, anyio.CancelScope] = {}
-        self._out: list[bytes] = []
-        self._sending = False
-        self._written = anyio.Event()  # set while nothing waits to be written
-        self._written.set()
-        self._direct = DirectWriter(stream)
-        try:
-            self.peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address))
-        except Exception:
-            self.peer = "?"
-
-    async def send(self, message: Message) -> bool:
-        """Queue one frame and write it (with any others queued meanwhile);
-        False when the peer is gone (the caller moves on)."""
-        if self.broken:
-            return False
-        frame = encode_frame(message)
-        if not self._sending:  # then nothing is queued either
-            sent = self._direct.write(frame)
-            if sent == len(frame):
-                return True
-            frame = frame[sent:]  # the rest goes first, the awaiting way
-        self._out.append(frame)
-        if self._sending:
-            return True  # the active sender writes it
-        self._sending = True
-        self._written = anyio.Event()
-        try:
-            # Shielded so a cancelled call task never leaves half a frame.
-            with anyio.CancelScope(shield=True):
-                while self._out:
-                    data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-                    self._out.clear()
-                    await self.stream.send(data)
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self.broken = True
-            self._out.clear()
-            return False
-        finally:
-            self._sending = False
-            self._written.set()
-        return True
-
-    async def finish(self) -> None:
-        """Write what is queued, then half-close: the gateway reads every
-        reply, sees end-of-stream, and closes its end."""
-        await self._written.wait()
-        with contextlib.suppress(Exception):
-            await self.stream.send_eof()
-
-
 class Replica:
     """The serving state of this process: the instance, calls in flight,
     connections, and the stop request."""
@@ -267,14 +139,14 @@ class Replica:
         self._idle = anyio.Event()
         self._idle.set()
         self._call_scopes: set[anyio.CancelScope] = set()
-        self._connections: set[_Connection] = set()
+        self._connections: set[GatewayConnection] = set()
         self._all_closed = anyio.Event()
-        self._drain_requester: _Connection | None = None
+        self._drain_requester: GatewayConnection | None = None
         limit = max(1, spec.max_ongoing_requests)
         # Worker threads for sync user code; an abandoned thread keeps its
         # token until it returns.
         self._limiter = anyio.CapacityLimiter(limit)
-        self._slots = _Slots(limit, max_waiting=limit)
+        self._slots = Slots(limit, max_waiting=limit)
         self.cancelled = 0  # calls cancelled by a gateway's Cancel
         self._tg: anyio.abc.TaskGroup | None = None
         # method name -> coroutine function? (inspect is slow on the hot path)
@@ -368,11 +240,12 @@ class Replica:
                 _log.exception("Unloading models of %r failed.", cache)
 
     async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
-        conn = _Connection(stream)
+        conn = GatewayConnection(stream)
         decoder = FrameDecoder()
         try:
             async with stream:
                 if not await self._handshake(conn, decoder):
+                    await conn.flush()  # the Refused, before closing
                     return
                 self._connections.add(conn)
                 while True:
@@ -394,7 +267,7 @@ class Replica:
                 # The gateway is gone: nobody can receive replies any more.
                 self.request_stop("gateway disconnected", graceful=False)
 
-    async def _handshake(self, conn: _Connection, decoder: FrameDecoder) -> bool:
+    async def _handshake(self, conn: GatewayConnection, decoder: FrameDecoder) -> bool:
         messages: list[Message] = []
         with anyio.move_on_after(_HANDSHAKE_TIMEOUT):
             while not messages:
@@ -434,7 +307,7 @@ class Replica:
             self._dispatch(conn, message)
         return conn.welcomed
 
-    def _dispatch(self, conn: _Connection, message: Message) -> None:
+    def _dispatch(self, conn: GatewayConnection, message: Message) -> None:
         assert self._tg is not None
         if isinstance(message, Call):
             self.in_flight += 1
@@ -461,11 +334,11 @@ class Replica:
         else:
             _log.warning("Ignoring unexpected %s from the gateway.", type(message).__name__)
 
-    async def _pong(self, conn: _Connection) -> None:
+    async def _pong(self, conn: GatewayConnection) -> None:
         await conn.send(Pong(state=self.state(), counters=counters()))
 
     async def _run_call(
-        self, conn: _Connection, call: Call, refuse: bool, scope: anyio.CancelScope
+        self, conn: GatewayConnection, call: Call, refuse: bool, scope: anyio.CancelScope
     ) -> None:
         self._call_scopes.add(scope)
         reply: Reply | None = None
