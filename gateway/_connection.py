@@ -5,16 +5,16 @@ One persistent stream per replica carries every call to it (see
 concurrent calls over that stream: each call gets an id, and one reader task
 resolves the pending call named by each reply.
 
-Writing never awaits in the caller: a frame is queued, and the frames
-queued during one event-loop iteration are written together at its end by
-one synchronous call (``muxgate.replicas._fastwrite.DirectWriter``), so the
-callers woken by one batch of replies send their next calls in one system
-call. What the socket does not take at once goes to one writer task that
-awaits the stream (shielded, so no half frame is left on the wire; frames
-queued meanwhile go out with its next write). Since queueing is synchronous,
-a cancelled caller's frame is either still queued (it is taken back) or
-written whole (a ``Cancel`` follows). bench/bench_write_path.py measures the
-write path against the stream's own send.
+Writing never awaits in the caller: a frame is written at once by one
+synchronous call (``muxgate.replicas._fastwrite.DirectWriter``). What the
+socket does not take at once goes to one writer task that awaits the stream
+(shielded, so no half frame is left on the wire); frames written meanwhile
+queue behind it and go out together in its next write. Since writing is
+synchronous, a cancelled caller's frame is either still queued (it is taken
+back) or written whole (a ``Cancel`` follows). bench/bench_write_path.py
+measures the write path against the stream's own send. (Deferring writes to
+the end of the loop iteration to coalesce them was measured too: slower at
+concurrency 1 and 32, see bench_replica_protocol.py.)
 
 Cancellation: a caller that gives up on a call (cancelled by a client
 disconnect, a gateway-side deadline, its own caller) removes its frame if it
@@ -169,7 +169,6 @@ class ReplicaConnection:
         self._reader: asyncio.Task[None] | None = None
         self._direct = DirectWriter(stream)
         self._flushers: set[asyncio.Task[None]] = set()
-        self._write_scheduled = False
         self.cancels_sent = 0
 
     # -- life cycle ---------------------------------------------------------
@@ -369,23 +368,16 @@ class ReplicaConnection:
         self._queue(frame, call_id)
 
     def _queue(self, frame: bytes, call_id: int) -> None:
-        """Queue a frame; synchronous (callable from a cancelled task).
-
-        The first frame queued in a loop iteration schedules ``_write_now``
-        for the end of it, so the frames of every caller woken together
-        (replies come in batches) go out in one system call. While an
-        awaiting write is under way, its writer takes the frame instead.
-        """
+        """Write a frame now, or queue it behind an awaiting write under
+        way; synchronous (callable from a cancelled task)."""
         self._out.append((call_id, frame))
-        if not self._sending and not self._write_scheduled:
-            self._write_scheduled = True
-            asyncio.get_running_loop().call_soon(self._write_now)
+        if not self._sending:
+            self._write_now()
 
     def _write_now(self) -> None:
         """Write everything queued without awaiting (``DirectWriter``);
         what the socket does not take goes to an awaiting writer task."""
-        self._write_scheduled = False
-        if self._sending or not self._out or self.close_reason is not None:
+        if not self._out or self.close_reason is not None:
             return
         batch = self._out
         data = batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch)

@@ -71,17 +71,15 @@ class GatewayConnection:
     """One accepted gateway connection: its stream, the calls it sent (for
     ``Cancel``), and the frames going back.
 
-    Sending never awaits the socket: frames are queued, and those queued
-    during one event-loop iteration (the replies of calls that finished
-    together) are written at its end in one synchronous call
-    (``DirectWriter``). What the socket does not take at once goes to one
-    writer task that awaits the stream, shielded so no half frame is left.
+    Sending never awaits the socket: a frame is written at once by one
+    synchronous call (``DirectWriter``). What the socket does not take goes
+    to one writer task that awaits the stream (shielded, so no half frame is
+    left); frames sent meanwhile queue behind it and go out together.
     """
 
     __slots__ = (
         "_direct",
         "_out",
-        "_scheduled",
         "_sending",
         "_writer",
         "_written",
@@ -99,7 +97,6 @@ class GatewayConnection:
         # call id -> its cancel scope, for Cancel(id); ids are per connection.
         self.calls: dict[int, anyio.CancelScope] = {}
         self._out: list[bytes] = []
-        self._scheduled = False  # a _write_now is scheduled
         self._sending = False  # the writer task is awaiting the stream
         self._writer: asyncio.Task[None] | None = None
         self._written = anyio.Event()  # set while nothing waits to be written
@@ -117,35 +114,21 @@ class GatewayConnection:
         )
 
     async def send(self, message: Message) -> bool:
-        """Queue one frame (written at the end of this loop iteration);
-        False when the peer is known to be gone (the caller moves on)."""
+        """Write one frame (or queue it behind a write under way); False
+        when the peer is known to be gone (the caller moves on)."""
         if self.broken:
             return False
-        self._out.append(encode_frame(message))
-        if self._written.is_set():
-            self._written = anyio.Event()
-        if not self._sending and not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._write_now)
-        return True
-
-    def _write_now(self) -> None:
-        self._scheduled = False
+        frame = encode_frame(message)
         if self._sending:
-            return  # the writer task takes what is queued
-        if self.broken or not self._out:
-            self._out.clear()
-            self._written.set()
-            return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        self._out.clear()
-        sent = self._direct.write(data)
-        if sent == len(data):
-            self._written.set()
-            return
-        self._out.append(data[sent:])  # the rest goes first, the awaiting way
-        self._sending = True
-        self._writer = asyncio.get_running_loop().create_task(self._write_awaiting())
+            self._out.append(frame)  # the writer task takes it
+            return True
+        sent = self._direct.write(frame)
+        if sent < len(frame):
+            self._out.append(frame[sent:])  # the rest goes first, the awaiting way
+            self._sending = True
+            self._written = anyio.Event()
+            self._writer = asyncio.get_running_loop().create_task(self._write_awaiting())
+        return True
 
     async def _write_awaiting(self) -> None:
         try:
