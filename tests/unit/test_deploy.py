@@ -204,7 +204,7 @@ def test_k8s_objects_fit_together() -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert container["resources"]["limits"]["memory"]
-    assert "/-/healthz" in "".join(container["readinessProbe"]["exec"]["command"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/-/healthz"
     assert "livenessProbe" in container
 
 
