@@ -11,7 +11,7 @@ Two kinds of series:
   state, spillovers) are observed by the gateway itself and kept in ordinary
   ``prometheus_client`` metrics.
 * **Replica-side** (model loads, load failures, unloads by reason, cache hits
-  and misses, summed load seconds, models loaded) are cumulative counters each
+  and misses, load duration buckets, models loaded) are cumulative counters each
   replica process reports in its ``Pong``. The gateway stores the latest
   snapshot per replica and a custom collector sums them per deployment at
   scrape time. A replica that goes away (drained, died, replaced) is folded
@@ -37,8 +37,15 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from muxgate.replicas._multiplex import MODEL_LOAD_BUCKETS, load_bucket_key
 
 __all__ = [
     "REPLICA_COUNTER_KEYS",
@@ -66,6 +73,7 @@ REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
     "cache_hits",
     "cache_misses",
     "model_load_seconds_sum",
+    *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
 )
 
 _MODELS_LOADED_KEY: Final = "models_loaded"
@@ -82,16 +90,12 @@ class _ReplicaCounters(Collector):
     which can only grow because a snapshot leaves ``_live`` only by being
     added to ``_base``.
 
-    Load duration: a replica reports only the sum of its load seconds, so the
-    gateway exposes ``muxgate_model_load_seconds_total`` (a counter of summed
-    seconds); with ``muxgate_model_loads_total`` that gives the mean load time
-    (``rate(seconds) / rate(loads)``), not percentiles. For a histogram
-    (``muxgate_model_load_duration_seconds``) each replica would report
-    cumulative per-bucket counts (keys such as ``model_load_seconds_le_0.5``)
-    that merge by the same base + live sum as every other key here, and
-    ``collect`` would emit a ``HistogramMetricFamily``; nothing else changes.
-    A gateway-side histogram of raw observations is not possible, since the
-    gateway never sees individual loads.
+    Load duration: the gateway never sees individual loads, so each replica
+    keeps its own histogram as cumulative per-bucket counters (keys such as
+    ``model_load_seconds_le_0.5``, bounds ``MODEL_LOAD_BUCKETS``). Bucket
+    counts merge by the same base + live sum as every other key, and
+    ``collect`` emits them as ``muxgate_model_load_duration_seconds``, whose
+    ``+Inf`` bucket is ``model_loads`` and whose sum is ``model_load_seconds_sum``.
     """
 
     def __init__(self) -> None:
@@ -220,11 +224,22 @@ class _ReplicaCounters(Collector):
                     [deployment, reason], totals[deployment][f"model_unloads_{reason}"]
                 )
         yield unloads
-        yield per_deployment(
-            "muxgate_model_load_seconds_total",
-            "Seconds spent loading models, summed over loads (see muxgate_model_loads_total).",
-            "model_load_seconds_sum",
+        durations = HistogramMetricFamily(
+            "muxgate_model_load_duration_seconds",
+            "Time replicas took to load a model (successful loads).",
+            labels=["deployment"],
         )
+        for deployment in deployments:
+            total = totals[deployment]
+            durations.add_metric(
+                [deployment],
+                buckets=[
+                    *((str(bound), total[load_bucket_key(bound)]) for bound in MODEL_LOAD_BUCKETS),
+                    ("+Inf", total["model_loads"]),
+                ],
+                sum_value=total["model_load_seconds_sum"],
+            )
+        yield durations
         yield per_deployment(
             "muxgate_cache_hits_total",
             "Model lookups answered from a replica's cache.",
@@ -258,9 +273,11 @@ class GatewayMetrics:
     * ``spillovers_total{deployment}``: requests routed past the model's home
       replica by the bounded-load rule.
     * ``model_loads_total``, ``model_load_failures_total``,
-      ``model_unloads_total{reason}``, ``model_load_seconds_total``,
-      ``cache_hits_total``, ``cache_misses_total`` (all ``{deployment}``):
-      replica counters summed over replicas, monotonic across replica churn.
+      ``model_unloads_total{reason}``, ``cache_hits_total``,
+      ``cache_misses_total`` (all ``{deployment}``): replica counters summed
+      over replicas, monotonic across replica churn.
+    * ``model_load_duration_seconds{deployment}``: histogram of load times,
+      merged from the replicas' own histograms the same way.
     * ``models_loaded{deployment,replica}``: per live replica.
 
     With ``per_model_labels=True`` requests, request duration and spillovers

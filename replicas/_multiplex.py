@@ -19,6 +19,7 @@ is over its limit because everything was pinned shrinks as soon as pins release.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import contextvars
 import functools
@@ -28,7 +29,7 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Final, Generic, TypeVar, overload
 
 import anyio.to_thread
 from opentelemetry import trace
@@ -38,10 +39,12 @@ from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._lru import MISSING, LRUState, _Missing
 
 __all__ = [
+    "MODEL_LOAD_BUCKETS",
     "LRUState",
     "ModelCache",
     "ModelCacheClosedError",
     "counters",
+    "load_bucket_key",
     "model_cache",
     "model_caches",
     "multiplexed",
@@ -68,6 +71,20 @@ class ModelCacheClosedError(RuntimeError):
 
 _CACHES: weakref.WeakValueDictionary[int, ModelCache[Any]] = weakref.WeakValueDictionary()
 _cache_numbers = itertools.count()
+
+#: Upper bounds (s) of the model load duration histogram: a small local
+#: state dict loads in ~10 ms, a large remote one in minutes.
+MODEL_LOAD_BUCKETS: Final[tuple[float, ...]] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+def load_bucket_key(bound: float) -> str:
+    """Counter key of the histogram bucket ``le=bound`` (loads that took at most ``bound`` s)."""
+    return f"model_load_seconds_le_{bound:g}"
+
+
+_BUCKET_KEYS: Final = tuple(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS)
 _COUNTERS: dict[str, float] = dict.fromkeys(
     (
         "model_loads",
@@ -78,9 +95,18 @@ _COUNTERS: dict[str, float] = dict.fromkeys(
         "cache_hits",
         "cache_misses",
         "model_load_seconds_sum",
+        # cumulative, like Prometheus buckets; the +Inf bucket is model_loads
+        *_BUCKET_KEYS,
     ),
     0.0,
 )
+
+
+def _count_load(seconds: float) -> None:
+    _COUNTERS["model_loads"] += 1
+    _COUNTERS["model_load_seconds_sum"] += seconds
+    for key in _BUCKET_KEYS[bisect.bisect_left(MODEL_LOAD_BUCKETS, seconds) :]:
+        _COUNTERS[key] += 1
 
 
 class _IdentitySet:
@@ -351,8 +377,7 @@ class ModelCache(Generic[M]):
                 )
                 raise
         seconds = time.perf_counter() - start
-        _COUNTERS["model_loads"] += 1
-        _COUNTERS["model_load_seconds_sum"] += seconds
+        _count_load(seconds)
         _log.info("Loaded model '%s' in %.1fms.", model_id, seconds * 1e3)
         return model
 

@@ -88,7 +88,13 @@ async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
     assert only(samples, "muxgate_request_duration_seconds_sum")[DEP] > 0.0
     assert only(samples, "muxgate_model_loads_total") == {DEP: 3.0}
     assert only(samples, "muxgate_model_load_failures_total") == {DEP: 0.0}
-    assert only(samples, "muxgate_model_load_seconds_total")[DEP] > 0.0
+    # Three loads in the replica's histogram: all counted, every bucket cumulative.
+    assert only(samples, "muxgate_model_load_duration_seconds_count") == {DEP: 3.0}
+    assert only(samples, "muxgate_model_load_duration_seconds_sum")[DEP] > 0.0
+    load_buckets = only(samples, "muxgate_model_load_duration_seconds_bucket")
+    assert load_buckets[(("deployment", "Observed"), ("le", "+Inf"))] == 3.0
+    by_bound = sorted((float(dict(k)["le"]), v) for k, v in load_buckets.items())
+    assert [v for _, v in by_bound] == sorted(v for _, v in by_bound)
     assert only(samples, "muxgate_model_unloads_total") == {
         (("deployment", "Observed"), ("reason", "drain")): 0.0,
         (("deployment", "Observed"), ("reason", "lru")): 1.0,

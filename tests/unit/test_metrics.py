@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_text import Samples, only, parse_samples
 
 from muxgate.gateway._metrics import REQUEST_DURATION_BUCKETS, GatewayMetrics
+from muxgate.replicas._multiplex import MODEL_LOAD_BUCKETS, load_bucket_key
 
 
 def scrape(metrics: GatewayMetrics) -> Samples:
@@ -124,7 +125,8 @@ def test_replica_counters_are_summed_per_deployment() -> None:
     assert only(s, "muxgate_model_load_failures_total")[model] == 1.0
     assert only(s, "muxgate_cache_hits_total")[model] == 11.0
     assert only(s, "muxgate_cache_misses_total") == {model: 4.0, (("deployment", "Other"),): 7.0}
-    assert only(s, "muxgate_model_load_seconds_total")[model] == 1.75
+    assert only(s, "muxgate_model_load_duration_seconds_sum")[model] == 1.75
+    assert only(s, "muxgate_model_load_duration_seconds_count")[model] == 5.0
     assert only(s, "muxgate_model_unloads_total") == {
         (("deployment", "Model"), ("reason", "drain")): 2.0,
         (("deployment", "Model"), ("reason", "lru")): 1.0,
@@ -307,3 +309,24 @@ def test_final_counters_of_a_drained_replica_count_once() -> None:
     s = scrape(m)
     assert only(s, "muxgate_model_loads_total")[model] == 6.0
     assert only(s, "muxgate_cache_hits_total")[model] == 4.0
+
+
+def test_replica_load_histograms_merge_into_one_per_deployment() -> None:
+    m = GatewayMetrics()
+    # Replica a: loads of 0.02 s and 3 s; replica b: one of 400 s (over every bound).
+    a = {load_bucket_key(b): float((b >= 0.02) + (b >= 3.0)) for b in MODEL_LOAD_BUCKETS}
+    m.set_replica_counters(
+        "Model", "Model#a", {**a, "model_loads": 2, "model_load_seconds_sum": 3.02}
+    )
+    m.set_replica_counters("Model", "Model#b", {"model_loads": 1, "model_load_seconds_sum": 400.0})
+    m.forget_replica("Model", "Model#b")  # a gone replica's loads stay in the histogram
+
+    buckets = only(scrape(m), "muxgate_model_load_duration_seconds_bucket")
+    got = {dict(labels)["le"]: value for labels, value in buckets.items()}
+    assert got["0.01"] == 0.0
+    assert got["0.025"] == 1.0
+    assert got["2.5"] == 1.0
+    assert got["5.0"] == 2.0
+    assert got["300.0"] == 2.0
+    assert got["+Inf"] == 3.0
+    assert len(got) == len(MODEL_LOAD_BUCKETS) + 1

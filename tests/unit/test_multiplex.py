@@ -23,10 +23,12 @@ from muxgate.replicas._context import (
     set_replica_context,
 )
 from muxgate.replicas._multiplex import (
+    MODEL_LOAD_BUCKETS,
     LRUState,
     ModelCache,
     ModelCacheClosedError,
     counters,
+    load_bucket_key,
     model_cache,
     model_caches,
     multiplexed,
@@ -610,8 +612,14 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
         "cache_hits",
         "cache_misses",
         "model_load_seconds_sum",
+        *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
         "models_loaded",
     }
+    # The load duration histogram: each load lands in every bucket from its
+    # duration up (cumulative), so the per-bucket increases step up to 2.
+    steps = [after[load_bucket_key(b)] - before[load_bucket_key(b)] for b in MODEL_LOAD_BUCKETS]
+    assert steps == sorted(steps)
+    assert steps[-1] == 2
     assert repr(cache) == (
         "<ModelCache 'make_loader.<locals>.get_model' capacity=2 "
         "loaded=['snap-b', 'snap-a'] loading=[] pinned={}>"
