@@ -28,6 +28,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ReplicaFailedError",
     "RouteNotFoundError",
+    "StorageUnavailableError",
     "error_body",
     "error_from_info",
     "error_response",
@@ -144,6 +145,17 @@ class NoReplicaError(GatewayError):
         self.retry_after = retry_after
 
 
+class StorageUnavailableError(GatewayError):
+    """The replica's model storage kept failing after its retries; try again later."""
+
+    status = 503
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class DeadlineExceededError(GatewayError):
     """The request's deadline passed before it was answered."""
 
@@ -155,7 +167,9 @@ class DeadlineExceededError(GatewayError):
 _INFO_CODES: dict[str, type[GatewayError]] = {
     "user_error": DeploymentError,
     "model_not_found": ModelNotFoundError,
+    "bad_model_id": BadModelIdError,
     "bad_request": BadRequestError,
+    "storage_unavailable": StorageUnavailableError,
     "deadline": DeadlineExceededError,
     "payload_too_large": PayloadTooLargeError,
 }

@@ -90,7 +90,8 @@ class HttpRequest(msgspec.Struct, frozen=True, array_like=True):
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
     """A failure of a call. ``code`` is a stable machine-readable string."""
 
-    # "user_error" | "model_not_found" | "bad_request" | "deadline" | "draining"
+    # "user_error" | "model_not_found" | "bad_model_id" | "bad_request" | "storage_unavailable"
+    # | "deadline" | "draining"
     # | "overloaded" (503: the replica's own max_ongoing_requests guard refused it)
     code: str
     message: str

@@ -114,13 +114,26 @@ class _CallFailed(Exception):
         self.error = error
 
 
+#: muxgate.backends errors that mean something to the client, by class name:
+#: (code, HTTP status). Anything else user code raises is a 500 ``user_error``.
+_BACKEND_ERRORS: dict[str, tuple[str, int]] = {
+    "ModelNotFoundError": ("model_not_found", 404),
+    # an id that would leave the storage root: the client's mistake, not ours
+    "InvalidModelIdError": ("bad_model_id", 400),
+    # storage kept failing after retries: worth retrying later
+    "StorageUnavailableError": ("storage_unavailable", 503),
+}
+
+
 def _error_for(exc: BaseException) -> ErrorInfo:
     """Map an exception raised by user code to what the gateway gets."""
     message = f"{type(exc).__name__}: {exc}"
     # muxgate.backends is optional here (and must not be imported eagerly):
-    # match its not-found error by name anywhere in the class hierarchy.
-    if any(cls.__name__ == "ModelNotFoundError" for cls in type(exc).__mro__):
-        return ErrorInfo(code="model_not_found", message=message, status=404)
+    # match its errors by name anywhere in the class hierarchy.
+    for cls in type(exc).__mro__:
+        known = _BACKEND_ERRORS.get(cls.__name__)
+        if known is not None:
+            return ErrorInfo(code=known[0], message=message, status=known[1])
     return ErrorInfo(code="user_error", message=message, status=500)
 
 

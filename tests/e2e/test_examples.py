@@ -98,8 +98,14 @@ async def test_app_yaml_http_and_handle_clients(model_env: Path) -> None:
             missing = await client.post(
                 f"{url}/", json={"x": [0, 0, 0, 0]}, headers={"serve_multiplexed_model_id": "9"}
             )
+            # passes the gateway's character check, refused by the storage join
+            escape = await client.post(
+                f"{url}/", json={"x": [0, 0, 0, 0]}, headers={"serve_multiplexed_model_id": "../1"}
+            )
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "model_not_found"
+        assert escape.status_code == 400
+        assert escape.json()["error"]["code"] == "bad_model_id"
 
 
 async def test_composition_example(model_env: Path) -> None:

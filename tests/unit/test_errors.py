@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from muxgate import backends
 from muxgate.gateway._errors import (
     BadModelIdError,
     DeadlineExceededError,
@@ -17,10 +18,12 @@ from muxgate.gateway._errors import (
     PayloadTooLargeError,
     ReplicaFailedError,
     RouteNotFoundError,
+    StorageUnavailableError,
     error_from_info,
     error_response,
 )
 from muxgate.replicas._protocol import ErrorInfo
+from muxgate.replicas._replica import _error_for
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,8 @@ def test_internal_errors_hide_details() -> None:
         ("deadline", DeadlineExceededError, 504),
         ("payload_too_large", PayloadTooLargeError, 413),
         ("draining", OverCapacityError, 503),
+        ("bad_model_id", BadModelIdError, 400),
+        ("storage_unavailable", StorageUnavailableError, 503),
     ],
 )
 def test_replica_error_codes(code: str, cls: type[GatewayError], status: int) -> None:
@@ -73,3 +78,29 @@ def test_unknown_replica_code_keeps_status() -> None:
     assert (err.status, err.code, err.message) == (418, "teapot", "short")
     err = error_from_info(ErrorInfo(code="odd", message="x", status=200))
     assert err.status == 500
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "status"),
+    [
+        (backends.ModelNotFoundError("s3://b/m/model.pt"), "model_not_found", 404),
+        (backends.InvalidModelIdError("../m", "leaves the root"), "bad_model_id", 400),
+        (
+            backends.StorageUnavailableError("s3://b/m", attempts=3, elapsed=1.0, reason="reset"),
+            "storage_unavailable",
+            503,
+        ),
+        (backends.ModelFormatError("file:///m", "torch", "truncated"), "user_error", 500),
+        (RuntimeError("bug in the model"), "user_error", 500),
+    ],
+)
+def test_backend_errors_raised_in_a_replica_keep_their_meaning(
+    exc: Exception, code: str, status: int
+) -> None:
+    info = _error_for(exc)
+    assert (info.code, info.status) == (code, status)
+    assert info.message == f"{type(exc).__name__}: {exc}"
+    status_, headers, _ = error_response(error_from_info(info), "rid")
+    assert status_ == status
+    # a storage outage is worth retrying, and says when
+    assert any(k == b"retry-after" for k, _ in headers) == (status == 503)
