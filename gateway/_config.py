@@ -70,9 +70,11 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     import_path: Annotated[str, msgspec.Meta(pattern=_IMPORT_PATH)]
     init_kwargs: dict[str, Any] = {}
     route_prefix: str = "/"
-    max_ongoing_requests: Annotated[int, msgspec.Meta(ge=1)] = 8
+    #: None here and for the two below: the class's ``@deployment(...)``
+    #: option (learnt from its first replica's handshake), else its default
+    max_ongoing_requests: Annotated[int, msgspec.Meta(ge=1)] | None = None
     #: gateway queue bound for this deployment; -1 means unbounded
-    max_queued_requests: Annotated[int, msgspec.Meta(ge=-1)] = 1000
+    max_queued_requests: Annotated[int, msgspec.Meta(ge=-1)] | None = None
     num_replicas: Annotated[int, msgspec.Meta(ge=0)] | None = None
     autoscaling: AutoscalingConfig | None = None
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)

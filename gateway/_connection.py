@@ -128,6 +128,7 @@ class ReplicaConnection:
     Attributes:
         address: where the replica listens.
         deployment, replica_id, pid: what the replica said in ``Welcome``.
+        options: the class's ``@deployment`` options, from ``Welcome``.
         state: the latest ``ReplicaState`` the replica reported.
         counters: the latest cumulative counters (from ``Pong``).
         closed: set once the connection is gone, for whatever reason.
@@ -149,6 +150,7 @@ class ReplicaConnection:
         self.replica_id = welcome.replica_id
         self.pid = welcome.pid
         self.version = welcome.version
+        self.options = welcome.options
         self.state: ReplicaState = welcome.state
         self.counters: dict[str, float] = {}
         self.on_state = on_state

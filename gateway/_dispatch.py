@@ -171,7 +171,8 @@ class Dispatcher:
         self.name = name
         self.router = router
         self._targets = targets
-        self._max_queued = max_queued_requests
+        #: queue bound; the pool may change it once it knows the class's options
+        self.max_queued_requests = max_queued_requests
         self._starting = starting
         self._unavailable_reason = unavailable_reason
         self._metrics = metrics
@@ -363,7 +364,7 @@ class Dispatcher:
     async def _wait_for_slot(self, model_id: str, deadline: float) -> RouteDecision:
         if not len(self.router) and not self._starting():
             raise self._no_replica(f"no replica of {self.name} is running")
-        if 0 <= self._max_queued <= self._waiting:
+        if 0 <= self.max_queued_requests <= self._waiting:
             raise OverCapacityError(
                 f"{self.name} is over capacity ({self._waiting} requests queued)",
                 retry_after=self._retry_after,

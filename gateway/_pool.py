@@ -55,6 +55,11 @@ from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._router import Router
+from muxgate.replicas._deployment import (
+    DEFAULT_MAX_ONGOING_REQUESTS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DeploymentOptions,
+)
 from muxgate.replicas._protocol import ReplicaState
 from muxgate.replicas._server import ReplicaSpec
 
@@ -172,7 +177,7 @@ class ReplicaPool:
         self.router = Router(
             balance_factor=config.routing.balance_factor,
             virtual_nodes=config.routing.virtual_nodes,
-            max_ongoing_requests=config.max_ongoing_requests,
+            max_ongoing_requests=(config.max_ongoing_requests or DEFAULT_MAX_ONGOING_REQUESTS),
             min_capacity=config.routing.min_capacity,
         )
         #: replica id -> connection, for RUNNING replicas only
@@ -181,7 +186,11 @@ class ReplicaPool:
             config.name,
             self.router,
             self.targets,
-            max_queued_requests=config.max_queued_requests,
+            max_queued_requests=(
+                config.max_queued_requests
+                if config.max_queued_requests is not None
+                else DEFAULT_MAX_QUEUED_REQUESTS
+            ),
             starting=self.is_starting,
             unavailable_reason=self._unavailable_reason,
             metrics=metrics,
@@ -197,6 +206,7 @@ class ReplicaPool:
         self.target = config.initial_replicas
         self.min_replicas: int = config.min_replicas
         self.last_failure: str | None = None
+        self._class_options_known = False
         self._failures = 0
         self._backoff_until = 0.0
         self._replicas: dict[str, _Replica] = {}
@@ -410,6 +420,8 @@ class ReplicaPool:
         if rep.state != STARTING:  # scaled down while starting: the drain task owns it
             return
         self._failures = 0
+        if rep.conn.options is not None and not self._class_options_known:
+            self._adopt_class_options(rep.conn.options)
         rep.state = RUNNING
         rep.last_pong = time.monotonic()
         self.targets[rep.id] = rep.conn
@@ -427,6 +439,35 @@ class ReplicaPool:
             self._report()
             self.dispatcher.wake()
             await self._stop(rep)
+
+    def _adopt_class_options(self, options: DeploymentOptions) -> None:
+        """Take the class's ``@deployment`` options for what the config leaves unset.
+
+        The gateway never imports user code, so it learns them from the first
+        replica's handshake; until then the defaults apply (a queue of 1000,
+        8 requests per replica, one replica).
+        """
+        self._class_options_known = True
+        config = self.config
+        if config.max_ongoing_requests is None:
+            self.router.set_max_ongoing_requests(options.max_ongoing_requests)
+        if config.max_queued_requests is None:
+            self.dispatcher.max_queued_requests = options.max_queued_requests
+        wanted = options.num_replicas
+        fixed_by_class = config.num_replicas is None and config.autoscaling is None
+        if fixed_by_class and wanted is not None and wanted != self.target:
+            self.target = self.min_replicas = wanted
+            self._kick.set()
+        _log.info(
+            "%s: @deployment options %s (config overrides: %s)",
+            self.name,
+            msgspec.structs.asdict(options),
+            {
+                k: v
+                for k in ("max_ongoing_requests", "max_queued_requests", "num_replicas")
+                if (v := getattr(config, k)) is not None
+            },
+        )
 
     def _spec(self, replica_id: str) -> Any:
         spec = self._make_spec(self.config, replica_id)

@@ -233,6 +233,7 @@ class Router:
             raise ValueError(f"balance_factor must be > 1, got {balance_factor}")
         if max_ongoing_requests < 1:
             raise ValueError(f"max_ongoing_requests must be >= 1, got {max_ongoing_requests}")
+        self._default_floor = min_capacity is None
         if min_capacity is None:
             min_capacity = default_min_capacity(max_ongoing_requests)
         if min_capacity < 1:
@@ -279,6 +280,14 @@ class Router:
 
     def __contains__(self, replica_id: object) -> bool:
         return replica_id in self._replicas
+
+    def set_max_ongoing_requests(self, max_ongoing_requests: int) -> None:
+        """Change the per-replica limit (and the capacity floor, if it was the default)."""
+        if max_ongoing_requests < 1:
+            raise ValueError(f"max_ongoing_requests must be >= 1, got {max_ongoing_requests}")
+        self.max_ongoing_requests = max_ongoing_requests
+        if self._default_floor:
+            self.min_capacity = default_min_capacity(max_ongoing_requests)
 
     def add_replica(self, replica_id: str) -> None:
         """Add a ready replica to the ring (no-op if present)."""

@@ -2,8 +2,9 @@
 
 ``@deployment`` returns the very class it decorates (it stays an ordinary,
 testable class) with a :class:`DeploymentOptions` attached. The gateway reads
-the options with :func:`get_deployment_options` and lets the config file
-override them.
+the options from each replica's handshake (the replica process calls
+:func:`get_deployment_options`; the gateway never imports user code) and
+lets the config file override them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 
-__all__ = ["DeploymentOptions", "deployment", "get_deployment_options"]
+__all__ = [
+    "DEFAULT_MAX_ONGOING_REQUESTS",
+    "DEFAULT_MAX_QUEUED_REQUESTS",
+    "DeploymentOptions",
+    "deployment",
+    "get_deployment_options",
+]
+
+DEFAULT_MAX_ONGOING_REQUESTS = 8
+DEFAULT_MAX_QUEUED_REQUESTS = 1000
 
 _C = TypeVar("_C", bound=type)
 _OPTIONS_ATTR = "__muxgate_deployment__"
@@ -32,8 +42,8 @@ class DeploymentOptions(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     name: str
-    max_ongoing_requests: int = 8
-    max_queued_requests: int = 1000
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     num_replicas: int | None = None
     graceful_shutdown_timeout_s: float = 20.0
 
@@ -52,8 +62,8 @@ def deployment(
     cls: _C,
     *,
     name: str | None = None,
-    max_ongoing_requests: int = 8,
-    max_queued_requests: int = 1000,
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
     graceful_shutdown_timeout_s: float = 20.0,
 ) -> _C: ...
@@ -64,8 +74,8 @@ def deployment(
     cls: None = None,
     *,
     name: str | None = None,
-    max_ongoing_requests: int = 8,
-    max_queued_requests: int = 1000,
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
     graceful_shutdown_timeout_s: float = 20.0,
 ) -> Any: ...
@@ -75,8 +85,8 @@ def deployment(
     cls: type | None = None,
     *,
     name: str | None = None,
-    max_ongoing_requests: int = 8,
-    max_queued_requests: int = 1000,
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
     graceful_shutdown_timeout_s: float = 20.0,
 ) -> Any:

@@ -37,6 +37,8 @@ from typing import Any
 
 import msgspec
 
+from muxgate.replicas._deployment import DeploymentOptions
+
 __all__ = [
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
@@ -103,11 +105,18 @@ class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="t"):
 
 
 class Welcome(msgspec.Struct, frozen=True, tag="welcome", tag_field="t"):
+    """The replica's answer to ``Hello``.
+
+    ``options`` are the deployment class's ``@deployment`` options (defaults
+    when undecorated); the gateway adopts those its config leaves unset.
+    """
+
     version: int
     deployment: str
     replica_id: str
     pid: int
     state: ReplicaState
+    options: DeploymentOptions | None = None
 
 
 class Refused(msgspec.Struct, frozen=True, tag="refused", tag_field="t"):

@@ -64,6 +64,7 @@ import msgspec
 from opentelemetry import trace
 
 from muxgate.replicas._context import current_request, request_scope
+from muxgate.replicas._deployment import get_deployment_options
 from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
@@ -155,7 +156,10 @@ class Replica:
         self._connections: set[GatewayConnection] = set()
         self._all_closed = anyio.Event()
         self._drain_requester: GatewayConnection | None = None
-        limit = max(1, spec.max_ongoing_requests)
+        #: the class's @deployment options, told to the gateway in Welcome
+        self.options = get_deployment_options(type(instance))
+        configured = spec.max_ongoing_requests
+        limit = max(1, configured if configured is not None else self.options.max_ongoing_requests)
         # Worker threads for sync user code; an abandoned thread keeps its
         # token until it returns.
         self._limiter = anyio.CapacityLimiter(limit)
@@ -314,6 +318,7 @@ class Replica:
                 replica_id=self.spec.replica_id,
                 pid=os.getpid(),
                 state=self.state(),
+                options=self.options,
             )
         )
         for message in rest:

@@ -67,7 +67,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         init_kwargs: keyword arguments for the class's ``__init__``.
         app_dir: folder put first on ``sys.path`` before importing.
         listen: ``"unix:/path"`` or ``"tcp:127.0.0.1:0"`` (port 0: any free port).
-        max_ongoing_requests: concurrency bound for sync ``__call__`` worker threads.
+        max_ongoing_requests: calls this replica runs at once (its own guard,
+            and the bound on worker threads for sync user code); None: the
+            class's ``@deployment(max_ongoing_requests=...)``.
         log_level: level of the root logger in the replica.
         graceful_shutdown_timeout_s: how long a drain or SIGTERM waits for
             in-flight calls before cancelling them.
@@ -86,7 +88,7 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     init_kwargs: dict[str, Any] = {}
     app_dir: str | None = None
     listen: str = "tcp:127.0.0.1:0"
-    max_ongoing_requests: int = 8
+    max_ongoing_requests: int | None = None
     log_level: str = "INFO"
     graceful_shutdown_timeout_s: float = 20.0
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"

@@ -1,6 +1,8 @@
 """Deployments used by the gateway's integration tests (tests/integration/test_gateway_*).
 
-``Echo1``/``Echo2``/``Echo3`` differ only in ``max_num_models_per_replica``.
+``Echo1``/``Echo2``/``Echo3`` differ only in ``max_num_models_per_replica``;
+``Decorated`` sets ``max_ongoing_requests`` and ``num_replicas`` with
+``@deployment`` instead of the config.
 What ``__call__`` does depends on the path below the route prefix:
 
 * ``/slow?s=SECONDS``: sleep, then answer (requests that stay in flight);
@@ -30,7 +32,7 @@ class _Loaded:
         self.model_id = model_id
 
 
-def _make(limit: int) -> type:
+def _make(limit: int, name: str = "", **options: Any) -> type:
     class Echo:
         def __init__(self, greeting: str = "hello") -> None:
             self.greeting = greeting
@@ -56,10 +58,12 @@ def _make(limit: int) -> type:
                 "greeting": self.greeting,
             }
 
-    Echo.__name__ = Echo.__qualname__ = f"Echo{limit}"
-    return deployment(Echo)
+    Echo.__name__ = Echo.__qualname__ = name or f"Echo{limit}"
+    return deployment(Echo, **options)
 
 
 Echo1 = _make(1)
 Echo2 = _make(2)
 Echo3 = _make(3)
+#: options from the decorator only: the config names neither of them
+Decorated = _make(3, "Decorated", max_ongoing_requests=1, num_replicas=2)

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import MODEL, running_gateway
+from gateway_harness import MODEL, eventually, running_gateway
 
 from muxgate.gateway._serve import Gateway
 
@@ -43,6 +43,11 @@ async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
                 "route_prefix": "/spread",
                 "num_replicas": 2,
                 "max_ongoing_requests": 1,
+            },
+            {
+                "name": "Decorated",
+                "import_path": "gateway_apps:Decorated",
+                "route_prefix": "/decorated",
             },
             {
                 "name": "Nested",
@@ -105,6 +110,26 @@ async def test_lru_eviction_visible_in_admin(client: httpx.AsyncClient) -> None:
 async def test_concurrent_requests_spill_to_second_replica(client: httpx.AsyncClient) -> None:
     async def slow() -> httpx.Response:
         return await client.get("/spread/slow", params={"s": "1"}, headers={MODEL: "hot"})
+
+    first, second = await asyncio.gather(slow(), slow())
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-muxgate-replica"] != second.headers["x-muxgate-replica"]
+
+
+async def test_deployment_decorator_options_apply_when_the_config_is_silent(
+    client: httpx.AsyncClient,
+) -> None:
+    # @deployment(max_ongoing_requests=1, num_replicas=2); the config sets neither.
+    async def two_running() -> bool:
+        view = await replicas(client, "Decorated")
+        # learnt from the first replica's handshake, before it took traffic
+        assert view["target_replicas"] == 2
+        return sum(rep["state"] == "running" for rep in view["replicas"]) == 2
+
+    await eventually(two_running, within_s=30)
+
+    async def slow() -> httpx.Response:
+        return await client.get("/decorated/slow", params={"s": "1"}, headers={MODEL: "hot"})
 
     first, second = await asyncio.gather(slow(), slow())
     assert first.status_code == second.status_code == 200
@@ -207,5 +232,5 @@ async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> N
     assert r.headers.get_list("x-request-id") == [r.headers["x-request-id"]]
     assert r.json()["error"]["code"] == "not_found"
     view = (await client.get("/-/replicas")).json()["deployments"]
-    assert set(view) == {"Sticky", "Lru", "Spread", "Nested"}
+    assert set(view) == {"Sticky", "Lru", "Spread", "Decorated", "Nested"}
     assert "Sticky" in repr(gateway)

@@ -77,7 +77,8 @@ def test_toml_is_accepted(tmp_path: Path) -> None:
 def test_defaults() -> None:
     config = parse_config({"deployments": [dep()]})
     d = config.deployments[0]
-    assert (d.route_prefix, d.max_ongoing_requests, d.max_queued_requests) == ("/", 8, 1000)
+    # unset: the class's @deployment options apply (the replica reports them)
+    assert (d.route_prefix, d.max_ongoing_requests, d.max_queued_requests) == ("/", None, None)
     assert d.num_replicas is None and d.initial_replicas == 1 and d.min_replicas == 1
     assert config.http.port == 8000 and config.http.admin_token is None
     assert config.tracing.exporter is None  # OTEL_TRACES_EXPORTER decides
