@@ -16,6 +16,10 @@ import msgspec
 
 __all__ = ["AutoscalingConfig", "PolicyState", "Sample", "decide", "desired_replicas"]
 
+# Float error tolerated when rounding a replica count up (far below any real
+# fractional load: loads are means of integer samples).
+_ROUNDING_SLACK = 1e-9
+
 
 class AutoscalingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Autoscaling settings of one deployment (Ray Serve's field names).
@@ -29,9 +33,11 @@ class AutoscalingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
         downscale_delay_s: How long fewer replicas must be wanted before removing them.
         downscale_to_zero_delay_s: How long the deployment must be idle before its
             last replica is removed; defaults to ``downscale_delay_s``.
+        smoothing_factor: Default of both scaling factors below.
         upscaling_factor: Multiplier on each upscale step (smoothing); 1.0 jumps
-            straight to the desired count.
-        downscaling_factor: Multiplier on each downscale step.
+            straight to the desired count. None: ``smoothing_factor``.
+        downscaling_factor: Multiplier on each downscale step. None:
+            ``smoothing_factor``.
         look_back_period_s: Window over which load samples are averaged.
         metrics_interval_s: How often the autoscaler samples and decides.
     """
@@ -43,8 +49,9 @@ class AutoscalingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     downscale_to_zero_delay_s: float | None = None
-    upscaling_factor: float = 1.0
-    downscaling_factor: float = 1.0
+    smoothing_factor: float = 1.0
+    upscaling_factor: float | None = None
+    downscaling_factor: float | None = None
     look_back_period_s: float = 30.0
     metrics_interval_s: float = 10.0
 
@@ -72,9 +79,9 @@ class AutoscalingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        for name in ("upscaling_factor", "downscaling_factor"):
+        for name in ("smoothing_factor", "upscaling_factor", "downscaling_factor"):
             value = getattr(self, name)
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         for name in ("look_back_period_s", "metrics_interval_s"):
             value = getattr(self, name)
@@ -92,6 +99,20 @@ class AutoscalingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
         if self.downscale_to_zero_delay_s is None:
             return self.downscale_delay_s
         return self.downscale_to_zero_delay_s
+
+    @property
+    def up_factor(self) -> float:
+        """Effective ``upscaling_factor``."""
+        if self.upscaling_factor is None:
+            return self.smoothing_factor
+        return self.upscaling_factor
+
+    @property
+    def down_factor(self) -> float:
+        """Effective ``downscaling_factor``."""
+        if self.downscaling_factor is None:
+            return self.smoothing_factor
+        return self.downscaling_factor
 
 
 class Sample(NamedTuple):
@@ -123,21 +144,36 @@ class PolicyState(msgspec.Struct, frozen=True, kw_only=True):
         return cls(target=config.start_replicas)
 
 
+def _ceil(x: float) -> int:
+    """``ceil`` that ignores float rounding noise (``3.0000000000000004`` -> 3)."""
+    return math.ceil(x - _ROUNDING_SLACK)
+
+
 def desired_replicas(load: float, current: int, config: AutoscalingConfig) -> int:
     """Replicas wanted for an average ``load`` (in-flight + queued), clamped.
 
-    ``raw = load / target_ongoing_requests``. From ``current`` replicas the step
-    towards ``raw`` is scaled by ``upscaling_factor`` (rounded up) or
-    ``downscaling_factor`` (rounded down, never below ``ceil(raw)``), so a
-    factor below 1 smooths but always moves at least one replica.
+    Ray Serve's rule: from ``current`` replicas, ``error_ratio = load /
+    (target_ongoing_requests * current)``; the factor is the effective
+    ``upscaling_factor`` when ``error_ratio >= 1``, else the effective
+    ``downscaling_factor``; ``desired = ceil(current * (1 + (error_ratio - 1) *
+    factor))``. When a factor below 1 would hold a downscale at ``current``
+    although ``ceil(load / target_ongoing_requests) < current``, desired is
+    ``current - 1`` (so smoothing never blocks scaling down, to zero included).
+    From 0 replicas, ``desired = ceil(load / target_ongoing_requests)``.
+    The result is clamped to ``[min_replicas, max_replicas]``.
+
+    The step is computed as ``current + factor * (raw - current)`` with ``raw =
+    load / target_ongoing_requests`` (the same number) and rounded up ignoring
+    float noise, so that e.g. load 1 on 9 replicas wants 1 replica, not 2.
     """
     raw = load / config.target_ongoing_requests
-    wanted = math.ceil(raw)
-    if current > 0 and wanted > current and config.upscaling_factor != 1.0:
-        wanted = max(current + 1, math.ceil(current + config.upscaling_factor * (raw - current)))
-    elif current > 0 and wanted < current and config.downscaling_factor != 1.0:
-        stepped = math.floor(current - config.downscaling_factor * (current - raw))
-        wanted = min(current - 1, max(wanted, stepped))
+    wanted = _ceil(raw)
+    if current > 0:
+        factor = config.up_factor if raw >= current else config.down_factor
+        stepped = _ceil(current + factor * (raw - current))
+        if stepped == current and wanted < current:
+            stepped -= 1
+        wanted = stepped
     return max(config.min_replicas, min(config.max_replicas, wanted))
 
 
@@ -153,8 +189,8 @@ def decide(
 
     1. Keep the samples with ``timestamp >= now - look_back_period_s``; with
        none, hold the current target (no information is not zero load).
-    2. ``desired = ceil(mean(in_flight + queued) / target_ongoing_requests)``,
-       smoothed by the up/down scaling factors, clamped to
+    2. ``desired`` from ``mean(in_flight + queued)`` and the target by Ray
+       Serve's rule, smoothed by the up/down scaling factors, clamped to
        ``[min_replicas, max_replicas]`` (see :func:`desired_replicas`).
     3. A target outside ``[min, max]`` (config changed) is clamped at once.
     4. From zero: if the newest sample has any request in flight or queued,
