@@ -35,11 +35,30 @@ if TYPE_CHECKING:
 MapLocation: TypeAlias = "str | torch.device | dict[str, str] | None"
 
 
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch's weights_only unpickler names the global it refused in one of two
+# messages (torch 2.13): "Unsupported global: GLOBAL os.getcwd was not an
+# allowed global by default" and, for modules it never allows (os, posix,
+# subprocess, ...), "Trying to load unsupported GLOBAL posix.system whose
+# module posix is blocked". Matched case-insensitively so rewording the
+# capitals does not turn a refused payload into a plain format error.
+_REFUSED_GLOBAL = re.compile(
+    r"unsupported\s+global:\s*global\s+(?P<allowed>[^\s`'\"]+)"
+    r"|global\s+(?P<blocked>[^\s`'\"]+)\s+whose\s+module\s+\S+\s+is\s+blocked",
+    re.IGNORECASE,
+)
+
+# What to do about a refused pickle, per format.
+_TRUST_HINT = {
+    "state_dict": (
+        "if you trust its source, pass trusted=True (a pickled whole nn.Module then "
+        "loads as its state dict) or use load_pickled_module"
+    ),
+    "pickled_module": "pass trusted=True only if you trust its source",
+}
 
 
 class UntrustedPickleWarning(UserWarning):
-    """A pickled module was loaded with ``trusted=True``: it can run any code."""
+    """A pickle was loaded with ``trusted=True``: it can run any code."""
 
 
 def _source(artifact: Artifact) -> str | io.BytesIO:
@@ -52,6 +71,14 @@ def _source(artifact: Artifact) -> str | io.BytesIO:
 def _mmap_ok(artifact: Artifact) -> bool:
     # torch can only mmap the zip format (torch.save's default since 1.6).
     return artifact.mmap_safe and artifact.path is not None and zipfile.is_zipfile(artifact.path)
+
+
+def _refused_global(message: str) -> str | None:
+    """The global named in a weights_only refusal message, or None."""
+    match = _REFUSED_GLOBAL.search(message)
+    if match is None:
+        return None
+    return (match.group("allowed") or match.group("blocked")).rstrip(".,;:")
 
 
 def _reason(exc: BaseException) -> str:
@@ -83,14 +110,12 @@ def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
     except pickle.UnpicklingError as exc:
         # torch's weights_only unpickler refuses globals outside its allow-list
         # before calling them: the payload never ran.
-        refused = _REFUSED_GLOBAL.search(str(exc))
+        refused = _refused_global(str(exc))
         if refused is None:
             raise ModelFormatError(artifact.url, fmt, "not a loadable torch file") from exc
+        hint = _TRUST_HINT.get(fmt, "load it only if you trust its source")
         raise UnsafePickleError(
-            artifact.url,
-            fmt,
-            f"it calls {refused.group(1)}, which a safe load refuses; "
-            "load it only if you trust its source",
+            artifact.url, fmt, f"it calls {refused}, which a safe load refuses; {hint}"
         ) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelFormatError(artifact.url, fmt, _reason(exc)) from exc
@@ -100,12 +125,12 @@ def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
         raise
 
 
-def _state_dict(map_location: MapLocation, artifact: Artifact) -> dict[str, Any]:
+def _state_dict(map_location: MapLocation, trusted: bool, artifact: Artifact) -> dict[str, Any]:
     import torch
 
-    obj = torch.load(
-        _source(artifact), map_location=map_location, weights_only=True, mmap=_mmap_ok(artifact)
-    )
+    obj = _unpickle(map_location, trusted, artifact)
+    if trusted and isinstance(obj, torch.nn.Module):
+        return dict(obj.state_dict())
     if not isinstance(obj, Mapping):
         raise ModelFormatError(artifact.url, "state_dict", f"holds a {type(obj).__name__}")
     return dict(obj)
@@ -116,20 +141,26 @@ async def load_state_dict(
     model_id: str,
     filename: str = "model.pt",
     *,
+    trusted: bool = False,
     map_location: MapLocation = "cpu",
     storage_options: Mapping[str, Any] | None = None,
     config: StorageConfig | None = None,
 ) -> dict[str, Any]:
     """Load a ``torch.save``d state dict from ``root/model_id/filename``.
 
-    Uses ``torch.load(weights_only=True)``, so a file that would run code is
-    refused (:class:`UnsafePickleError`) without running it; cached files
-    are memory-mapped.
+    Uses ``torch.load(weights_only=True)``, so a file that would run code,
+    including a pickled whole ``nn.Module``, is refused
+    (:class:`UnsafePickleError`) without running it; cached files are
+    memory-mapped.
 
     Args:
         root: Storage root URL or path, e.g. ``"s3://bucket/models"``.
         model_id: Model id; refused if it would leave ``root``.
         filename: File below the model's folder.
+        trusted: Unpickle fully, as :func:`load_pickled_module` does (it can
+            run any code in the file, so an :class:`UntrustedPickleWarning`
+            is emitted); a pickled ``nn.Module`` is returned as its
+            ``state_dict()``. Only for files you produced.
         map_location: As for ``torch.load``.
         storage_options: fsspec options for this call, over the configured ones.
         config: Storage configuration (default: the process-wide one).
@@ -137,6 +168,7 @@ async def load_state_dict(
     Raises:
         InvalidModelIdError: ``model_id`` or ``filename`` would leave ``root``.
         ModelNotFoundError: No such file.
+        UnsafePickleError: The file needs code to load and ``trusted`` is false.
         ModelFormatError: Not a state dict (corrupt, truncated, other format).
         StorageUnavailableError: Storage kept failing transiently.
     """
@@ -144,7 +176,7 @@ async def load_state_dict(
     return await _load(
         url,
         "state_dict",
-        partial(_state_dict, map_location),
+        partial(_state_dict, map_location, trusted),
         storage_options=storage_options,
         config=config,
     )
@@ -286,24 +318,30 @@ async def load_safetensors(
     )
 
 
-def _pickled(map_location: MapLocation, trusted: bool, artifact: Artifact) -> torch.nn.Module:
+def _unpickle(map_location: MapLocation, trusted: bool, artifact: Artifact) -> object:
     import torch
 
     if trusted:
         warnings.warn(
-            f"Loading the pickled module {artifact.url} with trusted=True: a pickle "
+            f"Loading the pickle {artifact.url} with trusted=True: a pickle "
             "can run arbitrary code; load only files you produced.",
             UntrustedPickleWarning,
             stacklevel=2,
         )
     # Untrusted: weights_only=True, which refuses every global outside torch's
     # allow-list (extend it with torch.serialization.add_safe_globals).
-    obj = torch.load(
+    return torch.load(
         _source(artifact),
         map_location=map_location,
         weights_only=not trusted,
         mmap=_mmap_ok(artifact),
     )
+
+
+def _pickled(map_location: MapLocation, trusted: bool, artifact: Artifact) -> torch.nn.Module:
+    import torch
+
+    obj = _unpickle(map_location, trusted, artifact)
     if not isinstance(obj, torch.nn.Module):
         raise ModelFormatError(artifact.url, "pickled_module", f"holds a {type(obj).__name__}")
     return obj

@@ -7,10 +7,14 @@ a real fake-gcs-server (each server started once per session on a free
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import io
 import json
+import os
 import pathlib
+import re
+import shlex
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -185,6 +189,22 @@ class Payload:
         return (pathlib.Path.touch, (self.marker,))
 
 
+class Call:
+    """Unpickling this calls ``func(*args)``, as a hostile checkpoint would."""
+
+    def __init__(self, func: Callable[..., object], *args: object) -> None:
+        self.func = func
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.func, self.args)
+
+
+def _system_touch(marker: Path) -> Call:
+    """An ``os.system`` payload that creates ``marker`` if it ever runs."""
+    return Call(os.system, f"touch {shlex.quote(str(marker))}")
+
+
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
     """Export this process's spans to a real OTLP/HTTP receiver, through
@@ -286,6 +306,67 @@ async def test_malicious_pickle_never_runs(store: Store, tmp_path: Path) -> None
     with pytest.raises(UnsafePickleError):
         await load_pickled_module(store.root, "evil", **store.kwargs())
     assert not marker.exists()
+
+
+async def test_os_system_payload_is_refused_as_unsafe(store: Store, tmp_path: Path) -> None:
+    # torch blocks the os/posix modules outright, with its own message.
+    marker = tmp_path / "system-ran"
+    store.put("sys/model.pt", _torch_bytes({"weight": _system_touch(marker)}))
+    refused = re.escape(f"{os.system.__module__}.system")
+    with pytest.raises(UnsafePickleError, match=rf"sys/model\.pt.*calls {refused}\b") as info:
+        await load_state_dict(store.root, "sys", **store.kwargs())
+    assert info.value.format == "state_dict"
+    with pytest.raises(UnsafePickleError, match=rf"calls {refused}\b"):
+        await load_pickled_module(store.root, "sys", **store.kwargs())
+    assert not marker.exists()
+
+
+async def test_os_system_payload_is_live(store: Store, tmp_path: Path) -> None:
+    # Control for the test above: the same payload does run once trusted.
+    marker = tmp_path / "system-ran"
+    store.put("live/model.pt", _torch_bytes({"weight": _system_touch(marker)}))
+    with pytest.warns(UntrustedPickleWarning):
+        loaded = await load_state_dict(store.root, "live", trusted=True, **store.kwargs())
+    assert loaded == {"weight": 0}
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("func", [builtins.eval, builtins.exec])
+async def test_eval_and_exec_payloads_are_refused_as_unsafe(
+    store: Store, tmp_path: Path, func: Callable[..., object]
+) -> None:
+    marker = tmp_path / "code-ran"
+    code = f"open({str(marker)!r}, 'w').close()"
+    store.put("code/model.pt", _torch_bytes({"weight": Call(func, code)}))
+    with pytest.raises(UnsafePickleError, match=rf"calls {func.__name__}\b"):
+        await load_state_dict(store.root, "code", **store.kwargs())
+    with pytest.raises(UnsafePickleError, match=rf"calls {func.__name__}\b"):
+        await load_pickled_module(store.root, "code", **store.kwargs())
+    assert not marker.exists()
+
+
+async def test_state_dict_of_a_pickled_module_needs_trust(store: Store) -> None:
+    net = Net()
+    store.put("whole/model.pt", _torch_bytes(net))
+    with pytest.raises(UnsafePickleError, match=r"trusted=True.*load_pickled_module"):
+        await load_state_dict(store.root, "whole", **store.kwargs())
+    with pytest.warns(UntrustedPickleWarning, match=r"whole/model\.pt"):
+        loaded = await load_state_dict(store.root, "whole", trusted=True, **store.kwargs())
+    expected = net.state_dict()
+    assert type(loaded) is dict and loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+async def test_trusted_state_dict_of_a_plain_state_dict(store: Store) -> None:
+    state = {"weight": torch.randn(3, 2), "bias": torch.arange(2.0)}
+    store.put("plain/model.pt", _torch_bytes(state))
+    with pytest.warns(UntrustedPickleWarning):
+        loaded = await load_state_dict(store.root, "plain", trusted=True, **store.kwargs())
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    store.put("list/model.pt", _torch_bytes([torch.zeros(1)]))
+    with pytest.warns(UntrustedPickleWarning), pytest.raises(ModelFormatError, match="list"):
+        await load_state_dict(store.root, "list", trusted=True, **store.kwargs())
 
 
 async def test_not_found(store: Store) -> None:

@@ -29,6 +29,7 @@ from muxgate.backends._errors import (
     StorageUnavailableError,
 )
 from muxgate.backends._fetch import Strategy, choose_strategy, plan_parts, source_of
+from muxgate.backends._formats import _refused_global
 from muxgate.backends._instances import FilesystemInstances, freeze_options
 from muxgate.backends._retry import is_transient, with_retries
 from muxgate.backends._urls import join_model_url, redact_url, split_protocol
@@ -355,6 +356,35 @@ def test_errors_pickle_with_their_fields() -> None:
     bad = pickle.loads(pickle.dumps(InvalidModelIdError("..", "nope")))
     assert isinstance(bad, InvalidModelIdError) and isinstance(bad, ValueError)
     assert bad.reason == "nope"
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        # torch 2.13's two wordings, as embedded in its "Weights only load failed" text.
+        (
+            "Weights only load failed. ...\n\nTrying to load unsupported GLOBAL posix.system "
+            "whose module posix is blocked.\n\nCheck the documentation of torch.load",
+            "posix.system",
+        ),
+        (
+            "\tWeightsUnpickler error: Unsupported global: GLOBAL eval was not an allowed "
+            "global by default. Please use `torch.serialization.add_safe_globals([eval])`",
+            "eval",
+        ),
+        ("Unsupported global: GLOBAL __main__.Net was not an allowed global", "__main__.Net"),
+        # Case and spacing are not relied on.
+        ("trying to load unsupported global nt.system whose module nt is blocked", "nt.system"),
+        ("UNSUPPORTED GLOBAL:  GLOBAL subprocess.Popen was not allowed", "subprocess.Popen"),
+        # Refusals that name no global, and unrelated failures.
+        ("Unsupported operand 147", None),
+        ("Can only build Tensor, Parameter, OrderedDict or types allowlisted", None),
+        ("not an allowed global by default", None),
+        ("invalid load key, 'x'.", None),
+    ],
+)
+def test_refused_global_in_torch_messages(message: str, expected: str | None) -> None:
+    assert _refused_global(message) == expected
 
 
 def test_importing_backends_does_not_import_torch_or_cloud_sdks() -> None:
