@@ -75,6 +75,8 @@ _log = logging.getLogger("muxgate.gateway.app")
 _MODEL_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: how long ``GET /-/metrics`` waits for the replicas' fresh counters (s)
+_METRICS_REFRESH_S = 0.5
 
 
 def _new_request_id() -> str:
@@ -392,8 +394,11 @@ def create_app(
             content=msgspec.json.encode(body), status_code=200, media_type="application/json"
         )
 
-    @get("/-/metrics", sync_to_thread=False)
-    def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
+    @get("/-/metrics")
+    async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
+        # The poller's counters can be a second old: ask every running replica
+        # now. One that does not answer in time keeps its last counters.
+        await asyncio.gather(*(p.refresh_counters(_METRICS_REFRESH_S) for p in pools.values()))
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(content=body, status_code=200, media_type=content_type)
 

@@ -337,6 +337,34 @@ class ReplicaPool:
             }
         return out
 
+    async def refresh_counters(self, timeout_s: float) -> None:
+        """Ask every running replica for its counters now (``GET /-/metrics``).
+
+        The poller's Ping/Pong on each replica's connection, all replicas at
+        once, bounded by ``timeout_s`` overall. A replica that does not answer
+        in time keeps its last counters; unlike in the poller, a missed answer
+        says nothing about its liveness. Never raises for a replica.
+        """
+        running = [
+            (rep, rep.conn)
+            for rep in self._replicas.values()
+            if rep.state == RUNNING and rep.conn is not None
+        ]
+
+        async def refresh(rep: _Replica, conn: ReplicaConnection) -> None:
+            try:
+                pong = await conn.ping()
+            except Exception:
+                return  # closed or closing: _run_replica and the poller handle it
+            rep.last_pong = time.monotonic()
+            self._observe_loads(rep, pong.counters)
+            if self._metrics is not None and rep.state == RUNNING:
+                self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(refresh(rep, conn) for rep, conn in running))
+
     async def aclose(self) -> None:
         """Stop every replica (connection closed, then SIGKILL after a grace)."""
         self._closing = True

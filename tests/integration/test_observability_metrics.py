@@ -15,8 +15,10 @@ request does to the replica's cache:
 6     model 3, path /raise        500     hit, then the deployment raises
 ====  ==========================  ======  =====================================
 
-Replica-side series arrive through the pool's ping (about once a second),
-so the test waits, with a deadline, until the scrape shows them.
+Replica-side series arrive through the pool's ping (about once a second)
+and, fresh, through the ping every scrape sends to each running replica
+before it renders: the first test waits as a scraper that polls would, the
+second scrapes once, right after the sequence.
 """
 
 from __future__ import annotations
@@ -52,19 +54,24 @@ async def scrape(client: httpx.AsyncClient) -> Samples:
     return parse_samples(r.text)
 
 
+async def send_the_sequence(client: httpx.AsyncClient) -> None:
+    """Requests 1 to 6 of the table above, each answered before the next."""
+    statuses = []
+    for model_id, path in [("1", "/"), ("2", "/"), ("1", "/"), ("3", "/")]:
+        r = await client.post(path, headers={MODEL: model_id})
+        statuses.append(r.status_code)
+        assert r.json()["model"] == model_id
+    r = await client.post("/", headers={MODEL: "bad id"})
+    statuses.append(r.status_code)
+    assert r.json()["error"]["code"] == "bad_model_id"
+    r = await client.post("/raise", headers={MODEL: "3"})
+    statuses.append(r.status_code)
+    assert statuses == [200, 200, 200, 200, 400, 500]
+
+
 async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
-        statuses = []
-        for model_id, path in [("1", "/"), ("2", "/"), ("1", "/"), ("3", "/")]:
-            r = await client.post(path, headers={MODEL: model_id})
-            statuses.append(r.status_code)
-            assert r.json()["model"] == model_id
-        r = await client.post("/", headers={MODEL: "bad id"})
-        statuses.append(r.status_code)
-        assert r.json()["error"]["code"] == "bad_model_id"
-        r = await client.post("/raise", headers={MODEL: "3"})
-        statuses.append(r.status_code)
-        assert statuses == [200, 200, 200, 200, 400, 500]
+        await send_the_sequence(client)
 
         # The replica's counters reach the gateway with its next Pong.
         with anyio.fail_after(10):
@@ -110,6 +117,43 @@ async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
     replicas = only(samples, "muxgate_replicas")
     assert replicas[(("deployment", "Observed"), ("state", "running"))] == 1.0
     assert sum(replicas.values()) == 1.0
+
+
+async def test_one_scrape_right_after_the_sequence_is_exact(gateway: Gateway) -> None:
+    """No waiting for the poller: the scrape asks the replica for its counters."""
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        await send_the_sequence(client)
+        samples = await scrape(client)
+
+    replica_id = next(iter(gateway.pools["Observed"].snapshot()["replicas"]))["id"]
+    assert only(samples, "muxgate_model_loads_total") == {DEP: 3.0}
+    assert only(samples, "muxgate_model_load_duration_seconds_count") == {DEP: 3.0}
+    assert only(samples, "muxgate_cache_hits_total") == {DEP: 2.0}
+    assert only(samples, "muxgate_cache_misses_total") == {DEP: 3.0}
+    unloads = only(samples, "muxgate_model_unloads_total")
+    assert unloads[(("deployment", "Observed"), ("reason", "lru"))] == 1.0
+    assert only(samples, "muxgate_models_loaded") == {
+        (("deployment", "Observed"), ("replica", replica_id)): 2.0
+    }
+
+
+async def test_a_scrape_before_any_request_shows_zeros(gateway: Gateway) -> None:
+    """A running replica's series exist at 0 at once, not after its first poll."""
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        samples = await scrape(client)
+
+    replica_id = next(iter(gateway.pools["Observed"].snapshot()["replicas"]))["id"]
+    for name in (
+        "muxgate_model_loads_total",
+        "muxgate_model_load_duration_seconds_count",
+        "muxgate_cache_hits_total",
+        "muxgate_cache_misses_total",
+    ):
+        assert only(samples, name) == {DEP: 0.0}, name
+    assert set(only(samples, "muxgate_model_unloads_total").values()) == {0.0}
+    assert only(samples, "muxgate_models_loaded") == {
+        (("deployment", "Observed"), ("replica", replica_id)): 0.0
+    }
 
 
 async def test_scale_down_counts_drain_unloads_and_keeps_totals(gateway: Gateway) -> None:
