@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -422,7 +422,17 @@ def _translate_and_raise(exc: Exception, safe_url: str) -> NoReturn:
     raise translated from exc
 
 
+#: OpenTelemetry context key under which an enclosing operation (the SDK's
+#: model load) may put a list: every fetch inside it appends ``(url, bytes)``,
+#: so the load span can carry what it read. A plain string, so that neither
+#: package has to import the other.
+FETCH_LOG_KEY: Final = "muxgate.fetch_log"
+
+
 def _record(span: trace.Span, artifact: Artifact, seconds: float) -> None:
+    log = otel_context.get_value(FETCH_LOG_KEY)
+    if isinstance(log, list):
+        log.append((artifact.url, artifact.size))
     span.set_attributes(
         {
             "muxgate.duration_ms": seconds * 1000,

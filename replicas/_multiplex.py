@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Generic, TypeVar, overload
 
 import anyio.to_thread
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -198,6 +199,8 @@ class ModelCache(Generic[M]):
         self._state: LRUState[M] = LRUState(max_num_models)
         self._max_concurrent_loads = max_concurrent_loads
         self._flights: dict[str, _Flight[M]] = {}
+        #: model id -> span attributes of what its load read from storage
+        self._sources: dict[str, dict[str, str | int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load_slots: asyncio.Semaphore | None = None
@@ -364,7 +367,12 @@ class ModelCache(Generic[M]):
     async def _timed_load(self, model_id: str) -> M:
         _log.info("Loading model '%s'.", model_id)
         start = time.perf_counter()
-        with _tracer.start_as_current_span("muxgate.model.load", attributes=_attrs(model_id)):
+        fetched: list[tuple[str, int]] = []
+        with _tracer.start_as_current_span(
+            "muxgate.model.load", attributes=_attrs(model_id)
+        ) as span:
+            # muxgate.backends fetches inside the loader report here (see FETCH_LOG_KEY)
+            token = otel_context.attach(otel_context.set_value(_FETCH_LOG_KEY, fetched))
             try:
                 model = await self._load(model_id)
             except Exception:
@@ -376,6 +384,11 @@ class ModelCache(Generic[M]):
                     exc_info=True,
                 )
                 raise
+            finally:
+                otel_context.detach(token)
+            if fetched:
+                self._sources[model_id] = sources = _source_attrs(fetched)
+                span.set_attributes(sources)
         seconds = time.perf_counter() - start
         _count_load(seconds)
         _log.info("Loaded model '%s' in %.1fms.", model_id, seconds * 1e3)
@@ -416,7 +429,11 @@ class ModelCache(Generic[M]):
             return  # the same object is still cached under another id
         _log.info("Unloading model '%s'.", model_id)
         start = time.perf_counter()
-        attributes = {**_attrs(model_id), "muxgate.unload_reason": reason}
+        attributes = {
+            **_attrs(model_id),
+            **self._sources.pop(model_id, {}),
+            "muxgate.unload_reason": reason,
+        }
         with _tracer.start_as_current_span(
             "muxgate.model.unload",
             attributes=attributes,
@@ -431,6 +448,17 @@ class ModelCache(Generic[M]):
                 _log.exception("Unload hook of model '%s' failed; dropped anyway.", model_id)
                 return
         _log.info("Unloaded model '%s' in %.1fms.", model_id, (time.perf_counter() - start) * 1e3)
+
+
+_FETCH_LOG_KEY: Final = "muxgate.fetch_log"  # muxgate.backends._fetch.FETCH_LOG_KEY
+
+
+def _source_attrs(fetched: list[tuple[str, int]]) -> dict[str, str | int]:
+    """``muxgate.bytes`` (all fetches) and ``muxgate.source_url`` (the largest)."""
+    return {
+        "muxgate.bytes": sum(size for _, size in fetched),
+        "muxgate.source_url": max(fetched, key=lambda f: f[1])[0],
+    }
 
 
 def _attrs(model_id: str) -> dict[str, str]:

@@ -51,6 +51,7 @@ from muxgate.backends._formats import (
     load_state_dict,
     load_torchscript,
 )
+from muxgate.replicas._multiplex import model_cache, multiplexed
 from muxgate.replicas._tracing import flush_tracing
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -442,6 +443,31 @@ async def test_fetch_span_is_a_child_of_the_load_span(store: Store, spans: OtlpR
         await load_state_dict(store.root, "child", **store.kwargs())
     (span,) = _fetch_spans(spans, 1)
     assert span.parent_span_id == format(parent.get_span_context().span_id, "016x")
+
+
+async def test_load_and_unload_spans_carry_bytes_and_source(
+    store: Store, spans: OtlpReceiver
+) -> None:
+    data = _torch_bytes({"w": torch.ones(3)})
+    store.put("read/model.pt", data)
+    store.put("next/model.pt", _torch_bytes({"w": torch.ones(5)}))
+
+    @multiplexed(max_num_models_per_replica=1)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        return await load_state_dict(store.root, model_id, **store.kwargs())
+
+    assert flush_tracing()
+    spans.clear()
+    await get_model("read")
+    await get_model("next")  # evicts "read"
+    assert flush_tracing()
+    load = spans.wait_for_span("muxgate.model.load", **{"muxgate.model_id": "read"})
+    unload = spans.wait_for_span("muxgate.model.unload", **{"muxgate.model_id": "read"})
+    for span in (load, unload):
+        assert span.attributes["muxgate.bytes"] == len(data)
+        assert span.attributes["muxgate.source_url"] == f"{store.root}/read/model.pt"
+    assert unload.attributes["muxgate.unload_reason"] == "lru"
+    await model_cache(get_model).aclose()
 
 
 @pytest.mark.parametrize(
