@@ -119,6 +119,9 @@ async def test_a_model_load_is_one_trace_across_gateway_replica_and_storage(
     assert expected.items() <= load.attributes.items()
     assert fetch.attributes["url.full"] == (tmp_path / "1" / "model.pt").as_uri()
     assert fetch.attributes["muxgate.bytes"] == (tmp_path / "1" / "model.pt").stat().st_size
+    # what the load read, on the load span itself
+    assert load.attributes["muxgate.bytes"] == fetch.attributes["muxgate.bytes"]
+    assert load.attributes["muxgate.source_url"] == fetch.attributes["url.full"]
     assert "muxgate.model.unload" not in chain
 
     # -- request 2: a load, nothing evicted ------------------------------------
@@ -134,6 +137,8 @@ async def test_a_model_load_is_one_trace_across_gateway_replica_and_storage(
         "muxgate.model_id": "1",
         "muxgate.replica_id": replica_id,
         "muxgate.deployment": "Observed",
+        "muxgate.bytes": fetch.attributes["muxgate.bytes"],
+        "muxgate.source_url": fetch.attributes["url.full"],
         "muxgate.unload_reason": "lru",
     }
     assert one(third, "muxgate.model.load").attributes["muxgate.model_id"] == "3"
