@@ -2,9 +2,9 @@
 
 Start a gateway in-process (tests, embedding)::
 
-    from muxgate.gateway import load_config, serve
+    from muxgate.gateway import serve
 
-    async with serve(load_config("app.yaml")) as base_url:
+    async with serve("app.yaml") as base_url:   # or an AppConfig, or a dict
         ...
 
 or from the shell with ``muxgate serve app.yaml``.
@@ -33,13 +33,14 @@ from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess, ReplicaStar
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._policy import AutoscalingConfig, PolicyState, Sample, decide
 from muxgate.gateway._router import HashRing, RouteDecision, Router
-from muxgate.gateway._serve import Gateway, GatewayStartError, serve, start_gateway
+from muxgate.gateway._serve import ConfigSource, Gateway, GatewayStartError, serve, start_gateway
 
 __all__ = [
     "AppConfig",
     "Autoscaler",
     "AutoscalingConfig",
     "ConfigError",
+    "ConfigSource",
     "DeploymentConfig",
     "Gateway",
     "GatewayError",

@@ -26,13 +26,13 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal, TypeAlias
 
 import uvicorn
 
 from muxgate.gateway._app import GatewayASGI, create_app
-from muxgate.gateway._config import AppConfig, DeploymentConfig
+from muxgate.gateway._config import AppConfig, DeploymentConfig, load_config, parse_config
 from muxgate.gateway._launcher import LocalLauncher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import Launcher, ReplicaPool
@@ -114,9 +114,23 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+#: What ``serve`` and ``start_gateway`` accept: a validated config, the path
+#: of a YAML or TOML file, or the same structure as a mapping.
+ConfigSource: TypeAlias = "AppConfig | str | os.PathLike[str] | Mapping[str, Any]"
+
+
+def as_config(config: ConfigSource) -> AppConfig:
+    """An ``AppConfig`` from any ``ConfigSource`` (``ConfigError`` names the field)."""
+    if isinstance(config, AppConfig):
+        return config
+    if isinstance(config, Mapping):
+        return parse_config(dict(config), source="<mapping>")
+    return load_config(config)
+
+
 @contextlib.asynccontextmanager
 async def start_gateway(
-    config: AppConfig,
+    config: ConfigSource,
     *,
     host: str | None = None,
     port: int | None = None,
@@ -136,6 +150,7 @@ async def start_gateway(
     compares the two. ``server="granian"`` runs granian's embedded server
     instead of uvicorn (measured in bench/bench_gateway.py).
     """
+    config = as_config(config)
     host = host if host is not None else config.http.host
     port = port if port is not None else config.http.port
     metrics = GatewayMetrics(per_model_labels=config.metrics.per_model_labels)
@@ -290,7 +305,7 @@ async def _granian_server(app: Any, host: str, port: int) -> AsyncIterator[int]:
 
 @contextlib.asynccontextmanager
 async def serve(
-    config: AppConfig,
+    config: ConfigSource,
     *,
     host: str | None = None,
     port: int | None = None,
@@ -300,16 +315,19 @@ async def serve(
 
     Example::
 
-        async with serve(load_config("app.yaml"), port=0) as url:
+        async with serve("app.yaml", port=0) as url:
             httpx.get(f"{url}/", headers={"serve_multiplexed_model_id": "1"})
 
     Args:
-        config: the validated app config.
+        config: an ``AppConfig``, the path of a YAML or TOML config file, or
+            the same structure as a dict (validated like a file; relative
+            ``import_path`` folders resolve from the current directory).
         host, port: override ``config.http``; port 0 picks a free port.
         ready_timeout_s: how long to wait for every deployment's minimum
             replicas before giving up.
 
     Raises:
+        ConfigError: the config is invalid (the message names the field).
         GatewayStartError: the port is taken, or replicas did not start in
             time (the message has each deployment's last start failure).
     """

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._serve import serve
@@ -117,14 +119,19 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path: Path, sig: signal.Signal
 
 
 @pytest.mark.anyio
-async def test_serve_context_manager_leaves_no_process() -> None:
-    config = parse_config(
-        {
-            "http": {"port": 0},
-            "deployments": [{"name": "Ctx", "import_path": "gateway_apps:Echo1"}],
-        },
-        base_dir=APPS,
-    )
+@pytest.mark.parametrize("given", ["AppConfig", "path", "mapping"])
+async def test_serve_context_manager_leaves_no_process(tmp_path: Path, given: str) -> None:
+    data = {
+        "app_dir": APPS,
+        "http": {"port": 0},
+        "deployments": [{"name": "Ctx", "import_path": "gateway_apps:Echo1"}],
+    }
+    config: Any = data
+    if given == "AppConfig":
+        config = parse_config(data)
+    elif given == "path":
+        config = tmp_path / "app.yaml"
+        config.write_text(yaml.safe_dump(data))
     async with serve(config) as url, httpx.AsyncClient(base_url=url) as client:
         r = await client.get("/")
         assert r.status_code == 200
