@@ -109,9 +109,10 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Span export. ``None`` leaves the choice to the standard ``OTEL_*``
-    variables (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``), read
-    when the gateway and each replica start; unset, nothing is exported."""
+    """Span export. An ``exporter`` of ``None`` leaves the choice to the
+    standard ``OTEL_*`` variables (``OTEL_TRACES_EXPORTER``,
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``), read when the gateway and each replica
+    start: OTLP when an endpoint is named (here or there), else nothing."""
 
     exporter: Literal["otlp", "console", "none"] | None = None
     endpoint: str | None = None

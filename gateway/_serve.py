@@ -37,7 +37,7 @@ from muxgate.gateway._launcher import LocalLauncher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import Launcher, ReplicaPool
 from muxgate.replicas._server import ReplicaSpec, TracingSettings
-from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
+from muxgate.replicas._tracing import configure_tracing, exports_spans, shutdown_tracing
 
 __all__ = ["Gateway", "GatewayStartError", "run", "serve"]
 
@@ -186,15 +186,13 @@ async def start_gateway(
     # Tracing is process-wide: touch it only when this gateway exports spans,
     # so an embedding application's own set-up is left alone otherwise.
     # An exporter of None (no choice in the config) defers to the standard
-    # OTEL_TRACES_EXPORTER variable, as the replicas do.
-    exporter: str | None = config.tracing.exporter
-    traced = (
-        bool(os.environ.get("OTEL_TRACES_EXPORTER")) if exporter is None else exporter != "none"
-    )
+    # OTEL_* variables, and means otlp once an endpoint is named, as in the replicas.
+    exporter, endpoint = config.tracing.exporter, config.tracing.endpoint
+    traced = exports_spans(exporter, endpoint)
     try:
         if traced:
             # service name None: OTEL_SERVICE_NAME, else "muxgate-gateway".
-            configure_tracing(exporter, config.tracing.endpoint, None)
+            configure_tracing(exporter, endpoint, None)
         async with runner(app, host, port) as real_port:
             url_host = f"[{host}]" if ":" in host else host
             connect_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)

@@ -164,9 +164,14 @@ def _env_true(value: str | None) -> bool:
     return (value or "").strip().lower() == "true"
 
 
-def _resolve_exporters(exporter: str | Sequence[str] | None, env: Mapping[str, str]) -> list[str]:
+def _resolve_exporters(
+    exporter: str | Sequence[str] | None, endpoint: str | None, env: Mapping[str, str]
+) -> list[str]:
     if exporter is None:
-        exporter = env.get("OTEL_TRACES_EXPORTER", "none")
+        # OpenTelemetry's default exporter is otlp; we export only once a
+        # collector is named somewhere, so that a bare install stays quiet.
+        named = bool(endpoint) or any(env.get(var) for var in _OTLP_ENDPOINT_VARS)
+        exporter = env.get("OTEL_TRACES_EXPORTER", "otlp" if named else "none")
     names = exporter.split(",") if isinstance(exporter, str) else list(exporter)
     out: list[str] = []
     for raw in names:
@@ -176,6 +181,9 @@ def _resolve_exporters(exporter: str | Sequence[str] | None, env: Mapping[str, s
         if name != "none" and name not in out:
             out.append(name)
     return out
+
+
+_OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
 def _traces_url(endpoint: str) -> str:
@@ -224,7 +232,9 @@ def configure_tracing(
     Args:
         exporter: ``"otlp"``, ``"console"``, ``"none"`` or several
             (comma-separated or a sequence); None: ``OTEL_TRACES_EXPORTER``,
-            else ``"none"``.
+            else ``"otlp"`` when an endpoint is given (here or in
+            ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``..._TRACES_ENDPOINT``), else
+            ``"none"``.
         endpoint: OTLP/HTTP collector, e.g. ``http://127.0.0.1:4318`` (the
             ``/v1/traces`` path is added when the URL has none); None: the
             ``OTEL_EXPORTER_OTLP_*`` variables.
@@ -240,7 +250,7 @@ def configure_tracing(
     global _sdk, _config_key
     env = dict(os.environ)
     disabled = _env_true(env.get("OTEL_SDK_DISABLED"))
-    exporters = [] if disabled else _resolve_exporters(exporter, env)
+    exporters = [] if disabled else _resolve_exporters(exporter, endpoint, env)
     traces_url = _resolve_endpoint(endpoint, env) if "otlp" in exporters else None
     attributes: dict[str, str | int | float | bool] = dict(resource_attributes or {})
     if service_name:
@@ -271,6 +281,14 @@ def configure_tracing(
     if previous is not None:
         previous.shutdown()
     logger.debug("tracing: exporters=%s endpoint=%s", exporters or ["none"], traces_url)
+
+
+def exports_spans(exporter: str | Sequence[str] | None, endpoint: str | None) -> bool:
+    """Whether ``configure_tracing(exporter, endpoint)`` would export anything here."""
+    env = os.environ
+    if _env_true(env.get("OTEL_SDK_DISABLED")):
+        return False
+    return bool(_resolve_exporters(exporter, endpoint, env))
 
 
 def tracing_active() -> bool:

@@ -16,6 +16,7 @@ from otlp_receiver import OtlpReceiver, ReceivedSpan
 from muxgate.replicas._tracing import (
     TracingError,
     configure_tracing,
+    exports_spans,
     extract_context,
     flush_tracing,
     inject_traceparent,
@@ -243,3 +244,23 @@ def test_trace_context_crosses_a_process_boundary(receiver: OtlpReceiver) -> Non
     assert load.service_name == "muxgate-replica"
     assert load.resource["muxgate.replica_id"] == "Model#r1"
     assert route.service_name == "muxgate-gateway"
+
+
+def test_an_endpoint_alone_means_otlp(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    assert not exports_spans(None, None)  # a bare install exports nothing
+    assert exports_spans(None, receiver.endpoint)
+    configure_tracing(None, receiver.endpoint)
+    with tracer.start_as_current_span("by-endpoint"):
+        pass
+    assert flush_tracing()
+    receiver.wait_for_span("by-endpoint")
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    assert exports_spans(None, None)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")  # an explicit choice wins
+    assert not exports_spans(None, None)
