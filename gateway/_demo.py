@@ -299,11 +299,17 @@ async def _amain(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 async with httpx.AsyncClient(trust_env=False) as client:
                     metrics = await client.get(f"{gateway.url}/-/metrics")
                 print(format_summary(ns, result, rows, _spillovers(metrics.content)), file=out)
-                hint = "" if ns.keep_running else "  (add --keep-running to keep it up)"
-                print(f"\n  status page: {gateway.url}/-/{hint}", file=out, flush=True)
                 if ns.keep_running:
+                    print(f"\n  status page: {gateway.url}/-/", file=out, flush=True)
                     print("muxgate demo: serving until Ctrl-C", file=err, flush=True)
                     await asyncio.Event().wait()
+                else:
+                    print(
+                        "\n  add --keep-running to keep the gateway up and browse its"
+                        " live status page at /-/",
+                        file=out,
+                        flush=True,
+                    )
         except GatewayStartError as exc:
             print(f"muxgate demo: {exc}", file=err)
             return 1

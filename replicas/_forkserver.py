@@ -284,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     # Objects that exist now are never collected: the GC does not touch
     # (and so copy) the pages they live on in every child.
     gc.freeze()
-    control.send(b"ready")
+    try:
+        control.send(b"ready")
+    except OSError:
+        return 0  # the gateway is gone already (it stopped while we imported)
     _ForkServer(control).serve()
     return 0
 

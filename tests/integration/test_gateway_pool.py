@@ -18,6 +18,7 @@ from muxgate.gateway._errors import NoReplicaError
 from muxgate.gateway._launcher import ReplicaStartError
 from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._pool import ReplicaPool
+from muxgate.replicas._deployment import DeploymentOptions
 from muxgate.replicas._protocol import HttpRequest, Pong, ReplicaState, Reply
 from muxgate.replicas._server import ReplicaSpec
 
@@ -131,6 +132,7 @@ class FakeConnection:
         self.drain_gate.set()
         self.drained = False
         self.counters: dict[str, float] = {}
+        self.options: DeploymentOptions | None = None  # from Welcome
         self.on_state = on_state
 
     async def ping(self) -> Pong:
