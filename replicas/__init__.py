@@ -10,7 +10,9 @@ from muxgate.replicas._context import get_multiplexed_model_id
 from muxgate.replicas._deployment import DeploymentOptions, deployment, get_deployment_options
 from muxgate.replicas._handle import (
     DeploymentHandle,
+    DeploymentResponse,
     HandleBadRequestError,
+    HandleCancelledError,
     HandleDeadlineError,
     HandleError,
     HandleNotFoundError,
@@ -32,7 +34,9 @@ from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
 __all__ = [
     "DeploymentHandle",
     "DeploymentOptions",
+    "DeploymentResponse",
     "HandleBadRequestError",
+    "HandleCancelledError",
     "HandleDeadlineError",
     "HandleError",
     "HandleNotFoundError",

@@ -1,6 +1,9 @@
 """Deployment handles: call a deployment's methods from Python, through its gateway.
 
-A ``DeploymentHandle`` is the programmatic twin of an HTTP request. It sends
+A ``DeploymentHandle`` is the programmatic twin of an HTTP request. As in Ray
+Serve, ``handle.remote(...)`` returns a :class:`DeploymentResponse` at once,
+with the call already under way as a task; ``await response`` gives the
+result. The task sends
 ``POST /-/handles/{deployment}/{method}`` to the gateway with a MessagePack
 body ``{"args": [...], "kwargs": {...}}`` and the model id in the
 ``serve_multiplexed_model_id`` header; the gateway routes it with the same
@@ -27,6 +30,11 @@ the time that request has left (sent as ``x-muxgate-timeout-s``; the gateway
 takes the smaller of it and ``http.request_timeout_s``), so a downstream call
 never outlives its caller. ``options(timeout_s=...)`` bounds a call further.
 
+Context: the task is created by ``remote()``, so it runs in a copy of the
+caller's context taken at that moment: the trace context (``traceparent``)
+and the deadline of the request being served are the caller's even when the
+response is awaited elsewhere, later, or never.
+
 Transport: one pooled keep-alive ``httpx.AsyncClient`` per event loop and
 process, created on first use, so a call costs one HTTP round trip on a warm
 connection.
@@ -40,7 +48,7 @@ import contextvars
 import os
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -52,7 +60,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeploymentHandle",
+    "DeploymentResponse",
     "HandleBadRequestError",
+    "HandleCancelledError",
     "HandleDeadlineError",
     "HandleError",
     "HandleNotFoundError",
@@ -119,6 +129,11 @@ class HandleUnavailableError(HandleError):
 
 class HandleDeadlineError(HandleError):
     """504: the call's deadline passed."""
+
+
+class HandleCancelledError(HandleError):
+    """499 ``cancelled``: the awaited response was cancelled (``cancel()``, or
+    a task awaiting it was cancelled), like Ray Serve's ``RequestCancelledError``."""
 
 
 def _error_class(status: int) -> type[HandleError]:
@@ -239,9 +254,107 @@ def remaining_time() -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
-# -- the handle -----------------------------------------------------------------
+# -- responses ------------------------------------------------------------------
 
 _encode = msgspec.msgpack.Encoder().encode
+
+# Calls whose response was dropped unawaited: the loop keeps only weak
+# references to tasks, and a fire-and-forget call must still finish.
+_in_flight: set[asyncio.Task[Any]] = set()
+
+
+def _call_finished(task: asyncio.Task[Any]) -> None:
+    _in_flight.discard(task)
+    if not task.cancelled():
+        # Marks the exception retrieved: a failed call nobody awaited is not
+        # "Task exception was never retrieved" when the task is collected.
+        task.exception()
+
+
+def _awaiter_cancelled() -> bool:
+    """Whether the task running this code is itself being cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class DeploymentResponse:
+    """The result of a handle call, returned at once by ``remote()`` while the
+    call runs (Ray Serve's ``DeploymentResponse``).
+
+    ``await response`` returns the method's result or raises the call's
+    :class:`HandleError`; awaiting again returns the same result (or raises
+    the same error) without calling again. Pass a response as a top-level
+    positional or keyword argument to another ``remote()`` call and that call
+    waits for its value and sends the value.
+
+    Cancellation: ``cancel()`` cancels the call (the gateway and the replica
+    see the client go away), and awaiting it then raises
+    :class:`HandleCancelledError`. Cancelling a task that awaits the response
+    cancels the call too, as awaiting a task does. A call that a response was
+    passed to does not cancel that response when it is cancelled itself.
+
+    Made by ``DeploymentHandle.remote``, not directly.
+    """
+
+    __slots__ = ("_cancel_requested", "_target", "_task")
+
+    def __init__(self, task: asyncio.Task[Any], target: str) -> None:
+        self._task = task
+        self._target = target
+        self._cancel_requested = False
+
+    def __repr__(self) -> str:
+        task = self._task
+        if not task.done():
+            state = "pending"
+        elif task.cancelled():
+            state = "cancelled"
+        elif (exc := task.exception()) is not None:
+            state = f"failed: {type(exc).__name__}"
+        else:
+            state = "done"
+        return f"<DeploymentResponse {self._target} {state}>"
+
+    def cancel(self) -> None:
+        """Cancel the call (nothing happens once it has finished)."""
+        # Once: each Task.cancel() interrupts the task again, including the
+        # shielded cleanup in which httpx closes the connection, and then the
+        # gateway never sees the caller go away.
+        if not self._cancel_requested:
+            self._cancel_requested = True
+            self._task.cancel()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._result(cancel_with_awaiter=True).__await__()
+
+    async def _result(self, *, cancel_with_awaiter: bool) -> Any:
+        try:
+            # Shielded, because an awaiting task may be cancelled many times
+            # (anyio's cancel scopes repeat it until the task yields); the
+            # call is cancelled once, below.
+            return await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if self._task.cancelled() and not _awaiter_cancelled():
+                # The call was cancelled, the awaiting task was not: a
+                # CancelledError escaping into it would look like its own
+                # cancellation (anyio and TaskGroup would treat it so).
+                raise HandleCancelledError(
+                    499, "cancelled", f"the call to {self._target} was cancelled"
+                ) from None
+            if cancel_with_awaiter:
+                self.cancel()
+            raise
+
+
+async def _resolve(value: Any) -> Any:
+    # A response passed as an argument is not cancelled with the call it was
+    # passed to: its owner may still await it.
+    if isinstance(value, DeploymentResponse):
+        return await value._result(cancel_with_awaiter=False)
+    return value
+
+
+# -- the handle -----------------------------------------------------------------
 
 
 class DeploymentHandle:
@@ -254,19 +367,28 @@ class DeploymentHandle:
     calls carry model id "2" (the original is unchanged). Handles are
     immutable and cheap; share them between tasks freely.
 
-    Raises (from ``remote``):
+    Any attribute reaches the deployment method of that name, except the
+    reserved names ``options``, ``remote``, ``deployment_name`` and names
+    starting with ``_``; call those with ``options(method_name=...)``
+    (methods starting with ``_`` are private and cannot be called at all).
+
+    Raises (from awaiting a response):
         HandleError: (a subclass by status) the call failed; see its
             ``status``, ``code``, ``message`` and ``request_id``.
-        TypeError: an argument is not a MessagePack value.
+        TypeError: an argument is not a MessagePack value (nothing is sent).
     """
 
+    # Underscored, so that user methods of any other name are reachable
+    # through __getattr__ (a slot named method_name would shadow one).
     __slots__ = (
+        "_deployment_name",
+        "_gateway_url",
         "_headers",
+        "_method_name",
+        "_model_id",
+        "_timeout_s",
+        "_token",
         "_url",
-        "deployment_name",
-        "method_name",
-        "multiplexed_model_id",
-        "timeout_s",
     )
 
     def __init__(
@@ -281,12 +403,13 @@ class DeploymentHandle:
     ) -> None:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.deployment_name = deployment_name
-        self.method_name = method_name
-        self.multiplexed_model_id = multiplexed_model_id
-        self.timeout_s = timeout_s
-        base = gateway_url.rstrip("/")
-        self._url = f"{base}/-/handles/{deployment_name}/{method_name}"
+        self._deployment_name = deployment_name
+        self._method_name = method_name
+        self._model_id = multiplexed_model_id
+        self._timeout_s = timeout_s
+        self._token = token or None
+        self._gateway_url = gateway_url.rstrip("/")
+        self._url = f"{self._gateway_url}/-/handles/{deployment_name}/{method_name}"
         headers = {"content-type": _MSGPACK, "accept": _MSGPACK}
         if token:
             headers["authorization"] = f"Bearer {token}"
@@ -295,16 +418,16 @@ class DeploymentHandle:
         self._headers = headers
 
     def __repr__(self) -> str:
-        model = f" model_id={self.multiplexed_model_id!r}" if self.multiplexed_model_id else ""
-        return f"<DeploymentHandle {self.deployment_name}.{self.method_name}{model}>"
+        return f"<DeploymentHandle {self._target()}>"
+
+    def _target(self) -> str:
+        model = f" model_id={self._model_id!r}" if self._model_id else ""
+        return f"{self._deployment_name}.{self._method_name}{model}"
 
     @property
-    def gateway_url(self) -> str:
-        return self._url.rsplit("/-/handles/", 1)[0]
-
-    def _token(self) -> str | None:
-        auth = self._headers.get("authorization")
-        return auth[len("Bearer ") :] if auth else None
+    def deployment_name(self) -> str:
+        """The name of the deployment this handle calls."""
+        return self._deployment_name
 
     def options(
         self,
@@ -323,14 +446,14 @@ class DeploymentHandle:
                 less inside a request that has less time left.
         """
         return DeploymentHandle(
-            self.deployment_name,
-            gateway_url=self.gateway_url,
-            token=self._token(),
+            self._deployment_name,
+            gateway_url=self._gateway_url,
+            token=self._token,
             multiplexed_model_id=(
-                self.multiplexed_model_id if multiplexed_model_id is None else multiplexed_model_id
+                self._model_id if multiplexed_model_id is None else multiplexed_model_id
             ),
-            method_name=self.method_name if method_name is None else method_name,
-            timeout_s=self.timeout_s if timeout_s is None else timeout_s,
+            method_name=self._method_name if method_name is None else method_name,
+            timeout_s=self._timeout_s if timeout_s is None else timeout_s,
         )
 
     def __getattr__(self, name: str) -> DeploymentHandle:
@@ -340,11 +463,37 @@ class DeploymentHandle:
             raise AttributeError(name)
         return self.options(method_name=name)
 
-    async def remote(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the method with these arguments and return its result."""
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse:
+        """Start the call with these arguments and return its response at once.
+
+        Arguments that are :class:`DeploymentResponse` objects (top level
+        only, positional or keyword) are replaced by their results before
+        the call is sent.
+
+        Raises:
+            RuntimeError: no event loop runs in this thread (call it from
+                async code).
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "DeploymentHandle.remote() needs a running event loop: call it from async code"
+            ) from None
+        # create_task copies the current context here, at remote() time: the
+        # caller's trace context and request deadline go with the call.
+        task = loop.create_task(self._call(args, kwargs))
+        _in_flight.add(task)
+        task.add_done_callback(_call_finished)
+        return DeploymentResponse(task, self._target())
+
+    async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if any(isinstance(v, DeploymentResponse) for v in (*args, *kwargs.values())):
+            args = tuple([await _resolve(a) for a in args])
+            kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
         content = _encode({"args": args, "kwargs": kwargs})
         headers = self._headers
-        budget = self.timeout_s
+        budget = self._timeout_s
         left = remaining_time()
         if left is not None:
             if left <= 0:
@@ -369,7 +518,7 @@ class DeploymentHandle:
             raise HandleUnavailableError(
                 503,
                 "gateway_unreachable",
-                f"cannot reach the gateway at {self.gateway_url}: {exc!r}",
+                f"cannot reach the gateway at {self._gateway_url}: {exc!r}",
             ) from exc
         if response.status_code != 200:
             _raise_for(response.status_code, response.content, response.headers)

@@ -3,6 +3,11 @@
 ``Down`` is multiplexed and reports the model id it sees; ``Up`` holds a
 handle to ``Down`` (made in ``__init__``, inside its replica, with no URL:
 the gateway passed its own) and calls it with a different model id.
+
+``Down.hold`` connects to a TCP port the test listens on, sends its name and
+returns once the test answers, so the test (another process) sees the call
+arrive, decides when it ends, and sees the connection close if the call is
+cancelled.
 """
 
 from __future__ import annotations
@@ -61,6 +66,18 @@ class Down:
     def unencodable(self) -> object:
         return object()
 
+    async def hold(self, port: int, name: str, value: Any = None) -> Any:
+        # Announces itself on the test's TCP listener and returns when the
+        # test answers; cancelled, it closes the connection, which the test sees.
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(f"{name}\n".encode())
+            await stream.receive()
+        return value
+
+    async def method_name(self, x: str) -> str:
+        """Named like a handle attribute once was: handle.method_name reaches it."""
+        return f"method_name({x})"
+
 
 @deployment
 class Up:
@@ -81,9 +98,14 @@ class Up:
             "upstream_before": before,
             "downstream": downstream,
             "upstream_after": get_multiplexed_model_id(),
-            "original_handle_model": self.down.multiplexed_model_id,
+            "original_handle": repr(self.down),
             "add": plain,
         }
+
+    async def chain(self, a: int) -> int:
+        """Responses started here and passed on, without awaiting the first."""
+        first = self.down.add.remote(a, b=1)
+        return await self.down.add.remote(first, b=first)  # type: ignore[no-any-return]
 
     async def relay_budget(self) -> float | None:
         return await self.down.budget.remote()  # type: ignore[no-any-return]

@@ -2,27 +2,38 @@
 
 One gateway (module fixture) serves ``Down`` (multiplexed, 2 replicas) and
 ``Up`` (holds a handle to ``Down``, made in its ``__init__`` with no URL).
+Calls that must stay in flight use ``Down.hold``, which reports to a TCP
+listener of the test (:func:`held_calls`) and returns when the test says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+import anyio.abc
+import anyio.lowlevel
 import httpx
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from gateway_harness import running_gateway
 
 from muxgate.gateway._serve import Gateway
 from muxgate.replicas._handle import (
     DeploymentHandle,
+    DeploymentResponse,
     HandleBadRequestError,
+    HandleCancelledError,
     HandleDeadlineError,
     HandleError,
     HandleNotFoundError,
     HandleUnavailableError,
     HandleUserError,
     aclose_handle_clients,
+    call_deadline,
     get_deployment_handle,
 )
 
@@ -46,6 +57,56 @@ async def gateway() -> AsyncIterator[Gateway]:
     async with running_gateway(config) as gw:
         yield gw
         await aclose_handle_clients()
+
+
+class HeldCall:
+    """One ``Down.hold`` call as the test sees it: its connection to the test."""
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self._stream = stream
+
+    async def release(self) -> None:
+        """Let the call return."""
+        await self._stream.send(b"go")
+        await self._stream.aclose()
+
+    async def wait_closed(self) -> None:
+        """Until the replica drops the call (it was cancelled), 10 s at most."""
+        with anyio.fail_after(10), contextlib.suppress(anyio.EndOfStream):
+            await self._stream.receive()
+            raise AssertionError("the held call sent more than its name")
+        await self._stream.aclose()
+
+
+class HeldCalls:
+    """The listener ``Down.hold`` calls connect to (``port``)."""
+
+    def __init__(self, port: int, arrivals: Any) -> None:
+        self.port = port
+        self._arrivals = arrivals
+
+    async def arrived(self, name: str) -> HeldCall:
+        """The next held call to reach its replica, which must be ``name``."""
+        with anyio.fail_after(10):
+            arrived, stream = await self._arrivals.receive()
+        assert arrived == name
+        return HeldCall(stream)
+
+
+@contextlib.asynccontextmanager
+async def held_calls() -> AsyncIterator[HeldCalls]:
+    send, receive = anyio.create_memory_object_stream[tuple[str, anyio.abc.SocketStream]](16)
+
+    async def accept(stream: anyio.abc.SocketStream) -> None:
+        name = await BufferedByteReceiveStream(stream).receive_until(b"\n", 200)
+        await send.send((name.decode(), stream))
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, send, receive, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, accept)
+        yield HeldCalls(port, receive)
+        tg.cancel_scope.cancel()
 
 
 async def test_handle_from_outside_calls_call_with_arguments(gateway: Gateway) -> None:
@@ -99,14 +160,146 @@ async def test_options_returns_a_new_handle(gateway: Gateway) -> None:
     two = handle.options(multiplexed_model_id="2")
     assert isinstance(two, DeploymentHandle)
     assert two is not handle
-    assert handle.multiplexed_model_id == ""
-    assert two.multiplexed_model_id == "2"
-    method = two.add
-    assert (method.method_name, method.multiplexed_model_id) == ("add", "2")
-    assert handle.method_name == "__call__"
+    assert repr(handle) == "<DeploymentHandle Down.__call__>"
+    assert repr(two) == "<DeploymentHandle Down.__call__ model_id='2'>"
+    assert repr(two.add) == "<DeploymentHandle Down.add model_id='2'>"
+    assert (two.deployment_name, two.add.deployment_name) == ("Down", "Down")
     assert (await handle.remote())["model_id"] == ""
     assert (await two.remote())["model_id"] == "2"
-    assert repr(two) == "<DeploymentHandle Down.__call__ model_id='2'>"
+
+
+async def test_handle_attributes_do_not_shadow_methods(gateway: Gateway) -> None:
+    """Only ``options``, ``remote``, ``deployment_name`` and ``_*`` are the handle's."""
+    handle = get_deployment_handle("Down", gateway.url).options(multiplexed_model_id="2")
+    assert await handle.method_name.remote("x") == "method_name(x)"
+    for name in ("method_name", "multiplexed_model_id", "timeout_s", "gateway_url"):
+        assert repr(getattr(handle, name)) == f"<DeploymentHandle Down.{name} model_id='2'>"
+    # Reserved names still reach a method through options().
+    assert await handle.options(method_name="method_name").remote("y") == "method_name(y)"
+    with pytest.raises(AttributeError):
+        _ = handle._private  # private names are never methods
+
+
+async def test_remote_returns_a_response_with_the_call_under_way(gateway: Gateway) -> None:
+    down = get_deployment_handle("Down", gateway.url)
+    async with held_calls() as calls:
+        response = down.hold.remote(calls.port, "under-way", value=7)
+        assert isinstance(response, DeploymentResponse)
+        # The replica has the call, and nobody has awaited the response.
+        call = await calls.arrived("under-way")
+        assert repr(response) == "<DeploymentResponse Down.hold pending>"
+        await call.release()
+        assert await response == 7
+    assert repr(response) == "<DeploymentResponse Down.hold done>"
+
+
+async def test_awaiting_a_response_twice_calls_once(gateway: Gateway) -> None:
+    down = get_deployment_handle("Down", gateway.url)
+    response = down.options(multiplexed_model_id="2").remote("once")
+    first = await response
+    assert (await response) is first  # the same decoded object: no second call
+    failed = down.fail.remote("twice")
+    for _ in range(2):
+        with pytest.raises(HandleUserError, match="twice"):
+            await failed
+    assert repr(failed) == "<DeploymentResponse Down.fail failed: HandleUserError>"
+
+
+async def test_response_passed_to_another_call(gateway: Gateway) -> None:
+    down = get_deployment_handle("Down", gateway.url)
+    async with held_calls() as calls:
+        held = down.hold.remote(calls.port, "argument", value=40)
+        total = down.add.remote(held, b=down.add.remote(1, b=1))
+        call = await calls.arrived("argument")
+        await call.release()
+        assert await total == 42
+    assert await held == 40  # still the caller's to await
+    # A failed argument fails the call with the same error, unsent.
+    with pytest.raises(HandleUserError, match="bad argument"):
+        await down.add.remote(down.fail.remote("bad argument"))
+    # Inside a replica: Up starts a call and passes it on without awaiting it.
+    assert await get_deployment_handle("Up", gateway.url).chain.remote(3) == 8
+    # Nested deeper than the top level, a response is not a MessagePack value.
+    with pytest.raises(TypeError):
+        await down.remote([down.add.remote(1)])
+
+
+async def test_cancel_a_response(gateway: Gateway) -> None:
+    down = get_deployment_handle("Down", gateway.url)
+    async with held_calls() as calls:
+        response = down.hold.remote(calls.port, "cancel-me")
+        call = await calls.arrived("cancel-me")
+        response.cancel()
+        for _ in range(2):
+            with pytest.raises(HandleCancelledError) as info:
+                await response
+        assert (info.value.status, info.value.code) == (499, "cancelled")
+        await call.wait_closed()  # the replica cancelled the call
+        assert repr(response) == "<DeploymentResponse Down.hold cancelled>"
+
+        # A call that waited for a cancelled response is cancelled with it.
+        held = down.hold.remote(calls.port, "cancelled-argument")
+        dependent = down.add.remote(held)
+        call = await calls.arrived("cancelled-argument")
+        held.cancel()
+        with pytest.raises(HandleCancelledError):
+            await dependent
+        await call.wait_closed()
+
+        # Cancelling the dependent call leaves the response passed to it running.
+        held = down.hold.remote(calls.port, "survivor", value=1)
+        dependent = down.add.remote(held)
+        call = await calls.arrived("survivor")
+        dependent.cancel()
+        with pytest.raises(HandleCancelledError):
+            await dependent
+        await call.release()
+        assert await held == 1
+
+    # Cancelled before it started: nothing is sent.
+    early = down.add.remote(1)
+    early.cancel()
+    with pytest.raises(HandleCancelledError):
+        await early
+    assert await down.add.remote(2) == 2
+
+
+async def test_cancelling_the_awaiting_task_cancels_the_call(gateway: Gateway) -> None:
+    down = get_deployment_handle("Down", gateway.url)
+    async with held_calls() as calls:
+        response = down.hold.remote(calls.port, "awaiter")
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                await response
+
+            tg.start_soon(wait)
+            call = await calls.arrived("awaiter")
+            tg.cancel_scope.cancel()  # a CancelledError for the awaiter, not our error
+        await call.wait_closed()
+        with pytest.raises(HandleCancelledError):
+            await response
+
+
+async def test_unawaited_failed_response_is_not_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A dropped response that failed logs nothing when it is collected."""
+    down = DeploymentHandle("Down", gateway_url="http://127.0.0.1:1")
+    with call_deadline(0):  # copied at remote(): the call fails before sending
+        down.remote()
+    # Three loop iterations: the call's first step fails it, then its done
+    # callbacks run. (Checking it is done would retrieve the error.)
+    for _ in range(3):
+        await anyio.lowlevel.checkpoint()
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_remote_needs_a_running_loop() -> None:
+    handle = DeploymentHandle("Down", gateway_url="http://127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="running event loop"):
+        handle.remote()
 
 
 async def test_composition_model_id_is_not_inherited(gateway: Gateway) -> None:
@@ -117,7 +310,7 @@ async def test_composition_model_id_is_not_inherited(gateway: Gateway) -> None:
     assert result["upstream_after"] == "foo"
     assert result["downstream"]["model_id"] == "bar"
     assert result["downstream"]["args"] == ["from-up"]
-    assert result["original_handle_model"] == ""
+    assert result["original_handle"] == "<DeploymentHandle Down.__call__>"
     assert result["add"] == 5
 
 
@@ -212,6 +405,11 @@ async def test_deadlines_bound_calls_and_propagate_downstream(gateway: Gateway) 
     assert time.monotonic() - started < 10
     with pytest.raises(ValueError):
         down.options(timeout_s=0)
+    # The deadline in force when remote() is called goes with the call,
+    # wherever the response is awaited.
+    with call_deadline(2):
+        response = down.budget.remote()
+    assert 0 < await response <= 2
 
 
 async def test_handle_endpoint_wire_format(gateway: Gateway) -> None:
@@ -253,7 +451,7 @@ def test_no_gateway_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="MUXGATE_GATEWAY_URL"):
         get_deployment_handle("Down")
     monkeypatch.setenv("MUXGATE_GATEWAY_URL", "http://127.0.0.1:1/")
-    assert get_deployment_handle("Down").gateway_url == "http://127.0.0.1:1"
+    assert get_deployment_handle("Down")._gateway_url == "http://127.0.0.1:1"
 
 
 async def test_admin_token_guards_handles_and_reaches_replicas() -> None:
