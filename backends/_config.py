@@ -16,6 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
+
 from ._registry import backend_spec
 
 DEFAULT_CACHE_MAX_BYTES = 20 * 2**30
@@ -259,3 +261,94 @@ def get_storage_config() -> StorageConfig:
 def resolve_config(config: StorageConfig | None) -> StorageConfig:
     """``config`` with its cache directory resolved, or the process-wide one."""
     return get_storage_config() if config is None else _resolved(config)
+
+
+# -- the app config's ``storage:`` section -------------------------------------------------
+
+
+class _CacheSection(msgspec.Struct, forbid_unknown_fields=True):
+    directory: str | None = None
+    max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    enabled: bool | None = None
+    protocols: dict[str, bool] = {}
+    fsync: bool = True
+
+
+class _RetrySection(msgspec.Struct, forbid_unknown_fields=True):
+    max_attempts: int = RetryPolicy.max_attempts
+    base_delay: float = RetryPolicy.base_delay
+    multiplier: float = RetryPolicy.multiplier
+    max_delay: float = RetryPolicy.max_delay
+    deadline: float = RetryPolicy.deadline
+
+
+class _TransferSection(msgspec.Struct, forbid_unknown_fields=True):
+    part_size: int = DEFAULT_PART_SIZE
+    concurrency: int = DEFAULT_CONCURRENCY
+    parallel_threshold: int | None = None
+    mmap_local_files: bool = False
+
+
+#: Keys of the ``storage:`` section that hold settings; every other key is a
+#: protocol and holds its fsspec storage options.
+SETTINGS_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "cache": _CacheSection,
+    "retry": _RetrySection,
+    "transfer": _TransferSection,
+}
+
+
+def storage_config_from_section(section: Mapping[str, Mapping[str, Any]]) -> StorageConfig:
+    """A ``StorageConfig`` from the app config's ``storage:`` section.
+
+    ``cache``, ``retry`` and ``transfer`` are settings (the fields of
+    :class:`CacheConfig`, :class:`RetryPolicy` and the transfer fields of
+    :class:`StorageConfig`); every other key is a protocol with its fsspec
+    options, e.g. ``{"s3": {"endpoint_url": ...}, "cache": {"max_bytes": 10**10}}``.
+
+    Raises:
+        ValueError: a setting is unknown, of the wrong type or out of range;
+            the message starts with its path, e.g. ``storage.cache.max_bytes``.
+    """
+    parsed: dict[str, Any] = {}
+    for name, kind in SETTINGS_SECTIONS.items():
+        try:
+            parsed[name] = msgspec.convert(section.get(name) or {}, kind)
+        except msgspec.ValidationError as exc:
+            # "Expected `int`, got `str` - at `$.max_bytes`" -> storage.cache.max_bytes
+            message, _, where = str(exc).partition(" - at `$")
+            raise ValueError(f"storage.{name}{where.rstrip('`')}: {message}") from None
+    cache, retry, transfer = parsed["cache"], parsed["retry"], parsed["transfer"]
+    try:
+        return _resolved(
+            StorageConfig(
+                options=MappingProxyType(
+                    {
+                        proto.lower(): MappingProxyType(dict(opts))
+                        for proto, opts in section.items()
+                        if proto not in SETTINGS_SECTIONS
+                    }
+                ),
+                cache=CacheConfig(
+                    directory=Path(cache.directory).expanduser() if cache.directory else None,
+                    max_bytes=cache.max_bytes,
+                    enabled=cache.enabled,
+                    protocols=MappingProxyType(dict(cache.protocols)),
+                    fsync=cache.fsync,
+                ),
+                retry=RetryPolicy(**msgspec.structs.asdict(retry)),
+                **msgspec.structs.asdict(transfer),
+            )
+        )
+    except ValueError as exc:
+        raise ValueError(f"storage: {exc}") from None
+
+
+def configure_storage_section(section: Mapping[str, Mapping[str, Any]]) -> StorageConfig:
+    """Make the ``storage:`` section the process-wide configuration (see
+    :func:`storage_config_from_section`); returns it."""
+    global _current
+    config = storage_config_from_section(section)
+    with _lock:
+        _current = config
+    return config

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from muxgate.backends._config import storage_config_from_section
 from muxgate.gateway._errors import ConfigError
 from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._router import DEFAULT_BALANCE_FACTOR, DEFAULT_VIRTUAL_NODES
@@ -128,7 +129,8 @@ class AppConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     deployments: Annotated[list[DeploymentConfig], msgspec.Meta(min_length=1)]
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
-    #: fsspec storage options per protocol, e.g. ``{"s3": {"endpoint_url": ...}}``
+    #: fsspec storage options per protocol, e.g. ``{"s3": {"endpoint_url": ...}}``,
+    #: and the ``cache``, ``retry`` and ``transfer`` settings of muxgate.backends
     storage: dict[str, dict[str, Any]] = {}
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
@@ -171,6 +173,10 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: str = ".") ->
     try:
         config = msgspec.convert(data, AppConfig)
     except msgspec.ValidationError as exc:
+        raise ConfigError(source, str(exc)) from exc
+    try:
+        storage_config_from_section(config.storage)  # validated here, applied by each replica
+    except ValueError as exc:
         raise ConfigError(source, str(exc)) from exc
     app_dir = os.path.abspath(os.path.join(base_dir, config.app_dir))
     return msgspec.structs.replace(config, app_dir=app_dir)

@@ -75,8 +75,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             in-flight calls before cancelling them.
         event_loop: ``"auto"`` (uvloop when installed), ``"uvloop"`` or ``"asyncio"``.
         tracing: span export settings; None: the ``OTEL_*`` environment only.
-        storage: fsspec storage options per protocol (the config's
-            ``storage:`` section), handed to ``configure_storage``.
+        storage: the config's ``storage:`` section (fsspec options per
+            protocol, and ``cache``/``retry``/``transfer`` settings), handed
+            to ``configure_storage_section``.
         gateway_url: base URL of the gateway that started the replica; the
             default of ``get_deployment_handle`` inside it.
         admin_token: the gateway's admin token (handle calls need it when set).
@@ -328,9 +329,9 @@ def run_replica(raw_spec: bytes, ready_fd: int, parent_fd: int | None) -> int:
     install_replica_logging(spec.log_level)
     if spec.storage:
         # Imported only when used: a deployment need not touch storage.
-        from muxgate.backends._config import configure_storage
+        from muxgate.backends._config import configure_storage_section
 
-        configure_storage(spec.storage)
+        configure_storage_section(spec.storage)
     tracing = spec.tracing or TracingSettings()
     try:
         configure_tracing(

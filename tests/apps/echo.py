@@ -122,3 +122,14 @@ class StorageProbe:
         from muxgate.backends._config import get_storage_config
 
         return dict(get_storage_config().options.get(protocol, {}))
+
+    def settings(self) -> dict[str, Any]:
+        from muxgate.backends._config import get_storage_config
+
+        config = get_storage_config()
+        return {
+            "cache_max_bytes": config.cache.max_bytes,
+            "retry_max_attempts": config.retry.max_attempts,
+            "part_size": config.part_size,
+            "protocols": sorted(config.options),
+        }

@@ -319,10 +319,22 @@ async def test_drain_over_tcp_delivers_a_large_last_reply(launcher: LocalLaunche
 
 
 async def test_storage_options_from_the_spec_reach_the_backends(launcher: LocalLauncher) -> None:
-    options = {"s3": {"endpoint_url": "http://127.0.0.1:9", "anon": True}}
+    options = {
+        "s3": {"endpoint_url": "http://127.0.0.1:9", "anon": True},
+        "cache": {"max_bytes": 12345},
+        "retry": {"max_attempts": 2},
+        "transfer": {"part_size": 1 << 20},
+    }
     process = await launcher.start(spec("store#1", "echo:StorageProbe", storage=options))
     async with await ReplicaConnection.connect(process.address) as conn:
         reply = await conn.call(request_id="o", method="options", **pack("s3"))
         assert msgspec.msgpack.decode(reply.body) == options["s3"]
+        reply = await conn.call(request_id="s", method="settings")
+        assert msgspec.msgpack.decode(reply.body) == {
+            "cache_max_bytes": 12345,
+            "retry_max_attempts": 2,
+            "part_size": 1 << 20,
+            "protocols": ["s3"],  # the settings sections are not protocols
+        }
     with anyio.fail_after(15):
         assert await process.wait() == 0

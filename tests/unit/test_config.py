@@ -125,6 +125,21 @@ def test_app_dir_is_relative_to_the_file(tmp_path: Path) -> None:
             "$.deployments[0].autoscaling",
             "min_replicas",
         ),
+        (
+            {"deployments": [dep()], "storage": {"cache": {"max_bytes": "lots"}}},
+            "storage.cache.max_bytes",
+            "Expected `int`",
+        ),
+        (
+            {"deployments": [dep()], "storage": {"retry": {"max_attempts": 0}}},
+            "storage",
+            "max_attempts must be >= 1",
+        ),
+        (
+            {"deployments": [dep()], "storage": {"transfer": {"parts": 3}}},
+            "storage.transfer",
+            "unknown field `parts`",
+        ),
     ],
 )
 def test_invalid_configs_name_the_field(data: Any, where: str, why: str) -> None:
