@@ -163,7 +163,7 @@ class ReplicaConnection:
         # frame is written until the reply arrives or the caller gives up.
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._pongs: deque[asyncio.Future[Pong]] = deque()
-        self._drained: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[Drained] | None = None
         self._draining = False
         # (call id or 0, frame) waiting for the active writer
         self._out: list[tuple[int, bytes]] = []
@@ -318,8 +318,11 @@ class ReplicaConnection:
         self.cancels_sent += 1
         self._queue(encode_frame(Cancel(id=call_id)), 0)
 
-    async def ping(self) -> Pong:
+    async def ping(self, *, events_after: int | None = None) -> Pong:
         """Ask for the replica's state and counters (also refreshes ``state``).
+
+        With ``events_after``, the ``Pong`` also carries the replica's model
+        events numbered above it (0: all it kept).
 
         Raises:
             ReplicaUnavailableError: the connection is closed.
@@ -334,15 +337,16 @@ class ReplicaConnection:
         future: asyncio.Future[Pong] = asyncio.get_running_loop().create_future()
         # Pongs come back in the order of the pings: a FIFO matches them.
         self._pongs.append(future)
-        await self._write(encode_frame(Ping()))
+        await self._write(encode_frame(Ping(events_after=events_after)))
         return await future
 
-    async def drain(self) -> None:
+    async def drain(self, *, events_after: int | None = None) -> Drained:
         """Ask the replica to drain and wait until it reports ``Drained``.
 
         New calls on this connection raise ``ReplicaUnavailableError`` from
         now on; calls already sent finish normally. The replica unloads its
-        models (reason ``drain``) and exits after answering.
+        models (reason ``drain``) and exits after answering. ``events_after``
+        as in :meth:`ping` (for ``Drained.events``; the first call's counts).
 
         Raises:
             ReplicaDiedError: the connection dropped before ``Drained``.
@@ -357,8 +361,8 @@ class ReplicaConnection:
                 raise ReplicaDiedError(
                     f"replica {self.replica_id} connection closed: {self.close_reason}"
                 )
-            await self._write(encode_frame(Drain()))
-        await asyncio.shield(self._drained)
+            await self._write(encode_frame(Drain(events_after=events_after)))
+        return await asyncio.shield(self._drained)
 
     async def _write(self, frame: bytes, call_id: int = 0) -> None:
         """Queue one frame for writing (see ``_queue``); the caller learns of
@@ -459,7 +463,7 @@ class ReplicaConnection:
             if message.counters:
                 self.counters = message.counters
             if self._drained is not None and not self._drained.done():
-                self._drained.set_result(None)
+                self._drained.set_result(message)
         else:
             _log.warning("replica %s sent unexpected %s", self.replica_id, type(message).__name__)
 

@@ -33,7 +33,8 @@ Life of a replica::
 
 Every reply and pong refreshes the router's view of the replica through the
 connection's ``on_state`` callback; a poller pings each replica about once a
-second for counters (metrics) and liveness.
+second for counters (metrics), liveness and the model load/unload events it
+logged since the last ping (the last ``EVENTS_KEPT`` are in ``snapshot()``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -60,7 +62,7 @@ from muxgate.replicas._deployment import (
     DEFAULT_MAX_QUEUED_REQUESTS,
     DeploymentOptions,
 )
-from muxgate.replicas._protocol import ReplicaState
+from muxgate.replicas._protocol import ModelEvent, ReplicaState
 from muxgate.replicas._server import ReplicaSpec
 
 __all__ = [
@@ -97,6 +99,8 @@ LOAD_TIME_ALPHA = 0.3
 #: bounds of the queue's affinity wait taken from the estimate: the head of
 #: the queue never waits longer than this behind cache hits
 AFFINITY_WAIT_BOUNDS_S = (0.01, 10.0)
+#: model load/unload events a deployment keeps for ``/-/replicas``
+EVENTS_KEPT = 200
 
 
 class ReplicaProcessLike(Protocol):
@@ -137,6 +141,8 @@ class _Replica:
     task: asyncio.Task[None] | None = None
     #: last cumulative (model_loads, model_load_seconds_sum) from a pong
     loads_seen: tuple[float, float] = (0.0, 0.0)
+    #: sequence number of the last model event taken from this replica
+    events_seq: int = 0
 
 
 class ReplicaPool:
@@ -210,6 +216,8 @@ class ReplicaPool:
         self._failures = 0
         self._backoff_until = 0.0
         self._replicas: dict[str, _Replica] = {}
+        #: the replicas' model events (see ``_observe_events``), oldest first
+        self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -328,6 +336,8 @@ class ReplicaPool:
             "replicas": replicas,
             "last_failure": self.last_failure,
             "load_time_s": round(self.load_time_s, 4),
+            # Replicas report a second apart: by time, not arrival, newest last.
+            "events": [dict(e) for e in sorted(self._events, key=lambda e: e["time"])],
         }
         scaling = self.config.autoscaling
         if scaling is not None:
@@ -353,11 +363,12 @@ class ReplicaPool:
 
         async def refresh(rep: _Replica, conn: ReplicaConnection) -> None:
             try:
-                pong = await conn.ping()
+                pong = await conn.ping(events_after=rep.events_seq)
             except Exception:
                 return  # closed or closing: _run_replica and the poller handle it
             rep.last_pong = time.monotonic()
             self._observe_loads(rep, pong.counters)
+            self._observe_events(rep, pong.events)
             if self._metrics is not None and rep.state == RUNNING:
                 self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
 
@@ -556,10 +567,11 @@ class ReplicaPool:
                 _log.info("draining replica %s", rep.id)
                 try:
                     async with asyncio.timeout(self._drain_timeout):
-                        await rep.conn.drain()
+                        drained = await rep.conn.drain(events_after=rep.events_seq)
                 except Exception as exc:
                     _log.warning("replica %s did not drain cleanly: %r", rep.id, exc)
                 else:
+                    self._observe_events(rep, drained.events)
                     if self._metrics is not None:
                         # Drained carries the drain's unloads, counted after the last Pong.
                         self._metrics.final_replica_counters(self.name, rep.id, rep.conn.counters)
@@ -602,7 +614,7 @@ class ReplicaPool:
         assert conn is not None
         try:
             async with asyncio.timeout(PING_TIMEOUT_S):
-                pong = await conn.ping()
+                pong = await conn.ping(events_after=rep.events_seq)
         except Exception:
             if rep.state == RUNNING and time.monotonic() - rep.last_pong > PING_TIMEOUT_S:
                 _log.warning("replica %s stopped answering pings; killing it", rep.id)
@@ -613,8 +625,30 @@ class ReplicaPool:
             return
         rep.last_pong = time.monotonic()
         self._observe_loads(rep, pong.counters)
+        self._observe_events(rep, pong.events)
         if self._metrics is not None and rep.state == RUNNING:
             self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
+
+    def _observe_events(self, rep: _Replica, events: list[ModelEvent]) -> None:
+        """Keep the replica's model events not taken yet, tagged with its id.
+
+        A poll and a scrape may ask with the same ``events_after`` and both
+        bring the same events; their sequence numbers tell them apart.
+        """
+        for event in events:
+            if event.seq <= rep.events_seq:
+                continue
+            rep.events_seq = event.seq
+            self._events.append(
+                {
+                    "time": event.time,
+                    "replica": rep.id,
+                    "kind": event.kind,
+                    "model": event.model,
+                    "duration_ms": event.duration_ms,
+                    "reason": event.reason,
+                }
+            )
 
     def _observe_loads(self, rep: _Replica, counters: dict[str, float]) -> None:
         """Fold the loads since the last pong into the load-time estimate.

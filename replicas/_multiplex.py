@@ -7,7 +7,8 @@ Two layers, so that the rules can be tested without an event loop:
   every change, which models to evict. It never awaits and never calls user code.
 * :class:`ModelCache` wraps it with the asynchronous machinery: one shared load
   task per model id (single flight), a bound on concurrent loads, pins tied to
-  request scopes, unload hooks, log lines, spans and process-wide counters.
+  request scopes, unload hooks, log lines, spans, process-wide counters and a
+  bounded, numbered log of finished loads and unloads (:class:`EventLog`).
 
 Capacity counts loaded *and* loading models, and evictions are unloaded before
 the load that caused them starts, so memory peaks at the limit. A model handed
@@ -28,6 +29,7 @@ import itertools
 import logging
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Generic, TypeVar, overload
 
@@ -38,13 +40,17 @@ from opentelemetry.trace import Status, StatusCode
 
 from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._lru import MISSING, LRUState, _Missing
+from muxgate.replicas._protocol import ModelEvent
 
 __all__ = [
+    "EVENT_LOG_SIZE",
     "MODEL_LOAD_BUCKETS",
+    "EventLog",
     "LRUState",
     "ModelCache",
     "ModelCacheClosedError",
     "counters",
+    "events_since",
     "load_bucket_key",
     "model_cache",
     "model_caches",
@@ -131,6 +137,65 @@ class _IdentitySet:
 
 # Objects whose unload hook already ran, across every cache: a hook runs at most once per object.
 _UNLOADED = _IdentitySet()
+
+
+#: finished loads and unloads a process keeps until its gateways ask for them
+EVENT_LOG_SIZE: Final = 256
+
+
+class EventLog:
+    """The last ``maxlen`` finished model loads and unloads, numbered 1, 2, ...
+
+    Recording is an append to a bounded deque, done only when a load or an
+    unload finishes (never on a cache hit). A reader that falls more than
+    ``maxlen`` events behind misses the oldest. Records happen on the event
+    loop (loads and unloads are coroutines there), so numbering needs no lock.
+
+    Args:
+        maxlen: how many events to keep.
+        clock: wall-clock Unix seconds (a seam for tests).
+    """
+
+    def __init__(self, maxlen: int = EVENT_LOG_SIZE, *, clock: Callable[[], float] = time.time):
+        self._events: deque[ModelEvent] = deque(maxlen=maxlen)
+        self._clock = clock
+        self.last_seq = 0
+
+    def record(
+        self, kind: str, model_id: str, seconds: float | None = None, reason: str | None = None
+    ) -> ModelEvent:
+        """Append one event (``kind`` as in :class:`ModelEvent`) and return it."""
+        self.last_seq += 1
+        event = ModelEvent(
+            seq=self.last_seq,
+            time=self._clock(),
+            kind=kind,
+            model=model_id,
+            duration_ms=None if seconds is None else round(seconds * 1e3, 3),
+            reason=reason,
+        )
+        self._events.append(event)
+        return event
+
+    def since(self, seq: int) -> list[ModelEvent]:
+        """The kept events numbered above ``seq``, oldest first."""
+        events = self._events
+        if seq >= self.last_seq or not events:
+            return []
+        # Numbers are consecutive, so the first wanted event sits at a known index.
+        start = max(0, seq + 1 - events[0].seq)
+        return list(itertools.islice(events, start, None))
+
+    def __repr__(self) -> str:
+        return f"<EventLog last_seq={self.last_seq} kept={len(self._events)}/{self._events.maxlen}>"
+
+
+_EVENTS = EventLog()
+
+
+def events_since(seq: int) -> list[ModelEvent]:
+    """This process's model events numbered above ``seq`` (0: all kept), oldest first."""
+    return _EVENTS.since(seq)
 
 
 def model_caches() -> list[ModelCache[Any]]:
@@ -375,12 +440,14 @@ class ModelCache(Generic[M]):
             token = otel_context.attach(otel_context.set_value(_FETCH_LOG_KEY, fetched))
             try:
                 model = await self._load(model_id)
-            except Exception:
+            except Exception as exc:
+                failed_after = time.perf_counter() - start
                 _COUNTERS["model_load_failures"] += 1
+                _EVENTS.record("load_failed", model_id, failed_after, type(exc).__name__)
                 _log.warning(
                     "Failed to load model '%s' after %.1fms.",
                     model_id,
-                    (time.perf_counter() - start) * 1e3,
+                    failed_after * 1e3,
                     exc_info=True,
                 )
                 raise
@@ -391,6 +458,7 @@ class ModelCache(Generic[M]):
                 span.set_attributes(sources)
         seconds = time.perf_counter() - start
         _count_load(seconds)
+        _EVENTS.record("load", model_id, seconds)
         _log.info("Loaded model '%s' in %.1fms.", model_id, seconds * 1e3)
         return model
 
@@ -426,6 +494,7 @@ class ModelCache(Generic[M]):
         """Run the model's unload hook; a failing hook is logged, never raised."""
         _COUNTERS[f"model_unloads_{reason}"] += 1
         if self._state.holds(model):
+            _EVENTS.record("unload", model_id, None, reason)
             return  # the same object is still cached under another id
         _log.info("Unloading model '%s'.", model_id)
         start = time.perf_counter()
@@ -434,19 +503,23 @@ class ModelCache(Generic[M]):
             **self._sources.pop(model_id, {}),
             "muxgate.unload_reason": reason,
         }
-        with _tracer.start_as_current_span(
-            "muxgate.model.unload",
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                await _run_unload_hook(model)
-            except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                _log.exception("Unload hook of model '%s' failed; dropped anyway.", model_id)
-                return
+        try:
+            with _tracer.start_as_current_span(
+                "muxgate.model.unload",
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    await _run_unload_hook(model)
+                except Exception as exc:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                    _log.exception("Unload hook of model '%s' failed; dropped anyway.", model_id)
+                    return
+        finally:
+            # The cache let go of the model whatever the hook did (failed, cancelled).
+            _EVENTS.record("unload", model_id, time.perf_counter() - start, reason)
         _log.info("Unloaded model '%s' in %.1fms.", model_id, (time.perf_counter() - start) * 1e3)
 
 

@@ -26,8 +26,15 @@ connection only.
 
 Every ``Reply`` and ``Pong`` carries ``ReplicaState`` (in-flight count, loaded
 model ids in LRU order, ids being loaded), so the router's view of a replica
-is as fresh as its last response. The version is checked at the handshake;
-bump ``PROTOCOL_VERSION`` on any incompatible change.
+is as fresh as its last response.
+
+Model loads and unloads are numbered ``ModelEvent``s: ``Ping`` and ``Drain``
+say the last sequence number the gateway has (``events_after``), ``Pong`` and
+``Drained`` carry the events after it. Both fields have defaults (no events
+asked, none sent), so peers without them still decode each other.
+
+The version is checked at the handshake; bump ``PROTOCOL_VERSION`` on any
+incompatible change.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ __all__ = [
     "Hello",
     "HttpRequest",
     "Message",
+    "ModelEvent",
     "Ping",
     "Pong",
     "ProtocolError",
@@ -167,29 +175,57 @@ class Reply(msgspec.Struct, frozen=True, tag="reply", tag_field="t"):
     error: ErrorInfo | None = None
 
 
+class ModelEvent(msgspec.Struct, frozen=True, array_like=True):
+    """A finished model load or unload in a replica process.
+
+    ``seq`` counts up from 1 per process; ``time`` is wall-clock Unix seconds
+    when it finished. ``kind`` is ``"load"``, ``"load_failed"`` (``reason``:
+    the exception's class name) or ``"unload"`` (``reason``: ``"lru"``,
+    ``"shutdown"`` or ``"drain"``; no ``duration_ms`` when no hook ran
+    because the object is still cached under another id).
+    """
+
+    seq: int
+    time: float
+    kind: str
+    model: str
+    duration_ms: float | None = None
+    reason: str | None = None
+
+
 class Ping(msgspec.Struct, frozen=True, tag="ping", tag_field="t"):
-    pass
+    """Ask for a ``Pong``; with ``events_after``, for the events after that ``seq`` too."""
+
+    events_after: int | None = None
 
 
 class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
     """Answer to ``Ping``; also carries the replica's cumulative counters
     (model loads, unloads by reason, cache hits/misses, load seconds), which
-    the gateway aggregates into its metrics."""
+    the gateway aggregates into its metrics, and the model events the ping
+    asked for (oldest first; those older than the replica's bounded log are
+    gone)."""
 
     state: ReplicaState
     counters: dict[str, float] = {}
+    events: list[ModelEvent] = []
 
 
 class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):
-    """Stop taking calls, finish those in flight, unload every model, exit."""
+    """Stop taking calls, finish those in flight, unload every model, exit.
+    ``events_after`` as in ``Ping``, for ``Drained``."""
+
+    events_after: int | None = None
 
 
 class Drained(msgspec.Struct, frozen=True, tag="drained", tag_field="t"):
     """The replica finished its calls and unloaded its models; it exits next.
-    Carries its final counters (the drain's unloads happen after the last
-    ``Pong``, so only this message can report them)."""
+    Carries its final counters and the model events ``Drain`` asked for (the
+    drain's unloads happen after the last ``Pong``, so only this message can
+    report them)."""
 
     counters: dict[str, float] = {}
+    events: list[ModelEvent] = []
 
 
 Message = Hello | Welcome | Refused | Call | Cancel | Reply | Ping | Pong | Drain | Drained

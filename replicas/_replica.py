@@ -67,7 +67,12 @@ from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._deployment import get_deployment_options
 from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._http import Request, encode_result
-from muxgate.replicas._multiplex import counters, model_caches, replica_state_snapshot
+from muxgate.replicas._multiplex import (
+    counters,
+    events_since,
+    model_caches,
+    replica_state_snapshot,
+)
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -156,6 +161,8 @@ class Replica:
         self._connections: set[GatewayConnection] = set()
         self._all_closed = anyio.Event()
         self._drain_requester: GatewayConnection | None = None
+        #: the requester's ``Drain.events_after``: Drained carries the events after it
+        self._drain_events_after: int | None = None
         #: the class's @deployment options, told to the gateway in Welcome
         self.options = get_deployment_options(type(instance))
         configured = spec.max_ongoing_requests
@@ -221,7 +228,9 @@ class Replica:
                 await self._idle.wait()
             await self._unload_models()
             if self._drain_requester is not None:
-                await self._drain_requester.send(Drained(counters=counters()))
+                after = self._drain_events_after
+                events = events_since(after) if after is not None else []
+                await self._drain_requester.send(Drained(counters=counters(), events=events))
             # Closing a socket may drop data still buffered for it, so
             # half-close and let each gateway close its end once it has read
             # everything (bounded: a gateway that never closes is cut off).
@@ -344,16 +353,18 @@ class Replica:
                 self.cancelled += 1
                 target.cancel()
         elif isinstance(message, Ping):
-            self._tg.start_soon(self._pong, conn)
+            self._tg.start_soon(self._pong, conn, message.events_after)
         elif isinstance(message, Drain):
             if self._drain_requester is None:
                 self._drain_requester = conn
+                self._drain_events_after = message.events_after
             self.request_stop("drain", graceful=True)
         else:
             _log.warning("Ignoring unexpected %s from the gateway.", type(message).__name__)
 
-    async def _pong(self, conn: GatewayConnection) -> None:
-        await conn.send(Pong(state=self.state(), counters=counters()))
+    async def _pong(self, conn: GatewayConnection, events_after: int | None) -> None:
+        events = events_since(events_after) if events_after is not None else []
+        await conn.send(Pong(state=self.state(), counters=counters(), events=events))
 
     async def _run_call(
         self, conn: GatewayConnection, call: Call, refuse: bool, scope: anyio.CancelScope

@@ -4,8 +4,9 @@ A gateway runs in this process with one replica of
 ``observability_apps:Observed`` (two models per replica, real torch files).
 The browser opens ``/-/``, sees the replica running with no models, then
 the test sends requests with model ids and the page shows, live: the model
-chips (LRU order), the loads and the eviction in "recent loads and unloads",
-and a non-zero request rate. A screenshot is kept as a test artifact in
+chips (LRU order), the loads (with their durations) and the eviction (reason
+``lru``) in "recent loads and unloads", from the gateway's event log, and a
+non-zero request rate. A screenshot is kept as a test artifact in
 ``test-artifacts/status_page.png``.
 
 Playwright's async API runs on the test's event loop next to the gateway;
@@ -32,6 +33,8 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 #: the page polls once a second; a few polls' worth of patience
 UI_TIMEOUT_MS = 8000
 NONZERO_RATE = re.compile(r"^(?!0\.0$)\d+\.\d$")
+#: how the page shows a duration the replica measured
+TOOK = r" in \d+\.\d+ (ms|s)$"
 
 pytestmark = [
     pytest.mark.anyio,
@@ -90,8 +93,8 @@ async def test_status_page_shows_replicas_models_events_and_rate(gateway: Gatewa
             chip = rows.first.locator('[data-model-id="1"]')
             await expect(chip).to_be_visible()
             await expect(chip).to_have_attribute("data-loading", "false")
-            await expect(dep.locator('[data-event="loaded"]')).to_contain_text(
-                f"loaded 1 on {replica_id}"
+            await expect(dep.locator('[data-event="loaded"]')).to_have_text(
+                re.compile(f"loaded 1 on {re.escape(str(replica_id))}{TOOK}")
             )
             # Request rate: the page shows the rate between its last two polls,
             # so keep requests (without a model id: no cache effect) flowing
@@ -112,9 +115,10 @@ async def test_status_page_shows_replicas_models_events_and_rate(gateway: Gatewa
                 "2",
                 "3",
             ]
-            await expect(dep.locator('[data-event="unloaded"]')).to_contain_text(
-                f"unloaded 1 from {replica_id}"
+            await expect(dep.locator('[data-event="unloaded"]')).to_have_text(
+                re.compile(f"unloaded 1 from {re.escape(str(replica_id))} \\(lru\\){TOOK}")
             )
+            await expect(dep.locator('[data-event="loaded"]')).to_have_count(3)
             await expect(dep.locator('[data-field="hit-ratio"]')).to_have_text("0%")
 
             ARTIFACTS.mkdir(exist_ok=True)

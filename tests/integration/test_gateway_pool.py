@@ -19,7 +19,7 @@ from muxgate.gateway._launcher import ReplicaStartError
 from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._pool import ReplicaPool
 from muxgate.replicas._deployment import DeploymentOptions
-from muxgate.replicas._protocol import HttpRequest, Pong, ReplicaState, Reply
+from muxgate.replicas._protocol import Drained, HttpRequest, Pong, ReplicaState, Reply
 from muxgate.replicas._server import ReplicaSpec
 
 pytestmark = pytest.mark.anyio
@@ -135,12 +135,13 @@ class FakeConnection:
         self.options: DeploymentOptions | None = None  # from Welcome
         self.on_state = on_state
 
-    async def ping(self) -> Pong:
+    async def ping(self, *, events_after: int | None = None) -> Pong:
         return Pong(state=self.state, counters=dict(self.counters))
 
-    async def drain(self) -> None:
+    async def drain(self, *, events_after: int | None = None) -> Drained:
         await self.drain_gate.wait()
         self.drained = True
+        return Drained(counters=dict(self.counters))
 
     async def aclose(self) -> None:
         self.close_reason = self.close_reason or "closed by gateway"

@@ -30,6 +30,8 @@ from muxgate.replicas._protocol import (
     FrameDecoder,
     Hello,
     HttpRequest,
+    ModelEvent,
+    Ping,
     Pong,
     Refused,
     ReplicaState,
@@ -301,6 +303,34 @@ async def test_ping_returns_state_and_counters(conn: ReplicaConnection) -> None:
     assert seen == [pong.state]
     assert {"model_loads", "cache_hits", "models_loaded"} <= set(pong.counters)
     assert conn.counters == pong.counters
+
+
+async def test_ping_asks_for_model_events_only_when_told(conn: ReplicaConnection) -> None:
+    # Echo multiplexes nothing: its log is empty whatever the gateway asks.
+    assert (await conn.ping(events_after=0)).events == []
+    assert (await conn.ping()).events == []
+
+
+class PingBeforeEvents(msgspec.Struct, frozen=True, tag="ping", tag_field="t"):
+    pass
+
+
+class PongBeforeEvents(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
+    state: ReplicaState
+    counters: dict[str, float] = {}
+
+
+def test_the_event_fields_decode_across_versions() -> None:
+    """Peers from before the model events and peers with them understand each other."""
+    event = ModelEvent(seq=7, time=1.5, kind="unload", model="m", duration_ms=2.0, reason="lru")
+    new = Pong(state=ReplicaState(models=["m"]), counters={"model_loads": 1.0}, events=[event])
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=PongBeforeEvents)
+    assert old == PongBeforeEvents(state=new.state, counters=new.counters)
+    payload = msgspec.msgpack.encode(PingBeforeEvents())
+    (ping,) = FrameDecoder().feed(len(payload).to_bytes(4, "big") + payload)
+    assert ping == Ping(events_after=None)
+    (pong,) = FrameDecoder().feed(encode_frame(new))
+    assert isinstance(pong, Pong) and pong.events == [event]
 
 
 async def test_replica_process_repr_and_pid(

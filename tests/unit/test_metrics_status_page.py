@@ -3,16 +3,19 @@
 The stand-in serves the real page file, a /-/replicas snapshot the test
 changes, and /-/metrics rendered by a real GatewayMetrics. It checks what a
 user sees: replicas, models as chips in LRU order with loading ones marked,
-load/unload events derived from successive snapshots, a request rate, and
-that ?token= becomes a bearer header.
+the deployment's load/unload events (also those from before the page was
+opened), replica removals derived from successive snapshots, a request rate,
+and that ?token= becomes a bearer header.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import json
+import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -104,11 +107,29 @@ def replica(rid: str, models: list[str], loading: list[str], in_flight: int = 0)
     }
 
 
+def event(
+    at: float, kind: str, model: str, duration_ms: float | None, reason: str | None = None
+) -> dict[str, Any]:
+    return {
+        "time": at,
+        "replica": "Model#a",
+        "kind": kind,
+        "model": model,
+        "duration_ms": duration_ms,
+        "reason": reason,
+    }
+
+
 def test_status_page_shows_replicas_models_events_and_rate(
     admin: tuple[AdminStandIn, str],
 ) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     state, url = admin
+    # Loaded a minute before the page opens: still listed, from the gateway's log.
+    earlier = [
+        event(time.time() - 60, "load", "m1", 812.5),
+        event(time.time() - 59, "load", "m2", 1520.0),
+    ]
     state.set_snapshot(
         {
             "deployments": {
@@ -119,6 +140,7 @@ def test_status_page_shows_replicas_models_events_and_rate(
                         replica("Model#a", ["m1", "m2"], ["m3"], in_flight=2),
                         replica("Model#b", [], []),
                     ],
+                    "events": earlier,
                 }
             }
         }
@@ -145,6 +167,11 @@ def test_status_page_shows_replicas_models_events_and_rate(
             expect(a.locator('[data-model-id="m3"]')).to_have_attribute("data-loading", "true")
             expect(a.locator('[data-model-id="m1"]')).to_have_attribute("data-loading", "false")
             expect(dep.locator('[data-replica-id="Model#b"] [data-model-id]')).to_have_count(0)
+            loaded = dep.locator('[data-event="loaded"]')
+            expect(loaded).to_have_count(2)
+            # Newest first, with the durations the gateway reported.
+            expect(loaded.nth(0)).to_contain_text("loaded m2 on Model#a in 1.52 s")
+            expect(loaded.nth(1)).to_contain_text("loaded m1 on Model#a in 812.5 ms")
 
             # m3 finishes loading, m1 is evicted, a replica goes away; traffic flows.
             for _ in range(50):
@@ -156,14 +183,24 @@ def test_status_page_shows_replicas_models_events_and_rate(
                             "target_replicas": 1,
                             "queued": 0,
                             "replicas": [replica("Model#a", ["m2", "m3"], [])],
+                            "events": [
+                                *earlier,
+                                event(time.time(), "unload", "m1", 3.25, "lru"),
+                                event(time.time(), "load", "m3", 95.0),
+                                event(time.time(), "load_failed", "m9", 4.0, "OSError"),
+                            ],
                         }
                     }
                 }
             )
             events = dep.locator("[data-event]")
-            expect(dep.locator('[data-event="loaded"]')).to_contain_text("loaded m3 on Model#a")
-            expect(dep.locator('[data-event="unloaded"]')).to_contain_text(
-                "unloaded m1 from Model#a"
+            expect(loaded).to_have_count(3)
+            expect(loaded.first).to_contain_text("loaded m3 on Model#a in 95.0 ms")
+            expect(dep.locator('[data-event="unloaded"]')).to_have_text(
+                re.compile(r"unloaded m1 from Model#a \(lru\) in 3\.3 ms$")
+            )
+            expect(dep.locator('[data-event="load-failed"]')).to_contain_text(
+                "load of m9 on Model#a failed (OSError) in 4.0 ms"
             )
             expect(dep.locator('[data-event="replica-removed"]')).to_contain_text("Model#b")
             assert events.first.locator("time").get_attribute("datetime")

@@ -6,6 +6,7 @@ import gc
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,16 +25,19 @@ from muxgate.replicas._context import (
 )
 from muxgate.replicas._multiplex import (
     MODEL_LOAD_BUCKETS,
+    EventLog,
     LRUState,
     ModelCache,
     ModelCacheClosedError,
     counters,
+    events_since,
     load_bucket_key,
     model_cache,
     model_caches,
     multiplexed,
     replica_state_snapshot,
 )
+from muxgate.replicas._protocol import ModelEvent
 from muxgate.replicas._tracing import flush_tracing
 
 pytestmark = pytest.mark.anyio
@@ -625,6 +629,57 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
         "loaded=['snap-b', 'snap-a'] loading=[] pinned={}>"
     )
     await cache.aclose()
+
+
+def test_the_event_log_numbers_events_keeps_the_last_and_reads_after_a_number() -> None:
+    ticks = iter(range(1000, 2000))
+    log = EventLog(maxlen=3, clock=lambda: float(next(ticks)))
+    assert log.since(0) == []
+    first = log.record("load", "a", 0.0125)
+    assert first == ModelEvent(seq=1, time=1000.0, kind="load", model="a", duration_ms=12.5)
+    log.record("load_failed", "b", 0.002, "OSError")
+    log.record("unload", "a", None, "lru")
+    log.record("unload", "c", 0.001, "drain")  # the bound drops event 1
+    assert [e.seq for e in log.since(0)] == [2, 3, 4]
+    assert [e.seq for e in log.since(-7)] == [2, 3, 4]
+    assert log.since(2) == [
+        ModelEvent(seq=3, time=1002.0, kind="unload", model="a", reason="lru"),
+        ModelEvent(seq=4, time=1003.0, kind="unload", model="c", duration_ms=1.0, reason="drain"),
+    ]
+    assert log.since(4) == []
+    assert log.since(99) == []
+    assert repr(log) == "<EventLog last_seq=4 kept=3/3>"
+
+
+def last_event_seq() -> int:
+    kept = events_since(0)
+    return kept[-1].seq if kept else 0
+
+
+async def test_finished_loads_and_unloads_are_logged_for_the_gateway_and_hits_are_not() -> None:
+    mark = last_event_seq()
+    started = time.time()
+    loads = Loads()
+    loads.failures["ev-bad"] = OSError("disk gone")
+    get_model = make_loader(loads, limit=1)
+    await get_model("ev-a")
+    await get_model("ev-a")  # a hit: nothing logged
+    with pytest.raises(OSError):
+        await get_model("ev-bad")  # evicts ev-a first: capacity counts loading models
+    await get_model("ev-b")
+    await model_cache(get_model).aclose("drain")
+    events = events_since(mark)
+    assert [(e.kind, e.model, e.reason) for e in events] == [
+        ("load", "ev-a", None),
+        ("unload", "ev-a", "lru"),
+        ("load_failed", "ev-bad", "OSError"),
+        ("load", "ev-b", None),
+        ("unload", "ev-b", "drain"),
+    ]
+    assert [e.seq for e in events] == list(range(mark + 1, mark + 6))
+    assert all(e.duration_ms is not None and e.duration_ms >= 0 for e in events)
+    assert all(started <= e.time <= time.time() for e in events)
+    assert events_since(events[2].seq) == events[3:]
 
 
 @pytest.fixture
