@@ -62,7 +62,7 @@ from muxgate.replicas._deployment import (
     DEFAULT_MAX_QUEUED_REQUESTS,
     DeploymentOptions,
 )
-from muxgate.replicas._protocol import ModelEvent, ReplicaState
+from muxgate.replicas._protocol import ModelEvent, Pong, ReplicaState
 from muxgate.replicas._server import ReplicaSpec
 
 __all__ = [
@@ -366,11 +366,7 @@ class ReplicaPool:
                 pong = await conn.ping(events_after=rep.events_seq)
             except Exception:
                 return  # closed or closing: _run_replica and the poller handle it
-            rep.last_pong = time.monotonic()
-            self._observe_loads(rep, pong.counters)
-            self._observe_events(rep, pong.events)
-            if self._metrics is not None and rep.state == RUNNING:
-                self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
+            self._on_pong(rep, pong)
 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
@@ -623,6 +619,11 @@ class ReplicaPool:
                         rep.process.kill()
                 await conn.aclose()  # wakes _run_replica, which replaces it
             return
+        self._on_pong(rep, pong)
+
+    def _on_pong(self, rep: _Replica, pong: Pong) -> None:
+        """A replica answered a ping (the poller's or a scrape's): liveness,
+        load time estimate, model events, counters for the metrics."""
         rep.last_pong = time.monotonic()
         self._observe_loads(rep, pong.counters)
         self._observe_events(rep, pong.events)
