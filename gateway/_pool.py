@@ -34,7 +34,7 @@ Life of a replica::
 Every reply and pong refreshes the router's view of the replica through the
 connection's ``on_state`` callback; a poller pings each replica about once a
 second for counters (metrics), liveness and the model load/unload events it
-logged since the last ping (the last ``EVENTS_KEPT`` are in ``snapshot()``).
+logged since the last ping (kept in a ``ModelEventLog``, shown by ``snapshot()``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,13 +55,14 @@ from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
 from muxgate.gateway._router import Router
 from muxgate.replicas._deployment import (
     DEFAULT_MAX_ONGOING_REQUESTS,
     DEFAULT_MAX_QUEUED_REQUESTS,
     DeploymentOptions,
 )
-from muxgate.replicas._protocol import ModelEvent, Pong, ReplicaState
+from muxgate.replicas._protocol import Pong, ReplicaState
 from muxgate.replicas._server import ReplicaSpec
 
 __all__ = [
@@ -92,15 +92,6 @@ EXIT_GRACE_S = 5.0
 #: the pool waits for ``Drained`` this much longer than the replica's own
 #: graceful timeout (models unload after the in-flight calls finish)
 DRAIN_MARGIN_S = 5.0
-#: first guess of a model load (s), until replicas report real loads
-INITIAL_LOAD_TIME_S = 0.5
-#: weight of a new observation in the moving load-time estimate
-LOAD_TIME_ALPHA = 0.3
-#: bounds of the queue's affinity wait taken from the estimate: the head of
-#: the queue never waits longer than this behind cache hits
-AFFINITY_WAIT_BOUNDS_S = (0.01, 10.0)
-#: model load/unload events a deployment keeps for ``/-/replicas``
-EVENTS_KEPT = 200
 
 
 class ReplicaProcessLike(Protocol):
@@ -207,8 +198,7 @@ class ReplicaPool:
                 else INITIAL_LOAD_TIME_S
             ),
         )
-        #: moving estimate of one model load (s), from the replicas' counters
-        self.load_time_s = INITIAL_LOAD_TIME_S
+        self._load_time = LoadTimeEstimate()
         self.target = config.initial_replicas
         self.min_replicas: int = config.min_replicas
         self.last_failure: str | None = None
@@ -216,8 +206,7 @@ class ReplicaPool:
         self._failures = 0
         self._backoff_until = 0.0
         self._replicas: dict[str, _Replica] = {}
-        #: the replicas' model events (see ``_observe_events``), oldest first
-        self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self._events = ModelEventLog()
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -270,6 +259,11 @@ class ReplicaPool:
         for rep in self._replicas.values():
             out[rep.state] += 1
         return out
+
+    @property
+    def load_time_s(self) -> float:
+        """Moving estimate of one model load (s), from the replicas' counters."""
+        return self._load_time.value
 
     @property
     def running(self) -> int:
@@ -336,8 +330,7 @@ class ReplicaPool:
             "replicas": replicas,
             "last_failure": self.last_failure,
             "load_time_s": round(self.load_time_s, 4),
-            # Replicas report a second apart: by time, not arrival, newest last.
-            "events": [dict(e) for e in sorted(self._events, key=lambda e: e["time"])],
+            "events": self._events.snapshot(),
         }
         scaling = self.config.autoscaling
         if scaling is not None:
@@ -567,7 +560,7 @@ class ReplicaPool:
                 except Exception as exc:
                     _log.warning("replica %s did not drain cleanly: %r", rep.id, exc)
                 else:
-                    self._observe_events(rep, drained.events)
+                    rep.events_seq = self._events.add(rep.id, rep.events_seq, drained.events)
                     if self._metrics is not None:
                         # Drained carries the drain's unloads, counted after the last Pong.
                         self._metrics.final_replica_counters(self.name, rep.id, rep.conn.counters)
@@ -625,45 +618,10 @@ class ReplicaPool:
         """A replica answered a ping (the poller's or a scrape's): liveness,
         load time estimate, model events, counters for the metrics."""
         rep.last_pong = time.monotonic()
-        self._observe_loads(rep, pong.counters)
-        self._observe_events(rep, pong.events)
+        rep.loads_seen = self._load_time.observe(rep.loads_seen, pong.counters)
+        if self.config.routing.queue_affinity_wait_s is None:
+            # Cache hits overtake the queue head for about one load time.
+            self.dispatcher.affinity_wait_s = self._load_time.affinity_wait_s()
+        rep.events_seq = self._events.add(rep.id, rep.events_seq, pong.events)
         if self._metrics is not None and rep.state == RUNNING:
             self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
-
-    def _observe_events(self, rep: _Replica, events: list[ModelEvent]) -> None:
-        """Keep the replica's model events not taken yet, tagged with its id.
-
-        A poll and a scrape may ask with the same ``events_after`` and both
-        bring the same events; their sequence numbers tell them apart.
-        """
-        for event in events:
-            if event.seq <= rep.events_seq:
-                continue
-            rep.events_seq = event.seq
-            self._events.append(
-                {
-                    "time": event.time,
-                    "replica": rep.id,
-                    "kind": event.kind,
-                    "model": event.model,
-                    "duration_ms": event.duration_ms,
-                    "reason": event.reason,
-                }
-            )
-
-    def _observe_loads(self, rep: _Replica, counters: dict[str, float]) -> None:
-        """Fold the loads since the last pong into the load-time estimate.
-
-        The dispatcher lets cache hits overtake the queue head for about one
-        load time, unless the config fixes ``queue_affinity_wait_s``.
-        """
-        loads = counters.get("model_loads", 0.0)
-        seconds = counters.get("model_load_seconds_sum", 0.0)
-        seen_loads, seen_seconds = rep.loads_seen
-        rep.loads_seen = (loads, seconds)
-        if loads > seen_loads and seconds >= seen_seconds:
-            mean = (seconds - seen_seconds) / (loads - seen_loads)
-            self.load_time_s += LOAD_TIME_ALPHA * (mean - self.load_time_s)
-            if self.config.routing.queue_affinity_wait_s is None:
-                low, high = AFFINITY_WAIT_BOUNDS_S
-                self.dispatcher.affinity_wait_s = min(high, max(low, self.load_time_s))

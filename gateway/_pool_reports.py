@@ -1,0 +1,114 @@
+"""What a deployment's replicas report in their pongs, kept by its pool.
+
+Plain synchronous objects (no I/O, no clock): the pool feeds them each
+``Pong`` (and a drain's ``Drained``) and reads them for ``/-/replicas`` and
+the dispatcher.
+
+* ``ModelEventLog``: the model load/unload events of every replica of the
+  deployment, the newest ``EVENTS_KEPT``.
+* ``LoadTimeEstimate``: a moving estimate of one model load, from the
+  replicas' cumulative load counters; the dispatcher's cache-affine queue
+  lets hits go first for about that long.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from muxgate.replicas._protocol import ModelEvent
+
+__all__ = [
+    "AFFINITY_WAIT_BOUNDS_S",
+    "EVENTS_KEPT",
+    "INITIAL_LOAD_TIME_S",
+    "LOAD_TIME_ALPHA",
+    "LoadTimeEstimate",
+    "ModelEventLog",
+]
+
+#: model load/unload events a deployment keeps for ``/-/replicas``
+EVENTS_KEPT = 200
+#: first guess of a model load (s), until replicas report real loads
+INITIAL_LOAD_TIME_S = 0.5
+#: weight of a new observation in the moving load-time estimate
+LOAD_TIME_ALPHA = 0.3
+#: bounds of the queue's affinity wait taken from the estimate: the head of
+#: the queue never waits longer than this behind cache hits
+AFFINITY_WAIT_BOUNDS_S = (0.01, 10.0)
+
+
+class ModelEventLog:
+    """The replicas' model events, each tagged with its replica's id.
+
+    Each replica numbers its events; the caller keeps the last number taken
+    from each replica and passes it to ``add``. A poll and a scrape may ask
+    with the same number and both bring the same events: the numbers tell
+    them apart.
+    """
+
+    def __init__(self, maxlen: int = EVENTS_KEPT) -> None:
+        self._events: deque[dict[str, Any]] = deque(maxlen=maxlen)
+
+    def add(self, replica_id: str, taken: int, events: Iterable[ModelEvent]) -> int:
+        """Keep the events numbered above ``taken``; return the new last number."""
+        for event in events:
+            if event.seq <= taken:
+                continue
+            taken = event.seq
+            self._events.append(
+                {
+                    "time": event.time,
+                    "replica": replica_id,
+                    "kind": event.kind,
+                    "model": event.model,
+                    "duration_ms": event.duration_ms,
+                    "reason": event.reason,
+                }
+            )
+        return taken
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The events, oldest first: by time, not arrival (replicas report a
+        second apart)."""
+        return [dict(e) for e in sorted(self._events, key=lambda e: e["time"])]
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def __repr__(self) -> str:
+        return f"<ModelEventLog kept={len(self._events)}/{self._events.maxlen}>"
+
+
+class LoadTimeEstimate:
+    """Exponential moving average of one model load (s).
+
+    Each observation is the mean of the loads one replica finished since its
+    previous report: ``(model_loads, model_load_seconds_sum)`` differences of
+    its cumulative counters.
+    """
+
+    def __init__(self, initial_s: float = INITIAL_LOAD_TIME_S, alpha: float = LOAD_TIME_ALPHA):
+        self.value = initial_s
+        self._alpha = alpha
+
+    def observe(
+        self, seen: tuple[float, float], counters: Mapping[str, float]
+    ) -> tuple[float, float]:
+        """Fold in the loads counted since ``seen``; return the new ``seen``."""
+        loads = counters.get("model_loads", 0.0)
+        seconds = counters.get("model_load_seconds_sum", 0.0)
+        seen_loads, seen_seconds = seen
+        if loads > seen_loads and seconds >= seen_seconds:
+            mean = (seconds - seen_seconds) / (loads - seen_loads)
+            self.value += self._alpha * (mean - self.value)
+        return (loads, seconds)
+
+    def affinity_wait_s(self) -> float:
+        """The estimate within ``AFFINITY_WAIT_BOUNDS_S``."""
+        low, high = AFFINITY_WAIT_BOUNDS_S
+        return min(high, max(low, self.value))
+
+    def __repr__(self) -> str:
+        return f"<LoadTimeEstimate {self.value:.4f} s>"
