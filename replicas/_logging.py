@@ -1,6 +1,6 @@
 """Replica log lines with who and what in the prefix.
 
-``INFO 2026-11-25 12:00:00,123 Model Model#ab12 3f9c... _multiplex.py:412 - Loading model '1'.``
+``INFO 2026-11-25 12:00:00,123 Model Model#ab12 3f9c... _cache.py:412 - Loading model '1'.``
 
 The deployment and replica id come from the replica context, the request id
 from the request context variable, so concurrent requests on one loop (and the

@@ -1,0 +1,229 @@
+"""The pure bookkeeping of one model cache: which models are loaded, which are
+loading, which are pinned, and what to evict when. No I/O and no awaiting:
+:class:`muxgate.replicas._cache.ModelCache` wraps it with the async
+single-flight loads and the unload hooks.
+
+The guarantees every eviction policy gets from here, whatever it decides:
+
+* a pinned model (in use by a request) is never evicted; a cache over its
+  limit because everything was pinned sheds the excess as pins release;
+* a model that just finished loading is not the victim of its own load;
+* the load order: with ``evict_first`` the victim is evicted before the new
+  load starts (memory peaks at the limit); otherwise it is evicted once the
+  new model is built, so a failed load never costs a working model (memory
+  peaks at the limit plus the models being built);
+* a model the policy refuses to admit is still handed to the callers that
+  asked for it, kept while they pin it, and then dropped ("transient").
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from muxgate.replicas._eviction import EvictionPolicy
+from muxgate.replicas._lru import LRU
+
+__all__ = ["MISSING", "CacheState", "LRUState"]
+
+M = TypeVar("M")
+
+
+class _Missing:
+    """Type of the sentinel for "not in the cache" (a loader may return ``None``)."""
+
+    __slots__ = ()
+
+
+MISSING = _Missing()
+
+
+class CacheState(Generic[M]):
+    """What one cache holds, and the eviction decisions; no I/O, no awaiting.
+
+    Every mutator that can free room returns the evictions it decided as
+    ``(model_id, model)`` pairs, already removed; the caller unloads them.
+
+    Invariant kept where pins allow it: ``len(loaded) + reserved <= capacity``
+    (``capacity == -1`` means no limit), where ``reserved`` counts loads that
+    took their slot when they started (``evict_first``). Victims are the
+    unpinned held ids in the policy's order.
+
+    Args:
+        capacity: models kept, ``-1`` for no limit.
+        policy: the eviction policy (a fresh one per cache); default LRU.
+        evict_first: evict before a load starts instead of once it succeeded.
+    """
+
+    __slots__ = (
+        "_loading",
+        "_models",
+        "_pins",
+        "_reserved",
+        "_transient",
+        "capacity",
+        "evict_first",
+        "policy",
+    )
+
+    def __init__(
+        self, capacity: int, policy: EvictionPolicy | None = None, *, evict_first: bool = True
+    ) -> None:
+        self.capacity = capacity
+        self.policy: EvictionPolicy = policy if policy is not None else LRU()
+        self.evict_first = evict_first
+        self._models: dict[str, M] = {}
+        self._transient: dict[str, M] = {}  # built but not admitted: dropped once unpinned
+        self._loading: dict[str, bool] = {}  # in start order; True: holds a slot
+        self._reserved = 0  # loads holding a slot
+        self._pins: dict[str, int] = {}
+
+    def lookup(self, model_id: str) -> M | _Missing:
+        """The model held for ``model_id`` (told to the policy as an access), or ``MISSING``."""
+        self.policy.access(model_id)
+        model = self._models.get(model_id, MISSING)
+        if model is MISSING and self._transient:
+            return self._transient.get(model_id, MISSING)
+        return model
+
+    def is_loading(self, model_id: str) -> bool:
+        return model_id in self._loading
+
+    def pin(self, model_id: str) -> None:
+        """Protect ``model_id`` from eviction (counted; may precede its load)."""
+        self._pins[model_id] = self._pins.get(model_id, 0) + 1
+
+    def unpin(self, model_id: str) -> list[tuple[str, M]]:
+        """Drop one pin; returns what can now be evicted."""
+        count = self._pins.get(model_id, 0)
+        if count <= 0:
+            raise ValueError(f"model {model_id!r} is not pinned")
+        if count > 1:
+            self._pins[model_id] = count - 1
+            return self._trim(None)
+        del self._pins[model_id]
+        evicted = self._trim(None)
+        if model_id in self._transient:
+            evicted.append((model_id, self._transient.pop(model_id)))
+        return evicted
+
+    def start_load(self, model_id: str) -> list[tuple[str, M]]:
+        """Record a new load; returns what to evict *before* it starts (``evict_first`` only)."""
+        if model_id in self._models or model_id in self._loading or model_id in self._transient:
+            raise ValueError(f"model {model_id!r} is already loaded or loading")
+        reserve = self.evict_first
+        if reserve and not self._has_room():
+            victim = self._first_victim(None)
+            # Refused: it loads beside the full cache and goes once its callers are done.
+            reserve = victim is None or self.policy.admit(model_id, victim)
+        self._loading[model_id] = reserve
+        if not reserve:
+            return []
+        self._reserved += 1
+        return self._trim(None)
+
+    def finish_load(self, model_id: str, model: M) -> list[tuple[str, M]]:
+        """Record a successful load; returns what to evict now."""
+        if self._end_load(model_id) or self._has_room():
+            return self._admit(model_id, model)
+        if not self.evict_first:
+            victim = self._first_victim(model_id)
+            if victim is None or self.policy.admit(model_id, victim):
+                return self._admit(model_id, model)
+        # Not admitted: the callers waiting for it still get it (they pinned it).
+        if self._pins.get(model_id):
+            self._transient[model_id] = model
+            return []
+        return [(model_id, model)]
+
+    def fail_load(self, model_id: str) -> None:
+        """Record a failed or abandoned load: nothing is cached, nothing was evicted for it
+        unless ``evict_first``."""
+        self._end_load(model_id)
+
+    def remove_all(self) -> list[tuple[str, M]]:
+        """Remove every held model (shutdown); pins and loads are left alone."""
+        removed = [(model_id, self._models[model_id]) for model_id in self.policy.order()]
+        for model_id, _ in removed:
+            self.policy.remove(model_id)
+        removed.extend(self._transient.items())
+        self._models.clear()
+        self._transient.clear()
+        return removed
+
+    def loaded_ids(self) -> list[str]:
+        """Held model ids in the policy's order (LRU: least recently used first)."""
+        return list(self.policy.order())
+
+    def loading_ids(self) -> list[str]:
+        return list(self._loading)
+
+    def pins(self) -> dict[str, int]:
+        return dict(self._pins)
+
+    def holds(self, model: object) -> bool:
+        """Whether some entry still holds this very object (a loader may share one)."""
+        return any(held is model for held in self._models.values()) or any(
+            held is model for held in self._transient.values()
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _end_load(self, model_id: str) -> bool:
+        reserved = self._loading.pop(model_id)
+        if reserved:
+            self._reserved -= 1
+        return reserved
+
+    def _has_room(self) -> bool:
+        return self.capacity < 0 or len(self._models) + self._reserved < self.capacity
+
+    def _first_victim(self, spare: str | None) -> str | None:
+        pins = self._pins
+        for model_id in self.policy.order():
+            if model_id != spare and model_id not in pins:
+                return model_id
+        return None
+
+    def _admit(self, model_id: str, model: M) -> list[tuple[str, M]]:
+        self._models[model_id] = model
+        self.policy.insert(model_id)
+        return self._trim(model_id)
+
+    def _trim(self, spare: str | None) -> list[tuple[str, M]]:
+        if self.capacity < 0:
+            return []
+        excess = len(self._models) + self._reserved - self.capacity
+        if excess <= 0:
+            return []
+        victims: list[str] = []
+        pins = self._pins
+        for model_id in self.policy.order():
+            if model_id != spare and model_id not in pins:
+                victims.append(model_id)
+                if len(victims) == excess:
+                    break
+        for model_id in victims:
+            self.policy.remove(model_id)
+        return [(model_id, self._models.pop(model_id)) for model_id in victims]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __repr__(self) -> str:
+        limit = "unlimited" if self.capacity < 0 else str(self.capacity)
+        extra = "" if isinstance(self.policy, LRU) else f" policy={self.policy.name}"
+        if self._transient:
+            extra += f" transient={list(self._transient)}"
+        return (
+            f"<{type(self).__name__} capacity={limit}{extra} loaded={self.loaded_ids()} "
+            f"loading={self.loading_ids()} pinned={self._pins}>"
+        )
+
+
+class LRUState(CacheState[M]):
+    """:class:`CacheState` with the LRU policy and evict-first loads (the first version's cache)."""
+
+    __slots__ = ()
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity, LRU(), evict_first=True)

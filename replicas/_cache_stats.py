@@ -1,0 +1,173 @@
+"""What a process's model caches report to the gateway: the registry of live
+caches, the cumulative counters and the numbered log of finished loads and
+unloads.
+
+Everything here is process-wide, because the replica server answers for the
+process as a whole (``Pong`` and ``Drained`` carry :func:`counters` and
+:func:`events_since`), however many decorated loaders and instances it holds.
+The caches register themselves and bump the counters; nothing here knows how
+a cache decides.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from muxgate.replicas._protocol import ModelEvent
+
+__all__ = [
+    "COUNTERS",
+    "EVENTS",
+    "EVENT_LOG_SIZE",
+    "MODEL_LOAD_BUCKETS",
+    "EventLog",
+    "count_load",
+    "counters",
+    "events_since",
+    "load_bucket_key",
+    "register_cache",
+    "registered_caches",
+    "replica_state_snapshot",
+]
+
+
+class _ReportingCache(Protocol):
+    def loaded_ids(self) -> list[str]: ...
+    def loading_ids(self) -> list[str]: ...
+
+
+_CACHES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_cache_numbers = itertools.count()
+
+
+def register_cache(cache: _ReportingCache) -> None:
+    """Count ``cache`` among this process's caches for as long as it lives."""
+    _CACHES[next(_cache_numbers)] = cache
+
+
+def registered_caches() -> list[Any]:
+    """Every live registered cache, in creation order."""
+    return list(_CACHES.values())
+
+
+#: Upper bounds (s) of the model load duration histogram: a small local
+#: state dict loads in ~10 ms, a large remote one in minutes.
+MODEL_LOAD_BUCKETS: Final[tuple[float, ...]] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+def load_bucket_key(bound: float) -> str:
+    """Counter key of the histogram bucket ``le=bound`` (loads that took at most ``bound`` s)."""
+    return f"model_load_seconds_le_{bound:g}"
+
+
+_BUCKET_KEYS: Final = tuple(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS)
+
+#: the cumulative counters, bumped in place by the caches
+COUNTERS: dict[str, float] = dict.fromkeys(
+    (
+        "model_loads",
+        "model_load_failures",
+        "model_unloads_lru",
+        "model_unloads_shutdown",
+        "model_unloads_drain",
+        "cache_hits",
+        "cache_misses",
+        "model_load_seconds_sum",
+        # cumulative, like Prometheus buckets; the +Inf bucket is model_loads
+        *_BUCKET_KEYS,
+    ),
+    0.0,
+)
+
+
+def count_load(seconds: float) -> None:
+    """Count one finished load that took ``seconds``."""
+    COUNTERS["model_loads"] += 1
+    COUNTERS["model_load_seconds_sum"] += seconds
+    for key in _BUCKET_KEYS[bisect.bisect_left(MODEL_LOAD_BUCKETS, seconds) :]:
+        COUNTERS[key] += 1
+
+
+def counters() -> dict[str, float]:
+    """Cumulative counters of this process, plus the ``models_loaded`` gauge."""
+    result = dict(COUNTERS)
+    result["models_loaded"] = float(sum(len(c.loaded_ids()) for c in registered_caches()))
+    return result
+
+
+def replica_state_snapshot() -> tuple[list[str], list[str]]:
+    """``(loaded model ids least recently used first, loading model ids)`` over all caches."""
+    loaded: dict[str, None] = {}
+    loading: dict[str, None] = {}
+    for cache in registered_caches():
+        loaded.update(dict.fromkeys(cache.loaded_ids()))
+        loading.update(dict.fromkeys(cache.loading_ids()))
+    return list(loaded), list(loading)
+
+
+#: finished loads and unloads a process keeps until its gateways ask for them
+EVENT_LOG_SIZE: Final = 256
+
+
+class EventLog:
+    """The last ``maxlen`` finished model loads and unloads, numbered 1, 2, ...
+
+    Recording is an append to a bounded deque, done only when a load or an
+    unload finishes (never on a cache hit). A reader that falls more than
+    ``maxlen`` events behind misses the oldest. Records happen on the event
+    loop (loads and unloads are coroutines there), so numbering needs no lock.
+
+    Args:
+        maxlen: how many events to keep.
+        clock: wall-clock Unix seconds (a seam for tests).
+    """
+
+    def __init__(self, maxlen: int = EVENT_LOG_SIZE, *, clock: Callable[[], float] = time.time):
+        self._events: deque[ModelEvent] = deque(maxlen=maxlen)
+        self._clock = clock
+        self.last_seq = 0
+
+    def record(
+        self, kind: str, model_id: str, seconds: float | None = None, reason: str | None = None
+    ) -> ModelEvent:
+        """Append one event (``kind`` as in :class:`ModelEvent`) and return it."""
+        self.last_seq += 1
+        event = ModelEvent(
+            seq=self.last_seq,
+            time=self._clock(),
+            kind=kind,
+            model=model_id,
+            duration_ms=None if seconds is None else round(seconds * 1e3, 3),
+            reason=reason,
+        )
+        self._events.append(event)
+        return event
+
+    def since(self, seq: int) -> list[ModelEvent]:
+        """The kept events numbered above ``seq``, oldest first."""
+        events = self._events
+        if seq >= self.last_seq or not events:
+            return []
+        # Numbers are consecutive, so the first wanted event sits at a known index.
+        start = max(0, seq + 1 - events[0].seq)
+        return list(itertools.islice(events, start, None))
+
+    def __repr__(self) -> str:
+        return f"<EventLog last_seq={self.last_seq} kept={len(self._events)}/{self._events.maxlen}>"
+
+
+#: this process's event log
+EVENTS = EventLog()
+
+
+def events_since(seq: int) -> list[ModelEvent]:
+    """This process's model events numbered above ``seq`` (0: all kept), oldest first."""
+    return EVENTS.since(seq)
