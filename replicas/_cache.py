@@ -29,6 +29,7 @@ from muxgate.replicas._cache_state import MISSING, CacheState, _Missing
 from muxgate.replicas._cache_stats import COUNTERS, EVENTS, count_load, register_cache
 from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._eviction import EvictionPolicy
+from muxgate.replicas._http import empty_model_id_error
 from muxgate.replicas._lru import LRU
 from muxgate.replicas._unload_hooks import run_unload_hook
 
@@ -396,4 +397,4 @@ def check_model_id(model_id: object) -> None:
     if type(model_id) is not str:
         raise TypeError(f"The model ID must be a str, got {type(model_id).__name__}.")
     if not model_id:
-        raise ValueError("The model ID cannot be empty.")
+        raise empty_model_id_error()

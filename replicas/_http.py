@@ -13,15 +13,69 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from muxgate.replicas._context import current_request
 from muxgate.replicas._protocol import HttpRequest
 
-__all__ = ["Headers", "QueryParams", "Request", "Response", "encode_result"]
+__all__ = [
+    "MODEL_ID_HEADER",
+    "BadRequestError",
+    "Headers",
+    "MissingModelIdError",
+    "QueryParams",
+    "Request",
+    "RequestBodyDecodeError",
+    "Response",
+    "empty_model_id_error",
+    "encode_result",
+]
+
+#: the request header that carries the multiplexed model id
+MODEL_ID_HEADER = "serve_multiplexed_model_id"
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
 OCTETS = "application/octet-stream"
 _json_encoder = msgspec.json.Encoder()
 _NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class BadRequestError(Exception):
+    """The request is malformed: the client's mistake, not the deployment's.
+
+    A replica answers it with 400 ``bad_request`` and this message, wherever
+    in user code it surfaces (user code that catches it keeps full control).
+    """
+
+
+class RequestBodyDecodeError(BadRequestError, msgspec.DecodeError):
+    """``Request.json()`` could not decode the body.
+
+    Still a ``msgspec.DecodeError`` (and a ``ValueError``) for code that
+    catches those; a ``DecodeError`` raised by the user's own decoding is not
+    one of these, and stays a 500 ``user_error``.
+    """
+
+
+class MissingModelIdError(BadRequestError, ValueError):
+    """A multiplexed loader got an empty model id while serving a request
+    that carried none (no model-id header, or a handle call without
+    ``options(multiplexed_model_id=...)``). A ``ValueError`` as before."""
+
+
+def empty_model_id_error() -> ValueError:
+    """What a multiplexed loader raises for an empty model id.
+
+    Inside a request that carried no model id, the client forgot it:
+    :class:`MissingModelIdError`, answered with 400. Anywhere else (outside a
+    request, or the code passed ``""`` although the request had an id) it is
+    the code's mistake: a plain ``ValueError``.
+    """
+    request = current_request()
+    if request is not None and not request.multiplexed_model_id:
+        return MissingModelIdError(
+            f"The model ID cannot be empty: the request has no {MODEL_ID_HEADER!r} header."
+        )
+    return ValueError("The model ID cannot be empty.")
 
 
 class _MultiDict(Mapping[str, str]):
@@ -126,8 +180,16 @@ class Request:
         return self._body.decode("utf-8")
 
     async def json(self) -> Any:
-        """The body decoded as JSON (raises ``msgspec.DecodeError`` if it is not)."""
-        return msgspec.json.decode(self._body)
+        """The body decoded as JSON.
+
+        Raises:
+            RequestBodyDecodeError: the body is not JSON (a
+                ``msgspec.DecodeError``; the client gets 400 ``bad_request``).
+        """
+        try:
+            return msgspec.json.decode(self._body)
+        except msgspec.DecodeError as exc:
+            raise RequestBodyDecodeError(f"The request body is not valid JSON: {exc}") from exc
 
     def __repr__(self) -> str:
         query = f"?{self.query_string}" if self.query_string else ""

@@ -66,7 +66,12 @@ from opentelemetry import trace
 from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._deployment import get_deployment_options
 from muxgate.replicas._handle import call_deadline
-from muxgate.replicas._http import Request, encode_result
+from muxgate.replicas._http import (
+    BadRequestError,
+    MissingModelIdError,
+    Request,
+    encode_result,
+)
 from muxgate.replicas._multiplex import (
     counters,
     events_since,
@@ -131,8 +136,22 @@ _BACKEND_ERRORS: dict[str, tuple[str, int]] = {
 }
 
 
-def _error_for(exc: BaseException) -> ErrorInfo:
-    """Map an exception raised by user code to what the gateway gets."""
+def _error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
+    """Map an exception raised by user code to what the gateway gets.
+
+    A :class:`BadRequestError` (the body is not JSON, no model id) is the
+    client's mistake: 400 ``bad_request`` with its message; for a handle call
+    a missing model id names ``options(multiplexed_model_id=...)``.
+    """
+    if isinstance(exc, MissingModelIdError) and not http:
+        return ErrorInfo(
+            code="bad_request",
+            message="The model ID cannot be empty: the handle call has no model id;"
+            " use handle.options(multiplexed_model_id=...).",
+            status=400,
+        )
+    if isinstance(exc, BadRequestError):
+        return ErrorInfo(code="bad_request", message=str(exc), status=400)
     message = f"{type(exc).__name__}: {exc}"
     # muxgate.backends is optional here (and must not be imported eagerly):
     # match its errors by name anywhere in the class hierarchy.
@@ -500,8 +519,8 @@ class Replica:
         except (Exception, SystemExit) as exc:
             # SystemExit too: a handler calling sys.exit() fails its
             # request, not the replica.
-            error = _error_for(exc)
-            if error.code == "model_not_found":
+            error = _error_for(exc, http=call.http is not None)
+            if error.code in ("model_not_found", "bad_request"):
                 _log.warning("%s", error.message)
             else:
                 _log.exception("Request %s failed.", call.request_id)

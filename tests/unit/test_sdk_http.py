@@ -5,7 +5,16 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from muxgate.replicas._http import Request, Response, encode_result
+from muxgate.replicas._context import request_scope
+from muxgate.replicas._http import (
+    BadRequestError,
+    MissingModelIdError,
+    Request,
+    RequestBodyDecodeError,
+    Response,
+    empty_model_id_error,
+    encode_result,
+)
 from muxgate.replicas._protocol import HttpRequest
 
 JSON = [("content-type", "application/json")]
@@ -101,3 +110,31 @@ def test_encode_result_refuses_what_it_cannot_encode() -> None:
         Response("x", status_code=600)
     with pytest.raises(TypeError, match="status_code must be an int, got str"):
         Response("x", status_code="200")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_body_that_is_not_json_is_the_clients_mistake() -> None:
+    request = Request("POST", body=b'{"x": [1')
+    with pytest.raises(RequestBodyDecodeError, match=r"^The request body is not valid JSON: ") as e:
+        await request.json()
+    # still what code that catches decode errors expects
+    assert isinstance(e.value, msgspec.DecodeError)
+    assert isinstance(e.value, BadRequestError)
+    # the deployment's own decoding is not the client's mistake
+    with pytest.raises(msgspec.DecodeError) as own:
+        msgspec.json.decode(b'{"x": [1')
+    assert not isinstance(own.value, BadRequestError)
+
+
+def test_an_empty_model_id_is_the_clients_mistake_only_in_a_request_without_one() -> None:
+    outside = empty_model_id_error()
+    assert type(outside) is ValueError
+    assert str(outside) == "The model ID cannot be empty."
+    with request_scope("r1", ""):
+        missing = empty_model_id_error()
+    assert isinstance(missing, MissingModelIdError) and isinstance(missing, ValueError)
+    assert str(missing) == (
+        "The model ID cannot be empty: the request has no 'serve_multiplexed_model_id' header."
+    )
+    with request_scope("r2", "7"):
+        assert type(empty_model_id_error()) is ValueError
