@@ -19,6 +19,7 @@ import yaml
 from muxgate.backends._config import storage_config_from_section
 from muxgate.gateway._errors import ConfigError
 from muxgate.gateway._policy import AutoscalingConfig
+from muxgate.gateway._quarantine import QuarantineConfig
 from muxgate.gateway._router import DEFAULT_BALANCE_FACTOR, DEFAULT_VIRTUAL_NODES
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "DeploymentConfig",
     "HttpConfig",
     "MetricsConfig",
+    "QuarantineConfig",
     "RoutingConfig",
     "TracingConfig",
     "load_config",
@@ -79,6 +81,11 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     num_replicas: Annotated[int, msgspec.Meta(ge=0)] | None = None
     autoscaling: AutoscalingConfig | None = None
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    #: model ids that keep killing replicas are refused for a while (503 quarantined)
+    quarantine: QuarantineConfig = msgspec.field(default_factory=QuarantineConfig)
+    #: a replica whose resident memory passes this is drained and replaced;
+    #: None: no limit
+    max_replica_rss_bytes: Annotated[int, msgspec.Meta(gt=0)] | None = None
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and self.autoscaling is not None:

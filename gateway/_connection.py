@@ -133,6 +133,9 @@ class ReplicaConnection:
         counters: the latest cumulative counters (from ``Pong``).
         closed: set once the connection is gone, for whatever reason.
         close_reason: why it closed (``None`` while open).
+        lost_models: model ids of the calls that were sent and unanswered
+            when the connection dropped (what the replica was running when
+            it died; one entry per call).
     """
 
     def __init__(
@@ -162,6 +165,9 @@ class ReplicaConnection:
         # id -> future of the reply; an entry exists from just before the
         # frame is written until the reply arrives or the caller gives up.
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        # id -> model id of each pending call (for ``lost_models``)
+        self._models: dict[int, str] = {}
+        self.lost_models: list[str] = []
         self._pongs: deque[asyncio.Future[Pong]] = deque()
         self._drained: asyncio.Future[Drained] | None = None
         self._draining = False
@@ -295,11 +301,13 @@ class ReplicaConnection:
         )
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
+        self._models[call_id] = model_id
         try:
             await self._write(frame, call_id)
             return await future
         finally:
             self._pending.pop(call_id, None)
+            self._models.pop(call_id, None)
             # No reply and no connection failure: the caller gave up (a
             # cancelled await cancels the future itself).
             if future.cancelled() or not future.done():
@@ -487,8 +495,11 @@ class ReplicaConnection:
         failed: list[asyncio.Future[Any]] = []
         for call_id, future in self._pending.items():
             if not future.done():
-                error = ReplicaUnavailableError if call_id in unsent else ReplicaDiedError
-                future.set_exception(error(died))
+                if call_id in unsent:
+                    future.set_exception(ReplicaUnavailableError(died))
+                else:
+                    future.set_exception(ReplicaDiedError(died))
+                    self.lost_models.append(self._models.get(call_id, ""))
                 failed.append(future)
         while self._pongs:
             pong = self._pongs.popleft()

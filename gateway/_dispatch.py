@@ -152,6 +152,8 @@ class Dispatcher:
         per_model_labels: pass model ids to the spillover metric.
         affinity_wait_s: how long the queue head lets cache hits go first
             (the pool updates it with its model load time estimate).
+        admit: called with each request's model id before it is routed;
+            raises a ``GatewayError`` to refuse it (the pool's quarantine).
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class Dispatcher:
         retry_after_s: int = 1,
         unavailable_reason: Callable[[], str | None] = lambda: None,
         affinity_wait_s: float = 0.5,
+        admit: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self.router = router
@@ -184,6 +187,7 @@ class Dispatcher:
         self._forced_after = 0.0  # loop time before which no head may jump hits
         self.affinity_wait_s = affinity_wait_s
         self.in_flight = 0
+        self._admit = admit
 
     def __repr__(self) -> str:
         return (
@@ -222,6 +226,8 @@ class Dispatcher:
             GatewayError: 503 queue full / no replica, 502 replica died,
                 504 deadline, or the replica's reported error.
         """
+        if self._admit is not None:
+            self._admit(model_id)
         loop = asyncio.get_running_loop()
         router = self.router
         reroutes = 0

@@ -26,6 +26,7 @@ __all__ = [
     "NoReplicaError",
     "OverCapacityError",
     "PayloadTooLargeError",
+    "QuarantinedError",
     "ReplicaFailedError",
     "RouteNotFoundError",
     "StorageUnavailableError",
@@ -152,6 +153,18 @@ class StorageUnavailableError(GatewayError):
     code = "storage_unavailable"
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuarantinedError(GatewayError):
+    """The model id was loading or in flight when replicas died, repeatedly;
+    it is refused until its back-off ends (``Retry-After``)."""
+
+    status = 503
+    code = "quarantined"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

@@ -30,9 +30,10 @@ value is a new series in Prometheus.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -279,6 +280,13 @@ class GatewayMetrics:
     * ``model_load_duration_seconds{deployment}``: histogram of load times,
       merged from the replicas' own histograms the same way.
     * ``models_loaded{deployment,replica}``: per live replica.
+    * ``replica_rss_bytes{deployment,replica}``: resident memory of each live
+      replica process, as it last reported.
+    * ``replica_memory_replacements_total{deployment}``: replicas drained and
+      replaced for passing ``max_replica_rss_bytes``.
+    * ``quarantined_models{deployment}``: model ids refused now because they
+      kept killing replicas; ``quarantine_refusals_total{deployment}``: the
+      requests refused for it.
 
     With ``per_model_labels=True`` requests, request duration and spillovers
     also carry ``model`` (the multiplexed model id, ``""`` for none).
@@ -320,6 +328,30 @@ class GatewayMetrics:
             "muxgate_spillovers_total",
             "Requests routed past the model's home replica because it was at capacity.",
             ["deployment", *model],
+            registry=self.registry,
+        )
+        self._rss = Gauge(
+            "muxgate_replica_rss_bytes",
+            "Resident memory of each replica process, as it last reported.",
+            ["deployment", "replica"],
+            registry=self.registry,
+        )
+        self._memory_replacements = Counter(
+            "muxgate_replica_memory_replacements_total",
+            "Replicas drained and replaced because they passed max_replica_rss_bytes.",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self._quarantined = Gauge(
+            "muxgate_quarantined_models",
+            "Model ids refused now because they were loading or in flight in replica deaths.",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self._quarantine_refusals = Counter(
+            "muxgate_quarantine_refusals_total",
+            "Requests refused with 503 quarantined.",
+            ["deployment"],
             registry=self.registry,
         )
         self._replica_counters = _ReplicaCounters()
@@ -384,6 +416,7 @@ class GatewayMetrics:
             known = sorted(states)
         if first:
             self._queue.labels(deployment)
+            self._memory_replacements.labels(deployment)
             if not self.per_model_labels:
                 self._spillovers.labels(deployment)
         for state in known:
@@ -413,6 +446,26 @@ class GatewayMetrics:
     def forget_replica(self, deployment: str, replica_id: str) -> None:
         """Drop a replica that is gone; its counts stay in the deployment totals."""
         self._replica_counters.forget(deployment, replica_id)
+        with contextlib.suppress(KeyError):
+            self._rss.remove(deployment, replica_id)
+
+    def set_replica_rss(self, deployment: str, replica_id: str, rss_bytes: int) -> None:
+        """Record a live replica's resident memory (from its ``Pong``)."""
+        self._rss.labels(deployment, replica_id).set(rss_bytes)
+
+    def count_memory_replacement(self, deployment: str) -> None:
+        """Count one replica drained for passing its memory limit."""
+        self._memory_replacements.labels(deployment).inc()
+
+    def watch_quarantine(self, deployment: str, active: Callable[[], int]) -> None:
+        """Report ``active()`` (ids quarantined now) at each scrape; also
+        creates the refusal counter at 0."""
+        self._quarantined.labels(deployment).set_function(active)
+        self._quarantine_refusals.labels(deployment)
+
+    def count_quarantine_refusal(self, deployment: str) -> None:
+        """Count one request refused with 503 quarantined."""
+        self._quarantine_refusals.labels(deployment).inc()
 
     def final_replica_counters(
         self, deployment: str, replica_id: str, counters: Mapping[str, float]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -56,6 +57,7 @@ from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
+from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._router import Router
 from muxgate.replicas._deployment import (
     DEFAULT_MAX_ONGOING_REQUESTS,
@@ -134,6 +136,8 @@ class _Replica:
     loads_seen: tuple[float, float] = (0.0, 0.0)
     #: sequence number of the last model event taken from this replica
     events_seq: int = 0
+    #: resident memory the replica last reported (None: unknown)
+    rss_bytes: int | None = None
 
 
 class ReplicaPool:
@@ -149,7 +153,8 @@ class ReplicaPool:
         drain_timeout_s: how long a scale-down waits for a replica's
             ``Drained``; the replica's graceful timeout is this minus
             ``DRAIN_MARGIN_S`` (the gateway passes request timeout + 5 s).
-        clock: monotonic seconds for the autoscaler (a seam for tests).
+        clock: monotonic seconds for the autoscaler and the quarantine (a
+            seam for tests).
     """
 
     def __init__(
@@ -179,6 +184,19 @@ class ReplicaPool:
         )
         #: replica id -> connection, for RUNNING replicas only
         self.targets: dict[str, ReplicaConnection] = {}
+        #: model ids that keep killing replicas (see ``muxgate.gateway._quarantine``)
+        self.quarantine = Quarantine(
+            config.quarantine,
+            name=config.name,
+            clock=clock,
+            on_refusal=(
+                functools.partial(metrics.count_quarantine_refusal, config.name)
+                if metrics is not None
+                else None
+            ),
+        )
+        if metrics is not None:
+            metrics.watch_quarantine(config.name, self.quarantine.active)
         self.dispatcher = Dispatcher(
             config.name,
             self.router,
@@ -197,6 +215,7 @@ class ReplicaPool:
                 if config.routing.queue_affinity_wait_s is not None
                 else INITIAL_LOAD_TIME_S
             ),
+            admit=self.quarantine.check,
         )
         self._load_time = LoadTimeEstimate()
         self.target = config.initial_replicas
@@ -321,6 +340,7 @@ class ReplicaPool:
                     "in_flight": conn.in_flight if conn is not None else 0,
                     "models": list(state.models),
                     "loading": list(state.loading),
+                    "rss_bytes": rep.rss_bytes,
                 }
             )
         out: dict[str, Any] = {
@@ -331,6 +351,7 @@ class ReplicaPool:
             "last_failure": self.last_failure,
             "load_time_s": round(self.load_time_s, 4),
             "events": self._events.snapshot(),
+            "quarantined": self.quarantine.snapshot(),
         }
         scaling = self.config.autoscaling
         if scaling is not None:
@@ -460,7 +481,10 @@ class ReplicaPool:
         self.dispatcher.wake()
         await rep.conn.closed.wait()
         if rep.state == RUNNING and not self._closing:
-            _log.warning("replica %s died: %s", rep.id, rep.conn.close_reason)
+            conn = rep.conn
+            self.quarantine.replica_died(
+                rep.id, conn.close_reason, conn.lost_models, conn.state.loading, conn.state.models
+            )
             self._leave(rep)
             self._replicas.pop(rep.id, None)
             self._kick.set()  # replace it
@@ -623,5 +647,35 @@ class ReplicaPool:
             # Cache hits overtake the queue head for about one load time.
             self.dispatcher.affinity_wait_s = self._load_time.affinity_wait_s()
         rep.events_seq = self._events.add(rep.id, rep.events_seq, pong.events)
+        rep.rss_bytes = pong.rss_bytes
         if self._metrics is not None and rep.state == RUNNING:
             self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
+            if pong.rss_bytes is not None:
+                self._metrics.set_replica_rss(self.name, rep.id, pong.rss_bytes)
+        limit = self.config.max_replica_rss_bytes
+        if limit is not None and pong.rss_bytes is not None and pong.rss_bytes > limit:
+            self._replace_for_memory(rep, pong.rss_bytes, limit)
+
+    def _replace_for_memory(self, rep: _Replica, rss: int, limit: int) -> None:
+        """Drain a replica over its memory limit; the reconciler replaces it.
+
+        Drained, not killed: its in-flight calls finish and its models unload
+        through their hooks (reason ``drain``). Requests that arrive before
+        the replacement runs go to the other replicas, or wait in the queue.
+        """
+        if rep.state != RUNNING or self._closing:
+            return
+        _log.warning(
+            "replica %s uses %d bytes of memory, over max_replica_rss_bytes=%d:"
+            " draining it and starting a replacement",
+            rep.id,
+            rss,
+            limit,
+        )
+        rep.state = DRAINING
+        self._leave(rep)
+        if self._metrics is not None:
+            self._metrics.count_memory_replacement(self.name)
+        self._spawn(self._drain(rep), f"drain-{rep.id}")
+        self._kick.set()
+        self._report()

@@ -28,6 +28,9 @@ Every ``Reply`` and ``Pong`` carries ``ReplicaState`` (in-flight count, loaded
 model ids in LRU order, ids being loaded), so the router's view of a replica
 is as fresh as its last response.
 
+``Pong`` also carries the replica process's resident memory (``rss_bytes``),
+which the gateway shows and holds against the deployment's memory limit.
+
 Model loads and unloads are numbered ``ModelEvent``s: ``Ping`` and ``Drain``
 say the last sequence number the gateway has (``events_after``), ``Pong`` and
 ``Drained`` carry the events after it. Both fields have defaults (no events
@@ -202,13 +205,14 @@ class Ping(msgspec.Struct, frozen=True, tag="ping", tag_field="t"):
 class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
     """Answer to ``Ping``; also carries the replica's cumulative counters
     (model loads, unloads by reason, cache hits/misses, load seconds), which
-    the gateway aggregates into its metrics, and the model events the ping
+    the gateway aggregates into its metrics, the model events the ping
     asked for (oldest first; those older than the replica's bounded log are
-    gone)."""
+    gone) and the process's resident memory in bytes (None: unknown)."""
 
     state: ReplicaState
     counters: dict[str, float] = {}
     events: list[ModelEvent] = []
+    rss_bytes: int | None = None
 
 
 class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):

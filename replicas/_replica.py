@@ -72,6 +72,7 @@ from muxgate.replicas._http import (
     Request,
     encode_result,
 )
+from muxgate.replicas._memory import rss_bytes
 from muxgate.replicas._multiplex import (
     counters,
     events_since,
@@ -383,7 +384,9 @@ class Replica:
 
     async def _pong(self, conn: GatewayConnection, events_after: int | None) -> None:
         events = events_since(events_after) if events_after is not None else []
-        await conn.send(Pong(state=self.state(), counters=counters(), events=events))
+        await conn.send(
+            Pong(state=self.state(), counters=counters(), events=events, rss_bytes=rss_bytes())
+        )
 
     async def _run_call(
         self, conn: GatewayConnection, call: Call, refuse: bool, scope: anyio.CancelScope

@@ -1,0 +1,143 @@
+"""Models that hurt their replica, end to end (real replica processes).
+
+* A model id whose load kills the replica (``os._exit``) is quarantined
+  after two deaths: 503 ``quarantined`` with ``Retry-After``, shown in
+  ``/-/replicas`` and the metrics, while other ids keep being served and the
+  pool recovers.
+* A replica whose model leaks memory past ``max_replica_rss_bytes`` is
+  drained (its models unload through their hooks, its in-flight calls
+  finish) and replaced, and no request fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import MODEL, eventually, running_gateway
+from prometheus_text import parse_samples
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+MIB = 1 << 20
+#: replicas of this app start at about 165 MiB (the fork server imports torch)
+LIMIT = 512 * MIB
+
+
+def sample(scrape: str, name: str) -> float:
+    return parse_samples(scrape)[(name, (("deployment", "H"),))]
+
+
+def hostile(**fields: Any) -> dict[str, Any]:
+    return {
+        "http": {"port": 0},
+        "deployments": [
+            {"name": "H", "import_path": "hostile_apps:Hostile", "num_replicas": 1, **fields}
+        ],
+    }
+
+
+async def deployment(client: httpx.AsyncClient) -> dict[str, Any]:
+    body: dict[str, Any] = (await client.get("/-/replicas")).json()["deployments"]["H"]
+    return body
+
+
+async def test_an_id_that_kills_replicas_is_quarantined_and_the_rest_keep_working() -> None:
+    async with (
+        running_gateway(hostile()) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
+    ):
+        assert (await client.get("/", headers={MODEL: "a"})).status_code == 200
+        # "a" is loaded and in flight when "poison" kills the replica: a bystander.
+        bystander = asyncio.ensure_future(
+            client.get("/slow", params={"s": "30"}, headers={MODEL: "a"})
+        )
+
+        async def a_in_flight() -> bool:
+            return any(r["in_flight"] for r in (await deployment(client))["replicas"])
+
+        await eventually(a_in_flight, within_s=10)
+        first = await client.get("/", headers={MODEL: "poison"})
+        assert first.status_code == 502
+        assert (await bystander).status_code == 502
+        assert (await deployment(client))["quarantined"] == []  # one death is not enough
+
+        # The second request waits for the replacement and kills it too.
+        second = await client.get("/", headers={MODEL: "poison"})
+        assert second.status_code == 502
+        refused = await client.get("/", headers={MODEL: "poison"})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "quarantined"
+        assert 25 <= int(refused.headers["retry-after"]) <= 30
+
+        # Other ids are served (the pool replaced both replicas), "a" included.
+        for model in ("a", "b"):
+            ok = await client.get("/", headers={MODEL: model})
+            assert ok.status_code == 200, ok.text
+        state = await deployment(client)
+        [entry] = state["quarantined"]
+        assert entry["model_id"] == "poison"
+        assert (entry["deaths"], entry["strikes"]) == (2, 1)
+        assert 25 <= entry["retry_after_s"] <= 30
+        assert [r["state"] for r in state["replicas"]] == ["running"]
+
+        metrics = (await client.get("/-/metrics")).text
+        assert sample(metrics, "muxgate_quarantined_models") == 1
+        assert sample(metrics, "muxgate_quarantine_refusals_total") == 1
+
+
+async def test_a_replica_over_its_memory_limit_is_drained_and_replaced() -> None:
+    async with (
+        running_gateway(hostile(max_replica_rss_bytes=LIMIT)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
+    ):
+        first = (await client.get("/leak", headers={MODEL: "leak"})).json()
+        old = first["replica"]
+
+        async def reported() -> bool:
+            return (await deployment(client))["replicas"][0]["rss_bytes"] is not None
+
+        await eventually(reported, within_s=10)
+        [rep] = (await deployment(client))["replicas"]
+        assert rep["rss_bytes"] < LIMIT - 128 * MIB, "the app's replicas grew: raise LIMIT"
+
+        # Leak 64 MiB a request, each time until the gateway saw it (about
+        # one ping later), so the replica crosses the limit by one step.
+        # A slow request of another model is in flight all along.
+        slow = asyncio.ensure_future(client.get("/slow", params={"s": "3"}, headers={MODEL: "a"}))
+        answers = []
+        for _ in range(20):
+            answer = await client.get("/leak", params={"mb": "64"}, headers={MODEL: "leak"})
+            assert answer.status_code == 200, answer.text
+            answers.append(answer.json())
+            if answers[-1]["replica"] != old:
+                break
+            leaked = answers[-1]["leaked_mb"] * MIB
+
+            async def seen(leaked: int = leaked) -> bool:
+                reps = (await deployment(client))["replicas"]
+                return any(
+                    r["id"] != old or r["state"] != "running" or (r["rss_bytes"] or 0) >= leaked
+                    for r in reps
+                )
+
+            await eventually(seen, within_s=10)
+        assert answers[-1]["replica"] != old, "never replaced"
+        assert answers[-2]["leaked_mb"] * MIB >= LIMIT - 256 * MIB
+        assert answers[-1]["leaked_mb"] == 64  # a fresh model on the new replica
+        assert (await slow).status_code == 200
+
+        async def old_gone() -> bool:
+            state = await deployment(client)
+            return [r["id"] for r in state["replicas"]] == [answers[-1]["replica"]]
+
+        await eventually(old_gone, within_s=30)
+        events = (await deployment(client))["events"]
+        assert any(
+            (e["replica"], e["kind"], e["model"], e["reason"]) == (old, "unload", "leak", "drain")
+            for e in events
+        ), events
+        metrics = (await client.get("/-/metrics")).text
+        assert sample(metrics, "muxgate_replica_memory_replacements_total") == 1
