@@ -37,11 +37,12 @@ from typing import Any, cast
 from urllib.parse import unquote
 
 import msgspec
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, delete, get
 from litestar import types as lt
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, NotFoundException
 from litestar.handlers import BaseRouteHandler, asgi
+from litestar.params import FromPath, FromQuery
 
 from muxgate.gateway._config import AppConfig
 from muxgate.gateway._disconnect import (
@@ -394,6 +395,21 @@ def create_app(
             content=msgspec.json.encode(body), status_code=200, media_type="application/json"
         )
 
+    @delete("/-/quarantine/{deployment:str}", status_code=200, sync_to_thread=False)
+    def release_quarantine(
+        deployment: FromPath[str], model_id: FromQuery[str | None] = None
+    ) -> Response[bytes]:
+        # ?model_id=X releases one id (ids may contain "/"), none: all.
+        pool = pools.get(deployment)
+        if pool is None:
+            raise NotFoundException(f"no deployment named {deployment!r}")
+        released = pool.quarantine.clear(model_id)
+        return Response(
+            content=msgspec.json.encode({"released": released}),
+            status_code=200,
+            media_type="application/json",
+        )
+
     @get("/-/metrics")
     async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
         # The poller's counters can be a second old: ask every running replica
@@ -411,7 +427,7 @@ def create_app(
     def status_page() -> Response[bytes]:
         return Response(content=page_bytes, status_code=200, media_type="text/html; charset=utf-8")
 
-    handlers: list[Any] = [healthz, replicas, metrics_endpoint, status_page]
+    handlers: list[Any] = [healthz, replicas, release_quarantine, metrics_endpoint, status_page]
     if mount_ingress:
         handles = build_handle_ingress(config, pools, metrics)
         ingress = build_ingress(config, pools, metrics, use_raw_path=True)

@@ -87,6 +87,13 @@ async def test_an_id_that_kills_replicas_is_quarantined_and_the_rest_keep_workin
         assert sample(metrics, "muxgate_quarantined_models") == 1
         assert sample(metrics, "muxgate_quarantine_refusals_total") == 1
 
+        # An operator who fixed the model releases it (admin endpoint).
+        assert (await client.delete("/-/quarantine/Nope")).status_code == 404
+        released = await client.delete("/-/quarantine/H", params={"model_id": "poison"})
+        assert released.json() == {"released": ["poison"]}
+        assert (await deployment(client))["quarantined"] == []
+        assert (await client.delete("/-/quarantine/H")).json() == {"released": []}
+
 
 async def test_a_replica_over_its_memory_limit_is_drained_and_replaced() -> None:
     async with (
