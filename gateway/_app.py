@@ -10,13 +10,10 @@ Two ASGI entry points share one ``Ingress`` and one admin app:
   routing and scope copying on the hot path (see bench/bench_gateway.py for
   the measured difference).
 
-``Ingress`` does per request only what must be per request: one pass over
-the raw headers, a longest-prefix match over the route table built at start,
-the body read under the size limit, then ``Dispatcher.dispatch``. Errors of
-any kind become JSON through ``_errors.error_response``. A client that
-disconnects while its request is in flight cancels the dispatch (and so the
-call in the replica, see ``_disconnect``); nothing is sent and the request is
-counted with status 499.
+``Ingress`` is the ``FrontEnd`` (``_frontend``: header pass, body read under
+the size limit, dispatch, JSON errors, span, metrics) for route prefixes: it
+adds only a longest-prefix match over the route table built at start and the
+``HttpRequest`` the replica gets.
 
 ``GET /-/healthz`` is public (probes and load balancers cannot send a token)
 and says only ``{"status": "ok"}`` or 503 ``{"status": "starting"}``; the
@@ -29,10 +26,7 @@ import asyncio
 import hmac
 import importlib.resources
 import logging
-import os
-import re
-import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -45,43 +39,30 @@ from litestar.handlers import BaseRouteHandler, asgi
 from litestar.params import FromPath, FromQuery
 
 from muxgate.gateway._config import AppConfig
-from muxgate.gateway._disconnect import (
-    CLIENT_CLOSED_REQUEST,
-    ClientDisconnected,
-    until_disconnect,
+from muxgate.gateway._dispatch import Dispatcher
+from muxgate.gateway._errors import RouteNotFoundError, error_body
+from muxgate.gateway._frontend import (
+    LOCAL_CLIENTS,
+    REQUEST_ID,
+    FrontEnd,
+    Receive,
+    RequestHead,
+    Scope,
+    Send,
+    Target,
+    new_request_id,
 )
-from muxgate.gateway._dispatch import Dispatcher, validate_model_id
-from muxgate.gateway._errors import (
-    GatewayError,
-    PayloadTooLargeError,
-    RouteNotFoundError,
-    error_body,
-    error_response,
-)
-from muxgate.gateway._handles import HANDLES_PREFIX, HandleIngress, ServerSpan, server_span
+from muxgate.gateway._handles import HANDLES_PREFIX, HandleIngress
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import ReplicaPool
-from muxgate.replicas._protocol import HttpRequest
+from muxgate.replicas._protocol import HttpRequest, Reply
 
 __all__ = ["GatewayASGI", "Ingress", "build_handle_ingress", "build_ingress", "create_app"]
 
-# Plain ASGI types: Litestar's TypedDicts are stricter than a raw handler needs.
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 _log = logging.getLogger("muxgate.gateway.app")
 
-_MODEL_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 #: how long ``GET /-/metrics`` waits for the replicas' fresh counters (s)
 _METRICS_REFRESH_S = 0.5
-
-
-def _new_request_id() -> str:
-    return os.urandom(12).hex()
 
 
 class _Route:
@@ -95,11 +76,7 @@ class _Route:
         self.strip = 0 if prefix == "/" else len(prefix)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-class Ingress:
+class Ingress(FrontEnd):
     """The raw ASGI handler for every deployment's route prefix.
 
     Args:
@@ -120,6 +97,9 @@ class Ingress:
         metrics: GatewayMetrics | None = None,
         use_raw_path: bool = False,
     ) -> None:
+        super().__init__(
+            max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, metrics=metrics
+        )
         # Longest prefix first, so the first match is the most specific.
         self._routes = [
             _Route(prefix, name, dispatcher)
@@ -127,10 +107,6 @@ class Ingress:
                 routes.items(), key=lambda kv: len(kv[0]), reverse=True
             )
         ]
-        self._max_body = max_body_bytes
-        self._timeout = request_timeout_s
-        self._metrics = metrics
-        self._per_model = metrics.per_model_labels if metrics is not None else False
         self._use_raw_path = use_raw_path
 
     def _match(self, path: str) -> _Route | None:
@@ -142,169 +118,45 @@ class Ingress:
                 return route
         return None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1000})
-            return
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        perf_start = time.perf_counter()
-        request_id = ""
-        model_raw: bytes | None = None
-        traceparent: str | None = None
-        tracestate: str | None = None
-        content_length = -1
-        headers: list[tuple[str, str]] = []
-        for name, value in scope["headers"]:
-            lname = name.lower()
-            if lname in _MODEL_HEADERS:
-                model_raw = value
-            elif lname == b"x-request-id":
-                if _REQUEST_ID.fullmatch(value) is not None:
-                    request_id = value.decode()
-            elif lname == b"traceparent":
-                if _TRACEPARENT.fullmatch(value) is not None:
-                    traceparent = value.decode()
-            elif lname == b"tracestate":
-                tracestate = value.decode("latin-1")
-            elif lname == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    content_length = -1
-            headers.append((lname.decode("latin-1"), value.decode("latin-1")))
-        if not request_id:
-            request_id = _new_request_id()
+    def _resolve(self, scope: Scope, head: RequestHead) -> Target:
         if self._use_raw_path:
             path: str = unquote(scope.get("raw_path", b"/").decode("latin-1"))
         else:
             path = scope["path"]
         route = self._match(path)
-        name = route.name if route is not None else ""
-        model_id = ""
-        status = 500
-        replica_id = ""
-        responded = False
-        span: ServerSpan | None = None
-        try:
-            if route is None:
-                raise RouteNotFoundError(f"no deployment serves {path!r}")
-            span = server_span(
-                f"{scope['method']} {route.prefix}",
-                method=scope["method"],
-                path=path,
-                deployment=name,
-                traceparent=traceparent,
-                tracestate=tracestate,
+        if route is None:
+            return Target(
+                "", None, path=path, refusal=RouteNotFoundError(f"no deployment serves {path!r}")
             )
-            if span is not None:
-                # Current while dispatching: the route span becomes its
-                # child, and the replica continues this span.
-                span.attach()
-                traceparent, tracestate = span.traceparent()
-            if model_raw is not None:
-                model_id = validate_model_id(model_raw)
-            if content_length > self._max_body:
-                raise PayloadTooLargeError(f"request body is over {self._max_body} bytes")
-            body = await self._read_body(receive)
-            sub = path[route.strip :] or "/"
-            http = HttpRequest(
-                method=scope["method"],
-                path=sub,
-                query=scope["query_string"].decode("latin-1"),
-                headers=headers,
-                body=body,
-            )
-            reply, replica_id = await until_disconnect(
-                receive,
-                route.dispatcher.dispatch(
-                    request_id=request_id,
-                    model_id=model_id,
-                    http=http,
-                    deadline=started + self._timeout,
-                    traceparent=traceparent,
-                    tracestate=tracestate,
-                ),
-            )
-            status = reply.status
-            out = [
-                (k.encode("latin-1"), v.encode("latin-1"))
-                for k, v in reply.headers
-                if k.lower() not in ("content-length", "transfer-encoding")
-            ]
-            out.append((b"content-length", str(len(reply.body)).encode()))
-            out.append((b"x-request-id", request_id.encode()))
-            out.append((b"x-muxgate-replica", replica_id.encode()))
-            responded = True  # from here on, a failure cannot become an error response
-            await send({"type": "http.response.start", "status": status, "headers": out})
-            await send({"type": "http.response.body", "body": reply.body})
-        except _TooLarge:
-            status = await self._send_error(
-                send,
-                PayloadTooLargeError(f"request body is over {self._max_body} bytes"),
-                request_id,
-                "",
-            )
-        except ClientDisconnected:
-            status = CLIENT_CLOSED_REQUEST  # nobody to answer
-            _log.debug("client of %s disconnected; request cancelled", request_id)
-        except Exception as exc:
-            if responded:
-                _log.info("could not send the response of %s: %r", request_id, exc)
-                return
-            if not isinstance(exc, GatewayError):
-                _log.exception("gateway error for request %s", request_id)
-            replica_id = getattr(exc, "replica_id", "")
-            status = await self._send_error(send, exc, request_id, replica_id)
-        finally:
-            if span is not None:
-                span.finish(status, replica_id, model_id)
-            if self._metrics is not None and route is not None:
-                self._metrics.observe_request(
-                    name,
-                    status,
-                    time.perf_counter() - perf_start,
-                    model_id if self._per_model else "",
-                )
+        return Target(
+            route.name,
+            route.dispatcher,
+            path=path,
+            span_name=f"{scope['method']} {route.prefix}",
+            extra=path[route.strip :] or "/",
+        )
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected("the client disconnected before sending the body")
-        body: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            if len(body) > self._max_body:
-                raise _TooLarge
-            return body
-        chunks = [body]
-        size = len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected("the client disconnected while sending the body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body:
-                raise _TooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def _call_args(
+        self, scope: Scope, target: Target, head: RequestHead, body: bytes
+    ) -> dict[str, Any]:
+        http = HttpRequest(
+            method=scope["method"],
+            path=target.extra,
+            query=scope["query_string"].decode("latin-1"),
+            headers=head.headers,
+            body=body,
+        )
+        return {"http": http}
 
-    @staticmethod
-    async def _send_error(send: Send, exc: BaseException, request_id: str, replica_id: str) -> int:
-        status: int
-        status, headers, body = error_response(exc, request_id)
-        headers.append((b"content-length", str(len(body)).encode()))
-        headers.append((b"x-request-id", request_id.encode()))
-        headers.append((b"x-muxgate-replica", replica_id.encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return status
+    def _reply(self, reply: Reply) -> tuple[int, list[tuple[bytes, bytes]]]:
+        return reply.status, [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in reply.headers
+            if k.lower() not in ("content-length", "transfer-encoding")
+        ]
 
 
 # -- admin ------------------------------------------------------------------
-
-_LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _admin_guard(token: str | None) -> Any:
@@ -319,7 +171,7 @@ def _admin_guard(token: str | None) -> Any:
                 raise NotAuthorizedException("admin endpoints need the bearer token")
             return
         client = connection.client
-        if client is None or client.host not in _LOCAL_CLIENTS:
+        if client is None or client.host not in LOCAL_CLIENTS:
             raise NotAuthorizedException("admin endpoints answer local clients only")
 
     return guard
@@ -327,7 +179,7 @@ def _admin_guard(token: str | None) -> Any:
 
 def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     status = getattr(exc, "status_code", 500)
-    request_id = request.headers.get("x-request-id") or _new_request_id()
+    request_id = request.headers.get("x-request-id") or new_request_id()
     code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
         status, "internal"
     )
@@ -353,9 +205,9 @@ def _admin_ids(message: lt.Message, scope: lt.Scope) -> None:
         return  # the error handler set them
     request_id = b""
     for name, value in scope["headers"]:
-        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value) is not None:
+        if name == b"x-request-id" and REQUEST_ID.fullmatch(value) is not None:
             request_id = value
-    headers.append((b"x-request-id", request_id or _new_request_id().encode()))
+    headers.append((b"x-request-id", request_id or new_request_id().encode()))
     headers.append((b"x-muxgate-replica", b""))
 
 

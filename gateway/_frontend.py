@@ -1,0 +1,422 @@
+"""The gateway's one HTTP front end, shared by the model ingress and the handle endpoint.
+
+Both ``Ingress`` (``_app``: any path under a deployment's route prefix) and
+``HandleIngress`` (``_handles``: ``POST /-/handles/{deployment}/{method}``)
+are raw ASGI handlers built on ``FrontEnd``, which does per request, once:
+
+* one pass over the raw headers (``read_head``): the model id, request id,
+  trace context, content length and the few headers an endpoint needs;
+* the SERVER span (``server_span``), current while the request is dispatched;
+* the model id check, the body read under ``max_body_bytes``;
+* the dispatch, cancelled when the client disconnects (``_disconnect``);
+* errors of any kind as the JSON error document (``_errors.error_response``),
+  metrics and the span's end.
+
+A subclass says only what differs: which deployment a request goes to and
+whether it may (``_resolve``), what the replica is asked to do
+(``_call_args``) and how the reply is sent back (``_reply``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, ClassVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from muxgate.gateway._disconnect import (
+    CLIENT_CLOSED_REQUEST,
+    ClientDisconnected,
+    until_disconnect,
+)
+from muxgate.gateway._dispatch import Dispatcher, validate_model_id
+from muxgate.gateway._errors import GatewayError, PayloadTooLargeError, error_response
+from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.replicas._protocol import Reply
+from muxgate.replicas._tracing import extract_context, inject_traceparent, tracing_active
+
+__all__ = [
+    "LOCAL_CLIENTS",
+    "REQUEST_ID",
+    "FrontEnd",
+    "Message",
+    "Receive",
+    "RequestHead",
+    "Scope",
+    "Send",
+    "ServerSpan",
+    "Target",
+    "new_request_id",
+    "read_head",
+    "send_error",
+    "server_span",
+]
+
+# Plain ASGI types: Litestar's TypedDicts are stricter than a raw handler needs.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Header = tuple[bytes, bytes]
+
+_log = logging.getLogger("muxgate.gateway.app")
+_tracer = trace.get_tracer("muxgate")
+
+MODEL_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
+#: an incoming ``x-request-id`` is kept only when it matches this
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: client addresses the admin endpoints answer without a token
+LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def new_request_id() -> str:
+    """A fresh request id (24 hex digits)."""
+    return os.urandom(12).hex()
+
+
+# -- the request head ---------------------------------------------------------------
+
+
+class RequestHead:
+    """What the front end reads from a request's headers, in one pass."""
+
+    __slots__ = (
+        "auth",
+        "content_length",
+        "headers",
+        "model_raw",
+        "request_id",
+        "timeout_s",
+        "traceparent",
+        "tracestate",
+    )
+
+    def __init__(self) -> None:
+        self.request_id = ""
+        self.model_raw: bytes | None = None
+        self.traceparent: str | None = None
+        self.tracestate: str | None = None
+        self.auth = b""
+        #: ``x-muxgate-timeout-s``: how long the caller waits (handle calls)
+        self.timeout_s: float | None = None
+        self.content_length = -1
+        #: every header, names lower-cased (only when asked to keep them)
+        self.headers: list[tuple[str, str]] = []
+
+
+def read_head(raw_headers: list[Header], *, keep: bool) -> RequestHead:
+    """Parse ``scope["headers"]`` once; ``keep``: also collect them as strings."""
+    head = RequestHead()
+    headers = head.headers
+    for name, value in raw_headers:
+        lname = name.lower()
+        if lname in MODEL_HEADERS:
+            head.model_raw = value
+        elif lname == b"x-request-id":
+            if REQUEST_ID.fullmatch(value) is not None:
+                head.request_id = value.decode()
+        elif lname == b"traceparent":
+            if _TRACEPARENT.fullmatch(value) is not None:
+                head.traceparent = value.decode()
+        elif lname == b"tracestate":
+            head.tracestate = value.decode("latin-1")
+        elif lname == b"content-length":
+            try:
+                head.content_length = int(value)
+            except ValueError:
+                head.content_length = -1
+        elif lname == b"authorization":
+            head.auth = value
+        elif lname == b"x-muxgate-timeout-s":
+            with contextlib.suppress(ValueError):
+                head.timeout_s = float(value)
+        if keep:
+            headers.append((lname.decode("latin-1"), value.decode("latin-1")))
+    return head
+
+
+# -- the server span -----------------------------------------------------------------
+
+
+class ServerSpan:
+    """The SERVER span of one request, current while the request is dispatched.
+
+    Created only when tracing is active (see ``server_span``); ``attach``
+    makes it the current span so the dispatcher's ``muxgate.route`` span
+    becomes its child, and ``traceparent()`` is what the call carries to the
+    replica.
+    """
+
+    __slots__ = ("_token", "span")
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+        self._token: object | None = None
+
+    def attach(self) -> None:
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+
+    def traceparent(self) -> tuple[str | None, str | None]:
+        return inject_traceparent(trace.set_span_in_context(self.span))
+
+    def finish(self, status: int, replica_id: str, model_id: str) -> None:
+        span = self.span
+        if span.is_recording():
+            span.set_attribute("http.response.status_code", status)
+            if model_id:
+                span.set_attribute("muxgate.model_id", model_id)
+            if replica_id:
+                span.set_attribute("muxgate.replica_id", replica_id)
+            if status >= 500:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))
+        span.end()
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._token = None
+
+
+def server_span(
+    name: str,
+    *,
+    method: str,
+    path: str,
+    deployment: str,
+    traceparent: str | None,
+    tracestate: str | None,
+) -> ServerSpan | None:
+    """Start the SERVER span ``name`` (e.g. ``"POST /api"``) continuing the
+    incoming ``traceparent``; None when tracing is off (nothing to record)."""
+    if not tracing_active():
+        return None
+    parent = extract_context(traceparent, tracestate) if traceparent else None
+    span = _tracer.start_span(
+        name,
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={
+            "http.request.method": method,
+            "url.path": path,
+            "muxgate.deployment": deployment,
+        },
+    )
+    return ServerSpan(span)
+
+
+# -- sending ----------------------------------------------------------------------
+
+
+async def send_error(send: Send, exc: BaseException, request_id: str, replica_id: str) -> int:
+    """Answer ``exc`` as the JSON error document; return the status sent."""
+    status: int
+    status, headers, body = error_response(exc, request_id)
+    headers.append((b"content-length", str(len(body)).encode()))
+    headers.append((b"x-request-id", request_id.encode()))
+    headers.append((b"x-muxgate-replica", replica_id.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# -- the front end ----------------------------------------------------------------
+
+
+class Target:
+    """Where ``FrontEnd._resolve`` sends a request.
+
+    Attributes:
+        name: the deployment (the metrics label); ``""`` when none matched,
+            and then the request is not counted.
+        dispatcher: the deployment's dispatcher (None when none matched).
+        path: the path the span reports.
+        span_name: the SERVER span's name.
+        refusal: raised before anything else when set (no route, not allowed).
+        extra: what the endpoint needs later (the path below the prefix, the
+            method name of a handle call).
+    """
+
+    __slots__ = ("dispatcher", "extra", "name", "path", "refusal", "span_name")
+
+    def __init__(
+        self,
+        name: str,
+        dispatcher: Dispatcher | None,
+        *,
+        path: str,
+        span_name: str = "",
+        refusal: GatewayError | None = None,
+        extra: str = "",
+    ) -> None:
+        self.name = name
+        self.dispatcher = dispatcher
+        self.path = path
+        self.span_name = span_name
+        self.refusal = refusal
+        self.extra = extra
+
+
+class FrontEnd:
+    """The request skeleton both raw ASGI endpoints share.
+
+    Args:
+        max_body_bytes: larger bodies get 413.
+        request_timeout_s: per-request deadline, from arrival.
+        metrics: request counts and durations go here.
+    """
+
+    #: collect every header for the replica (HTTP ingress) or not (handles)
+    keep_headers: ClassVar[bool] = True
+    #: how the gateway's log names one request ("request", "handle call")
+    what: ClassVar[str] = "request"
+
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int,
+        request_timeout_s: float,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self._max_body = max_body_bytes
+        self._timeout = request_timeout_s
+        self._metrics = metrics
+        self._per_model = metrics.per_model_labels if metrics is not None else False
+
+    # -- what an endpoint says ---------------------------------------------------
+
+    def _resolve(self, scope: Scope, head: RequestHead) -> Target:
+        """The deployment this request goes to, or why it is refused."""
+        raise NotImplementedError
+
+    def _call_args(
+        self, scope: Scope, target: Target, head: RequestHead, body: bytes
+    ) -> dict[str, Any]:
+        """The dispatch's arguments beside the ids, deadline and trace context."""
+        raise NotImplementedError
+
+    def _reply(self, reply: Reply) -> tuple[int, list[Header]]:
+        """Status and headers of a successful reply (the ids are added after)."""
+        raise NotImplementedError
+
+    def _timeout_s(self, head: RequestHead) -> float:
+        return self._timeout
+
+    # -- the skeleton ------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1000})
+            return
+        started = asyncio.get_running_loop().time()
+        perf_start = time.perf_counter()
+        head = read_head(scope["headers"], keep=self.keep_headers)
+        request_id = head.request_id or new_request_id()
+        target = self._resolve(scope, head)
+        model_id = ""
+        status = 500
+        replica_id = ""
+        responded = False
+        span: ServerSpan | None = None
+        try:
+            if target.refusal is not None:
+                raise target.refusal
+            dispatcher = target.dispatcher
+            assert dispatcher is not None
+            traceparent, tracestate = head.traceparent, head.tracestate
+            span = server_span(
+                target.span_name,
+                method=scope["method"],
+                path=target.path,
+                deployment=target.name,
+                traceparent=traceparent,
+                tracestate=tracestate,
+            )
+            if span is not None:
+                # Current while dispatching: the route span becomes its
+                # child, and the replica continues this span.
+                span.attach()
+                traceparent, tracestate = span.traceparent()
+            if head.model_raw is not None:
+                model_id = validate_model_id(head.model_raw)
+            if head.content_length > self._max_body:
+                raise PayloadTooLargeError(f"request body is over {self._max_body} bytes")
+            body = await self._read_body(receive)
+            reply, replica_id = await until_disconnect(
+                receive,
+                dispatcher.dispatch(
+                    request_id=request_id,
+                    model_id=model_id,
+                    deadline=started + self._timeout_s(head),
+                    traceparent=traceparent,
+                    tracestate=tracestate,
+                    **self._call_args(scope, target, head, body),
+                ),
+            )
+            status, headers = self._reply(reply)
+            headers.append((b"content-length", str(len(reply.body)).encode()))
+            headers.append((b"x-request-id", request_id.encode()))
+            headers.append((b"x-muxgate-replica", replica_id.encode()))
+            responded = True  # from here on, a failure cannot become an error response
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": reply.body})
+        except _TooLarge:
+            status = await send_error(
+                send,
+                PayloadTooLargeError(f"request body is over {self._max_body} bytes"),
+                request_id,
+                "",
+            )
+        except ClientDisconnected:
+            status = CLIENT_CLOSED_REQUEST  # nobody to answer
+            _log.debug("client of %s disconnected; %s cancelled", request_id, self.what)
+        except Exception as exc:
+            if responded:
+                _log.info("could not send the response of %s: %r", request_id, exc)
+                return
+            if not isinstance(exc, GatewayError):
+                _log.exception("gateway error for %s %s", self.what, request_id)
+            replica_id = getattr(exc, "replica_id", "")
+            status = await send_error(send, exc, request_id, replica_id)
+        finally:
+            if span is not None:
+                span.finish(status, replica_id, model_id)
+            if self._metrics is not None and target.name:
+                self._metrics.observe_request(
+                    target.name,
+                    status,
+                    time.perf_counter() - perf_start,
+                    model_id if self._per_model else "",
+                )
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected before sending the body")
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > self._max_body:
+                raise _TooLarge
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected("the client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise _TooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
