@@ -86,6 +86,14 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: a replica whose resident memory passes this is drained and replaced;
     #: None: no limit
     max_replica_rss_bytes: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    #: the replicas' model-cache eviction: ``lru`` (least recently used) or
+    #: ``tinylfu`` (LRU with frequency admission); None: each loader's own
+    #: ``@multiplexed(eviction_policy=...)``, else ``lru``
+    eviction_policy: Literal["lru"] | None = None
+    #: ``evict_after`` (evict once the new model is built: a failed load costs
+    #: no working model) or ``evict_first`` (memory never above the limit);
+    #: None: each loader's own ``@multiplexed(load_order=...)``, else ``evict_after``
+    load_order: Literal["evict_after", "evict_first"] | None = None
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and self.autoscaling is not None:

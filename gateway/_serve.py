@@ -94,6 +94,8 @@ def make_spec(
         gateway_url=gateway_url,
         admin_token=config.http.admin_token,
         log_level=log_level,
+        eviction_policy=deployment.eviction_policy,
+        load_order=deployment.load_order,
     )
 
 

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -34,10 +34,14 @@ from muxgate.replicas._lru import LRU
 from muxgate.replicas._unload_hooks import run_unload_hook
 
 __all__ = [
+    "DEFAULT_LOAD_ORDER",
     "DEFAULT_MAX_CONCURRENT_LOADS",
+    "LOAD_ORDERS",
+    "LoadOrder",
     "ModelCache",
     "ModelCacheClosedError",
     "check_limit",
+    "check_load_order",
     "check_model_id",
 ]
 
@@ -49,6 +53,10 @@ _tracer = trace.get_tracer("muxgate")
 
 UNLOAD_REASONS = ("lru", "shutdown", "drain")
 DEFAULT_MAX_CONCURRENT_LOADS = 4
+
+LoadOrder = Literal["evict_after", "evict_first"]
+LOAD_ORDERS: Final[tuple[LoadOrder, ...]] = ("evict_after", "evict_first")
+DEFAULT_LOAD_ORDER: Final[LoadOrder] = "evict_after"
 
 
 class ModelCacheClosedError(RuntimeError):
@@ -76,6 +84,11 @@ class ModelCache(Generic[M]):
         max_concurrent_loads: how many loads of different ids may run at once.
         name: shown in ``repr`` (the loader's qualified name).
         policy: the eviction policy object, one per cache (default: a fresh LRU).
+        load_order: ``"evict_after"`` (default): a victim is evicted once the
+            new model is built, so a failed load never costs a working model
+            and memory peaks at the limit plus the models being built;
+            ``"evict_first"``: evicted before the load starts, so memory peaks
+            at the limit (for memory-tight hosts).
 
     A cache belongs to one event loop at a time; a cache first used on a loop
     that has since gone away forgets the loads that loop was running.
@@ -89,13 +102,17 @@ class ModelCache(Generic[M]):
         max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
         name: str = "",
         policy: EvictionPolicy | None = None,
+        load_order: LoadOrder = DEFAULT_LOAD_ORDER,
     ) -> None:
         check_limit("max_num_models_per_replica", max_num_models, allow_unlimited=True)
         check_limit("max_concurrent_loads", max_concurrent_loads, allow_unlimited=False)
+        check_load_order(load_order)
         self.name = name
         self._load = load
         self._state: CacheState[M] = CacheState(
-            max_num_models, policy if policy is not None else LRU()
+            max_num_models,
+            policy if policy is not None else LRU(),
+            evict_first=load_order == "evict_first",
         )
         self._max_concurrent_loads = max_concurrent_loads
         self._flights: dict[str, _Flight[M]] = {}
@@ -111,6 +128,11 @@ class ModelCache(Generic[M]):
     @property
     def capacity(self) -> int:
         return self._state.capacity
+
+    @property
+    def load_order(self) -> LoadOrder:
+        """When a victim is evicted: ``"evict_after"`` or ``"evict_first"`` the new load."""
+        return "evict_first" if self._state.evict_first else "evict_after"
 
     @property
     def policy(self) -> EvictionPolicy:
@@ -132,6 +154,8 @@ class ModelCache(Generic[M]):
     def __repr__(self) -> str:
         limit = "unlimited" if self.capacity < 0 else str(self.capacity)
         policy = "" if isinstance(self.policy, LRU) else f" policy={self.policy.name}"
+        if self._state.evict_first:
+            policy += " load_order=evict_first"
         return (
             f"<ModelCache {self.name!r} capacity={limit}{policy} loaded={self.loaded_ids()} "
             f"loading={self.loading_ids()} pinned={self.pins()}>"
@@ -398,3 +422,8 @@ def check_model_id(model_id: object) -> None:
         raise TypeError(f"The model ID must be a str, got {type(model_id).__name__}.")
     if not model_id:
         raise empty_model_id_error()
+
+
+def check_load_order(load_order: object) -> None:
+    if load_order not in LOAD_ORDERS:
+        raise ValueError(f"load_order must be 'evict_after' or 'evict_first', got {load_order!r}.")

@@ -66,7 +66,7 @@ class CacheState(Generic[M]):
     )
 
     def __init__(
-        self, capacity: int, policy: EvictionPolicy | None = None, *, evict_first: bool = True
+        self, capacity: int, policy: EvictionPolicy | None = None, *, evict_first: bool = False
     ) -> None:
         self.capacity = capacity
         self.policy: EvictionPolicy = policy if policy is not None else LRU()

@@ -22,10 +22,13 @@ from typing import Any, TypeVar, overload
 import anyio.to_thread
 
 from muxgate.replicas._cache import (
+    DEFAULT_LOAD_ORDER,
     DEFAULT_MAX_CONCURRENT_LOADS,
+    LoadOrder,
     ModelCache,
     ModelCacheClosedError,
     check_limit,
+    check_load_order,
 )
 from muxgate.replicas._cache_state import MISSING, LRUState
 from muxgate.replicas._cache_stats import (
@@ -38,6 +41,7 @@ from muxgate.replicas._cache_stats import (
     registered_caches,
     replica_state_snapshot,
 )
+from muxgate.replicas._eviction import make_policy
 
 __all__ = [
     "EVENT_LOG_SIZE",
@@ -46,6 +50,7 @@ __all__ = [
     "LRUState",
     "ModelCache",
     "ModelCacheClosedError",
+    "configure_model_caches",
     "counters",
     "events_since",
     "load_bucket_key",
@@ -67,16 +72,52 @@ def model_caches() -> list[ModelCache[Any]]:
 # The decorator
 
 
+#: the deployment's settings from the app config (``configure_model_caches``);
+#: they win over the decorator's arguments, which win over the defaults
+_DEPLOYMENT_OPTIONS: dict[str, str] = {}
+
+
+def configure_model_caches(
+    *, eviction_policy: str | None = None, load_order: str | None = None
+) -> None:
+    """Settings of this process's deployment for every model cache created from now on.
+
+    The replica calls it from its spec before it imports the deployment's code.
+    ``None`` leaves the decorator's argument (else the default) in force.
+
+    Raises:
+        ValueError: an unknown policy name or load order.
+    """
+    if eviction_policy is not None:
+        make_policy(eviction_policy, 1)  # validates the name
+    if load_order is not None:
+        check_load_order(load_order)
+    _DEPLOYMENT_OPTIONS.clear()
+    if eviction_policy is not None:
+        _DEPLOYMENT_OPTIONS["eviction_policy"] = eviction_policy
+    if load_order is not None:
+        _DEPLOYMENT_OPTIONS["load_order"] = load_order
+
+
 class _Loader:
     """What ``@multiplexed`` attached to one function: its options and its caches."""
 
     def __init__(
-        self, func: Callable[..., Any], *, is_method: bool, max_models: int, max_loads: int
+        self,
+        func: Callable[..., Any],
+        *,
+        is_method: bool,
+        max_models: int,
+        max_loads: int,
+        eviction_policy: str,
+        load_order: LoadOrder,
     ) -> None:
         self.func = func
         self.is_method = is_method
         self.max_models = max_models
         self.max_loads = max_loads
+        self.eviction_policy = eviction_policy
+        self.load_order = load_order
         self.name = getattr(func, "__qualname__", repr(func))
         self.is_async = inspect.iscoroutinefunction(func)
         self.attr = f"__muxgate_cache_{id(self):x}"
@@ -100,11 +141,14 @@ class _Loader:
                     functools.partial(context.run, func, *args, model_id)
                 )
 
+        policy = _DEPLOYMENT_OPTIONS.get("eviction_policy", self.eviction_policy)
         return ModelCache(
             load,
             max_num_models=self.max_models,
             max_concurrent_loads=self.max_loads,
             name=self.name,
+            policy=make_policy(policy, self.max_models),
+            load_order=_DEPLOYMENT_OPTIONS.get("load_order", self.load_order),  # type: ignore[arg-type]
         )
 
     def cache_for(self, instance: object = None) -> ModelCache[Any]:
@@ -131,13 +175,23 @@ class _Loader:
 
 @overload
 def multiplexed(
-    func: _F, *, max_num_models_per_replica: int = 3, max_concurrent_loads: int = ...
+    func: _F,
+    *,
+    max_num_models_per_replica: int = 3,
+    max_concurrent_loads: int = ...,
+    eviction_policy: str = ...,
+    load_order: LoadOrder = ...,
 ) -> _F: ...
 
 
 @overload
 def multiplexed(
-    func: None = None, *, max_num_models_per_replica: int = 3, max_concurrent_loads: int = ...
+    func: None = None,
+    *,
+    max_num_models_per_replica: int = 3,
+    max_concurrent_loads: int = ...,
+    eviction_policy: str = ...,
+    load_order: LoadOrder = ...,
 ) -> Callable[[_F], _F]: ...
 
 
@@ -146,6 +200,8 @@ def multiplexed(
     *,
     max_num_models_per_replica: int = 3,
     max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
+    eviction_policy: str = "lru",
+    load_order: LoadOrder = DEFAULT_LOAD_ORDER,
 ) -> Any:
     """Turn a model loader into a cached, multiplexed one.
 
@@ -153,20 +209,30 @@ def multiplexed(
     model; the decorated version is always awaited, and keeps up to
     ``max_num_models_per_replica`` models per process (per instance for a
     method), evicting the least recently used unpinned one. Sync loaders run in
-    a worker thread.
+    a worker thread. A deployment's ``eviction_policy`` and ``load_order`` in
+    the app config win over the arguments here.
 
     Args:
         func: the loader, when used bare as ``@multiplexed``.
         max_num_models_per_replica: cache capacity; ``-1`` for no limit.
         max_concurrent_loads: how many different models may load at once.
+        eviction_policy: ``"lru"`` (the default), or a frequency-aware policy
+            registered in ``muxgate.replicas._eviction.EVICTION_POLICIES``.
+        load_order: ``"evict_after"`` (default): a model is evicted only once
+            the one replacing it is built, so a failed load never costs a
+            working model (memory peaks at the limit plus the models being
+            built); ``"evict_first"``: evicted before the load starts
+            (memory peaks at the limit).
 
     Raises:
         TypeError: ``func`` is a class, not callable, or has no ``model_id``
             argument; a limit is not an int.
-        ValueError: a limit is out of range.
+        ValueError: a limit is out of range, an unknown policy or load order.
     """
     check_limit("max_num_models_per_replica", max_num_models_per_replica, allow_unlimited=True)
     check_limit("max_concurrent_loads", max_concurrent_loads, allow_unlimited=False)
+    make_policy(eviction_policy, max_num_models_per_replica)  # validates the name
+    check_load_order(load_order)
 
     def decorate(loader_func: Callable[..., Any]) -> Callable[..., Any]:
         is_method = _loader_shape(loader_func)
@@ -175,6 +241,8 @@ def multiplexed(
             is_method=is_method,
             max_models=max_num_models_per_replica,
             max_loads=max_concurrent_loads,
+            eviction_policy=eviction_policy,
+            load_order=load_order,
         )
         wrapper: Callable[..., Any]
         if is_method:
@@ -189,9 +257,10 @@ def multiplexed(
 
             wrapper = method_wrapper
         else:
-            cache = loader.cache_for(None)
 
             async def function_wrapper(model_id: str) -> Any:
+                # Made on first use, so that the deployment's settings apply to it.
+                cache = loader.function_cache or loader.cache_for(None)
                 model = cache.get_loaded(model_id)
                 if model is MISSING:
                     return await cache.load(model_id)

@@ -36,6 +36,7 @@ import msgspec
 from muxgate.replicas._context import set_replica_context
 from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
 from muxgate.replicas._logging import install_replica_logging
+from muxgate.replicas._multiplex import configure_model_caches
 from muxgate.replicas._replica import Replica
 from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
 
@@ -81,6 +82,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         gateway_url: base URL of the gateway that started the replica; the
             default of ``get_deployment_handle`` inside it.
         admin_token: the gateway's admin token (handle calls need it when set).
+        eviction_policy: the model caches' eviction policy (``"lru"``, ...);
+            None: each ``@multiplexed`` loader's own.
+        load_order: ``"evict_after"`` or ``"evict_first"``; None: each loader's own.
     """
 
     deployment: str
@@ -97,6 +101,8 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     storage: dict[str, dict[str, Any]] = {}
     gateway_url: str | None = None
     admin_token: str | None = None
+    eviction_policy: str | None = None
+    load_order: Literal["evict_after", "evict_first"] | None = None
 
 
 def _one_line(text: str, limit: int = 2000) -> str:
@@ -327,6 +333,11 @@ def run_replica(raw_spec: bytes, ready_fd: int, parent_fd: int | None) -> int:
     set_replica_context(spec.deployment, spec.replica_id)
     set_handle_defaults(spec.gateway_url, spec.admin_token)
     install_replica_logging(spec.log_level)
+    try:
+        configure_model_caches(eviction_policy=spec.eviction_policy, load_order=spec.load_order)
+    except ValueError as exc:
+        os.write(ready_fd, f"FAILED invalid spec: {_one_line(str(exc))}\n".encode())
+        return 2
     if spec.storage:
         # Imported only when used: a deployment need not touch storage.
         from muxgate.backends._config import configure_storage_section

@@ -96,8 +96,8 @@ async def test_replies_carry_loaded_models_lru_first(
     assert pong.counters["cache_hits"] >= 2
     assert pong.counters["models_loaded"] == 2
     lines = (await anyio.Path(events).read_text()).splitlines()
-    # Eviction runs before the load that needs the room.
-    assert lines == ["load m1", "load m2", "unload m2", "load m3"]
+    # The victim goes once the model that needs the room is built.
+    assert lines == ["load m1", "load m2", "load m3", "unload m2"]
 
 
 async def test_drain_finishes_in_flight_then_unloads_every_model_and_exits(

@@ -161,3 +161,18 @@ def test_unreadable_and_unparsable_files(tmp_path: Path) -> None:
     top.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(top)
+
+
+def test_cache_settings_per_deployment_reach_the_replica_spec() -> None:
+    from muxgate.gateway._serve import make_spec
+
+    config = parse_config(
+        {"deployments": [dep(load_order="evict_first"), dep(name="N", route_prefix="/n")]}
+    )
+    first, second = config.deployments
+    assert (first.load_order, first.eviction_policy) == ("evict_first", None)
+    assert (second.load_order, second.eviction_policy) == (None, None)  # the loader's own
+    spec = make_spec(config, first, "M#1")
+    assert (spec.load_order, spec.eviction_policy) == ("evict_first", None)
+    with pytest.raises(ConfigError, match=r"deployments\[0\]\.load_order"):
+        parse_config({"deployments": [dep(load_order="evict_later")]})

@@ -92,8 +92,12 @@ class Loads:
         return FakeModel(model_id, self.journal)
 
 
-def make_loader(loads: Loads, limit: int = 3, max_loads: int = 4) -> Any:
-    @multiplexed(max_num_models_per_replica=limit, max_concurrent_loads=max_loads)
+def make_loader(
+    loads: Loads, limit: int = 3, max_loads: int = 4, load_order: Any = "evict_after"
+) -> Any:
+    @multiplexed(
+        max_num_models_per_replica=limit, max_concurrent_loads=max_loads, load_order=load_order
+    )
     async def get_model(model_id: str) -> FakeModel:
         return await loads(model_id)
 
@@ -322,12 +326,54 @@ async def test_each_call_in_a_request_pins_until_the_request_ends() -> None:
     assert cache.pins() == {}
 
 
-async def test_eviction_is_unloaded_before_the_new_load_starts() -> None:
+async def test_evict_first_unloads_the_victim_before_the_new_load_starts() -> None:
     loads = Loads()
-    get_model = make_loader(loads, limit=1)
+    get_model = make_loader(loads, limit=1, load_order="evict_first")
     await get_model("a")
     await get_model("b")
     assert loads.journal == ["load a", "unload a", "load b"]
+    assert repr(model_cache(get_model)).endswith(
+        "load_order=evict_first loaded=['b'] loading=[] pinned={}>"
+    )
+
+
+async def test_by_default_the_victim_is_unloaded_once_the_new_model_is_built() -> None:
+    loads = Loads(auto=False)
+    get_model = make_loader(loads, limit=1)
+    cache = model_cache(get_model)
+    assert cache.load_order == "evict_after"
+    loads.finish("a")
+    await get_model("a")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get_model, "b")
+        await loads.started("b").wait()
+        assert cache.loaded_ids() == ["a"]  # a serves on while b is being built
+        assert await get_model("a") is not None
+        loads.finish("b")
+    await wait_until(lambda: loads.journal[-1] == "unload a")
+    assert loads.journal == ["load a", "load b", "unload a"]
+    assert cache.loaded_ids() == ["b"]
+
+
+@pytest.mark.parametrize("load_order", ["evict_after", "evict_first"])
+async def test_a_failed_load_into_a_full_cache_costs_a_working_model_only_if_evict_first(
+    load_order: str,
+) -> None:
+    loads = Loads()
+    get_model = make_loader(loads, limit=2, load_order=load_order)
+    first = await get_model("a")
+    await get_model("b")
+    loads.failures["broken"] = OSError("storage is down")
+    with pytest.raises(OSError, match="storage is down"):
+        await get_model("broken")
+    cache = model_cache(get_model)
+    if load_order == "evict_after":
+        assert cache.loaded_ids() == ["a", "b"]
+        assert await get_model("a") is first  # still served, not loaded again
+        assert loads.calls == ["a", "b", "broken"]
+    else:
+        assert cache.loaded_ids() == ["b"]
+        assert loads.journal[-2:] == ["unload a", "load broken"]
 
 
 # -- failures ------------------------------------------------------------------------------
@@ -568,7 +614,7 @@ async def test_each_instance_has_its_own_cache_and_a_function_has_one() -> None:
 
 
 async def test_log_lines_for_loads_and_unloads(caplog: pytest.LogCaptureFixture) -> None:
-    get_model = make_loader(Loads(), limit=1)
+    get_model = make_loader(Loads(), limit=1, load_order="evict_first")
     with caplog.at_level(logging.INFO, logger="muxgate.replicas"):
         await get_model("1")
         await get_model("3")
@@ -665,15 +711,15 @@ async def test_finished_loads_and_unloads_are_logged_for_the_gateway_and_hits_ar
     await get_model("ev-a")
     await get_model("ev-a")  # a hit: nothing logged
     with pytest.raises(OSError):
-        await get_model("ev-bad")  # evicts ev-a first: capacity counts loading models
+        await get_model("ev-bad")  # ev-a stays: evicted only for a model that was built
     await get_model("ev-b")
     await model_cache(get_model).aclose("drain")
     events = events_since(mark)
     assert [(e.kind, e.model, e.reason) for e in events] == [
         ("load", "ev-a", None),
-        ("unload", "ev-a", "lru"),
         ("load_failed", "ev-bad", "OSError"),
         ("load", "ev-b", None),
+        ("unload", "ev-a", "lru"),
         ("unload", "ev-b", "drain"),
     ]
     assert [e.seq for e in events] == list(range(mark + 1, mark + 6))

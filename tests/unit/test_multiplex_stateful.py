@@ -62,6 +62,9 @@ class Caller:
 
 
 class CacheMachine(RuleBasedStateMachine):
+    #: the cache's load order: evict before a load starts, or once it succeeded
+    load_order = "evict_after"
+
     def __init__(self) -> None:
         super().__init__()
         self._portal_cm = start_blocking_portal("asyncio")
@@ -127,7 +130,9 @@ class CacheMachine(RuleBasedStateMachine):
     # -- the reference -------------------------------------------------------------------------
 
     def ref_trim(self, spare: str | None = None) -> None:
-        excess = len(self.ref_loaded) + len(self.ref_loading) - self.capacity
+        # Evict-first loads hold their slot from the start; evict-after ones once built.
+        reserved = len(self.ref_loading) if self.load_order == "evict_first" else 0
+        excess = len(self.ref_loaded) + reserved - self.capacity
         for model_id in list(self.ref_loaded):
             if excess <= 0:
                 break
@@ -146,7 +151,11 @@ class CacheMachine(RuleBasedStateMachine):
     def make_cache(self, capacity: int) -> None:
         self.capacity = capacity
 
-        @multiplexed(max_num_models_per_replica=capacity, max_concurrent_loads=64)
+        @multiplexed(
+            max_num_models_per_replica=capacity,
+            max_concurrent_loads=64,
+            load_order=self.load_order,  # type: ignore[arg-type]
+        )
         async def get_model(model_id: str) -> TrackedModel:
             return await self._load(model_id)
 
@@ -168,7 +177,8 @@ class CacheMachine(RuleBasedStateMachine):
         else:
             self.ref_loading[model_id] = [caller]
             self.ref_calls[model_id] += 1
-            self.ref_trim()
+            if self.load_order == "evict_first":
+                self.ref_trim()
             expected = "waiting"
         if scoped:
             self.ref_pins[model_id] += 1
@@ -262,3 +272,12 @@ CacheMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestModelCacheAgainstReference = CacheMachine.TestCase
+
+
+class EvictFirstCacheMachine(CacheMachine):
+    load_order = "evict_first"
+
+
+# The orders share every rule but where the trim happens: fewer examples for the second.
+EvictFirstCacheMachine.TestCase.settings = settings(CacheMachine.TestCase.settings, max_examples=75)
+TestEvictFirstModelCacheAgainstReference = EvictFirstCacheMachine.TestCase
