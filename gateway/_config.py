@@ -17,6 +17,7 @@ import msgspec
 import yaml
 
 from muxgate.backends._config import storage_config_from_section
+from muxgate.gateway._config_hints import apply_aliases, explain
 from muxgate.gateway._errors import ConfigError
 from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._quarantine import QuarantineConfig
@@ -185,10 +186,13 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: str = ".") ->
     """
     if not isinstance(data, dict):
         raise ConfigError(source, "expected a mapping at the top level")
+    data, problems = apply_aliases(data)  # Ray Serve's names (autoscaling_config)
+    if problems:
+        raise ConfigError(source, problems[0])
     try:
         config = msgspec.convert(data, AppConfig)
     except msgspec.ValidationError as exc:
-        raise ConfigError(source, str(exc)) from exc
+        raise ConfigError(source, explain(str(exc), AppConfig)) from exc
     try:
         storage_config_from_section(config.storage)  # validated here, applied by each replica
     except ValueError as exc:

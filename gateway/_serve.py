@@ -141,8 +141,13 @@ async def start_gateway(
     litestar_ingress: bool = False,
     server: Literal["uvicorn", "granian"] = "uvicorn",
     replica_log_level: str = "INFO",
+    fail_fast: bool = False,
 ) -> AsyncIterator[Gateway]:
     """Like ``serve`` but yields the ``Gateway`` (pools, metrics, url).
+
+    ``fail_fast=True``: the first start failure of a deployment's replicas
+    before it is healthy ends the start (``GatewayStartError`` naming the
+    deployment and the exception) instead of being retried with back-off.
 
     ``replica_log_level`` is the root log level inside the replicas
     (``muxgate demo`` quiets them to ``WARNING``).
@@ -205,6 +210,8 @@ async def start_gateway(
                 pool.start()
             try:
                 async with asyncio.timeout(ready_timeout_s):
+                    if fail_fast:
+                        await _healthy_or_failed(pools)
                     await asyncio.gather(*(p.wait_healthy() for p in pools.values()))
             except TimeoutError:
                 lines = "; ".join(p.status_line() for p in pools.values() if not p.healthy)
@@ -222,6 +229,23 @@ async def start_gateway(
             await own_launcher.aclose()
         if traced:
             shutdown_tracing()
+
+
+async def _healthy_or_failed(pools: Mapping[str, ReplicaPool]) -> None:
+    """Wait until each pool is healthy or has failed a start; raise for the failed."""
+
+    async def settled(pool: ReplicaPool) -> None:
+        await pool.wait_for(lambda: pool.healthy or pool.last_failure is not None)
+
+    await asyncio.gather(*(settled(p) for p in pools.values()))
+    failed = [p for p in pools.values() if not p.healthy]
+    if failed:
+        raise GatewayStartError(
+            "; ".join(
+                f"deployment {p.name!r} ({p.config.import_path}) failed to start: {p.last_failure}"
+                for p in failed
+            )
+        )
 
 
 @contextlib.asynccontextmanager
@@ -310,6 +334,7 @@ async def serve(
     host: str | None = None,
     port: int | None = None,
     ready_timeout_s: float = 120.0,
+    fail_fast: bool = True,
 ) -> AsyncIterator[str]:
     """Run the gateway and its replicas in this process; yield the base URL.
 
@@ -325,14 +350,19 @@ async def serve(
         host, port: override ``config.http``; port 0 picks a free port.
         ready_timeout_s: how long to wait for every deployment's minimum
             replicas before giving up.
+        fail_fast: a replica that fails to start (its class does not
+            import, its ``__init__`` raises) before its deployment is
+            healthy stops the start at once; ``False``: retry with back-off
+            until ``ready_timeout_s``.
 
     Raises:
         ConfigError: the config is invalid (the message names the field).
-        GatewayStartError: the port is taken, or replicas did not start in
-            time (the message has each deployment's last start failure).
+        GatewayStartError: the port is taken, a replica failed to start
+            (``fail_fast``), or replicas did not start in time (the message
+            has each deployment's last start failure).
     """
     async with start_gateway(
-        config, host=host, port=port, ready_timeout_s=ready_timeout_s
+        config, host=host, port=port, ready_timeout_s=ready_timeout_s, fail_fast=fail_fast
     ) as gateway:
         yield gateway.url
 

@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -111,6 +112,20 @@ def _one_line(text: str, limit: int = 2000) -> str:
 
 
 # -- start-up ----------------------------------------------------------------
+
+
+def failure_location(exc: BaseException) -> str | None:
+    """Where in the user's code ``exc`` was raised: ``file:line in function``
+    of the innermost frame below the last muxgate.replicas frame, importlib
+    left out; None when there is none (e.g. a module that does not exist)."""
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep  # muxgate.replicas
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [i for i, f in enumerate(frames) if f.filename.startswith(here)]
+    below = frames[ours[-1] + 1 :] if ours else frames
+    user = [f for f in below if "importlib" not in f.filename]
+    if not user:
+        return None
+    return f"{user[-1].filename}:{user[-1].lineno} in {user[-1].name}"
 
 
 def _import_class(spec: ReplicaSpec) -> Any:
@@ -250,7 +265,9 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             )
         except Exception as exc:
             _log.exception("Starting %s failed.", spec.import_path)
-            announce(f"FAILED {_one_line(f'{type(exc).__name__}: {exc}')}")
+            where = failure_location(exc)
+            at = f" (at {where})" if where else f" (importing {spec.import_path})"
+            announce(f"FAILED {_one_line(f'{type(exc).__name__}: {exc}{at}')}")
             watchers.cancel_scope.cancel()
             return 1
         if not done:

@@ -164,7 +164,9 @@ async def test_four_parallel_starts(launcher: LocalLauncher) -> None:
 async def test_raising_init_is_a_start_error_with_the_reason(launcher: LocalLauncher) -> None:
     with pytest.raises(ReplicaStartError) as info:
         await launcher.start(spec("bad#1", "echo:BadInit", init_kwargs={"why": "no weights"}))
-    assert info.value.reason == "RuntimeError: no weights"
+    # the reason says where the user's code raised
+    assert info.value.reason.startswith("RuntimeError: no weights (at ")
+    assert info.value.reason.endswith("echo.py:93 in __init__)")
     with pytest.raises(ReplicaStartError, match="ModuleNotFoundError"):
         await launcher.start(spec("bad#2", "no_such_module_here:Thing"))
     # A failing replica is not a failing fork server.

@@ -1,9 +1,12 @@
-"""``muxgate serve`` in the foreground: starts, serves, stops cleanly on
-SIGTERM/SIGINT with no replica left behind; ``serve()`` cleans up too."""
+"""The ``muxgate`` command: ``serve`` in the foreground starts, serves, stops
+cleanly on SIGTERM/SIGINT with no replica left behind, and fails fast on a
+deployment that cannot start; ``serve()`` cleans up too; ``check``,
+``status``, ``--version`` and help."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import yaml
+from gateway_harness import MODEL, running_gateway
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._serve import serve
@@ -152,7 +157,7 @@ def test_serve_reports_replicas_that_cannot_start(tmp_path: Path) -> None:
             "from muxgate.gateway._serve import serve, GatewayStartError\n"
             "async def main():\n"
             "    try:\n"
-            "        async with serve(load_config(sys.argv[1]), port=0, ready_timeout_s=3):\n"
+            "        async with serve(load_config(sys.argv[1]), port=0, ready_timeout_s=60):\n"
             "            pass\n"
             "    except GatewayStartError as exc:\n"
             "        print('ERROR', exc)\n"
@@ -165,5 +170,137 @@ def test_serve_reports_replicas_that_cannot_start(tmp_path: Path) -> None:
         env=env,
         check=False,
     )
-    assert "ERROR replicas not running" in proc.stdout, proc.stdout + proc.stderr
-    assert "no_such_module" in proc.stdout
+    assert "ERROR deployment 'Broken' (no_such_module:Thing) failed to start:" in proc.stdout, (
+        proc.stdout + proc.stderr
+    )
+    assert "No module named 'no_such_module' (importing no_such_module:Thing)" in proc.stdout
+
+
+def _muxgate(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "muxgate.gateway._cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+def _app(tmp_path: Path, *deployments: dict[str, Any]) -> Path:
+    config = tmp_path / "app.yaml"
+    config.write_text(yaml.safe_dump({"app_dir": APPS, "deployments": list(deployments)}))
+    return config
+
+
+def test_help_without_a_command_and_version() -> None:
+    bare = _muxgate()
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout.startswith("usage: muxgate")
+    for command in ("serve", "check", "status", "demo"):
+        assert f"    {command} " in bare.stdout
+    version = _muxgate("--version")
+    assert version.returncode == 0
+    assert re.fullmatch(r"muxgate \d+\.\d+\.\d+\S*\n", version.stdout), version.stdout
+
+
+def test_check_accepts_a_good_config(tmp_path: Path) -> None:
+    config = _app(tmp_path, {"name": "Good", "import_path": "gateway_apps:Echo1"})
+    result = _muxgate("check", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["ok: deployment 'Good' imports", f"{config}: ok"]
+
+
+def test_check_reports_every_problem_at_once(tmp_path: Path) -> None:
+    config = _app(
+        tmp_path,
+        {"name": "Typo", "import_path": "gateway_apps:Echo1", "max_ongoing_request": 2},
+        {"name": "NoModule", "import_path": "no_such_module:Thing"},
+        {"name": "RaisesOnImport", "import_path": "broken_on_import:Thing"},
+        {"name": "NoClass", "import_path": "broken_apps:Missing"},
+        # only imported, never constructed: its __init__ raising is no problem here
+        {"name": "InitRaises", "import_path": "broken_apps:InitRaises"},
+    )
+    result = _muxgate("check", str(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout.splitlines()
+    assert out[0] == (
+        "error: Object contains unknown field `max_ongoing_request` - at `$.deployments[0]`:"
+        " did you mean `max_ongoing_requests`?"
+    )
+    assert out[1] == (
+        "error: deployment 'NoModule': importing no_such_module:Thing:"
+        " ModuleNotFoundError: No module named 'no_such_module'"
+    )
+    broken = os.path.join(APPS, "broken_on_import.py")
+    assert out[2] == (
+        "error: deployment 'RaisesOnImport': importing broken_on_import:Thing: RuntimeError:"
+        f" this module is broken at import (on purpose) (at {broken}:3 in <module>)"
+    )
+    assert out[3].startswith("error: deployment 'NoClass': importing broken_apps:Missing:")
+    assert "AttributeError" in out[3]
+    assert out[4:] == ["ok: deployment 'InitRaises' imports", f"{config}: 4 problems"]
+
+
+def test_serve_stops_at_once_when_a_replica_cannot_start(tmp_path: Path) -> None:
+    config = _app(
+        tmp_path,
+        {"name": "Fine", "import_path": "broken_apps:Fine"},
+        {
+            "name": "Broken",
+            "import_path": "broken_apps:InitRaises",
+            "num_replicas": 2,
+            "route_prefix": "/broken",
+        },
+    )
+    started = time.monotonic()
+    result = _muxgate("serve", str(config), "--port", "0", "--log-level", "CRITICAL")
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    where = f"{os.path.join(APPS, 'broken_apps.py')}:8 in __init__"
+    assert (
+        "muxgate: deployment 'Broken' (broken_apps:InitRaises) failed to start: RuntimeError:"
+        f" model registry unreachable (raised on purpose) (at {where})"
+    ) in result.stderr
+    assert took < 60, f"took {took:.1f} s"
+
+
+def test_serve_imports_deployments_that_start_without_replicas(tmp_path: Path) -> None:
+    scale_to_zero = {"min_replicas": 0, "max_replicas": 1}
+    broken = _app(
+        tmp_path,
+        {"name": "Lazy", "import_path": "no_such_module:Thing", "autoscaling": scale_to_zero},
+    )
+    result = _muxgate("serve", str(broken), "--port", "0")
+    assert result.returncode == 1
+    assert (
+        "muxgate: deployment 'Lazy' cannot start: importing no_such_module:Thing:"
+        " ModuleNotFoundError: No module named 'no_such_module'"
+    ) in result.stderr
+    assert "serving on" not in result.stderr
+
+
+@pytest.mark.anyio
+async def test_status_shows_the_pool_and_honours_the_token() -> None:
+    config = {
+        "http": {"port": 0, "admin_token": "s3cret"},
+        "deployments": [{"name": "Shown", "import_path": "gateway_apps:Echo2", "num_replicas": 1}],
+    }
+    async with running_gateway(config) as gw:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+            for model in ("a", "b"):
+                r = await client.get("/", headers={MODEL: model})
+                assert r.status_code == 200
+        command = [sys.executable, "-m", "muxgate.gateway._cli", "status", gw.url]
+        refused = await anyio.run_process(command, check=False)
+        assert refused.returncode == 1
+        assert "answered 401" in refused.stderr.decode()
+        assert "--token or MUXGATE_ADMIN_TOKEN" in refused.stderr.decode()
+        env = {**os.environ, "MUXGATE_ADMIN_TOKEN": "s3cret"}
+        shown = await anyio.run_process(command, check=False, env=env)
+        assert shown.returncode == 0, shown.stderr.decode()
+        lines = shown.stdout.decode().splitlines()
+        assert lines[0] == f"muxgate at {gw.url}"
+        assert lines[2] == "Shown: 1 running of 1 wanted, 0 in flight, 0 queued"
+        replica = next(iter(gw.pools["Shown"].targets))
+        assert re.fullmatch(rf"  {re.escape(replica)}\s+running\s+\d+\s+0\s+a b\s+-", lines[4])

@@ -1,0 +1,187 @@
+"""``muxgate check app.yaml``: every problem of a config, found before deploying.
+
+Two passes, and every problem of both is reported at once:
+
+1. The config: the whole file is validated as ``muxgate serve`` would; when
+   that fails, the top-level sections and each deployment are validated on
+   their own too, so one bad deployment does not hide another's problem.
+2. The classes: each deployment whose own config is valid has its
+   ``import_path`` imported in *one separate Python process* (the
+   ``init_kwargs`` are not used: nothing is constructed), so the checking
+   process stays free of user code and a class that crashes the interpreter
+   is reported like any other failure.
+
+``muxgate serve`` uses pass 2 for deployments that start with no replica
+(``min_replicas: 0``): the others are constructed by their first replica,
+and a failure there stops the start (see ``serve(fail_fast=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from muxgate.gateway._config import AppConfig, parse_config
+from muxgate.gateway._errors import ConfigError
+
+__all__ = ["CheckReport", "ImportTarget", "check_config_file", "import_classes"]
+
+#: the child's result line starts with this (user code may print too)
+_MARKER = "MUXGATE-CHECK "
+#: a deployment that is valid, standing in for the real ones while the
+#: top-level sections are checked on their own
+_PLACEHOLDER = {"name": "placeholder", "import_path": "placeholder:Placeholder"}
+
+# Runs in the child: imports each class the way a replica does
+# (muxgate.replicas._server._import_class), reports one JSON line.
+_CHILD = f"""
+import json, sys, types
+from muxgate.replicas._server import _import_class, failure_location
+
+results = {{}}
+for item in json.loads(sys.stdin.read()):
+    try:
+        where = types.SimpleNamespace(app_dir=item["app_dir"], import_path=item["import_path"])
+        _import_class(where)
+        results[item["name"]] = None
+    except BaseException as exc:
+        error = f"{{type(exc).__name__}}: {{exc}}"
+        results[item["name"]] = {{"error": error, "where": failure_location(exc)}}
+sys.stdout.write({_MARKER!r} + json.dumps(results) + "\\n")
+"""
+
+
+@dataclass(frozen=True)
+class ImportTarget:
+    """One deployment's class to import."""
+
+    name: str
+    import_path: str
+    app_dir: str
+
+
+@dataclass
+class CheckReport:
+    """What ``check_config_file`` found."""
+
+    config: AppConfig | None
+    #: one line each, naming the field's path or the deployment
+    problems: list[str]
+    #: deployments whose class imported
+    imported: list[str]
+
+
+def _read(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from exc
+    try:
+        if path.endswith(".toml"):
+            return tomllib.loads(raw.decode())
+        return yaml.safe_load(raw)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        kind = "TOML" if path.endswith(".toml") else "YAML"
+        raise ConfigError(path, f"not valid {kind}: {exc}") from exc
+
+
+def _config_problems(data: Any, source: str, base_dir: str) -> tuple[AppConfig | None, list[str]]:
+    """The whole config, or every problem of its parts."""
+    try:
+        return parse_config(data, source=source, base_dir=base_dir), []
+    except ConfigError as whole:
+        if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
+            return None, [whole.reason]
+        problems: list[str] = []
+        try:
+            parse_config({**data, "deployments": [_PLACEHOLDER]}, source=source)
+        except ConfigError as exc:
+            problems.append(exc.reason)
+        for i, deployment in enumerate(data["deployments"]):
+            try:
+                parse_config({"deployments": [deployment]}, source=source)
+            except ConfigError as exc:
+                problems.append(exc.reason.replace("`$.deployments[0]", f"`$.deployments[{i}]"))
+        return None, problems or [whole.reason]
+
+
+def _valid_deployments(data: Any, base_dir: str) -> list[ImportTarget]:
+    """The deployments of ``data`` that are valid on their own."""
+    if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
+        return []
+    app_dir = data.get("app_dir", "")
+    folder = os.path.abspath(os.path.join(base_dir, app_dir if isinstance(app_dir, str) else ""))
+    targets = []
+    for deployment in data["deployments"]:
+        try:
+            config = parse_config({"deployments": [deployment]})
+        except ConfigError:
+            continue
+        d = config.deployments[0]
+        targets.append(ImportTarget(d.name, d.import_path, folder))
+    return targets
+
+
+def import_classes(
+    targets: list[ImportTarget], *, timeout_s: float = 300.0
+) -> dict[str, str | None]:
+    """Import each target's class in one child process: name -> the problem
+    (exception, and where in the user's code when it raised there), or None."""
+    if not targets:
+        return {}
+    payload = json.dumps([t.__dict__ for t in targets])
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {t.name: f"importing took longer than {timeout_s:g} s" for t in targets}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARKER)]
+    if not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        reason = f"the import process exited with code {proc.returncode}: {tail}"
+        return {t.name: reason for t in targets}
+    results: dict[str, Any] = json.loads(lines[-1][len(_MARKER) :])
+    out: dict[str, str | None] = {}
+    for target in targets:
+        result = results.get(target.name)
+        if result is None:
+            out[target.name] = None
+        else:
+            at = f" (at {result['where']})" if result.get("where") else ""
+            out[target.name] = f"importing {target.import_path}: {result['error']}{at}"
+    return out
+
+
+def check_config_file(path: str | os.PathLike[str]) -> CheckReport:
+    """Validate the config at ``path`` and import every deployment's class;
+    every problem found is in the report (none are raised)."""
+    source = os.fspath(path)
+    base_dir = os.path.dirname(os.path.abspath(source))
+    try:
+        data = _read(source)
+    except ConfigError as exc:
+        return CheckReport(None, [exc.reason], [])
+    config, problems = _config_problems(data, source, base_dir)
+    targets = _valid_deployments(data, base_dir)
+    imported: list[str] = []
+    for name, problem in import_classes(targets).items():
+        if problem is None:
+            imported.append(name)
+        else:
+            problems.append(f"deployment {name!r}: {problem}")
+    return CheckReport(config, problems, imported)
+

@@ -1,0 +1,67 @@
+"""``muxgate status``: the /-/replicas snapshot as text (pure rendering)."""
+
+from __future__ import annotations
+
+from muxgate.gateway._status_view import render
+
+SNAPSHOT = {
+    "deployments": {
+        "Model": {
+            "target_replicas": 2,
+            "queued": 3,
+            "in_flight": 5,
+            "last_failure": None,
+            "autoscaling": {"min_replicas": 0, "max_replicas": 4},
+            "replicas": [
+                {
+                    "id": "Model#a1",
+                    "state": "running",
+                    "pid": 101,
+                    "address": "unix:/tmp/a1.sock",
+                    "in_flight": 4,
+                    "models": ["3", "1", "2"],
+                    "loading": [],
+                    "rss_bytes": 3 * 1024 * 1024,
+                },
+                {
+                    "id": "Model#b22",
+                    "state": "starting",
+                    "pid": None,
+                    "address": None,
+                    "in_flight": 0,
+                    "models": [],
+                    "loading": ["7"],
+                },
+            ],
+            "quarantined": ["bad-model"],
+        },
+        "Broken": {
+            "target_replicas": 1,
+            "queued": 0,
+            "in_flight": 0,
+            "replicas": [],
+            "last_failure": "RuntimeError: registry unreachable (at /app/m.py:3 in __init__)",
+        },
+    }
+}
+
+
+def test_render_shows_replicas_models_and_failures() -> None:
+    text = render(SNAPSHOT, "http://127.0.0.1:8000")
+    assert text.splitlines() == [
+        "muxgate at http://127.0.0.1:8000",
+        "",
+        "Broken: 0 running of 1 wanted, 0 in flight, 0 queued",
+        "  no replicas",
+        "  last start failure: RuntimeError: registry unreachable (at /app/m.py:3 in __init__)",
+        "",
+        "Model: 1 running of 2 wanted (autoscaling 0..4), 5 in flight, 3 queued",
+        "  REPLICA    STATE     PID  IN FLIGHT  MODELS (LRU first)  LOADING  RSS",
+        "  Model#a1   running   101  4          3 1 2               -        3.0 MiB",
+        "  Model#b22  starting  -    0          -                   7        -",
+        "  quarantined models: bad-model",
+    ]
+
+
+def test_render_of_an_empty_gateway() -> None:
+    assert render({"deployments": {}}) == "muxgate\n"
