@@ -222,6 +222,8 @@ class ReplicaPool:
         self.min_replicas: int = config.min_replicas
         self.last_failure: str | None = None
         self._class_options_known = False
+        #: the class's ``@deployment(num_cpus=...)``, once a replica told it
+        self._class_num_cpus: float | None = None
         self._failures = 0
         self._backoff_until = 0.0
         self._replicas: dict[str, _Replica] = {}
@@ -500,6 +502,7 @@ class ReplicaPool:
         8 requests per replica, one replica).
         """
         self._class_options_known = True
+        self._class_num_cpus = options.num_cpus
         config = self.config
         if config.max_ongoing_requests is None:
             self.router.set_max_ongoing_requests(options.max_ongoing_requests)
@@ -516,7 +519,7 @@ class ReplicaPool:
             msgspec.structs.asdict(options),
             {
                 k: v
-                for k in ("max_ongoing_requests", "max_queued_requests", "num_replicas")
+                for k in ("max_ongoing_requests", "max_queued_requests", "num_replicas", "num_cpus")
                 if (v := getattr(config, k)) is not None
             },
         )
@@ -529,6 +532,9 @@ class ReplicaPool:
             graceful = max(1.0, self._drain_timeout - DRAIN_MARGIN_S)
             if spec.graceful_shutdown_timeout_s != graceful:
                 spec = msgspec.structs.replace(spec, graceful_shutdown_timeout_s=graceful)
+            if spec.num_cpus is None and self._class_num_cpus is not None:
+                # The launcher counts budgets against the host's cores.
+                spec = msgspec.structs.replace(spec, num_cpus=self._class_num_cpus)
         return spec
 
     def _unavailable_reason(self) -> str | None:
