@@ -138,6 +138,8 @@ class _Replica:
     events_seq: int = 0
     #: resident memory the replica last reported (None: unknown)
     rss_bytes: int | None = None
+    #: logged once that it is over the memory limit with no model to blame
+    over_limit_empty: bool = False
 
 
 class ReplicaPool:
@@ -669,7 +671,18 @@ class ReplicaPool:
         through their hooks (reason ``drain``). Requests that arrive before
         the replacement runs go to the other replicas, or wait in the queue.
         """
-        if rep.state != RUNNING or self._closing:
+        if rep.state != RUNNING or self._closing or rep.conn is None:
+            return
+        if not rep.conn.state.models and not rep.conn.state.loading:
+            if not rep.over_limit_empty:  # a fresh replica would be as big
+                rep.over_limit_empty = True
+                _log.error(
+                    "replica %s uses %d bytes with no model loaded, over"
+                    " max_replica_rss_bytes=%d: not replaced; raise the limit",
+                    rep.id,
+                    rss,
+                    limit,
+                )
             return
         _log.warning(
             "replica %s uses %d bytes of memory, over max_replica_rss_bytes=%d:"
