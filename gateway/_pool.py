@@ -26,6 +26,11 @@ Life of a replica::
   timeout (no request can need longer) and the pool waits that plus
   ``DRAIN_MARGIN_S`` before it closes the connection (then SIGKILL after
   ``EXIT_GRACE_S``).
+* A replica that reports more resident memory than the deployment's
+  ``max_replica_rss_bytes`` is drained the same way and replaced
+  (``MemoryLimit`` decides). Each death of a running replica is reported to
+  the ``Quarantine`` with the model ids it was busy with; the dispatcher
+  asks it before routing a request.
 * An autoscaled deployment gets an ``Autoscaler`` loop (started by
   ``start()``), which moves ``target`` with the policy. At zero replicas the
   pool is also the activator: the first request that finds no replica raises
@@ -55,6 +60,7 @@ from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
+from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
 from muxgate.gateway._quarantine import Quarantine
@@ -138,8 +144,6 @@ class _Replica:
     events_seq: int = 0
     #: resident memory the replica last reported (None: unknown)
     rss_bytes: int | None = None
-    #: logged once that it is over the memory limit with no model to blame
-    over_limit_empty: bool = False
 
 
 class ReplicaPool:
@@ -230,6 +234,7 @@ class ReplicaPool:
         self._backoff_until = 0.0
         self._replicas: dict[str, _Replica] = {}
         self._events = ModelEventLog()
+        self._memory = MemoryLimit(config.max_replica_rss_bytes)
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -574,6 +579,7 @@ class ReplicaPool:
         """Take a replica out of routing (first step of draining or removal)."""
         self.targets.pop(rep.id, None)
         self.router.remove_replica(rep.id)
+        self._memory.forget(rep.id)
         if self._metrics is not None:
             self._metrics.forget_replica(self.name, rep.id)
 
@@ -660,37 +666,21 @@ class ReplicaPool:
             self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
             if pong.rss_bytes is not None:
                 self._metrics.set_replica_rss(self.name, rep.id, pong.rss_bytes)
-        limit = self.config.max_replica_rss_bytes
-        if limit is not None and pong.rss_bytes is not None and pong.rss_bytes > limit:
-            self._replace_for_memory(rep, pong.rss_bytes, limit)
+        if (
+            rep.state == RUNNING
+            and rep.conn is not None
+            and not self._closing
+            and self._memory.should_replace(rep.id, pong.rss_bytes, rep.conn.state)
+        ):
+            self._replace_for_memory(rep)
 
-    def _replace_for_memory(self, rep: _Replica, rss: int, limit: int) -> None:
+    def _replace_for_memory(self, rep: _Replica) -> None:
         """Drain a replica over its memory limit; the reconciler replaces it.
 
         Drained, not killed: its in-flight calls finish and its models unload
         through their hooks (reason ``drain``). Requests that arrive before
         the replacement runs go to the other replicas, or wait in the queue.
         """
-        if rep.state != RUNNING or self._closing or rep.conn is None:
-            return
-        if not rep.conn.state.models and not rep.conn.state.loading:
-            if not rep.over_limit_empty:  # a fresh replica would be as big
-                rep.over_limit_empty = True
-                _log.error(
-                    "replica %s uses %d bytes with no model loaded, over"
-                    " max_replica_rss_bytes=%d: not replaced; raise the limit",
-                    rep.id,
-                    rss,
-                    limit,
-                )
-            return
-        _log.warning(
-            "replica %s uses %d bytes of memory, over max_replica_rss_bytes=%d:"
-            " draining it and starting a replacement",
-            rep.id,
-            rss,
-            limit,
-        )
         rep.state = DRAINING
         self._leave(rep)
         if self._metrics is not None:
