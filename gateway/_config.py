@@ -54,7 +54,7 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Parameters of the bounded-load consistent-hash router (DESIGN.md section 5)."""
+    """Parameters of the bounded-load consistent-hash router (docs/routing.md)."""
 
     #: c in the bounded-load rule; the default was chosen by
     #: bench/bench_routing_sim.py (see ``muxgate.gateway._router``)
