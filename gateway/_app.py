@@ -16,10 +16,8 @@ adds only a longest-prefix match over the route table built at start and the
 ``HttpRequest`` the replica gets.
 
 ``GET /-/healthz`` is public (probes and load balancers cannot send a token)
-and says only ``{"status": "ok"}`` or 503 ``{"status": "starting"}``; a
-caller the admin guard would let in also gets, per deployment below its
-minimum, the replicas running and the last start failure. The detailed view
-stays behind the admin guard at ``/-/replicas``.
+and says only ``{"status": "ok"}`` or 503 ``{"status": "starting"}``; the
+detailed view stays behind the admin guard at ``/-/replicas``.
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ from muxgate.gateway._frontend import (
     RequestHead,
     Scope,
     Send,
+    Shutdown,
     Target,
     new_request_id,
 )
@@ -98,9 +97,15 @@ class Ingress(FrontEnd):
         request_timeout_s: float,
         metrics: GatewayMetrics | None = None,
         use_raw_path: bool = False,
+        body_timeout_s: float | None = None,
+        shutdown: Shutdown | None = None,
     ) -> None:
         super().__init__(
-            max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, metrics=metrics
+            max_body_bytes=max_body_bytes,
+            request_timeout_s=request_timeout_s,
+            metrics=metrics,
+            body_timeout_s=body_timeout_s,
+            shutdown=shutdown,
         )
         # Longest prefix first, so the first match is the most specific.
         self._routes = [
@@ -161,30 +166,20 @@ class Ingress(FrontEnd):
 # -- admin ------------------------------------------------------------------
 
 
-def _admin_denial(
-    connection: ASGIConnection[Any, Any, Any, Any], expected: bytes | None
-) -> str | None:
-    """Why ``connection`` may not use the admin endpoints, or None if it may."""
-    if expected is not None:
-        given = connection.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return "admin endpoints need the bearer token"
-        return None
-    client = connection.client
-    if client is None or client.host not in LOCAL_CLIENTS:
-        return "admin endpoints answer local clients only"
-    return None
-
-
 def _admin_guard(token: str | None) -> Any:
     expected = f"Bearer {token}".encode() if token else None
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         if handler.opt.get("public"):
             return
-        denial = _admin_denial(connection, expected)
-        if denial is not None:
-            raise NotAuthorizedException(denial)
+        if expected is not None:
+            given = connection.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise NotAuthorizedException("admin endpoints need the bearer token")
+            return
+        client = connection.client
+        if client is None or client.host not in LOCAL_CLIENTS:
+            raise NotAuthorizedException("admin endpoints answer local clients only")
 
     return guard
 
@@ -229,6 +224,7 @@ def create_app(
     metrics: GatewayMetrics,
     *,
     mount_ingress: bool = True,
+    shutdown: Shutdown | None = None,
 ) -> Litestar:
     """The gateway as a Litestar application.
 
@@ -238,30 +234,17 @@ def create_app(
         metrics: the gateway's metrics (rendered at ``/-/metrics``).
         mount_ingress: mount the ingress at ``/`` (a complete app); ``False``
             when ``GatewayASGI`` sends ingress traffic around Litestar.
+        shutdown: the server's shutdown state, shared by the ingress and
+            the handle endpoint (see ``_frontend.Shutdown``).
     """
 
     # Public: k8s httpGet probes and load balancers cannot send a token, so
     # it tells nothing beyond ok/starting (the details are at /-/replicas).
-    admin_token = config.http.admin_token
-    expected = f"Bearer {admin_token}".encode() if admin_token else None
-
     @get("/-/healthz", sync_to_thread=False, opt={"public": True})
-    def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    def healthz() -> Response[bytes]:
         if not all(p.healthy for p in pools.values()):
-            body: dict[str, Any] = {"status": "starting"}
-            if _admin_denial(request, expected) is None:
-                # Admin callers (as /-/replicas would allow) also get why.
-                body["deployments"] = {
-                    name: {
-                        "running": p.running,
-                        "min_replicas": p.min_replicas,
-                        "last_failure": p.last_failure,
-                    }
-                    for name, p in pools.items()
-                    if not p.healthy
-                }
             return Response(
-                content=msgspec.json.encode(body),
+                content=b'{"status":"starting"}',
                 status_code=503,
                 media_type="application/json",
             )
@@ -308,8 +291,9 @@ def create_app(
 
     handlers: list[Any] = [healthz, replicas, release_quarantine, metrics_endpoint, status_page]
     if mount_ingress:
-        handles = build_handle_ingress(config, pools, metrics)
-        ingress = build_ingress(config, pools, metrics, use_raw_path=True)
+        shutdown = shutdown if shutdown is not None else Shutdown()
+        handles = build_handle_ingress(config, pools, metrics, shutdown=shutdown)
+        ingress = build_ingress(config, pools, metrics, use_raw_path=True, shutdown=shutdown)
         handles_prefix = HANDLES_PREFIX.encode()
 
         async def ingress_handler(scope: lt.Scope, receive: lt.Receive, send: lt.Send) -> None:
@@ -346,6 +330,7 @@ def build_ingress(
     metrics: GatewayMetrics | None,
     *,
     use_raw_path: bool = False,
+    shutdown: Shutdown | None = None,
 ) -> Ingress:
     """The ingress for every deployment of ``config``."""
     routes = {d.route_prefix: (d.name, pools[d.name].dispatcher) for d in config.deployments}
@@ -355,11 +340,17 @@ def build_ingress(
         request_timeout_s=config.http.request_timeout_s,
         metrics=metrics,
         use_raw_path=use_raw_path,
+        body_timeout_s=config.http.limits.body_timeout_s,
+        shutdown=shutdown,
     )
 
 
 def build_handle_ingress(
-    config: AppConfig, pools: Mapping[str, ReplicaPool], metrics: GatewayMetrics | None
+    config: AppConfig,
+    pools: Mapping[str, ReplicaPool],
+    metrics: GatewayMetrics | None,
+    *,
+    shutdown: Shutdown | None = None,
 ) -> HandleIngress:
     """The ``/-/handles/`` endpoint for every deployment of ``config``."""
     return HandleIngress(
@@ -368,6 +359,8 @@ def build_handle_ingress(
         request_timeout_s=config.http.request_timeout_s,
         admin_token=config.http.admin_token,
         metrics=metrics,
+        body_timeout_s=config.http.limits.body_timeout_s,
+        shutdown=shutdown,
     )
 
 
@@ -376,13 +369,20 @@ class GatewayASGI:
     the rest of ``/-/`` to Litestar, everything else to ``Ingress``."""
 
     def __init__(
-        self, config: AppConfig, pools: Mapping[str, ReplicaPool], metrics: GatewayMetrics
+        self,
+        config: AppConfig,
+        pools: Mapping[str, ReplicaPool],
+        metrics: GatewayMetrics,
+        *,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self.litestar = create_app(config, pools, metrics, mount_ingress=False)
         # Litestar types its ASGI arguments with TypedDicts; ours are plain.
         self.admin = cast(Callable[[Scope, Receive, Send], Awaitable[None]], self.litestar)
-        self.ingress = build_ingress(config, pools, metrics)
-        self.handles = build_handle_ingress(config, pools, metrics)
+        #: what a graceful shutdown tells the ingress and the handle endpoint
+        self.shutdown = shutdown if shutdown is not None else Shutdown()
+        self.ingress = build_ingress(config, pools, metrics, shutdown=self.shutdown)
+        self.handles = build_handle_ingress(config, pools, metrics, shutdown=self.shutdown)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

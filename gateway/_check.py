@@ -184,3 +184,4 @@ def check_config_file(path: str | os.PathLike[str]) -> CheckReport:
         else:
             problems.append(f"deployment {name!r}: {problem}")
     return CheckReport(config, problems, imported)
+

@@ -9,7 +9,6 @@ and the reason.
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from typing import Annotated, Any, Literal
@@ -29,6 +28,7 @@ __all__ = [
     "AutoscalingConfig",
     "DeploymentConfig",
     "HttpConfig",
+    "HttpLimits",
     "MetricsConfig",
     "QuarantineConfig",
     "RoutingConfig",
@@ -41,6 +41,26 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
 
+class HttpLimits(msgspec.Struct, forbid_unknown_fields=True):
+    """What one HTTP client may hold of the gateway (see docs/http.md, "Limits")."""
+
+    #: request line plus headers, counted while they arrive; over it: 431
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
+    #: number of header fields; over it: 431
+    max_headers: Annotated[int, msgspec.Meta(ge=1)] = 100
+    #: from a connection's first byte of a request (or from accepting it) to
+    #: the end of the request's headers; past it: 408 (or a close when nothing came)
+    header_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    #: from the end of the headers to the end of the body, never past the
+    #: request's deadline; past it: 408
+    body_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    #: an idle keep-alive connection is closed after this long
+    keep_alive_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    #: open connections; at the cap a new one closes the longest-idle one,
+    #: or gets 503 when every connection has a request in flight
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1000
+
+
 class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):
     """The gateway's HTTP listener and per-request limits."""
 
@@ -51,10 +71,19 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: when set, every ``/-/`` endpoint needs ``Authorization: Bearer <token>``;
     #: when unset, they answer only clients on the loopback interface
     admin_token: str | None = None
+    limits: HttpLimits = msgspec.field(default_factory=HttpLimits)
+    #: on shutdown, how long requests in flight may still run before they are
+    #: answered 503 shutting_down; None: ``request_timeout_s``
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+    @property
+    def grace_s(self) -> float:
+        """The shutdown grace in effect."""
+        return self.request_timeout_s if self.shutdown_grace_s is None else self.shutdown_grace_s
 
 
 class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Parameters of the bounded-load consistent-hash router (docs/routing.md)."""
+    """Parameters of the bounded-load consistent-hash router (DESIGN.md section 5)."""
 
     #: c in the bounded-load rule; the default was chosen by
     #: bench/bench_routing_sim.py (see ``muxgate.gateway._router``)
@@ -96,14 +125,8 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: no working model) or ``evict_first`` (memory never above the limit);
     #: None: each loader's own ``@multiplexed(load_order=...)``, else ``evict_after``
     load_order: Literal["evict_after", "evict_first"] | None = None
-    #: CPU budget per replica (Ray's ``num_cpus``): torch threads and
-    #: ``OMP_NUM_THREADS`` follow it, rounded up; None: the class's
-    #: ``@deployment(num_cpus=...)``, else 1
-    num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
     def __post_init__(self) -> None:
-        if self.num_cpus is not None and not math.isfinite(self.num_cpus):
-            raise ValueError(f"num_cpus must be finite, got {self.num_cpus}")
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("num_replicas and autoscaling are mutually exclusive")
         prefix = self.route_prefix

@@ -21,6 +21,7 @@ __all__ = [
     "DeadlineExceededError",
     "DeploymentError",
     "GatewayError",
+    "HeadersTooLargeError",
     "InternalError",
     "ModelNotFoundError",
     "NoReplicaError",
@@ -28,7 +29,9 @@ __all__ = [
     "PayloadTooLargeError",
     "QuarantinedError",
     "ReplicaFailedError",
+    "RequestTimeoutError",
     "RouteNotFoundError",
+    "ShuttingDownError",
     "StorageUnavailableError",
     "error_body",
     "error_from_info",
@@ -53,6 +56,8 @@ class GatewayError(Exception):
     code: str = "internal"
     #: seconds for a ``Retry-After`` header, or ``None`` for no header
     retry_after: int | None = None
+    #: answer with ``connection: close`` (the rest of the request is not read)
+    close_connection: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -94,6 +99,24 @@ class ModelNotFoundError(GatewayError):
 
     status = 404
     code = "model_not_found"
+
+
+class RequestTimeoutError(GatewayError):
+    """The client did not send its headers or body in time
+    (``http.limits.header_timeout_s``, ``body_timeout_s``)."""
+
+    status = 408
+    code = "request_timeout"
+    close_connection = True
+
+
+class HeadersTooLargeError(GatewayError):
+    """The request's headers are over ``http.limits.max_header_bytes`` or
+    ``max_headers`` (refused while they arrive)."""
+
+    status = 431
+    code = "headers_too_large"
+    close_connection = True
 
 
 class PayloadTooLargeError(GatewayError):
@@ -169,6 +192,16 @@ class QuarantinedError(GatewayError):
         self.retry_after = retry_after
 
 
+class ShuttingDownError(GatewayError):
+    """The gateway is shutting down: the request came after the shutdown began,
+    or was still running when the grace period (``http.shutdown_grace_s``) ended."""
+
+    status = 503
+    code = "shutting_down"
+    retry_after = 1
+    close_connection = True
+
+
 class DeadlineExceededError(GatewayError):
     """The request's deadline passed before it was answered."""
 
@@ -236,4 +269,6 @@ def error_response(
     headers = [(b"content-type", b"application/json")]
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(exc.retry_after).encode()))
+    if exc.close_connection:
+        headers.append((b"connection", b"close"))
     return exc.status, headers, error_body(exc.code, exc.message, request_id)

@@ -37,7 +37,14 @@ from muxgate.gateway._disconnect import (
     until_disconnect,
 )
 from muxgate.gateway._dispatch import Dispatcher, validate_model_id
-from muxgate.gateway._errors import GatewayError, PayloadTooLargeError, error_response
+from muxgate.gateway._errors import (
+    BadModelIdError,
+    GatewayError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ShuttingDownError,
+    error_response,
+)
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.replicas._protocol import Reply
 from muxgate.replicas._tracing import extract_context, inject_traceparent, tracing_active
@@ -52,7 +59,9 @@ __all__ = [
     "Scope",
     "Send",
     "ServerSpan",
+    "Shutdown",
     "Target",
+    "model_id_of",
     "new_request_id",
     "read_head",
     "send_error",
@@ -92,6 +101,8 @@ class RequestHead:
         "auth",
         "content_length",
         "headers",
+        "model_conflict",
+        "model_name",
         "model_raw",
         "request_id",
         "timeout_s",
@@ -102,6 +113,9 @@ class RequestHead:
     def __init__(self) -> None:
         self.request_id = ""
         self.model_raw: bytes | None = None
+        self.model_name = b""
+        #: the first two model-id headers that disagree: ((name, value), (name, value))
+        self.model_conflict: tuple[Header, Header] | None = None
         self.traceparent: str | None = None
         self.tracestate: str | None = None
         self.auth = b""
@@ -119,7 +133,12 @@ def read_head(raw_headers: list[Header], *, keep: bool) -> RequestHead:
     for name, value in raw_headers:
         lname = name.lower()
         if lname in MODEL_HEADERS:
-            head.model_raw = value
+            if head.model_raw is not None and value != head.model_raw:
+                if head.model_conflict is None:
+                    head.model_conflict = ((head.model_name, head.model_raw), (lname, value))
+            else:
+                head.model_raw = value
+                head.model_name = lname
         elif lname == b"x-request-id":
             if REQUEST_ID.fullmatch(value) is not None:
                 head.request_id = value.decode()
@@ -141,6 +160,30 @@ def read_head(raw_headers: list[Header], *, keep: bool) -> RequestHead:
         if keep:
             headers.append((lname.decode("latin-1"), value.decode("latin-1")))
     return head
+
+
+def model_id_of(head: RequestHead) -> str:
+    """The request's model id ("" without the header).
+
+    Raises:
+        BadModelIdError: the id is malformed, or two model-id headers (the
+            two spellings, or one repeated) disagree: a proxy that checks one
+            of them must not be bypassed by the other.
+    """
+    if head.model_conflict is not None:
+        (name1, value1), (name2, value2) = head.model_conflict
+        raise BadModelIdError(
+            "conflicting model id headers: "
+            f"{_shown(name1)}: {_shown(value1)!r} and {_shown(name2)}: {_shown(value2)!r}"
+        )
+    if head.model_raw is None:
+        return ""
+    return validate_model_id(head.model_raw)
+
+
+def _shown(raw: bytes, limit: int = 64) -> str:
+    text = raw.decode("latin-1")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- the server span -----------------------------------------------------------------
@@ -266,6 +309,42 @@ class Target:
         self.extra = extra
 
 
+class Shutdown:
+    """The front ends' part in a graceful shutdown, shared by the endpoints
+    of one server.
+
+    ``begin()``: requests that arrive from now on are answered 503
+    ``shutting_down`` (the server has stopped accepting connections; this is
+    for requests still coming on open ones). ``cut_off()``: the grace period
+    is over; every request still in flight is cancelled (and with it its call
+    in the replica) and answered 503 ``shutting_down`` with ``Retry-After``
+    and ``connection: close``, in the JSON error contract.
+    """
+
+    __slots__ = ("cut", "draining", "in_flight")
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.cut = False
+        #: the tasks of requests not yet answered
+        self.in_flight: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        state = "cut" if self.cut else "draining" if self.draining else "serving"
+        return f"<Shutdown {state} in_flight={len(self.in_flight)}>"
+
+    def begin(self) -> None:
+        self.draining = True
+
+    def cut_off(self) -> int:
+        """Cancel the requests in flight (they answer 503); return how many."""
+        self.draining = self.cut = True
+        tasks = list(self.in_flight)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
+
 class FrontEnd:
     """The request skeleton both raw ASGI endpoints share.
 
@@ -273,6 +352,9 @@ class FrontEnd:
         max_body_bytes: larger bodies get 413.
         request_timeout_s: per-request deadline, from arrival.
         metrics: request counts and durations go here.
+        body_timeout_s: the body must have arrived this long after the
+            headers (and before the request's deadline), else 408.
+        shutdown: the server's shutdown state (a private one when None).
     """
 
     #: collect every header for the replica (HTTP ingress) or not (handles)
@@ -286,9 +368,13 @@ class FrontEnd:
         max_body_bytes: int,
         request_timeout_s: float,
         metrics: GatewayMetrics | None = None,
+        body_timeout_s: float | None = None,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self._max_body = max_body_bytes
         self._timeout = request_timeout_s
+        self._body_timeout = body_timeout_s if body_timeout_s is not None else request_timeout_s
+        self.shutdown = shutdown if shutdown is not None else Shutdown()
         self._metrics = metrics
         self._per_model = metrics.per_model_labels if metrics is not None else False
 
@@ -328,7 +414,13 @@ class FrontEnd:
         replica_id = ""
         responded = False
         span: ServerSpan | None = None
+        shutdown = self.shutdown
+        task = asyncio.current_task()
+        if task is not None:
+            shutdown.in_flight.add(task)
         try:
+            if shutdown.draining:
+                raise ShuttingDownError("the gateway is shutting down")
             if target.refusal is not None:
                 raise target.refusal
             dispatcher = target.dispatcher
@@ -347,17 +439,17 @@ class FrontEnd:
                 # child, and the replica continues this span.
                 span.attach()
                 traceparent, tracestate = span.traceparent()
-            if head.model_raw is not None:
-                model_id = validate_model_id(head.model_raw)
+            model_id = model_id_of(head)
             if head.content_length > self._max_body:
                 raise PayloadTooLargeError(f"request body is over {self._max_body} bytes")
-            body = await self._read_body(receive)
+            deadline = started + self._timeout_s(head)
+            body = await self._read_body(receive, min(self._body_timeout, deadline - started))
             reply, replica_id = await until_disconnect(
                 receive,
                 dispatcher.dispatch(
                     request_id=request_id,
                     model_id=model_id,
-                    deadline=started + self._timeout_s(head),
+                    deadline=deadline,
                     traceparent=traceparent,
                     tracestate=tracestate,
                     **self._call_args(scope, target, head, body),
@@ -367,6 +459,7 @@ class FrontEnd:
             headers.append((b"content-length", str(len(reply.body)).encode()))
             headers.append((b"x-request-id", request_id.encode()))
             headers.append((b"x-muxgate-replica", replica_id.encode()))
+            shutdown.in_flight.discard(task)
             responded = True  # from here on, a failure cannot become an error response
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": reply.body})
@@ -380,6 +473,18 @@ class FrontEnd:
         except ClientDisconnected:
             status = CLIENT_CLOSED_REQUEST  # nobody to answer
             _log.debug("client of %s disconnected; %s cancelled", request_id, self.what)
+        except asyncio.CancelledError:
+            if responded or not shutdown.cut or task is None:
+                raise
+            # The shutdown grace is over: answer instead of leaving the
+            # server to send a plain-text 500 (the replica call is cancelled).
+            task.uncancel()
+            status = await send_error(
+                send,
+                ShuttingDownError("the gateway shut down before the request finished"),
+                request_id,
+                "",
+            )
         except Exception as exc:
             if responded:
                 _log.info("could not send the response of %s: %r", request_id, exc)
@@ -389,6 +494,7 @@ class FrontEnd:
             replica_id = getattr(exc, "replica_id", "")
             status = await send_error(send, exc, request_id, replica_id)
         finally:
+            shutdown.in_flight.discard(task)
             if span is not None:
                 span.finish(status, replica_id, model_id)
             if self._metrics is not None and target.name:
@@ -399,7 +505,18 @@ class FrontEnd:
                     model_id if self._per_model else "",
                 )
 
-    async def _read_body(self, receive: Receive) -> bytes:
+    async def _read_body(self, receive: Receive, within_s: float) -> bytes:
+        """The whole body, at most ``max_body_bytes``, within ``within_s`` of
+        the headers: a slow client cannot hold a request past its limits."""
+        try:
+            async with asyncio.timeout(within_s):
+                return await self._receive_body(receive)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {within_s:.3g} s"
+            ) from None
+
+    async def _receive_body(self, receive: Receive) -> bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("the client disconnected before sending the body")

@@ -36,7 +36,14 @@ from muxgate.gateway._errors import (
     GatewayError,
     RouteNotFoundError,
 )
-from muxgate.gateway._frontend import LOCAL_CLIENTS, FrontEnd, RequestHead, Scope, Target
+from muxgate.gateway._frontend import (
+    LOCAL_CLIENTS,
+    FrontEnd,
+    RequestHead,
+    Scope,
+    Shutdown,
+    Target,
+)
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.replicas._protocol import Reply
 
@@ -88,9 +95,15 @@ class HandleIngress(FrontEnd):
         request_timeout_s: float,
         admin_token: str | None = None,
         metrics: GatewayMetrics | None = None,
+        body_timeout_s: float | None = None,
+        shutdown: Shutdown | None = None,
     ) -> None:
         super().__init__(
-            max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, metrics=metrics
+            max_body_bytes=max_body_bytes,
+            request_timeout_s=request_timeout_s,
+            metrics=metrics,
+            body_timeout_s=body_timeout_s,
+            shutdown=shutdown,
         )
         self._dispatchers = dict(dispatchers)
         self._expected_auth = f"Bearer {admin_token}".encode() if admin_token else None

@@ -29,10 +29,16 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal, TypeAlias
 
-import uvicorn
-
 from muxgate.gateway._app import GatewayASGI, create_app
-from muxgate.gateway._config import AppConfig, DeploymentConfig, load_config, parse_config
+from muxgate.gateway._config import (
+    AppConfig,
+    DeploymentConfig,
+    HttpConfig,
+    load_config,
+    parse_config,
+)
+from muxgate.gateway._edge import Edge, uvicorn_server
+from muxgate.gateway._frontend import Shutdown
 from muxgate.gateway._launcher import LocalLauncher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import Launcher, ReplicaPool
@@ -51,15 +57,29 @@ class GatewayStartError(Exception):
 class Gateway:
     """A running gateway's parts, for embedding code and tests that need
     more than the URL (``serve(...)`` yields the URL; ``start_gateway``
-    yields this)."""
+    yields this).
+
+    ``shutdown.cut_off()`` answers every request in flight 503
+    ``shutting_down`` at once (what a second SIGTERM does); ``edge`` holds
+    the HTTP server's connection accounting (None under granian).
+    """
 
     def __init__(
-        self, config: AppConfig, pools: dict[str, ReplicaPool], metrics: GatewayMetrics, url: str
+        self,
+        config: AppConfig,
+        pools: dict[str, ReplicaPool],
+        metrics: GatewayMetrics,
+        url: str,
+        *,
+        shutdown: Shutdown | None = None,
+        edge: Edge | None = None,
     ) -> None:
         self.config = config
         self.pools = pools
         self.metrics = metrics
         self.url = url
+        self.shutdown = shutdown if shutdown is not None else Shutdown()
+        self.edge = edge
 
     def __repr__(self) -> str:
         return f"<Gateway {self.url} pools={list(self.pools.values())}>"
@@ -88,7 +108,6 @@ def make_spec(
         app_dir=config.app_dir or None,
         listen="unix:",
         max_ongoing_requests=deployment.max_ongoing_requests,
-        num_cpus=deployment.num_cpus,
         tracing=tracing,
         storage=config.storage,
         graceful_shutdown_timeout_s=config.http.request_timeout_s,
@@ -185,12 +204,12 @@ async def start_gateway(
         )
         for d in config.deployments
     }
+    shutdown = Shutdown()
     app: Any = (
-        create_app(config, pools, metrics)
+        create_app(config, pools, metrics, shutdown=shutdown)
         if litestar_ingress
-        else GatewayASGI(config, pools, metrics)
+        else GatewayASGI(config, pools, metrics, shutdown=shutdown)
     )
-    runner = _granian_server if server == "granian" else _uvicorn_server
     # Tracing is process-wide: touch it only when this gateway exports spans,
     # so an embedding application's own set-up is left alone otherwise.
     # An exporter of None (no choice in the config) defers to the standard
@@ -201,7 +220,10 @@ async def start_gateway(
         if traced:
             # service name None: OTEL_SERVICE_NAME, else "muxgate-gateway".
             configure_tracing(exporter, endpoint, None)
-        async with runner(app, host, port) as real_port:
+        async with _http_server(server, app, host, port, config.http, shutdown) as (
+            real_port,
+            edge,
+        ):
             url_host = f"[{host}]" if ":" in host else host
             connect_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host)
             if connect_host is not None:  # replicas cannot connect to a wildcard
@@ -219,7 +241,14 @@ async def start_gateway(
                 raise GatewayStartError(
                     f"replicas not running after {ready_timeout_s:g} s: {lines}"
                 ) from None
-            yield Gateway(config, pools, metrics, f"http://{url_host}:{real_port}")
+            yield Gateway(
+                config,
+                pools,
+                metrics,
+                f"http://{url_host}:{real_port}",
+                shutdown=shutdown,
+                edge=edge,
+            )
     finally:
         await asyncio.gather(*(p.aclose() for p in pools.values()), return_exceptions=True)
         if warm_up is not None:
@@ -250,42 +279,32 @@ async def _healthy_or_failed(pools: Mapping[str, ReplicaPool]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _uvicorn_server(app: Any, host: str, port: int) -> AsyncIterator[int]:
-    """uvicorn (httptools) on the running loop; yields the bound port."""
+async def _http_server(
+    server: Literal["uvicorn", "granian"],
+    app: Any,
+    host: str,
+    port: int,
+    http: HttpConfig,
+    shutdown: Shutdown,
+) -> AsyncIterator[tuple[int, Edge | None]]:
+    """The HTTP server on the running loop; yields the bound port and, under
+    uvicorn, the connection accounting of ``http.limits``."""
+    if server == "granian":
+        async with _granian_server(app, host, port) as real_port:
+            yield real_port, None
+        return
     sock = _bind(host, port)
-    uv_config = uvicorn.Config(
-        app,
-        http="httptools",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=5,
-        server_header=False,
-    )
-    uv_config.load()
-    server = uvicorn.Server(uv_config)
-    # Server.serve() would install signal handlers; drive its steps instead.
-    server.lifespan = uv_config.lifespan_class(uv_config)
-    try:
-        await server.startup(sockets=[sock])
-    except BaseException:
-        sock.close()
-        raise
-    main_loop = asyncio.create_task(server.main_loop(), name="muxgate-http")
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await main_loop
-        with contextlib.suppress(Exception):
-            await server.shutdown(sockets=[sock])
+    async with uvicorn_server(app, sock, http, shutdown) as edge:
+        yield int(sock.getsockname()[1]), edge
 
 
 @contextlib.asynccontextmanager
 async def _granian_server(app: Any, host: str, port: int) -> AsyncIterator[int]:
     """granian's embedded server (experimental upstream) on the running loop.
+
+    A benchmark option: ``http.limits`` and the graceful shutdown's grace
+    apply to uvicorn only (the body timeout and the 503 for requests after
+    a shutdown began are the front end's, so they hold here too).
 
     Granian binds the socket itself, so port 0 is resolved here by binding
     and releasing a free port first (a small race, acceptable for a
@@ -380,25 +399,45 @@ def run(config: AppConfig, *, host: str | None = None, port: int | None = None) 
 
 
 async def _run(config: AppConfig, *, host: str | None, port: int | None) -> int:
-    # A signal cancels the main task wherever it is (starting replicas or
-    # serving); serve()'s exit then stops the server and every replica.
+    # A signal while replicas start cancels the start; once serving, it
+    # starts the graceful shutdown (stop accepting, let requests in flight
+    # finish within http.shutdown_grace_s, then stop the replicas). A second
+    # signal answers the requests still running 503 at once.
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
     signalled: list[int] = []
+    stop = asyncio.Event()
+    serving: list[Gateway] = []
 
     def on_signal(sig: int) -> None:
-        if not signalled:
-            signalled.append(sig)
+        if signalled and serving:
+            print("muxgate: stopping now", file=sys.stderr, flush=True)
+            serving[0].shutdown.cut_off()
+            return
+        if signalled:
+            return
+        signalled.append(sig)
+        if serving:
+            grace = serving[0].config.http.grace_s
+            print(
+                f"muxgate: shutting down (requests in flight get up to {grace:g} s; "
+                "signal again to stop now)",
+                file=sys.stderr,
+                flush=True,
+            )
+            stop.set()
+        else:
             print("muxgate: shutting down", file=sys.stderr, flush=True)
             main.cancel()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        async with serve(config, host=host, port=port) as url:
-            print(f"muxgate: serving on {url}", file=sys.stderr, flush=True)
-            await asyncio.Event().wait()  # until a signal cancels us
+        async with start_gateway(config, host=host, port=port, fail_fast=True) as gateway:
+            serving.append(gateway)
+            print(f"muxgate: serving on {gateway.url}", file=sys.stderr, flush=True)
+            await stop.wait()
     except asyncio.CancelledError:
         if not signalled:
             raise

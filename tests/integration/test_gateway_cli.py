@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,7 @@ def test_serve_stops_at_once_when_a_replica_cannot_start(tmp_path: Path) -> None
     result = _muxgate("serve", str(config), "--port", "0", "--log-level", "CRITICAL")
     took = time.monotonic() - started
     assert result.returncode == 1, result.stderr
-    where = f"{os.path.join(APPS, 'broken_apps.py')}:10 in __init__"
+    where = f"{os.path.join(APPS, 'broken_apps.py')}:8 in __init__"
     assert (
         "muxgate: deployment 'Broken' (broken_apps:InitRaises) failed to start: RuntimeError:"
         f" model registry unreachable (raised on purpose) (at {where})"
@@ -303,5 +304,64 @@ async def test_status_shows_the_pool_and_honours_the_token() -> None:
         assert lines[0] == f"muxgate at {gw.url}"
         assert lines[2] == "Shown: 1 running of 1 wanted, 0 in flight, 0 queued"
         replica = next(iter(gw.pools["Shown"].targets))
-        row = rf"  {re.escape(replica)}\s+running\s+\d+\s+0\s+a b\s+-(\s+[\d.]+ MiB)?"
-        assert re.fullmatch(row, lines[4]), lines[4]
+        assert re.fullmatch(rf"  {re.escape(replica)}\s+running\s+\d+\s+0\s+a b\s+-", lines[4])
+
+
+def test_sigterm_lets_requests_finish_and_answers_the_rest_503(tmp_path: Path) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text(
+        f"app_dir: {APPS}\n"
+        "http: {shutdown_grace_s: 1.5, request_timeout_s: 30}\n"
+        "deployments:\n"
+        "  - {name: Term, import_path: 'gateway_apps:Echo1', num_replicas: 2}\n"
+    )
+    log = tmp_path / "stderr.log"
+    stderr = log.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "muxgate.gateway._cli", "serve", str(config), "--port", "0"],
+        stderr=stderr,
+    )
+    try:
+        url = _wait_for_url(log, proc)
+        processes = _descendants(proc.pid)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            # Keep-alive: the client's connection is open and idle at SIGTERM.
+            assert client.get("/x", headers={MODEL: "1"}).status_code == 200
+
+            def slow(seconds: float, out: list[httpx.Response]) -> None:
+                out.append(client.get("/slow", params={"s": seconds}, headers={MODEL: "2"}))
+
+            short: list[httpx.Response] = []
+            long: list[httpx.Response] = []
+            threads = [
+                threading.Thread(target=slow, args=(0.5, short)),
+                threading.Thread(target=slow, args=(60, long)),
+            ]
+            for thread in threads:
+                thread.start()
+
+            def both_in_flight() -> bool:
+                view = client.get("/-/replicas").json()["deployments"]["Term"]
+                return sum(r["in_flight"] for r in view["replicas"]) == 2
+
+            deadline = time.monotonic() + 10
+            while not both_in_flight():
+                assert time.monotonic() < deadline, "requests not in flight"
+                time.sleep(0.02)  # polling the admin view: nothing to wait on
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            for thread in threads:
+                thread.join(timeout=30)
+        assert short[0].status_code == 200  # finished within the grace
+        assert long[0].status_code == 503  # still running when it ended
+        assert long[0].json()["error"]["code"] == "shutting_down"
+        assert long[0].headers["retry-after"] == "1"
+        assert proc.wait(timeout=30) == 0
+        assert 1.0 < time.monotonic() - sent < 15
+        assert _gone(processes)
+        assert "requests in flight get up to 1.5 s" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr.close()

@@ -33,9 +33,7 @@ SNAPSHOT = {
                     "loading": ["7"],
                 },
             ],
-            "quarantined": [
-                {"model_id": "bad-model", "until": 0, "retry_after_s": 9, "deaths": 2, "strikes": 1}
-            ],
+            "quarantined": ["bad-model"],
         },
         "Broken": {
             "target_replicas": 1,

@@ -1,0 +1,394 @@
+"""Connection limits of the gateway's HTTP server (``http.limits``).
+
+The server is uvicorn with its httptools parser. What uvicorn already
+bounds is used as it is: the idle keep-alive timeout (``timeout_keep_alive``
+<- ``keep_alive_timeout_s``) and request bodies held in memory (it stops
+reading a connection while more than 64 KiB of body wait for the app). What
+it does not bound is added here, in ``EdgeProtocol``, a subclass of its
+``HttpToolsProtocol`` that the server builds per connection:
+
+* **Header bytes and count**, counted while the request head arrives, before
+  the parser buffers it: data beyond ``max_header_bytes`` that does not end
+  the head is never fed to the parser, and the ``max_headers + 1``-th field
+  stops it. Answer: 431 ``headers_too_large``. (httptools has no limit of
+  its own, and uvicorn's ``h11_max_incomplete_event_size`` applies to its
+  slower h11 parser only, answering a plain-text 400.)
+* **Time to receive the head**, ``header_timeout_s`` from accepting the
+  connection, or from the first byte of a later request on a kept-alive
+  one: 408 ``request_timeout``, or a plain close when nothing came at all.
+  (uvicorn has no such timer: a connection that never sends a request, or
+  sends it a byte at a time, was held for ever.)
+* **Open connections**, ``max_connections``. At the cap a new connection
+  closes the one idle longest (kept alive between requests, or not yet done
+  sending its head), so clients that hold connections without using them
+  cannot lock out ones that do; when every connection has a request in
+  flight, the new one is answered 503 ``over_capacity``. uvicorn's own
+  ``limit_concurrency`` is not used: it answers plain text, counts requests
+  in flight with connections, and never closes an idle connection, so idle
+  clients would lock everyone else out.
+
+The time to receive the body is the front end's (``_frontend``), as it is
+bounded by the request's deadline too.
+
+``uvicorn_server`` runs the server on the caller's loop and stops it
+gracefully: it stops accepting (the listening socket is closed), closes idle
+connections, lets requests in flight run for the grace period
+(``http.shutdown_grace_s``, by default ``request_timeout_s``), then has the
+front end answer those still running 503 ``shutting_down``
+(``_frontend.Shutdown``). uvicorn's own ``timeout_graceful_shutdown`` (which
+cancels the tasks and answers a plain-text 500) is set beyond that, as a
+backstop only.
+
+A refused connection is answered in the JSON error contract with
+``connection: close``; then the gateway stops writing (half-close), reads
+and drops whatever the client still sends for ``LINGER_S`` (so the answer is
+not lost to a reset), and closes. Nothing it sends after the refusal is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, cast
+
+import httptools
+import uvicorn
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from muxgate.gateway._config import HttpConfig, HttpLimits
+from muxgate.gateway._errors import error_body
+from muxgate.gateway._frontend import Shutdown, new_request_id
+
+__all__ = ["LINGER_S", "Edge", "EdgeProtocol", "edge_protocol", "uvicorn_server"]
+
+_log = logging.getLogger("muxgate.gateway.edge")
+
+#: how long a refused connection's further input is read and dropped
+LINGER_S = 1.0
+
+
+class _TooManyHeaders(Exception):
+    pass
+
+
+class Edge:
+    """The connections of one server, shared by its ``EdgeProtocol`` instances.
+
+    ``open``: connections counted against ``max_connections`` (refused ones
+    are not). ``idle``: those without a request in flight, longest idle
+    first, the ones closed at the cap. ``refused``: counts by reason.
+    """
+
+    def __init__(self, limits: HttpLimits) -> None:
+        self.limits = limits
+        self.open: set[EdgeProtocol] = set()
+        self.idle: dict[EdgeProtocol, None] = {}
+        self.refused: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<Edge open={len(self.open)}/{self.limits.max_connections} "
+            f"idle={len(self.idle)} refused={self.refused}>"
+        )
+
+    def count(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def make_room(self) -> bool:
+        """Below the cap, or room made by closing the longest-idle connection."""
+        if len(self.open) < self.limits.max_connections:
+            return True
+        if not self.idle:
+            return False
+        victim = next(iter(self.idle))
+        victim.close_idle()
+        self.count("evicted_idle")
+        return True
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the header, time and connection
+    limits of ``Edge`` (see the module docstring)."""
+
+    edge: ClassVar[Edge]
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._in_head = True  # reading (or waiting for) a request head
+        self._head_begun = False  # a byte of that head has come
+        self._head_bytes = 0
+        self._head_fields = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._discarding = False  # refused: input is dropped until the close
+
+    # -- connections ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        edge = self.edge
+        if not edge.make_room():
+            edge.count("over_capacity")
+            self._refuse(
+                503,
+                "over_capacity",
+                "the gateway has no free connection; try again",
+                retry_after=1,
+            )
+            return
+        edge.open.add(self)
+        edge.idle[self] = None
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+        super().connection_lost(exc)
+
+    def close_idle(self) -> None:
+        """Close this connection to make room (it has no request in flight)."""
+        self._forget()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _forget(self) -> None:
+        self.edge.open.discard(self)
+        self.edge.idle.pop(self, None)
+        self._cancel_head_timer()
+
+    # -- the head ----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        self._unset_keepalive_if_required()
+        if self._in_head:
+            room = self.edge.limits.max_header_bytes - self._head_bytes
+            if len(data) > room:
+                # Only what fits is parsed: the head must end inside it.
+                if not self._feed(data[:room]):
+                    return
+                if self._in_head:
+                    self.edge.count("header_bytes")
+                    self._refuse(
+                        431,
+                        "headers_too_large",
+                        f"request headers are over {self.edge.limits.max_header_bytes} bytes",
+                    )
+                    return
+                data = data[room:]
+            else:
+                self._head_bytes += len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse ``data``; False when the connection was answered and is closing."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _TooManyHeaders):
+                self.edge.count("header_fields")
+                self._refuse(
+                    431,
+                    "headers_too_large",
+                    f"more than {self.edge.limits.max_headers} request headers",
+                )
+            else:
+                self._bad_request()
+            return False
+        except httptools.HttpParserUpgrade:
+            # As uvicorn: no websockets in the gateway.
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return False
+        except httptools.HttpParserError:
+            self._bad_request()
+            return False
+        return True
+
+    def _bad_request(self) -> None:
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self._forget()
+        self.send_400_response(msg)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begun = True
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_fields += 1
+        if self._head_fields > self.edge.limits.max_headers:
+            raise _TooManyHeaders
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        self._in_head = self._head_begun = False
+        self._head_bytes = self._head_fields = 0
+        self.edge.idle.pop(self, None)  # a request is in flight
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # what comes next is the next request's head
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if not pipelined and not self.transport.is_closing() and self in self.edge.open:
+            self.edge.idle[self] = None  # idle from now: last in line to be closed
+
+    # -- timers ------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(
+            self.edge.limits.header_timeout_s, self._head_timed_out
+        )
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_head_timer()  # a pipelined head behind a running request
+        elif not self._head_begun:
+            self.edge.count("idle_timeout")
+            self.close_idle()  # nothing came: nobody to answer
+        else:
+            self.edge.count("header_timeout")
+            self._refuse(
+                408,
+                "request_timeout",
+                "the request headers did not arrive within "
+                f"{self.edge.limits.header_timeout_s:g} s",
+            )
+
+    # -- refusing ----------------------------------------------------------------
+
+    def _refuse(
+        self, status: int, code: str, message: str, *, retry_after: int | None = None
+    ) -> None:
+        """Answer ``status`` (JSON, ``connection: close``), then drop input and close."""
+        _log.debug("refused a connection from %s: %s %s", self.client, status, code)
+        self._forget()
+        self._discarding = True
+        self._unset_keepalive_if_required()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        request_id = new_request_id()
+        body = error_body(code, message, request_id)
+        lines = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            lines += [name, b": ", value, b"\r\n"]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            (b"x-request-id", request_id.encode()),
+            (b"x-muxgate-replica", b""),
+        ]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        for name, value in headers:
+            lines += [name, b": ", value, b"\r\n"]
+        lines += [b"\r\n", body]
+        transport.write(b"".join(lines))
+        self.flow.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(LINGER_S, transport.close)
+
+
+def edge_protocol(edge: Edge) -> type[EdgeProtocol]:
+    """The protocol class for one server: its instances share ``edge``."""
+    return type("EdgeProtocol", (EdgeProtocol,), {"edge": edge})
+
+
+#: how long uvicorn waits after our grace before it cancels what still runs
+#: (the front end has answered every request by then; this is a backstop)
+_BACKSTOP_S = 5
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_server(
+    app: Any, sock: socket.socket, http: HttpConfig, shutdown: Shutdown
+) -> AsyncIterator[Edge]:
+    """uvicorn (httptools, with ``http.limits``) on the running loop, serving
+    ``sock``; stopped gracefully on exit (see the module docstring)."""
+    edge = Edge(http.limits)
+    grace_s = http.grace_s
+    uv_config = uvicorn.Config(
+        app,
+        http=edge_protocol(edge),
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        # uvicorn types these as int; the loop's timers take any float.
+        timeout_keep_alive=cast(int, http.limits.keep_alive_timeout_s),
+        timeout_graceful_shutdown=math.ceil(grace_s) + _BACKSTOP_S,
+        server_header=False,
+    )
+    uv_config.load()
+    server = uvicorn.Server(uv_config)
+    # Server.serve() would install signal handlers; drive its steps instead.
+    server.lifespan = uv_config.lifespan_class(uv_config)
+    try:
+        await server.startup(sockets=[sock])
+    except BaseException:
+        sock.close()
+        raise
+    main_loop = asyncio.create_task(server.main_loop(), name="muxgate-http")
+    try:
+        yield edge
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await main_loop
+        await _stop(server, sock, shutdown, grace_s)
+
+
+async def _stop(
+    server: uvicorn.Server, sock: socket.socket, shutdown: Shutdown, grace_s: float
+) -> None:
+    shutdown.begin()
+    # Stops accepting, closes idle connections, waits for the rest.
+    stopping = asyncio.ensure_future(server.shutdown(sockets=[sock]))
+    try:
+        done, _ = await asyncio.wait({stopping}, timeout=grace_s)
+        if not done:
+            cut = shutdown.cut_off()
+            if cut:
+                _log.warning(
+                    "shutdown grace of %g s over: %d request(s) still running answered "
+                    "503 shutting_down",
+                    grace_s,
+                    cut,
+                )
+        with contextlib.suppress(Exception):
+            await stopping
+    finally:
+        if not stopping.done():  # we were cancelled: no more waiting
+            shutdown.cut_off()
+            stopping.cancel()
