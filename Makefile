@@ -1,24 +1,37 @@
-# Two commands do all the set-up on a fresh machine with Python 3.11:
-#   make demo   creates .venv, installs muxgate, runs `muxgate demo`
-#   make test   creates .venv, installs muxgate with its test extra and the
-#               Debian tools the tests use (chromium, promtool), runs the suite
-PYTHON ?= python3.11
+# Two commands do all the set-up on a fresh machine with Python >= 3.11:
+#   make demo   creates .venv, installs muxgate (no test tools), runs `muxgate demo`
+#   make test   also installs the test extra and the Debian tools the tests
+#               use (chromium, promtool), then runs the suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# The first of these that runs and is >= 3.11 (pyenv shims of versions that
+# are not installed fail the check); PYTHON=... overrides.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; \
+	done)
+endif
+# Separate stamps: the demo needs the package only; tests and lint add the extra.
+BASE   := $(VENV)/.installed-base
+TESTS  := $(VENV)/.installed-test
 
 .PHONY: demo test lint system-deps clean
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make: no Python >= 3.11 found; set PYTHON=/path/to/python3.11+" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: the local CPU build satisfies the project's torch range, so
 	# nothing gigabyte-sized is downloaded afterwards.
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(TESTS): $(BASE)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(VENV)/bin/muxgate demo $(ARGS)
 
 system-deps:
@@ -26,10 +39,10 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium prometheus >/dev/null; \
 	fi
 
-test: $(STAMP) system-deps
+test: $(TESTS) system-deps
 	$(PY) -m pytest $(ARGS)
 
-lint: $(STAMP)
+lint: $(TESTS)
 	$(VENV)/bin/ruff check gateway replicas backends tests bench examples
 	$(VENV)/bin/mypy
 

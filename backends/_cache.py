@@ -5,6 +5,8 @@ Layout under the cache directory::
     objects/ab/abcdef...      complete files, named by key (sha256)
     objects/ab/.abcdef...part in-progress downloads (same folder: atomic rename)
     locks/abcdef....lock      one file lock per key: one download at a time
+    confirmed/0123...         symlink per object (sha256 of its identity) to the
+                              file of the version the remote last confirmed current
     .evict.lock               the cache-wide lock held by a cleanup
 
 Invariants: a file under its final name is complete (written to a temp name,
@@ -28,6 +30,16 @@ after locking, that the path still names the inode it locked, and starts
 over if not: two processes never both believe they hold one key's lock.
 Locks are ``flock`` locks (POSIX), released by the kernel when their
 holder dies.
+
+Stale-if-error: a file is found by its key, and its key needs the object's
+current version from the remote. When the remote cannot be reached, the
+``confirmed/`` link of the object names the version the remote last said
+was current, and that file is served if the cache still holds it. A link
+is replaced (atomically, ``os.replace`` of a fresh symlink) each time the
+remote confirms another version, and a cleanup removes links whose file is
+gone. Losing a link (a cleanup racing a re-download) costs only a stale
+serve, never a wrong one: a link only ever names a complete file of that
+object.
 """
 
 from __future__ import annotations
@@ -191,6 +203,7 @@ class DiskCache:
         self.max_bytes = max_bytes
         self._objects = directory / "objects"
         self._locks = directory / "locks"
+        self._confirmed = directory / "confirmed"
 
     def __repr__(self) -> str:
         return f"DiskCache(directory={str(self.directory)!r}, max_bytes={self.max_bytes})"
@@ -217,6 +230,40 @@ class DiskCache:
         except FileNotFoundError:  # evicted by another process just now
             return None
         return path
+
+    def _confirmed_link(self, identity: str) -> Path:
+        return self._confirmed / hashlib.sha256(identity.encode()).hexdigest()
+
+    def confirm(self, identity: str, key: str) -> None:
+        """Record ``key`` as the version of ``identity`` the remote last said is current.
+
+        Costs one ``readlink`` when nothing changed.
+        """
+        link = self._confirmed_link(identity)
+        target = os.path.join("..", "objects", key[:2], key)
+        try:
+            if os.readlink(link) == target:
+                return
+        except OSError:
+            pass
+        self._confirmed.mkdir(parents=True, exist_ok=True)
+        temp = link.with_name(f".{link.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        os.symlink(target, temp)
+        os.replace(temp, link)
+
+    def confirmed_key(self, identity: str) -> str | None:
+        """Key of the version of ``identity`` the remote last confirmed (the
+        file may be gone), or None if none was recorded."""
+        try:
+            return os.path.basename(os.readlink(self._confirmed_link(identity)))
+        except OSError:
+            return None
+
+    def last_confirmed(self, identity: str) -> Path | None:
+        """The cached file of the version of ``identity`` the remote last
+        confirmed (marked recently used), or None if the cache does not hold it."""
+        key = self.confirmed_key(identity)
+        return None if key is None else self.lookup(key)
 
     def lock(self, key: str) -> KeyLock:
         """The inter-process lock that serialises downloads of ``key``."""
@@ -292,9 +339,25 @@ class DiskCache:
             for victim in victims:
                 victim.unlink(missing_ok=True)
             self._remove_stale_locks()
+            self._remove_dangling_links()
             return victims
         finally:
             lock.release()
+
+    def _remove_dangling_links(self) -> None:
+        if not self._confirmed.is_dir():
+            return
+        now = time.time()
+        for entry in os.scandir(self._confirmed):
+            try:
+                if entry.name.startswith("."):
+                    # a temp link of a process that died between symlink and replace
+                    if now - entry.stat(follow_symlinks=False).st_mtime > _STALE_PART_SECONDS:
+                        os.unlink(entry.path)
+                elif not os.path.exists(entry.path):  # follows the link
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
 
     def _remove_stale_locks(self) -> list[Path]:
         removed: list[Path] = []

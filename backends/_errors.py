@@ -3,6 +3,12 @@
 Every error that leaves the package is a :class:`BackendError`; errors from
 fsspec, botocore, aiohttp or gcsfs are translated at the boundary with
 ``raise ... from exc`` so callers never depend on a storage library.
+
+Two messages per error: ``str(exc)`` has the full detail for the log
+(URLs with bucket names, local paths, the underlying error), and
+``exc.client_message`` says what happened in words fit for a client, with
+no bucket, path, endpoint or credential in it. Whatever maps these errors
+to responses sends ``client_message`` and logs ``str(exc)``.
 """
 
 from __future__ import annotations
@@ -22,11 +28,18 @@ class BackendError(Exception):
 
     Attributes:
         url: The storage URL involved, without credentials ("" when none).
+            Not for clients: it names the bucket or the local path.
+        client_message: What happened, for clients: never a URL, path or
+            bucket name.
     """
 
-    def __init__(self, message: str, *, url: str = "") -> None:
+    #: ``client_message`` of errors that do not set their own
+    default_client_message = "model storage failed"
+
+    def __init__(self, message: str, *, url: str = "", client_message: str = "") -> None:
         super().__init__(message)
         self.url = url
+        self.client_message = client_message or self.default_client_message
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Subclasses take structured keyword arguments; pickle by state so
@@ -43,13 +56,17 @@ class InvalidModelIdError(BackendError, ValueError):
     """
 
     def __init__(self, model_id: str, reason: str) -> None:
-        super().__init__(f"invalid model id {model_id!r}: {reason}")
+        # The id is the client's own input: safe to echo.
+        message = f"invalid model id {model_id!r}: {reason}"
+        super().__init__(message, client_message=message)
         self.model_id = model_id
         self.reason = reason
 
 
 class UnsupportedProtocolError(BackendError, ValueError):
     """No storage backend is registered for the URL's protocol."""
+
+    default_client_message = "model storage is misconfigured"
 
     def __init__(self, protocol: str, *, url: str = "") -> None:
         super().__init__(
@@ -63,6 +80,8 @@ class UnsupportedProtocolError(BackendError, ValueError):
 class MissingDependencyError(BackendError, ImportError):
     """The package implementing a protocol is not installed."""
 
+    default_client_message = "model storage is misconfigured"
+
     def __init__(self, protocol: str, package: str, *, url: str = "") -> None:
         super().__init__(f"Install {package} to access {protocol}:// URLs", url=url)
         self.protocol = protocol
@@ -71,6 +90,8 @@ class MissingDependencyError(BackendError, ImportError):
 
 class ModelNotFoundError(BackendError):
     """The model file does not exist in storage (an HTTP 404 at the edge)."""
+
+    default_client_message = "model not found in storage"
 
     def __init__(self, url: str) -> None:
         super().__init__(f"model file not found: {url}", url=url)
@@ -88,7 +109,11 @@ class ModelFormatError(BackendError):
     """
 
     def __init__(self, url: str, format: str, reason: str) -> None:
-        super().__init__(f"{url} is not a valid {format} file: {reason}", url=url)
+        super().__init__(
+            f"{url} is not a valid {format} file: {reason}",
+            url=url,
+            client_message=f"the model file is not a valid {format} file",
+        )
         self.format = format
         self.reason = reason
 
@@ -98,12 +123,16 @@ class UnsafePickleError(ModelFormatError):
 
 
 class StorageUnavailableError(BackendError):
-    """Storage kept failing with transient errors until the retry budget ran out.
+    """Storage could not be reached (refused, timed out, 5xx) within the
+    retry budget or the time left before the request's deadline.
 
     Attributes:
         attempts: How many attempts were made.
         elapsed: Seconds spent, including back-off.
+        reason: The last failure, for the log.
     """
+
+    default_client_message = "model storage is unavailable; retry later"
 
     def __init__(self, url: str, *, attempts: int, elapsed: float, reason: str) -> None:
         super().__init__(

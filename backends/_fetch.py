@@ -23,9 +23,9 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
@@ -33,13 +33,15 @@ from typing import Any, Final, NoReturn, TypeVar
 import anyio
 import anyio.to_thread
 from fsspec import AbstractFileSystem
+from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from ._cache import DiskCache, LockTimeout, cache_key, version_token
-from ._config import StorageConfig, resolve_config
-from ._errors import BackendError, ModelNotFoundError
+from ._config import RetryPolicy, StorageConfig, resolve_config
+from ._deadline import storage_deadline
+from ._errors import BackendError, ModelNotFoundError, StorageUnavailableError
 from ._instances import freeze_options, instances
 from ._registry import backend_spec, filesystem_class
 from ._retry import is_transient, with_retries
@@ -105,6 +107,8 @@ class Artifact:
         path: A local file (``None`` when ``data`` holds the bytes).
         data: The bytes, for objects read into memory.
         strategy: How it was fetched.
+        stale: Served from the disk cache without the remote's word that
+            it is current: the remote could not be reached (stale-if-error).
         mmap_safe: Whether ``path`` may be memory-mapped: nobody rewrites
             it in place (cache files are only ever replaced atomically; a
             file a user overwrites with ``torch.save`` is truncated under
@@ -122,7 +126,19 @@ class Artifact:
     data: bytes | None = None
     mmap_safe: bool = False
     source: str = "local"
+    stale: bool = False
     _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+
+#: Cumulative counters of this process (a replica reports them to the gateway
+#: with its own): ``storage_stale_serves`` counts fetches answered from the
+#: disk cache because the remote could not be reached.
+_COUNTERS: dict[str, float] = {"storage_stale_serves": 0.0}
+
+
+def storage_counters() -> dict[str, float]:
+    """A copy of this process's storage counters."""
+    return dict(_COUNTERS)
 
 
 class _ObjectChanged(Exception):
@@ -193,6 +209,11 @@ class _Fetcher:
         self.cls = filesystem_class(self.protocol, url=self.safe_url)
         self.path = self.cls._strip_protocol(url)
         self.is_local = issubclass(self.cls, LocalFileSystem)
+        # Async filesystems (s3fs, gcsfs, http) take a per-call ``timeout``
+        # that cancels the request in their event loop; fsspec's sync().
+        self._takes_timeout = issubclass(self.cls, AsyncFileSystem)
+        #: time.monotonic() by which storage calls give up (None: no request deadline)
+        self.deadline = storage_deadline()
         self._fs_key: Any = None
         self.fs: AbstractFileSystem | None = None
         if not self.is_local:
@@ -200,9 +221,28 @@ class _Fetcher:
                 self._fs_key = (self.protocol, self.cls, freeze_options(self.options))
                 self.fs = instances.get(self._fs_key)
 
-    async def _call(self, func: Callable[..., T], *args: Any) -> T:
+    async def _call(
+        self,
+        func: Callable[..., T],
+        *args: Any,
+        policy: RetryPolicy | None = None,
+        deadline: float | None = None,
+    ) -> T:
+        """``func(*args)`` in a worker thread, retried by the policy; every
+        attempt is bounded by the time left before the deadline (the
+        fetch's unless given), passed to ``func`` as ``timeout=`` when the
+        filesystem takes one."""
+
+        def attempt(left: float | None) -> Awaitable[T]:
+            if left is not None and self._takes_timeout:
+                return _thread(partial(func, *args, timeout=left))
+            return _thread(func, *args)
+
         return await with_retries(
-            partial(_thread, func, *args), policy=self.config.retry, url=self.safe_url
+            attempt,
+            policy=policy or self.config.retry,
+            url=self.safe_url,
+            deadline=self.deadline if deadline is None else deadline,
         )
 
     def _filesystem(self) -> AbstractFileSystem:
@@ -213,16 +253,23 @@ class _Fetcher:
                 instances.put(self._fs_key, self.fs)
         return self.fs
 
-    def _stat(self) -> dict[str, Any]:
+    def _stat(self, **kwargs: Any) -> dict[str, Any]:
         # One worker-thread hop for construction and stat.
         fs: Any = self._filesystem()
         with suppress(Exception):
             fs.invalidate_cache(self.path)  # never trust a cached listing for versions
-        info: dict[str, Any] = fs.info(self.path)
+        info: dict[str, Any] = fs.info(self.path, **kwargs)
         return info
 
-    async def info(self) -> dict[str, Any]:
-        info = await self._call(self._stat)
+    def _cat(self, **kwargs: Any) -> bytes:
+        fs: Any = self.fs
+        data: bytes = fs.cat_file(self.path, **kwargs)
+        return data
+
+    async def info(
+        self, *, policy: RetryPolicy | None = None, deadline: float | None = None
+    ) -> dict[str, Any]:
+        info = await self._call(self._stat, policy=policy, deadline=deadline)
         if info.get("type") == "directory":
             raise ModelNotFoundError(self.safe_url)
         return info
@@ -245,8 +292,8 @@ class _Fetcher:
             os.ftruncate(fd, size)
             limiter = anyio.CapacityLimiter(self.config.concurrency)
 
-            def read_part(start: int, end: int) -> None:
-                data = fs.cat_file(self.path, start=start, end=end)
+            def read_part(start: int, end: int, **kwargs: Any) -> None:
+                data = fs.cat_file(self.path, start=start, end=end, **kwargs)
                 if len(data) != end - start:
                     raise _ShortRead(f"range {start}-{end} returned {len(data)} bytes")
                 view = memoryview(data)
@@ -272,17 +319,29 @@ class _Fetcher:
         finally:
             os.close(fd)
 
+    def _cache(self) -> DiskCache:
+        return DiskCache(self.config.cache_dir(), self.config.cache.max_bytes)
+
     async def through_cache(self, info: Mapping[str, Any], size: int) -> tuple[str, bool]:
-        cache = DiskCache(self.config.cache_dir(), self.config.cache.max_bytes)
-        key = cache_key(self.identity(), version_token(info))
-        hit = await _thread(cache.lookup, key, size)
+        cache = self._cache()
+        identity = self.identity()
+        key = cache_key(identity, version_token(info))
+
+        def lookup_and_confirm() -> Path | None:
+            # One thread hop: the remote just named this version current.
+            found = cache.lookup(key, size)
+            if found is not None:
+                cache.confirm(identity, key)
+            return found
+
+        hit = await _thread(lookup_and_confirm)
         if hit is not None:
             return str(hit), True
         lock = await _thread(cache.lock, key)
         await _acquire(lock)
         try:
             # Another process may have finished the download while we waited.
-            hit = await _thread(cache.lookup, key, size)
+            hit = await _thread(lookup_and_confirm)
             if hit is not None:
                 return str(hit), True
             temp = await _thread(cache.temp_path, key)
@@ -292,6 +351,7 @@ class _Fetcher:
                 final = await _thread(
                     partial(cache.commit, temp, key, fsync=self.config.cache.fsync)
                 )
+                await _thread(cache.confirm, identity, key)
             except BaseException:
                 _remove(temp)
                 raise
@@ -359,6 +419,22 @@ class _Fetcher:
             raise _ObjectChanged(self.safe_url)
 
     async def fetch(self) -> Artifact:
+        """Fetch within the request's deadline (see :mod:`._deadline`)."""
+        if self.deadline is None:
+            return await self._fetch_versions()
+        started = time.monotonic()
+        # Each storage call is bounded already; this bounds the rest (waiting
+        # for another process's download, filesystems without timeouts).
+        with anyio.move_on_after(self.deadline - started):
+            return await self._fetch_versions()
+        raise StorageUnavailableError(
+            self.safe_url,
+            attempts=0,
+            elapsed=time.monotonic() - started,
+            reason="storage did not answer before the request's deadline",
+        )
+
+    async def _fetch_versions(self) -> Artifact:
         """Fetch, restarting (bounded) if the object changes mid-download."""
         for _ in range(_MAX_VERSION_RESTARTS):
             try:
@@ -370,12 +446,65 @@ class _Fetcher:
             url=self.safe_url,
         )
 
+    async def _info_or_stale(self, cached: bool) -> dict[str, Any] | Artifact:
+        """The object's info from the remote; or, when the remote cannot be
+        reached and the disk cache holds the version the remote last
+        confirmed, that file as a stale :class:`Artifact` (stale-if-error).
+
+        Only "cannot reach" falls back: refused, reset, timed out, 5xx
+        (:class:`StorageUnavailableError`). A remote that answers decides:
+        not found is not found, and a new version is downloaded.
+
+        With a copy held, the check makes one attempt within half the time
+        left before the deadline, keeping the other half to load the copy.
+        """
+        if not cached:
+            return await self.info()
+        cache = self._cache()
+        identity = self.identity()
+        # One readlink on a local directory: not worth a worker-thread hop.
+        if cache.confirmed_key(identity) is None:
+            return await self.info()
+        deadline = None
+        if self.deadline is not None:
+            now = time.monotonic()
+            deadline = now + (self.deadline - now) / 2
+        try:
+            return await self.info(
+                policy=replace(self.config.retry, max_attempts=1), deadline=deadline
+            )
+        except StorageUnavailableError as exc:
+            held = await _thread(cache.last_confirmed, identity)
+            if held is None:
+                raise
+            size = os.stat(held).st_size
+            _COUNTERS["storage_stale_serves"] += 1
+            logger.warning(
+                "Storage unreachable for %s; serving the cached copy the remote last "
+                "confirmed (stale-if-error): %s",
+                self.safe_url,
+                exc,
+            )
+            return Artifact(
+                self.safe_url,
+                size,
+                cache_hit=True,
+                strategy=Strategy.CACHED,
+                path=str(held),
+                mmap_safe=True,
+                source="cache",
+                stale=True,
+            )
+
     async def _fetch_once(self) -> Artifact:
-        info = await self.info()
+        cached = self.config.cache.enabled_for(self.protocol)
+        info = await self._info_or_stale(cached)
+        if isinstance(info, Artifact):
+            return info
         size = int(info.get("size") or 0)
         strategy = choose_strategy(
             is_local=self.is_local,
-            cached=self.config.cache.enabled_for(self.protocol),
+            cached=cached,
             size=size,
             part_size=self.config.part_size,
         )
@@ -391,7 +520,7 @@ class _Fetcher:
             artifact.mmap_safe = self.config.mmap_local_files
         elif strategy is Strategy.BYTES:
             assert self.fs is not None
-            artifact.data = await self._call(self.fs.cat_file, self.path)
+            artifact.data = await self._call(self._cat)
         elif strategy is Strategy.CACHED:
             artifact.path, artifact.cache_hit = await self.through_cache(info, size)
             artifact.source = source_of(cache_hit=artifact.cache_hit, remote=self.spec.remote)
@@ -440,6 +569,7 @@ def _record(span: trace.Span, artifact: Artifact, seconds: float) -> None:
             "muxgate.cache_hit": artifact.cache_hit,
             "muxgate.storage.strategy": artifact.strategy.value,
             "muxgate.source": artifact.source,
+            "muxgate.stale": artifact.stale,
         }
     )
 
@@ -491,8 +621,12 @@ async def fetch(
     e.g. the SDK's ``muxgate.model.load``, which cannot know these) with
     ``url.full`` (no credentials or query), ``muxgate.bytes``,
     ``muxgate.source`` (``cache`` | ``remote`` | ``local``),
-    ``muxgate.cache_hit``, ``muxgate.storage.strategy`` and
-    ``muxgate.duration_ms``.
+    ``muxgate.cache_hit``, ``muxgate.storage.strategy``,
+    ``muxgate.stale`` (served from the disk cache because the remote
+    could not be reached) and ``muxgate.duration_ms``.
+
+    Inside a replica call, storage gives up early enough for the replica
+    to answer before the request's deadline (see :mod:`._deadline`).
 
     Raises:
         ModelNotFoundError: The object does not exist.
@@ -584,4 +718,5 @@ __all__ = [
     "is_transient",
     "plan_parts",
     "source_of",
+    "storage_counters",
 ]

@@ -98,13 +98,20 @@ def is_transient(exc: BaseException) -> bool:
 
 
 async def with_retries(
-    operation: Callable[[], Awaitable[T]],
+    operation: Callable[[float | None], Awaitable[T]],
     *,
     policy: RetryPolicy,
     url: str,
+    deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Run ``operation`` until it succeeds, fails permanently, or the budget is spent.
+
+    ``operation`` gets the seconds left before ``deadline`` (a
+    ``clock()`` value; ``None``: no deadline) and must not wait longer
+    than that: each attempt is bounded by the time left, and no attempt
+    starts after the deadline or after the policy's own ``deadline`` from
+    the first attempt.
 
     Permanent errors propagate unchanged (the caller translates them);
     after the last transient failure :class:`StorageUnavailableError` is
@@ -113,15 +120,28 @@ async def with_retries(
     start = clock()
     attempt = 0
     while True:
+        left = None if deadline is None else deadline - clock()
+        if left is not None and left <= 0:
+            raise StorageUnavailableError(
+                url,
+                attempts=attempt,
+                elapsed=clock() - start,
+                reason="no time left before the request's deadline",
+            )
         attempt += 1
         try:
-            return await operation()
+            return await operation(left)
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            elapsed = clock() - start
+            now = clock()
+            elapsed = now - start
             delay = policy.delay(attempt)
-            if attempt >= policy.max_attempts or elapsed + delay >= policy.deadline:
+            if (
+                attempt >= policy.max_attempts
+                or elapsed + delay >= policy.deadline
+                or (deadline is not None and now + delay >= deadline)
+            ):
                 raise StorageUnavailableError(
                     url, attempts=attempt, elapsed=elapsed, reason=f"{type(exc).__name__}: {exc}"
                 ) from exc

@@ -16,8 +16,10 @@ adds only a longest-prefix match over the route table built at start and the
 ``HttpRequest`` the replica gets.
 
 ``GET /-/healthz`` is public (probes and load balancers cannot send a token)
-and says only ``{"status": "ok"}`` or 503 ``{"status": "starting"}``; the
-detailed view stays behind the admin guard at ``/-/replicas``.
+and says only ``{"status": "ok"}`` or 503 ``{"status": "starting"}``; a
+caller the admin guard would let in also gets, per deployment below its
+minimum, the replicas running and the last start failure. The detailed view
+stays behind the admin guard at ``/-/replicas``.
 """
 
 from __future__ import annotations
@@ -166,20 +168,30 @@ class Ingress(FrontEnd):
 # -- admin ------------------------------------------------------------------
 
 
+def _admin_denial(
+    connection: ASGIConnection[Any, Any, Any, Any], expected: bytes | None
+) -> str | None:
+    """Why ``connection`` may not use the admin endpoints, or None if it may."""
+    if expected is not None:
+        given = connection.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return "admin endpoints need the bearer token"
+        return None
+    client = connection.client
+    if client is None or client.host not in LOCAL_CLIENTS:
+        return "admin endpoints answer local clients only"
+    return None
+
+
 def _admin_guard(token: str | None) -> Any:
     expected = f"Bearer {token}".encode() if token else None
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         if handler.opt.get("public"):
             return
-        if expected is not None:
-            given = connection.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise NotAuthorizedException("admin endpoints need the bearer token")
-            return
-        client = connection.client
-        if client is None or client.host not in LOCAL_CLIENTS:
-            raise NotAuthorizedException("admin endpoints answer local clients only")
+        denial = _admin_denial(connection, expected)
+        if denial is not None:
+            raise NotAuthorizedException(denial)
 
     return guard
 
@@ -240,11 +252,26 @@ def create_app(
 
     # Public: k8s httpGet probes and load balancers cannot send a token, so
     # it tells nothing beyond ok/starting (the details are at /-/replicas).
+    admin_token = config.http.admin_token
+    expected = f"Bearer {admin_token}".encode() if admin_token else None
+
     @get("/-/healthz", sync_to_thread=False, opt={"public": True})
-    def healthz() -> Response[bytes]:
+    def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
         if not all(p.healthy for p in pools.values()):
+            body: dict[str, Any] = {"status": "starting"}
+            if _admin_denial(request, expected) is None:
+                # Admin callers (as /-/replicas would allow) also get why.
+                body["deployments"] = {
+                    name: {
+                        "running": p.running,
+                        "min_replicas": p.min_replicas,
+                        "last_failure": p.last_failure,
+                    }
+                    for name, p in pools.items()
+                    if not p.healthy
+                }
             return Response(
-                content=b'{"status":"starting"}',
+                content=msgspec.json.encode(body),
                 status_code=503,
                 media_type="application/json",
             )

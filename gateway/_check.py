@@ -184,4 +184,3 @@ def check_config_file(path: str | os.PathLike[str]) -> CheckReport:
         else:
             problems.append(f"deployment {name!r}: {problem}")
     return CheckReport(config, problems, imported)
-

@@ -62,9 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         " recently used first), start failures.",
     )
     status.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
-    status.add_argument(
-        "--token", default=None, help=f"admin bearer token (default: ${TOKEN_ENV})"
-    )
+    status.add_argument("--token", default=None, help=f"admin bearer token (default: ${TOKEN_ENV})")
     sub.add_parser("demo", help="make demo models, serve them, drive traffic, print a summary")
     return parser
 

@@ -9,6 +9,7 @@ and the reason.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from typing import Annotated, Any, Literal
@@ -83,7 +84,7 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Parameters of the bounded-load consistent-hash router (DESIGN.md section 5)."""
+    """Parameters of the bounded-load consistent-hash router (docs/routing.md)."""
 
     #: c in the bounded-load rule; the default was chosen by
     #: bench/bench_routing_sim.py (see ``muxgate.gateway._router``)
@@ -125,8 +126,14 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: no working model) or ``evict_first`` (memory never above the limit);
     #: None: each loader's own ``@multiplexed(load_order=...)``, else ``evict_after``
     load_order: Literal["evict_after", "evict_first"] | None = None
+    #: CPU budget per replica (Ray's ``num_cpus``): torch threads and
+    #: ``OMP_NUM_THREADS`` follow it, rounded up; None: the class's
+    #: ``@deployment(num_cpus=...)``, else 1
+    num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
     def __post_init__(self) -> None:
+        if self.num_cpus is not None and not math.isfinite(self.num_cpus):
+            raise ValueError(f"num_cpus must be finite, got {self.num_cpus}")
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("num_replicas and autoscaling are mutually exclusive")
         prefix = self.route_prefix

@@ -152,7 +152,8 @@ class Dispatcher:
         per_model_labels: pass model ids to the spillover metric.
         affinity_wait_s: how long the queue head lets cache hits go first
             (the pool updates it with its model load time estimate).
-        admit: called with each request's model id before it is routed;
+        admit: called with each request's model id before it is routed and
+            again once it has a slot (it may have waited in the queue);
             raises a ``GatewayError`` to refuse it (the pool's quarantine).
     """
 
@@ -244,6 +245,14 @@ class Dispatcher:
                     decision = await self._wait_for_slot(model_id, deadline)
                 sent_parent, sent_state = traceparent, tracestate
             replica_id = decision.replica_id
+            if self._admit is not None:
+                try:
+                    self._admit(model_id)  # again: it may have been refused while it waited
+                except GatewayError:
+                    router.release(replica_id, model_id)
+                    if self._waiting:
+                        self.wake()
+                    raise
             self.in_flight += 1
             try:
                 target = self._targets.get(replica_id)

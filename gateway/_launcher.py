@@ -40,12 +40,16 @@ import anyio.abc
 import msgspec
 
 from muxgate.gateway._processes import (
+    CpuBudgets,
     ForkedProcess,
     ForkServer,
     NoForkError,
     ReplicaProcess,
     SpawnedProcess,
+    usable_cores,
 )
+from muxgate.replicas._cpu import cpu_budget_env
+from muxgate.replicas._deployment import DEFAULT_NUM_CPUS
 from muxgate.replicas._server import ReplicaSpec
 
 __all__ = [
@@ -130,6 +134,13 @@ class LocalLauncher:
             (e.g. the deployment's own module, found through ``env``'s
             ``PYTHONPATH``); one that fails to import disables forking.
 
+    Each replica's CPU budget (``spec.num_cpus``, 1 when unset) sizes its
+    thread pools (``muxgate.replicas._cpu``); a spawned replica also gets
+    ``OMP_NUM_THREADS`` and friends in its environment from here. The
+    budgets of running replicas are counted against the cores the host
+    gives this process (``cpu_budgets``), with one warning when they exceed
+    them.
+
     ``start`` may be called concurrently to start several replicas at once.
     The fork server and its children see the environment of the moment it
     started. It exits, stopping its children, when the launcher is closed or
@@ -166,6 +177,9 @@ class LocalLauncher:
         self._closed = False
         #: why forking is off for good (a broken fork server), else None
         self.fork_disabled_reason: str | None = None
+        #: CPU budgets of the replicas started here against the host's cores
+        self.cpu_budgets = CpuBudgets(usable_cores())
+        self._running: dict[str, ReplicaProcess] = {}
 
     def __repr__(self) -> str:
         mode = (
@@ -212,10 +226,23 @@ class LocalLauncher:
             else:
                 self._started += 1
                 self._forked += 1
+                self._count_budget(process)
                 return process
         process = await self._spawn(spec)
         self._started += 1
+        self._count_budget(process)
         return process
+
+    def _count_budget(self, process: ReplicaProcess) -> None:
+        for replica_id, running in list(self._running.items()):
+            if running.returncode is not None:
+                del self._running[replica_id]
+                self.cpu_budgets.remove(replica_id)
+        self._running[process.replica_id] = process
+        num_cpus = process.spec.num_cpus
+        self.cpu_budgets.add(
+            process.replica_id, num_cpus if num_cpus is not None else DEFAULT_NUM_CPUS
+        )
 
     def _disable_forking(self, reason: str) -> None:
         _log.warning("fork server: %s; spawning replicas instead", reason)
@@ -298,7 +325,8 @@ class LocalLauncher:
             raise
 
     async def _spawn(self, spec: ReplicaSpec) -> ReplicaProcess:
-        env = {**os.environ, **self.env}
+        num_cpus = spec.num_cpus if spec.num_cpus is not None else DEFAULT_NUM_CPUS
+        env = {**os.environ, **self.env, **cpu_budget_env(num_cpus)}
         process = await anyio.open_process(
             [self.python, "-m", "muxgate.replicas._server", "--spec", "-"],
             stdin=subprocess.PIPE,

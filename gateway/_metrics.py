@@ -75,6 +75,7 @@ REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
     "cache_misses",
     "model_load_seconds_sum",
     *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
+    "storage_stale_serves",
 )
 
 _MODELS_LOADED_KEY: Final = "models_loaded"
@@ -251,6 +252,11 @@ class _ReplicaCounters(Collector):
             "Model lookups that needed a load.",
             "cache_misses",
         )
+        yield per_deployment(
+            "muxgate_storage_stale_serves_total",
+            "Model files served from a host's disk cache because storage could not be reached.",
+            "storage_stale_serves",
+        )
         loaded = GaugeMetricFamily(
             "muxgate_models_loaded",
             "Models currently loaded, per replica.",
@@ -275,8 +281,9 @@ class GatewayMetrics:
       replica by the bounded-load rule.
     * ``model_loads_total``, ``model_load_failures_total``,
       ``model_unloads_total{reason}``, ``cache_hits_total``,
-      ``cache_misses_total`` (all ``{deployment}``): replica counters summed
-      over replicas, monotonic across replica churn.
+      ``cache_misses_total``, ``storage_stale_serves_total`` (all
+      ``{deployment}``): replica counters summed over replicas, monotonic
+      across replica churn.
     * ``model_load_duration_seconds{deployment}``: histogram of load times,
       merged from the replicas' own histograms the same way.
     * ``models_loaded{deployment,replica}``: per live replica.

@@ -26,6 +26,11 @@ Life of a replica::
   timeout (no request can need longer) and the pool waits that plus
   ``DRAIN_MARGIN_S`` before it closes the connection (then SIGKILL after
   ``EXIT_GRACE_S``).
+* A replica that reports more resident memory than the deployment's
+  ``max_replica_rss_bytes`` is drained the same way and replaced
+  (``MemoryLimit`` decides). Each death of a running replica is reported to
+  the ``Quarantine`` with the model ids it was busy with; the dispatcher
+  asks it before routing a request.
 * An autoscaled deployment gets an ``Autoscaler`` loop (started by
   ``start()``), which moves ``target`` with the policy. At zero replicas the
   pool is also the activator: the first request that finds no replica raises
@@ -55,6 +60,7 @@ from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
+from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
 from muxgate.gateway._quarantine import Quarantine
@@ -222,10 +228,13 @@ class ReplicaPool:
         self.min_replicas: int = config.min_replicas
         self.last_failure: str | None = None
         self._class_options_known = False
+        #: the class's ``@deployment(num_cpus=...)``, once a replica told it
+        self._class_num_cpus: float | None = None
         self._failures = 0
         self._backoff_until = 0.0
         self._replicas: dict[str, _Replica] = {}
         self._events = ModelEventLog()
+        self._memory = MemoryLimit(config.max_replica_rss_bytes)
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -500,6 +509,7 @@ class ReplicaPool:
         8 requests per replica, one replica).
         """
         self._class_options_known = True
+        self._class_num_cpus = options.num_cpus
         config = self.config
         if config.max_ongoing_requests is None:
             self.router.set_max_ongoing_requests(options.max_ongoing_requests)
@@ -516,7 +526,7 @@ class ReplicaPool:
             msgspec.structs.asdict(options),
             {
                 k: v
-                for k in ("max_ongoing_requests", "max_queued_requests", "num_replicas")
+                for k in ("max_ongoing_requests", "max_queued_requests", "num_replicas", "num_cpus")
                 if (v := getattr(config, k)) is not None
             },
         )
@@ -529,6 +539,9 @@ class ReplicaPool:
             graceful = max(1.0, self._drain_timeout - DRAIN_MARGIN_S)
             if spec.graceful_shutdown_timeout_s != graceful:
                 spec = msgspec.structs.replace(spec, graceful_shutdown_timeout_s=graceful)
+            if spec.num_cpus is None and self._class_num_cpus is not None:
+                # The launcher counts budgets against the host's cores.
+                spec = msgspec.structs.replace(spec, num_cpus=self._class_num_cpus)
         return spec
 
     def _unavailable_reason(self) -> str | None:
@@ -566,6 +579,7 @@ class ReplicaPool:
         """Take a replica out of routing (first step of draining or removal)."""
         self.targets.pop(rep.id, None)
         self.router.remove_replica(rep.id)
+        self._memory.forget(rep.id)
         if self._metrics is not None:
             self._metrics.forget_replica(self.name, rep.id)
 
@@ -652,26 +666,21 @@ class ReplicaPool:
             self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
             if pong.rss_bytes is not None:
                 self._metrics.set_replica_rss(self.name, rep.id, pong.rss_bytes)
-        limit = self.config.max_replica_rss_bytes
-        if limit is not None and pong.rss_bytes is not None and pong.rss_bytes > limit:
-            self._replace_for_memory(rep, pong.rss_bytes, limit)
+        if (
+            rep.state == RUNNING
+            and rep.conn is not None
+            and not self._closing
+            and self._memory.should_replace(rep.id, pong.rss_bytes, rep.conn.state)
+        ):
+            self._replace_for_memory(rep)
 
-    def _replace_for_memory(self, rep: _Replica, rss: int, limit: int) -> None:
+    def _replace_for_memory(self, rep: _Replica) -> None:
         """Drain a replica over its memory limit; the reconciler replaces it.
 
         Drained, not killed: its in-flight calls finish and its models unload
         through their hooks (reason ``drain``). Requests that arrive before
         the replacement runs go to the other replicas, or wait in the queue.
         """
-        if rep.state != RUNNING or self._closing:
-            return
-        _log.warning(
-            "replica %s uses %d bytes of memory, over max_replica_rss_bytes=%d:"
-            " draining it and starting a replacement",
-            rep.id,
-            rss,
-            limit,
-        )
         rep.state = DRAINING
         self._leave(rep)
         if self._metrics is not None:

@@ -1,5 +1,6 @@
-"""Local replica processes, spawned or forked, and the launcher's side of
-the fork server (``muxgate.replicas._forkserver`` describes its protocol).
+"""Local replica processes, spawned or forked, the launcher's side of the
+fork server (``muxgate.replicas._forkserver`` describes its protocol), and
+the host's CPU count against the replicas' budgets.
 
 Used by ``muxgate.gateway._launcher.LocalLauncher``; nothing here decides
 when to fork or spawn.
@@ -8,10 +9,12 @@ when to fork or spawn.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -19,7 +22,19 @@ import msgspec
 
 from muxgate.replicas._server import ReplicaSpec
 
-__all__ = ["ForkServer", "ForkedProcess", "NoForkError", "ReplicaProcess", "SpawnedProcess"]
+__all__ = [
+    "CpuBudgets",
+    "ForkServer",
+    "ForkedProcess",
+    "NoForkError",
+    "ReplicaProcess",
+    "SpawnedProcess",
+    "cgroup_cpu_limit",
+    "parse_cpu_max",
+    "usable_cores",
+]
+
+_log = logging.getLogger("muxgate.gateway.launcher")
 
 #: Seconds the fork server gets to stop its children and exit (it gives
 #: them 5 s after SIGTERM).
@@ -308,3 +323,98 @@ class ForkServer:
 
     def __repr__(self) -> str:
         return f"<fork server pid={self.process.pid} {'alive' if self.alive else 'gone'}>"
+
+
+# -- the host's cores against the replicas' budgets ---------------------------
+
+
+def parse_cpu_max(text: str) -> float | None:
+    """Cores a cgroup v2 ``cpu.max`` (``"QUOTA PERIOD"``) allows; None for
+    ``max`` (no limit) or text that is not a quota."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cgroup_cpu_limit(
+    proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> float | None:
+    """The tightest cgroup v2 CPU quota on this process's cgroup and its
+    ancestors, in cores; None without cgroup v2 or without a quota."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    path = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if path is None:
+        return None
+    limits: list[float] = []
+    folder = Path(root, path.lstrip("/"))
+    base = Path(root)
+    while True:
+        with contextlib.suppress(OSError):
+            limit = parse_cpu_max((folder / "cpu.max").read_text())
+            if limit is not None:
+                limits.append(limit)
+        if folder == base or base not in folder.parents:
+            break
+        folder = folder.parent
+    return min(limits) if limits else None
+
+
+def usable_cores() -> float:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 quota."""
+    try:
+        cores = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cores = float(os.cpu_count() or 1)
+    quota = cgroup_cpu_limit()
+    return min(cores, quota) if quota is not None else cores
+
+
+class CpuBudgets:
+    """The CPU budgets (``num_cpus``) of running local replicas against the
+    cores the host gives the gateway; warns once when they oversubscribe
+    them. Never refuses a start: a fractional or generous budget is the
+    user's choice (as in Ray), but an unnoticed one costs throughput.
+
+    Args:
+        cores: cores the replicas may use (``usable_cores()``).
+    """
+
+    def __init__(self, cores: float) -> None:
+        self.cores = cores
+        self._budgets: dict[str, float] = {}
+        self.warned = False
+
+    @property
+    def total(self) -> float:
+        return sum(self._budgets.values())
+
+    def add(self, replica_id: str, num_cpus: float) -> bool:
+        """Count a started replica; True if this start made the budgets
+        oversubscribe the cores for the first time (logged)."""
+        self._budgets[replica_id] = num_cpus
+        total = self.total
+        if self.warned or total <= self.cores + 1e-9:
+            return False
+        self.warned = True
+        _log.warning(
+            "local replicas' CPU budgets (num_cpus) add up to %g but this host gives the "
+            "gateway %g cores: replicas will compete for them; lower num_cpus or "
+            "num_replicas (logged once)",
+            total,
+            self.cores,
+        )
+        return True
+
+    def remove(self, replica_id: str) -> None:
+        self._budgets.pop(replica_id, None)
+
+    def __repr__(self) -> str:
+        return f"<CpuBudgets {self.total:g}/{self.cores:g} cores, {len(self._budgets)} replicas>"

@@ -193,6 +193,8 @@ class Quarantine:
         Raises:
             QuarantinedError: 503 with ``Retry-After`` for the time left.
         """
+        if model_id not in self._until:
+            return  # the request path: one lookup
         left = self.retry_after(model_id)
         if left is None:
             return

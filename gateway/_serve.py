@@ -108,6 +108,7 @@ def make_spec(
         app_dir=config.app_dir or None,
         listen="unix:",
         max_ongoing_requests=deployment.max_ongoing_requests,
+        num_cpus=deployment.num_cpus,
         tracing=tracing,
         storage=config.storage,
         graceful_shutdown_timeout_s=config.http.request_timeout_s,

@@ -99,6 +99,6 @@ def render(snapshot: dict[str, Any], url: str = "") -> str:
             lines.append(f"  last start failure: {dep['last_failure']}")
         quarantined = dep.get("quarantined") or []
         if quarantined:
-            ids = [q if isinstance(q, str) else str(q.get("model", q)) for q in quarantined]
+            ids = [str(q.get("model_id")) if isinstance(q, dict) else str(q) for q in quarantined]
             lines.append(f"  quarantined models: {' '.join(ids)}")
     return "\n".join(lines) + "\n"

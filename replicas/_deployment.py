@@ -10,6 +10,7 @@ lets the config file override them.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -17,6 +18,7 @@ import msgspec
 __all__ = [
     "DEFAULT_MAX_ONGOING_REQUESTS",
     "DEFAULT_MAX_QUEUED_REQUESTS",
+    "DEFAULT_NUM_CPUS",
     "DeploymentOptions",
     "deployment",
     "get_deployment_options",
@@ -24,6 +26,9 @@ __all__ = [
 
 DEFAULT_MAX_ONGOING_REQUESTS = 8
 DEFAULT_MAX_QUEUED_REQUESTS = 1000
+#: CPU budget of one replica (Ray's ``num_cpus``): torch's intra-op and
+#: inter-op threads and ``OMP_NUM_THREADS`` follow it, rounded up
+DEFAULT_NUM_CPUS = 1.0
 
 _C = TypeVar("_C", bound=type)
 _OPTIONS_ATTR = "__muxgate_deployment__"
@@ -39,6 +44,8 @@ class DeploymentOptions(msgspec.Struct, frozen=True, kw_only=True):
         max_queued_requests: gateway queue per deployment, ``-1`` for no limit.
         num_replicas: fixed number of replicas, or ``None`` to leave it to the config.
         graceful_shutdown_timeout_s: how long a draining replica may finish its requests.
+        num_cpus: CPU budget of one replica; fractions allowed (rounded up
+            for the thread count).
     """
 
     name: str
@@ -46,6 +53,17 @@ class DeploymentOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     num_replicas: int | None = None
     graceful_shutdown_timeout_s: float = 20.0
+    num_cpus: float = DEFAULT_NUM_CPUS
+
+
+def check_num_cpus(value: object) -> float:
+    """``value`` as a CPU budget: a finite number above 0 (``TypeError`` or ``ValueError``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"num_cpus must be a number, got {type(value).__name__}.")
+    number = float(value)
+    if not (number > 0 and math.isfinite(number)):  # also refuses NaN
+        raise ValueError(f"num_cpus must be a finite number above 0, got {value}.")
+    return number
 
 
 def _int_option(name: str, value: object, minimum: int, *, allow_minus_one: bool = False) -> int:
@@ -66,6 +84,7 @@ def deployment(
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
     graceful_shutdown_timeout_s: float = 20.0,
+    num_cpus: float = DEFAULT_NUM_CPUS,
 ) -> _C: ...
 
 
@@ -78,6 +97,7 @@ def deployment(
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
     graceful_shutdown_timeout_s: float = 20.0,
+    num_cpus: float = DEFAULT_NUM_CPUS,
 ) -> Any: ...
 
 
@@ -89,6 +109,7 @@ def deployment(
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
     graceful_shutdown_timeout_s: float = 20.0,
+    num_cpus: float = DEFAULT_NUM_CPUS,
 ) -> Any:
     """Mark a class as a deployment, bare (``@deployment``) or with options.
 
@@ -99,6 +120,10 @@ def deployment(
         max_queued_requests: gateway queue bound, at least 1 or ``-1``.
         num_replicas: fixed replica count (at least 0), or ``None``.
         graceful_shutdown_timeout_s: drain time limit in seconds, at least 0.
+        num_cpus: CPU budget per replica, above 0; fractions allowed. A
+            replica runs ``ceil(num_cpus)`` torch intra-op and inter-op
+            threads and has ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and
+            ``OPENBLAS_NUM_THREADS`` set to that number.
 
     Returns:
         The same class, with its options attached.
@@ -122,6 +147,7 @@ def deployment(
         )
     if not timeout >= 0:  # also refuses NaN
         raise ValueError(f"graceful_shutdown_timeout_s must be >= 0, got {timeout}.")
+    cpus = check_num_cpus(num_cpus)
 
     def decorate(target: type) -> type:
         if not inspect.isclass(target):
@@ -135,6 +161,7 @@ def deployment(
             max_queued_requests=max_queued_requests,
             num_replicas=num_replicas,
             graceful_shutdown_timeout_s=float(timeout),
+            num_cpus=cpus,
         )
         setattr(target, _OPTIONS_ATTR, options)
         return target

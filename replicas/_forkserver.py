@@ -30,6 +30,16 @@ forks only while it has one thread (``/proc/self/task``). ``import torch``
 brings numpy's OpenBLAS, whose thread server starts at load and stops in
 its own ``pthread_atfork`` handler; one throw-away fork after the imports
 lets it stop, and the thread count is checked again before every fork.
+
+Threads and the CPU budget: forking after OpenMP (or torch's inter-op pool)
+has started threads leaves the child with a pool whose threads did not
+survive the fork. So the fork server runs with one thread everywhere:
+``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``OPENBLAS_NUM_THREADS`` are 1
+before anything loads, and torch's intra-op threads are set to 1 once torch
+is imported, so even a preloaded deployment module that runs torch ops at
+import starts no pool. Torch's inter-op threads are left unset: each child
+sets both pools (and the variables) to its own ``num_cpus`` in
+``run_replica`` (``muxgate.replicas._cpu``).
 """
 
 from __future__ import annotations
@@ -47,8 +57,11 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
+
+from muxgate.replicas._cpu import apply_cpu_budget, cpu_budget_env
 
 __all__ = ["main"]
 
@@ -251,7 +264,7 @@ class _ForkServer:
             self._reap(child)
 
 
-def _preload(modules: list[str]) -> None:
+def _preload(modules: Sequence[str]) -> None:
     for name in modules:
         importlib.import_module(name)
     for name in _OPTIONAL:
@@ -267,10 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     # fd 0 is the control socket; prints of preloaded modules (and of the
     # children, which inherit this) go to stderr like a replica's.
     os.dup2(2, 1)
+    # One thread per pool in this process (read when the libraries load); the
+    # children size their own.
+    os.environ.update(cpu_budget_env(1))
     try:
         if not hasattr(os, "pidfd_open"):
             raise OSError("os.pidfd_open is unavailable (Linux >= 5.3 needed)")
-        _preload([*PRELOAD, *extra])
+        _preload(PRELOAD)
+        apply_cpu_budget(1, interop=False)  # before a preloaded module can run torch ops
+        _preload(extra)
         if thread_count() != 1:
             _settle_threads()
         threads = thread_count()

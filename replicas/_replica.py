@@ -54,6 +54,7 @@ import inspect
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,14 @@ _BACKEND_ERRORS: dict[str, tuple[str, int]] = {
 }
 
 
+#: Codes of backend errors that are outcomes (logged without a traceback).
+_EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(code for code, _ in _BACKEND_ERRORS.values())
+
+
+def _is_backend_error(exc: BaseException) -> bool:
+    return any(cls.__name__ == "BackendError" for cls in type(exc).__mro__)
+
+
 def _error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
     """Map an exception raised by user code to what the gateway gets.
 
@@ -156,11 +165,28 @@ def _error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
     message = f"{type(exc).__name__}: {exc}"
     # muxgate.backends is optional here (and must not be imported eagerly):
     # match its errors by name anywhere in the class hierarchy.
+    if _is_backend_error(exc):
+        # Its client_message names no bucket, path or endpoint; str(exc),
+        # which does, goes to the replica's log (see _run_guarded).
+        client = getattr(exc, "client_message", "")
+        if isinstance(client, str) and client:
+            message = client
     for cls in type(exc).__mro__:
         known = _BACKEND_ERRORS.get(cls.__name__)
         if known is not None:
             return ErrorInfo(code=known[0], message=message, status=known[1])
     return ErrorInfo(code="user_error", message=message, status=500)
+
+
+def _counters() -> dict[str, float]:
+    """The model caches' counters plus muxgate.backends' (when it was imported)."""
+    result = counters()
+    # Looked up, not imported: a deployment need not touch storage, and a
+    # process that never imported it has counted nothing there.
+    fetch_module = sys.modules.get("muxgate.backends._fetch")
+    if fetch_module is not None:
+        result.update(fetch_module.storage_counters())
+    return result
 
 
 class Replica:
@@ -250,7 +276,7 @@ class Replica:
             if self._drain_requester is not None:
                 after = self._drain_events_after
                 events = events_since(after) if after is not None else []
-                await self._drain_requester.send(Drained(counters=counters(), events=events))
+                await self._drain_requester.send(Drained(counters=_counters(), events=events))
             # Closing a socket may drop data still buffered for it, so
             # half-close and let each gateway close its end once it has read
             # everything (bounded: a gateway that never closes is cut off).
@@ -385,7 +411,7 @@ class Replica:
     async def _pong(self, conn: GatewayConnection, events_after: int | None) -> None:
         events = events_since(events_after) if events_after is not None else []
         await conn.send(
-            Pong(state=self.state(), counters=counters(), events=events, rss_bytes=rss_bytes())
+            Pong(state=self.state(), counters=_counters(), events=events, rss_bytes=rss_bytes())
         )
 
     async def _run_call(
@@ -523,7 +549,10 @@ class Replica:
             # SystemExit too: a handler calling sys.exit() fails its
             # request, not the replica.
             error = _error_for(exc, http=call.http is not None)
-            if error.code in ("model_not_found", "bad_request"):
+            if error.code in _EXPECTED_BACKEND_CODES:
+                # an outcome, not a bug: the full detail, no traceback
+                _log.warning("Request %s: %s: %s", call.request_id, type(exc).__name__, exc)
+            elif error.code == "bad_request":
                 _log.warning("%s", error.message)
             else:
                 _log.exception("Request %s failed.", call.request_id)

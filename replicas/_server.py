@@ -28,13 +28,15 @@ import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.abc
 import msgspec
 
 from muxgate.replicas._context import set_replica_context
+from muxgate.replicas._cpu import apply_cpu_budget
+from muxgate.replicas._deployment import DEFAULT_NUM_CPUS, get_deployment_options
 from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
 from muxgate.replicas._logging import install_replica_logging
 from muxgate.replicas._multiplex import configure_model_caches
@@ -86,6 +88,8 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         eviction_policy: the model caches' eviction policy (``"lru"``, ...);
             None: each ``@multiplexed`` loader's own.
         load_order: ``"evict_after"`` or ``"evict_first"``; None: each loader's own.
+        num_cpus: CPU budget (threads, see ``muxgate.replicas._cpu``); None:
+            the class's ``@deployment(num_cpus=...)``, 1 by default.
     """
 
     deployment: str
@@ -104,6 +108,7 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     admin_token: str | None = None
     eviction_policy: str | None = None
     load_order: Literal["evict_after", "evict_first"] | None = None
+    num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 def _one_line(text: str, limit: int = 2000) -> str:
@@ -254,15 +259,20 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
         if parent_fd is not None:
             watchers.start_soon(_watch_parent_fd, parent_fd, starter.request_stop)
 
-        def instantiate() -> Any:
-            cls = _import_class(spec)
-            return cls(**spec.init_kwargs)
+        async def instantiate() -> Any:
+            # Import and __init__ run in a worker thread; the CPU budget is
+            # applied between them in this thread (it runs the async code).
+            cls = await anyio.to_thread.run_sync(_import_class, spec, abandon_on_cancel=True)
+            num_cpus = spec.num_cpus
+            if num_cpus is None:
+                num_cpus = get_deployment_options(cls).num_cpus
+            apply_cpu_budget(num_cpus, interop=True)
+            return await anyio.to_thread.run_sync(
+                lambda: cls(**spec.init_kwargs), abandon_on_cancel=True
+            )
 
         try:
-            done, instance = await _race_stop(
-                starter.stop,
-                lambda: anyio.to_thread.run_sync(instantiate, abandon_on_cancel=True),
-            )
+            done, instance = await _race_stop(starter.stop, instantiate)
         except Exception as exc:
             _log.exception("Starting %s failed.", spec.import_path)
             where = failure_location(exc)
@@ -347,6 +357,11 @@ def run_replica(raw_spec: bytes, ready_fd: int, parent_fd: int | None) -> int:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         os.write(ready_fd, f"FAILED invalid spec: {_one_line(str(exc))}\n".encode())
         return 2
+    # Before anything imports user code: the budget the spec names, else the
+    # default until the class (and its @deployment option) is imported.
+    apply_cpu_budget(
+        spec.num_cpus if spec.num_cpus is not None else DEFAULT_NUM_CPUS, interop=False
+    )
     set_replica_context(spec.deployment, spec.replica_id)
     set_handle_defaults(spec.gateway_url, spec.admin_token)
     install_replica_logging(spec.log_level)

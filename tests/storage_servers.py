@@ -13,6 +13,9 @@
         proxy.fail_next(2)
         ... storage_options=s3.options_via(proxy.endpoint) ...
 
+    with silent_server() as silent:            # accepts connections, never answers
+        ... storage_options=s3.options_via(silent.endpoint) ...
+
 Each context manager starts its server, waits for readiness with a deadline
 (no fixed sleeps), and stops it (and its temp files) on exit. Nothing here
 changes os.environ: pass ``storage_options`` (or ``env`` for subprocesses).
@@ -141,6 +144,11 @@ class S3Server:
         """Delete ``bucket/key``."""
         self.client().delete_object(Bucket=bucket, Key=key)
 
+    def stop(self) -> None:
+        """Stop the server now (a storage outage: connections are refused)."""
+        if self._proc is not None:
+            _stop(self._proc)
+
 
 @contextlib.contextmanager
 def moto_s3(port: int | None = None) -> Iterator[S3Server]:
@@ -260,6 +268,54 @@ def fake_gcs(port: int | None = None) -> Iterator[GcsServer]:
             _stop(proc)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class SilentServer:
+    """A TCP server that accepts connections and never answers (storage that hangs).
+
+    Attributes:
+        endpoint: ``http://127.0.0.1:PORT``.
+        accepted: Connections accepted so far.
+    """
+
+    endpoint: str
+    accepted: int = 0
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[SilentServer]:
+    """Run a :class:`SilentServer` on 127.0.0.1 for the block: every
+    connection is accepted and held open, unread, without a byte sent,
+    until the block ends."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.05)  # the accept loop notices the end of the block
+    server = SilentServer(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.setblocking(False)  # requests pile up in the kernel buffer, unread
+            held.append(conn)
+            server.accepted += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        for conn in held:
+            conn.close()
+        listener.close()
 
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}

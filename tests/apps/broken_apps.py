@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class InitRaises:
     def __init__(self) -> None:
@@ -11,3 +13,15 @@ class InitRaises:
 class Fine:
     async def __call__(self, request: object) -> str:
         return "fine"
+
+
+class FailsWhenFlagged:
+    """Starts unless the file ``flag`` exists: a deployment that starts, then
+    cannot start its replacements."""
+
+    def __init__(self, flag: str) -> None:
+        if os.path.exists(flag):
+            raise RuntimeError(f"{flag} exists: refusing to start (on purpose)")
+
+    async def __call__(self, request: object) -> str:
+        return "up"

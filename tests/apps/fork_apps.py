@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from muxgate.replicas import deployment
 from muxgate.replicas._http import Request
 
 
@@ -42,3 +43,33 @@ class TorchOps:
             "threads": threading.active_count(),
             "stdin_is_devnull": os.path.samestat(os.fstat(0), os.stat(os.devnull)),
         }
+
+
+class CpuFacts:
+    """Reports the thread pools and variables its replica runs with."""
+
+    def facts(self) -> dict[str, Any]:
+        """Seen from a worker thread (where sync user code runs)."""
+        return _cpu_facts()
+
+    async def loop_facts(self) -> dict[str, Any]:
+        """Seen from the event loop's thread (where async user code runs)."""
+        return _cpu_facts()
+
+
+@deployment(num_cpus=2)
+class CpuFactsTwo(CpuFacts):
+    """Asks for two CPUs in its decorator."""
+
+
+def _cpu_facts() -> dict[str, Any]:
+    a = torch.ones(384, 384)
+    return {
+        "threads": torch.get_num_threads(),
+        "interop": torch.get_num_interop_threads(),
+        "env": {
+            k: os.environ.get(k)
+            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+        },
+        "sum": float((a @ a).sum()),
+    }

@@ -258,7 +258,7 @@ def test_serve_stops_at_once_when_a_replica_cannot_start(tmp_path: Path) -> None
     result = _muxgate("serve", str(config), "--port", "0", "--log-level", "CRITICAL")
     took = time.monotonic() - started
     assert result.returncode == 1, result.stderr
-    where = f"{os.path.join(APPS, 'broken_apps.py')}:8 in __init__"
+    where = f"{os.path.join(APPS, 'broken_apps.py')}:10 in __init__"
     assert (
         "muxgate: deployment 'Broken' (broken_apps:InitRaises) failed to start: RuntimeError:"
         f" model registry unreachable (raised on purpose) (at {where})"
@@ -304,7 +304,8 @@ async def test_status_shows_the_pool_and_honours_the_token() -> None:
         assert lines[0] == f"muxgate at {gw.url}"
         assert lines[2] == "Shown: 1 running of 1 wanted, 0 in flight, 0 queued"
         replica = next(iter(gw.pools["Shown"].targets))
-        assert re.fullmatch(rf"  {re.escape(replica)}\s+running\s+\d+\s+0\s+a b\s+-", lines[4])
+        row = rf"  {re.escape(replica)}\s+running\s+\d+\s+0\s+a b\s+-(\s+[\d.]+ MiB)?"
+        assert re.fullmatch(row, lines[4]), lines[4]
 
 
 def test_sigterm_lets_requests_finish_and_answers_the_rest_503(tmp_path: Path) -> None:

@@ -148,3 +148,33 @@ async def test_a_replica_over_its_memory_limit_is_drained_and_replaced() -> None
         ), events
         metrics = (await client.get("/-/metrics")).text
         assert sample(metrics, "muxgate_replica_memory_replacements_total") == 1
+
+
+async def test_queued_requests_for_an_id_quarantined_meanwhile_are_not_sent() -> None:
+    # One replica taking one request at a time: the burst queues, and each
+    # request sent kills the replica serving it. Only two may be sent.
+    async with (
+        running_gateway(hostile(max_ongoing_requests=1)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
+    ):
+        burst = await asyncio.gather(
+            *(client.get("/", headers={MODEL: "poison"}) for _ in range(6))
+        )
+        codes = sorted((r.status_code, r.json()["error"]["code"]) for r in burst)
+        assert codes == [(502, "replica_died")] * 2 + [(503, "quarantined")] * 4
+        assert (await client.get("/", headers={MODEL: "a"})).status_code == 200
+
+
+async def test_a_replica_over_the_limit_with_no_model_is_not_replaced() -> None:
+    # Replacing it would not help: a fresh replica starts as big.
+    async with (
+        running_gateway(hostile(max_replica_rss_bytes=MIB)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
+    ):
+        before = [r["id"] for r in (await deployment(client))["replicas"]]
+        for _ in range(2):  # each scrape asks the replica for a fresh report
+            metrics = (await client.get("/-/metrics")).text
+        [rep] = (await deployment(client))["replicas"]
+        assert rep["rss_bytes"] > MIB
+        assert [rep["id"]] == before and rep["state"] == "running"
+        assert sample(metrics, "muxgate_replica_memory_replacements_total") == 0

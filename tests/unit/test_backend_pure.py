@@ -23,6 +23,7 @@ from muxgate.backends._cache import (
     version_token,
 )
 from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
+from muxgate.backends._deadline import storage_budget, storage_deadline
 from muxgate.backends._errors import (
     InvalidModelIdError,
     ModelNotFoundError,
@@ -168,7 +169,7 @@ def test_retry_policy_backoff() -> None:
 async def test_with_retries_gives_up_after_max_attempts() -> None:
     calls = 0
 
-    async def op() -> int:
+    async def op(left: float | None) -> int:
         nonlocal calls
         calls += 1
         raise ConnectionResetError("reset")
@@ -185,7 +186,7 @@ async def test_with_retries_gives_up_after_max_attempts() -> None:
 async def test_with_retries_respects_deadline_and_permanent_errors() -> None:
     now = [0.0]
 
-    async def slow_failure() -> int:
+    async def slow_failure(left: float | None) -> int:
         now[0] += 4.0  # each attempt "takes" 4 s on the fake clock
         raise TimeoutError
 
@@ -194,7 +195,7 @@ async def test_with_retries_respects_deadline_and_permanent_errors() -> None:
         await with_retries(slow_failure, policy=policy, url="u", clock=lambda: now[0])
     assert info.value.attempts == 3
 
-    async def missing() -> int:
+    async def missing(left: float | None) -> int:
         raise FileNotFoundError("k")
 
     with pytest.raises(FileNotFoundError):
@@ -202,7 +203,7 @@ async def test_with_retries_respects_deadline_and_permanent_errors() -> None:
 
     results: Iterator[BaseException | int] = iter([ConnectionResetError(), 7])
 
-    async def flaky() -> int:
+    async def flaky(left: float | None) -> int:
         item = next(results)
         if isinstance(item, BaseException):
             raise item
@@ -242,6 +243,60 @@ def test_disk_cache_commit_lookup_evict(tmp_path: Path) -> None:
     assert cache.lookup(keys[1], 11) is None  # wrong size: dropped
     assert cache.files() == []
     assert "max_bytes=15" in repr(cache)
+
+
+def test_disk_cache_remembers_the_last_confirmed_version(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, max_bytes=15)
+    identity = "s3://b/m/model.pt@http://127.0.0.1:9000"
+    assert cache.last_confirmed(identity) is None
+    old, new = cache_key(identity, "v1"), cache_key(identity, "v2")
+    for key in (old, new):
+        temp = cache.temp_path(key)
+        temp.write_bytes(b"x" * 5)
+        cache.commit(temp, key)
+    cache.confirm(identity, old)
+    assert cache.last_confirmed(identity) == cache.path_for(old)
+    cache.confirm(identity, new)  # the remote named another version
+    assert cache.last_confirmed(identity) == cache.path_for(new)
+    assert cache.confirmed_key("s3://b/other@") is None
+    cache.path_for(new).unlink()  # evicted by another process
+    assert cache.last_confirmed(identity) is None
+    assert cache.confirmed_key(identity) == new
+    cache.evict()  # a cleanup drops links whose file is gone
+    assert cache.confirmed_key(identity) is None
+    assert cache.lookup(old) is not None  # and nothing else
+
+
+def test_storage_budget_keeps_time_to_answer() -> None:
+    assert storage_budget(10.0) == 9.0
+    assert storage_budget(2.0) == 1.5
+    assert storage_budget(0.0) == storage_budget(-1.0) == 0.0
+    assert storage_deadline() is None  # outside a request
+
+
+@pytest.mark.anyio
+async def test_with_retries_bounds_each_attempt_by_the_deadline() -> None:
+    now = [0.0]
+    given_left: list[float | None] = []
+
+    async def hangs_until_timeout(left: float | None) -> int:
+        given_left.append(left)
+        assert left is not None
+        now[0] += left  # the attempt waits out all it was given
+        raise TimeoutError
+
+    policy = RetryPolicy(max_attempts=100, base_delay=0, deadline=30)
+    with pytest.raises(StorageUnavailableError) as info:
+        await with_retries(
+            hangs_until_timeout, policy=policy, url="u", deadline=2.5, clock=lambda: now[0]
+        )
+    assert given_left == [2.5]  # no retry after the deadline
+    assert info.value.attempts == 1
+    with pytest.raises(StorageUnavailableError, match="no time left"):
+        await with_retries(
+            hangs_until_timeout, policy=policy, url="u", deadline=2.0, clock=lambda: now[0]
+        )
+    assert len(given_left) == 1  # nothing started past the deadline
 
 
 def test_strategy_and_parts() -> None:

@@ -68,7 +68,5 @@ def test_model_loads_are_logged_with_the_request_that_caused_them(
     anyio.run(main)
     lines = log_stream.getvalue().splitlines()
     assert re.fullmatch(PREFIX + r"req-9 _cache\.py:\d+ - Loading model '42'\.", lines[0])
-    assert re.fullmatch(
-        PREFIX + r"req-9 _cache\.py:\d+ - Loaded model '42' in .*ms\.", lines[1]
-    )
+    assert re.fullmatch(PREFIX + r"req-9 _cache\.py:\d+ - Loaded model '42' in .*ms\.", lines[1])
     assert re.fullmatch(PREFIX + r"- _cache\.py:\d+ - Unloading model '42'\.", lines[2])

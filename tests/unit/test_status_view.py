@@ -33,7 +33,9 @@ SNAPSHOT = {
                     "loading": ["7"],
                 },
             ],
-            "quarantined": ["bad-model"],
+            "quarantined": [
+                {"model_id": "bad-model", "until": 0, "retry_after_s": 9, "deaths": 2, "strikes": 1}
+            ],
         },
         "Broken": {
             "target_replicas": 1,

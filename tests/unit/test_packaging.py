@@ -1,0 +1,108 @@
+"""Set-up and packaging: the Makefile finds a Python >= 3.11, the demo installs
+no test tools, the wheel builds without setuptools warnings and ships the
+status page, and docs cite nothing outside the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fake_python(folder: Path, name: str, *, works: bool) -> None:
+    script = folder / name
+    if works:
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    else:  # a pyenv shim of a version that is not installed, or a Python < 3.11
+        script.write_text("#!/bin/sh\nexit 1\n")
+    script.chmod(0o755)
+
+
+def _dry_run(target: str, path: Path, tmp_path: Path) -> str:
+    make = shutil.which("make")
+    assert make is not None
+    env = {"PATH": f"{path}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [make, "-n", "-C", str(ROOT), target, f"VENV={tmp_path / 'venv'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_make_takes_the_first_python_that_is_at_least_3_11(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_python(bin_dir, "python3.13", works=False)
+    _fake_python(bin_dir, "python3.12", works=True)
+    _fake_python(bin_dir, "python3.11", works=True)
+    out = _dry_run("demo", bin_dir, tmp_path)
+    assert re.search(r"\|\| python3\.12 -m venv ", out), out
+
+
+def test_make_demo_installs_no_test_extra_and_make_test_does(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_python(bin_dir, "python3.11", works=True)
+    demo = _dry_run("demo", bin_dir, tmp_path)
+    assert "pip install -q -e .\n" in demo
+    assert "[test]" not in demo
+    assert "muxgate demo" in demo
+    test = _dry_run("test", bin_dir, tmp_path)
+    assert "pip install -q -e '.[test]'" in test
+
+
+@pytest.mark.slow
+def test_the_wheel_builds_without_warnings_and_ships_the_status_page(tmp_path: Path) -> None:
+    # A copy of the tree: the build writes build/ and *.egg-info next to it.
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__"),
+    )
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    proc = subprocess.run(
+        [*pip_wheel, "-v", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    # setuptools' own (BuildBackendWarning, SetuptoolsDeprecationWarning, ...)
+    warnings = re.findall(r".*(?:[A-Za-z]Warning\b|[Dd]eprecat).*", output)
+    assert not warnings, warnings
+    (wheel,) = (tmp_path / "dist").glob("muxgate-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        metadata = next(n for n in names if n.endswith("METADATA"))
+        assert "License-Expression: Apache-2.0" in zf.read(metadata).decode()
+    assert "muxgate/gateway/static/status.html" in names
+    assert "muxgate/gateway/py.typed" in names
+
+
+def test_docs_cite_nothing_outside_the_repository() -> None:
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        text = page.read_text()
+        assert "DESIGN" not in text, f"{page.name} cites DESIGN.md"
+
+
+def test_docs_say_healthz_is_public() -> None:
+    http = (ROOT / "docs" / "http.md").read_text()
+    row = next(line for line in http.splitlines() if line.startswith("| `GET /-/healthz`"))
+    assert "public" in row
