@@ -230,12 +230,17 @@ def format_summary(
         f"  {result.requests:>9} {result.errors:>7} {result.percentile(0.5) * 1000:>8.1f}"
         f" {result.percentile(0.99) * 1000:>8.1f} {rate:>8.0f} {hit_rate:>15.1%} {spillovers:>11}",
         "",
-        f"  {'replica':<14} {'pid':>7} {'calls':>6} {'hits':>6} {'loads':>6} {'unloads':>8}"
-        f"  models now (least recently used first)",
+        f"  {'replica':<14} {'pid':>7} {'calls':>6} {'hits':>6} {'loads':>6} {'joined':>7}"
+        f" {'unloads':>8}  models now (least recently used first)",
     ]
     for r in rows:
         c = r["counters"]
         calls = int(c.get("cache_hits", 0) + c.get("cache_misses", 0))
+        loads = int(c.get("model_loads", 0))
+        # misses that neither loaded nor failed a load: they waited for a load
+        # of the same model already under way
+        failed = int(c.get("model_load_failures", 0))
+        joined = max(0, int(c.get("cache_misses", 0)) - loads - failed)
         unloads = int(
             c.get("model_unloads_lru", 0)
             + c.get("model_unloads_drain", 0)
@@ -243,12 +248,35 @@ def format_summary(
         )
         lines.append(
             f"  {r['id']:<14} {r['pid']:>7} {calls:>6} {int(c.get('cache_hits', 0)):>6}"
-            f" {int(c.get('model_loads', 0)):>6} {unloads:>8}  {' '.join(r['models'])}"
+            f" {loads:>6} {joined:>7} {unloads:>8}  {' '.join(r['models'])}"
         )
+    lines += _LEGEND
     if result.errors:
         detail = ", ".join(f"{s or 'no response'}: {n}" for s, n in sorted(result.statuses.items()))
         lines.append(f"\n  responses by status: {detail}")
     return "\n".join(lines)
+
+
+_LEGEND = [
+    "",
+    "  calls    get_model() calls the replica served: hits + loads + joined",
+    "  hits     the model was already in memory",
+    "  loads    the model was read from storage (a cache miss)",
+    "  joined   a miss that waited for a load of the same model already under way",
+    "           (single flight: concurrent requests for a model share one load)",
+    "  unloads  models evicted to make room (least recently used first)",
+    "  spillovers  requests the router sent past a model's home replica because it was busy",
+]
+
+#: printed last: from the demo to serving your own models
+NEXT_STEPS = """
+Next: serve your own models
+  python examples/make_models.py            # examples/models/{1..8}/model.pt
+  muxgate serve examples/app.yaml           # the deployment in examples/torch_mlp.py
+  curl -H 'serve_multiplexed_model_id: 2' -d '{"x": [1, 2, 3, 4]}' http://127.0.0.1:8000/
+  status page: http://127.0.0.1:8000/-/    (or `muxgate status` in a terminal)
+  examples/README.md: the deployment, its app config, HTTP and handle clients, S3 and GCS
+"""
 
 
 async def _amain(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -310,6 +338,7 @@ async def _amain(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         file=out,
                         flush=True,
                     )
+                    print(NEXT_STEPS, file=out, flush=True)
         except GatewayStartError as exc:
             print(f"muxgate demo: {exc}", file=err)
             return 1

@@ -75,6 +75,11 @@ def test_demo_completes_with_zero_errors_and_cleans_up(tmp_path: Path) -> None:
     assert (int(row.group(1)), int(row.group(2))) == (200, 0)
     assert len(re.findall(r"^\s+Demo#\w+\s+\d+", summary, re.M)) == 3  # one row per replica
     assert "--keep-running" in summary  # the gateway stops with the demo
+    # it ends with the way from the demo to one's own models
+    next_steps = summary[summary.index("Next: serve your own models") :]
+    assert "muxgate serve examples/app.yaml" in next_steps
+    assert "http://127.0.0.1:8000/-/" in next_steps
+    assert "examples/README.md" in next_steps
     assert not _model_dir(err).exists()
     wait_until(lambda: not _tagged(tag), timeout=10, what="every demo process to exit")
 
@@ -153,4 +158,10 @@ def test_demo_pure_parts() -> None:
     ]
     text = format_summary(ns, result, rows, spillovers=0)
     assert "90.0%" in text
-    assert re.search(r"Demo#abc\s+42\s+100\s+90\s+10\s+8\s+3 1", text), text
+    assert re.search(r"Demo#abc\s+42\s+100\s+90\s+10\s+0\s+8\s+3 1", text), text
+    # calls = hits + loads + joined: a miss that waited for a load under way
+    rows[0]["counters"]["cache_misses"] = 14.0
+    text = format_summary(ns, result, rows, spillovers=0)
+    assert re.search(r"Demo#abc\s+42\s+104\s+90\s+10\s+4\s+8\s+3 1", text), text
+    assert "  calls    get_model() calls the replica served: hits + loads + joined" in text
+    assert "single flight" in text

@@ -57,7 +57,7 @@ def test_make_demo_installs_no_test_extra_and_make_test_does(tmp_path: Path) -> 
     bin_dir.mkdir()
     _fake_python(bin_dir, "python3.11", works=True)
     demo = _dry_run("demo", bin_dir, tmp_path)
-    assert "pip install -q -e .\n" in demo
+    assert "pip install -q .\n" in demo
     assert "[test]" not in demo
     assert "muxgate demo" in demo
     test = _dry_run("test", bin_dir, tmp_path)
