@@ -47,6 +47,7 @@ test: $(TESTS) system-deps
 lint: $(TESTS)
 	$(VENV)/bin/ruff check gateway replicas backends tests bench examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -280,7 +280,7 @@ def _summary(latencies: list[float], seconds: float, errors: int) -> dict[str, f
 async def replica_connection() -> AsyncIterator[Any]:
     from muxgate.gateway._connection import ReplicaConnection
     from muxgate.gateway._launcher import LocalLauncher
-    from muxgate.replicas._server import ReplicaSpec
+    from muxgate.replicas.contract import ReplicaSpec
 
     launcher = LocalLauncher()
     spec = ReplicaSpec(

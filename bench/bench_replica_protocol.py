@@ -26,7 +26,7 @@ from _common import percentile, print_machine
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._launcher import LocalLauncher
 from muxgate.replicas._protocol import HttpRequest
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 APP_DIR = str(Path(__file__).resolve().parents[1] / "tests" / "apps")
 

@@ -58,7 +58,7 @@ from muxgate.gateway._frontend import (
 from muxgate.gateway._handles import HANDLES_PREFIX, HandleIngress
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import ReplicaPool
-from muxgate.replicas._protocol import HttpRequest, Reply
+from muxgate.replicas.contract import HttpRequest, Reply
 
 __all__ = ["GatewayASGI", "Ingress", "build_handle_ingress", "build_ingress", "create_app"]
 

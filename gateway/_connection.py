@@ -49,11 +49,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from muxgate.replicas._fastwrite import DirectWriter
-from muxgate.replicas._protocol import (
+from muxgate.replicas.contract import (
     PROTOCOL_VERSION,
     Call,
     Cancel,
+    DirectWriter,
     Drain,
     Drained,
     FrameDecoder,

@@ -15,9 +15,7 @@ from typing import Any
 
 import torch
 
-from muxgate.replicas._context import get_multiplexed_model_id
-from muxgate.replicas._http import Request
-from muxgate.replicas._multiplex import multiplexed
+from muxgate.replicas import Request, get_multiplexed_model_id, multiplexed
 
 __all__ = ["DemoModel", "make_net", "write_models"]
 

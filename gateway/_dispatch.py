@@ -56,8 +56,13 @@ from muxgate.gateway._errors import (
     error_from_info,
 )
 from muxgate.gateway._router import RouteDecision, Router
-from muxgate.replicas._protocol import HttpRequest, Reply
-from muxgate.replicas._tracing import extract_context, inject_traceparent, tracing_active
+from muxgate.replicas.contract import (
+    HttpRequest,
+    Reply,
+    extract_context,
+    inject_traceparent,
+    tracing_active,
+)
 
 __all__ = [
     "DispatchMetrics",

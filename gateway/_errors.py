@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
-from muxgate.replicas._protocol import ErrorInfo
+from muxgate.replicas.contract import ErrorInfo
 
 __all__ = [
     "AdminForbiddenError",

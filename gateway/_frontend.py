@@ -46,8 +46,7 @@ from muxgate.gateway._errors import (
     error_response,
 )
 from muxgate.gateway._metrics import GatewayMetrics
-from muxgate.replicas._protocol import Reply
-from muxgate.replicas._tracing import extract_context, inject_traceparent, tracing_active
+from muxgate.replicas.contract import Reply, extract_context, inject_traceparent, tracing_active
 
 __all__ = [
     "LOCAL_CLIENTS",

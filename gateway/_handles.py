@@ -45,7 +45,7 @@ from muxgate.gateway._frontend import (
     Target,
 )
 from muxgate.gateway._metrics import GatewayMetrics
-from muxgate.replicas._protocol import Reply
+from muxgate.replicas.contract import Reply
 
 __all__ = ["HANDLES_PREFIX", "HandleIngress"]
 

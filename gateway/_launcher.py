@@ -48,9 +48,7 @@ from muxgate.gateway._processes import (
     SpawnedProcess,
     usable_cores,
 )
-from muxgate.replicas._cpu import cpu_budget_env
-from muxgate.replicas._deployment import DEFAULT_NUM_CPUS
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import DEFAULT_NUM_CPUS, ReplicaSpec, cpu_budget_env
 
 __all__ = [
     "FORK_SERVER_DEFAULT",

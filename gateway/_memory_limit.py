@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from muxgate.replicas._protocol import ReplicaState
+from muxgate.replicas.contract import ReplicaState
 
 __all__ = ["MemoryLimit"]
 

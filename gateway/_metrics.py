@@ -46,14 +46,15 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from muxgate.replicas._multiplex import MODEL_LOAD_BUCKETS, load_bucket_key
+from muxgate.replicas.contract import (
+    MODEL_LOAD_BUCKETS,
+    MODELS_LOADED_KEY,
+    REPLICA_COUNTER_KEYS,
+    UNLOAD_REASONS,
+    load_bucket_key,
+)
 
-__all__ = [
-    "REPLICA_COUNTER_KEYS",
-    "REQUEST_DURATION_BUCKETS",
-    "UNLOAD_REASONS",
-    "GatewayMetrics",
-]
+__all__ = ["REQUEST_DURATION_BUCKETS", "GatewayMetrics"]
 
 #: Request latency spans a cache hit (about a millisecond) to a cold model
 #: load behind a queue (tens of seconds); roughly 2.5x steps over that range.
@@ -62,23 +63,6 @@ REQUEST_DURATION_BUCKETS: Final[tuple[float, ...]] = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 
-#: Unload reasons a replica reports, each as counter key ``model_unloads_<reason>``.
-UNLOAD_REASONS: Final[tuple[str, ...]] = ("lru", "shutdown", "drain")
-
-#: Cumulative counter keys of a replica's ``counters()`` (``models_loaded`` is a
-#: gauge and is not in this tuple).
-REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
-    "model_loads",
-    "model_load_failures",
-    *(f"model_unloads_{reason}" for reason in UNLOAD_REASONS),
-    "cache_hits",
-    "cache_misses",
-    "model_load_seconds_sum",
-    *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
-    "storage_stale_serves",
-)
-
-_MODELS_LOADED_KEY: Final = "models_loaded"
 #: forgotten replicas remembered for late final reports (ids are never reused)
 _FORGOTTEN_MAX: Final = 1024
 
@@ -111,7 +95,7 @@ class _ReplicaCounters(Collector):
     @staticmethod
     def _snapshot(counters: Mapping[str, float]) -> dict[str, float]:
         snapshot = {key: float(counters.get(key, 0.0)) for key in REPLICA_COUNTER_KEYS}
-        snapshot[_MODELS_LOADED_KEY] = float(counters.get(_MODELS_LOADED_KEY, 0.0))
+        snapshot[MODELS_LOADED_KEY] = float(counters.get(MODELS_LOADED_KEY, 0.0))
         return snapshot
 
     def update(self, deployment: str, replica_id: str, counters: Mapping[str, float]) -> None:
@@ -189,7 +173,7 @@ class _ReplicaCounters(Collector):
     def models_loaded(self) -> list[tuple[str, str, float]]:
         with self._lock:
             return [
-                (deployment, replica_id, snapshot[_MODELS_LOADED_KEY])
+                (deployment, replica_id, snapshot[MODELS_LOADED_KEY])
                 for (deployment, replica_id), snapshot in sorted(self._live.items())
             ]
 

@@ -65,13 +65,14 @@ from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
 from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._router import Router
-from muxgate.replicas._deployment import (
+from muxgate.replicas import DeploymentOptions
+from muxgate.replicas.contract import (
     DEFAULT_MAX_ONGOING_REQUESTS,
     DEFAULT_MAX_QUEUED_REQUESTS,
-    DeploymentOptions,
+    Pong,
+    ReplicaSpec,
+    ReplicaState,
 )
-from muxgate.replicas._protocol import Pong, ReplicaState
-from muxgate.replicas._server import ReplicaSpec
 
 __all__ = [
     "DRAINING",

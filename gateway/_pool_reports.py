@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from muxgate.replicas._protocol import ModelEvent
+from muxgate.replicas.contract import ModelEvent
 
 __all__ = [
     "AFFINITY_WAIT_BOUNDS_S",

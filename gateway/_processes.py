@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 __all__ = [
     "CpuBudgets",

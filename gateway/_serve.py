@@ -42,8 +42,8 @@ from muxgate.gateway._frontend import Shutdown
 from muxgate.gateway._launcher import LocalLauncher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import Launcher, ReplicaPool
-from muxgate.replicas._server import ReplicaSpec, TracingSettings
-from muxgate.replicas._tracing import configure_tracing, exports_spans, shutdown_tracing
+from muxgate.replicas import configure_tracing, shutdown_tracing
+from muxgate.replicas.contract import ReplicaSpec, TracingSettings, exports_spans
 
 __all__ = ["Gateway", "GatewayStartError", "run", "serve"]
 

@@ -19,18 +19,22 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
+from muxgate.replicas._counters import (
+    MODEL_LOAD_BUCKETS,
+    MODELS_LOADED_KEY,
+    REPLICA_COUNTER_KEYS,
+    load_bucket_key,
+)
 from muxgate.replicas._protocol import ModelEvent
 
 __all__ = [
     "COUNTERS",
     "EVENTS",
     "EVENT_LOG_SIZE",
-    "MODEL_LOAD_BUCKETS",
     "EventLog",
     "count_load",
     "counters",
     "events_since",
-    "load_bucket_key",
     "register_cache",
     "registered_caches",
     "replica_state_snapshot",
@@ -56,36 +60,10 @@ def registered_caches() -> list[Any]:
     return list(_CACHES.values())
 
 
-#: Upper bounds (s) of the model load duration histogram: a small local
-#: state dict loads in ~10 ms, a large remote one in minutes.
-MODEL_LOAD_BUCKETS: Final[tuple[float, ...]] = (
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-)  # fmt: skip
-
-
-def load_bucket_key(bound: float) -> str:
-    """Counter key of the histogram bucket ``le=bound`` (loads that took at most ``bound`` s)."""
-    return f"model_load_seconds_le_{bound:g}"
-
-
 _BUCKET_KEYS: Final = tuple(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS)
 
 #: the cumulative counters, bumped in place by the caches
-COUNTERS: dict[str, float] = dict.fromkeys(
-    (
-        "model_loads",
-        "model_load_failures",
-        "model_unloads_lru",
-        "model_unloads_shutdown",
-        "model_unloads_drain",
-        "cache_hits",
-        "cache_misses",
-        "model_load_seconds_sum",
-        # cumulative, like Prometheus buckets; the +Inf bucket is model_loads
-        *_BUCKET_KEYS,
-    ),
-    0.0,
-)
+COUNTERS: dict[str, float] = dict.fromkeys(REPLICA_COUNTER_KEYS, 0.0)
 
 
 def count_load(seconds: float) -> None:
@@ -99,7 +77,7 @@ def count_load(seconds: float) -> None:
 def counters() -> dict[str, float]:
     """Cumulative counters of this process, plus the ``models_loaded`` gauge."""
     result = dict(COUNTERS)
-    result["models_loaded"] = float(sum(len(c.loaded_ids()) for c in registered_caches()))
+    result[MODELS_LOADED_KEY] = float(sum(len(c.loaded_ids()) for c in registered_caches()))
     return result
 
 

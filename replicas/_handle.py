@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from opentelemetry import context as otel_context
 
-from muxgate.replicas._tracing import inject_traceparent, tracing_active
+from muxgate.replicas._propagation import inject_traceparent
+from muxgate.replicas._tracing import tracing_active
 
 if TYPE_CHECKING:
     import httpx

@@ -33,11 +33,9 @@ from muxgate.replicas._cache import (
 from muxgate.replicas._cache_state import MISSING, LRUState
 from muxgate.replicas._cache_stats import (
     EVENT_LOG_SIZE,
-    MODEL_LOAD_BUCKETS,
     EventLog,
     counters,
     events_since,
-    load_bucket_key,
     registered_caches,
     replica_state_snapshot,
 )
@@ -45,7 +43,6 @@ from muxgate.replicas._eviction import make_policy
 
 __all__ = [
     "EVENT_LOG_SIZE",
-    "MODEL_LOAD_BUCKETS",
     "EventLog",
     "LRUState",
     "ModelCache",
@@ -53,7 +50,6 @@ __all__ = [
     "configure_model_caches",
     "counters",
     "events_since",
-    "load_bucket_key",
     "model_cache",
     "model_caches",
     "multiplexed",

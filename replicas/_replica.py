@@ -57,7 +57,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -80,6 +80,7 @@ from muxgate.replicas._multiplex import (
     model_caches,
     replica_state_snapshot,
 )
+from muxgate.replicas._propagation import extract_context
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -99,10 +100,8 @@ from muxgate.replicas._protocol import (
     Welcome,
 )
 from muxgate.replicas._replica_io import GatewayConnection, Slots
-from muxgate.replicas._tracing import extract_context, tracing_active
-
-if TYPE_CHECKING:
-    from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas._spec import ReplicaSpec
+from muxgate.replicas._tracing import tracing_active
 
 __all__ = ["Replica"]
 

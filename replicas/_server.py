@@ -28,7 +28,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -41,74 +41,16 @@ from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
 from muxgate.replicas._logging import install_replica_logging
 from muxgate.replicas._multiplex import configure_model_caches
 from muxgate.replicas._replica import Replica
+from muxgate.replicas._spec import ReplicaSpec, TracingSettings
 from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
 
-__all__ = ["ReplicaSpec", "TracingSettings", "main", "run_replica"]
+__all__ = ["main", "run_replica"]
 
 _log = logging.getLogger("muxgate.replica")
 
 #: Seconds between checks that the parent process is still alive (fallback
 #: for when the spec did not come on a stdin pipe).
 _PARENT_POLL_S = 1.0
-
-
-class TracingSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Span export of a replica; None fields fall back to the ``OTEL_*``
-    environment (see ``muxgate.replicas._tracing.configure_tracing``)."""
-
-    exporter: str | None = None  # "otlp" | "console" | "none"
-    endpoint: str | None = None
-    service_name: str | None = None
-
-
-class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Everything a replica process needs to start; built by the gateway.
-
-    Attributes:
-        deployment: deployment name (logs, spans, ``Welcome``).
-        import_path: ``"module:Class"`` of the deployment class.
-        replica_id: unique id of this replica within its deployment.
-        init_kwargs: keyword arguments for the class's ``__init__``.
-        app_dir: folder put first on ``sys.path`` before importing.
-        listen: ``"unix:/path"`` or ``"tcp:127.0.0.1:0"`` (port 0: any free port).
-        max_ongoing_requests: calls this replica runs at once (its own guard,
-            and the bound on worker threads for sync user code); None: the
-            class's ``@deployment(max_ongoing_requests=...)``.
-        log_level: level of the root logger in the replica.
-        graceful_shutdown_timeout_s: how long a drain or SIGTERM waits for
-            in-flight calls before cancelling them.
-        event_loop: ``"auto"`` (uvloop when installed), ``"uvloop"`` or ``"asyncio"``.
-        tracing: span export settings; None: the ``OTEL_*`` environment only.
-        storage: the config's ``storage:`` section (fsspec options per
-            protocol, and ``cache``/``retry``/``transfer`` settings), handed
-            to ``configure_storage_section``.
-        gateway_url: base URL of the gateway that started the replica; the
-            default of ``get_deployment_handle`` inside it.
-        admin_token: the gateway's admin token (handle calls need it when set).
-        eviction_policy: the model caches' eviction policy (``"lru"``, ...);
-            None: each ``@multiplexed`` loader's own.
-        load_order: ``"evict_after"`` or ``"evict_first"``; None: each loader's own.
-        num_cpus: CPU budget (threads, see ``muxgate.replicas._cpu``); None:
-            the class's ``@deployment(num_cpus=...)``, 1 by default.
-    """
-
-    deployment: str
-    import_path: str
-    replica_id: str
-    init_kwargs: dict[str, Any] = {}
-    app_dir: str | None = None
-    listen: str = "tcp:127.0.0.1:0"
-    max_ongoing_requests: int | None = None
-    log_level: str = "INFO"
-    graceful_shutdown_timeout_s: float = 20.0
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
-    tracing: TracingSettings | None = None
-    storage: dict[str, dict[str, Any]] = {}
-    gateway_url: str | None = None
-    admin_token: str | None = None
-    eviction_policy: str | None = None
-    load_order: Literal["evict_after", "evict_first"] | None = None
-    num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 def _one_line(text: str, limit: int = 2000) -> str:

@@ -33,10 +33,8 @@ provider down (flushing it) and points the switch at a new one. Tracers
 handed out earlier follow the switch. Calling it again with the same
 configuration does nothing.
 
-Trace context crosses the gateway-replica boundary in the ``traceparent`` and
-``tracestate`` fields of a ``Call`` frame: ``inject_traceparent`` on one side,
-``extract_context`` on the other (W3C Trace Context, independent of whatever
-``OTEL_PROPAGATORS`` selects for HTTP).
+How trace context crosses the gateway-replica boundary is part of the wire
+contract: ``muxgate.replicas._propagation``.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor
@@ -59,7 +56,6 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
 )
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
 __all__ = [
@@ -67,9 +63,7 @@ __all__ = [
     "EXPORTERS",
     "TracingError",
     "configure_tracing",
-    "extract_context",
     "flush_tracing",
-    "inject_traceparent",
     "shutdown_tracing",
     "tracing_active",
 ]
@@ -81,7 +75,6 @@ DEFAULT_SERVICE_NAME = "muxgate-gateway"
 EXPORTERS = ("otlp", "console", "none")
 _TRACES_PATH = "/v1/traces"
 
-_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 class TracingError(ValueError):
@@ -317,34 +310,3 @@ def shutdown_tracing() -> None:
             _switch.target = trace.NoOpTracerProvider()
     if previous is not None:
         previous.shutdown()
-
-
-def inject_traceparent(
-    context: otel_context.Context | None = None,
-) -> tuple[str | None, str | None]:
-    """W3C ``(traceparent, tracestate)`` of the current span (or of ``context``).
-
-    Both are None when there is no valid span context to propagate.
-    """
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=context)
-    return carrier.get("traceparent"), carrier.get("tracestate")
-
-
-def extract_context(
-    traceparent: str | None,
-    tracestate: str | None = None,
-    context: otel_context.Context | None = None,
-) -> otel_context.Context:
-    """A context whose parent span is the remote one ``traceparent`` names.
-
-    Use it as ``tracer.start_as_current_span(name, context=ctx)``. A missing
-    or malformed ``traceparent`` gives a context without a remote parent (so
-    the next span starts a new trace), never an error.
-    """
-    carrier: dict[str, str] = {}
-    if traceparent:
-        carrier["traceparent"] = traceparent
-        if tracestate:
-            carrier["tracestate"] = tracestate
-    return _PROPAGATOR.extract(carrier, context=context)

@@ -23,7 +23,7 @@ from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess, ReplicaStartError
 from muxgate.gateway._serve import start_gateway
 from muxgate.replicas._protocol import HttpRequest
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -256,7 +256,7 @@ async def test_closing_the_launcher_leaves_no_fork_server_and_no_children() -> N
 _FAKE_GATEWAY = """
 import anyio, sys
 from muxgate.gateway._launcher import LocalLauncher
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 async def main():
     launcher = LocalLauncher(fork_server=True)

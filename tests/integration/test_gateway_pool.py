@@ -20,7 +20,7 @@ from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._pool import ReplicaPool
 from muxgate.replicas._deployment import DeploymentOptions
 from muxgate.replicas._protocol import Drained, HttpRequest, Pong, ReplicaState, Reply
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 pytestmark = pytest.mark.anyio
 

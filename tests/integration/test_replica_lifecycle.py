@@ -23,7 +23,7 @@ from muxgate.gateway._connection import (
 )
 from muxgate.gateway._launcher import LocalLauncher, ReplicaStartError
 from muxgate.replicas._protocol import HttpRequest
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -200,7 +200,7 @@ async def test_sigterm_finishes_in_flight_calls_then_exits(launcher: LocalLaunch
 _FAKE_GATEWAY = """
 import anyio, sys
 from muxgate.gateway._launcher import LocalLauncher
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 async def main():
     launcher = LocalLauncher()

@@ -16,7 +16,7 @@ import pytest
 from muxgate.gateway._connection import ReplicaConnection, ReplicaUnavailableError
 from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess
 from muxgate.replicas._protocol import HttpRequest, Reply
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -39,7 +39,7 @@ from muxgate.replicas._protocol import (
     Welcome,
     encode_frame,
 )
-from muxgate.replicas._server import ReplicaSpec
+from muxgate.replicas.contract import ReplicaSpec
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

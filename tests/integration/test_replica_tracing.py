@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._launcher import LocalLauncher
-from muxgate.replicas._server import ReplicaSpec, TracingSettings
+from muxgate.replicas.contract import ReplicaSpec, TracingSettings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

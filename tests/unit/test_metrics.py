@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_text import Samples, only, parse_samples
 
 from muxgate.gateway._metrics import REQUEST_DURATION_BUCKETS, GatewayMetrics
-from muxgate.replicas._multiplex import MODEL_LOAD_BUCKETS, load_bucket_key
+from muxgate.replicas.contract import MODEL_LOAD_BUCKETS, load_bucket_key
 
 
 def scrape(metrics: GatewayMetrics) -> Samples:

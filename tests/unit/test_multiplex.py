@@ -23,15 +23,14 @@ from muxgate.replicas._context import (
     request_scope,
     set_replica_context,
 )
+from muxgate.replicas._counters import MODEL_LOAD_BUCKETS, load_bucket_key
 from muxgate.replicas._multiplex import (
-    MODEL_LOAD_BUCKETS,
     EventLog,
     LRUState,
     ModelCache,
     ModelCacheClosedError,
     counters,
     events_since,
-    load_bucket_key,
     model_cache,
     model_caches,
     multiplexed,

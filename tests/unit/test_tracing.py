@@ -13,13 +13,12 @@ import pytest
 from opentelemetry import trace
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
+from muxgate.replicas._propagation import extract_context, inject_traceparent
 from muxgate.replicas._tracing import (
     TracingError,
     configure_tracing,
     exports_spans,
-    extract_context,
     flush_tracing,
-    inject_traceparent,
     shutdown_tracing,
     tracing_active,
 )
@@ -210,7 +209,8 @@ CHILD = textwrap.dedent(
     """
     import json, sys
     from opentelemetry import trace
-    from muxgate.replicas._tracing import configure_tracing, extract_context, shutdown_tracing
+    from muxgate.replicas._propagation import extract_context
+    from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
 
     args = json.loads(sys.argv[1])
     configure_tracing(service_name="muxgate-replica",

@@ -1,0 +1,52 @@
+"""The counters a replica reports in ``Pong`` and ``Drained``: their keys and
+the buckets of the model load duration histogram, which the replica's caches
+count into and the gateway merges into its metrics.
+
+Every counter is cumulative over the replica process's life, except the
+``models_loaded`` gauge.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "MODELS_LOADED_KEY",
+    "MODEL_LOAD_BUCKETS",
+    "REPLICA_COUNTER_KEYS",
+    "UNLOAD_REASONS",
+    "load_bucket_key",
+]
+
+#: Upper bounds (s) of the model load duration histogram: a small local
+#: state dict loads in ~10 ms, a large remote one in minutes.
+MODEL_LOAD_BUCKETS: Final[tuple[float, ...]] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+def load_bucket_key(bound: float) -> str:
+    """Counter key of the histogram bucket ``le=bound`` (loads that took at most ``bound`` s)."""
+    return f"model_load_seconds_le_{bound:g}"
+
+
+#: Why a model was unloaded, each counted as ``model_unloads_<reason>``.
+UNLOAD_REASONS: Final[tuple[str, ...]] = ("lru", "shutdown", "drain")
+
+#: The cumulative counter keys, in report order. The buckets are cumulative
+#: like Prometheus buckets; the ``+Inf`` bucket is ``model_loads``.
+REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
+    "model_loads",
+    "model_load_failures",
+    *(f"model_unloads_{reason}" for reason in UNLOAD_REASONS),
+    "cache_hits",
+    "cache_misses",
+    "model_load_seconds_sum",
+    *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
+    # fetches answered from the disk cache while storage was unreachable
+    # (counted by muxgate.backends, reported with the cache's counters)
+    "storage_stale_serves",
+)
+
+#: The one gauge among the counters: models loaded in the process now.
+MODELS_LOADED_KEY: Final = "models_loaded"

@@ -1,0 +1,105 @@
+"""The gateway <-> replica contract: everything both ends of a replica
+connection must agree on, in one import.
+
+The gateway imports this module and the public SDK (``muxgate.replicas``)
+and no private module of this package; the import-linter contracts in
+``pyproject.toml`` fail the lint when it does. The definitions live in
+small private modules, one per subject:
+
+================================  ==============================================
+``muxgate.replicas._protocol``    frames and messages (``Call``, ``Reply``,
+                                  ``Pong``...), the protocol version
+``muxgate.replicas._spec``        ``ReplicaSpec``: what a replica is started with
+``muxgate.replicas._cpu``         the environment a spec's CPU budget sets
+``muxgate.replicas._deployment``  defaults of the options ``Welcome`` carries
+``muxgate.replicas._codes``       ``ErrorCode``: every error code and its status
+``muxgate.replicas._counters``    counter keys and load-duration buckets
+``muxgate.replicas._propagation`` trace context in a ``Call``
+``muxgate.replicas._fastwrite``   writing frames to a socket without a task
+``muxgate.replicas._tracing``     span export, set up alike in both processes
+================================  ==============================================
+
+This is not user API: names here change with ``PROTOCOL_VERSION``.
+"""
+
+from muxgate.replicas._codes import ErrorCode
+from muxgate.replicas._counters import (
+    MODEL_LOAD_BUCKETS,
+    MODELS_LOADED_KEY,
+    REPLICA_COUNTER_KEYS,
+    UNLOAD_REASONS,
+    load_bucket_key,
+)
+from muxgate.replicas._cpu import cpu_budget_env
+from muxgate.replicas._deployment import (
+    DEFAULT_MAX_ONGOING_REQUESTS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_NUM_CPUS,
+)
+from muxgate.replicas._fastwrite import DirectWriter
+from muxgate.replicas._propagation import extract_context, inject_traceparent
+from muxgate.replicas._protocol import (
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Call,
+    Cancel,
+    Drain,
+    Drained,
+    ErrorInfo,
+    FrameDecoder,
+    Hello,
+    HttpRequest,
+    Message,
+    ModelEvent,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refused,
+    ReplicaState,
+    Reply,
+    Welcome,
+    encode_frame,
+)
+from muxgate.replicas._spec import ReplicaSpec, TracingSettings
+from muxgate.replicas._tracing import exports_spans, flush_tracing, tracing_active
+
+__all__ = [
+    "DEFAULT_MAX_ONGOING_REQUESTS",
+    "DEFAULT_MAX_QUEUED_REQUESTS",
+    "DEFAULT_NUM_CPUS",
+    "MAX_FRAME_BYTES",
+    "MODELS_LOADED_KEY",
+    "MODEL_LOAD_BUCKETS",
+    "PROTOCOL_VERSION",
+    "REPLICA_COUNTER_KEYS",
+    "UNLOAD_REASONS",
+    "Call",
+    "Cancel",
+    "DirectWriter",
+    "Drain",
+    "Drained",
+    "ErrorCode",
+    "ErrorInfo",
+    "FrameDecoder",
+    "Hello",
+    "HttpRequest",
+    "Message",
+    "ModelEvent",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "Refused",
+    "ReplicaSpec",
+    "ReplicaState",
+    "Reply",
+    "TracingSettings",
+    "Welcome",
+    "cpu_budget_env",
+    "encode_frame",
+    "exports_spans",
+    "extract_context",
+    "flush_tracing",
+    "inject_traceparent",
+    "load_bucket_key",
+    "tracing_active",
+]
