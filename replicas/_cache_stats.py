@@ -20,9 +20,9 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from muxgate.replicas._counters import (
+    CACHE_COUNTER_KEYS,
     MODEL_LOAD_BUCKETS,
     MODELS_LOADED_KEY,
-    REPLICA_COUNTER_KEYS,
     load_bucket_key,
 )
 from muxgate.replicas._protocol import ModelEvent
@@ -63,7 +63,7 @@ def registered_caches() -> list[Any]:
 _BUCKET_KEYS: Final = tuple(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS)
 
 #: the cumulative counters, bumped in place by the caches
-COUNTERS: dict[str, float] = dict.fromkeys(REPLICA_COUNTER_KEYS, 0.0)
+COUNTERS: dict[str, float] = dict.fromkeys(CACHE_COUNTER_KEYS, 0.0)
 
 
 def count_load(seconds: float) -> None:

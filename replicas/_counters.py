@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CACHE_COUNTER_KEYS",
     "MODELS_LOADED_KEY",
     "MODEL_LOAD_BUCKETS",
     "REPLICA_COUNTER_KEYS",
+    "STORAGE_COUNTER_KEYS",
     "UNLOAD_REASONS",
     "load_bucket_key",
 ]
@@ -33,9 +35,9 @@ def load_bucket_key(bound: float) -> str:
 #: Why a model was unloaded, each counted as ``model_unloads_<reason>``.
 UNLOAD_REASONS: Final[tuple[str, ...]] = ("lru", "shutdown", "drain")
 
-#: The cumulative counter keys, in report order. The buckets are cumulative
-#: like Prometheus buckets; the ``+Inf`` bucket is ``model_loads``.
-REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
+#: The model caches' cumulative counter keys. The buckets are cumulative like
+#: Prometheus buckets; the ``+Inf`` bucket is ``model_loads``.
+CACHE_COUNTER_KEYS: Final[tuple[str, ...]] = (
     "model_loads",
     "model_load_failures",
     *(f"model_unloads_{reason}" for reason in UNLOAD_REASONS),
@@ -43,10 +45,14 @@ REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
     "cache_misses",
     "model_load_seconds_sum",
     *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
-    # fetches answered from the disk cache while storage was unreachable
-    # (counted by muxgate.backends, reported with the cache's counters)
-    "storage_stale_serves",
 )
+
+#: Counted by muxgate.backends when a replica imported it: fetches answered
+#: from the disk cache while storage was unreachable.
+STORAGE_COUNTER_KEYS: Final[tuple[str, ...]] = ("storage_stale_serves",)
+
+#: Every cumulative counter key a replica reports, in report order.
+REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = CACHE_COUNTER_KEYS + STORAGE_COUNTER_KEYS
 
 #: The one gauge among the counters: models loaded in the process now.
 MODELS_LOADED_KEY: Final = "models_loaded"
