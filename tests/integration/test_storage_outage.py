@@ -3,7 +3,9 @@ storage calls that give up before the request's deadline.
 
 Against real servers on 127.0.0.1: moto (stopped for an outage), a TCP
 server that accepts and never answers, a FaultProxy holding requests, and
-fake-gcs-server. The gateway tests run real replica processes.
+fake-gcs-server. The gateway tests run real replica processes; the last one
+checks that models in memory keep serving through an S3 outage (a failed
+load of another model costs none of them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from opentelemetry import context as otel_context
@@ -296,3 +299,57 @@ async def test_gateway_with_storage_that_never_answers(tmp_path: Path) -> None:
         assert silent.accepted >= 1
     _assert_storage_unavailable(response)
     assert elapsed < 3.0, elapsed
+
+
+async def _outage_traffic(
+    client: httpx.AsyncClient, in_memory: list[str], rounds: int
+) -> tuple[int, int]:
+    """Rounds of one request for an id never fetched beside one for each
+    model in memory, all at once. Returns (in-memory requests, their failures)."""
+    sent = failed = 0
+
+    async def one(model_id: str, expect_ok: bool) -> None:
+        nonlocal sent, failed
+        response = await client.post("/", headers={MODEL: model_id})
+        if expect_ok:
+            sent += 1
+            failed += response.status_code != 200
+        else:
+            _assert_storage_unavailable(response)
+
+    for n in range(rounds):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, f"never-{n}", False)
+            for model_id in in_memory:
+                tg.start_soon(one, model_id, True)
+    return sent, failed
+
+
+@pytest.mark.parametrize(
+    ("load_order", "disk_cache"),
+    [
+        ("evict_after", True),  # the default
+        # The first version's behaviour: evict before the load, and no copy to
+        # fall back on: loaded models are lost to failed loads of others.
+        ("evict_first", False),
+    ],
+)
+async def test_loaded_models_keep_serving_through_an_s3_outage(
+    s3: S3Server, tmp_path: Path, load_order: str, disk_cache: bool
+) -> None:
+    in_memory = ["a", "b"]
+    _put_models(s3, in_memory)
+    config = _gateway_config(s3.storage_options, tmp_path / "cache", request_timeout_s=10)
+    config["storage"]["cache"]["enabled"] = disk_cache
+    config["storage"]["retry"] = {"max_attempts": 2, "base_delay": 0.01}
+    config["deployments"][0]["load_order"] = load_order
+    async with running_gateway(config) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as c:
+        for model_id in in_memory:  # fills the replica's two slots
+            assert (await c.post("/", headers={MODEL: model_id})).status_code == 200
+        s3.stop()
+        sent, failed = await _outage_traffic(c, in_memory, rounds=10)
+    assert sent == 20
+    if load_order == "evict_after":
+        assert failed == 0
+    else:
+        assert failed > 0  # the failure this order exists to avoid
