@@ -58,7 +58,7 @@ from muxgate.gateway._frontend import (
 from muxgate.gateway._handles import HANDLES_PREFIX, HandleIngress
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import ReplicaPool
-from muxgate.replicas.contract import HttpRequest, Reply
+from muxgate.replicas.contract import ErrorCode, HttpRequest, Reply
 
 __all__ = ["GatewayASGI", "Ingress", "build_handle_ingress", "build_ingress", "create_app"]
 
@@ -199,9 +199,11 @@ def _admin_guard(token: str | None) -> Any:
 def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     status = getattr(exc, "status_code", 500)
     request_id = request.headers.get("x-request-id") or new_request_id()
-    code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
-        status, "internal"
-    )
+    code = {
+        401: ErrorCode.UNAUTHORIZED,
+        404: ErrorCode.NOT_FOUND,
+        405: ErrorCode.METHOD_NOT_ALLOWED,
+    }.get(status, ErrorCode.INTERNAL)
     message = getattr(exc, "detail", "") or "internal error"
     if status >= 500:
         _log.exception("admin endpoint failed", exc_info=exc)

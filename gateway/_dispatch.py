@@ -57,6 +57,7 @@ from muxgate.gateway._errors import (
 )
 from muxgate.gateway._router import RouteDecision, Router
 from muxgate.replicas.contract import (
+    ErrorCode,
     HttpRequest,
     Reply,
     extract_context,
@@ -308,7 +309,7 @@ class Dispatcher:
             # The router's model view is refreshed by the connection's
             # on_state callback (wired by the pool), for replies and pongs.
             if reply.error is not None:
-                if reply.error.code == "overloaded":
+                if reply.error.code == ErrorCode.OVERLOADED:
                     # The replica's own guard refused it (another gateway
                     # fills it): it never ran, so route it again.
                     reroutes += 1

@@ -64,6 +64,7 @@ from uvicorn.server import ServerState
 from muxgate.gateway._config import HttpConfig, HttpLimits
 from muxgate.gateway._errors import error_body
 from muxgate.gateway._frontend import Shutdown, new_request_id
+from muxgate.replicas.contract import ErrorCode
 
 __all__ = ["LINGER_S", "Edge", "EdgeProtocol", "edge_protocol", "uvicorn_server"]
 
@@ -142,7 +143,7 @@ class EdgeProtocol(HttpToolsProtocol):
             edge.count("over_capacity")
             self._refuse(
                 503,
-                "over_capacity",
+                ErrorCode.OVER_CAPACITY,
                 "the gateway has no free connection; try again",
                 retry_after=1,
             )
@@ -182,7 +183,7 @@ class EdgeProtocol(HttpToolsProtocol):
                     self.edge.count("header_bytes")
                     self._refuse(
                         431,
-                        "headers_too_large",
+                        ErrorCode.HEADERS_TOO_LARGE,
                         f"request headers are over {self.edge.limits.max_header_bytes} bytes",
                     )
                     return
@@ -200,7 +201,7 @@ class EdgeProtocol(HttpToolsProtocol):
                 self.edge.count("header_fields")
                 self._refuse(
                     431,
-                    "headers_too_large",
+                    ErrorCode.HEADERS_TOO_LARGE,
                     f"more than {self.edge.limits.max_headers} request headers",
                 )
             else:
@@ -278,7 +279,7 @@ class EdgeProtocol(HttpToolsProtocol):
             self.edge.count("header_timeout")
             self._refuse(
                 408,
-                "request_timeout",
+                ErrorCode.REQUEST_TIMEOUT,
                 "the request headers did not arrive within "
                 f"{self.edge.limits.header_timeout_s:g} s",
             )

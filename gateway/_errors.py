@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
-from muxgate.replicas.contract import ErrorInfo
+from muxgate.replicas.contract import ErrorCode, ErrorInfo
 
 __all__ = [
     "AdminForbiddenError",
@@ -50,10 +50,14 @@ class ConfigError(Exception):
 
 
 class GatewayError(Exception):
-    """Base of every error a client of the gateway can receive."""
+    """Base of every error a client of the gateway can receive.
 
-    status: int = 500
-    code: str = "internal"
+    A subclass names its ``code`` (an ``ErrorCode``); its ``status`` is the
+    code's own unless the subclass says otherwise.
+    """
+
+    status: int = ErrorCode.INTERNAL.status
+    code: str = ErrorCode.INTERNAL
     #: seconds for a ``Retry-After`` header, or ``None`` for no header
     retry_after: int | None = None
     #: answer with ``connection: close`` (the rest of the request is not read)
@@ -65,48 +69,48 @@ class GatewayError(Exception):
         #: the replica that produced the error, if any (``x-muxgate-replica``)
         self.replica_id = ""
 
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        code = cls.__dict__.get("code")
+        if isinstance(code, ErrorCode) and "status" not in cls.__dict__:
+            cls.status = code.status
+
 
 class BadModelIdError(GatewayError):
     """The model id header is not 1-256 printable ASCII without whitespace."""
 
-    status = 400
-    code = "bad_model_id"
+    code = ErrorCode.BAD_MODEL_ID
 
 
 class BadRequestError(GatewayError):
     """The request is malformed (reported by the gateway or the replica)."""
 
-    status = 400
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class AdminForbiddenError(GatewayError):
     """Admin endpoint without the bearer token, or from a non-local client."""
 
-    status = 401
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
 
 
 class RouteNotFoundError(GatewayError):
     """No deployment's route prefix matches the path."""
 
-    status = 404
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
 
 
 class ModelNotFoundError(GatewayError):
     """The replica could not find the model in storage."""
 
-    status = 404
-    code = "model_not_found"
+    code = ErrorCode.MODEL_NOT_FOUND
 
 
 class RequestTimeoutError(GatewayError):
     """The client did not send its headers or body in time
     (``http.limits.header_timeout_s``, ``body_timeout_s``)."""
 
-    status = 408
-    code = "request_timeout"
+    code = ErrorCode.REQUEST_TIMEOUT
     close_connection = True
 
 
@@ -114,44 +118,38 @@ class HeadersTooLargeError(GatewayError):
     """The request's headers are over ``http.limits.max_header_bytes`` or
     ``max_headers`` (refused while they arrive)."""
 
-    status = 431
-    code = "headers_too_large"
+    code = ErrorCode.HEADERS_TOO_LARGE
     close_connection = True
 
 
 class PayloadTooLargeError(GatewayError):
     """The request body is over ``http.max_body_bytes``."""
 
-    status = 413
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class DeploymentError(GatewayError):
     """The deployment's code raised; the replica keeps serving."""
 
-    status = 500
-    code = "user_error"
+    code = ErrorCode.USER_ERROR
 
 
 class InternalError(GatewayError):
     """A bug in the gateway; the message given to clients is generic."""
 
-    status = 500
-    code = "internal"
+    code = ErrorCode.INTERNAL
 
 
 class ReplicaFailedError(GatewayError):
     """The replica died while the request was in flight."""
 
-    status = 502
-    code = "replica_died"
+    code = ErrorCode.REPLICA_DIED
 
 
 class OverCapacityError(GatewayError):
     """The deployment's queue is full (or the replica is draining)."""
 
-    status = 503
-    code = "over_capacity"
+    code = ErrorCode.OVER_CAPACITY
 
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message)
@@ -161,8 +159,7 @@ class OverCapacityError(GatewayError):
 class NoReplicaError(GatewayError):
     """The deployment has no replica running and none starting."""
 
-    status = 503
-    code = "no_replica"
+    code = ErrorCode.NO_REPLICA
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message)
@@ -172,8 +169,7 @@ class NoReplicaError(GatewayError):
 class StorageUnavailableError(GatewayError):
     """The replica's model storage kept failing after its retries; try again later."""
 
-    status = 503
-    code = "storage_unavailable"
+    code = ErrorCode.STORAGE_UNAVAILABLE
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message)
@@ -184,8 +180,7 @@ class QuarantinedError(GatewayError):
     """The model id was loading or in flight when replicas died, repeatedly;
     it is refused until its back-off ends (``Retry-After``)."""
 
-    status = 503
-    code = "quarantined"
+    code = ErrorCode.QUARANTINED
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
@@ -196,8 +191,7 @@ class ShuttingDownError(GatewayError):
     """The gateway is shutting down: the request came after the shutdown began,
     or was still running when the grace period (``http.shutdown_grace_s``) ended."""
 
-    status = 503
-    code = "shutting_down"
+    code = ErrorCode.SHUTTING_DOWN
     retry_after = 1
     close_connection = True
 
@@ -205,19 +199,21 @@ class ShuttingDownError(GatewayError):
 class DeadlineExceededError(GatewayError):
     """The request's deadline passed before it was answered."""
 
-    status = 504
-    code = "deadline"
+    code = ErrorCode.DEADLINE
 
 
 # Replica-side ErrorInfo.code -> gateway error class.
 _INFO_CODES: dict[str, type[GatewayError]] = {
-    "user_error": DeploymentError,
-    "model_not_found": ModelNotFoundError,
-    "bad_model_id": BadModelIdError,
-    "bad_request": BadRequestError,
-    "storage_unavailable": StorageUnavailableError,
-    "deadline": DeadlineExceededError,
-    "payload_too_large": PayloadTooLargeError,
+    cls.code: cls
+    for cls in (
+        DeploymentError,
+        ModelNotFoundError,
+        BadModelIdError,
+        BadRequestError,
+        StorageUnavailableError,
+        DeadlineExceededError,
+        PayloadTooLargeError,
+    )
 }
 
 
@@ -227,13 +223,13 @@ def error_from_info(info: ErrorInfo) -> GatewayError:
     The replica already wrote ``message`` for clients (it never includes a
     traceback); unknown codes fall back on the reported status.
     """
-    if info.code == "draining":
+    if info.code == ErrorCode.DRAINING:
         return OverCapacityError(info.message or "replica is draining")
     cls = _INFO_CODES.get(info.code)
     if cls is None:
         err = GatewayError(info.message)
         err.status = info.status if 400 <= info.status <= 599 else 500
-        err.code = info.code or "internal"
+        err.code = info.code or ErrorCode.INTERNAL
         return err
     return cls(info.message)
 

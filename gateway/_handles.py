@@ -45,7 +45,7 @@ from muxgate.gateway._frontend import (
     Target,
 )
 from muxgate.gateway._metrics import GatewayMetrics
-from muxgate.replicas.contract import Reply
+from muxgate.replicas.contract import ErrorCode, Reply
 
 __all__ = ["HANDLES_PREFIX", "HandleIngress"]
 
@@ -58,8 +58,7 @@ _EMPTY_MAP = msgspec.msgpack.encode({})
 class MethodNotAllowedError(GatewayError):
     """The handle endpoint takes POST only."""
 
-    status = 405
-    code = "method_not_allowed"
+    code = ErrorCode.METHOD_NOT_ALLOWED
 
 
 class _CallBody(msgspec.Struct):

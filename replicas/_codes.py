@@ -39,8 +39,12 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed", 405
     #: the model is not in storage
     MODEL_NOT_FOUND = "model_not_found", 404
+    #: the client was too slow sending the request
+    REQUEST_TIMEOUT = "request_timeout", 408
     #: the request body is over the limit
     PAYLOAD_TOO_LARGE = "payload_too_large", 413
+    #: the request's headers are over the limit
+    HEADERS_TOO_LARGE = "headers_too_large", 431
     #: the caller cancelled the call (handle client)
     CANCELLED = "cancelled", 499
 
@@ -59,6 +63,8 @@ class ErrorCode(enum.StrEnum):
     NO_REPLICA = "no_replica", 503
     #: the model id is refused for a while after replicas died with it
     QUARANTINED = "quarantined", 503
+    #: the gateway is shutting down
+    SHUTTING_DOWN = "shutting_down", 503
     #: model storage kept failing after its retries
     STORAGE_UNAVAILABLE = "storage_unavailable", 503
     #: replica-side: the replica is stopping (the gateway answers over_capacity)

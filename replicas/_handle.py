@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from opentelemetry import context as otel_context
 
+from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._propagation import inject_traceparent
 from muxgate.replicas._tracing import tracing_active
 
@@ -92,9 +93,11 @@ class HandleError(Exception):
     Attributes:
         status: the HTTP status the gateway answered (or 503 when it could
             not be reached).
-        code: the stable error code (``user_error``, ``model_not_found``,
-            ``not_found``, ``bad_model_id``, ``bad_request``, ``replica_died``,
-            ``over_capacity``, ``no_replica``, ``deadline``, ...).
+        code: the stable error code, a value of
+            ``muxgate.replicas.contract.ErrorCode`` (``user_error``,
+            ``model_not_found``, ``not_found``, ``bad_model_id``,
+            ``bad_request``, ``replica_died``, ``over_capacity``,
+            ``no_replica``, ``deadline``, ...).
         message: the message meant for the caller (for ``user_error``:
             the exception type and message raised by the deployment).
         request_id: the gateway's request id (find the call in the logs).
@@ -153,7 +156,7 @@ def _error_class(status: int) -> type[HandleError]:
 
 
 class _ErrorBody(msgspec.Struct):
-    code: str = "internal"
+    code: str = ErrorCode.INTERNAL
     message: str = ""
     request_id: str = ""
 
@@ -173,9 +176,9 @@ def _raise_for(status: int, body: bytes, headers: httpx.Headers) -> None:
         code, message = err.code, err.message
         request_id = err.request_id or request_id
     except (msgspec.DecodeError, msgspec.ValidationError):
-        code, message = "http_error", body[:200].decode("utf-8", "replace")
+        code, message = ErrorCode.HTTP_ERROR, body[:200].decode("utf-8", "replace")
     cls = _error_class(status)
-    if cls is HandleUserError and code != "user_error":
+    if cls is HandleUserError and code != ErrorCode.USER_ERROR:
         cls = HandleError  # a 500 from the gateway itself, not the deployment
     raise cls(status, code, message, request_id, replica_id)
 
@@ -352,7 +355,9 @@ class DeploymentResponse:
                 # CancelledError escaping into it would look like its own
                 # cancellation (anyio and TaskGroup would treat it so).
                 raise HandleCancelledError(
-                    499, "cancelled", f"the call to {self._target} was cancelled"
+                    ErrorCode.CANCELLED.status,
+                    ErrorCode.CANCELLED,
+                    f"the call to {self._target} was cancelled",
                 ) from None
             if cancel_with_awaiter:
                 self.cancel()
@@ -511,7 +516,9 @@ class DeploymentHandle:
         if left is not None:
             if left <= 0:
                 raise HandleDeadlineError(
-                    504, "deadline", "the calling request's deadline passed before the call"
+                    ErrorCode.DEADLINE.status,
+                    ErrorCode.DEADLINE,
+                    "the calling request's deadline passed before the call",
                 )
             budget = left if budget is None else min(budget, left)
         if budget is not None:
@@ -529,8 +536,8 @@ class DeploymentHandle:
             response = await _client().post(self._url, content=content, headers=headers)
         except httpx.TransportError as exc:
             raise HandleUnavailableError(
-                503,
-                "gateway_unreachable",
+                ErrorCode.GATEWAY_UNREACHABLE.status,
+                ErrorCode.GATEWAY_UNREACHABLE,
                 f"cannot reach the gateway at {self._gateway_url}: {exc!r}",
             ) from exc
         if response.status_code != 200:

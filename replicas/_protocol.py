@@ -47,6 +47,7 @@ from typing import Any
 
 import msgspec
 
+from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._deployment import DeploymentOptions
 
 __all__ = [
@@ -101,14 +102,17 @@ class HttpRequest(msgspec.Struct, frozen=True, array_like=True):
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
-    """A failure of a call. ``code`` is a stable machine-readable string."""
+    """A failure of a call. ``code`` is an ``ErrorCode`` value (a plain string
+    on the wire, so a code a newer replica sends still decodes)."""
 
-    # "user_error" | "model_not_found" | "bad_model_id" | "bad_request" | "storage_unavailable"
-    # | "deadline" | "draining"
-    # | "overloaded" (503: the replica's own max_ongoing_requests guard refused it)
     code: str
     message: str
     status: int = 500
+
+    @classmethod
+    def of(cls, code: ErrorCode, message: str) -> ErrorInfo:
+        """The failure ``code`` with its own HTTP status."""
+        return cls(code=code, message=message, status=code.status)
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="t"):

@@ -4,7 +4,7 @@ and its gateway connections.
 Each ``Call`` runs in its own task inside a request scope and (when tracing
 is on) a ``muxgate.replica.handle`` span continued from the caller's
 ``traceparent``, bounded by its ``timeout_s``. User exceptions become
-``ErrorInfo("user_error", 500)`` (``model_not_found``, 404, for the storage
+``ErrorCode.USER_ERROR`` (``MODEL_NOT_FOUND``, 404, for the storage
 backends' not-found error) and the replica keeps serving.
 
 Stopping (one path, three triggers, see ``Replica.request_stop``):
@@ -17,7 +17,7 @@ Stopping (one path, three triggers, see ``Replica.request_stop``):
   replies any more, so in-flight calls are cancelled and models unloaded
   with reason ``shutdown``.
 
-While stopping, calls are answered with ``ErrorInfo("draining", 503)``;
+While stopping, calls are answered with ``ErrorCode.DRAINING`` (503);
 whether a call is refused is decided in frame order, so a ``Call`` that
 arrived before the ``Drain`` still runs.
 
@@ -37,7 +37,7 @@ replica, and a call the gateway cancelled may still be unwinding here when
 the gateway reuses its slot. So the replica runs at most
 ``max_ongoing_requests`` calls; up to as many again wait in a local FIFO
 (within their deadline), and beyond that a call is refused at once with
-``ErrorInfo("overloaded", 503)``, which the gateway reroutes. Waiting
+``ErrorCode.OVERLOADED`` (503), which the gateway reroutes. Waiting
 briefly is preferred over refusing: the call was routed here because its
 model lives here, and a reroute means a model load elsewhere (hundreds of
 ms) where a slot frees in milliseconds; refusing past a bound keeps the wait
@@ -64,6 +64,7 @@ import anyio.abc
 import msgspec
 from opentelemetry import trace
 
+from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._deployment import get_deployment_options
 from muxgate.replicas._handle import call_deadline
@@ -126,19 +127,23 @@ class _CallFailed(Exception):
         self.error = error
 
 
-#: muxgate.backends errors that mean something to the client, by class name:
-#: (code, HTTP status). Anything else user code raises is a 500 ``user_error``.
-_BACKEND_ERRORS: dict[str, tuple[str, int]] = {
-    "ModelNotFoundError": ("model_not_found", 404),
+def _bad_request(message: str) -> _CallFailed:
+    return _CallFailed(ErrorInfo.of(ErrorCode.BAD_REQUEST, message))
+
+
+#: muxgate.backends errors that mean something to the client, by class name,
+#: and their codes. Anything else user code raises is a 500 ``user_error``.
+_BACKEND_ERRORS: dict[str, ErrorCode] = {
+    "ModelNotFoundError": ErrorCode.MODEL_NOT_FOUND,
     # an id that would leave the storage root: the client's mistake, not ours
-    "InvalidModelIdError": ("bad_model_id", 400),
+    "InvalidModelIdError": ErrorCode.BAD_MODEL_ID,
     # storage kept failing after retries: worth retrying later
-    "StorageUnavailableError": ("storage_unavailable", 503),
+    "StorageUnavailableError": ErrorCode.STORAGE_UNAVAILABLE,
 }
 
 
 #: Codes of backend errors that are outcomes (logged without a traceback).
-_EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(code for code, _ in _BACKEND_ERRORS.values())
+_EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(_BACKEND_ERRORS.values())
 
 
 def _is_backend_error(exc: BaseException) -> bool:
@@ -153,14 +158,13 @@ def _error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
     a missing model id names ``options(multiplexed_model_id=...)``.
     """
     if isinstance(exc, MissingModelIdError) and not http:
-        return ErrorInfo(
-            code="bad_request",
-            message="The model ID cannot be empty: the handle call has no model id;"
+        return ErrorInfo.of(
+            ErrorCode.BAD_REQUEST,
+            "The model ID cannot be empty: the handle call has no model id;"
             " use handle.options(multiplexed_model_id=...).",
-            status=400,
         )
     if isinstance(exc, BadRequestError):
-        return ErrorInfo(code="bad_request", message=str(exc), status=400)
+        return ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
     message = f"{type(exc).__name__}: {exc}"
     # muxgate.backends is optional here (and must not be imported eagerly):
     # match its errors by name anywhere in the class hierarchy.
@@ -173,8 +177,8 @@ def _error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
     for cls in type(exc).__mro__:
         known = _BACKEND_ERRORS.get(cls.__name__)
         if known is not None:
-            return ErrorInfo(code=known[0], message=message, status=known[1])
-    return ErrorInfo(code="user_error", message=message, status=500)
+            return ErrorInfo.of(known, message)
+    return ErrorInfo.of(ErrorCode.USER_ERROR, message)
 
 
 def _counters() -> dict[str, float]:
@@ -423,20 +427,17 @@ class Replica:
         try:
             with scope:
                 if refuse:
-                    outcome = ErrorInfo(
-                        code="draining", message="replica is shutting down", status=503
-                    )
+                    outcome = ErrorInfo.of(ErrorCode.DRAINING, "replica is shutting down")
                 elif self._slots.try_acquire():
                     try:
                         outcome = await self._execute(call, call.timeout_s)
                     finally:
                         self._slots.release()
                 elif self._slots.waiting >= self._slots.max_waiting:
-                    outcome = ErrorInfo(
-                        code="overloaded",
-                        message=f"replica {self.spec.replica_id} is at max_ongoing_requests "
+                    outcome = ErrorInfo.of(
+                        ErrorCode.OVERLOADED,
+                        f"replica {self.spec.replica_id} is at max_ongoing_requests "
                         f"({self._slots.limit}) with {self._slots.waiting} calls waiting",
-                        status=503,
                     )
                 else:
                     outcome = await self._execute_when_free(call)
@@ -475,10 +476,9 @@ class Replica:
                 return await self._execute(call, left)
             finally:
                 self._slots.release()
-        return ErrorInfo(
-            code="deadline",
-            message=f"deadline of {timeout:.3f}s passed while waiting for a slot in the replica",
-            status=504,
+        return ErrorInfo.of(
+            ErrorCode.DEADLINE,
+            f"deadline of {timeout:.3f}s passed while waiting for a slot in the replica",
         )
 
     def _finish(self) -> None:
@@ -526,16 +526,12 @@ class Replica:
         if timeout is None:
             return await self._run_guarded(call, span)
         if timeout <= 0:
-            return ErrorInfo(code="deadline", message="deadline passed", status=504)
+            return ErrorInfo.of(ErrorCode.DEADLINE, "deadline passed")
         with anyio.move_on_after(timeout), call_deadline(timeout):
             # Handle calls made from here get only the time left (call_deadline).
             return await self._run_guarded(call, span)
         # Only reached when the deadline cancelled the call.
-        return ErrorInfo(
-            code="deadline",
-            message=f"deadline of {timeout:.3f}s passed in the replica",
-            status=504,
-        )
+        return ErrorInfo.of(ErrorCode.DEADLINE, f"deadline of {timeout:.3f}s passed in the replica")
 
     async def _run_guarded(
         self, call: Call, span: trace.Span | None
@@ -551,7 +547,7 @@ class Replica:
             if error.code in _EXPECTED_BACKEND_CODES:
                 # an outcome, not a bug: the full detail, no traceback
                 _log.warning("Request %s: %s: %s", call.request_id, type(exc).__name__, exc)
-            elif error.code == "bad_request":
+            elif error.code == ErrorCode.BAD_REQUEST:
                 _log.warning("%s", error.message)
             else:
                 _log.exception("Request %s failed.", call.request_id)
@@ -570,23 +566,19 @@ class Replica:
             args = msgspec.msgpack.decode(call.args) if call.args else []
             kwargs = msgspec.msgpack.decode(call.kwargs) if call.kwargs else {}
         except msgspec.DecodeError as exc:
-            raise _CallFailed(
-                ErrorInfo("bad_request", f"undecodable arguments: {exc}", 400)
-            ) from exc
+            raise _bad_request(f"undecodable arguments: {exc}") from exc
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise _CallFailed(ErrorInfo("bad_request", "args must be a list, kwargs a map", 400))
+            raise _bad_request("args must be a list, kwargs a map")
         result = await self._invoke(call.method, target, tuple(args), kwargs)
         return 200, [], msgspec.msgpack.encode(result)
 
     def _target(self, name: str) -> Callable[..., Any]:
         # Only public methods and __call__ are reachable from the wire.
         if name != "__call__" and (not name or name.startswith("_")):
-            raise _CallFailed(ErrorInfo("bad_request", f"method {name!r} is not callable", 400))
+            raise _bad_request(f"method {name!r} is not callable")
         target = getattr(self.instance, name, None)
         if not callable(target):
-            raise _CallFailed(
-                ErrorInfo("bad_request", f"{self.spec.deployment} has no method {name!r}", 400)
-            )
+            raise _bad_request(f"{self.spec.deployment} has no method {name!r}")
         return target  # type: ignore[no-any-return]
 
     async def _invoke(

@@ -19,11 +19,19 @@ from muxgate.gateway._errors import (
     ReplicaFailedError,
     RouteNotFoundError,
     StorageUnavailableError,
+    error_body,
     error_from_info,
     error_response,
 )
-from muxgate.replicas._protocol import ErrorInfo
 from muxgate.replicas._replica import _error_for
+from muxgate.replicas.contract import (
+    ErrorCode,
+    ErrorInfo,
+    FrameDecoder,
+    ReplicaState,
+    Reply,
+    encode_frame,
+)
 
 
 @pytest.mark.parametrize(
@@ -109,3 +117,30 @@ def test_backend_errors_raised_in_a_replica_keep_their_meaning(
     assert status_ == status
     # a storage outage is worth retrying, and says when
     assert any(k == b"retry-after" for k, _ in headers) == (status == 503)
+
+
+def _subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+def test_every_gateway_error_has_an_error_code_and_its_status() -> None:
+    classes = _subclasses(GatewayError)
+    assert len(classes) >= 15
+    for cls in classes:
+        assert isinstance(cls.code, ErrorCode), cls
+        assert cls.status == cls.code.status, cls
+
+
+def test_error_codes_travel_as_plain_strings() -> None:
+    sent = Reply(id=1, state=ReplicaState(), error=ErrorInfo.of(ErrorCode.OVERLOADED, "busy"))
+    (received,) = FrameDecoder().feed(encode_frame(sent))
+    assert isinstance(received, Reply) and received.error is not None
+    assert (received.error.code, received.error.status) == ("overloaded", 503)
+    assert received.error.code == ErrorCode.OVERLOADED
+    # a code this version does not know still decodes, and keeps its status
+    unknown = error_from_info(ErrorInfo(code="from_the_future", message="m", status=418))
+    assert (unknown.code, unknown.status) == ("from_the_future", 418)
+    assert json.loads(error_body(ErrorCode.NO_REPLICA, "m", "r"))["error"]["code"] == "no_replica"
