@@ -96,6 +96,11 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: already on the freed replica go first (cache-affine queue); None: a
     #: moving estimate of the model load time the replicas report; 0: strict FIFO
     queue_affinity_wait_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    #: when a request whose model's holders are all full goes to another
+    #: replica: ``priced`` only when the expected wait for a holder costs more
+    #: than the load plus the misses of the model it evicts (docs/routing.md);
+    #: ``bounded_load`` always
+    spill: Literal["priced", "bounded_load"] = "priced"
 
 
 class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):

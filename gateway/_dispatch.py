@@ -29,6 +29,12 @@ Each routing decision runs in a ``muxgate.route`` span (when tracing is on)
 and the traceparent sent to the replica is that span's, so the replica's
 span is its child.
 
+A request whose model's holders are all full waits for one of them unless
+the router's priced spill rule says a load elsewhere pays
+(``muxgate.gateway._spill``); the dispatcher tells the router how many
+requests wait for the model and how long this one has waited, and learns
+the service time from the cache hits it sends.
+
 The dispatcher never sees processes or sockets: replicas are ``Target``
 objects looked up by id in a mapping the pool keeps current. Tests inject
 fakes there.
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import re
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -56,6 +63,7 @@ from muxgate.gateway._errors import (
     error_from_info,
 )
 from muxgate.gateway._router import RouteDecision, Router
+from muxgate.gateway._spill import ServiceTimeEstimate
 from muxgate.replicas.contract import (
     ErrorCode,
     HttpRequest,
@@ -79,6 +87,10 @@ _MODEL_ID = re.compile(rb"[!-~]{1,256}")
 MAX_REROUTES = 3
 #: waiters a ``wake()`` pass looks at for a cache hit (bounds its cost)
 AFFINITY_SCAN = 64
+
+#: a waiter held back by the spill price is looked at again this long after
+#: its wait reaches the price (the rule needs the wait to exceed it)
+_PRICE_SLACK_S = 0.001
 
 _tracer = trace.get_tracer("muxgate")
 
@@ -190,6 +202,9 @@ class Dispatcher:
         self._retry_after = retry_after_s
         self._queue: deque[_Waiter] = deque()
         self._waiting = 0
+        self._waiting_for: dict[str, int] = {}  # model id -> waiters queued
+        #: interval between slots freeing on a busy replica, from the hits sent
+        self.service_time = ServiceTimeEstimate(router.service_s)
         self._timer: asyncio.TimerHandle | None = None
         self._forced_after = 0.0  # loop time before which no head may jump hits
         self.affinity_wait_s = affinity_wait_s
@@ -264,9 +279,11 @@ class Dispatcher:
                 target = self._targets.get(replica_id)
                 if target is None:
                     raise ReplicaUnavailableError(replica_id)
-                remaining = deadline - loop.time()
+                sent_at = loop.time()
+                remaining = deadline - sent_at
                 if remaining <= 0:
                     raise DeadlineExceededError("the request's deadline passed")
+                sharing = router.in_flight(replica_id)
                 try:
                     async with asyncio.timeout_at(deadline):
                         reply = await target.call(
@@ -308,6 +325,8 @@ class Dispatcher:
                     self.wake()
             # The router's model view is refreshed by the connection's
             # on_state callback (wired by the pool), for replies and pongs.
+            if decision.hit and reply.error is None:
+                router.service_s = self.service_time.observe(loop.time() - sent_at, sharing)
             if reply.error is not None:
                 if reply.error.code == ErrorCode.OVERLOADED:
                     # The replica's own guard refused it (another gateway
@@ -395,6 +414,7 @@ class Dispatcher:
         waiter = _Waiter(model_id, future, loop.time())
         self._queue.append(waiter)
         self._waiting += 1
+        self._waiting_for[model_id] = self._waiting_for.get(model_id, 0) + 1
         # A cache hit may go at once even behind older waiters.
         self.wake()
         if future.done():
@@ -424,8 +444,7 @@ class Dispatcher:
             raise
         finally:
             if waiter.queued:
-                waiter.queued = False
-                self._waiting -= 1
+                self._unqueue(waiter)
             self._compact()
             self._report_queue()
 
@@ -457,11 +476,10 @@ class Dispatcher:
             error = self._no_replica(f"no replica of {self.name} is running")
             for waiter in self._queue:
                 if waiter.queued:
-                    waiter.queued = False
+                    self._unqueue(waiter)
                     if not waiter.future.done():
                         waiter.future.set_exception(error)
             self._queue.clear()
-            self._waiting = 0
         if self._waiting != waiting_before:
             self._compact()
             self._report_queue()
@@ -477,13 +495,13 @@ class Dispatcher:
         models_full = not free
         head: _Waiter | None = None
         head_decision: RouteDecision | None = None
+        priced_due = math.inf  # when a waiter held back by the spill price is due again
         scanned = 0
         for waiter in itertools.islice(self._queue, AFFINITY_SCAN * 2):
             if not waiter.queued:
                 continue
             if waiter.future.done():  # cancelled, its task not yet resumed
-                waiter.queued = False
-                self._waiting -= 1
+                self._unqueue(waiter)
                 continue
             scanned += 1
             if scanned > AFFINITY_SCAN:
@@ -494,8 +512,16 @@ class Dispatcher:
             if head is not None and model_id and free.isdisjoint(router.holders(model_id)):
                 refused.add(model_id)  # a miss, and not the head: skip it cheaply
                 continue
-            decision = router.choose(model_id)
+            waited = asyncio.get_running_loop().time() - waiter.since
+            decision = router.choose(model_id, self._waiting_for.get(model_id, 1), waited)
             if decision is None:
+                if model_id and free:
+                    # Its holders are full and a spill does not pay yet: it waits
+                    # for a holder; look again once waiting costs as much as a load.
+                    refused.add(model_id)
+                    due = waiter.since + router.refused_spill_price_s + _PRICE_SLACK_S
+                    priced_due = min(priced_due, due)
+                    continue
                 if head is None:
                     head = waiter
                 if not model_id:
@@ -517,9 +543,11 @@ class Dispatcher:
                     self._hand(head, decision)
                     return True
             refused.add(model_id)
-        if head is None or head_decision is None:
-            return False
         loop = asyncio.get_running_loop()
+        if head is None or head_decision is None:
+            if priced_due < math.inf and self._timer is None:
+                self._timer = loop.call_at(priced_due, self.wake)
+            return False
         due = head.since + self.affinity_wait_s
         if (
             loop.time() >= due
@@ -535,9 +563,17 @@ class Dispatcher:
 
     def _hand(self, waiter: _Waiter, decision: RouteDecision) -> None:
         self._acquire(decision, waiter.model_id)
+        self._unqueue(waiter)
+        waiter.future.set_result(decision)
+
+    def _unqueue(self, waiter: _Waiter) -> None:
         waiter.queued = False
         self._waiting -= 1
-        waiter.future.set_result(decision)
+        left = self._waiting_for[waiter.model_id] - 1
+        if left:
+            self._waiting_for[waiter.model_id] = left
+        else:
+            del self._waiting_for[waiter.model_id]
 
     def _report_queue(self) -> None:
         if self._metrics is not None:

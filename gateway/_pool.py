@@ -188,6 +188,7 @@ class ReplicaPool:
             virtual_nodes=config.routing.virtual_nodes,
             max_ongoing_requests=(config.max_ongoing_requests or DEFAULT_MAX_ONGOING_REQUESTS),
             min_capacity=config.routing.min_capacity,
+            spill_rule=config.routing.spill,
         )
         #: replica id -> connection, for RUNNING replicas only
         self.targets: dict[str, ReplicaConnection] = {}
@@ -658,6 +659,7 @@ class ReplicaPool:
         load time estimate, model events, counters for the metrics."""
         rep.last_pong = time.monotonic()
         rep.loads_seen = self._load_time.observe(rep.loads_seen, pong.counters)
+        self.router.load_s = self._load_time.value  # the price of a spill
         if self.config.routing.queue_affinity_wait_s is None:
             # Cache hits overtake the queue head for about one load time.
             self.dispatcher.affinity_wait_s = self._load_time.affinity_wait_s()

@@ -13,11 +13,17 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from muxgate.gateway._popularity import PopularitySketch
 from muxgate.gateway._ring import DEFAULT_VIRTUAL_NODES, HashRing, stable_hash
+from muxgate.gateway._spill import (
+    INITIAL_SERVICE_TIME_S,
+    should_spill,
+    spill_price_s,
+    victim_share,
+)
 
 __all__ = [
     "DEFAULT_BALANCE_FACTOR",
@@ -80,12 +86,15 @@ class RouteDecision:
             ``"placed"`` (a later replica picked for a model no replica holds,
             because loading it there evicts a less popular model) or
             ``"no_model"`` (no model id, power of two choices).
+        hit: the chosen replica had reported the model loaded (its duration
+            is a sample of the service time).
     """
 
     replica_id: str
     spillover: bool
     home_replica_id: str
     reason: str
+    hit: bool = field(default=False, compare=False)
 
 
 class _Replica:
@@ -170,6 +179,13 @@ class Router:
        ``max_ongoing_requests`` (the less loaded of two random ones).
     7. When every replica is at ``max_ongoing_requests``, :meth:`choose`
        returns None and the caller queues the request.
+    8. With ``spill_rule="priced"`` a spill (4, or a load of m elsewhere
+       while its holders are full) happens only when it pays:
+       :func:`muxgate.gateway._spill.should_spill` weighs the expected wait
+       for a holder (``waiting`` requests for m, ``service_s``) against one
+       load (``load_s``) plus the future misses of the model it evicts on the
+       target. Otherwise :meth:`choose` returns None and the request waits
+       for a holder. ``"bounded_load"`` spills whenever the holders are full.
 
     ``min_capacity`` keeps a lightly loaded deployment from spilling (and
     paying a model load) for a second concurrent request: a spill costs a model
@@ -208,6 +224,7 @@ class Router:
         placement_choices: int = DEFAULT_PLACEMENT_CHOICES,
         popularity_half_life: float = DEFAULT_POPULARITY_HALF_LIFE,
         cache_limit: int | None = None,
+        spill_rule: Literal["priced", "bounded_load"] = "bounded_load",
     ) -> None:
         """Create an empty router.
 
@@ -228,6 +245,9 @@ class Router:
             popularity_half_life: Half-life of the popularity sketch, in requests.
             cache_limit: Models a replica can hold, when known for all
                 replicas; a replica's own report overrides it.
+            spill_rule: ``"priced"``: spill only when waiting for a holder is
+                expected to cost more than the load (see step 8);
+                ``"bounded_load"``: whenever every holder is at capacity.
         """
         if not balance_factor > 1.0:
             raise ValueError(f"balance_factor must be > 1, got {balance_factor}")
@@ -262,6 +282,16 @@ class Router:
         self.cache_limit = cache_limit
         self.popularity = PopularitySketch(half_life=popularity_half_life)
         self._high_water = 0  # most models any replica was seen holding
+        if spill_rule not in ("priced", "bounded_load"):
+            raise ValueError(f"spill_rule must be 'priced' or 'bounded_load', got {spill_rule!r}")
+        self.spill_rule = spill_rule
+        #: one model load (s); the pool keeps it current from the replicas' counters
+        self.load_s = 0.5
+        #: interval between slots freeing on a busy replica (s); the dispatcher learns it
+        self.service_s = INITIAL_SERVICE_TIME_S
+        #: the price of the last spill :meth:`choose` refused (s): the request
+        #: that waits spills once it has waited that long
+        self.refused_spill_price_s = 0.0
 
     # -- membership -------------------------------------------------------
 
@@ -454,10 +484,19 @@ class Router:
 
     # -- decisions --------------------------------------------------------
 
-    def choose(self, model_id: str) -> RouteDecision | None:
-        """Pick a replica for a request, or None when every replica is full.
+    def choose(
+        self, model_id: str, waiting: int = 1, waited_s: float = 0.0
+    ) -> RouteDecision | None:
+        """Pick a replica for a request, or None when it should wait.
 
+        None when every replica is full, or (``spill_rule="priced"``) when the
+        model's holders are full and a spill would cost more than waiting.
         Does not change state: call :meth:`acquire` once the request is sent.
+
+        Args:
+            model_id: the request's model id ("" for none).
+            waiting: requests for ``model_id`` waiting at the gateway, this one included.
+            waited_s: how long this request has waited already.
         """
         if not self._replicas:
             return None
@@ -485,7 +524,8 @@ class Router:
             if replica_id in wanted:
                 if not least_loaded:
                     reason = REASON_HOME if replica_id == home else REASON_CACHED
-                    return RouteDecision(replica_id, False, home, reason)
+                    hit = model_id in replicas[replica_id].models
+                    return RouteDecision(replica_id, False, home, reason, hit)
                 if best is None or in_flight < replicas[best].in_flight:
                     best = replica_id
                 wanted.discard(replica_id)
@@ -499,12 +539,26 @@ class Router:
                 break
         if best is not None and home is not None:
             reason = REASON_HOME if best == home else REASON_CACHED
-            return RouteDecision(best, False, home, reason)
+            return RouteDecision(best, False, home, reason, model_id in replicas[best].models)
         if not free or home is None:
             return None
         target = free[0]
         if len(free) > 1 and not holders:
             target = self._place(free)
+        elif holders and self.spill_rule == "priced":
+            # Every holder is full: a load elsewhere must be worth more than the wait.
+            victim = victim_share(self._victim_score(target), self.popularity.score(model_id))
+            if not should_spill(
+                waiting=waiting,
+                holders=len(holders),
+                service_s=self.service_s,
+                load_s=self.load_s,
+                victim=victim,
+                waited_s=waited_s,
+            ):
+                # Once the request has waited this long, the spill pays (ski rental).
+                self.refused_spill_price_s = spill_price_s(self.load_s, victim)
+                return None
         if target == home:
             return RouteDecision(target, False, home, REASON_HOME)
         if target == free[0]:
@@ -602,5 +656,6 @@ class Router:
             f"min_capacity={self.min_capacity}, "
             f"max_ongoing_requests={self.max_ongoing_requests}, "
             f"holder_choice={self.holder_choice}, placement_choices={self.placement_choices}, "
+            f"spill_rule={self.spill_rule}, "
             f"popular_models={len(self.popularity)})"
         )

@@ -1,0 +1,113 @@
+"""When a request should spill: the price of a new copy against the wait for one.
+
+A spill sends a request for model *m* to a replica that does not hold it,
+because every replica that does is at its bounded-load capacity. It buys a
+copy: one model load now (the request waits for it, and the target replica
+spends it), plus, when the target's cache is full, the future misses of the
+model the load evicts there. Waiting for a holder costs the time until one of
+them frees a slot for this request. So (pure functions, no clock):
+
+    expected_wait = waiting * service_s / holders
+    price         = load_s * (1 + victim_share)
+    spill        <=> max(expected_wait, waited_s) > price
+
+* ``waiting``: requests for *m* queued at the gateway, this one included: a
+  copy serves all of them, and each holder slot that frees serves one.
+* ``service_s``: the time between two slots freeing on a busy replica (a
+  hit's duration divided by the requests it shared the replica with),
+  learnt online by :class:`ServiceTimeEstimate`.
+* ``holders``: replicas that hold *m* (loaded, loading, or a request for it
+  in flight).
+* ``load_s``: one model load, learnt from the replicas' own load counters.
+* ``victim_share``: expected misses the eviction causes, in loads: 0 when
+  the target has a free cache slot, else the victim's popularity relative to
+  *m*'s, at most 1 (a victim as hot as *m* costs a full reload).
+* ``waited_s``: how long the request has already waited: an estimate proven
+  wrong by the clock never keeps a request waiting longer than a spill.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "INITIAL_SERVICE_TIME_S",
+    "SERVICE_TIME_ALPHA",
+    "ServiceTimeEstimate",
+    "expected_wait_s",
+    "should_spill",
+    "spill_price_s",
+    "victim_share",
+]
+
+#: first guess of the interval between slots freeing on a busy replica (s)
+INITIAL_SERVICE_TIME_S = 0.01
+#: weight of a new sample in the moving service time estimate
+SERVICE_TIME_ALPHA = 0.05
+
+
+def expected_wait_s(waiting: int, holders: int, service_s: float) -> float:
+    """Expected time until the last of ``waiting`` requests gets a holder's slot."""
+    return max(1, waiting) * service_s / max(1, holders)
+
+
+def victim_share(victim_score: float, model_score: float) -> float:
+    """Future loads the eviction costs: 0 for a free slot (``victim_score < 0``),
+    else the victim's popularity relative to the model's, at most 1."""
+    if victim_score < 0.0:
+        return 0.0
+    if model_score <= 0.0:
+        return 1.0
+    return min(1.0, victim_score / model_score)
+
+
+def spill_price_s(load_s: float, victim: float) -> float:
+    """What a spill costs in seconds of load: one load now plus ``victim`` future loads."""
+    return load_s * (1.0 + victim)
+
+
+def should_spill(
+    *,
+    waiting: int,
+    holders: int,
+    service_s: float,
+    load_s: float,
+    victim: float,
+    waited_s: float = 0.0,
+) -> bool:
+    """Whether a request whose holders are all full should go to a non-holder now.
+
+    Args:
+        waiting: requests for the model queued at the gateway (this one included).
+        holders: replicas holding the model.
+        service_s: interval between slots freeing on a busy replica.
+        load_s: one model load.
+        victim: :func:`victim_share` of the model the load would evict.
+        waited_s: how long this request has waited already.
+    """
+    wait = max(expected_wait_s(waiting, holders, service_s), waited_s)
+    return wait > spill_price_s(load_s, victim)
+
+
+class ServiceTimeEstimate:
+    """Exponential moving average of the interval between slots freeing.
+
+    Each sample is one cache hit: its duration at the replica divided by the
+    requests in flight there when it was sent (with ``k`` requests sharing a
+    replica, one finishes about every ``duration / k``).
+    """
+
+    __slots__ = ("_alpha", "value")
+
+    def __init__(
+        self, initial_s: float = INITIAL_SERVICE_TIME_S, alpha: float = SERVICE_TIME_ALPHA
+    ) -> None:
+        self.value = initial_s
+        self._alpha = alpha
+
+    def observe(self, duration_s: float, in_flight: int) -> float:
+        """Fold in one hit; returns the new estimate."""
+        if duration_s >= 0.0:
+            self.value += self._alpha * (duration_s / max(1, in_flight) - self.value)
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"<ServiceTimeEstimate {self.value * 1e3:.3f} ms>"
