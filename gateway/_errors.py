@@ -5,9 +5,18 @@ Every failure a client can see is a ``GatewayError`` subclass with a stable
 turns an exception into a response, so the mapping lives in exactly one
 module: clients get the code, a message meant for them and the request id,
 never a traceback or the ``str()`` of an internal error.
+
+Messages that come from a replica are passed through ``client_safe`` first:
+storage errors already arrive as words fit for a client (``muxgate.backends``
+keeps the URL in a field for the replica's log), but a deployment's own
+exception can say anything, so URLs, absolute paths and things that look
+like credentials are replaced before a client sees them. The replica logs
+the full message once.
 """
 
 from __future__ import annotations
+
+import re
 
 import msgspec
 
@@ -33,6 +42,7 @@ __all__ = [
     "RouteNotFoundError",
     "ShuttingDownError",
     "StorageUnavailableError",
+    "client_safe",
     "error_body",
     "error_from_info",
     "error_response",
@@ -217,21 +227,43 @@ _INFO_CODES: dict[str, type[GatewayError]] = {
 }
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>()\[\]{},]+")
+# Two or more components, not inside a relative path or a URL: "/srv/models/x".
+_PATH = re.compile(r"(?<![\w.~:/\-])(?:/[\w.~@+%\-]+){2,}/?")
+_SECRET = re.compile(
+    r"(?i)(?<![A-Za-z0-9/.])(password|passwd|secret|token|api[_-]?key|access[_-]?key(?:[_-]?id)?"
+    r"|secret[_-]?access[_-]?key|authorization|credentials?)"
+    r"(['\"]?\s*[:=]\s*['\"]?)(?:bearer\s+)?[^\s'\",;&]+"
+)
+_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+
+
+def client_safe(message: str) -> str:
+    """``message`` without URLs, absolute paths or credential-like values."""
+    if "/" in message:
+        message = _PATH.sub("<path>", _URL.sub("<url>", message))
+    message = _SECRET.sub(r"\1\2<redacted>", message)
+    return _KEY_ID.sub("<redacted>", message)
+
+
 def error_from_info(info: ErrorInfo) -> GatewayError:
     """Translate a replica's ``ErrorInfo`` into the matching gateway error.
 
-    The replica already wrote ``message`` for clients (it never includes a
-    traceback); unknown codes fall back on the reported status.
+    The replica wrote ``message`` for clients (never a traceback, and for
+    storage errors no URL); ``client_safe`` removes what a deployment's own
+    exception message may still carry. Unknown codes fall back on the
+    reported status.
     """
+    message = client_safe(info.message)
     if info.code == ErrorCode.DRAINING:
-        return OverCapacityError(info.message or "replica is draining")
+        return OverCapacityError(message or "replica is draining")
     cls = _INFO_CODES.get(info.code)
     if cls is None:
-        err = GatewayError(info.message)
+        err = GatewayError(message)
         err.status = info.status if 400 <= info.status <= 599 else 500
         err.code = info.code or ErrorCode.INTERNAL
         return err
-    return cls(info.message)
+    return cls(message)
 
 
 class _Body(msgspec.Struct):

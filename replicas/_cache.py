@@ -48,6 +48,18 @@ __all__ = [
 M = TypeVar("M")
 
 _log = logging.getLogger("muxgate.replicas")
+
+#: muxgate.backends errors that are outcomes rather than bugs, matched by name
+#: (the package is optional in a replica and not imported here)
+_OUTCOMES: Final = frozenset(
+    {"ModelNotFoundError", "InvalidModelIdError", "StorageUnavailableError"}
+)
+
+
+def _is_outcome(exc: BaseException) -> bool:
+    return any(cls.__name__ in _OUTCOMES for cls in type(exc).__mro__)
+
+
 # A proxy until the process installs a TracerProvider; it then follows the global one.
 _tracer = trace.get_tracer("muxgate")
 
@@ -309,11 +321,16 @@ class ModelCache(Generic[M]):
                 failed_after = time.perf_counter() - start
                 COUNTERS["model_load_failures"] += 1
                 EVENTS.record("load_failed", model_id, failed_after, type(exc).__name__)
+                # An outcome (not found, refused id, storage down) is logged
+                # once with its detail where the request fails, without a
+                # traceback; anything else keeps its traceback here.
+                outcome = _is_outcome(exc)
                 _log.warning(
-                    "Failed to load model '%s' after %.1fms.",
+                    "Failed to load model '%s' after %.1fms%s",
                     model_id,
                     failed_after * 1e3,
-                    exc_info=True,
+                    f": {type(exc).__name__}." if outcome else ".",
+                    exc_info=not outcome,
                 )
                 raise
             finally:

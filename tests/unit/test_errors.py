@@ -144,3 +144,53 @@ def test_error_codes_travel_as_plain_strings() -> None:
     unknown = error_from_info(ErrorInfo(code="from_the_future", message="m", status=418))
     assert (unknown.code, unknown.status) == ("from_the_future", 418)
     assert json.loads(error_body(ErrorCode.NO_REPLICA, "m", "r"))["error"]["code"] == "no_replica"
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (
+            "FileNotFoundError: [Errno 2] No such file or directory: '/srv/models/7/model.pt'",
+            "FileNotFoundError: [Errno 2] No such file or directory: '<path>'",
+        ),
+        (
+            "OSError: cannot read s3://my-bucket/m/7 (endpoint http://10.0.0.3:9000)",
+            "OSError: cannot read <url> (endpoint <url>)",
+        ),
+        (
+            "RuntimeError: aws_secret_access_key=ab/C+d password: hunter2, token=Bearer xyz",
+            "RuntimeError: aws_secret_access_key=<redacted> password: <redacted>, token=<redacted>",
+        ),
+        ("KeyError: AKIAABCDEFGHIJKLMNOP", "KeyError: <redacted>"),
+        # Left alone: one-component paths, ratios, a refused id echoed back.
+        ("ValueError: bad ratio 1/2 for /predict", "ValueError: bad ratio 1/2 for /predict"),
+        (
+            "invalid model id '../../etc/passwd': would leave the storage root",
+            "invalid model id '../../etc/passwd': would leave the storage root",
+        ),
+    ],
+)
+def test_messages_from_replicas_are_made_client_safe(message: str, shown: str) -> None:
+    from muxgate.gateway._errors import client_safe
+
+    assert client_safe(message) == shown
+    error = error_from_info(ErrorInfo(code="user_error", message=message, status=500))
+    assert error.message == shown
+
+
+def test_edge_errors_close_the_connection() -> None:
+    from muxgate.gateway._errors import (
+        HeadersTooLargeError,
+        RequestTimeoutError,
+        ShuttingDownError,
+    )
+
+    for exc, status, retry in (
+        (HeadersTooLargeError("m"), 431, None),
+        (RequestTimeoutError("m"), 408, None),
+        (ShuttingDownError("m"), 503, b"1"),
+    ):
+        got, headers, _ = error_response(exc, "rid")
+        assert got == status
+        assert (b"connection", b"close") in headers
+        assert dict(headers).get(b"retry-after") == retry

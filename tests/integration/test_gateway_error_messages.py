@@ -1,0 +1,66 @@
+"""What clients and logs get for errors (real gateway and replicas): client
+messages carry a stable code and no server path, bucket name or credential;
+an expected outcome (unknown model, unauthorized) is logged once, without a
+traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from apps.leaky_apps import KEY_ID, PASSWORD, SECRET_DIR
+from gateway_harness import MODEL, observed_gateway, running_gateway
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+async def test_client_messages_name_no_path_bucket_or_credential() -> None:
+    config = {
+        "http": {"port": 0},
+        "deployments": [{"name": "Leaky", "import_path": "leaky_apps:Leaky"}],
+    }
+    async with (
+        running_gateway(config) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        for path in ("/path", "/url"):
+            r = await client.get(path)
+            assert r.status_code == 500
+            err = r.json()["error"]
+            assert err["code"] == "user_error"
+            for secret in (SECRET_DIR, "secret-models", "secret-bucket", KEY_ID, PASSWORD):
+                assert secret not in r.text
+        assert err["message"].startswith("RuntimeError: cannot read <url> with key <redacted>")
+        r = await client.get("/path")
+        assert "No such file or directory: '<path>'" in r.json()["error"]["message"]
+
+
+async def test_unknown_models_and_unauthorized_requests_log_no_traceback(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "models"
+    async with (
+        observed_gateway(root, ["1"], http={"port": 0, "admin_token": "t0ken"}) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        r = await client.get("/", headers={MODEL: "missing-7"})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+        assert str(root) not in r.text
+        for _ in range(20):
+            assert (await client.get("/-/replicas")).status_code == 401
+        # The replica logs the detail (with the path) once; wait for it.
+        seen = ""
+        with anyio.fail_after(10):
+            while "ModelNotFoundError: model file not found" not in seen:
+                seen += capfd.readouterr().err
+                await anyio.sleep(0.05)  # polling a child's log: no event to wait on
+    seen += capfd.readouterr().err
+    lines = [line for line in seen.splitlines() if "missing-7" in line]
+    assert "Traceback" not in seen
+    assert sum(str(root / "missing-7") in line for line in lines) == 1, lines
+    assert any("Failed to load model 'missing-7'" in line for line in lines)
+    assert not [rec for rec in caplog.records if rec.levelname in ("WARNING", "ERROR")]
+    assert not [rec for rec in caplog.records if rec.exc_info]
