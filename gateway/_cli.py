@@ -4,10 +4,11 @@
 ``muxgate check app.yaml``   validate the config, import every class; every problem at once
 ``muxgate status [URL]``     the running gateway's replicas and models, for a terminal
 ``muxgate demo``             a self-contained tour
+``muxgate replica app.yaml --deployment NAME --listen tcp:HOST:PORT --name SLOT``
+                             one replica as a standalone server (``_replica_cmd``)
 ``muxgate --version``
 
-``muxgate`` alone prints this help. (``muxgate replica`` is kept for a
-standalone replica server.)
+``muxgate`` alone prints this help.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
     status.add_argument("--token", default=None, help=f"admin bearer token (default: ${TOKEN_ENV})")
     sub.add_parser("demo", help="make demo models, serve them, drive traffic, print a summary")
+    from muxgate.gateway import _replica_cmd
+
+    _replica_cmd.add_parser(sub)
     return parser
 
 
@@ -157,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args.config)
     if args.command == "status":
         return _status(args.url, args.token)
+    if args.command == "replica":
+        from muxgate.gateway._replica_cmd import run as run_replica
+
+        return run_replica(args)
     parser.print_help()
     return 0
 

@@ -23,6 +23,7 @@ from muxgate.gateway._errors import ConfigError
 from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._quarantine import QuarantineConfig
 from muxgate.gateway._router import DEFAULT_BALANCE_FACTOR, DEFAULT_VIRTUAL_NODES
+from muxgate.replicas.contract import ChannelSettings, TlsSettings
 
 __all__ = [
     "AppConfig",
@@ -195,6 +196,10 @@ class AppConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: folder put on ``sys.path`` of replicas to resolve ``import_path``;
     #: ``load_config`` resolves it against the config file's folder
     app_dir: str = ""
+    #: the replica channel over TCP: ``secret_file`` (else the
+    #: ``MUXGATE_CLUSTER_SECRET`` variable) and ``tls`` (``ca``, ``cert``,
+    #: ``key``, ``mutual``); paths resolved against the config file's folder
+    cluster: ChannelSettings = msgspec.field(default_factory=ChannelSettings)
 
     def __post_init__(self) -> None:
         names: set[str] = set()
@@ -240,7 +245,21 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: str = ".") ->
     except ValueError as exc:
         raise ConfigError(source, str(exc)) from exc
     app_dir = os.path.abspath(os.path.join(base_dir, config.app_dir))
-    return msgspec.structs.replace(config, app_dir=app_dir)
+    return msgspec.structs.replace(
+        config, app_dir=app_dir, cluster=_resolve_cluster_paths(config.cluster, base_dir)
+    )
+
+
+def _resolve_cluster_paths(cluster: ChannelSettings, base_dir: str) -> ChannelSettings:
+    def resolve(path: str | None) -> str | None:
+        return os.path.abspath(os.path.join(base_dir, path)) if path else path
+
+    tls = cluster.tls
+    if tls is not None:
+        tls = TlsSettings(
+            ca=resolve(tls.ca), cert=resolve(tls.cert), key=resolve(tls.key), mutual=tls.mutual
+        )
+    return msgspec.structs.replace(cluster, secret_file=resolve(cluster.secret_file), tls=tls)
 
 
 def load_config(path: str | os.PathLike[str]) -> AppConfig:

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,8 @@ from muxgate.replicas.contract import (
     PROTOCOL_VERSION,
     Call,
     Cancel,
+    Challenge,
+    ChannelAuth,
     DirectWriter,
     Drain,
     Drained,
@@ -62,6 +65,7 @@ from muxgate.replicas.contract import (
     Message,
     Ping,
     Pong,
+    Proof,
     ProtocolError,
     Refused,
     ReplicaState,
@@ -111,14 +115,23 @@ class HandshakeError(ReplicaConnectionError):
         self.reason = reason
 
 
-async def connect_stream(address: str) -> anyio.abc.SocketStream:
-    """Open a byte stream to ``address`` (``unix:/path`` or ``tcp:host:port``)."""
+async def connect_stream(
+    address: str, ssl_context: ssl.SSLContext | None = None
+) -> anyio.abc.ByteStream:
+    """Open a byte stream to ``address`` (``unix:/path`` or ``tcp:host:port``),
+    over TLS when ``ssl_context`` is given (TCP only; the host name is checked
+    against the replica's certificate)."""
     scheme, _, rest = address.partition(":")
-    if scheme == "unix" and rest:
+    if scheme == "unix" and rest and ssl_context is None:
         return await anyio.connect_unix(rest)
     if scheme == "tcp" and rest:
         host, _, port = rest.rpartition(":")
-        return await anyio.connect_tcp(host.strip("[]"), int(port))
+        host = host.strip("[]")
+        if ssl_context is None:
+            return await anyio.connect_tcp(host, int(port))
+        return await anyio.connect_tcp(
+            host, int(port), ssl_context=ssl_context, tls_standard_compatible=False
+        )
     raise ValueError(f"unsupported replica address {address!r}")
 
 
@@ -140,7 +153,7 @@ class ReplicaConnection:
 
     def __init__(
         self,
-        stream: anyio.abc.SocketStream,
+        stream: anyio.abc.ByteStream,
         welcome: Welcome,
         *,
         address: str,
@@ -188,6 +201,8 @@ class ReplicaConnection:
         *,
         on_state: Callable[[ReplicaState], None] | None = None,
         connect_timeout: float = 10.0,
+        auth: ChannelAuth | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> ReplicaConnection:
         """Connect to the replica at ``address`` and do the handshake.
 
@@ -196,17 +211,21 @@ class ReplicaConnection:
             on_state: called (synchronously, on the event loop) with every
                 ``ReplicaState`` the replica reports; must not raise or block.
             connect_timeout: seconds allowed for connecting plus the handshake.
+            auth: the cluster secret: prove it to the replica, and require
+                the replica's proof (see ``muxgate.replicas._channel``).
+            ssl_context: connect over TLS with this context.
 
         Raises:
-            HandshakeError: refused, wrong version or no proper answer.
+            HandshakeError: refused, wrong version, a failed proof either
+                way, or no proper answer.
             OSError: nothing listens at ``address``.
+            ssl.SSLError: the TLS handshake failed (e.g. an untrusted certificate).
         """
         with anyio.fail_after(connect_timeout):
-            stream = await connect_stream(address)
+            stream = await connect_stream(address, ssl_context)
             try:
                 decoder = FrameDecoder()
-                await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION)))
-                first = await _read_one(stream, decoder)
+                first = await _hello(stream, decoder, address, auth)
             except BaseException:
                 await anyio.aclose_forcefully(stream)
                 raise
@@ -528,7 +547,31 @@ class ReplicaConnection:
         )
 
 
-async def _read_one(stream: anyio.abc.SocketStream, decoder: FrameDecoder) -> Message:
+async def _hello(
+    stream: anyio.abc.ByteStream, decoder: FrameDecoder, address: str, auth: ChannelAuth | None
+) -> Message:
+    """Send ``Hello`` (and, with ``auth``, check the replica's proof and send
+    ours); the replica's answer to it (``Welcome``, ``Refused``, ...)."""
+    if auth is None:
+        # A replica that requires the secret answers with Refused, saying so.
+        await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION)))
+        return await _read_one(stream, decoder)
+    ours = auth.nonce()
+    await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION, nonce=ours)))
+    challenge = await _read_one(stream, decoder)
+    if isinstance(challenge, Welcome):
+        # A replica without the secret proves nothing: it may be anyone's.
+        raise HandshakeError(f"replica at {address} did not prove the cluster secret")
+    if not isinstance(challenge, Challenge):
+        return challenge  # Refused or unexpected: the caller says which
+    if not auth.verify("replica", ours, challenge.nonce, challenge.proof):
+        raise HandshakeError(f"replica at {address} failed to prove the cluster secret")
+    proof = auth.proof("gateway", ours, challenge.nonce)
+    await stream.send(encode_frame(Proof(proof=proof)))
+    return await _read_one(stream, decoder)
+
+
+async def _read_one(stream: anyio.abc.ByteStream, decoder: FrameDecoder) -> Message:
     """Read until one whole message is decoded (used for the handshake only:
     the replica sends nothing else before ``Welcome``)."""
     while True:

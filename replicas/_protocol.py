@@ -14,6 +14,16 @@ Session::
     gateway -> replica   Call(...)*, Cancel(id)*, Ping, Drain
     replica -> gateway   Reply(...)* (each with the replica's state), Pong, Drained
 
+A replica that requires the cluster secret (``muxgate replica``, see
+``muxgate.replicas._channel``) answers a ``Hello`` carrying a ``nonce`` with
+``Challenge`` (its own nonce and its proof), waits for the gateway's
+``Proof`` and only then sends ``Welcome`` (or ``Refused``); a ``Hello``
+without a nonce is refused. Before ``Welcome`` a frame may be at most
+``HANDSHAKE_MAX_FRAME_BYTES`` long, so a peer that has proven nothing cannot
+make the replica buffer more than that. Peers without a secret send and
+expect no nonce, so the plain session above is unchanged (and a gateway of
+the previous release gets a ``Refused`` it understands from such a replica).
+
 ``Cancel(id)`` says the gateway gave up on a call it sent (client gone,
 gateway-side deadline, caller cancelled): the replica cancels that call and
 sends no reply for it (a ``Reply`` already on its way is dropped by the
@@ -51,10 +61,12 @@ from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._deployment import DeploymentOptions
 
 __all__ = [
+    "HANDSHAKE_MAX_FRAME_BYTES",
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "Call",
     "Cancel",
+    "Challenge",
     "Drain",
     "Drained",
     "ErrorInfo",
@@ -65,6 +77,7 @@ __all__ = [
     "ModelEvent",
     "Ping",
     "Pong",
+    "Proof",
     "ProtocolError",
     "Refused",
     "ReplicaState",
@@ -77,6 +90,9 @@ __all__ = [
 PROTOCOL_VERSION = 2
 #: Upper bound of one frame; a larger length prefix is a protocol error.
 MAX_FRAME_BYTES = 1 << 30
+#: Upper bound of one frame before the peer is welcomed (the handshake's
+#: messages are a few hundred bytes).
+HANDSHAKE_MAX_FRAME_BYTES = 1 << 12
 
 _HEADER = struct.Struct(">I")
 
@@ -115,8 +131,27 @@ class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
         return cls(code=code, message=message, status=code.status)
 
 
-class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="t"):
+class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="t", omit_defaults=True):
+    """The gateway's first message; ``nonce`` (random bytes) when it holds
+    the cluster secret and expects the replica to prove it holds it too
+    (without one, the frame is byte for byte the one earlier releases sent)."""
+
     version: int
+    nonce: bytes = b""
+
+
+class Challenge(msgspec.Struct, frozen=True, tag="challenge", tag_field="t"):
+    """A replica that requires the secret: its nonce and its proof for both
+    nonces (``muxgate.replicas._channel.ChannelAuth``)."""
+
+    nonce: bytes
+    proof: bytes
+
+
+class Proof(msgspec.Struct, frozen=True, tag="proof", tag_field="t"):
+    """The gateway's proof for both nonces, answering ``Challenge``."""
+
+    proof: bytes
 
 
 class Welcome(msgspec.Struct, frozen=True, tag="welcome", tag_field="t"):
@@ -236,7 +271,20 @@ class Drained(msgspec.Struct, frozen=True, tag="drained", tag_field="t"):
     events: list[ModelEvent] = []
 
 
-Message = Hello | Welcome | Refused | Call | Cancel | Reply | Ping | Pong | Drain | Drained
+Message = (
+    Hello
+    | Challenge
+    | Proof
+    | Welcome
+    | Refused
+    | Call
+    | Cancel
+    | Reply
+    | Ping
+    | Pong
+    | Drain
+    | Drained
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
@@ -249,12 +297,18 @@ def encode_frame(message: Message) -> bytes:
 
 
 class FrameDecoder:
-    """Incremental decoder: feed bytes as they arrive, get whole messages out."""
+    """Incremental decoder: feed bytes as they arrive, get whole messages out.
 
-    __slots__ = ("_buffer",)
+    A length prefix above ``max_frame`` is a ``ProtocolError`` as soon as it
+    arrives, before the frame's bytes are buffered; raise ``max_frame`` once
+    the peer is trusted (the replica does at ``Welcome``).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buffer", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
         self._buffer = bytearray()
+        self.max_frame = max_frame
 
     def feed(self, data: bytes) -> list[Message]:
         self._buffer += data
@@ -263,7 +317,7 @@ class FrameDecoder:
         offset = 0
         while len(buf) - offset >= _HEADER.size:
             (size,) = _HEADER.unpack_from(buf, offset)
-            if size > MAX_FRAME_BYTES:
+            if size > self.max_frame:
                 raise ProtocolError(f"frame of {size} bytes exceeds the limit")
             end = offset + _HEADER.size + size
             if len(buf) < end:

@@ -15,7 +15,9 @@ Stopping (one path, three triggers, see ``Replica.request_stop``):
   waiting for in-flight calls);
 * the gateway's connection closes, or the parent dies: nobody can receive
   replies any more, so in-flight calls are cancelled and models unloaded
-  with reason ``shutdown``.
+  with reason ``shutdown``. A standalone replica (``muxgate replica``,
+  ``spec.standalone``) has no parent gateway: it serves on, models loaded,
+  when its last gateway disconnects, for the next one.
 
 While stopping, calls are answered with ``ErrorCode.DRAINING`` (503);
 whether a call is refused is decided in frame order, so a ``Call`` that
@@ -68,6 +70,7 @@ from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._deployment import get_deployment_options
 from muxgate.replicas._handle import call_deadline
+from muxgate.replicas._handshake import HandshakeGate
 from muxgate.replicas._http import (
     BadRequestError,
     MissingModelIdError,
@@ -89,8 +92,6 @@ from muxgate.replicas._protocol import (
     Drain,
     Drained,
     ErrorInfo,
-    FrameDecoder,
-    Hello,
     Message,
     Ping,
     Pong,
@@ -110,8 +111,6 @@ _log = logging.getLogger("muxgate.replica")
 _tracer = trace.get_tracer("muxgate")
 
 _READ_SIZE = 1 << 16
-#: Seconds a new connection has to send ``Hello``.
-_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds the gateway gets to close its end after the replica stopped.
 _CLOSE_GRACE_S = 5.0
 
@@ -196,9 +195,11 @@ class Replica:
     """The serving state of this process: the instance, calls in flight,
     connections, and the stop request."""
 
-    def __init__(self, spec: ReplicaSpec, instance: Any) -> None:
+    def __init__(self, spec: ReplicaSpec, instance: Any, gate: HandshakeGate | None = None) -> None:
         self.spec = spec
         self.instance = instance
+        #: admits connections (TLS, the cluster secret); default: no secret, no TLS
+        self.gate = gate if gate is not None else HandshakeGate()
         self.in_flight = 0
         self.stopping = False
         self.stop_requested = anyio.Event()
@@ -314,18 +315,22 @@ class Replica:
             except Exception:
                 _log.exception("Unloading models of %r failed.", cache)
 
-    async def _serve_connection(self, stream: anyio.abc.SocketStream) -> None:
-        conn = GatewayConnection(stream)
-        decoder = FrameDecoder()
+    async def _serve_connection(self, raw: anyio.abc.SocketStream) -> None:
+        accepted = await self.gate.accept(raw, self._welcome)
+        if accepted is None:
+            await anyio.aclose_forcefully(raw)
+            return
+        conn = GatewayConnection(accepted.stream)
+        conn.welcomed = True
+        decoder = accepted.decoder
+        self._connections.add(conn)
         try:
-            async with stream:
-                if not await self._handshake(conn, decoder):
-                    await conn.flush()  # the Refused, before closing
-                    return
-                self._connections.add(conn)
+            async with accepted.stream:
+                for message in accepted.rest:
+                    self._dispatch(conn, message)
                 while True:
                     try:
-                        data = await stream.receive(_READ_SIZE)
+                        data = await accepted.stream.receive(_READ_SIZE)
                     except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                         return
                     for message in decoder.feed(data):
@@ -337,51 +342,24 @@ class Replica:
             _log.exception("Closing the connection from %s after an internal error.", conn.peer)
         finally:
             self._connections.discard(conn)
-            if conn.welcomed and not self._connections:
+            if not self._connections:
                 self._all_closed.set()
-                # The gateway is gone: nobody can receive replies any more.
-                self.request_stop("gateway disconnected", graceful=False)
+                if not self.spec.standalone:
+                    # The gateway is gone: nobody can receive replies any more.
+                    self.request_stop("gateway disconnected", graceful=False)
 
-    async def _handshake(self, conn: GatewayConnection, decoder: FrameDecoder) -> bool:
-        messages: list[Message] = []
-        with anyio.move_on_after(_HANDSHAKE_TIMEOUT):
-            while not messages:
-                try:
-                    data = await conn.stream.receive(_READ_SIZE)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                    return False
-                messages = decoder.feed(data)
-        if not messages:
-            await conn.send(Refused(reason="no Hello within the handshake timeout"))
-            return False
-        hello, rest = messages[0], messages[1:]
-        if not isinstance(hello, Hello):
-            await conn.send(Refused(reason=f"expected Hello, got {type(hello).__name__}"))
-            return False
-        if hello.version != PROTOCOL_VERSION:
-            await conn.send(
-                Refused(
-                    reason=f"protocol version {hello.version} not supported; "
-                    f"this replica speaks {PROTOCOL_VERSION}"
-                )
-            )
-            return False
+    def _welcome(self) -> Welcome | Refused:
+        """The answer to a handshake that passed the gate."""
         if self.stopping:
-            await conn.send(Refused(reason=f"replica is stopping ({self.stop_reason})"))
-            return False
-        conn.welcomed = await conn.send(
-            Welcome(
-                version=PROTOCOL_VERSION,
-                deployment=self.spec.deployment,
-                replica_id=self.spec.replica_id,
-                pid=os.getpid(),
-                state=self.state(),
-                options=self.options,
-            )
+            return Refused(reason=f"replica is stopping ({self.stop_reason})")
+        return Welcome(
+            version=PROTOCOL_VERSION,
+            deployment=self.spec.deployment,
+            replica_id=self.spec.replica_id,
+            pid=os.getpid(),
+            state=self.state(),
+            options=self.options,
         )
-        for message in rest:
-            self._dispatch(conn, message)
-        return conn.welcomed
 
     def _dispatch(self, conn: GatewayConnection, message: Message) -> None:
         assert self._tg is not None

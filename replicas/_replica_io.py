@@ -90,7 +90,7 @@ class GatewayConnection:
         "welcomed",
     )
 
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.welcomed = False
         self.broken = False

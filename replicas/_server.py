@@ -1,9 +1,12 @@
 """The replica process entry point: ``python -m muxgate.replicas._server``.
 
-It takes a ``ReplicaSpec`` as JSON, either ``--spec JSON`` or (what the
-launcher does) one line on stdin. When the spec comes on stdin the pipe
-stays open: end-of-file on it means the parent died, and the replica exits so
-no orphan is left behind (``getppid`` is polled as a fallback).
+It takes a ``ReplicaSpec`` as JSON: ``--spec JSON``; ``--spec-fd N``, read
+to its end (what ``muxgate replica`` does: the spec may hold the admin
+token, which must not show in a process listing); or (what the launcher
+does) one line on stdin. When the spec comes on stdin the pipe stays open:
+end-of-file on it means the parent died, and the replica exits so no orphan
+is left behind (``getppid`` is polled as a fallback, except in a standalone
+replica, which has no parent gateway).
 
 Start-up: set the replica context, install logging, tracing and storage
 options, import the class (``app_dir`` first on ``sys.path``), instantiate
@@ -14,7 +17,8 @@ prints goes to stderr, so the launcher never has to tell a readiness line
 from noise.
 
 Serving and stopping: see ``muxgate.replicas._replica``. The process exits 0
-after a drain, a SIGTERM, or its gateway connection closing.
+after a drain, a SIGTERM, or its gateway connection closing (not a
+standalone replica's: it waits for the next gateway).
 """
 
 from __future__ import annotations
@@ -34,10 +38,19 @@ import anyio
 import anyio.abc
 import msgspec
 
+from muxgate.replicas._channel import (
+    ChannelAuth,
+    ChannelError,
+    ChannelSettings,
+    is_loopback_host,
+    load_secret,
+    server_ssl_context,
+)
 from muxgate.replicas._context import set_replica_context
 from muxgate.replicas._cpu import apply_cpu_budget
 from muxgate.replicas._deployment import DEFAULT_NUM_CPUS, get_deployment_options
 from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
+from muxgate.replicas._handshake import HandshakeGate
 from muxgate.replicas._logging import install_replica_logging
 from muxgate.replicas._multiplex import configure_model_caches
 from muxgate.replicas._replica import Replica
@@ -135,6 +148,39 @@ async def _listen(address: str) -> tuple[anyio.abc.Listener[anyio.abc.SocketStre
     raise ValueError(f"listen address {address!r} is not 'unix:/path' or 'tcp:host:port'")
 
 
+def make_gate(spec: ReplicaSpec) -> HandshakeGate:
+    """The handshake gate of ``spec``'s listener: its secret and TLS context.
+
+    Raises:
+        ChannelError: the secret or a TLS file cannot be used, or the
+            listener would be open to other machines without the secret or
+            mutual TLS.
+    """
+    channel = spec.channel if spec.channel is not None else ChannelSettings()
+    # No channel settings: a local replica, which never reads the environment's secret.
+    secret = load_secret(channel.secret_file) if spec.channel is not None else None
+    tls = channel.tls
+    context = server_ssl_context(tls) if tls is not None else None
+    mutual = tls is not None and tls.mutual
+    scheme, _, rest = spec.listen.partition(":")
+    host = rest.rpartition(":")[0] or "127.0.0.1"
+    if scheme == "tcp" and not is_loopback_host(host) and secret is None and not mutual:
+        raise ChannelError(
+            f"refusing to listen on {spec.listen} without the cluster secret or mutual TLS: "
+            "anyone who can reach it could run this deployment's code (set "
+            "cluster.secret_file or MUXGATE_CLUSTER_SECRET, or cluster.tls with mutual: true)"
+        )
+    if spec.standalone and scheme == "tcp" and secret is None and not mutual:
+        _log.warning(
+            "Listening on %s without the cluster secret: any local user can connect.", spec.listen
+        )
+    return HandshakeGate(
+        auth=ChannelAuth(secret) if secret is not None else None,
+        ssl_context=context,
+        timeout_s=channel.handshake_timeout_s,
+    )
+
+
 async def _watch_signals(replica_stop: Callable[[str, bool], None]) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         count = 0
@@ -197,9 +243,17 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
 
     async with anyio.create_task_group() as watchers:
         watchers.start_soon(_watch_signals, starter.request_stop)
-        watchers.start_soon(_watch_parent, starter.request_stop)
+        if not spec.standalone:
+            watchers.start_soon(_watch_parent, starter.request_stop)
         if parent_fd is not None:
             watchers.start_soon(_watch_parent_fd, parent_fd, starter.request_stop)
+
+        try:
+            gate = make_gate(spec)
+        except ChannelError as exc:
+            announce(f"FAILED {_one_line(str(exc))}")
+            watchers.cancel_scope.cancel()
+            return 1
 
         async def instantiate() -> Any:
             # Import and __init__ run in a worker thread; the CPU budget is
@@ -232,7 +286,7 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             announce(f"FAILED cannot listen on {spec.listen}: {_one_line(str(exc))}")
             watchers.cancel_scope.cancel()
             return 1
-        replica = Replica(spec, instance)
+        replica = Replica(spec, instance, gate)
         starter.replica = replica
         announce(f"READY {address}")
         _log.info("Replica ready at %s.", address)
@@ -254,7 +308,16 @@ def _parse_args(argv: list[str] | None) -> tuple[bytes, bool]:
     parser.add_argument(
         "--spec", default="-", help="ReplicaSpec as JSON, or '-' to read one line from stdin"
     )
+    parser.add_argument(
+        "--spec-fd",
+        type=int,
+        default=None,
+        help="read the ReplicaSpec (JSON) from this file descriptor to its end (muxgate replica)",
+    )
     ns = parser.parse_args(argv)
+    if ns.spec_fd is not None:
+        with os.fdopen(ns.spec_fd, "rb") as f:
+            return f.read(), False
     from_stdin = ns.spec == "-"
     raw = sys.stdin.buffer.readline() if from_stdin else ns.spec.encode()
     return raw, from_stdin

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from muxgate.replicas._channel import ChannelSettings
+
 __all__ = ["ReplicaSpec", "TracingSettings"]
 
 
@@ -50,6 +52,12 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         load_order: ``"evict_after"`` or ``"evict_first"``; None: each loader's own.
         num_cpus: CPU budget (threads, see ``muxgate.replicas._cpu``); None:
             the class's ``@deployment(num_cpus=...)``, 1 by default.
+        standalone: started by ``muxgate replica``, not by a gateway: no
+            parent to watch, and it keeps serving (models loaded) when its
+            last gateway disconnects.
+        channel: the listener's security (the cluster secret, TLS); None:
+            none (a local replica on a Unix socket). A TCP listener on a
+            non-loopback address needs the secret or mutual TLS.
     """
 
     deployment: str
@@ -69,3 +77,5 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     eviction_policy: str | None = None
     load_order: Literal["evict_after", "evict_first"] | None = None
     num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    standalone: bool = False
+    channel: ChannelSettings | None = None

@@ -10,6 +10,8 @@ small private modules, one per subject:
 ``muxgate.replicas._protocol``    frames and messages (``Call``, ``Reply``,
                                   ``Pong``...), the protocol version
 ``muxgate.replicas._spec``        ``ReplicaSpec``: what a replica is started with
+``muxgate.replicas._channel``     the authenticated channel: the cluster
+                                  secret's proofs, TLS contexts, settings
 ``muxgate.replicas._cpu``         the environment a spec's CPU budget sets
 ``muxgate.replicas._deployment``  defaults of the options ``Welcome`` carries
 ``muxgate.replicas._codes``       ``ErrorCode``: every error code and its status
@@ -22,6 +24,15 @@ small private modules, one per subject:
 This is not user API: names here change with ``PROTOCOL_VERSION``.
 """
 
+from muxgate.replicas._channel import (
+    SECRET_ENV,
+    ChannelAuth,
+    ChannelError,
+    ChannelSettings,
+    TlsSettings,
+    client_ssl_context,
+    load_secret,
+)
 from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._counters import (
     MODEL_LOAD_BUCKETS,
@@ -43,6 +54,7 @@ from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
     Call,
     Cancel,
+    Challenge,
     Drain,
     Drained,
     ErrorInfo,
@@ -53,6 +65,7 @@ from muxgate.replicas._protocol import (
     ModelEvent,
     Ping,
     Pong,
+    Proof,
     ProtocolError,
     Refused,
     ReplicaState,
@@ -72,9 +85,14 @@ __all__ = [
     "MODEL_LOAD_BUCKETS",
     "PROTOCOL_VERSION",
     "REPLICA_COUNTER_KEYS",
+    "SECRET_ENV",
     "UNLOAD_REASONS",
     "Call",
     "Cancel",
+    "Challenge",
+    "ChannelAuth",
+    "ChannelError",
+    "ChannelSettings",
     "DirectWriter",
     "Drain",
     "Drained",
@@ -87,13 +105,16 @@ __all__ = [
     "ModelEvent",
     "Ping",
     "Pong",
+    "Proof",
     "ProtocolError",
     "Refused",
     "ReplicaSpec",
     "ReplicaState",
     "Reply",
+    "TlsSettings",
     "TracingSettings",
     "Welcome",
+    "client_ssl_context",
     "cpu_budget_env",
     "encode_frame",
     "exports_spans",
@@ -101,5 +122,6 @@ __all__ = [
     "flush_tracing",
     "inject_traceparent",
     "load_bucket_key",
+    "load_secret",
     "tracing_active",
 ]
