@@ -5,6 +5,12 @@ Models are read by URL (``file://`` or a plain path, ``s3://``, ``gs://``,
 onto a storage root, remote objects fetched with parallel ranged reads into a
 disk cache shared by the replicas of a host, and weights loaded without
 running pickled code unless the caller says ``trusted=True``.
+
+When storage cannot be reached, the disk cache serves the version the
+remote last confirmed (stale-if-error); inside a replica call, storage
+gives up in time for the replica to answer before the request's deadline.
+Every error is a :class:`BackendError` whose ``client_message`` names no
+bucket, URL or path.
 """
 
 from muxgate.backends._config import (

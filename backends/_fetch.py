@@ -474,10 +474,18 @@ class _Fetcher:
                 policy=replace(self.config.retry, max_attempts=1), deadline=deadline
             )
         except StorageUnavailableError as exc:
-            held = await _thread(cache.last_confirmed, identity)
+
+            def held_copy() -> tuple[Path, int] | None:
+                path = cache.last_confirmed(identity)
+                try:
+                    return None if path is None else (path, path.stat().st_size)
+                except FileNotFoundError:  # evicted by another process just now
+                    return None
+
+            held = await _thread(held_copy)
             if held is None:
                 raise
-            size = os.stat(held).st_size
+            path, size = held
             _COUNTERS["storage_stale_serves"] += 1
             logger.warning(
                 "Storage unreachable for %s; serving the cached copy the remote last "
@@ -490,7 +498,7 @@ class _Fetcher:
                 size,
                 cache_hit=True,
                 strategy=Strategy.CACHED,
-                path=str(held),
+                path=str(path),
                 mmap_safe=True,
                 source="cache",
                 stale=True,
