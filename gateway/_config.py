@@ -127,7 +127,7 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: the replicas' model-cache eviction: ``lru`` (least recently used) or
     #: ``tinylfu`` (LRU with frequency admission); None: each loader's own
     #: ``@multiplexed(eviction_policy=...)``, else ``lru``
-    eviction_policy: Literal["lru"] | None = None
+    eviction_policy: Literal["lru", "tinylfu"] | None = None
     #: ``evict_after`` (evict once the new model is built: a failed load costs
     #: no working model) or ``evict_first`` (memory never above the limit);
     #: None: each loader's own ``@multiplexed(load_order=...)``, else ``evict_after``

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from muxgate.replicas._lru import LRU
+from muxgate.replicas._tinylfu import TinyLFU
 
 __all__ = ["EVICTION_POLICIES", "EvictionPolicy", "make_policy"]
 
@@ -53,6 +54,7 @@ class EvictionPolicy(Protocol):
 #: policy name -> factory taking the cache's capacity (``-1``: no limit)
 EVICTION_POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
     "lru": lambda capacity: LRU(),
+    "tinylfu": TinyLFU,
 }
 
 

@@ -59,3 +59,19 @@ async def test_a_failing_load_into_a_full_cache(tmp_path: Path, load_order: str 
             kinds = [(e["kind"], e["model"]) for e in view["events"]]
             assert kinds == [("load", "1"), ("load", "2"), ("load_failed", "broken")]
             assert view["replicas"][0]["models"] == ["1", "2"]
+
+
+async def test_the_config_eviction_policy_reaches_the_replicas(tmp_path: Path) -> None:
+    deployment = {"eviction_policy": "tinylfu"}
+    async with (
+        observed_gateway(tmp_path, ["1", "2", "3"], deployment=deployment) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        for model_id in ("1", "2", "1", "2", "1", "2", "3"):
+            r = await client.post("/", headers={MODEL: model_id})
+            assert r.status_code == 200
+            assert r.json()["model"] == model_id  # 3 is served even though it is not kept
+        # "3", asked for once, did not take the place of "1" (asked for three times);
+        # with LRU the cache would hold ["2", "3"].
+        (replica,) = (await replica_view(client))["replicas"]
+        assert replica["models"] == ["1", "2"]

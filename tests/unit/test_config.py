@@ -176,3 +176,7 @@ def test_cache_settings_per_deployment_reach_the_replica_spec() -> None:
     assert (spec.load_order, spec.eviction_policy) == ("evict_first", None)
     with pytest.raises(ConfigError, match=r"deployments\[0\]\.load_order"):
         parse_config({"deployments": [dep(load_order="evict_later")]})
+    tinylfu = parse_config({"deployments": [dep(eviction_policy="tinylfu")]}).deployments[0]
+    assert make_spec(config, tinylfu, "M#2").eviction_policy == "tinylfu"
+    with pytest.raises(ConfigError, match=r"deployments\[0\]\.eviction_policy"):
+        parse_config({"deployments": [dep(eviction_policy="lfu")]})
