@@ -56,6 +56,8 @@ from muxgate.gateway._frontend import (
     new_request_id,
 )
 from muxgate.gateway._handles import HANDLES_PREFIX, HandleIngress
+from muxgate.gateway._history import History
+from muxgate.gateway._history_api import history_handler
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import ReplicaPool
 from muxgate.replicas.contract import ErrorCode, HttpRequest, Reply
@@ -239,6 +241,7 @@ def create_app(
     *,
     mount_ingress: bool = True,
     shutdown: Shutdown | None = None,
+    history: History | None = None,
 ) -> Litestar:
     """The gateway as a Litestar application.
 
@@ -250,6 +253,8 @@ def create_app(
             when ``GatewayASGI`` sends ingress traffic around Litestar.
         shutdown: the server's shutdown state, shared by the ingress and
             the handle endpoint (see ``_frontend.Shutdown``).
+        history: the sampled counters behind ``GET /-/history`` (the
+            status page's charts); no such route without one.
     """
 
     # Public: k8s httpGet probes and load balancers cannot send a token, so
@@ -319,6 +324,8 @@ def create_app(
         return Response(content=page_bytes, status_code=200, media_type="text/html; charset=utf-8")
 
     handlers: list[Any] = [healthz, replicas, release_quarantine, metrics_endpoint, status_page]
+    if history is not None:
+        handlers.append(history_handler(history, pools))
     if mount_ingress:
         shutdown = shutdown if shutdown is not None else Shutdown()
         handles = build_handle_ingress(config, pools, metrics, shutdown=shutdown)
@@ -404,8 +411,9 @@ class GatewayASGI:
         metrics: GatewayMetrics,
         *,
         shutdown: Shutdown | None = None,
+        history: History | None = None,
     ) -> None:
-        self.litestar = create_app(config, pools, metrics, mount_ingress=False)
+        self.litestar = create_app(config, pools, metrics, mount_ingress=False, history=history)
         # Litestar types its ASGI arguments with TypedDicts; ours are plain.
         self.admin = cast(Callable[[Scope, Receive, Send], Awaitable[None]], self.litestar)
         #: what a graceful shutdown tells the ingress and the handle endpoint

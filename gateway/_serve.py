@@ -39,6 +39,7 @@ from muxgate.gateway._config import (
 )
 from muxgate.gateway._edge import Edge, uvicorn_server
 from muxgate.gateway._frontend import Shutdown
+from muxgate.gateway._history import History, read_totals
 from muxgate.gateway._launcher import LocalLauncher
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import Launcher, ReplicaPool
@@ -206,10 +207,13 @@ async def start_gateway(
         for d in config.deployments
     }
     shutdown = Shutdown()
+    # The status page's charts: counters sampled every 2 s into bounded rings.
+    history = History()
+    sampler: asyncio.Task[None] | None = None
     app: Any = (
-        create_app(config, pools, metrics, shutdown=shutdown)
+        create_app(config, pools, metrics, shutdown=shutdown, history=history)
         if litestar_ingress
-        else GatewayASGI(config, pools, metrics, shutdown=shutdown)
+        else GatewayASGI(config, pools, metrics, shutdown=shutdown, history=history)
     )
     # Tracing is process-wide: touch it only when this gateway exports spans,
     # so an embedding application's own set-up is left alone otherwise.
@@ -232,6 +236,7 @@ async def start_gateway(
             gateway_url.append(f"http://{connect_host or url_host}:{real_port}")
             for pool in pools.values():
                 pool.start()
+            sampler = asyncio.create_task(history.run(lambda: read_totals(metrics.registry)))
             try:
                 async with asyncio.timeout(ready_timeout_s):
                     if fail_fast:
@@ -251,6 +256,8 @@ async def start_gateway(
                 edge=edge,
             )
     finally:
+        if sampler is not None:
+            sampler.cancel()
         await asyncio.gather(*(p.aclose() for p in pools.values()), return_exceptions=True)
         if warm_up is not None:
             warm_up.cancel()

@@ -127,3 +127,148 @@ async def test_status_page_shows_replicas_models_events_and_rate(gateway: Gatewa
         finally:
             await browser.close()
             expect.set_options(timeout=None)
+
+
+async def mixed_traffic(client: httpx.AsyncClient) -> None:
+    """Requests for models 1 (hot), 2 and 3 (colder), until cancelled."""
+    cycle = ["1", "1", "1", "1", "2", "1", "1", "3", "1", "2"]
+    i = 0
+    while True:
+        r = await client.post("/", headers={MODEL: cycle[i % len(cycle)]})
+        assert r.status_code == 200
+        i += 1
+        await anyio.sleep(0.02)  # pacing of a load generator, not synchronisation
+
+
+async def test_status_page_charts_and_hottest_models(tmp_path: Path) -> None:
+    """History from before the page opened: the charts are drawn at its first
+    poll; the hottest models show where they live. Screenshot checked for
+    drawn lines."""
+    from gateway_harness import eventually
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    async with (
+        observed_gateway(tmp_path, ["1", "2", "3"], deployment={"num_replicas": 2}) as gateway,
+        httpx.AsyncClient(base_url=gateway.url, timeout=30) as client,
+        async_playwright() as p,
+    ):
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            dep = page.locator('[data-deployment="Observed"]')
+            async with anyio.create_task_group() as traffic:
+                traffic.start_soon(mixed_traffic, client)
+
+                async def history_has_traffic() -> bool:
+                    h = (await client.get("/-/history")).json()["deployments"]["Observed"]
+                    return len(h["time"]) >= 3 and sum(h["requests_per_s"][-2:]) > 0
+
+                await eventually(history_has_traffic, within_s=30)
+                body = (await client.get("/-/history")).json()
+                observed = body["deployments"]["Observed"]
+                assert body["interval_s"] == 2.0
+                assert set(observed) >= {
+                    "time",
+                    "requests_per_s",
+                    "errors_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                    "hit_ratio",
+                    "loads_per_s",
+                    "models",
+                }
+                assert observed["models"][0]["model_id"] == "1"  # the hot one ranks first
+                assert observed["models"][0]["replicas"]
+
+                await page.goto(f"{gateway.url}/-/")
+                # Full at the first poll: the history was kept before the page opened.
+                for key, lines in (("rate", 2), ("latency", 2), ("hit-ratio", 1), ("loads", 1)):
+                    chart = dep.locator(f'[data-chart="{key}"]')
+                    await expect(chart.locator("polyline")).to_have_count(lines, timeout=3000)
+                rate_line = dep.locator('[data-chart="rate"] polyline[data-series="req/s"]')
+                points = (await rate_line.get_attribute("points") or "").split()
+                assert len(points) >= 2
+                await expect(dep.locator('[data-chart="rate"] [data-field="now"]')).to_have_text(
+                    re.compile(r"^\d+\.\d / \d+\.\d$")
+                )
+                hot = dep.locator('[data-model-row="1"]')
+                await expect(hot).to_be_visible()
+                await expect(hot.locator(".chip").first).to_have_text(re.compile(r"^Observed#"))
+                await expect(dep.locator("[data-model-row]").first).to_have_attribute(
+                    "data-model-row", "1"
+                )
+                traffic.cancel_scope.cancel()  # ends this block: nothing may follow here
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "status_page_charts.png"), full_page=True)
+            # The rate chart's pixels: its line is drawn in the accent colour.
+            shot = await dep.locator('[data-chart="rate"] svg').screenshot()
+            drawn = await page.evaluate(_COUNT_ACCENT_PIXELS, list(shot))
+            assert drawn > 50, drawn
+        finally:
+            await browser.close()
+            expect.set_options(timeout=None)
+
+
+# Decodes a PNG (bytes as a list) in the page and counts pixels near the
+# page's --accent colour.
+_COUNT_ACCENT_PIXELS = """async (bytes) => {
+  const blob = new Blob([new Uint8Array(bytes)], { type: "image/png" });
+  const img = await createImageBitmap(blob);
+  const canvas = new OffscreenCanvas(img.width, img.height);
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const probe = document.createElement("span");
+  probe.style.color = getComputedStyle(document.documentElement).getPropertyValue("--accent");
+  document.body.append(probe);
+  const [r, g, b] = getComputedStyle(probe).color.match(/\\d+/g).map(Number);
+  probe.remove();
+  const data = ctx.getImageData(0, 0, img.width, img.height).data;
+  let n = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    if (Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 60) n++;
+  }
+  return n;
+}"""
+
+
+async def test_status_page_shows_start_failures_quarantine_and_memory(gateway: Gateway) -> None:
+    """What /-/replicas says when things go wrong, as the page shows it. The
+    real body is fetched and the failure fields are added at the seam (a
+    start failure and a quarantine need their own broken deployments)."""
+    import json
+
+    from playwright.async_api import Route, async_playwright, expect
+
+    async def with_problems(route: Route) -> None:
+        response = await route.fetch()
+        body = await response.json()
+        dep = body["deployments"]["Observed"]
+        dep["last_failure"] = "RuntimeError: registry unreachable (at /srv/app.py:12 in __init__)"
+        dep["quarantined"] = [
+            {"model_id": "poison", "until": 0, "retry_after_s": 30, "deaths": 3, "strikes": 1}
+        ]
+        for rep in dep["replicas"]:
+            rep["rss_bytes"] = 512 * 1024 * 1024
+        await route.fulfill(response=response, body=json.dumps(body))
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.route("**/-/replicas", with_problems)
+            await page.goto(f"{gateway.url}/-/")
+            dep = page.locator('[data-deployment="Observed"]')
+            await expect(dep.locator('[data-field="last-failure"]')).to_have_text(
+                "last start failure: RuntimeError: registry unreachable"
+                " (at /srv/app.py:12 in __init__)"
+            )
+            await expect(dep.locator('[data-field="quarantined"]')).to_have_text(
+                re.compile(r"quarantined models:\s*poison")
+            )
+            await expect(dep.locator('[data-field="rss"]')).to_have_text("512 MiB")
+        finally:
+            await browser.close()
+            expect.set_options(timeout=None)

@@ -37,7 +37,7 @@ def test_no_external_resources_at_all() -> None:
 
 def test_fetches_only_admin_routes_relative_to_the_page() -> None:
     fetched = re.findall(r"getText\(\s*\"([^\"]*)\"\s*\)", PAGE)
-    assert sorted(fetched) == ["metrics", "replicas"]
+    assert sorted(fetched) == ["history", "metrics", "replicas"]
     # One fetch() call site, prefixed with the page's own /-/ base.
     assert re.findall(r"\bfetch\(([^,)]*)", PAGE) == ["base + path"]
     assert "XMLHttpRequest" not in PAGE
