@@ -44,7 +44,7 @@ import itertools
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -56,6 +56,7 @@ from muxgate.replicas.contract import (
     Cancel,
     Challenge,
     ChannelAuth,
+    ChannelSettings,
     DirectWriter,
     Drain,
     Drained,
@@ -71,10 +72,13 @@ from muxgate.replicas.contract import (
     ReplicaState,
     Reply,
     Welcome,
+    client_ssl_context,
     encode_frame,
+    load_secret,
 )
 
 __all__ = [
+    "ChannelClient",
     "HandshakeError",
     "ReplicaConnection",
     "ReplicaConnectionError",
@@ -133,6 +137,34 @@ async def connect_stream(
             host, int(port), ssl_context=ssl_context, tls_standard_compatible=False
         )
     raise ValueError(f"unsupported replica address {address!r}")
+
+
+class ChannelClient:
+    """The gateway's side of the replica channel, from the config's ``cluster``
+    section: the secret and TLS context for ``tcp:`` replicas (standalone
+    ones); ``unix:`` replicas (the gateway's own children) get neither.
+
+    Raises:
+        ChannelError: the secret or a TLS file cannot be used (at construction).
+    """
+
+    def __init__(self, settings: ChannelSettings, environ: Mapping[str, str] | None = None) -> None:
+        secret = load_secret(settings.secret_file, environ)
+        self.auth = ChannelAuth(secret) if secret is not None else None
+        self.ssl_context = client_ssl_context(settings.tls) if settings.tls is not None else None
+
+    def __repr__(self) -> str:
+        return f"<ChannelClient secret={self.auth is not None} tls={self.ssl_context is not None}>"
+
+    async def connect(
+        self, address: str, on_state: Callable[[ReplicaState], None] | None = None
+    ) -> ReplicaConnection:
+        """``ReplicaConnection.connect`` with this channel's proof and TLS for ``tcp:``."""
+        if address.startswith("tcp:"):
+            return await ReplicaConnection.connect(
+                address, on_state=on_state, auth=self.auth, ssl_context=self.ssl_context
+            )
+        return await ReplicaConnection.connect(address, on_state=on_state)
 
 
 class ReplicaConnection:

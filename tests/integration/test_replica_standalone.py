@@ -24,8 +24,8 @@ from standalone_replicas import (
 )
 from tls_certs import CertificateAuthority
 
-from muxgate.gateway._connection import HandshakeError, ReplicaConnection
-from muxgate.replicas._channel import ChannelAuth, TlsSettings, client_ssl_context
+from muxgate.gateway._connection import ChannelClient, HandshakeError, ReplicaConnection
+from muxgate.replicas._channel import ChannelAuth, ChannelSettings, TlsSettings, client_ssl_context
 from muxgate.replicas._protocol import HttpRequest, Reply
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -115,6 +115,11 @@ async def test_the_secret_is_required_and_proven_both_ways(tmp_path: Path) -> No
         # The authenticated connection was not disturbed.
         assert value(await conn.call(request_id="b", method="add", **pack(4, 5))) == 9
         await conn.aclose()
+        # What the gateway builds from the config's cluster section.
+        client = ChannelClient(ChannelSettings(), {"MUXGATE_CLUSTER_SECRET": SECRET})
+        assert repr(client) == "<ChannelClient secret=True tls=False>"
+        async with await client.connect(replica.address) as conn:
+            assert value(await conn.call(request_id="c", method="add", **pack(1, 2))) == 3
 
 
 async def test_mutual_tls(tmp_path: Path) -> None:
