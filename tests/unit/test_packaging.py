@@ -4,6 +4,7 @@ status page, and docs cite nothing outside the repository."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -106,3 +107,36 @@ def test_docs_say_healthz_is_public() -> None:
     http = (ROOT / "docs" / "http.md").read_text()
     row = next(line for line in http.splitlines() if line.startswith("| `GET /-/healthz`"))
     assert "public" in row
+
+
+#: import name -> distribution name, where they differ
+_DISTRIBUTIONS = {"yaml": "pyyaml", "prometheus_client": "prometheus-client"}
+
+
+def test_every_third_party_import_is_a_base_dependency() -> None:
+    """`make demo` installs the base dependencies only: the packages may
+    import nothing else from outside the standard library."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    imported: set[str] = set()
+    for package in ("gateway", "replicas", "backends"):
+        for source in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(source.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = {
+        name
+        for name in imported - set(sys.stdlib_module_names)
+        if name not in ("muxgate", "__future__")
+    }
+    missing = {
+        name
+        for name in third_party
+        if _DISTRIBUTIONS.get(name, name) not in base
+        and not any(d.startswith(_DISTRIBUTIONS.get(name, name) + "-") for d in base)
+    }
+    assert missing == set(), f"imported but not in [project].dependencies: {missing}"
