@@ -83,8 +83,8 @@ sys.path.insert(0, APPS)
 from cold_start_apps import make_models  # noqa: E402
 
 from muxgate.gateway._config import parse_config  # noqa: E402
-from muxgate.gateway._launcher import LocalLauncher  # noqa: E402
 from muxgate.gateway._serve import start_gateway  # noqa: E402
+from muxgate.gateway.launchers.local import LocalLauncher  # noqa: E402
 
 MODEL = "serve_multiplexed_model_id"
 

@@ -279,7 +279,7 @@ def _summary(latencies: list[float], seconds: float, errors: int) -> dict[str, f
 @contextlib.asynccontextmanager
 async def replica_connection() -> AsyncIterator[Any]:
     from muxgate.gateway._connection import ReplicaConnection
-    from muxgate.gateway._launcher import LocalLauncher
+    from muxgate.gateway.launchers.local import LocalLauncher
     from muxgate.replicas.contract import ReplicaSpec
 
     launcher = LocalLauncher()

@@ -36,7 +36,7 @@ import msgspec
 from _common import percentile, print_machine
 
 from muxgate.gateway._connection import ReplicaConnection
-from muxgate.gateway._launcher import LocalLauncher
+from muxgate.gateway.launchers.local import LocalLauncher
 from muxgate.replicas._protocol import HttpRequest
 from muxgate.replicas.contract import (
     ChannelAuth,

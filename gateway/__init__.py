@@ -29,11 +29,12 @@ from muxgate.gateway._connection import (
     ReplicaUnavailableError,
 )
 from muxgate.gateway._errors import ConfigError, GatewayError
-from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess, ReplicaStartError
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._policy import AutoscalingConfig, PolicyState, Sample, decide
 from muxgate.gateway._router import HashRing, RouteDecision, Router
 from muxgate.gateway._serve import ConfigSource, Gateway, GatewayStartError, serve, start_gateway
+from muxgate.gateway.launchers import ReplicaStartError
+from muxgate.gateway.launchers.local import LocalLauncher, ReplicaProcess
 
 __all__ = [
     "AppConfig",

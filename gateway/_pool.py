@@ -52,7 +52,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
@@ -65,6 +65,7 @@ from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
 from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._router import Router
+from muxgate.gateway.launchers import LaunchedReplica, Launcher, ReplicaReporter
 from muxgate.replicas import DeploymentOptions
 from muxgate.replicas.contract import (
     DEFAULT_MAX_ONGOING_REQUESTS,
@@ -79,9 +80,7 @@ __all__ = [
     "RUNNING",
     "STARTING",
     "STOPPING",
-    "Launcher",
     "ReplicaPool",
-    "ReplicaProcessLike",
 ]
 
 _log = logging.getLogger("muxgate.gateway.pool")
@@ -103,26 +102,6 @@ EXIT_GRACE_S = 5.0
 DRAIN_MARGIN_S = 5.0
 
 
-class ReplicaProcessLike(Protocol):
-    """What the pool needs of a started replica process."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def address(self) -> str: ...
-
-    def kill(self) -> None: ...
-
-    async def wait(self) -> int | None: ...
-
-
-class Launcher(Protocol):
-    """Starts replica processes (local processes now, pods later)."""
-
-    async def start(self, spec: Any) -> ReplicaProcessLike: ...
-
-
 Connector = Callable[[str, Callable[[ReplicaState], None]], Awaitable[ReplicaConnection]]
 SpecFactory = Callable[[DeploymentConfig, str], Any]
 
@@ -135,7 +114,8 @@ async def _connect(address: str, on_state: Callable[[ReplicaState], None]) -> Re
 class _Replica:
     id: str
     state: str = STARTING
-    process: ReplicaProcessLike | None = None
+    #: what the launcher reported (None until a start returned)
+    process: LaunchedReplica | None = None
     conn: ReplicaConnection | None = None
     last_pong: float = 0.0
     task: asyncio.Task[None] | None = None
@@ -152,7 +132,10 @@ class ReplicaPool:
 
     Args:
         config: the deployment.
-        launcher: starts processes from a spec.
+        launcher: where replicas run (``muxgate.gateway.launchers``): one
+            that creates replicas is asked to start and stop them; one that
+            only reports them (``ReplicaReporter``) is followed. Replicas it
+            reports ready when the pool starts are adopted, not started.
         make_spec: ``(deployment config, replica id) -> spec`` for the launcher.
         metrics: optional ``GatewayMetrics`` to report replicas and counters to.
         connect: ``(address, on_state) -> ReplicaConnection`` (a seam for tests).
@@ -168,7 +151,7 @@ class ReplicaPool:
         self,
         config: DeploymentConfig,
         *,
-        launcher: Launcher,
+        launcher: ReplicaReporter,
         make_spec: SpecFactory,
         metrics: GatewayMetrics | None = None,
         connect: Connector = _connect,
@@ -179,6 +162,8 @@ class ReplicaPool:
         self.config = config
         self.name = config.name
         self._launcher = launcher
+        #: the launcher, when it creates replicas (None: it only reports them)
+        self._creator: Launcher | None = launcher if isinstance(launcher, Launcher) else None
         self._make_spec = make_spec
         self._metrics = metrics
         self._connect = connect
@@ -259,7 +244,7 @@ class ReplicaPool:
     def start(self) -> None:
         """Start the reconciler, the poller and, if autoscaled, the autoscaler
         (on the running loop)."""
-        self._spawn(self._reconcile_loop(), "reconcile")
+        self._spawn(self._follow_then_reconcile(), "reconcile")
         self._spawn(self._poll_loop(), "poll")
         if self.autoscaler is not None:
             self._spawn(self.autoscaler.run(), "autoscaler")
@@ -430,6 +415,33 @@ class ReplicaPool:
         if self._metrics is not None:
             self._metrics.set_replicas(self.name, self.counts())
 
+    async def _follow_then_reconcile(self) -> None:
+        await self._adopt_reported()
+        if self._creator is None:
+            # The launcher decides which replicas exist: follow its reports.
+            while True:
+                await asyncio.sleep(PING_INTERVAL_S)
+                await self._adopt_reported()
+        await self._reconcile_loop()
+
+    async def _adopt_reported(self) -> None:
+        """Serve the replicas the launcher reports ready that the pool does
+        not know yet (by name: one restarted under its name is the same
+        replica to the ring)."""
+        try:
+            reported = await self._launcher.ready_replicas(self.name)
+        except Exception:
+            _log.exception("%s: the launcher could not report its replicas", self.name)
+            return
+        for replica in reported:
+            if replica.name not in self._replicas:
+                rep = _Replica(id=replica.name, process=replica)
+                self._replicas[rep.id] = rep
+                rep.task = self._spawn(self._run_replica(rep), rep.id)
+        if self._creator is None:
+            self.target = len(self._replicas)
+        self._report()
+
     async def _reconcile_loop(self) -> None:
         while True:
             self._reconcile()
@@ -466,9 +478,12 @@ class ReplicaPool:
             self._report()
 
     async def _run_replica(self, rep: _Replica) -> None:
-        """Start one replica, serve until it dies, then make room for a new one."""
+        """Start one replica (unless it was adopted), serve until it dies,
+        then make room for a new one."""
         try:
-            rep.process = await self._launcher.start(self._spec(rep.id))
+            if rep.process is None:
+                assert self._creator is not None  # only a creating launcher starts
+                rep.process = await self._creator.start(self._spec(rep.id))
             rep.conn = await self._connect(
                 rep.process.address, lambda state: self._on_state(rep.id, state)
             )
@@ -567,8 +582,7 @@ class ReplicaPool:
         self._replicas.pop(rep.id, None)
         if rep.process is not None:
             # Killed here, not in a task that shutdown could cancel: no orphans.
-            with contextlib.suppress(ProcessLookupError):
-                rep.process.kill()
+            self._kill(rep.process)
             self._spawn(self._stop(rep), f"reap-{rep.id}")
         self._report()
         self._kick.set()
@@ -616,21 +630,25 @@ class ReplicaPool:
         if rep.conn is not None:
             with contextlib.suppress(Exception):
                 await rep.conn.aclose()
-        proc = rep.process
-        if proc is None:
-            return
+        proc, creator = rep.process, self._creator
+        if proc is None or creator is None:
+            return  # a replica the pool did not start is not the pool's to stop
         if rep.conn is None:
             # Never connected (start abandoned): nothing to finish, no grace.
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            self._kill(proc)
         try:
             async with asyncio.timeout(EXIT_GRACE_S):
-                await proc.wait()
+                await creator.wait_exit(proc)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            self._kill(proc)
             with contextlib.suppress(Exception):
-                await proc.wait()
+                await creator.wait_exit(proc)
+
+    def _kill(self, replica: LaunchedReplica) -> None:
+        """Forcibly, now (synchronous: a cancelled task still leaves no orphan)."""
+        if self._creator is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._creator.kill(replica)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -648,8 +666,7 @@ class ReplicaPool:
             if rep.state == RUNNING and time.monotonic() - rep.last_pong > PING_TIMEOUT_S:
                 _log.warning("replica %s stopped answering pings; killing it", rep.id)
                 if rep.process is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        rep.process.kill()
+                    self._kill(rep.process)
                 await conn.aclose()  # wakes _run_replica, which replaces it
             return
         self._on_pong(rep, pong)

@@ -40,9 +40,10 @@ from muxgate.gateway._config import (
 from muxgate.gateway._edge import Edge, uvicorn_server
 from muxgate.gateway._frontend import Shutdown
 from muxgate.gateway._history import History, read_totals
-from muxgate.gateway._launcher import LocalLauncher
 from muxgate.gateway._metrics import GatewayMetrics
-from muxgate.gateway._pool import Launcher, ReplicaPool
+from muxgate.gateway._pool import ReplicaPool
+from muxgate.gateway.launchers import ReplicaReporter, get_launcher_class
+from muxgate.gateway.launchers.local import LocalLauncher
 from muxgate.replicas import configure_tracing, shutdown_tracing
 from muxgate.replicas.contract import ReplicaSpec, TracingSettings, exports_spans
 
@@ -107,7 +108,7 @@ def make_spec(
         replica_id=replica_id,
         init_kwargs=deployment.init_kwargs,
         app_dir=config.app_dir or None,
-        listen="unix:",
+        listen="",  # the launcher's choice (LocalLauncher: a Unix socket)
         max_ongoing_requests=deployment.max_ongoing_requests,
         num_cpus=deployment.num_cpus,
         tracing=tracing,
@@ -158,7 +159,7 @@ async def start_gateway(
     *,
     host: str | None = None,
     port: int | None = None,
-    launcher: Launcher | None = None,
+    launcher: ReplicaReporter | None = None,
     ready_timeout_s: float = 120.0,
     litestar_ingress: bool = False,
     server: Literal["uvicorn", "granian"] = "uvicorn",
@@ -186,7 +187,7 @@ async def start_gateway(
     own_launcher: LocalLauncher | None = None
     warm_up: asyncio.Task[bool] | None = None
     if launcher is None:
-        launcher = own_launcher = LocalLauncher()
+        launcher = own_launcher = get_launcher_class("local")()
         # Import torch once, in the fork server, while the gateway starts: a
         # replica start is then a fork (~30 ms), also the first one from zero.
         warm_up = asyncio.create_task(own_launcher.warm_up())

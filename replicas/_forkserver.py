@@ -7,7 +7,7 @@ replica start; the child applies the spec exactly like a spawned replica
 (``muxgate.replicas._server.run_replica``), so starting one costs a fork
 and the deployment's own ``__init__``.
 
-Protocol (the launcher side is ``muxgate.gateway._launcher``):
+Protocol (the launcher side is ``muxgate.gateway.launchers.local``):
 
 * fd 0 is a ``SOCK_SEQPACKET`` control socket from the launcher. The fork
   server sends ``b"ready"`` on it once its imports are done (or

@@ -32,7 +32,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         replica_id: unique id of this replica within its deployment.
         init_kwargs: keyword arguments for the class's ``__init__``.
         app_dir: folder put first on ``sys.path`` before importing.
-        listen: ``"unix:/path"`` or ``"tcp:127.0.0.1:0"`` (port 0: any free port).
+        listen: ``"unix:/path"`` or ``"tcp:127.0.0.1:0"`` (port 0: any free
+            port); ``""``: the launcher's choice (it sets one before the
+            replica starts).
         max_ongoing_requests: calls this replica runs at once (its own guard,
             and the bound on worker threads for sync user code); None: the
             class's ``@deployment(max_ongoing_requests=...)``.

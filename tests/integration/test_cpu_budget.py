@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from muxgate.gateway._connection import ReplicaConnection
-from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess
+from muxgate.gateway.launchers.local import LocalLauncher, ReplicaProcess
 from muxgate.replicas._server import ReplicaSpec
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

@@ -20,8 +20,8 @@ import pytest
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._connection import ReplicaConnection
-from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess, ReplicaStartError
 from muxgate.gateway._serve import start_gateway
+from muxgate.gateway.launchers.local import LocalLauncher, ReplicaProcess, ReplicaStartError
 from muxgate.replicas._protocol import HttpRequest
 from muxgate.replicas.contract import ReplicaSpec
 
@@ -255,7 +255,7 @@ async def test_closing_the_launcher_leaves_no_fork_server_and_no_children() -> N
 
 _FAKE_GATEWAY = """
 import anyio, sys
-from muxgate.gateway._launcher import LocalLauncher
+from muxgate.gateway.launchers.local import LocalLauncher
 from muxgate.replicas.contract import ReplicaSpec
 
 async def main():

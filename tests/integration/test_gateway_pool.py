@@ -15,9 +15,9 @@ import pytest
 
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._errors import NoReplicaError
-from muxgate.gateway._launcher import ReplicaStartError
 from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._pool import ReplicaPool
+from muxgate.gateway.launchers.local import ReplicaStartError
 from muxgate.replicas._deployment import DeploymentOptions
 from muxgate.replicas._protocol import Drained, HttpRequest, Pong, ReplicaState, Reply
 from muxgate.replicas.contract import ReplicaSpec
@@ -25,7 +25,28 @@ from muxgate.replicas.contract import ReplicaSpec
 pytestmark = pytest.mark.anyio
 
 
-class FailingLauncher:
+class FakeLauncherBase:
+    """The ``Launcher`` interface around a fake ``start``: nothing runs
+    before the pool starts; its replicas are ``FakeProcess``es."""
+
+    async def ready_replicas(self, deployment: str) -> list[Any]:
+        return []
+
+    async def aclose(self) -> None:
+        pass
+
+    async def stop(self, replica: Any, grace_s: float) -> int | None:
+        replica.kill()
+        return await self.wait_exit(replica)
+
+    def kill(self, replica: Any) -> None:
+        replica.kill()
+
+    async def wait_exit(self, replica: Any) -> int | None:
+        return await replica.wait()  # type: ignore[no-any-return]
+
+
+class FailingLauncher(FakeLauncherBase):
     def __init__(self) -> None:
         self.attempts: list[float] = []
 
@@ -73,8 +94,10 @@ async def test_start_failures_back_off_and_are_reported() -> None:
 
 
 class FakeProcess:
-    def __init__(self, replica_id: str) -> None:
-        self.pid = abs(hash(replica_id)) % 100_000
+    def __init__(self, replica_id: str, deployment: str = "P") -> None:
+        self.name = replica_id
+        self.deployment = deployment
+        self.pid: int | None = abs(hash(replica_id)) % 100_000
         self.address = f"fake:{replica_id}"
         self.exited = asyncio.Event()
         self.killed = False
@@ -90,7 +113,7 @@ class FakeProcess:
         return 0
 
 
-class GatedLauncher:
+class GatedLauncher(FakeLauncherBase):
     """Starts fake processes; every start waits for ``ready`` to be set."""
 
     def __init__(self) -> None:
@@ -131,6 +154,7 @@ class FakeConnection:
         self.drain_gate = asyncio.Event()
         self.drain_gate.set()
         self.drained = False
+        self.lost_models: list[str] = []  # in flight when it closed
         self.counters: dict[str, float] = {}
         self.options: DeploymentOptions | None = None  # from Welcome
         self.on_state = on_state
@@ -297,3 +321,75 @@ async def test_autoscaled_pool_at_zero_activates_on_a_request() -> None:
         assert pool.target == 2  # clamped to max_replicas
     finally:
         await pool.aclose()
+
+
+# -- launchers that report replicas ---------------------------------------------
+
+
+class Reporter:
+    """A launcher that cannot create replicas: it reports a fixed set."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.processes = {name: FakeProcess(name) for name in names}
+        for process in self.processes.values():
+            process.pid = None  # not a local process
+        self.asked = 0
+
+    async def ready_replicas(self, deployment: str) -> list[FakeProcess]:
+        self.asked += 1
+        return [p for p in self.processes.values() if p.deployment == deployment]
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_reporting_launcher_is_followed_and_its_replicas_are_not_stopped() -> None:
+    fakes = Fakes()
+    reporter = Reporter(["P@a", "P@b"])
+    fakes.launcher.processes = reporter.processes  # the fake connect finds them
+    pool = ReplicaPool(
+        DeploymentConfig(name="P", import_path="m:P", num_replicas=3),
+        launcher=reporter,  # type: ignore[arg-type]
+        make_spec=lambda d, rid: rid,
+        connect=fakes.connect,  # type: ignore[arg-type]
+    )
+    pool.start()
+    try:
+        await until(pool, lambda: pool.running == 2)
+        # the reported names are the replica ids the ring hashes
+        assert sorted(pool.targets) == ["P@a", "P@b"] and len(pool.router) == 2
+        assert pool.target == 2  # the launcher's set, not num_replicas
+        assert [r["pid"] for r in pool.snapshot()["replicas"]] == [None, None]
+        # one goes away: it leaves the ring; the pool cannot start another
+        fakes.conns["P@a"].close_reason = "replica closed the connection"
+        fakes.conns["P@a"].closed.set()
+        await until(pool, lambda: pool.running == 1)
+        assert "P@a" not in pool.targets
+        # reported again (restarted under its name): followed back in
+        await poll(lambda: reporter.asked >= 2, within_s=5.0)
+        await until(pool, lambda: pool.running == 2)
+        assert sorted(pool.targets) == ["P@a", "P@b"]
+    finally:
+        await pool.aclose()
+    assert not any(p.killed for p in reporter.processes.values())
+
+
+async def test_replicas_running_when_the_pool_starts_are_adopted() -> None:
+    fakes = Fakes()
+    fakes.launcher.ready.set()
+    adopted = FakeProcess("P#old")
+    fakes.launcher.processes["P#old"] = adopted
+
+    async def already_running(deployment: str) -> list[FakeProcess]:
+        return [adopted] if deployment == "P" else []
+
+    fakes.launcher.ready_replicas = already_running  # type: ignore[method-assign]
+    pool = fakes.pool(DeploymentConfig(name="P", import_path="m:P", num_replicas=2))
+    pool.start()
+    try:
+        await until(pool, lambda: pool.running == 2)
+        assert "P#old" in pool.targets
+        assert len(fakes.launcher.specs) == 1  # one adopted, one started
+    finally:
+        await pool.aclose()
+    assert adopted.killed or adopted.exited.is_set()  # the pool stops what it runs

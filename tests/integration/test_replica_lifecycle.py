@@ -21,7 +21,7 @@ from muxgate.gateway._connection import (
     ReplicaDiedError,
     ReplicaUnavailableError,
 )
-from muxgate.gateway._launcher import LocalLauncher, ReplicaStartError
+from muxgate.gateway.launchers.local import LocalLauncher, ReplicaStartError
 from muxgate.replicas._protocol import HttpRequest
 from muxgate.replicas.contract import ReplicaSpec
 
@@ -199,7 +199,7 @@ async def test_sigterm_finishes_in_flight_calls_then_exits(launcher: LocalLaunch
 
 _FAKE_GATEWAY = """
 import anyio, sys
-from muxgate.gateway._launcher import LocalLauncher
+from muxgate.gateway.launchers.local import LocalLauncher
 from muxgate.replicas.contract import ReplicaSpec
 
 async def main():

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from muxgate.gateway._connection import ReplicaConnection, ReplicaUnavailableError
-from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess
+from muxgate.gateway.launchers.local import LocalLauncher, ReplicaProcess
 from muxgate.replicas._protocol import HttpRequest, Reply
 from muxgate.replicas.contract import ReplicaSpec
 

@@ -24,7 +24,7 @@ from muxgate.gateway._connection import (
     ReplicaDiedError,
     connect_stream,
 )
-from muxgate.gateway._launcher import LocalLauncher, ReplicaProcess
+from muxgate.gateway.launchers.local import LocalLauncher, ReplicaProcess
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
     FrameDecoder,

@@ -16,7 +16,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from muxgate.gateway._connection import ReplicaConnection
-from muxgate.gateway._launcher import LocalLauncher
+from muxgate.gateway.launchers.local import LocalLauncher
 from muxgate.replicas.contract import ReplicaSpec, TracingSettings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

@@ -15,7 +15,7 @@ import pytest
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._errors import ConfigError
-from muxgate.gateway._processes import (
+from muxgate.gateway.launchers._processes import (
     CpuBudgets,
     cgroup_cpu_limit,
     parse_cpu_max,

@@ -2,7 +2,7 @@
 fork server (``muxgate.replicas._forkserver`` describes its protocol), and
 the host's CPU count against the replicas' budgets.
 
-Used by ``muxgate.gateway._launcher.LocalLauncher``; nothing here decides
+Used by ``muxgate.gateway.launchers.local.LocalLauncher``; nothing here decides
 when to fork or spawn.
 """
 
@@ -61,6 +61,16 @@ class ReplicaProcess:
     def replica_id(self) -> str:
         replica_id: str = self.spec.replica_id
         return replica_id
+
+    @property
+    def name(self) -> str:
+        """Its stable identity: the spec's ``replica_id``."""
+        return self.replica_id
+
+    @property
+    def deployment(self) -> str:
+        deployment: str = self.spec.deployment
+        return deployment
 
     @property
     def pid(self) -> int:

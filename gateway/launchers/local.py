@@ -1,9 +1,9 @@
-"""Where replicas run: launchers start replica processes and report addresses.
+"""The ``local`` launcher: replicas as processes on this host.
 
-The pool talks to replicas only through the address a launcher returns (see
-``ReplicaConnection.connect``), so a launcher for Kubernetes pods can replace
-``LocalLauncher`` without the pool changing: it would create a pod from the
-same ``ReplicaSpec``, wait for it to be ready and return its ``tcp:`` address.
+It implements ``muxgate.gateway.launchers.Launcher``: the pool talks to a
+replica only through the address reported here (see
+``ReplicaConnection.connect``), so another launcher (pods, actors) can take
+its place without the pool changing.
 
 ``LocalLauncher`` runs each replica as a local process, in one of two ways:
 
@@ -33,13 +33,13 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import anyio
 import anyio.abc
 import msgspec
 
-from muxgate.gateway._processes import (
+from muxgate.gateway.launchers._interface import LaunchedReplica, ReplicaStartError
+from muxgate.gateway.launchers._processes import (
     CpuBudgets,
     ForkedProcess,
     ForkServer,
@@ -50,14 +50,7 @@ from muxgate.gateway._processes import (
 )
 from muxgate.replicas.contract import DEFAULT_NUM_CPUS, ReplicaSpec, cpu_budget_env
 
-__all__ = [
-    "FORK_SERVER_DEFAULT",
-    "Launcher",
-    "LocalLauncher",
-    "ReplicaHandle",
-    "ReplicaProcess",
-    "ReplicaStartError",
-]
+__all__ = ["FORK_SERVER_DEFAULT", "LocalLauncher", "ReplicaProcess"]
 
 _log = logging.getLogger("muxgate.gateway.launcher")
 
@@ -70,43 +63,6 @@ _FORK_SERVER_RESTARTS = 3
 #: its replicas (forked replicas are the fork server's children); the whole
 #: replica, gateway, autoscale, handles and e2e suites pass with it on.
 FORK_SERVER_DEFAULT = sys.platform == "linux"
-
-
-class ReplicaStartError(Exception):
-    """A replica did not become ready.
-
-    Attributes:
-        reason: one line saying why (the replica's ``FAILED`` line, its exit
-            code, or a timeout).
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class ReplicaHandle(Protocol):
-    """What the pool needs from a started replica, wherever it runs."""
-
-    @property
-    def replica_id(self) -> str: ...
-
-    @property
-    def address(self) -> str: ...
-
-    def terminate(self) -> None: ...
-
-    def kill(self) -> None: ...
-
-    async def wait(self) -> int | None: ...
-
-
-class Launcher(Protocol):
-    """Starts replicas; ``LocalLauncher`` now, a Kubernetes one later."""
-
-    async def start(self, spec: ReplicaSpec) -> ReplicaHandle: ...
-
-    async def aclose(self) -> None: ...
 
 
 class LocalLauncher:
@@ -242,6 +198,29 @@ class LocalLauncher:
             process.replica_id, num_cpus if num_cpus is not None else DEFAULT_NUM_CPUS
         )
 
+    async def ready_replicas(self, deployment: str) -> list[ReplicaProcess]:
+        """The replicas of ``deployment`` started here that still run. A
+        local replica never outlives the gateway that started it, so there
+        is nothing older to adopt."""
+        return [
+            process
+            for process in self._running.values()
+            if process.returncode is None and process.spec.deployment == deployment
+        ]
+
+    async def stop(self, replica: LaunchedReplica, grace_s: float) -> int | None:
+        """SIGTERM (it finishes its calls and unloads), SIGKILL after ``grace_s``."""
+        return await _local(replica).stop(grace_s)
+
+    def kill(self, replica: LaunchedReplica) -> None:
+        """SIGKILL, now."""
+        _local(replica).kill()
+
+    async def wait_exit(self, replica: LaunchedReplica) -> int | None:
+        """Its exit code once it exited (``-N``: killed by signal N; None:
+        unknown, its fork server died first)."""
+        return await _local(replica).wait()
+
     def _disable_forking(self, reason: str) -> None:
         _log.warning("fork server: %s; spawning replicas instead", reason)
         self.fork_disabled_reason = reason
@@ -376,6 +355,12 @@ class LocalLauncher:
             self._server = None
         if self._own_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def _local(replica: LaunchedReplica) -> ReplicaProcess:
+    if not isinstance(replica, ReplicaProcess):
+        raise TypeError(f"{replica!r} was not started by a LocalLauncher")
+    return replica
 
 
 async def _read_line(stream: anyio.abc.ByteReceiveStream, limit: int = 1 << 16) -> bytes:
