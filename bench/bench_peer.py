@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args(argv)
     peer_dir()
-    from muxgate.gateway._processes import usable_cores
+    from muxgate.gateway.launchers._processes import usable_cores
 
     python = sys.executable  # the project venv has torch and aiohttp
     ray_venv = args.ray_venv or (DEFAULT_RAY_VENV if DEFAULT_RAY_VENV.is_dir() else None)
