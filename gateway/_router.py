@@ -1,9 +1,11 @@
 """Model-aware request routing: consistent hashing with bounded loads.
 
-Pure bookkeeping: no I/O, no asyncio, no clock. The gateway calls
-:meth:`Router.choose` under its own lock, then :meth:`Router.acquire` when it
-sends the request and :meth:`Router.release` when the reply arrives, and feeds
-every replica report (Reply/Pong) to :meth:`Router.observe`.
+Pure bookkeeping: no I/O, no asyncio, no clock. The gateway calls it from
+its event loop only, and no method awaits, so each call sees and leaves a
+consistent state without a lock: :meth:`Router.choose` picks a replica,
+:meth:`Router.acquire` records the request when it is sent and
+:meth:`Router.release` when the reply arrives, and every replica report
+(Reply/Pong) goes to :meth:`Router.observe`.
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ class Router:
        hot models that consistent hashing happens to give the same home.
        Popularity is a :class:`PopularitySketch` of the requests this router
        sent (decayed per request, no clock). The cache size is the one a
-       replica reported (``observe(cache_limit=...)``), else the router's
-       ``cache_limit``, else the most models any replica was seen holding.
+       replica reported (``observe(cache_limit=...)``), else the most models
+       any replica was seen holding.
     6. No model id: power of two choices among replicas below
        ``max_ongoing_requests`` (the less loaded of two random ones).
     7. When every replica is at ``max_ongoing_requests``, :meth:`choose`
@@ -223,7 +225,6 @@ class Router:
         holder_choice: Literal["least_loaded", "first"] = "least_loaded",
         placement_choices: int = DEFAULT_PLACEMENT_CHOICES,
         popularity_half_life: float = DEFAULT_POPULARITY_HALF_LIFE,
-        cache_limit: int | None = None,
         spill_rule: Literal["priced", "bounded_load"] = "bounded_load",
     ) -> None:
         """Create an empty router.
@@ -243,8 +244,6 @@ class Router:
             placement_choices: Candidates for a model no replica holds (1: its
                 first replica under capacity, as for a spill).
             popularity_half_life: Half-life of the popularity sketch, in requests.
-            cache_limit: Models a replica can hold, when known for all
-                replicas; a replica's own report overrides it.
             spill_rule: ``"priced"``: spill only when waiting for a holder is
                 expected to cost more than the load (see step 8);
                 ``"bounded_load"``: whenever every holder is at capacity.
@@ -275,11 +274,8 @@ class Router:
             raise ValueError(
                 f"holder_choice must be 'first' or 'least_loaded', got {holder_choice!r}"
             )
-        if cache_limit is not None and cache_limit < 1:
-            raise ValueError(f"cache_limit must be >= 1, got {cache_limit}")
         self.placement_choices = placement_choices
         self.holder_choice = holder_choice
-        self.cache_limit = cache_limit
         self.popularity = PopularitySketch(half_life=popularity_half_life)
         self._high_water = 0  # most models any replica was seen holding
         if spill_rule not in ("priced", "bounded_load"):
@@ -397,25 +393,18 @@ class Router:
             rep.pending[model_id] = rep.pending.get(model_id, 0) + 1
             rep.pending_total += 1
 
-    def release(self, replica_id: str, model_id: str | None = None) -> None:
+    def release(self, replica_id: str, model_id: str) -> None:
         """Record a reply (or failure) from ``replica_id``.
 
         Args:
             replica_id: Where the request went.
-            model_id: The request's model id, as given to :meth:`acquire`. When
-                omitted (older callers), once the replica has more marks than
-                requests in flight, the mark of the model marked longest goes,
-                so marks never outnumber requests in flight.
+            model_id: The request's model id, as given to :meth:`acquire`.
         """
         rep = self._replicas.get(replica_id)
         if rep is None or rep.in_flight == 0:
             return
         rep.in_flight -= 1
         self._total_in_flight -= 1
-        if model_id is None:
-            if rep.pending_total <= rep.in_flight:
-                return
-            model_id = next(iter(rep.pending))
         if rep.drop_pending(model_id) and not (model_id in rep.models or model_id in rep.loading):
             self._unhold(model_id, replica_id)
 
@@ -581,7 +570,7 @@ class Router:
         for m in pending:
             if m not in models and m not in loading:
                 occupancy += 1
-        if occupancy < (rep.cache_limit or self.cache_limit or self._high_water):
+        if occupancy < (rep.cache_limit or self._high_water):
             return -1.0
         for m in lru:
             if m not in pending:

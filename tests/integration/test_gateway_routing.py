@@ -104,7 +104,16 @@ async def test_lru_eviction_visible_in_admin(client: httpx.AsyncClient) -> None:
     assert rep["in_flight"] == 0
     assert isinstance(rep["pid"], int)
     assert rep["address"].startswith(("unix:", "tcp:"))
-    assert set(rep) == {"id", "state", "pid", "address", "in_flight", "models", "loading", "rss_bytes"}
+    assert set(rep) == {
+        "id",
+        "state",
+        "pid",
+        "address",
+        "in_flight",
+        "models",
+        "loading",
+        "rss_bytes",
+    }
 
 
 async def test_concurrent_requests_spill_to_second_replica(client: httpx.AsyncClient) -> None:

@@ -203,7 +203,7 @@ def test_returns_none_only_when_all_full() -> None:
         router.acquire(r, "")
     assert router.choose("m") is None
     assert router.choose("") is None
-    router.release("replica-1")
+    router.release("replica-1", "")
     d = router.choose("m")
     assert d is not None and d.replica_id == "replica-1"
     d = router.choose("")
@@ -239,7 +239,7 @@ def test_remove_replica_forgets_its_state() -> None:
     router.remove_replica("replica-0")
     assert router.total_in_flight == 0
     assert router.holders("m") == set()
-    router.release("replica-0")  # a late reply from a removed replica is ignored
+    router.release("replica-0", "m")  # a late reply from a removed replica is ignored
     router.observe("replica-0", models=["m"], loading=[])
     assert router.holders("m") == set()
     assert "replica-0" not in router.replica_ids
@@ -286,7 +286,7 @@ def test_choices_respect_capacity(
         n, balance_factor=balance_factor, min_capacity=min_capacity, max_ongoing_requests=6
     )
     rng = random.Random(seed)
-    sent: list[str] = []
+    sent: list[tuple[str, str]] = []
     for is_send, model_index in ops:
         if is_send:
             model = f"m{model_index}" if model_index else ""
@@ -298,9 +298,9 @@ def test_choices_respect_capacity(
             limit = 6 if model == "" else cap
             assert router.in_flight(d.replica_id) < limit
             router.acquire(d.replica_id, model)
-            sent.append(d.replica_id)
+            sent.append((d.replica_id, model))
         elif sent:
-            router.release(sent.pop(rng.randrange(len(sent))))
+            router.release(*sent.pop(rng.randrange(len(sent))))
 
 
 class RouterMachine(RuleBasedStateMachine):
@@ -428,6 +428,6 @@ def test_hot_model_fills_preference_list_in_order(model: str, n: int) -> None:
     assert chosen == [r for r in prefs for _ in range(2)]
     assert router.choose(model) is None
     # Released slots on a holder are refilled before a non-holder is used.
-    router.release(prefs[-1])
+    router.release(prefs[-1], model)
     d = router.choose(model)
     assert d is not None and d.replica_id == prefs[-1] and d.reason == "cached"

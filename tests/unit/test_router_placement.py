@@ -119,10 +119,10 @@ def test_cache_size_is_learnt_from_reports() -> None:
     heat(router, "hot-x", 10)
     d = router.choose("new")
     assert d is not None and d.replica_id == prefs[1]
-    # A router-wide cache_limit overrides the estimate.
-    router2 = make_router(8, cache_limit=2)
+    # A replica's own report overrides the estimate.
+    router2 = make_router(8)
     for r in prefs[:4]:
-        router2.observe(r, models=["hot-x", "hot-y"], loading=[])
+        router2.observe(r, models=["hot-x", "hot-y"], loading=[], cache_limit=2)
     heat(router2, "hot-x", 10)
     heat(router2, "hot-y", 10)
     d2 = router2.choose("new")
@@ -170,30 +170,11 @@ def test_pending_marks_count_requests() -> None:
     assert router.holders("n") == {r}
 
 
-def test_release_without_model_id_keeps_marks_at_most_in_flight() -> None:
-    router = make_router(2)
-    r = "replica-1"
-    for m in ("a", "b", "c"):
-        router.acquire(r, m)
-    router.acquire(r, "")
-    router.release(r)  # could be the "" request: no mark goes yet
-    assert router.models(r) == {"a", "b", "c"}
-    router.release(r)  # three marks, two requests: the oldest mark goes
-    assert router.models(r) == {"b", "c"}
-    router.release(r)
-    router.release(r)
-    assert router.models(r) == set()
-    assert router.holders("c") == set()
-    assert router.in_flight(r) == 0
-
-
 def test_invalid_placement_arguments() -> None:
     with pytest.raises(ValueError, match="placement_choices"):
         Router(placement_choices=0)
     with pytest.raises(ValueError, match="holder_choice"):
         Router(holder_choice="random")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="cache_limit"):
-        Router(cache_limit=0)
     with pytest.raises(ValueError, match="half_life"):
         PopularitySketch(half_life=0)
 
