@@ -22,13 +22,10 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
-from muxgate.gateway._config import AppConfig, parse_config
+from muxgate.gateway._config import AppConfig, parse_config, read_config_file
 from muxgate.gateway._errors import ConfigError
 
 __all__ = ["CheckReport", "ImportTarget", "check_config_file", "import_classes"]
@@ -76,21 +73,6 @@ class CheckReport:
     problems: list[str]
     #: deployments whose class imported
     imported: list[str]
-
-
-def _read(path: str) -> Any:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ConfigError(path, f"cannot read: {exc.strerror}") from exc
-    try:
-        if path.endswith(".toml"):
-            return tomllib.loads(raw.decode())
-        return yaml.safe_load(raw)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        kind = "TOML" if path.endswith(".toml") else "YAML"
-        raise ConfigError(path, f"not valid {kind}: {exc}") from exc
 
 
 def _config_problems(data: Any, source: str, base_dir: str) -> tuple[AppConfig | None, list[str]]:
@@ -172,7 +154,7 @@ def check_config_file(path: str | os.PathLike[str]) -> CheckReport:
     source = os.fspath(path)
     base_dir = os.path.dirname(os.path.abspath(source))
     try:
-        data = _read(source)
+        data = read_config_file(source)
     except ConfigError as exc:
         return CheckReport(None, [exc.reason], [])
     config, problems = _config_problems(data, source, base_dir)

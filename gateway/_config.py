@@ -37,6 +37,7 @@ __all__ = [
     "TracingConfig",
     "load_config",
     "parse_config",
+    "read_config_file",
 ]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -270,6 +271,16 @@ def load_config(path: str | os.PathLike[str]) -> AppConfig:
             names the file, the field's path and the reason.
     """
     source = os.fspath(path)
+    data = read_config_file(source)
+    return parse_config(data, source=source, base_dir=os.path.dirname(os.path.abspath(source)))
+
+
+def read_config_file(source: str) -> Any:
+    """The parsed but not yet validated contents of a YAML (or ``.toml``) file.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed.
+    """
     try:
         with open(source, "rb") as f:
             raw = f.read()
@@ -277,10 +288,8 @@ def load_config(path: str | os.PathLike[str]) -> AppConfig:
         raise ConfigError(source, f"cannot read: {exc.strerror}") from exc
     try:
         if source.endswith(".toml"):
-            data: Any = tomllib.loads(raw.decode())
-        else:
-            data = yaml.safe_load(raw)
+            return tomllib.loads(raw.decode())
+        return yaml.safe_load(raw)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
         kind = "TOML" if source.endswith(".toml") else "YAML"
         raise ConfigError(source, f"not valid {kind}: {exc}") from exc
-    return parse_config(data, source=source, base_dir=os.path.dirname(os.path.abspath(source)))
