@@ -31,6 +31,7 @@ __all__ = [
     "DeploymentConfig",
     "HttpConfig",
     "HttpLimits",
+    "LauncherConfig",
     "MetricsConfig",
     "QuarantineConfig",
     "RoutingConfig",
@@ -105,6 +106,40 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     spill: Literal["priced", "bounded_load"] = "priced"
 
 
+class LauncherConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Where a deployment's replicas run (``muxgate.gateway.launchers``).
+
+    ``local``: processes the gateway starts. ``static``: ``muxgate replica``
+    servers started elsewhere, at ``addresses`` or behind the DNS name
+    ``dns`` (``HOST:PORT``, resolved again every ``resolve_interval_s``);
+    the gateway only watches them (see docs/remote.md).
+    """
+
+    kind: Literal["local", "static"] = "local"
+    #: static: each replica's ``tcp:HOST:PORT``
+    addresses: list[str] = []
+    #: static: ``HOST:PORT`` whose name resolves to the replicas
+    dns: str | None = None
+    resolve_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+    def __post_init__(self) -> None:
+        if self.kind == "local":
+            if self.addresses or self.dns:
+                raise ValueError("a local launcher takes no addresses or dns")
+            return
+        if bool(self.addresses) == bool(self.dns):
+            raise ValueError("a static launcher needs addresses or dns (one of the two)")
+        for address in self.addresses:
+            scheme, _, rest = address.partition(":")
+            host, _, port = rest.rpartition(":")
+            if scheme != "tcp" or not host or not port.isdigit():
+                raise ValueError(f"static address {address!r} is not tcp:HOST:PORT")
+        if self.dns is not None:
+            host, _, port = self.dns.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"dns {self.dns!r} is not HOST:PORT")
+
+
 class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     """One deployment: a user class served by a pool of replica processes."""
 
@@ -137,6 +172,8 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: ``OMP_NUM_THREADS`` follow it, rounded up; None: the class's
     #: ``@deployment(num_cpus=...)``, else 1
     num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    #: where the replicas run; None: the app-level ``launcher``
+    launcher: LauncherConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and not math.isfinite(self.num_cpus):
@@ -201,6 +238,8 @@ class AppConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: ``MUXGATE_CLUSTER_SECRET`` variable) and ``tls`` (``ca``, ``cert``,
     #: ``key``, ``mutual``); paths resolved against the config file's folder
     cluster: ChannelSettings = msgspec.field(default_factory=ChannelSettings)
+    #: where replicas run unless a deployment says (``kind: local`` by default)
+    launcher: LauncherConfig = msgspec.field(default_factory=LauncherConfig)
 
     def __post_init__(self) -> None:
         names: set[str] = set()
@@ -218,6 +257,10 @@ class AppConfig(msgspec.Struct, forbid_unknown_fields=True):
                 )
             names.add(d.name)
             prefixes.add(d.route_prefix)
+
+    def launcher_for(self, deployment: DeploymentConfig) -> LauncherConfig:
+        """The deployment's launcher settings, else the app-level ones."""
+        return deployment.launcher if deployment.launcher is not None else self.launcher
 
     def deployment(self, name: str) -> DeploymentConfig:
         for d in self.deployments:

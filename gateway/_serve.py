@@ -42,10 +42,11 @@ from muxgate.gateway._frontend import Shutdown
 from muxgate.gateway._history import History, read_totals
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import ReplicaPool
+from muxgate.gateway._remote import RemoteLaunchers
 from muxgate.gateway.launchers import ReplicaReporter, get_launcher_class
 from muxgate.gateway.launchers.local import LocalLauncher
 from muxgate.replicas import configure_tracing, shutdown_tracing
-from muxgate.replicas.contract import ReplicaSpec, TracingSettings, exports_spans
+from muxgate.replicas.contract import ChannelError, ReplicaSpec, TracingSettings, exports_spans
 
 __all__ = ["Gateway", "GatewayStartError", "run", "serve"]
 
@@ -184,9 +185,13 @@ async def start_gateway(
     host = host if host is not None else config.http.host
     port = port if port is not None else config.http.port
     metrics = GatewayMetrics(per_model_labels=config.metrics.per_model_labels)
+    try:
+        remote = RemoteLaunchers(config)  # deployments whose replicas run elsewhere
+    except ChannelError as exc:
+        raise GatewayStartError(f"cluster settings: {exc}") from exc
     own_launcher: LocalLauncher | None = None
     warm_up: asyncio.Task[bool] | None = None
-    if launcher is None:
+    if launcher is None and len(remote.launchers) < len(config.deployments):
         launcher = own_launcher = get_launcher_class("local")()
         # Import torch once, in the fork server, while the gateway starts: a
         # replica start is then a fork (~30 ms), also the first one from zero.
@@ -197,13 +202,13 @@ async def start_gateway(
     pools = {
         d.name: ReplicaPool(
             d,
-            launcher=use_launcher,
             make_spec=lambda dep, rid: make_spec(
                 config, dep, rid, gateway_url[0] if gateway_url else None, replica_log_level
             ),
             metrics=metrics,
             per_model_labels=config.metrics.per_model_labels,
             drain_timeout_s=config.http.request_timeout_s + 5.0,
+            **({"launcher": use_launcher} | remote.pool_options(d.name)),
         )
         for d in config.deployments
     }
@@ -266,6 +271,7 @@ async def start_gateway(
                 await warm_up
         if own_launcher is not None:
             await own_launcher.aclose()
+        await remote.aclose()
         if traced:
             shutdown_tracing()
 

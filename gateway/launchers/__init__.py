@@ -8,6 +8,9 @@ then fails with what to install. Built in:
 =========  =====================================================
 ``local``  replicas as local processes, forked or spawned
            (``muxgate.gateway.launchers.local.LocalLauncher``)
+``static`` ``muxgate replica`` servers started elsewhere, watched
+           at fixed addresses or behind a DNS name
+           (``muxgate.gateway.launchers.static.StaticLauncher``)
 =========  =====================================================
 
 A new kind is one module in this folder implementing the interface of
@@ -43,6 +46,7 @@ __all__ = [
 #: kind -> ``{"class": dotted path, "err": what to say when it cannot be imported}``
 known_launchers: dict[str, dict[str, str]] = {
     "local": {"class": "muxgate.gateway.launchers.local.LocalLauncher"},
+    "static": {"class": "muxgate.gateway.launchers.static.StaticLauncher"},
 }
 
 _registry: dict[str, type[Any]] = {}

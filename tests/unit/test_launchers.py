@@ -51,7 +51,8 @@ def test_local_is_the_built_in_kind_and_creates_replicas(tmp_path: Path) -> None
 
 
 def test_unknown_kinds_name_the_known_ones(registry: None) -> None:
-    with pytest.raises(LauncherNotFoundError, match=r"no launcher of kind 'ray' \(known: local\)"):
+    known = r"\(known: local, static\)"
+    with pytest.raises(LauncherNotFoundError, match=rf"no launcher of kind 'ray' {known}"):
         get_launcher_class("ray")
 
 

@@ -1,0 +1,126 @@
+"""A gateway with a ``static`` launcher over two ``muxgate replica``
+processes on loopback: it serves, routes by model id, drops a replica that
+dies and takes it back, under its name, when it answers again."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import MODEL, eventually, running_gateway
+from standalone_replicas import SECRET, standalone_replica, write_config
+
+from muxgate.gateway._config import LauncherConfig
+from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway.launchers import ReplicaReporter, get_launcher_class
+from muxgate.gateway.launchers.static import StaticLauncher
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+HOOKED = {"name": "Hooked", "import_path": "autoscale_apps:Hooked"}
+
+
+async def served_by(client: httpx.AsyncClient, model: str) -> str:
+    response = await client.get("/", headers={MODEL: model})
+    assert response.status_code == 200, response.text
+    replica: str = response.json()["replica"]
+    return replica
+
+
+async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:
+    replica_config = write_config(tmp_path, [HOOKED])
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    async with (
+        standalone_replica(replica_config, "Hooked", "hooked-0") as r0,
+        standalone_replica(replica_config, "Hooked", "hooked-1") as r1,
+    ):
+        gateway_config: dict[str, Any] = {
+            "http": {"port": 0},
+            "cluster": {"secret_file": str(secret_file)},
+            "deployments": [
+                {**HOOKED, "launcher": {"kind": "static", "addresses": [r0.address, r1.address]}}
+            ],
+        }
+        async with running_gateway(gateway_config) as gw:
+            pool = gw.pools["Hooked"]
+
+            async def both_running() -> bool:
+                return sorted(pool.targets) == ["hooked-0", "hooked-1"]
+
+            await eventually(both_running, within_s=20)
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+                placement = {f"m{i}": await served_by(client, f"m{i}") for i in range(12)}
+                # By model id: each id stays where it went; both replicas serve.
+                for model, replica in placement.items():
+                    assert await served_by(client, model) == replica
+                assert set(placement.values()) == {"hooked-0", "hooked-1"}
+
+                # hooked-1 dies: it leaves the ring, hooked-0 serves everything.
+                r1.process.send_signal(signal.SIGKILL)
+                await r1.process.wait()
+
+                async def only_hooked_0() -> bool:
+                    return sorted(pool.targets) == ["hooked-0"]
+
+                await eventually(only_hooked_0, within_s=20)
+                for model in placement:
+                    assert await served_by(client, model) == "hooked-0"
+
+                # It comes back on its address under its name, and is taken back.
+                port = r1.address.rpartition(":")[2]
+                async with standalone_replica(
+                    replica_config, "Hooked", "hooked-1", listen=f"tcp:127.0.0.1:{port}"
+                ):
+                    await eventually(both_running, within_s=20)
+                    # (where new ids go is the router's choice; the one that
+                    # came back takes its share)
+                    fresh = {await served_by(client, f"new{i}") for i in range(12)}
+                    assert "hooked-1" in fresh
+
+
+async def test_static_launcher_reports_by_name_and_skips_the_unreachable(
+    tmp_path: Path,
+) -> None:
+    echo_deployment = {"name": "Echo", "import_path": "echo:Echo", "route_prefix": "/echo"}
+    config = write_config(tmp_path, [HOOKED, echo_deployment])
+    async with (
+        standalone_replica(config, "Hooked", "hooked-a", secret=None) as hooked,
+        standalone_replica(config, "Echo", "echo-a", secret=None) as echo,
+    ):
+        cls = get_launcher_class("static")
+        assert cls is StaticLauncher
+        dead = "tcp:127.0.0.1:9"  # discard port: nothing listens
+        launcher = StaticLauncher.from_config(
+            LauncherConfig(kind="static", addresses=[hooked.address, echo.address, dead]),
+            connect=ReplicaConnection.connect,
+        )
+        assert isinstance(launcher, ReplicaReporter)
+        reported = await launcher.ready_replicas("Hooked")
+        assert [(r.name, r.deployment, r.address, r.pid) for r in reported] == [
+            ("hooked-a", "Hooked", hooked.address, None)
+        ]
+        assert [r.name for r in await launcher.ready_replicas("Echo")] == ["echo-a"]
+        assert "unreachable=1" in repr(launcher)
+        await launcher.aclose()
+
+
+async def test_dns_names_are_resolved_again_after_the_interval(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "Echo", "import_path": "echo:Echo"}])
+    async with standalone_replica(config, "Echo", "echo-dns", secret=None) as echo:
+        port = echo.address.rpartition(":")[2]
+        now = [0.0]
+        launcher = StaticLauncher(
+            dns=f"localhost:{port}", resolve_interval_s=10.0, clock=lambda: now[0]
+        )
+        reported = await launcher.ready_replicas("Echo")
+        assert [r.name for r in reported] == ["echo-dns"]
+        assert reported[0].address in (f"tcp:127.0.0.1:{port}", f"tcp:[::1]:{port}")
+        launcher.dns = "localhost:9"  # the name now points elsewhere...
+        now[0] = 5.0
+        assert [r.name for r in await launcher.ready_replicas("Echo")] == ["echo-dns"]  # cached
+        now[0] = 10.0
+        assert await launcher.ready_replicas("Echo") == []  # ...and is looked up again

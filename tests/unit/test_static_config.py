@@ -1,0 +1,49 @@
+"""The ``launcher`` sections: app-level default, per-deployment override,
+and what a static launcher must be given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from muxgate.gateway._config import parse_config
+from muxgate.gateway._errors import ConfigError
+
+
+def config(own: dict[str, Any] | None = None, **top: Any) -> Any:
+    """A one-deployment config; ``own``: the deployment's launcher section."""
+    deployment: dict[str, Any] = {"name": "A", "import_path": "m:A"}
+    if own is not None:
+        deployment["launcher"] = own
+    return parse_config({"deployments": [deployment], **top})
+
+
+def test_local_is_the_default_and_a_deployment_overrides_the_app() -> None:
+    plain = config()
+    assert plain.launcher_for(plain.deployments[0]).kind == "local"
+    static = {"kind": "static", "addresses": ["tcp:10.0.0.1:7100", "tcp:[::1]:7100"]}
+    app_level = config(None, launcher=static)
+    assert app_level.launcher_for(app_level.deployments[0]).addresses[0] == "tcp:10.0.0.1:7100"
+    own = config({"kind": "local"}, launcher=static)
+    assert own.launcher_for(own.deployments[0]).kind == "local"
+    dns = config({"kind": "static", "dns": "replicas.muxgate.svc:7100", "resolve_interval_s": 5})
+    assert dns.launcher_for(dns.deployments[0]).resolve_interval_s == 5
+
+
+@pytest.mark.parametrize(
+    ("launcher", "message"),
+    [
+        ({"kind": "static"}, "needs addresses or dns"),
+        ({"kind": "static", "addresses": ["tcp:a:1"], "dns": "b:2"}, "needs addresses or dns"),
+        ({"kind": "static", "addresses": ["unix:/x"]}, "is not tcp:HOST:PORT"),
+        ({"kind": "static", "addresses": ["tcp:host"]}, "is not tcp:HOST:PORT"),
+        ({"kind": "static", "dns": "no-port"}, "is not HOST:PORT"),
+        ({"kind": "local", "addresses": ["tcp:a:1"]}, "takes no addresses"),
+        ({"kind": "pods"}, "launcher.kind"),
+        ({"kind": "static", "dns": "a:1", "resolve_interval_s": 0}, "resolve_interval_s"),
+    ],
+)
+def test_bad_launcher_sections_are_config_errors(launcher: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(launcher)
