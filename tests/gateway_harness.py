@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-import anyio
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._serve import Gateway, start_gateway
@@ -61,15 +59,3 @@ async def observed_gateway(
     }
     async with running_gateway({"http": {"port": 0}, **top, "deployments": [observed]}) as gw:
         yield gw
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, within_s: float) -> None:
-    """Poll ``check()`` until it holds; ``TimeoutError`` after ``within_s`` seconds.
-
-    For state no event announces (a scrape, a pool snapshot).
-    """
-    with anyio.fail_after(within_s):
-        while True:
-            if await check():
-                return
-            await anyio.sleep(0.1)  # poll interval, not synchronisation

@@ -33,16 +33,17 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from waiting import wait_until_sync
 
 S3_KEY = "testing"
 S3_SECRET = "testing"
@@ -54,15 +55,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true; ``TimeoutError`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _http_ok(url: str) -> bool:
@@ -94,7 +86,7 @@ def _start(cmd: list[str], ready_url: str, name: str) -> subprocess.Popen[bytes]
         return _http_ok(ready_url)
 
     try:
-        wait_until(ready, timeout=30, what=f"{name} at {ready_url}")
+        wait_until_sync(ready, within_s=30, what=f"{name} at {ready_url}")
     except BaseException:
         _stop(proc)
         raise

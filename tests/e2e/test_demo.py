@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from storage_servers import wait_until
+from waiting import wait_until_sync
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +81,14 @@ def test_demo_completes_with_zero_errors_and_cleans_up(tmp_path: Path) -> None:
     assert "http://127.0.0.1:8000/-/" in next_steps
     assert "examples/README.md" in next_steps
     assert not _model_dir(err).exists()
-    wait_until(lambda: not _tagged(tag), timeout=10, what="every demo process to exit")
+    wait_until_sync(lambda: not _tagged(tag), within_s=10, what="every demo process to exit")
 
 
 def test_demo_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
     proc, _out, err, tag = _start(tmp_path, "--requests", "1000000", "--replicas", "2")
     try:
-        wait_until(
-            lambda: "requests, errors" in err.read_text(), timeout=60, what="traffic to start"
+        wait_until_sync(
+            lambda: "requests, errors" in err.read_text(), within_s=60, what="traffic to start"
         )
         running = _tagged(tag)
         assert len(running) >= 3  # the demo and its replicas
@@ -103,7 +103,7 @@ def test_demo_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
     # cut off by the shutdown; those are not the demo's).
     assert not err.read_text().rstrip().splitlines()[-1].startswith(("Traceback", "  File"))
     assert not _model_dir(err).exists()
-    wait_until(lambda: not _tagged(tag), timeout=10, what="every demo process to exit")
+    wait_until_sync(lambda: not _tagged(tag), within_s=10, what="every demo process to exit")
 
 
 def test_demo_keep_running_serves_the_status_page_until_ctrl_c(tmp_path: Path) -> None:
@@ -113,8 +113,8 @@ def test_demo_keep_running_serves_the_status_page_until_ctrl_c(tmp_path: Path) -
         tmp_path, "--requests", "20", "--replicas", "1", "--models", "3", "--keep-running"
     )
     try:
-        wait_until(
-            lambda: "serving until Ctrl-C" in err.read_text(), timeout=60, what="the summary"
+        wait_until_sync(
+            lambda: "serving until Ctrl-C" in err.read_text(), within_s=60, what="the summary"
         )
         match = re.search(r"status page: (\S+)", out.read_text())
         assert match, out.read_text()
@@ -127,7 +127,7 @@ def test_demo_keep_running_serves_the_status_page_until_ctrl_c(tmp_path: Path) -
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 0, err.read_text()[-3000:]
-    wait_until(lambda: not _tagged(tag), timeout=10, what="every demo process to exit")
+    wait_until_sync(lambda: not _tagged(tag), within_s=10, what="every demo process to exit")
 
 
 def test_demo_pure_parts() -> None:

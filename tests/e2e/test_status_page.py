@@ -25,6 +25,7 @@ import httpx
 import pytest
 from gateway_harness import MODEL, observed_gateway
 from headless_chromium import CHROMIUM_ARGS
+from waiting import wait_until
 
 from muxgate.gateway._serve import Gateway
 
@@ -144,7 +145,6 @@ async def test_status_page_charts_and_hottest_models(tmp_path: Path) -> None:
     """History from before the page opened: the charts are drawn at its first
     poll; the hottest models show where they live. Screenshot checked for
     drawn lines."""
-    from gateway_harness import eventually
     from playwright.async_api import async_playwright, expect
 
     expect.set_options(timeout=UI_TIMEOUT_MS)
@@ -164,7 +164,7 @@ async def test_status_page_charts_and_hottest_models(tmp_path: Path) -> None:
                     h = (await client.get("/-/history")).json()["deployments"]["Observed"]
                     return len(h["time"]) >= 3 and sum(h["requests_per_s"][-2:]) > 0
 
-                await eventually(history_has_traffic, within_s=30)
+                await wait_until(history_has_traffic, within_s=30)
                 body = (await client.get("/-/history")).json()
                 observed = body["deployments"]["Observed"]
                 assert body["interval_s"] == 2.0

@@ -11,30 +11,21 @@ and runs to its end.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+from gateway_harness import MODEL, running_gateway
+from waiting import wait_until
 
-from muxgate.gateway._config import parse_config
 from muxgate.gateway._connection import ReplicaConnection
-from muxgate.gateway._serve import Gateway, start_gateway
+from muxgate.gateway._serve import Gateway
 from muxgate.replicas._handle import aclose_handle_clients, get_deployment_handle
 
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
-MODEL = "serve_multiplexed_model_id"
-
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture(scope="module")
@@ -43,24 +34,21 @@ def markers(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def gateway(anyio_backend: str, markers: Path) -> AsyncIterator[Gateway]:
-    config = parse_config(
-        {
-            "http": {"port": 0, "request_timeout_s": 60},
-            "deployments": [
-                {
-                    "name": "Holder",
-                    "import_path": "cancel_apps:Holder",
-                    "init_kwargs": {"marker_dir": str(markers)},
-                    "num_replicas": 1,
-                    # One slot for the held call, one for this test's side calls.
-                    "max_ongoing_requests": 2,
-                },
-            ],
-        },
-        base_dir=APPS,
-    )
-    async with start_gateway(config) as gw:
+async def gateway(markers: Path) -> AsyncIterator[Gateway]:
+    config = {
+        "http": {"port": 0, "request_timeout_s": 60},
+        "deployments": [
+            {
+                "name": "Holder",
+                "import_path": "cancel_apps:Holder",
+                "init_kwargs": {"marker_dir": str(markers)},
+                "num_replicas": 1,
+                # One slot for the held call, one for this test's side calls.
+                "max_ongoing_requests": 2,
+            },
+        ],
+    }
+    async with running_gateway(config) as gw:
         yield gw
     await aclose_handle_clients()
 
@@ -74,19 +62,6 @@ async def side(gateway: Gateway) -> AsyncIterator[ReplicaConnection]:
         yield conn
     finally:
         await conn.aclose()
-
-
-async def wait_until(check: Callable[[], Any], *, within_s: float = 10.0, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def assert_all_free(gateway: Gateway, side: ReplicaConnection) -> None:

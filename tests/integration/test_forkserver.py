@@ -17,6 +17,7 @@ import anyio
 import httpx
 import msgspec
 import pytest
+from waiting import wait_until
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._connection import ReplicaConnection
@@ -63,12 +64,11 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-async def wait_gone(*pids: int, deadline_s: float = 15.0) -> None:
+async def wait_gone(*pids: int) -> None:
     # Not our children: nothing to wait on, so check with a deadline.
-    with anyio.fail_after(deadline_s):
-        for pid in pids:
-            while not process_gone(pid):  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+    await wait_until(
+        lambda: all(process_gone(pid) for pid in pids), within_s=15.0, what=f"{pids} to exit"
+    )
 
 
 def parent_of(pid: int) -> int:
@@ -80,11 +80,6 @@ def fork_server_pid(launcher: LocalLauncher) -> int:
     server = launcher._server
     assert server is not None
     return server.process.pid
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture(scope="module")

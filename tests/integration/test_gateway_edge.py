@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, running_gateway
+from gateway_harness import MODEL, running_gateway
+from waiting import wait_until
 
 from muxgate.gateway._serve import Gateway
 
@@ -58,7 +59,7 @@ async def quiet(gateway: Gateway) -> Gateway:
     async def no_connections() -> bool:
         return not edge.open
 
-    await eventually(no_connections, within_s=10)
+    await wait_until(no_connections, within_s=10)
     return gateway
 
 
@@ -277,7 +278,7 @@ async def test_at_the_connection_cap_the_longest_idle_make_room(quiet: Gateway) 
     async def capped() -> bool:
         return len(edge.open) == 8
 
-    await eventually(capped, within_s=10)
+    await wait_until(capped, within_s=10)
     for reader, _ in opened[:4]:
         assert await closed_by_server(reader, within_s=2)
 
@@ -306,7 +307,7 @@ async def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(quiet: G
     async def all_busy() -> bool:
         return len(edge.open) == 8 and not edge.idle
 
-    await eventually(all_busy, within_s=10)
+    await wait_until(all_busy, within_s=10)
     reader, writer = await connect(gw)
     writer.write(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
     status, headers, body = await read_response(reader)

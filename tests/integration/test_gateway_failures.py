@@ -6,50 +6,29 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from gateway_harness import MODEL, running_gateway
+from waiting import wait_until
 
-from muxgate.gateway._config import parse_config
-from muxgate.gateway._serve import Gateway, start_gateway
-
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
-MODEL = "serve_multiplexed_model_id"
+from muxgate.gateway._serve import Gateway
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
-    config = parse_config(
-        {
-            "http": {"port": 0},
-            "deployments": [
-                {"name": "Kill", "import_path": "gateway_apps:Echo3", "num_replicas": 2},
-            ],
-        },
-        base_dir=APPS,
-    )
-    async with start_gateway(config) as gw:
+async def gateway() -> AsyncIterator[Gateway]:
+    config = {
+        "http": {"port": 0},
+        "deployments": [
+            {"name": "Kill", "import_path": "gateway_apps:Echo3", "num_replicas": 2},
+        ],
+    }
+    async with running_gateway(config) as gw:
         yield gw
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], *, within_s: float = 30.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + within_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def replicas(client: httpx.AsyncClient) -> list[dict[str, Any]]:
@@ -75,14 +54,14 @@ async def test_sigkill_fails_only_in_flight_requests_and_pool_recovers(
                     return True
             return False
 
-        await wait_for(victim_busy, what="slow request in flight")
+        await wait_until(within_s=30.0, check=victim_busy, what="slow request in flight")
         # A request without a model id goes to the less loaded replica: the other one.
         survivor = asyncio.ensure_future(client.get("/slow", params={"s": "1"}))
 
         async def both_busy() -> bool:
             return sum(r["in_flight"] for r in await replicas(client)) == 2
 
-        await wait_for(both_busy, what="second request in flight")
+        await wait_until(within_s=30.0, check=both_busy, what="second request in flight")
         os.kill(victim["pid"], signal.SIGKILL)
 
         r = await doomed
@@ -101,7 +80,7 @@ async def test_sigkill_fails_only_in_flight_requests_and_pool_recovers(
                 and victim["id"] not in {rep["id"] for rep in reps}
             )
 
-        await wait_for(replaced, what="pool back to 2 running replicas")
+        await wait_until(within_s=30.0, check=replaced, what="pool back to 2 running replicas")
         assert (await client.get("/-/healthz")).status_code == 200
         served = {(await client.get("/", headers={MODEL: f"m{i}"})).status_code for i in range(10)}
         assert served == {200}
@@ -112,13 +91,15 @@ async def test_sigkill_fails_only_in_flight_requests_and_pool_recovers(
 async def test_scale_down_drains_and_scale_up_starts(gateway: Gateway) -> None:
     pool = gateway.pools["Kill"]
     async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
-        await wait_for(lambda: _true(pool.running == 2), what="two running replicas")
+        await wait_until(
+            within_s=30.0, check=lambda: _true(pool.running == 2), what="two running replicas"
+        )
         slow = asyncio.ensure_future(client.get("/slow", params={"s": "1"}, headers={MODEL: "x"}))
 
         async def in_flight() -> bool:
             return sum(r["in_flight"] for r in await replicas(client)) == 1
 
-        await wait_for(in_flight, what="request in flight")
+        await wait_until(within_s=30.0, check=in_flight, what="request in flight")
         pool.set_target(1)
         # The drained replica leaves the ring at once but finishes what it has.
         r = await slow
@@ -128,7 +109,7 @@ async def test_scale_down_drains_and_scale_up_starts(gateway: Gateway) -> None:
             reps = await replicas(client)
             return len(reps) == 1 and reps[0]["state"] == "running"
 
-        await wait_for(one_left, what="scale down to 1")
+        await wait_until(within_s=30.0, check=one_left, what="scale down to 1")
         assert "target=1" in repr(pool)
         pool.set_target(2)
 
@@ -136,7 +117,7 @@ async def test_scale_down_drains_and_scale_up_starts(gateway: Gateway) -> None:
             reps = await replicas(client)
             return len(reps) == 2 and all(rep["state"] == "running" for rep in reps)
 
-        await wait_for(two_again, what="scale up to 2")
+        await wait_until(within_s=30.0, check=two_again, what="scale up to 2")
 
 
 async def _true(value: bool) -> bool:

@@ -16,8 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, running_gateway
+from gateway_harness import MODEL, running_gateway
 from prometheus_text import parse_samples
+from waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -58,7 +59,7 @@ async def test_an_id_that_kills_replicas_is_quarantined_and_the_rest_keep_workin
         async def a_in_flight() -> bool:
             return any(r["in_flight"] for r in (await deployment(client))["replicas"])
 
-        await eventually(a_in_flight, within_s=10)
+        await wait_until(a_in_flight, within_s=10)
         first = await client.get("/", headers={MODEL: "poison"})
         assert first.status_code == 502
         assert (await bystander).status_code == 502
@@ -106,7 +107,7 @@ async def test_a_replica_over_its_memory_limit_is_drained_and_replaced() -> None
         async def reported() -> bool:
             return (await deployment(client))["replicas"][0]["rss_bytes"] is not None
 
-        await eventually(reported, within_s=10)
+        await wait_until(reported, within_s=10)
         [rep] = (await deployment(client))["replicas"]
         assert rep["rss_bytes"] < LIMIT - 128 * MIB, "the app's replicas grew: raise LIMIT"
 
@@ -130,7 +131,7 @@ async def test_a_replica_over_its_memory_limit_is_drained_and_replaced() -> None
                     for r in reps
                 )
 
-            await eventually(seen, within_s=10)
+            await wait_until(seen, within_s=10)
         assert answers[-1]["replica"] != old, "never replaced"
         assert answers[-2]["leaked_mb"] * MIB >= LIMIT - 256 * MIB
         assert answers[-1]["leaked_mb"] == 64  # a fresh model on the new replica
@@ -140,7 +141,7 @@ async def test_a_replica_over_its_memory_limit_is_drained_and_replaced() -> None
             state = await deployment(client)
             return [r["id"] for r in state["replicas"]] == [answers[-1]["replica"]]
 
-        await eventually(old_gone, within_s=30)
+        await wait_until(old_gone, within_s=30)
         events = (await deployment(client))["events"]
         assert any(
             (e["replica"], e["kind"], e["model"], e["reason"]) == (old, "unload", "leak", "drain")

@@ -4,62 +4,53 @@ no replica (503), config errors at start (real processes)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from gateway_harness import APPS, MODEL, running_gateway
+from waiting import wait_until
 
 from muxgate.gateway._config import parse_config
-from muxgate.gateway._serve import Gateway, start_gateway
+from muxgate.gateway._serve import Gateway
 
-APPS = os.path.join(os.path.dirname(__file__), "..", "apps")
-MODEL = "serve_multiplexed_model_id"
 TIMEOUT_S = 4.0
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
-    config = parse_config(
-        {
-            "http": {"port": 0, "request_timeout_s": TIMEOUT_S, "max_body_bytes": 1000},
-            "deployments": [
-                {
-                    "name": "One",
-                    "import_path": "gateway_apps:Echo1",
-                    "route_prefix": "/one",
-                    "num_replicas": 1,
-                    "max_ongoing_requests": 1,
-                    "max_queued_requests": 1,
-                },
-                {
-                    "name": "Zero",
-                    "import_path": "gateway_apps:Echo1",
-                    "route_prefix": "/zero",
-                    "autoscaling": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0},
-                },
-                {
-                    "name": "Empty",
-                    "import_path": "gateway_apps:Echo1",
-                    "route_prefix": "/empty",
-                    "num_replicas": 0,
-                },
-            ],
-        },
-        base_dir=APPS,
-    )
-    async with start_gateway(config) as gw:
+async def gateway() -> AsyncIterator[Gateway]:
+    config = {
+        "http": {"port": 0, "request_timeout_s": TIMEOUT_S, "max_body_bytes": 1000},
+        "deployments": [
+            {
+                "name": "One",
+                "import_path": "gateway_apps:Echo1",
+                "route_prefix": "/one",
+                "num_replicas": 1,
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+            },
+            {
+                "name": "Zero",
+                "import_path": "gateway_apps:Echo1",
+                "route_prefix": "/zero",
+                "autoscaling": {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 0},
+            },
+            {
+                "name": "Empty",
+                "import_path": "gateway_apps:Echo1",
+                "route_prefix": "/empty",
+                "num_replicas": 0,
+            },
+        ],
+    }
+    async with running_gateway(config) as gw:
         yield gw
 
 
@@ -67,17 +58,6 @@ async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
 async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as c:
         yield c
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], *, within_s: float = 10.0, what: str = "condition"
-) -> None:
-    """Poll ``check`` until true (the gateway's admin view is the condition)."""
-    deadline = time.monotonic() + within_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def view(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
@@ -91,13 +71,13 @@ async def test_queue_full_is_503_with_retry_after(client: httpx.AsyncClient) -> 
     async def in_flight() -> bool:
         return sum(r["in_flight"] for r in (await view(client, "One"))["replicas"]) == 1
 
-    await wait_for(in_flight, what="first request in flight")
+    await wait_until(in_flight, what="first request in flight")
     queued = asyncio.ensure_future(client.get("/one/after", headers={MODEL: "q"}))
 
     async def one_queued() -> bool:
         return (await view(client, "One"))["queued"] == 1
 
-    await wait_for(one_queued, what="second request queued")
+    await wait_until(one_queued, what="second request queued")
     r = await client.get("/one/overflow")
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "over_capacity"

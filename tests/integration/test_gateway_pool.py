@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._errors import NoReplicaError
@@ -210,15 +211,6 @@ async def until(pool: ReplicaPool, check: Callable[[], bool], within_s: float = 
         await pool.wait_for(check)
 
 
-async def poll(check: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Wait for a condition nothing signals (checked every 20 ms, bounded)."""
-    for _ in range(int(within_s / 0.02)):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
-
-
 async def test_starts_run_in_parallel_and_join_the_ring_only_when_ready() -> None:
     fakes = Fakes()
     pool = fakes.pool(
@@ -227,7 +219,7 @@ async def test_starts_run_in_parallel_and_join_the_ring_only_when_ready() -> Non
     pool.start()
     try:
         await until(pool, lambda: pool.counts()["starting"] == 3)
-        await poll(lambda: fakes.launcher.in_progress == 3)
+        await wait_until(lambda: fakes.launcher.in_progress == 3)
         assert len(pool.router) == 0 and not pool.targets  # not ready: not routable
         assert [s["state"] for s in pool.snapshot()["replicas"]] == ["starting"] * 3
         fakes.launcher.ready.set()
@@ -281,7 +273,7 @@ async def test_model_load_time_estimate_feeds_the_queue_affinity_wait() -> None:
         await until(pool, lambda: pool.running == 1)
         (conn,) = fakes.conns.values()
         conn.counters = {"model_loads": 2.0, "model_load_seconds_sum": 3.0}  # 1.5 s each
-        await poll(lambda: pool.load_time_s != 0.5)  # the poller pings about once a second
+        await wait_until(lambda: pool.load_time_s != 0.5)  # the poller pings about once a second
         assert pool.load_time_s == pytest.approx(0.5 + 0.3 * (1.5 - 0.5))
         assert pool.dispatcher.affinity_wait_s == pool.load_time_s
         assert pool.snapshot()["load_time_s"] == pytest.approx(0.8)
@@ -313,7 +305,7 @@ async def test_autoscaled_pool_at_zero_activates_on_a_request() -> None:
         assert pool.snapshot()["target_replicas"] == 1
         # The autoscaler adopts the activator's target instead of undoing it.
         decisions = pool.autoscaler.decisions
-        await poll(
+        await wait_until(
             lambda: pool.autoscaler is not None and pool.autoscaler.decisions > decisions + 2
         )
         assert pool.target == 1 and pool.autoscaler.state.target == 1
@@ -366,7 +358,7 @@ async def test_a_reporting_launcher_is_followed_and_its_replicas_are_not_stopped
         await until(pool, lambda: pool.running == 1)
         assert "P@a" not in pool.targets
         # reported again (restarted under its name): followed back in
-        await poll(lambda: reporter.asked >= 2, within_s=5.0)
+        await wait_until(lambda: reporter.asked >= 2, within_s=5.0)
         await until(pool, lambda: pool.running == 2)
         assert sorted(pool.targets) == ["P@a", "P@b"]
     finally:

@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, running_gateway
+from gateway_harness import MODEL, running_gateway
+from waiting import wait_until
 
 from muxgate.gateway._serve import Gateway
 
@@ -135,7 +136,7 @@ async def test_deployment_decorator_options_apply_when_the_config_is_silent(
         assert view["target_replicas"] == 2
         return sum(rep["state"] == "running" for rep in view["replicas"]) == 2
 
-    await eventually(two_running, within_s=30)
+    await wait_until(two_running, within_s=30)
 
     async def slow() -> httpx.Response:
         return await client.get("/decorated/slow", params={"s": "1"}, headers={MODEL: "hot"})

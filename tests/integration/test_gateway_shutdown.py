@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, running_gateway
+from gateway_harness import MODEL, running_gateway
+from waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -56,14 +57,14 @@ async def test_shutdown_finishes_short_requests_and_answers_the_rest_503() -> No
         async def three_in_flight() -> bool:
             return len(gw.shutdown.in_flight) == 3
 
-        await eventually(three_in_flight, within_s=10)
+        await wait_until(three_in_flight, within_s=10)
         started = time.monotonic()
         exiting = asyncio.create_task(running.__aexit__(None, None, None))
 
         async def draining() -> bool:
             return gw.shutdown.draining
 
-        await eventually(draining, within_s=5)
+        await wait_until(draining, within_s=5)
         # Stopped accepting: a new connection is refused.
         with pytest.raises(OSError):
             await asyncio.open_connection(url.hostname, url.port)
@@ -92,7 +93,7 @@ async def test_shutdown_finishes_short_requests_and_answers_the_rest_503() -> No
         async def replicas_gone() -> bool:
             return not any(alive(p) for p in pids)
 
-        await eventually(replicas_gone, within_s=15)
+        await wait_until(replicas_gone, within_s=15)
     finally:
         if exiting is None:
             await running.__aexit__(None, None, None)

@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, observed_gateway
+from gateway_harness import MODEL, observed_gateway
+from waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -45,7 +46,7 @@ async def test_a_failing_load_into_a_full_cache(tmp_path: Path, load_order: str 
                 view = await replica_view(client)
                 return any(e["kind"] == "load_failed" for e in view["events"])
 
-            await eventually(failure_reported, within_s=10)
+            await wait_until(failure_reported, within_s=10)
             (replica,) = view["replicas"]
             if load_order == "evict_first":
                 assert replica["models"] == ["2"]

@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, observed_gateway
+from gateway_harness import MODEL, observed_gateway
+from waiting import wait_until
 
 from muxgate.gateway._serve import Gateway
 
@@ -61,7 +62,7 @@ async def test_loads_and_an_lru_eviction_then_a_drain_show_up_as_events(
             events = (await deployment_view(client))["events"]
             return len(events) >= 4
 
-        await eventually(evicted, within_s=10)
+        await wait_until(evicted, within_s=10)
         assert outline(events) == [
             ("load", "1", None),
             ("load", "2", None),
@@ -85,6 +86,6 @@ async def test_loads_and_an_lru_eviction_then_a_drain_show_up_as_events(
             events = view["events"]
             return not view["replicas"]
 
-        await eventually(drained, within_s=20)
+        await wait_until(drained, within_s=20)
     assert outline(events[4:]) == [("unload", "2", "drain"), ("unload", "3", "drain")]
     assert all(e["replica"] == replica["id"] for e in events)

@@ -30,9 +30,10 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, observed_gateway
+from gateway_harness import MODEL, observed_gateway
 from otlp_receiver import OtlpReceiver
 from prometheus_text import Samples, only, parse_samples
+from waiting import wait_until
 
 from muxgate.gateway._serve import Gateway
 
@@ -169,9 +170,9 @@ async def test_scale_down_counts_drain_unloads_and_keeps_totals(gateway: Gateway
         async def gone() -> bool:
             return not pool.snapshot()["replicas"]
 
-        await eventually(polled, within_s=10)
+        await wait_until(polled, within_s=10)
         pool.set_target(0)  # drain the only replica: it unloads both models
-        await eventually(gone, within_s=20)
+        await wait_until(gone, within_s=20)
         samples = await scrape(client)
 
     assert only(samples, "muxgate_model_loads_total") == {DEP: 2.0}
@@ -224,7 +225,7 @@ async def test_spillovers_per_model_match_the_route_spans(tmp_path: Path) -> Non
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(held)
-                await eventually(in_flight, within_s=10)
+                await wait_until(in_flight, within_s=10)
                 r = await client.post("/", headers={MODEL: "1"})
                 assert r.status_code == 200
                 served["second"] = r.headers["x-muxgate-replica"]
@@ -235,7 +236,7 @@ async def test_spillovers_per_model_match_the_route_spans(tmp_path: Path) -> Non
             async def polled() -> bool:
                 return only(await scrape(client), "muxgate_model_loads_total").get(DEP) == 2.0
 
-            await eventually(polled, within_s=10)
+            await wait_until(polled, within_s=10)
             samples = await scrape(client)
         spans = receiver.wait_for(
             lambda spans: sum(s.name == "muxgate.route" for s in spans) == 2, timeout=10

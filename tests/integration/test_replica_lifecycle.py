@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from waiting import wait_until
 
 from muxgate.gateway._connection import (
     ReplicaConnection,
@@ -52,14 +53,6 @@ def process_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
-
-
-async def wait_gone(pid: int, deadline_s: float = 15.0) -> None:
-    # Not our child (its parent was killed), so there is nothing to wait on:
-    # check the condition until a deadline.
-    with anyio.fail_after(deadline_s):
-        while not process_gone(pid):  # noqa: ASYNC110
-            await anyio.sleep(0.02)
 
 
 @pytest.fixture(params=[False, True], ids=["spawn", "fork"])
@@ -230,7 +223,9 @@ async def test_replica_exits_when_its_parent_dies(tmp_path: Path) -> None:
         assert not process_gone(replica_pid)
         gateway.kill()
         await gateway.wait()
-        await wait_gone(replica_pid)
+        await wait_until(
+            lambda: process_gone(replica_pid), within_s=15.0, what="the replica to exit"
+        )
     finally:
         if gateway.returncode is None:
             gateway.kill()

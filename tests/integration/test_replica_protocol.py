@@ -47,11 +47,6 @@ APP_DIR = str(Path(__file__).resolve().parents[1] / "apps")
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def replica() -> AsyncIterator[tuple[ReplicaProcess, ReplicaConnection]]:
     launcher = LocalLauncher()
     spec = ReplicaSpec(

@@ -13,7 +13,6 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from gateway_harness import eventually
 from standalone_replicas import (
     SECRET,
     Standalone,
@@ -23,6 +22,7 @@ from standalone_replicas import (
     write_config,
 )
 from tls_certs import CertificateAuthority
+from waiting import wait_until
 
 from muxgate.gateway._connection import ChannelClient, HandshakeError, ReplicaConnection
 from muxgate.replicas._channel import ChannelAuth, ChannelSettings, TlsSettings, client_ssl_context
@@ -89,7 +89,7 @@ async def test_sigterm_finishes_calls_unloads_once_and_a_restart_keeps_the_name(
             async def loaded() -> bool:
                 return "m2" in (await conn.ping()).state.models
 
-            await eventually(loaded, within_s=10)
+            await wait_until(loaded, within_s=10)
             assert await replica.stop() == 0  # SIGTERM, with the call in flight
         assert slow[0].status == 200 and slow[0].error is None
         await conn.aclose()

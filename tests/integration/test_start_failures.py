@@ -4,34 +4,19 @@ callers only), ``/-/replicas`` and ``muxgate status``."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from gateway_harness import running_gateway
+from waiting import wait_until
 
 from muxgate.gateway._status_view import render
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-async def _eventually(
-    check: Callable[[], Awaitable[Any]], *, within_s: float = 60.0, what: str
-) -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_failing_restart_is_explained_and_retried(tmp_path: Path) -> None:
@@ -55,9 +40,7 @@ async def test_a_failing_restart_is_explained_and_retried(tmp_path: Path) -> Non
     ):
         assert (await client.get("/")).text == "up"
         assert (await client.get("/-/healthz")).json() == {"status": "ok"}
-        pid = (await client.get("/-/replicas")).json()["deployments"]["Flaky"]["replicas"][0][
-            "pid"
-        ]
+        pid = (await client.get("/-/replicas")).json()["deployments"]["Flaky"]["replicas"][0]["pid"]
         flag.touch()
         os.kill(pid, signal.SIGKILL)
 
@@ -67,7 +50,7 @@ async def test_a_failing_restart_is_explained_and_retried(tmp_path: Path) -> Non
             failure = body.get("deployments", {}).get("Flaky", {}).get("last_failure")
             return body if r.status_code == 503 and failure else None
 
-        body = await _eventually(starting, what="healthz to report the start failure")
+        body = await wait_until(starting, within_s=60.0, what="healthz to report the start failure")
         reason = body["deployments"]["Flaky"]["last_failure"]
         assert reason.startswith(f"RuntimeError: {flag} exists: refusing to start (on purpose)")
         assert "broken_apps.py:" in reason  # where it was raised
@@ -89,6 +72,5 @@ async def test_a_failing_restart_is_explained_and_retried(tmp_path: Path) -> Non
         async def healthy() -> bool:
             return (await client.get("/-/healthz")).status_code == 200
 
-        await _eventually(healthy, what="the deployment to recover")
+        await wait_until(healthy, within_s=60.0, what="the deployment to recover")
         assert (await client.get("/")).text == "up"
-

@@ -22,6 +22,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from waiting import wait_until_sync
 
 with warnings.catch_warnings():
     # torch warns at import when numpy is absent; pytest turns warnings into errors.
@@ -54,7 +55,6 @@ from storage_servers import (
     fault_proxy,
     free_port,
     moto_s3,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -142,7 +142,7 @@ def test_two_processes_download_once(
         for _ in range(2)
     ]
     try:
-        wait_until(lambda: proxy.count("HEAD", key_path) >= 2, timeout=60, what="both HEADs")
+        wait_until_sync(lambda: proxy.count("HEAD", key_path) >= 2, within_s=60, what="both HEADs")
         release.set()
         outputs = [child.communicate(timeout=60) for child in children]
     finally:
@@ -383,7 +383,9 @@ async def test_cancelled_download_leaves_no_partial_file_or_lock(
     async with anyio.create_task_group() as tg:
         tg.start_soon(load)
         await anyio.to_thread.run_sync(
-            partial(wait_until, lambda: proxy.count("GET", key_path) >= 1, timeout=30, what="GET")
+            partial(
+                wait_until_sync, lambda: proxy.count("GET", key_path) >= 1, within_s=30, what="GET"
+            )
         )
         scope.cancel()  # mid-download: the ranged read is in flight
         release.set()
@@ -446,7 +448,7 @@ async def test_object_replaced_mid_download_is_fetched_again(
     async with anyio.create_task_group() as tg:
         tg.start_soon(load)
         await anyio.to_thread.run_sync(
-            partial(wait_until, lambda: proxy.count("GET", key) >= 1, timeout=30, what="GET")
+            partial(wait_until_sync, lambda: proxy.count("GET", key) >= 1, within_s=30, what="GET")
         )
         # The first ranged GET is in flight; replace the object under it.
         await anyio.to_thread.run_sync(s3.put, BUCKET, key, _model_bytes(new_size, seed=2))

@@ -111,6 +111,7 @@ def test_model_view_ranks_by_popularity_with_holders_and_estimated_hits() -> Non
         "loading_on": [],
     }
     assert view[2]["loading_on"] == ["A#2"] and view[2]["replicas"] == []
-    assert model_view(snapshot, lambda m: 1.0, lambda since: 0.0, 1000.0, 300.0, top=1)[0][
-        "hit_ratio"
-    ] is None
+    assert (
+        model_view(snapshot, lambda m: 1.0, lambda since: 0.0, 1000.0, 300.0, top=1)[0]["hit_ratio"]
+        is None
+    )

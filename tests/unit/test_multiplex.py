@@ -7,7 +7,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -16,6 +16,7 @@ import pytest
 from opentelemetry import trace
 from otlp_receiver import OtlpReceiver
 from span_export import exporting_spans
+from waiting import wait_until
 
 from muxgate.replicas._context import (
     current_replica,
@@ -101,13 +102,6 @@ def make_loader(
         return await loads(model_id)
 
     return get_model
-
-
-async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for a condition with a deadline (polls: worker threads may be involved)."""
-    with anyio.fail_after(within):
-        while not predicate():  # noqa: ASYNC110 (conditions set from other threads too)
-            await anyio.sleep(0.001)
 
 
 # -- the pure bookkeeping --------------------------------------------------------------------
