@@ -10,8 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import MODEL, eventually, running_gateway
+from gateway_harness import MODEL, running_gateway
 from standalone_replicas import SECRET, standalone_replica, write_config
+from waiting import wait_until
 
 from muxgate.gateway._config import LauncherConfig
 from muxgate.gateway._connection import ReplicaConnection
@@ -51,7 +52,7 @@ async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:
             async def both_running() -> bool:
                 return sorted(pool.targets) == ["hooked-0", "hooked-1"]
 
-            await eventually(both_running, within_s=20)
+            await wait_until(both_running, within_s=20)
             async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
                 placement = {f"m{i}": await served_by(client, f"m{i}") for i in range(12)}
                 # By model id: each id stays where it went; both replicas serve.
@@ -66,7 +67,7 @@ async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:
                 async def only_hooked_0() -> bool:
                     return sorted(pool.targets) == ["hooked-0"]
 
-                await eventually(only_hooked_0, within_s=20)
+                await wait_until(only_hooked_0, within_s=20)
                 for model in placement:
                     assert await served_by(client, model) == "hooked-0"
 
@@ -75,7 +76,7 @@ async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:
                 async with standalone_replica(
                     replica_config, "Hooked", "hooked-1", listen=f"tcp:127.0.0.1:{port}"
                 ):
-                    await eventually(both_running, within_s=20)
+                    await wait_until(both_running, within_s=20)
                     # (where new ids go is the router's choice; the one that
                     # came back takes its share)
                     fresh = {await served_by(client, f"new{i}") for i in range(12)}
