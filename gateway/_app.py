@@ -59,6 +59,7 @@ from muxgate.gateway._handles import HANDLES_PREFIX, HandleIngress
 from muxgate.gateway._history import History
 from muxgate.gateway._history_api import history_handler
 from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.gateway._models_api import model_handlers
 from muxgate.gateway._pool import ReplicaPool
 from muxgate.replicas.contract import ErrorCode, HttpRequest, Reply
 
@@ -324,6 +325,7 @@ def create_app(
         return Response(content=page_bytes, status_code=200, media_type="text/html; charset=utf-8")
 
     handlers: list[Any] = [healthz, replicas, release_quarantine, metrics_endpoint, status_page]
+    handlers.extend(model_handlers(pools, config.http.request_timeout_s))
     if history is not None:
         handlers.append(history_handler(history, pools))
     if mount_ingress:

@@ -43,6 +43,8 @@ __all__ = [
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+#: a model id as the ingress accepts it: 1 to 256 printable ASCII characters, no space
+ModelId = Annotated[str, msgspec.Meta(pattern=r"^[!-~]{1,256}$")]
 
 
 class HttpLimits(msgspec.Struct, forbid_unknown_fields=True):
@@ -174,6 +176,18 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
     #: where the replicas run; None: the app-level ``launcher``
     launcher: LauncherConfig | None = None
+    #: model ids each replica loads before it reports ready (docs/routing.md,
+    #: "Warm models"); a failed load is logged and the replica starts anyway
+    preload: list[ModelId] = []
+    #: model ids each replica loads before ready and never evicts (they count
+    #: against ``max_num_models_per_replica`` and ``max_bytes_per_replica``)
+    pinned: list[ModelId] = []
+    #: the ``@multiplexed`` method ``preload``, ``pinned`` and the admin
+    #: load/unload use; None: every ``@multiplexed`` loader of the class
+    multiplexed_loader: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_]\w*$")] | None = None
+    #: byte budget of each model cache of a replica (models measured once
+    #: loaded); None: each loader's own ``@multiplexed(max_bytes_per_replica=...)``
+    max_bytes_per_replica: Annotated[int, msgspec.Meta(gt=0)] | None = None
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and not math.isfinite(self.num_cpus):

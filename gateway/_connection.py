@@ -45,7 +45,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -64,6 +64,7 @@ from muxgate.replicas.contract import (
     Hello,
     HttpRequest,
     Message,
+    ModelControl,
     Ping,
     Pong,
     Proof,
@@ -329,12 +330,7 @@ class ReplicaConnection:
             ReplicaUnavailableError: not sent (closed or draining); reroute.
             ReplicaDiedError: sent, and the connection dropped before the reply.
         """
-        if self.close_reason is not None:
-            raise ReplicaUnavailableError(
-                f"replica {self.replica_id} connection closed: {self.close_reason}"
-            )
-        if self._draining:
-            raise ReplicaUnavailableError(f"replica {self.replica_id} is draining")
+        self._check_open()
         call_id = next(self._ids)
         frame = encode_frame(
             Call(
@@ -350,9 +346,54 @@ class ReplicaConnection:
                 kwargs=kwargs,
             )
         )
+        return await self._round_trip(call_id, frame, model_id)
+
+    async def control(
+        self,
+        action: Literal["load", "warm", "unload"],
+        model_id: str,
+        *,
+        pin: bool = False,
+        loader: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Reply:
+        """Load, warm or unload one model outside any call (``ModelControl``).
+
+        The ``Reply`` has the replica's JSON account in ``body``, or ``error``.
+        Not counted among the calls of ``lost_models`` (the quarantine's
+        evidence): nobody asked for the model.
+
+        Raises:
+            ReplicaUnavailableError: not sent (closed or draining).
+            ReplicaDiedError: sent, and the connection dropped before the reply.
+        """
+        self._check_open()
+        call_id = next(self._ids)
+        frame = encode_frame(
+            ModelControl(
+                id=call_id,
+                action=action,
+                model_id=model_id,
+                pin=pin,
+                loader=loader or "",
+                timeout_s=timeout_s,
+            )
+        )
+        return await self._round_trip(call_id, frame, None)
+
+    def _check_open(self) -> None:
+        if self.close_reason is not None:
+            raise ReplicaUnavailableError(
+                f"replica {self.replica_id} connection closed: {self.close_reason}"
+            )
+        if self._draining:
+            raise ReplicaUnavailableError(f"replica {self.replica_id} is draining")
+
+    async def _round_trip(self, call_id: int, frame: bytes, model_id: str | None) -> Reply:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        self._models[call_id] = model_id
+        if model_id is not None:
+            self._models[call_id] = model_id
         try:
             await self._write(frame, call_id)
             return await future

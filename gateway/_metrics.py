@@ -273,6 +273,9 @@ class GatewayMetrics:
     * ``models_loaded{deployment,replica}``: per live replica.
     * ``replica_rss_bytes{deployment,replica}``: resident memory of each live
       replica process, as it last reported.
+    * ``replica_model_bytes{deployment,replica}``: bytes of the models each
+      live replica holds, as measured when each was loaded (the byte budget
+      ``max_bytes_per_replica`` counts the same bytes).
     * ``replica_memory_replacements_total{deployment}``: replicas drained and
       replaced for passing ``max_replica_rss_bytes``.
     * ``quarantined_models{deployment}``: model ids refused now because they
@@ -324,6 +327,12 @@ class GatewayMetrics:
         self._rss = Gauge(
             "muxgate_replica_rss_bytes",
             "Resident memory of each replica process, as it last reported.",
+            ["deployment", "replica"],
+            registry=self.registry,
+        )
+        self._model_bytes = Gauge(
+            "muxgate_replica_model_bytes",
+            "Bytes of the models each replica holds, as measured when each was loaded.",
             ["deployment", "replica"],
             registry=self.registry,
         )
@@ -439,10 +448,16 @@ class GatewayMetrics:
         self._replica_counters.forget(deployment, replica_id)
         with contextlib.suppress(KeyError):
             self._rss.remove(deployment, replica_id)
+        with contextlib.suppress(KeyError):
+            self._model_bytes.remove(deployment, replica_id)
 
     def set_replica_rss(self, deployment: str, replica_id: str, rss_bytes: int) -> None:
         """Record a live replica's resident memory (from its ``Pong``)."""
         self._rss.labels(deployment, replica_id).set(rss_bytes)
+
+    def set_replica_model_bytes(self, deployment: str, replica_id: str, nbytes: int) -> None:
+        """Record the bytes of a live replica's loaded models (from its ``Pong``)."""
+        self._model_bytes.labels(deployment, replica_id).set(nbytes)
 
     def count_memory_replacement(self, deployment: str) -> None:
         """Count one replica drained for passing its memory limit."""

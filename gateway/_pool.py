@@ -51,7 +51,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -125,6 +125,9 @@ class _Replica:
     events_seq: int = 0
     #: resident memory the replica last reported (None: unknown)
     rss_bytes: int | None = None
+    #: bytes of its loaded models and its pinned ids, as it last reported
+    model_bytes: int = 0
+    pinned: list[str] = field(default_factory=list)
 
 
 class ReplicaPool:
@@ -337,6 +340,8 @@ class ReplicaPool:
                     "models": list(state.models),
                     "loading": list(state.loading),
                     "rss_bytes": rep.rss_bytes,
+                    "model_bytes": rep.model_bytes,
+                    "pinned": list(rep.pinned),
                 }
             )
         out: dict[str, Any] = {
@@ -682,8 +687,10 @@ class ReplicaPool:
             self.dispatcher.affinity_wait_s = self._load_time.affinity_wait_s()
         rep.events_seq = self._events.add(rep.id, rep.events_seq, pong.events)
         rep.rss_bytes = pong.rss_bytes
+        rep.model_bytes, rep.pinned = pong.model_bytes, pong.pinned
         if self._metrics is not None and rep.state == RUNNING:
             self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
+            self._metrics.set_replica_model_bytes(self.name, rep.id, pong.model_bytes)
             if pong.rss_bytes is not None:
                 self._metrics.set_replica_rss(self.name, rep.id, pong.rss_bytes)
         if (

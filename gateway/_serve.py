@@ -120,6 +120,10 @@ def make_spec(
         log_level=log_level,
         eviction_policy=deployment.eviction_policy,
         load_order=deployment.load_order,
+        preload=list(deployment.preload),
+        pinned=list(deployment.pinned),
+        multiplexed_loader=deployment.multiplexed_loader,
+        max_bytes_per_replica=deployment.max_bytes_per_replica,
     )
 
 

@@ -25,6 +25,7 @@ from muxgate.replicas._http import Request, Response
 from muxgate.replicas._multiplex import (
     ModelCache,
     ModelCacheClosedError,
+    ModelTooLargeError,
     model_cache,
     model_caches,
     multiplexed,
@@ -44,6 +45,7 @@ __all__ = [
     "HandleUserError",
     "ModelCache",
     "ModelCacheClosedError",
+    "ModelTooLargeError",
     "Request",
     "Response",
     "aclose_handle_clients",

@@ -31,6 +31,7 @@ from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._eviction import EvictionPolicy
 from muxgate.replicas._http import empty_model_id_error
 from muxgate.replicas._lru import LRU
+from muxgate.replicas._model_size import model_nbytes, release_device_memory
 from muxgate.replicas._unload_hooks import run_unload_hook
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "LoadOrder",
     "ModelCache",
     "ModelCacheClosedError",
+    "ModelTooLargeError",
     "check_limit",
     "check_load_order",
     "check_model_id",
@@ -63,7 +65,6 @@ def _is_outcome(exc: BaseException) -> bool:
 # A proxy until the process installs a TracerProvider; it then follows the global one.
 _tracer = trace.get_tracer("muxgate")
 
-UNLOAD_REASONS = ("lru", "shutdown", "drain")
 DEFAULT_MAX_CONCURRENT_LOADS = 4
 
 LoadOrder = Literal["evict_after", "evict_first"]
@@ -75,12 +76,35 @@ class ModelCacheClosedError(RuntimeError):
     """The cache was closed (replica shutdown or drain) while a model was loading."""
 
 
+class ModelTooLargeError(Exception):
+    """A model measured more bytes than its cache's byte budget can ever hold.
+
+    It was not cached (its unload hook ran); the cache's other models are untouched.
+
+    Attributes:
+        model_id: the model.
+        nbytes: what it measured.
+        max_bytes: the budget (``max_bytes_per_replica``).
+    """
+
+    def __init__(self, message: str, *, model_id: str, nbytes: int, max_bytes: int) -> None:
+        super().__init__(message)
+        self.model_id = model_id
+        self.nbytes = nbytes
+        self.max_bytes = max_bytes
+
+
 class _Flight(Generic[M]):
-    """One shared load of one model id; every caller for that id waits on ``done``."""
+    """One shared load of one model id; every caller for that id waits on ``done``.
 
-    __slots__ = ("done", "error", "model", "task")
+    ``evict``: False for a warming load, which is kept only if it fits
+    without evicting anything.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "error", "evict", "model", "task")
+
+    def __init__(self, *, evict: bool = True) -> None:
+        self.evict = evict
         self.done = asyncio.Event()
         self.model: M | _Missing = MISSING
         self.error: BaseException | None = None
@@ -101,6 +125,9 @@ class ModelCache(Generic[M]):
             and memory peaks at the limit plus the models being built;
             ``"evict_first"``: evicted before the load starts, so memory peaks
             at the limit (for memory-tight hosts).
+        max_bytes: byte budget of the held models, ``-1`` for none; each
+            model is measured once built (``muxgate.replicas._model_size``).
+        sizeof: measures a model in bytes instead of the default rules.
 
     A cache belongs to one event loop at a time; a cache first used on a loop
     that has since gone away forgets the loads that loop was running.
@@ -115,16 +142,21 @@ class ModelCache(Generic[M]):
         name: str = "",
         policy: EvictionPolicy | None = None,
         load_order: LoadOrder = DEFAULT_LOAD_ORDER,
+        max_bytes: int = -1,
+        sizeof: Callable[[M], int] | None = None,
     ) -> None:
         check_limit("max_num_models_per_replica", max_num_models, allow_unlimited=True)
         check_limit("max_concurrent_loads", max_concurrent_loads, allow_unlimited=False)
+        check_limit("max_bytes_per_replica", max_bytes, allow_unlimited=True)
         check_load_order(load_order)
         self.name = name
         self._load = load
+        self._sizeof = sizeof
         self._state: CacheState[M] = CacheState(
             max_num_models,
             policy if policy is not None else LRU(),
             evict_first=load_order == "evict_first",
+            max_bytes=max_bytes,
         )
         self._max_concurrent_loads = max_concurrent_loads
         self._flights: dict[str, _Flight[M]] = {}
@@ -140,6 +172,11 @@ class ModelCache(Generic[M]):
     @property
     def capacity(self) -> int:
         return self._state.capacity
+
+    @property
+    def max_bytes(self) -> int:
+        """Byte budget of the held models, ``-1`` for none."""
+        return self._state.max_bytes
 
     @property
     def load_order(self) -> LoadOrder:
@@ -163,9 +200,23 @@ class ModelCache(Generic[M]):
         """Pin count per model id (requests holding it)."""
         return self._state.pins()
 
+    def kept_ids(self) -> list[str]:
+        """Model ids never evicted (the deployment's ``pinned``, operator loads with pin)."""
+        return self._state.kept_ids()
+
+    def model_bytes(self) -> int:
+        """Bytes of the loaded models, each measured once built."""
+        return self._state.model_bytes()
+
+    def sizes(self) -> dict[str, int]:
+        """Loaded model id -> bytes, least recently used first."""
+        return self._state.sizes()
+
     def __repr__(self) -> str:
         limit = "unlimited" if self.capacity < 0 else str(self.capacity)
         policy = "" if isinstance(self.policy, LRU) else f" policy={self.policy.name}"
+        if self.max_bytes >= 0:
+            policy += f" bytes={self.model_bytes()}/{self.max_bytes}"
         if self._state.evict_first:
             policy += " load_order=evict_first"
         return (
@@ -202,6 +253,8 @@ class ModelCache(Generic[M]):
         flight = self._flights.get(model_id)
         if flight is None:
             flight = self._start_flight(model_id)
+        else:
+            flight.evict = True  # a caller wants it: no longer a mere warming
         request = current_request()
         if request is not None:
             # Pinned while waiting, so that nothing can evict it between the end of the
@@ -221,6 +274,57 @@ class ModelCache(Generic[M]):
             request.on_release(self._unpinner(model_id))
         return flight.model  # type: ignore[return-value]
 
+    # -- explicit control (preload, pinned ids, the admin API, warming) -------------------------
+
+    async def preload(self, model_id: str, *, pin: bool = False) -> None:
+        """Load ``model_id`` now, outside any request (kept forever with ``pin``).
+
+        A model already loaded counts as a hit (and is kept with ``pin``).
+
+        Raises:
+            Exception: whatever the load raised (:class:`ModelTooLargeError`...);
+                a failed load is not cached and leaves the ``pin`` undone.
+        """
+        check_model_id(model_id)
+        if pin:
+            self._state.keep(model_id)
+        try:
+            await self.get(model_id)
+        except BaseException:
+            if pin:
+                self._spawn_unloads(self._state.unkeep(model_id))
+            raise
+
+    async def warm(self, model_id: str) -> bool:
+        """Load ``model_id`` if it fits without evicting anything; whether it is loaded now.
+
+        Warming never costs a working model: the fit is checked before the
+        load starts and again once the model is built (its size is known only
+        then); a model that no longer fits is unloaded again. Load failures are
+        logged by the load itself and reported as False.
+        """
+        check_model_id(model_id)
+        self._bind_loop()
+        if self._state.lookup(model_id) is not MISSING:
+            return True
+        flight = self._flights.get(model_id)
+        if flight is None:
+            if not self._state.has_room():
+                return False
+            flight = self._start_flight(model_id, evict=False)
+        await flight.done.wait()
+        return flight.error is None and model_id in self._state.loaded_ids()
+
+    def unload(self, model_id: str) -> bool:
+        """Drop ``model_id`` (and its pin) now, or once the requests using it end.
+
+        Returns whether it was loaded. The unload hook runs in the background
+        (reason ``admin``).
+        """
+        held = model_id in self._state.loaded_ids()
+        self._spawn_unloads(self._state.remove(model_id), reason="admin")
+        return held
+
     # -- shutdown -----------------------------------------------------------------------------
 
     async def aclose(self, reason: str = "shutdown") -> None:
@@ -238,8 +342,12 @@ class ModelCache(Generic[M]):
         # asyncio.wait, unlike gather, does not cancel the tasks if this caller is cancelled.
         while pending := [task for task in self._tasks if not task.done()]:
             await asyncio.wait(pending)
-        for model_id, model in self._state.remove_all():
+        removed = self._state.remove_all()
+        while removed:
+            model_id, model = removed.pop(0)
             await self._unload(model_id, model, reason)
+            del model  # so that its device memory can go back below
+        release_device_memory()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -260,9 +368,9 @@ class ModelCache(Generic[M]):
         self._tasks.clear()
         self._loop = None
 
-    def _start_flight(self, model_id: str) -> _Flight[M]:
-        evicted = self._state.start_load(model_id)
-        flight: _Flight[M] = _Flight()
+    def _start_flight(self, model_id: str, *, evict: bool = True) -> _Flight[M]:
+        evicted = self._state.start_load(model_id) if evict else self._state.start_warm(model_id)
+        flight: _Flight[M] = _Flight(evict=evict)
         self._flights[model_id] = flight
         # The load runs in a task of its own, owned by the cache rather than by the caller
         # that happened to start it: cancelling that caller must not cancel the load the
@@ -287,6 +395,7 @@ class ModelCache(Generic[M]):
             assert self._load_slots is not None
             async with self._load_slots:
                 model = await self._timed_load(model_id)
+            nbytes = await self._measure(model_id, model)
         except Exception as exc:
             flight.error = exc
         except BaseException:
@@ -301,10 +410,37 @@ class ModelCache(Generic[M]):
             if self._flights.get(model_id) is flight:
                 del self._flights[model_id]
                 if flight.error is None:
-                    self._spawn_unloads(self._state.finish_load(model_id, model))
+                    self._spawn_unloads(
+                        self._state.finish_load(model_id, model, nbytes, evict=flight.evict)
+                    )
                 else:
                     self._state.fail_load(model_id)
             flight.done.set()
+
+    async def _measure(self, model_id: str, model: M) -> int:
+        """The model's size in bytes; a model that can never fit is unloaded and refused."""
+        try:
+            nbytes = model_nbytes(model, self._sizeof)
+            problem = self._state.room_error(model_id, nbytes)
+        except Exception:
+            await self._drop(model_id, model)
+            raise
+        if problem is None:
+            return nbytes
+        _log.warning("%s It is not kept.", problem)
+        await self._drop(model_id, model)
+        raise ModelTooLargeError(
+            problem, model_id=model_id, nbytes=nbytes, max_bytes=self._state.max_bytes
+        )
+
+    async def _drop(self, model_id: str, model: M) -> None:
+        """Let go of a model that was built but is not cached (its hook runs now)."""
+        try:
+            await run_unload_hook(model)
+        except Exception:
+            _log.exception("Unload hook of model '%s' failed; dropped anyway.", model_id)
+        finally:
+            release_device_memory()
 
     async def _timed_load(self, model_id: str) -> M:
         _log.info("Loading model '%s'.", model_id)
@@ -363,18 +499,22 @@ class ModelCache(Generic[M]):
     def _unpin(self, model_id: str) -> None:
         self._spawn_unloads(self._state.unpin(model_id))
 
-    def _spawn_unloads(self, evicted: list[tuple[str, M]]) -> None:
+    def _spawn_unloads(self, evicted: list[tuple[str, M]], reason: str = "lru") -> None:
         if not evicted:
             return
         if self._loop is None or self._loop.is_closed():
             _log.warning("No event loop left to unload models %s.", [m for m, _ in evicted])
             return
         for model_id, model in evicted:
-            self._spawn(self._unload(model_id, model, "lru"))
+            task = self._spawn(self._unload(model_id, model, reason))
+            # Once the task is done, nothing here refers to the model any more.
+            task.add_done_callback(_release_device_memory)
 
     async def _unload(self, model_id: str, model: M, reason: str) -> None:
         """Run the model's unload hook; a failing hook is logged, never raised."""
-        COUNTERS[f"model_unloads_{reason}"] += 1
+        # An operator's unload is counted with the policy's evictions (the metric's
+        # reasons are lru, shutdown, drain); its span and event say "admin".
+        COUNTERS[f"model_unloads_{'lru' if reason == 'admin' else reason}"] += 1
         if self._state.holds(model):
             EVENTS.record("unload", model_id, None, reason)
             return  # the same object is still cached under another id
@@ -403,6 +543,10 @@ class ModelCache(Generic[M]):
             # The cache let go of the model whatever the hook did (failed, cancelled).
             EVENTS.record("unload", model_id, time.perf_counter() - start, reason)
         _log.info("Unloaded model '%s' in %.1fms.", model_id, (time.perf_counter() - start) * 1e3)
+
+
+def _release_device_memory(_task: asyncio.Task[None]) -> None:
+    release_device_memory()
 
 
 _FETCH_LOG_KEY: Final = "muxgate.fetch_log"  # muxgate.backends._fetch.FETCH_LOG_KEY

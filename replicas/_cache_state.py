@@ -13,7 +13,15 @@ The guarantees every eviction policy gets from here, whatever it decides:
   new model is built, so a failed load never costs a working model (memory
   peaks at the limit plus the models being built);
 * a model the policy refuses to admit is still handed to the callers that
-  asked for it, kept while they pin it, and then dropped ("transient").
+  asked for it, kept while they pin it, and then dropped ("transient");
+* the byte budget (``max_bytes``): each held model's size is recorded when it
+  is admitted, and victims are evicted until both the count and the bytes
+  fit; a model that cannot fit at all (larger than the budget, or than what
+  the kept models leave of it) is refused before it is admitted
+  (:meth:`CacheState.room_error`), so resident bytes pass the budget only
+  while models are being built;
+* kept models (the deployment's ``pinned`` ids, and ids an operator loaded
+  pinned) are never victims, and count against both limits.
 """
 
 from __future__ import annotations
@@ -55,20 +63,33 @@ class CacheState(Generic[M]):
     """
 
     __slots__ = (
+        "_bytes",
+        "_kept",
         "_loading",
         "_models",
         "_pins",
         "_reserved",
+        "_sizes",
         "_transient",
         "capacity",
         "evict_first",
+        "max_bytes",
         "policy",
     )
 
     def __init__(
-        self, capacity: int, policy: EvictionPolicy | None = None, *, evict_first: bool = False
+        self,
+        capacity: int,
+        policy: EvictionPolicy | None = None,
+        *,
+        evict_first: bool = False,
+        max_bytes: int = -1,
     ) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._sizes: dict[str, int] = {}  # held id -> bytes measured when admitted
+        self._bytes = 0  # sum of _sizes
+        self._kept: set[str] = set()  # never victims (config ``pinned``, admin loads)
         self.policy: EvictionPolicy = policy if policy is not None else LRU()
         self.evict_first = evict_first
         self._models: dict[str, M] = {}
@@ -121,14 +142,56 @@ class CacheState(Generic[M]):
         self._reserved += 1
         return self._trim(None)
 
-    def finish_load(self, model_id: str, model: M) -> list[tuple[str, M]]:
-        """Record a successful load; returns what to evict now."""
-        if self._end_load(model_id) or self._has_room():
-            return self._admit(model_id, model)
-        if not self.evict_first:
+    def room_error(self, model_id: str, nbytes: int) -> str | None:
+        """Why a model of ``nbytes`` can never be held here (None: it can).
+
+        Only the kept models are counted: models pinned by requests leave when
+        their requests end, so they only delay the eviction.
+        """
+        budget = self.max_bytes
+        if budget < 0:
+            return None
+        if nbytes > budget:
+            return (
+                f"Model '{model_id}' needs {nbytes} bytes, more than the byte budget "
+                f"(max_bytes_per_replica={budget})."
+            )
+        kept = sum(self._sizes.get(k, 0) for k in self._kept if k != model_id)
+        if nbytes + kept > budget:
+            return (
+                f"Model '{model_id}' needs {nbytes} bytes; the byte budget of {budget} "
+                f"leaves {budget - kept} beside the pinned models."
+            )
+        return None
+
+    def has_room(self) -> bool:
+        """Whether one more model may load without evicting (by count and by bytes)."""
+        return self._has_room()
+
+    def start_warm(self, model_id: str) -> list[tuple[str, M]]:
+        """Record a warming load: it takes no slot and evicts nothing (see ``finish_load``)."""
+        if model_id in self._models or model_id in self._loading or model_id in self._transient:
+            raise ValueError(f"model {model_id!r} is already loaded or loading")
+        self._loading[model_id] = False
+        return []
+
+    def finish_load(
+        self, model_id: str, model: M, nbytes: int = 0, *, evict: bool = True
+    ) -> list[tuple[str, M]]:
+        """Record a successful load of ``nbytes``; returns what to evict now.
+
+        Check :meth:`room_error` first: a model that cannot fit is not for here.
+        With ``evict=False`` (warming) the model is admitted only if it fits
+        without evicting anything; otherwise it is dropped (or handed over as
+        transient to callers that pinned it).
+        """
+        reserved = self._end_load(model_id)
+        if reserved or self._has_room(nbytes):
+            return self._admit(model_id, model, nbytes)
+        if evict and not self.evict_first:
             victim = self._first_victim(model_id)
             if victim is None or self.policy.admit(model_id, victim):
-                return self._admit(model_id, model)
+                return self._admit(model_id, model, nbytes)
         # Not admitted: the callers waiting for it still get it (they pinned it).
         if self._pins.get(model_id):
             self._transient[model_id] = model
@@ -148,7 +211,48 @@ class CacheState(Generic[M]):
         removed.extend(self._transient.items())
         self._models.clear()
         self._transient.clear()
+        self._sizes.clear()
+        self._bytes = 0
         return removed
+
+    def remove(self, model_id: str) -> list[tuple[str, M]]:
+        """Give up ``model_id`` (an operator's unload): no longer kept, no longer held.
+
+        Returns it to unload now, or nothing when requests still use it: it is
+        then dropped as soon as they are done (as a transient model).
+        """
+        self._kept.discard(model_id)
+        model = self._models.pop(model_id, MISSING)
+        if model is MISSING:
+            return []
+        self.policy.remove(model_id)
+        self._bytes -= self._sizes.pop(model_id, 0)
+        if self._pins.get(model_id):
+            self._transient[model_id] = model  # type: ignore[assignment]
+            return []
+        return [(model_id, model)]  # type: ignore[list-item]
+
+    def keep(self, model_id: str) -> None:
+        """Never evict ``model_id`` (may precede its load; counts against the limits)."""
+        self._kept.add(model_id)
+
+    def unkeep(self, model_id: str) -> list[tuple[str, M]]:
+        """Let ``model_id`` be evicted again; returns what can now be evicted."""
+        self._kept.discard(model_id)
+        return self._trim(None)
+
+    def kept_ids(self) -> list[str]:
+        """Kept (pinned by configuration or operator) ids, in held order first."""
+        held = [m for m in self.policy.order() if m in self._kept]
+        return held + sorted(self._kept.difference(held))
+
+    def model_bytes(self) -> int:
+        """Bytes of the held models, as measured when each was admitted."""
+        return self._bytes
+
+    def sizes(self) -> dict[str, int]:
+        """Held id -> bytes, in the policy's order."""
+        return {m: self._sizes.get(m, 0) for m in self.policy.order()}
 
     def loaded_ids(self) -> list[str]:
         """Held model ids in the policy's order (LRU: least recently used first)."""
@@ -174,36 +278,44 @@ class CacheState(Generic[M]):
             self._reserved -= 1
         return reserved
 
-    def _has_room(self) -> bool:
+    def _has_room(self, nbytes: int = 0) -> bool:
+        if self.max_bytes >= 0 and self._bytes + nbytes > self.max_bytes:
+            return False
         return self.capacity < 0 or len(self._models) + self._reserved < self.capacity
 
     def _first_victim(self, spare: str | None) -> str | None:
-        pins = self._pins
+        pins, kept = self._pins, self._kept
         for model_id in self.policy.order():
-            if model_id != spare and model_id not in pins:
+            if model_id != spare and model_id not in pins and model_id not in kept:
                 return model_id
         return None
 
-    def _admit(self, model_id: str, model: M) -> list[tuple[str, M]]:
+    def _admit(self, model_id: str, model: M, nbytes: int = 0) -> list[tuple[str, M]]:
         self._models[model_id] = model
+        self._sizes[model_id] = nbytes
+        self._bytes += nbytes
         self.policy.insert(model_id)
         return self._trim(model_id)
 
     def _trim(self, spare: str | None) -> list[tuple[str, M]]:
-        if self.capacity < 0:
-            return []
-        excess = len(self._models) + self._reserved - self.capacity
-        if excess <= 0:
+        count_excess = (
+            len(self._models) + self._reserved - self.capacity if self.capacity >= 0 else 0
+        )
+        byte_excess = self._bytes - self.max_bytes if self.max_bytes >= 0 else 0
+        if count_excess <= 0 and byte_excess <= 0:
             return []
         victims: list[str] = []
-        pins = self._pins
+        pins, kept, sizes = self._pins, self._kept, self._sizes
         for model_id in self.policy.order():
-            if model_id != spare and model_id not in pins:
+            if count_excess <= 0 and byte_excess <= 0:
+                break
+            if model_id != spare and model_id not in pins and model_id not in kept:
                 victims.append(model_id)
-                if len(victims) == excess:
-                    break
+                count_excess -= 1
+                byte_excess -= sizes.get(model_id, 0)
         for model_id in victims:
             self.policy.remove(model_id)
+            self._bytes -= sizes.pop(model_id, 0)
         return [(model_id, self._models.pop(model_id)) for model_id in victims]
 
     def __len__(self) -> int:
@@ -212,6 +324,10 @@ class CacheState(Generic[M]):
     def __repr__(self) -> str:
         limit = "unlimited" if self.capacity < 0 else str(self.capacity)
         extra = "" if isinstance(self.policy, LRU) else f" policy={self.policy.name}"
+        if self.max_bytes >= 0:
+            extra += f" bytes={self._bytes}/{self.max_bytes}"
+        if self._kept:
+            extra += f" kept={self.kept_ids()}"
         if self._transient:
             extra += f" transient={list(self._transient)}"
         return (

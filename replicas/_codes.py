@@ -55,6 +55,9 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal", 500
     #: the replica died while the call was in flight
     REPLICA_DIED = "replica_died", 502
+    #: the model is larger than its replica's byte budget (max_bytes_per_replica)
+    #: can ever hold: retrying cannot help, the deployment's config must change
+    MODEL_TOO_LARGE = "model_too_large", 507
 
     # -- try again later ---------------------------------------------------------
     #: the deployment's queue is full, or the replica is draining

@@ -27,6 +27,7 @@ from muxgate.replicas._cache import (
     LoadOrder,
     ModelCache,
     ModelCacheClosedError,
+    ModelTooLargeError,
     check_limit,
     check_load_order,
 )
@@ -47,9 +48,11 @@ __all__ = [
     "LRUState",
     "ModelCache",
     "ModelCacheClosedError",
+    "ModelTooLargeError",
     "configure_model_caches",
     "counters",
     "events_since",
+    "instance_caches",
     "model_cache",
     "model_caches",
     "multiplexed",
@@ -70,11 +73,14 @@ def model_caches() -> list[ModelCache[Any]]:
 
 #: the deployment's settings from the app config (``configure_model_caches``);
 #: they win over the decorator's arguments, which win over the defaults
-_DEPLOYMENT_OPTIONS: dict[str, str] = {}
+_DEPLOYMENT_OPTIONS: dict[str, Any] = {}
 
 
 def configure_model_caches(
-    *, eviction_policy: str | None = None, load_order: str | None = None
+    *,
+    eviction_policy: str | None = None,
+    load_order: str | None = None,
+    max_bytes_per_replica: int | None = None,
 ) -> None:
     """Settings of this process's deployment for every model cache created from now on.
 
@@ -88,7 +94,11 @@ def configure_model_caches(
         make_policy(eviction_policy, 1)  # validates the name
     if load_order is not None:
         check_load_order(load_order)
+    if max_bytes_per_replica is not None:
+        check_limit("max_bytes_per_replica", max_bytes_per_replica, allow_unlimited=True)
     _DEPLOYMENT_OPTIONS.clear()
+    if max_bytes_per_replica is not None:
+        _DEPLOYMENT_OPTIONS["max_bytes"] = max_bytes_per_replica
     if eviction_policy is not None:
         _DEPLOYMENT_OPTIONS["eviction_policy"] = eviction_policy
     if load_order is not None:
@@ -107,8 +117,12 @@ class _Loader:
         max_loads: int,
         eviction_policy: str,
         load_order: LoadOrder,
+        max_bytes: int = -1,
+        sizeof: Callable[[Any], int] | None = None,
     ) -> None:
         self.func = func
+        self.max_bytes = max_bytes
+        self.sizeof = sizeof
         self.is_method = is_method
         self.max_models = max_models
         self.max_loads = max_loads
@@ -144,7 +158,9 @@ class _Loader:
             max_concurrent_loads=self.max_loads,
             name=self.name,
             policy=make_policy(policy, self.max_models),
-            load_order=_DEPLOYMENT_OPTIONS.get("load_order", self.load_order),  # type: ignore[arg-type]
+            load_order=_DEPLOYMENT_OPTIONS.get("load_order", self.load_order),
+            max_bytes=_DEPLOYMENT_OPTIONS.get("max_bytes", self.max_bytes),
+            sizeof=self.sizeof,
         )
 
     def cache_for(self, instance: object = None) -> ModelCache[Any]:
@@ -177,6 +193,8 @@ def multiplexed(
     max_concurrent_loads: int = ...,
     eviction_policy: str = ...,
     load_order: LoadOrder = ...,
+    max_bytes_per_replica: int = ...,
+    sizeof: Callable[[Any], int] | None = ...,
 ) -> _F: ...
 
 
@@ -188,6 +206,8 @@ def multiplexed(
     max_concurrent_loads: int = ...,
     eviction_policy: str = ...,
     load_order: LoadOrder = ...,
+    max_bytes_per_replica: int = ...,
+    sizeof: Callable[[Any], int] | None = ...,
 ) -> Callable[[_F], _F]: ...
 
 
@@ -198,6 +218,8 @@ def multiplexed(
     max_concurrent_loads: int = DEFAULT_MAX_CONCURRENT_LOADS,
     eviction_policy: str = "lru",
     load_order: LoadOrder = DEFAULT_LOAD_ORDER,
+    max_bytes_per_replica: int = -1,
+    sizeof: Callable[[Any], int] | None = None,
 ) -> Any:
     """Turn a model loader into a cached, multiplexed one.
 
@@ -219,6 +241,14 @@ def multiplexed(
             working model (memory peaks at the limit plus the models being
             built); ``"evict_first"``: evicted before the load starts
             (memory peaks at the limit).
+        max_bytes_per_replica: byte budget beside the count, ``-1`` (the
+            default) for none. Each model is measured once built (a module's
+            or state dict's tensor bytes, de-duplicated by storage, on any
+            device; else the model's ``__muxgate_nbytes__()``); eviction
+            frees until it fits, and a model that can never fit fails with
+            ``ModelTooLargeError`` (507 ``model_too_large``) and is not kept.
+            The deployment's ``max_bytes_per_replica`` in the app config wins.
+        sizeof: ``sizeof(model) -> int`` bytes, instead of the rules above.
 
     Raises:
         TypeError: ``func`` is a class, not callable, or has no ``model_id``
@@ -229,6 +259,9 @@ def multiplexed(
     check_limit("max_concurrent_loads", max_concurrent_loads, allow_unlimited=False)
     make_policy(eviction_policy, max_num_models_per_replica)  # validates the name
     check_load_order(load_order)
+    check_limit("max_bytes_per_replica", max_bytes_per_replica, allow_unlimited=True)
+    if sizeof is not None and not callable(sizeof):
+        raise TypeError(f"sizeof must be callable, got {type(sizeof).__name__}.")
 
     def decorate(loader_func: Callable[..., Any]) -> Callable[..., Any]:
         is_method = _loader_shape(loader_func)
@@ -239,6 +272,8 @@ def multiplexed(
             max_loads=max_concurrent_loads,
             eviction_policy=eviction_policy,
             load_order=load_order,
+            max_bytes=max_bytes_per_replica,
+            sizeof=sizeof,
         )
         wrapper: Callable[..., Any]
         if is_method:
@@ -307,3 +342,24 @@ def model_cache(loader: Callable[..., Any]) -> ModelCache[Any]:
     if spec.is_method and instance is None:
         raise TypeError("Pass a bound method (instance.get_model) to get its cache.")
     return spec.cache_for(instance)
+
+
+def instance_caches(instance: object, loader: str | None = None) -> list[ModelCache[Any]]:
+    """The caches of the ``@multiplexed`` loaders of ``instance`` (a deployment object):
+    one per decorated method (made now if never used) and per decorated function
+    it holds as an attribute; only the one named ``loader`` when given.
+
+    Raises:
+        ValueError: ``loader`` is not the name of a ``@multiplexed`` loader.
+    """
+    found: list[ModelCache[Any]] = []
+    cls = type(instance)
+    names = [loader] if loader is not None else [n for n in dir(cls) if not n.startswith("__")]
+    for name in names:
+        attr = inspect.getattr_static(cls, name, None)
+        spec = getattr(attr, "__muxgate_loader__", None)
+        if isinstance(spec, _Loader):
+            found.append(spec.cache_for(instance if spec.is_method else None))
+    if loader is not None and not found:
+        raise ValueError(f"{cls.__qualname__}.{loader} is not a @multiplexed loader.")
+    return found

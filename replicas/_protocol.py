@@ -46,6 +46,12 @@ say the last sequence number the gateway has (``events_after``), ``Pong`` and
 ``Drained`` carry the events after it. Both fields have defaults (no events
 asked, none sent), so peers without them still decode each other.
 
+``ModelControl`` asks a replica to load (``load``, optionally pinned),
+warm (load only if it fits without evicting) or unload one model outside
+any request; the replica answers with a ``Reply`` of the same id (body: the
+JSON of what it did, or ``error``). ``Pong`` carries the bytes of the loaded
+models (``model_bytes``) and the pinned ids.
+
 The version is checked at the handshake; bump ``PROTOCOL_VERSION`` on any
 incompatible change.
 """
@@ -53,7 +59,7 @@ incompatible change.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -74,6 +80,7 @@ __all__ = [
     "Hello",
     "HttpRequest",
     "Message",
+    "ModelControl",
     "ModelEvent",
     "Ping",
     "Pong",
@@ -87,7 +94,8 @@ __all__ = [
 ]
 
 #: 2: ``Cancel``; the ``ErrorInfo`` code "overloaded".
-PROTOCOL_VERSION = 2
+#: 3: ``ModelControl``; ``Pong.model_bytes`` and ``Pong.pinned``.
+PROTOCOL_VERSION = 3
 #: Upper bound of one frame; a larger length prefix is a protocol error.
 MAX_FRAME_BYTES = 1 << 30
 #: Upper bound of one frame before the peer is welcomed (the handshake's
@@ -252,6 +260,28 @@ class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
     counters: dict[str, float] = {}
     events: list[ModelEvent] = []
     rss_bytes: int | None = None
+    #: bytes of the loaded models over every model cache, as each measured
+    #: once built (see ``max_bytes_per_replica``)
+    model_bytes: int = 0
+    #: model ids never evicted (the deployment's ``pinned``, pinned admin loads)
+    pinned: list[str] = []
+
+
+class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="t"):
+    """Load, warm or unload one model outside any request; answered by a ``Reply``.
+
+    ``action``: ``"load"`` (``pin``: never evict it), ``"warm"`` (load only
+    if it fits without evicting anything; never costs a loaded model) or
+    ``"unload"`` (also drops its pin). ``loader``: the ``@multiplexed``
+    method to use; ``""``: every loader of the deployment.
+    """
+
+    id: int
+    action: Literal["load", "warm", "unload"]
+    model_id: str
+    pin: bool = False
+    loader: str = ""
+    timeout_s: float | None = None
 
 
 class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):
@@ -284,6 +314,7 @@ Message = (
     | Pong
     | Drain
     | Drained
+    | ModelControl
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -78,7 +78,9 @@ from muxgate.replicas._http import (
     encode_result,
 )
 from muxgate.replicas._memory import rss_bytes
+from muxgate.replicas._model_control import control_models, process_model_report
 from muxgate.replicas._multiplex import (
+    ModelTooLargeError,
     counters,
     events_since,
     model_caches,
@@ -93,6 +95,7 @@ from muxgate.replicas._protocol import (
     Drained,
     ErrorInfo,
     Message,
+    ModelControl,
     Ping,
     Pong,
     ProtocolError,
@@ -164,6 +167,8 @@ def _error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
         )
     if isinstance(exc, BadRequestError):
         return ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
+    if isinstance(exc, ModelTooLargeError):
+        return ErrorInfo.of(ErrorCode.MODEL_TOO_LARGE, str(exc))
     message = f"{type(exc).__name__}: {exc}"
     # muxgate.backends is optional here (and must not be imported eagerly):
     # match its errors by name anywhere in the class hierarchy.
@@ -381,6 +386,8 @@ class Replica:
                 target.cancel()
         elif isinstance(message, Ping):
             self._tg.start_soon(self._pong, conn, message.events_after)
+        elif isinstance(message, ModelControl):
+            self._tg.start_soon(self._control, conn, message, self.stopping)
         elif isinstance(message, Drain):
             if self._drain_requester is None:
                 self._drain_requester = conn
@@ -391,9 +398,41 @@ class Replica:
 
     async def _pong(self, conn: GatewayConnection, events_after: int | None) -> None:
         events = events_since(events_after) if events_after is not None else []
+        model_bytes, pinned = process_model_report()
         await conn.send(
-            Pong(state=self.state(), counters=_counters(), events=events, rss_bytes=rss_bytes())
+            Pong(
+                state=self.state(),
+                counters=_counters(),
+                events=events,
+                rss_bytes=rss_bytes(),
+                model_bytes=model_bytes,
+                pinned=pinned,
+            )
         )
+
+    async def _control(self, conn: GatewayConnection, message: ModelControl, refuse: bool) -> None:
+        """A ``ModelControl``: load, warm or unload outside any call; a ``Reply`` says how."""
+        error: ErrorInfo | None = None
+        body = b""
+        if refuse:
+            error = ErrorInfo.of(ErrorCode.DRAINING, "replica is shutting down")
+        else:
+            try:
+                # A request scope of its own: the loader's get_multiplexed_model_id() works.
+                with request_scope(f"model-control-{message.id}", message.model_id):
+                    body = msgspec.json.encode(await control_models(self.instance, message))
+            except TimeoutError:
+                error = ErrorInfo.of(ErrorCode.DEADLINE, "the load is still running")
+            except ValueError as exc:
+                error = ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
+            except Exception as exc:
+                error = _error_for(exc)
+                _log.warning("%s of model '%s' failed: %s", message.action, message.model_id, exc)
+        state = self.state()
+        if error is not None:
+            await conn.send(Reply(id=message.id, state=state, status=error.status, error=error))
+        else:
+            await conn.send(Reply(id=message.id, state=state, body=body))
 
     async def _run_call(
         self, conn: GatewayConnection, call: Call, refuse: bool, scope: anyio.CancelScope
@@ -525,7 +564,7 @@ class Replica:
             if error.code in _EXPECTED_BACKEND_CODES:
                 # an outcome, not a bug: the full detail, no traceback
                 _log.warning("Request %s: %s: %s", call.request_id, type(exc).__name__, exc)
-            elif error.code == ErrorCode.BAD_REQUEST:
+            elif error.code in (ErrorCode.BAD_REQUEST, ErrorCode.MODEL_TOO_LARGE):
                 _log.warning("%s", error.message)
             else:
                 _log.exception("Request %s failed.", call.request_id)

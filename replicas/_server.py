@@ -52,6 +52,7 @@ from muxgate.replicas._deployment import DEFAULT_NUM_CPUS, get_deployment_option
 from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
 from muxgate.replicas._handshake import HandshakeGate
 from muxgate.replicas._logging import install_replica_logging
+from muxgate.replicas._model_control import preload_models
 from muxgate.replicas._multiplex import configure_model_caches
 from muxgate.replicas._replica import Replica
 from muxgate.replicas._spec import ReplicaSpec, TracingSettings
@@ -281,6 +282,17 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             watchers.cancel_scope.cancel()
             return 1
         try:
+            await _race_stop(
+                starter.stop,
+                lambda: preload_models(
+                    instance, spec.preload, spec.pinned, spec.multiplexed_loader
+                ),
+            )
+        except ValueError as exc:
+            announce(f"FAILED {_one_line(str(exc))}")
+            watchers.cancel_scope.cancel()
+            return 1
+        try:
             listener, address = await _listen(spec.listen)
         except (OSError, ValueError) as exc:
             announce(f"FAILED cannot listen on {spec.listen}: {_one_line(str(exc))}")
@@ -371,7 +383,11 @@ def run_replica(raw_spec: bytes, ready_fd: int, parent_fd: int | None) -> int:
     set_handle_defaults(spec.gateway_url, spec.admin_token)
     install_replica_logging(spec.log_level)
     try:
-        configure_model_caches(eviction_policy=spec.eviction_policy, load_order=spec.load_order)
+        configure_model_caches(
+            eviction_policy=spec.eviction_policy,
+            load_order=spec.load_order,
+            max_bytes_per_replica=spec.max_bytes_per_replica,
+        )
     except ValueError as exc:
         os.write(ready_fd, f"FAILED invalid spec: {_one_line(str(exc))}\n".encode())
         return 2

@@ -60,6 +60,13 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         channel: the listener's security (the cluster secret, TLS); None:
             none (a local replica on a Unix socket). A TCP listener on a
             non-loopback address needs the secret or mutual TLS.
+        preload: model ids loaded before the replica reports ready (failures
+            are logged; the replica starts anyway).
+        pinned: model ids loaded before ready and never evicted.
+        multiplexed_loader: the ``@multiplexed`` method ``preload`` and
+            ``pinned`` use; None: every loader of the class.
+        max_bytes_per_replica: byte budget of each model cache; None: each
+            loader's own ``@multiplexed(max_bytes_per_replica=...)``.
     """
 
     deployment: str
@@ -81,3 +88,7 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
     standalone: bool = False
     channel: ChannelSettings | None = None
+    preload: list[str] = []
+    pinned: list[str] = []
+    multiplexed_loader: str | None = None
+    max_bytes_per_replica: int | None = None
