@@ -164,6 +164,13 @@ async def test_mutual_tls(tmp_path: Path) -> None:
             await ReplicaConnection.connect(replica.address, auth=AUTH, connect_timeout=5)
         assert value(await conn.call(request_id="u", method="add", **pack(1, 1))) == 2
         await conn.aclose()
+        # The gateway's side as the config builds it: the secret file and TLS.
+        secret_file = tmp_path / "secret"
+        secret_file.write_text(SECRET)
+        client = ChannelClient(ChannelSettings(secret_file=str(secret_file), tls=gateway_tls), {})
+        assert repr(client) == "<ChannelClient secret=True tls=True>"
+        async with await client.connect(replica.address) as conn:
+            assert value(await conn.call(request_id="v", method="add", **pack(2, 2))) == 4
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
