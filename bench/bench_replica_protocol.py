@@ -18,6 +18,8 @@ run with ``cryptography``).
     .venv/bin/python bench/bench_replica_protocol.py [--calls 3000] [--client-uvloop]
     .venv/bin/python bench/bench_replica_protocol.py --loops uvloop \
         --transports unix,tcp,secret,tls
+    .venv/bin/python bench/bench_replica_protocol.py --transports unix,tcp,secret,tls \
+        --paired 10 --calls 6000
 """
 
 from __future__ import annotations
@@ -116,7 +118,76 @@ def channel(transport: str, certs: Path) -> tuple[str, ChannelSettings | None, d
     )
 
 
+async def paired(args: argparse.Namespace) -> None:
+    """``--paired ROUNDS``: one replica per transport, all running at once;
+    each (call, concurrency) cell runs every transport in turn, ROUNDS times
+    (the order rotating), so load from other jobs falls on all of them
+    alike. Prints each transport's calls/s and CPU per call as a ratio to
+    the first transport's in the same round (median over the rounds)."""
+    transports = args.transports.split(",")
+    certs = Path(tempfile.mkdtemp(prefix="bench-certs-"))
+    launcher = LocalLauncher(env={"MUXGATE_CLUSTER_SECRET": SECRET})
+    conns: dict[str, ReplicaConnection] = {}
+    try:
+        for transport in transports:
+            listen, settings, options = channel(transport, certs)
+            process = await launcher.start(
+                ReplicaSpec(
+                    deployment="Echo",
+                    import_path="echo:Echo",
+                    replica_id=f"bench-{transport}",
+                    app_dir=APP_DIR,
+                    listen=listen,
+                    max_ongoing_requests=64,
+                    log_level="WARNING",
+                    event_loop="uvloop",
+                    channel=settings,
+                )
+            )
+            conns[transport] = await ReplicaConnection.connect(process.address, **options)
+        print_machine()
+        print(f"paired rounds: {args.paired}; ratios to {transports[0]} in the same round")
+        header = (
+            f"{'transport':<9} {'call':<6} {'conc':>4} {'calls/s ratio':>13} {'cpu/call ratio':>14}"
+        )
+        print(header)
+        print("-" * len(header))
+        for kind in ("handle", "http"):
+            for concurrency in (1, 32):
+                rates: dict[str, list[float]] = {t: [] for t in transports}
+                cpus: dict[str, list[float]] = {t: [] for t in transports}
+                for r in range(args.paired):
+                    order = transports[r % len(transports) :] + transports[: r % len(transports)]
+                    for transport in order:
+                        lat, elapsed, cpu = await run_cell(
+                            conns[transport],
+                            kind,
+                            concurrency,
+                            args.calls // args.paired,
+                            args.max_seconds,
+                        )
+                        rates[transport].append(len(lat) / elapsed)
+                        cpus[transport].append(cpu / len(lat))
+                base = transports[0]
+                for transport in transports[1:]:
+                    rate = statistics.median(
+                        a / b for a, b in zip(rates[transport], rates[base], strict=True)
+                    )
+                    cpu_ratio = statistics.median(
+                        a / b for a, b in zip(cpus[transport], cpus[base], strict=True) if b
+                    )
+                    cell = f"{transport:<9} {kind:<6} {concurrency:>4}"
+                    print(f"{cell} {rate:>13.2f} {cpu_ratio:>14.2f}")
+    finally:
+        for conn in conns.values():
+            await conn.aclose()
+        await launcher.aclose()
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.paired:
+        await paired(args)
+        return
     rows: list[tuple[str, str, str, int, int, float, float, float, float, float]] = []
     certs = Path(tempfile.mkdtemp(prefix="bench-certs-"))
     for transport in args.transports.split(","):
@@ -188,5 +259,12 @@ if __name__ == "__main__":
         "--transports", default="unix", help=f"comma-separated, of {', '.join(TRANSPORTS)}"
     )
     parser.add_argument("--loops", default="uvloop,asyncio", help="replica event loops")
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="interleave the transports (uvloop replicas) ROUNDS times; print ratios",
+    )
     ns = parser.parse_args()
     anyio.run(main, ns, backend="asyncio", backend_options={"use_uvloop": ns.client_uvloop})

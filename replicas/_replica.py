@@ -329,6 +329,10 @@ class Replica:
         conn.welcomed = True
         decoder = accepted.decoder
         self._connections.add(conn)
+        if self._all_closed.is_set():
+            # A standalone replica outlives its gateways: the stop waits for
+            # the connections open then, not for an earlier moment with none.
+            self._all_closed = anyio.Event()
         try:
             async with accepted.stream:
                 for message in accepted.rest:
