@@ -356,6 +356,7 @@ class ReplicaConnection:
         pin: bool = False,
         loader: str | None = None,
         timeout_s: float | None = None,
+        after_calls: bool = False,
     ) -> Reply:
         """Load, warm or unload one model outside any call (``ModelControl``).
 
@@ -377,6 +378,7 @@ class ReplicaConnection:
                 pin=pin,
                 loader=loader or "",
                 timeout_s=timeout_s,
+                after_calls=after_calls,
             )
         )
         return await self._round_trip(call_id, frame, None)

@@ -65,6 +65,8 @@ from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
 from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._router import Router
+from muxgate.gateway._warmer import warm_replica
+from muxgate.gateway._warming import DEFAULT_WARM_LIMIT, after_zero
 from muxgate.gateway.launchers import LaunchedReplica, Launcher, ReplicaReporter
 from muxgate.replicas import DeploymentOptions
 from muxgate.replicas.contract import (
@@ -128,6 +130,9 @@ class _Replica:
     #: bytes of its loaded models and its pinned ids, as it last reported
     model_bytes: int = 0
     pinned: list[str] = field(default_factory=list)
+    #: started while no replica ran and requests waited: it serves them before
+    #: its ``preload``/``pinned`` ids, then warms the deployment's hottest models
+    wakes: bool = False
 
 
 class ReplicaPool:
@@ -488,7 +493,8 @@ class ReplicaPool:
         try:
             if rep.process is None:
                 assert self._creator is not None  # only a creating launcher starts
-                rep.process = await self._creator.start(self._spec(rep.id))
+                rep.wakes = not self.targets and self.dispatcher.queued > 0
+                rep.process = await self._creator.start(self._spec(rep.id, defer=rep.wakes))
             rep.conn = await self._connect(
                 rep.process.address, lambda state: self._on_state(rep.id, state)
             )
@@ -509,7 +515,9 @@ class ReplicaPool:
         self._on_state(rep.id, rep.conn.state)
         _log.info("replica %s running (pid %s, %s)", rep.id, rep.process.pid, rep.process.address)
         self._report()
-        self.dispatcher.wake()
+        self.dispatcher.wake()  # the waking requests are sent before any warming
+        if rep.wakes and len(self.targets) == 1:
+            self._spawn(self._warm_after_zero(rep, rep.conn), f"warm-{rep.id}")
         await rep.conn.closed.wait()
         if rep.state == RUNNING and not self._closing:
             conn = rep.conn
@@ -553,9 +561,12 @@ class ReplicaPool:
             },
         )
 
-    def _spec(self, replica_id: str) -> Any:
+    def _spec(self, replica_id: str, *, defer: bool = False) -> Any:
         spec = self._make_spec(self.config, replica_id)
         if isinstance(spec, ReplicaSpec):
+            if defer and (spec.preload or spec.pinned):
+                # Loaded after the waking requests instead (_warm_after_zero).
+                spec = msgspec.structs.replace(spec, preload=[], pinned=[])
             # A drain must be able to wait for the longest request (the
             # gateway's request timeout); the pool waits DRAIN_MARGIN_S more.
             graceful = max(1.0, self._drain_timeout - DRAIN_MARGIN_S)
@@ -565,6 +576,27 @@ class ReplicaPool:
                 # The launcher counts budgets against the host's cores.
                 spec = msgspec.structs.replace(spec, num_cpus=self._class_num_cpus)
         return spec
+
+    async def _warm_after_zero(self, rep: _Replica, conn: ReplicaConnection) -> None:
+        """The first replica after zero: the config's deferred ``pinned`` and
+        ``preload`` ids, then the hottest models of the deployment's warm set
+        (docs/routing.md, "Warm models")."""
+        config = self.config
+        ranked = self.router.popularity.top(2 * DEFAULT_WARM_LIMIT)
+        plan = after_zero(
+            ranked,
+            {*conn.state.models, *conn.state.loading},
+            deferred=[*config.pinned, *config.preload],
+            refused=[m for m, _ in ranked if self.quarantine.retry_after(m) is not None],
+        )
+        await warm_replica(
+            conn,
+            plan,
+            pinned=config.pinned,
+            loader=config.multiplexed_loader,
+            timeout_s=self._drain_timeout,
+            running=lambda: rep.state == RUNNING,
+        )
 
     def _unavailable_reason(self) -> str | None:
         if self.last_failure is None or self._failures == 0:

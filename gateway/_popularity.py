@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 __all__ = ["PopularitySketch"]
 
 
@@ -52,6 +54,13 @@ class PopularitySketch:
     def score(self, model_id: str) -> float:
         """Decayed request count of ``model_id`` (0.0 if never seen or forgotten)."""
         return self._scores.get(model_id, 0.0) / self._weight
+
+    def top(self, n: int) -> list[tuple[str, float]]:
+        """The ``n`` highest-scoring model ids with their scores, highest first
+        (ties broken by id, so every copy agrees)."""
+        w = self._weight
+        ranked = heapq.nsmallest(max(0, n), self._scores.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [(m, v / w) for m, v in ranked]
 
     def _rescale(self) -> None:
         w = self._weight

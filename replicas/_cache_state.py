@@ -165,7 +165,10 @@ class CacheState(Generic[M]):
         return None
 
     def has_room(self) -> bool:
-        """Whether one more model may load without evicting (by count and by bytes)."""
+        """Whether one more model may load without evicting: a free slot, and
+        bytes left (the new model's size is known only once it is built)."""
+        if self.max_bytes >= 0 and self._bytes >= self.max_bytes:
+            return False
         return self._has_room()
 
     def start_warm(self, model_id: str) -> list[tuple[str, M]]:

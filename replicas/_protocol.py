@@ -273,7 +273,9 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="
     ``action``: ``"load"`` (``pin``: never evict it), ``"warm"`` (load only
     if it fits without evicting anything; never costs a loaded model) or
     ``"unload"`` (also drops its pin). ``loader``: the ``@multiplexed``
-    method to use; ``""``: every loader of the deployment.
+    method to use; ``""``: every loader of the deployment. ``after_calls``:
+    start only once the replica has no call in flight (warming yields to
+    requests); within ``timeout_s``, else the answer is ``loaded: false``.
     """
 
     id: int
@@ -282,6 +284,7 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="
     pin: bool = False
     loader: str = ""
     timeout_s: float | None = None
+    after_calls: bool = False
 
 
 class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):

@@ -414,6 +414,14 @@ class Replica:
             )
         )
 
+    async def _wait_idle(self, timeout_s: float | None) -> bool:
+        """Wait until no call is in flight (False: not within ``timeout_s``)."""
+        with anyio.move_on_after(math.inf if timeout_s is None else timeout_s):
+            while self.in_flight:
+                await self._idle.wait()
+            return True
+        return False
+
     async def _control(self, conn: GatewayConnection, message: ModelControl, refuse: bool) -> None:
         """A ``ModelControl``: load, warm or unload outside any call; a ``Reply`` says how."""
         error: ErrorInfo | None = None
@@ -423,8 +431,12 @@ class Replica:
         else:
             try:
                 # A request scope of its own: the loader's get_multiplexed_model_id() works.
-                with request_scope(f"model-control-{message.id}", message.model_id):
-                    body = msgspec.json.encode(await control_models(self.instance, message))
+                if message.after_calls and not await self._wait_idle(message.timeout_s):
+                    result = {"model_id": message.model_id, "loaded": False, "busy": True}
+                else:
+                    with request_scope(f"model-control-{message.id}", message.model_id):
+                        result = await control_models(self.instance, message)
+                body = msgspec.json.encode(result)
             except TimeoutError:
                 error = ErrorInfo.of(ErrorCode.DEADLINE, "the load is still running")
             except ValueError as exc:
