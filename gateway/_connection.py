@@ -121,11 +121,11 @@ class HandshakeError(ReplicaConnectionError):
 
 
 async def connect_stream(
-    address: str, ssl_context: ssl.SSLContext | None = None
+    address: str, ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None
 ) -> anyio.abc.ByteStream:
     """Open a byte stream to ``address`` (``unix:/path`` or ``tcp:host:port``),
-    over TLS when ``ssl_context`` is given (TCP only; the host name is checked
-    against the replica's certificate)."""
+    over TLS when ``ssl_context`` is given (TCP only; the replica's
+    certificate must name ``server_hostname``, by default the address's host)."""
     scheme, _, rest = address.partition(":")
     if scheme == "unix" and rest and ssl_context is None:
         return await anyio.connect_unix(rest)
@@ -135,7 +135,11 @@ async def connect_stream(
         if ssl_context is None:
             return await anyio.connect_tcp(host, int(port))
         return await anyio.connect_tcp(
-            host, int(port), ssl_context=ssl_context, tls_standard_compatible=False
+            host,
+            int(port),
+            ssl_context=ssl_context,
+            tls_standard_compatible=False,
+            tls_hostname=server_hostname or host,
         )
     raise ValueError(f"unsupported replica address {address!r}")
 
@@ -158,12 +162,22 @@ class ChannelClient:
         return f"<ChannelClient secret={self.auth is not None} tls={self.ssl_context is not None}>"
 
     async def connect(
-        self, address: str, on_state: Callable[[ReplicaState], None] | None = None
+        self,
+        address: str,
+        on_state: Callable[[ReplicaState], None] | None = None,
+        *,
+        server_hostname: str | None = None,
     ) -> ReplicaConnection:
-        """``ReplicaConnection.connect`` with this channel's proof and TLS for ``tcp:``."""
+        """``ReplicaConnection.connect`` with this channel's proof and TLS for
+        ``tcp:`` (the certificate checked for ``server_hostname``, by default
+        the address's host)."""
         if address.startswith("tcp:"):
             return await ReplicaConnection.connect(
-                address, on_state=on_state, auth=self.auth, ssl_context=self.ssl_context
+                address,
+                on_state=on_state,
+                auth=self.auth,
+                ssl_context=self.ssl_context,
+                server_hostname=server_hostname,
             )
         return await ReplicaConnection.connect(address, on_state=on_state)
 
@@ -236,6 +250,7 @@ class ReplicaConnection:
         connect_timeout: float = 10.0,
         auth: ChannelAuth | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> ReplicaConnection:
         """Connect to the replica at ``address`` and do the handshake.
 
@@ -247,6 +262,8 @@ class ReplicaConnection:
             auth: the cluster secret: prove it to the replica, and require
                 the replica's proof (see ``muxgate.replicas._channel``).
             ssl_context: connect over TLS with this context.
+            server_hostname: the name the replica's certificate must hold
+                (default: the address's host).
 
         Raises:
             HandshakeError: refused, wrong version, a failed proof either
@@ -255,7 +272,7 @@ class ReplicaConnection:
             ssl.SSLError: the TLS handshake failed (e.g. an untrusted certificate).
         """
         with anyio.fail_after(connect_timeout):
-            stream = await connect_stream(address, ssl_context)
+            stream = await connect_stream(address, ssl_context, server_hostname)
             try:
                 decoder = FrameDecoder()
                 first = await _hello(stream, decoder, address, auth)

@@ -12,7 +12,7 @@ from typing import Any
 
 from muxgate.gateway._config import AppConfig
 from muxgate.gateway._connection import ChannelClient
-from muxgate.gateway.launchers import ReplicaReporter, get_launcher_class
+from muxgate.gateway.launchers import get_launcher_class
 
 __all__ = ["RemoteLaunchers"]
 
@@ -20,8 +20,11 @@ __all__ = ["RemoteLaunchers"]
 class RemoteLaunchers:
     """Launchers by deployment name, for the deployments that are not ``local``.
 
+    Each remote launcher gets the config's ``cluster`` channel (secret, TLS)
+    and is also its pool's connector: it knows how its replicas are reached.
+
     Raises:
-        muxgate.replicas.contract.ChannelError: (at construction, only when some deployment is not
+        ChannelError: (at construction, only when some deployment is not
             local) the cluster secret or a TLS file cannot be used.
     """
 
@@ -32,11 +35,11 @@ class RemoteLaunchers:
             if config.launcher_for(d).kind != "local"
         }
         self.channel = ChannelClient(config.cluster) if remote else None
-        self.launchers: dict[str, ReplicaReporter] = {}
+        self.launchers: dict[str, Any] = {}
         for name, settings in remote.items():
             assert self.channel is not None
             cls: Any = get_launcher_class(settings.kind)
-            self.launchers[name] = cls.from_config(settings, connect=self.channel.connect)
+            self.launchers[name] = cls.from_config(settings, channel=self.channel)
 
     def __repr__(self) -> str:
         return f"<RemoteLaunchers {sorted(self.launchers)} {self.channel!r}>"
@@ -44,11 +47,11 @@ class RemoteLaunchers:
     def pool_options(self, deployment: str) -> dict[str, Any]:
         """``ReplicaPool`` keyword arguments for ``deployment`` (none when local)."""
         launcher = self.launchers.get(deployment)
-        if launcher is None or self.channel is None:
+        if launcher is None:
             return {}
-        return {"launcher": launcher, "connect": self.channel.connect}
+        # The launcher knows how its replicas are reached (secret, TLS, names).
+        return {"launcher": launcher, "connect": launcher.connect}
 
     async def aclose(self) -> None:
         for launcher in self.launchers.values():
             await launcher.aclose()
-

@@ -77,8 +77,9 @@ class CertificateAuthority:
     def ca(self) -> str:
         return self.files.cert
 
-    def issue(self, stem: str) -> Issued:
-        """A certificate for 127.0.0.1 and localhost, usable by servers and clients."""
+    def issue(self, stem: str, *, ip: bool = True) -> Issued:
+        """A certificate for localhost (and 127.0.0.1 unless ``ip`` is
+        False), usable by servers and clients."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         cert = (
@@ -91,7 +92,8 @@ class CertificateAuthority:
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    [x509.DNSName("localhost")]
+                    + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if ip else [])
                 ),
                 critical=False,
             )

@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 
 from muxgate.gateway._config import LauncherConfig
-from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway._connection import ChannelClient, ReplicaConnection
+from muxgate.replicas.contract import ChannelSettings, ReplicaState
 
 __all__ = ["StaticLauncher", "StaticReplica"]
 
@@ -35,8 +36,6 @@ _log = logging.getLogger("muxgate.gateway.launcher")
 
 #: Seconds one probe (connect and handshake) may take.
 PROBE_TIMEOUT_S = 2.0
-
-Connect = Callable[[str], Awaitable[ReplicaConnection]]
 
 
 class StaticReplica:
@@ -65,8 +64,10 @@ class StaticLauncher:
         dns: ``HOST:PORT`` whose name resolves to the replicas (instead of
             ``addresses``).
         resolve_interval_s: how long a resolution of ``dns`` is used.
-        connect: ``(address) -> ReplicaConnection`` for the probes (the
-            gateway passes its ``ChannelClient``'s, with the secret and TLS).
+        channel: the secret and TLS to connect with (the config's
+            ``cluster`` section); default: neither. In ``dns`` mode the
+            replicas' certificates are checked for the DNS name, not for the
+            addresses it resolves to.
         clock: monotonic seconds (a seam for tests).
     """
 
@@ -76,7 +77,7 @@ class StaticLauncher:
         addresses: Sequence[str] = (),
         dns: str | None = None,
         resolve_interval_s: float = 10.0,
-        connect: Connect | None = None,
+        channel: ChannelClient | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if bool(addresses) == bool(dns):
@@ -84,7 +85,8 @@ class StaticLauncher:
         self.addresses = list(addresses)
         self.dns = dns
         self.resolve_interval_s = resolve_interval_s
-        self._connect: Connect = connect or ReplicaConnection.connect
+        self._channel = channel if channel is not None else ChannelClient(ChannelSettings(), {})
+        self._server_hostname = dns.rpartition(":")[0] if dns else None
         self._clock = clock
         self._resolved: list[str] = []
         self._resolved_at: float | None = None
@@ -92,13 +94,13 @@ class StaticLauncher:
         self._unreachable: dict[str, str] = {}
 
     @classmethod
-    def from_config(cls, config: LauncherConfig, *, connect: Connect) -> StaticLauncher:
+    def from_config(cls, config: LauncherConfig, *, channel: ChannelClient) -> StaticLauncher:
         """The launcher a deployment's ``launcher: {kind: static, ...}`` describes."""
         return cls(
             addresses=config.addresses,
             dns=config.dns,
             resolve_interval_s=config.resolve_interval_s,
-            connect=connect,
+            channel=channel,
         )
 
     def __repr__(self) -> str:
@@ -118,13 +120,19 @@ class StaticLauncher:
                 tg.start_soon(probe, i, address)
         return [r for r in found if r is not None and r.deployment == deployment]
 
+    async def connect(
+        self, address: str, on_state: Callable[[ReplicaState], None] | None = None
+    ) -> ReplicaConnection:
+        """Connect to a replica this launcher reported (the pool's connector)."""
+        return await self._channel.connect(address, on_state, server_hostname=self._server_hostname)
+
     async def aclose(self) -> None:
         """Nothing to release: the replicas are not this launcher's."""
 
     async def _probe(self, address: str) -> StaticReplica | None:
         try:
             with anyio.fail_after(PROBE_TIMEOUT_S):
-                conn = await self._connect(address)
+                conn = await self.connect(address)
         except Exception as exc:  # OSError, HandshakeError, ssl.SSLError, TimeoutError
             why = f"{type(exc).__name__}: {exc}"
             if self._unreachable.get(address) != why:

@@ -5,6 +5,7 @@ dies and takes it back, under its name, when it answers again."""
 from __future__ import annotations
 
 import signal
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,14 @@ import httpx
 import pytest
 from gateway_harness import MODEL, running_gateway
 from standalone_replicas import SECRET, standalone_replica, write_config
+from tls_certs import CertificateAuthority
 from waiting import wait_until
 
 from muxgate.gateway._config import LauncherConfig
-from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway._connection import ChannelClient, ReplicaConnection
 from muxgate.gateway.launchers import ReplicaReporter, get_launcher_class
 from muxgate.gateway.launchers.static import StaticLauncher
+from muxgate.replicas.contract import ChannelSettings, TlsSettings, client_ssl_context
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -97,7 +100,7 @@ async def test_static_launcher_reports_by_name_and_skips_the_unreachable(
         dead = "tcp:127.0.0.1:9"  # discard port: nothing listens
         launcher = StaticLauncher.from_config(
             LauncherConfig(kind="static", addresses=[hooked.address, echo.address, dead]),
-            connect=ReplicaConnection.connect,
+            channel=ChannelClient(ChannelSettings(), {}),
         )
         assert isinstance(launcher, ReplicaReporter)
         reported = await launcher.ready_replicas("Hooked")
@@ -125,3 +128,27 @@ async def test_dns_names_are_resolved_again_after_the_interval(tmp_path: Path) -
         assert [r.name for r in await launcher.ready_replicas("Echo")] == ["echo-dns"]  # cached
         now[0] = 10.0
         assert await launcher.ready_replicas("Echo") == []  # ...and is looked up again
+
+
+async def test_dns_mode_checks_certificates_for_the_name(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    named = ca.issue("replica", ip=False)  # valid for "localhost", not for 127.0.0.1
+    tls = {"ca": ca.ca, "cert": named.cert, "key": named.key}
+    config = write_config(
+        tmp_path, [{"name": "Echo", "import_path": "echo:Echo"}], cluster={"tls": tls}
+    )
+    async with standalone_replica(config, "Echo", "echo-tls") as echo:
+        port = echo.address.rpartition(":")[2]
+        channel = ChannelClient(
+            ChannelSettings(tls=TlsSettings(ca=ca.ca)), {"MUXGATE_CLUSTER_SECRET": SECRET}
+        )
+        # By address, the certificate does not hold: it names no IP.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await ReplicaConnection.connect(
+                echo.address, ssl_context=client_ssl_context(TlsSettings(ca=ca.ca))
+            )
+        launcher = StaticLauncher(dns=f"localhost:{port}", channel=channel)
+        (reported,) = await launcher.ready_replicas("Echo")
+        assert reported.name == "echo-tls"
+        async with await launcher.connect(reported.address) as conn:
+            assert conn.replica_id == "echo-tls"
