@@ -284,6 +284,7 @@ async def _amain(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from muxgate.gateway._config import parse_config
     from muxgate.gateway._demo_app import write_models
     from muxgate.gateway._serve import GatewayStartError, start_gateway
+    from muxgate.gateway.launchers._processes import usable_cores
 
     with tempfile.TemporaryDirectory(prefix="muxgate-demo-") as root:
         print(f"muxgate demo: writing {ns.models} models to {root}", file=err, flush=True)
@@ -302,6 +303,10 @@ async def _amain(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         },
                         "num_replicas": ns.replicas,
                         "max_ongoing_requests": 8,
+                        # The demo's models are tiny: a share of the host's
+                        # cores each (one torch thread) rather than a warning
+                        # that the replicas oversubscribe a small machine.
+                        "num_cpus": round(min(1.0, usable_cores() / ns.replicas), 3),
                     }
                 ],
             }
