@@ -148,6 +148,18 @@ def import_classes(
     return out
 
 
+def _channel_problems(config: AppConfig) -> list[str]:
+    """The cluster secret and TLS files, when a deployment's replicas are remote."""
+    from muxgate.gateway._remote import RemoteLaunchers
+    from muxgate.replicas.contract import ChannelError
+
+    try:
+        RemoteLaunchers(config)
+    except ChannelError as exc:
+        return [f"cluster: {exc}"]
+    return []
+
+
 def check_config_file(path: str | os.PathLike[str]) -> CheckReport:
     """Validate the config at ``path`` and import every deployment's class;
     every problem found is in the report (none are raised)."""
@@ -158,6 +170,8 @@ def check_config_file(path: str | os.PathLike[str]) -> CheckReport:
     except ConfigError as exc:
         return CheckReport(None, [exc.reason], [])
     config, problems = _config_problems(data, source, base_dir)
+    if config is not None:
+        problems += _channel_problems(config)
     targets = _valid_deployments(data, base_dir)
     imported: list[str] = []
     for name, problem in import_classes(targets).items():

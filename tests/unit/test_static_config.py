@@ -47,3 +47,18 @@ def test_local_is_the_default_and_a_deployment_overrides_the_app() -> None:
 def test_bad_launcher_sections_are_config_errors(launcher: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config(launcher)
+
+
+def test_check_reports_an_unusable_cluster_secret(tmp_path: Any) -> None:
+    from muxgate.gateway._check import check_config_file
+
+    path = tmp_path / "app.yaml"
+    path.write_text(
+        "cluster: {secret_file: missing-secret}\n"
+        "deployments:\n"
+        "  - {name: A, import_path: 'm:A', launcher: {kind: static, addresses: ['tcp:h:1']}}\n"
+    )
+    report = check_config_file(path)
+    assert f"cluster: cannot read the cluster secret file {tmp_path}/missing-secret" in (
+        report.problems[0]
+    )
