@@ -18,6 +18,7 @@ import asyncio
 import bisect
 import contextlib
 import itertools
+import math
 import random
 import re
 import signal
@@ -306,7 +307,10 @@ async def _amain(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         # The demo's models are tiny: a share of the host's
                         # cores each (one torch thread) rather than a warning
                         # that the replicas oversubscribe a small machine.
-                        "num_cpus": round(min(1.0, usable_cores() / ns.replicas), 3),
+                        "num_cpus": max(
+                            0.001,
+                            math.floor(1000 * min(1.0, usable_cores() / ns.replicas)) / 1000,
+                        ),
                     }
                 ],
             }
