@@ -66,7 +66,13 @@ from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate,
 from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._router import Router
 from muxgate.gateway._warmer import warm_replica
-from muxgate.gateway._warming import DEFAULT_WARM_LIMIT, after_zero
+from muxgate.gateway._warming import (
+    DEFAULT_WARM_LIMIT,
+    after_zero,
+    handed_over,
+    handover_bound_s,
+    moved_home,
+)
 from muxgate.gateway.launchers import LaunchedReplica, Launcher, ReplicaReporter
 from muxgate.replicas import DeploymentOptions
 from muxgate.replicas.contract import (
@@ -482,7 +488,11 @@ class ReplicaPool:
                 (r for r in active if r.state == RUNNING), key=lambda r: order.get(r.id, 0)
             )
             for rep in (starting + running)[:-missing]:
+                handing_over = rep.state == RUNNING and len(self.targets) > 1
                 rep.state = DRAINING
+                if handing_over:  # it serves on until its next homes hold its models
+                    self._spawn(self._hand_over_then_drain(rep), f"drain-{rep.id}")
+                    continue
                 self._leave(rep)
                 self._spawn(self._drain(rep), f"drain-{rep.id}")
             self._report()
@@ -518,6 +528,8 @@ class ReplicaPool:
         self.dispatcher.wake()  # the waking requests are sent before any warming
         if rep.wakes and len(self.targets) == 1:
             self._spawn(self._warm_after_zero(rep, rep.conn), f"warm-{rep.id}")
+        elif len(self.targets) > 1:
+            self._spawn(self._warm_moved(rep, rep.conn), f"warm-{rep.id}")
         await rep.conn.closed.wait()
         if rep.state == RUNNING and not self._closing:
             conn = rep.conn
@@ -597,6 +609,57 @@ class ReplicaPool:
             timeout_s=self._drain_timeout,
             running=lambda: rep.state == RUNNING,
         )
+
+    async def _warm_moved(self, rep: _Replica, conn: ReplicaConnection) -> None:
+        """A replica joined: it warms the recently requested models whose home it is now."""
+        router = self.router
+        plan = moved_home(
+            router.popularity.top(4 * DEFAULT_WARM_LIMIT),
+            rep.id,
+            router.preference_list,
+            lambda replica_id, model_id: replica_id in router.holders(model_id),
+        )
+        await warm_replica(
+            conn,
+            plan,
+            loader=self.config.multiplexed_loader,
+            timeout_s=self._drain_timeout,
+            running=lambda: rep.state == RUNNING,
+        )
+
+    async def _hand_over_then_drain(self, rep: _Replica) -> None:
+        """Scale-down of a running replica: its recently requested models are
+        warmed on their next homes while it keeps serving (bounded by
+        ``handover_bound_s``), then it leaves the ring and drains."""
+        router = self.router
+        conn = rep.conn
+        try:
+            if conn is not None:
+                plan = handed_over(
+                    conn.state.models,
+                    rep.id,
+                    router.popularity.score,
+                    router.preference_list,
+                    lambda replica_id, model_id: replica_id in router.holders(model_id),
+                )
+                bound = handover_bound_s(self._load_time.value, plan)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(bound):
+                        await asyncio.gather(
+                            *(
+                                warm_replica(
+                                    self.targets[home],
+                                    models,
+                                    loader=self.config.multiplexed_loader,
+                                    timeout_s=bound,
+                                )
+                                for home, models in plan.items()
+                                if home in self.targets
+                            )
+                        )
+        finally:
+            self._leave(rep)
+        await self._drain(rep)
 
     def _unavailable_reason(self) -> str | None:
         if self.last_failure is None or self._failures == 0:

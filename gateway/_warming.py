@@ -11,12 +11,22 @@ counts (``muxgate.gateway._popularity``).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
-__all__ = ["DEFAULT_WARM_LIMIT", "after_zero"]
+__all__ = [
+    "DEFAULT_WARM_LIMIT",
+    "MAX_HANDOVER_S",
+    "after_zero",
+    "handed_over",
+    "handover_bound_s",
+    "moved_home",
+]
 
 #: at most this many models are warmed on one replica after a scale from zero
 DEFAULT_WARM_LIMIT = 64
+#: the longest a scale-down waits for the next homes to warm the leaving
+#: replica's models (it serves meanwhile)
+MAX_HANDOVER_S = 30.0
 
 
 def after_zero(
@@ -58,3 +68,73 @@ def after_zero(
             seen.add(model_id)
             out.append(model_id)
     return out[:limit]
+
+
+def moved_home(
+    ranked: Iterable[tuple[str, float]],
+    joined: str,
+    preference: Callable[[str], Sequence[str]],
+    holds: Callable[[str, str], bool],
+    *,
+    limit: int = DEFAULT_WARM_LIMIT,
+) -> list[str]:
+    """The models a replica that just joined the ring warms, hottest first.
+
+    Those asked for recently (``ranked``: ``(model id, score)`` hottest first,
+    score above 0) whose home (first in ``preference(model)``, the ring with
+    ``joined`` on it) is now ``joined`` and that it does not hold yet
+    (``holds(replica, model)``). Their old holders keep serving them meanwhile;
+    once ``joined`` holds one, the router prefers it (a holder, and home).
+    """
+    out: list[str] = []
+    for model_id, score in ranked:
+        if len(out) >= limit:
+            break
+        if score <= 0:
+            continue
+        prefs = preference(model_id)
+        if prefs and prefs[0] == joined and not holds(joined, model_id):
+            out.append(model_id)
+    return out
+
+
+def handed_over(
+    held: Iterable[str],
+    leaving: str,
+    score: Callable[[str], float],
+    preference: Callable[[str], Sequence[str]],
+    holds: Callable[[str, str], bool],
+    *,
+    limit: int = DEFAULT_WARM_LIMIT,
+) -> dict[str, list[str]]:
+    """What the other replicas warm before ``leaving`` drains: next home -> models.
+
+    The models ``leaving`` holds that were asked for recently (``score`` above
+    0), each to its next home (the first replica after ``leaving`` in its
+    preference list) unless that one holds it already; per replica hottest
+    first (ties by id), at most ``limit`` in all.
+    """
+    recent = sorted(((score(m), m) for m in held), key=lambda sm: (-sm[0], sm[1]))
+    plan: dict[str, list[str]] = {}
+    count = 0
+    for s, model_id in recent:
+        if s <= 0 or count >= limit:
+            break
+        nxt = next((r for r in preference(model_id) if r != leaving), None)
+        if nxt is None or holds(nxt, model_id):
+            continue
+        plan.setdefault(nxt, []).append(model_id)
+        count += 1
+    return plan
+
+
+def handover_bound_s(load_s: float, plan: dict[str, list[str]]) -> float:
+    """How long a scale-down lets the next homes warm (``plan`` from :func:`handed_over`).
+
+    Twice the loads of the longest per-replica list at the learnt load time
+    ``load_s``, plus a second; at most :data:`MAX_HANDOVER_S`; 0 for nothing to warm.
+    """
+    longest = max((len(models) for models in plan.values()), default=0)
+    if not longest:
+        return 0.0
+    return min(MAX_HANDOVER_S, 1.0 + 2.0 * max(load_s, 0.0) * longest)

@@ -4,7 +4,13 @@ popularity ranking they read."""
 from __future__ import annotations
 
 from muxgate.gateway._popularity import PopularitySketch
-from muxgate.gateway._warming import after_zero
+from muxgate.gateway._warming import (
+    MAX_HANDOVER_S,
+    after_zero,
+    handed_over,
+    handover_bound_s,
+    moved_home,
+)
 
 
 def test_top_ranks_by_decayed_count_ties_by_id() -> None:
@@ -36,3 +42,46 @@ def test_after_zero_puts_deferred_first_then_the_hottest_not_held() -> None:
         "cool",
     ]
     assert after_zero([], set()) == []
+
+
+def test_moved_home_takes_the_recent_models_whose_home_is_the_new_replica() -> None:
+    from muxgate.gateway._ring import HashRing
+
+    ring = HashRing(virtual_nodes=64)
+    for replica_id in ("a", "b"):
+        ring.add(replica_id)
+    before = {f"m{i}": ring.preference_list(f"m{i}")[0] for i in range(200)}
+    ring.add("c")
+    ranked = [(f"m{i}", 200.0 - i) for i in range(200)]
+    held_by_c = {"m0", "m1", "m2"}
+    plan = moved_home(
+        ranked, "c", ring.preference_list, lambda r, m: r == "c" and m in held_by_c, limit=500
+    )
+    moved = [m for m, _ in ranked if ring.preference_list(m)[0] == "c"]
+    assert plan == [m for m in moved if m not in held_by_c]  # hottest first
+    assert all(before[m] != "c" for m in plan)  # a consistent hash moves only these
+    assert 30 < len(moved) < 110  # about a third
+    assert moved_home(ranked, "c", ring.preference_list, lambda r, m: False, limit=5) == moved[:5]
+    assert moved_home([("m9", 0.0)], "c", ring.preference_list, lambda r, m: False) == []
+
+
+def test_handed_over_sends_each_recent_model_to_its_next_home() -> None:
+    prefs = {"x": ["d", "a", "b"], "y": ["d", "b", "a"], "z": ["a", "d"], "cold": ["d", "a"]}
+    scores = {"x": 3.0, "y": 5.0, "z": 1.0, "cold": 0.0}
+    plan = handed_over(
+        ["x", "y", "z", "cold"],
+        "d",
+        scores.__getitem__,
+        prefs.__getitem__,
+        lambda r, m: (r, m) == ("a", "z"),  # a holds z already
+    )
+    assert plan == {"b": ["y"], "a": ["x"]}
+    assert handed_over(
+        ["x", "y"], "d", scores.__getitem__, prefs.__getitem__, lambda r, m: False, limit=1
+    ) == {"b": ["y"]}
+
+
+def test_the_handover_is_bounded() -> None:
+    assert handover_bound_s(0.5, {}) == 0.0
+    assert handover_bound_s(0.5, {"a": ["x", "y"], "b": ["z"]}) == 3.0
+    assert handover_bound_s(10.0, {"a": ["x"] * 10}) == MAX_HANDOVER_S

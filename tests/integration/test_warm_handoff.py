@@ -1,0 +1,104 @@
+"""Warm handoff on ring changes, with real replica processes and torch
+files (``warm_apps:Sized``): a replica that joins warms the recently
+requested models whose home it became; a replica that is scaled down keeps
+serving until the next homes of its recent models hold them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from apps.warm_apps import write_sized
+from gateway_harness import MODEL, running_gateway
+from waiting import wait_until
+
+from muxgate.gateway._serve import Gateway
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+MODELS = [f"h-{i}" for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+    root = tmp_path_factory.mktemp("handoff")
+    write_sized(root, dict.fromkeys(MODELS, 8))
+    config = {
+        "http": {"port": 0},
+        "deployments": [
+            {
+                "name": "Ring",
+                "import_path": "warm_apps:Sized",
+                "init_kwargs": {"model_root": str(root)},
+                "route_prefix": "/ring",
+                "num_replicas": 1,
+            }
+        ],
+    }
+    async with running_gateway(config) as gw:
+        yield gw
+
+
+async def replicas(client: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
+    body = (await client.get("/-/replicas")).json()["deployments"]["Ring"]
+    return {rep["id"]: rep for rep in body["replicas"]}
+
+
+async def test_a_joining_replica_warms_its_share_and_a_leaving_one_hands_over(
+    gateway: Gateway,
+) -> None:
+    pool = gateway.pools["Ring"]
+    await asyncio.wait_for(pool.wait_for(lambda: pool.running == 1), 30)
+    (first,) = list(pool.targets)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+        for model_id in MODELS:
+            r = await client.post("/ring", headers={MODEL: model_id})
+            assert r.status_code == 200, r.text
+
+        pool.set_target(2)
+        await asyncio.wait_for(pool.wait_for(lambda: pool.running == 2), 30)
+        (joined,) = [r for r in pool.targets if r != first]
+        moved = [m for m in MODELS if pool.router.preference_list(m)[0] == joined]
+        assert moved, "the ring moved no model to the new replica"
+
+        async def warmed() -> bool:
+            reps = await replicas(client)
+            return set(moved) <= set(reps[joined]["models"])
+
+        await wait_until(warmed, within_s=30, what="the moved models warmed on the new replica")
+        reps = await replicas(client)
+        # only its share: the models whose home stayed are not loaded there
+        assert set(reps[joined]["models"]) == set(moved)
+        # and its share is served there without a new load
+        loads_before = (await client.get("/-/replicas")).json()["deployments"]["Ring"]["events"]
+        for model_id in moved:
+            r = await client.post("/ring", headers={MODEL: model_id})
+            assert r.headers["x-muxgate-replica"] in (joined, first)
+        events = (await client.get("/-/replicas")).json()["deployments"]["Ring"]["events"]
+        assert [e for e in events if e["kind"] == "load"] == [
+            e for e in loads_before if e["kind"] == "load"
+        ]
+
+        # The old holder lets go of the moved models: now each replica holds
+        # only its own share, and the one that leaves has models the other lacks.
+        for model_id in moved:
+            reply = await pool.targets[first].control("unload", model_id)
+            assert reply.error is None
+        reps = await replicas(client)
+        assert not set(moved) & set(reps[first]["models"])
+
+        # Scale down: whichever replica leaves, the other holds all 16 before it goes.
+        pool.set_target(1)
+        await asyncio.wait_for(pool.wait_for(lambda: pool.running == 1), 60)
+        (staying,) = list(pool.targets)
+        reps = await replicas(client)
+        assert set(MODELS) <= set(reps[staying]["models"])
+        for model_id in MODELS:  # all hits: no load after the drain
+            r = await client.post("/ring", headers={MODEL: model_id})
+            assert r.status_code == 200
+        events = (await client.get("/-/replicas")).json()["deployments"]["Ring"]["events"]
+        drained_at = max(e["time"] for e in events if e["reason"] == "drain")
+        assert not [e for e in events if e["kind"] == "load" and e["time"] > drained_at]
