@@ -1,6 +1,7 @@
 """A gateway with a ``static`` launcher over two ``muxgate replica``
 processes on loopback: it serves, routes by model id, drops a replica that
-dies and takes it back, under its name, when it answers again."""
+dies and takes it back, under its name, when it answers again. Two gateways
+over the same replicas route alike, and one leaving costs the other nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from gateway_harness import MODEL, running_gateway
@@ -152,3 +154,59 @@ async def test_dns_mode_checks_certificates_for_the_name(tmp_path: Path) -> None
         assert reported.name == "echo-tls"
         async with await launcher.connect(reported.address) as conn:
             assert conn.replica_id == "echo-tls"
+
+
+async def test_two_gateways_share_replicas_and_one_leaving_costs_the_other_nothing(
+    tmp_path: Path,
+) -> None:
+    replica_config = write_config(tmp_path, [HOOKED])
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    async with (
+        standalone_replica(replica_config, "Hooked", "hooked-0") as r0,
+        standalone_replica(replica_config, "Hooked", "hooked-1") as r1,
+    ):
+        config: dict[str, Any] = {
+            "http": {"port": 0},
+            "cluster": {"secret_file": str(secret_file)},
+            "deployments": [
+                {**HOOKED, "launcher": {"kind": "static", "addresses": [r0.address, r1.address]}}
+            ],
+        }
+        models = [f"m{i}" for i in range(4)]
+        outcomes: list[int] = []
+        async with running_gateway(config) as b, httpx.AsyncClient(base_url=b.url) as via_b:
+            b_pool = b.pools["Hooked"]
+
+            async def keep_asking_b() -> None:
+                while True:
+                    for m in models:
+                        response = await via_b.get("/", headers={MODEL: m})
+                        outcomes.append(response.status_code)
+
+            async with anyio.create_task_group() as tg:
+                async with (
+                    running_gateway(config) as a,
+                    httpx.AsyncClient(base_url=a.url) as via_a,
+                ):
+                    for pool in (a.pools["Hooked"], b_pool):
+                        await wait_until(lambda p=pool: len(p.targets) == 2, what="both replicas")
+                    placement = {m: await served_by(via_a, m) for m in models}
+
+                    def b_sees_the_models() -> bool:
+                        held = {m for c in b_pool.targets.values() for m in c.state.models}
+                        return held >= set(models)
+
+                    # B learns what A loaded from the replicas' own reports...
+                    await wait_until(b_sees_the_models, within_s=10, what="B to see A's loads")
+                    # ...and sends those ids where they are: no second load.
+                    assert {m: await served_by(via_b, m) for m in models} == placement
+                    tg.start_soon(keep_asking_b)
+                    await wait_until(lambda: len(outcomes) > 20, what="B serving")
+                # A has left (its connections closed) while B kept serving.
+                served = len(outcomes)
+                await wait_until(lambda: len(outcomes) > served + 40, what="B after A left")
+                tg.cancel_scope.cancel()
+            assert set(outcomes) == {200}
+            assert r0.process.returncode is None and r1.process.returncode is None
+            assert {m: await served_by(via_b, m) for m in models} == placement
