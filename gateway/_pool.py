@@ -111,7 +111,7 @@ DRAIN_MARGIN_S = 5.0
 
 
 Connector = Callable[[str, Callable[[ReplicaState], None]], Awaitable[ReplicaConnection]]
-SpecFactory = Callable[[DeploymentConfig, str], Any]
+SpecFactory = Callable[[DeploymentConfig, str], ReplicaSpec]
 
 
 async def _connect(address: str, on_state: Callable[[ReplicaState], None]) -> ReplicaConnection:
@@ -573,20 +573,19 @@ class ReplicaPool:
             },
         )
 
-    def _spec(self, replica_id: str, *, defer: bool = False) -> Any:
+    def _spec(self, replica_id: str, *, defer: bool = False) -> ReplicaSpec:
         spec = self._make_spec(self.config, replica_id)
-        if isinstance(spec, ReplicaSpec):
-            if defer and (spec.preload or spec.pinned):
-                # Loaded after the waking requests instead (_warm_after_zero).
-                spec = msgspec.structs.replace(spec, preload=[], pinned=[])
-            # A drain must be able to wait for the longest request (the
-            # gateway's request timeout); the pool waits DRAIN_MARGIN_S more.
-            graceful = max(1.0, self._drain_timeout - DRAIN_MARGIN_S)
-            if spec.graceful_shutdown_timeout_s != graceful:
-                spec = msgspec.structs.replace(spec, graceful_shutdown_timeout_s=graceful)
-            if spec.num_cpus is None and self._class_num_cpus is not None:
-                # The launcher counts budgets against the host's cores.
-                spec = msgspec.structs.replace(spec, num_cpus=self._class_num_cpus)
+        if defer and (spec.preload or spec.pinned):
+            # Loaded after the waking requests instead (_warm_after_zero).
+            spec = msgspec.structs.replace(spec, preload=[], pinned=[])
+        # A drain must be able to wait for the longest request (the
+        # gateway's request timeout); the pool waits DRAIN_MARGIN_S more.
+        graceful = max(1.0, self._drain_timeout - DRAIN_MARGIN_S)
+        if spec.graceful_shutdown_timeout_s != graceful:
+            spec = msgspec.structs.replace(spec, graceful_shutdown_timeout_s=graceful)
+        if spec.num_cpus is None and self._class_num_cpus is not None:
+            # The launcher counts budgets against the host's cores.
+            spec = msgspec.structs.replace(spec, num_cpus=self._class_num_cpus)
         return spec
 
     async def _warm_after_zero(self, rep: _Replica, conn: ReplicaConnection) -> None:

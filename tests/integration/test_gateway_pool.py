@@ -26,6 +26,12 @@ from muxgate.replicas.contract import ReplicaSpec
 pytestmark = pytest.mark.anyio
 
 
+def spec_of(deployment: DeploymentConfig, replica_id: str) -> ReplicaSpec:
+    return ReplicaSpec(
+        deployment=deployment.name, import_path=deployment.import_path, replica_id=replica_id
+    )
+
+
 class FakeLauncherBase:
     """The ``Launcher`` interface around a fake ``start``: nothing runs
     before the pool starts; its replicas are ``FakeProcess``es."""
@@ -59,7 +65,7 @@ class FailingLauncher(FakeLauncherBase):
 async def test_start_failures_back_off_and_are_reported() -> None:
     launcher = FailingLauncher()
     config = DeploymentConfig(name="Bad", import_path="nope:Nope", num_replicas=1)
-    pool = ReplicaPool(config, launcher=launcher, make_spec=lambda d, rid: rid)
+    pool = ReplicaPool(config, launcher=launcher, make_spec=spec_of)
     pool.start()
     try:
         deadline = time.monotonic() + 10
@@ -132,7 +138,7 @@ class GatedLauncher(FakeLauncherBase):
             await self.ready.wait()
         finally:
             self.in_progress -= 1
-        rid = spec.replica_id if isinstance(spec, ReplicaSpec) else str(spec)
+        rid = spec.replica_id
         proc = self.processes[rid] = FakeProcess(rid)
         return proc
 
@@ -193,13 +199,10 @@ class Fakes:
         return conn
 
     def pool(self, config: DeploymentConfig, **kw: Any) -> ReplicaPool:
-        def spec(d: DeploymentConfig, rid: str) -> ReplicaSpec:
-            return ReplicaSpec(deployment=d.name, import_path=d.import_path, replica_id=rid)
-
         return ReplicaPool(
             config,
             launcher=self.launcher,
-            make_spec=spec,
+            make_spec=spec_of,
             connect=self.connect,  # type: ignore[arg-type]
             **kw,
         )
@@ -342,7 +345,7 @@ async def test_a_reporting_launcher_is_followed_and_its_replicas_are_not_stopped
     pool = ReplicaPool(
         DeploymentConfig(name="P", import_path="m:P", num_replicas=3),
         launcher=reporter,  # type: ignore[arg-type]
-        make_spec=lambda d, rid: rid,
+        make_spec=spec_of,
         connect=fakes.connect,  # type: ignore[arg-type]
     )
     pool.start()
