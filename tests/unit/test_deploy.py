@@ -21,6 +21,7 @@ from muxgate.gateway._metrics import GatewayMetrics
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+K8S_REPLICAS = DEPLOY / "k8s-replicas"
 #: Kubernetes version the manifests are validated against (kubernetes-validate ships its schema).
 K8S_VERSION = "1.33.0"
 PROMTOOL = shutil.which("promtool")
@@ -148,9 +149,9 @@ def test_app_configs_pass_gateway_validation_and_resolve_in_the_image() -> None:
 # -- Kubernetes ----------------------------------------------------------------
 
 
-def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
+def k8s_documents(folder: Path = K8S) -> list[tuple[str, dict[str, Any]]]:
     docs: list[tuple[str, dict[str, Any]]] = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         with path.open() as f:
@@ -158,17 +159,60 @@ def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
     return docs
 
 
-@pytest.mark.parametrize(("name", "doc"), k8s_documents(), ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize(
+    ("name", "doc"), k8s_documents() + k8s_documents(K8S_REPLICAS), ids=lambda v: str(v)[:40]
+)
 def test_k8s_manifest_validates(name: str, doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     assert doc["metadata"].get("namespace", "muxgate") == "muxgate" or doc["kind"] == "Namespace"
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = load_yaml(K8S / "kustomization.yaml")
+@pytest.mark.parametrize("folder", [K8S, K8S_REPLICAS], ids=lambda p: p.name)
+def test_kustomization_lists_every_manifest(folder: Path) -> None:
+    kustomization = load_yaml(folder / "kustomization.yaml")
     listed = set(kustomization["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    on_disk = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk
+
+
+def test_replica_pods_fit_the_gateway_manifests() -> None:
+    by_kind = {doc["kind"]: doc for _, doc in k8s_documents(K8S_REPLICAS)}
+    statefulset, service = by_kind["StatefulSet"], by_kind["Service"]
+    pod = statefulset["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # headless, named by the StatefulSet: one DNS name for the ready pods
+    assert service["spec"]["clusterIP"] == "None"
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[:2] == ["replica", "/etc/muxgate/app.yaml"]
+    option = {args[i]: args[i + 1] for i in range(2, len(args), 2)}
+    assert option["--deployment"] in {d.name for d in configmap_app().deployments}
+    assert option["--name"] == "$(POD_NAME)"
+    port = int(option["--listen"].rpartition(":")[2])
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert service["spec"]["ports"][0]["port"] == port
+    # the same app config as the gateway's; the secret is required here
+    # (a non-loopback listener), optional on the gateway
+    assert pod["spec"]["volumes"][0]["configMap"]["name"] == "muxgate-app"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    secret_ref = env["MUXGATE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert "optional" not in secret_ref
+    gateway = next(d for _, d in k8s_documents() if d["kind"] == "Deployment")
+    (gateway_container,) = gateway["spec"]["template"]["spec"]["containers"]
+    gateway_env = {e["name"]: e for e in gateway_container["env"]}
+    gateway_ref = gateway_env["MUXGATE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert (gateway_ref["name"], gateway_ref["key"], gateway_ref["optional"]) == (
+        secret_ref["name"],
+        secret_ref["key"],
+        True,
+    )
+    # gracefully stopped replicas get longer than a request may take
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    assert grace > configmap_app().http.request_timeout_s
 
 
 def test_k8s_objects_fit_together() -> None:
