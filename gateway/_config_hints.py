@@ -37,6 +37,9 @@ _RAY_POINTERS: dict[str, str] = {
     "runtime_env": "replicas run in the gateway's environment; `import_path` resolves"
     " next to the config file",
     "proxy_location": "the gateway is the only proxy",
+    "max_concurrent_queries": "its current name, here too, is `max_ongoing_requests`",
+    "target_num_ongoing_requests_per_replica": "its current name, here too, is"
+    " `target_ongoing_requests`",
 }
 
 _UNKNOWN = re.compile(

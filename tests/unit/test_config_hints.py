@@ -83,3 +83,12 @@ def test_ray_fields_without_a_counterpart_say_what_to_do(field: str) -> None:
 def test_rays_applications_list_points_to_deployments() -> None:
     reason = _error({"applications": [{"import_path": "m:app"}]})
     assert "muxgate lists `deployments:` at the top level" in reason
+
+
+def test_rays_older_names_point_to_the_current_ones() -> None:
+    assert _error(_deployment(max_concurrent_queries=4)).endswith(
+        "`max_concurrent_queries` is a Ray Serve field; its current name, here too, is"
+        " `max_ongoing_requests`"
+    )
+    reason = _error(_deployment(autoscaling={"target_num_ongoing_requests_per_replica": 2}))
+    assert reason.endswith("is `target_ongoing_requests`")
