@@ -349,6 +349,21 @@ class Shutdown:
         return len(tasks)
 
 
+class _Exchange:
+    """One request's state, for the metrics and the span at its end."""
+
+    __slots__ = ("model_id", "replica_id", "request_id", "responded", "span", "status", "task")
+
+    def __init__(self, request_id: str, task: asyncio.Task[Any] | None) -> None:
+        self.request_id = request_id
+        self.task = task
+        self.model_id = ""
+        self.replica_id = ""
+        self.status = 500
+        self.responded = False
+        self.span: ServerSpan | None = None
+
+
 class FrontEnd:
     """The request skeleton both raw ASGI endpoints share.
 
@@ -411,106 +426,110 @@ class FrontEnd:
         started = asyncio.get_running_loop().time()
         perf_start = time.perf_counter()
         head = read_head(scope["headers"], keep=self.keep_headers)
-        request_id = head.request_id or new_request_id()
         target = self._resolve(scope, head)
-        model_id = ""
-        status = 500
-        replica_id = ""
-        responded = False
-        span: ServerSpan | None = None
-        shutdown = self.shutdown
-        task = asyncio.current_task()
-        if task is not None:
-            shutdown.in_flight.add(task)
+        ex = _Exchange(head.request_id or new_request_id(), asyncio.current_task())
+        if ex.task is not None:
+            self.shutdown.in_flight.add(ex.task)
         try:
-            if shutdown.draining:
-                raise ShuttingDownError("the gateway is shutting down")
-            if target.refusal is not None:
-                raise target.refusal
-            dispatcher = target.dispatcher
-            assert dispatcher is not None
-            traceparent, tracestate = head.traceparent, head.tracestate
-            span = server_span(
-                target.span_name,
-                method=scope["method"],
-                path=target.path,
-                deployment=target.name,
-                traceparent=traceparent,
-                tracestate=tracestate,
-            )
-            if span is not None:
-                # Current while dispatching: the route span becomes its
-                # child, and the replica continues this span.
-                span.attach()
-                traceparent, tracestate = span.traceparent()
-            model_id = model_id_of(head)
-            if head.content_length > self._max_body:
-                raise PayloadTooLargeError(f"request body is over {self._max_body} bytes")
-            deadline = started + self._timeout_s(head)
-            if head.content_length > 0 or head.chunked:
-                body = await self._read_body(receive, min(self._body_timeout, deadline - started))
-            else:  # no body: the server has the whole request already
-                body = await self._receive_body(receive)
-            reply, replica_id = await until_disconnect(
-                receive,
-                dispatcher.dispatch(
-                    request_id=request_id,
-                    model_id=model_id,
-                    deadline=deadline,
-                    traceparent=traceparent,
-                    tracestate=tracestate,
-                    **self._call_args(scope, target, head, body),
-                ),
-            )
-            status, headers = self._reply(reply)
-            headers.append((b"content-length", str(len(reply.body)).encode()))
-            headers.append((b"x-request-id", request_id.encode()))
-            headers.append((b"x-muxgate-replica", replica_id.encode()))
-            shutdown.in_flight.discard(task)
-            responded = True  # from here on, a failure cannot become an error response
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": reply.body})
-        except _TooLarge:
-            status = await send_error(
-                send,
-                PayloadTooLargeError(f"request body is over {self._max_body} bytes"),
-                request_id,
-                "",
-            )
-        except ClientDisconnected:
-            status = CLIENT_CLOSED_REQUEST  # nobody to answer
-            _log.debug("client of %s disconnected; %s cancelled", request_id, self.what)
-        except asyncio.CancelledError:
-            if responded or not shutdown.cut or task is None:
-                raise
-            # The shutdown grace is over: answer instead of leaving the
-            # server to send a plain-text 500 (the replica call is cancelled).
-            task.uncancel()
-            status = await send_error(
-                send,
-                ShuttingDownError("the gateway shut down before the request finished"),
-                request_id,
-                "",
-            )
-        except Exception as exc:
-            if responded:
-                _log.info("could not send the response of %s: %r", request_id, exc)
-                return
-            if not isinstance(exc, GatewayError):
-                _log.exception("gateway error for %s %s", self.what, request_id)
-            replica_id = getattr(exc, "replica_id", "")
-            status = await send_error(send, exc, request_id, replica_id)
+            await self._exchange(ex, scope, receive, send, head, target, started)
+        except BaseException as exc:
+            await self._failed(ex, send, exc)
         finally:
-            shutdown.in_flight.discard(task)
-            if span is not None:
-                span.finish(status, replica_id, model_id)
+            self.shutdown.in_flight.discard(ex.task)
+            if ex.span is not None:
+                ex.span.finish(ex.status, ex.replica_id, ex.model_id)
             if self._metrics is not None and target.name:
                 self._metrics.observe_request(
                     target.name,
-                    status,
+                    ex.status,
                     time.perf_counter() - perf_start,
-                    model_id if self._per_model else "",
+                    ex.model_id if self._per_model else "",
                 )
+
+    async def _exchange(
+        self,
+        ex: _Exchange,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        head: RequestHead,
+        target: Target,
+        started: float,
+    ) -> None:
+        """The request's way when nothing fails: checks, body, dispatch, reply."""
+        if self.shutdown.draining:
+            raise ShuttingDownError("the gateway is shutting down")
+        if target.refusal is not None:
+            raise target.refusal
+        dispatcher = target.dispatcher
+        assert dispatcher is not None
+        traceparent, tracestate = head.traceparent, head.tracestate
+        ex.span = span = server_span(
+            target.span_name,
+            method=scope["method"],
+            path=target.path,
+            deployment=target.name,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        if span is not None:
+            # Current while dispatching: the route span becomes its child,
+            # and the replica continues this span.
+            span.attach()
+            traceparent, tracestate = span.traceparent()
+        ex.model_id = model_id_of(head)
+        if head.content_length > self._max_body:
+            raise PayloadTooLargeError(f"request body is over {self._max_body} bytes")
+        deadline = started + self._timeout_s(head)
+        if head.content_length > 0 or head.chunked:
+            body = await self._read_body(receive, min(self._body_timeout, deadline - started))
+        else:  # no body: the server has the whole request already
+            body = await self._receive_body(receive)
+        reply, ex.replica_id = await until_disconnect(
+            receive,
+            dispatcher.dispatch(
+                request_id=ex.request_id,
+                model_id=ex.model_id,
+                deadline=deadline,
+                traceparent=traceparent,
+                tracestate=tracestate,
+                **self._call_args(scope, target, head, body),
+            ),
+        )
+        ex.status, headers = self._reply(reply)
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        headers.append((b"x-request-id", ex.request_id.encode()))
+        headers.append((b"x-muxgate-replica", ex.replica_id.encode()))
+        self.shutdown.in_flight.discard(ex.task)
+        ex.responded = True  # from here on, a failure cannot become an error response
+        await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _failed(self, ex: _Exchange, send: Send, exc: BaseException) -> None:
+        """Answer what ``_exchange`` raised, if anyone is left to answer."""
+        if isinstance(exc, _TooLarge):
+            exc = PayloadTooLargeError(f"request body is over {self._max_body} bytes")
+        elif isinstance(exc, ClientDisconnected):
+            ex.status = CLIENT_CLOSED_REQUEST  # nobody to answer
+            _log.debug("client of %s disconnected; %s cancelled", ex.request_id, self.what)
+            return
+        elif isinstance(exc, asyncio.CancelledError):
+            if ex.responded or not self.shutdown.cut or ex.task is None:
+                raise exc
+            # The shutdown grace is over: answer instead of leaving the server
+            # to send a plain-text 500 (the replica call is cancelled).
+            ex.task.uncancel()
+            exc = ShuttingDownError("the gateway shut down before the request finished")
+        elif not isinstance(exc, Exception):
+            raise exc
+        elif ex.responded:
+            _log.info("could not send the response of %s: %r", ex.request_id, exc)
+            return
+        else:
+            if not isinstance(exc, GatewayError):
+                _log.exception("gateway error for %s %s", self.what, ex.request_id, exc_info=exc)
+            ex.replica_id = getattr(exc, "replica_id", "")
+        ex.status = await send_error(send, exc, ex.request_id, ex.replica_id)
 
     async def _read_body(self, receive: Receive, within_s: float) -> bytes:
         """The whole body, at most ``max_body_bytes``, within ``within_s`` of
