@@ -29,7 +29,7 @@ import hmac
 import importlib.resources
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any, Unpack, cast
 from urllib.parse import unquote
 
 import msgspec
@@ -47,6 +47,7 @@ from muxgate.gateway._frontend import (
     LOCAL_CLIENTS,
     REQUEST_ID,
     FrontEnd,
+    FrontEndOptions,
     Receive,
     RequestHead,
     Scope,
@@ -89,9 +90,9 @@ class Ingress(FrontEnd):
         routes: route prefix -> (deployment name, dispatcher).
         max_body_bytes: larger bodies get 413.
         request_timeout_s: per-request deadline, from arrival.
-        metrics: request counts and durations go here.
         use_raw_path: take the path from ``raw_path`` (when mounted under
             Litestar, which rewrites ``path`` for mounts).
+        options: ``metrics``, ``body_timeout_s``, ``shutdown`` (see ``FrontEnd``).
     """
 
     def __init__(
@@ -100,17 +101,11 @@ class Ingress(FrontEnd):
         *,
         max_body_bytes: int,
         request_timeout_s: float,
-        metrics: GatewayMetrics | None = None,
         use_raw_path: bool = False,
-        body_timeout_s: float | None = None,
-        shutdown: Shutdown | None = None,
+        **options: Unpack[FrontEndOptions],
     ) -> None:
         super().__init__(
-            max_body_bytes=max_body_bytes,
-            request_timeout_s=request_timeout_s,
-            metrics=metrics,
-            body_timeout_s=body_timeout_s,
-            shutdown=shutdown,
+            max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, **options
         )
         # Longest prefix first, so the first match is the most specific.
         self._routes = [

@@ -26,7 +26,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict, Unpack
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -52,6 +52,7 @@ __all__ = [
     "LOCAL_CLIENTS",
     "REQUEST_ID",
     "FrontEnd",
+    "FrontEndOptions",
     "Message",
     "Receive",
     "RequestHead",
@@ -349,6 +350,14 @@ class Shutdown:
         return len(tasks)
 
 
+class FrontEndOptions(TypedDict, total=False):
+    """``FrontEnd``'s optional settings, passed on as they are by its subclasses."""
+
+    metrics: GatewayMetrics | None
+    body_timeout_s: float | None
+    shutdown: Shutdown | None
+
+
 class _Exchange:
     """One request's state, for the metrics and the span at its end."""
 
@@ -382,19 +391,15 @@ class FrontEnd:
     what: ClassVar[str] = "request"
 
     def __init__(
-        self,
-        *,
-        max_body_bytes: int,
-        request_timeout_s: float,
-        metrics: GatewayMetrics | None = None,
-        body_timeout_s: float | None = None,
-        shutdown: Shutdown | None = None,
+        self, *, max_body_bytes: int, request_timeout_s: float, **options: Unpack[FrontEndOptions]
     ) -> None:
         self._max_body = max_body_bytes
         self._timeout = request_timeout_s
+        body_timeout_s = options.get("body_timeout_s")
         self._body_timeout = body_timeout_s if body_timeout_s is not None else request_timeout_s
+        shutdown = options.get("shutdown")
         self.shutdown = shutdown if shutdown is not None else Shutdown()
-        self._metrics = metrics
+        metrics = self._metrics = options.get("metrics")
         self._per_model = metrics.per_model_labels if metrics is not None else False
 
     # -- what an endpoint says ---------------------------------------------------

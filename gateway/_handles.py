@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import msgspec
 
@@ -39,12 +39,11 @@ from muxgate.gateway._errors import (
 from muxgate.gateway._frontend import (
     LOCAL_CLIENTS,
     FrontEnd,
+    FrontEndOptions,
     RequestHead,
     Scope,
-    Shutdown,
     Target,
 )
-from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.replicas.contract import ErrorCode, Reply
 
 __all__ = ["HANDLES_PREFIX", "HandleIngress"]
@@ -80,7 +79,8 @@ class HandleIngress(FrontEnd):
         request_timeout_s: per-call deadline, from arrival.
         admin_token: when set, calls need ``Authorization: Bearer <token>``;
             otherwise only loopback clients are served.
-        metrics: call counts and durations go here (as requests of the deployment).
+        options: ``metrics`` (calls are counted as requests of the deployment),
+            ``body_timeout_s``, ``shutdown`` (see ``FrontEnd``).
     """
 
     keep_headers = False
@@ -93,16 +93,10 @@ class HandleIngress(FrontEnd):
         max_body_bytes: int,
         request_timeout_s: float,
         admin_token: str | None = None,
-        metrics: GatewayMetrics | None = None,
-        body_timeout_s: float | None = None,
-        shutdown: Shutdown | None = None,
+        **options: Unpack[FrontEndOptions],
     ) -> None:
         super().__init__(
-            max_body_bytes=max_body_bytes,
-            request_timeout_s=request_timeout_s,
-            metrics=metrics,
-            body_timeout_s=body_timeout_s,
-            shutdown=shutdown,
+            max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s, **options
         )
         self._dispatchers = dict(dispatchers)
         self._expected_auth = f"Bearer {admin_token}".encode() if admin_token else None
