@@ -214,7 +214,7 @@ class ModelCache(Generic[M]):
 
     def __repr__(self) -> str:
         limit = "unlimited" if self.capacity < 0 else str(self.capacity)
-        policy = "" if isinstance(self.policy, LRU) else f" policy={self.policy.name}"
+        policy = "" if self.policy.name == "lru" else f" policy={self.policy.name}"
         if self.max_bytes >= 0:
             policy += f" bytes={self.model_bytes()}/{self.max_bytes}"
         if self._state.evict_first:

@@ -326,7 +326,7 @@ class CacheState(Generic[M]):
 
     def __repr__(self) -> str:
         limit = "unlimited" if self.capacity < 0 else str(self.capacity)
-        extra = "" if isinstance(self.policy, LRU) else f" policy={self.policy.name}"
+        extra = "" if self.policy.name == "lru" else f" policy={self.policy.name}"
         if self.max_bytes >= 0:
             extra += f" bytes={self._bytes}/{self.max_bytes}"
         if self._kept:

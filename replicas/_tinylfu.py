@@ -27,8 +27,8 @@ decision from a policy; the sketch that makes it is ~50 lines.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
-from collections.abc import Iterable
+
+from muxgate.replicas._lru import LRU
 
 __all__ = ["FrequencySketch", "TinyLFU"]
 
@@ -88,7 +88,7 @@ class FrequencySketch:
         )
 
 
-class TinyLFU:
+class TinyLFU(LRU):
     """LRU order, TinyLFU admission: see the module docstring.
 
     Args:
@@ -104,31 +104,21 @@ class TinyLFU:
             models, 10 x capacity lost 0.013 and 0.047.
     """
 
-    __slots__ = ("_order", "sketch")
+    __slots__ = ("sketch",)
 
     name = "tinylfu"
 
     def __init__(self, capacity: int = 3) -> None:
+        super().__init__()
         sample = max(100, 50 * capacity) if capacity > 0 else 10_000
         self.sketch = FrequencySketch(width=min(65_536, 16 * sample), sample_size=sample)
-        self._order: OrderedDict[str, None] = OrderedDict()  # least recently used first
 
     def access(self, model_id: str) -> None:
         self.sketch.increment(model_id)
-        if model_id in self._order:
-            self._order.move_to_end(model_id)
-
-    def insert(self, model_id: str) -> None:
-        self._order[model_id] = None
-
-    def remove(self, model_id: str) -> None:
-        del self._order[model_id]
-
-    def order(self) -> Iterable[str]:
-        return self._order.keys()
+        super().access(model_id)
 
     def admit(self, candidate: str, victim: str) -> bool:
         return self.sketch.frequency(candidate) > self.sketch.frequency(victim)
 
     def __repr__(self) -> str:
-        return f"<TinyLFU {list(self._order)} {self.sketch!r}>"
+        return f"<TinyLFU {list(self.order())} {self.sketch!r}>"
