@@ -126,11 +126,15 @@ async def paired(args: argparse.Namespace) -> None:
     the first transport's in the same round (median over the rounds)."""
     transports = args.transports.split(",")
     certs = Path(tempfile.mkdtemp(prefix="bench-certs-"))
-    launcher = LocalLauncher(env={"MUXGATE_CLUSTER_SECRET": SECRET})
+    launchers: list[LocalLauncher] = []
     conns: dict[str, ReplicaConnection] = {}
     try:
         for transport in transports:
             listen, settings, options = channel(transport, certs)
+            # The secret reaches the replicas the way it reaches `muxgate replica`.
+            secret = {} if transport in ("unix", "tcp") else {"MUXGATE_CLUSTER_SECRET": SECRET}
+            launcher = LocalLauncher(env=secret)
+            launchers.append(launcher)
             process = await launcher.start(
                 ReplicaSpec(
                     deployment="Echo",
@@ -181,7 +185,8 @@ async def paired(args: argparse.Namespace) -> None:
     finally:
         for conn in conns.values():
             await conn.aclose()
-        await launcher.aclose()
+        for launcher in launchers:
+            await launcher.aclose()
 
 
 async def main(args: argparse.Namespace) -> None:
