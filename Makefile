@@ -30,7 +30,7 @@ $(BASE): pyproject.toml
 	touch $@
 
 $(TESTS): $(BASE)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ray]'
 	touch $@
 
 demo: $(BASE)

@@ -114,20 +114,28 @@ class LauncherConfig(msgspec.Struct, forbid_unknown_fields=True):
     ``local``: processes the gateway starts. ``static``: ``muxgate replica``
     servers started elsewhere, at ``addresses`` or behind the DNS name
     ``dns`` (``HOST:PORT``, resolved again every ``resolve_interval_s``);
-    the gateway only watches them (see docs/remote.md).
+    the gateway only watches them. ``ray``: Ray actors on the cluster at
+    ``address`` (``auto``: the one this host belongs to), named in
+    ``namespace`` (see docs/remote.md).
     """
 
-    kind: Literal["local", "static"] = "local"
+    kind: Literal["local", "static", "ray"] = "local"
     #: static: each replica's ``tcp:HOST:PORT``
     addresses: list[str] = []
     #: static: ``HOST:PORT`` whose name resolves to the replicas
     dns: str | None = None
     resolve_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    #: ray: the cluster's address (``auto``, ``HOST:PORT`` of the head, ``ray://...``)
+    address: str | None = None
+    #: ray: the namespace of the replica actors (None: ``muxgate``)
+    namespace: Annotated[str, msgspec.Meta(pattern=_NAME)] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind == "local":
+        if self.kind != "ray" and (self.address is not None or self.namespace is not None):
+            raise ValueError(f"a {self.kind} launcher takes no address or namespace")
+        if self.kind in ("local", "ray"):
             if self.addresses or self.dns:
-                raise ValueError("a local launcher takes no addresses or dns")
+                raise ValueError(f"a {self.kind} launcher takes no addresses or dns")
             return
         if bool(self.addresses) == bool(self.dns):
             raise ValueError("a static launcher needs addresses or dns (one of the two)")

@@ -399,7 +399,9 @@ class ReplicaPool:
                 await asyncio.gather(*(refresh(rep, conn) for rep, conn in running))
 
     async def aclose(self) -> None:
-        """Stop every replica (connection closed, then SIGKILL after a grace)."""
+        """Stop every replica (connection closed, then SIGKILL after a grace);
+        a launcher whose ``replicas_outlive_gateway`` is true keeps them
+        running (their connections close)."""
         self._closing = True
         self.dispatcher.wake()  # fail waiters: nothing will start any more
         for task in list(self._tasks):
@@ -408,7 +410,11 @@ class ReplicaPool:
             with contextlib.suppress(BaseException):
                 await task
         reps = list(self._replicas.values())
-        await asyncio.gather(*(self._stop(rep) for rep in reps), return_exceptions=True)
+        if getattr(self._creator, "replicas_outlive_gateway", False):
+            # Left running for the next gateway to adopt (Ray's detached actors).
+            await asyncio.gather(*(self._release(rep) for rep in reps), return_exceptions=True)
+        else:
+            await asyncio.gather(*(self._stop(rep) for rep in reps), return_exceptions=True)
         self._replicas.clear()
         self._report()
 
@@ -723,6 +729,15 @@ class ReplicaPool:
             await self._stop(rep)
             self._replicas.pop(rep.id, None)
             self._report()
+
+    async def _release(self, rep: _Replica) -> None:
+        """Close the connection and leave the replica running; one still
+        starting is killed (no one would know of it)."""
+        if rep.conn is not None:
+            with contextlib.suppress(Exception):
+                await rep.conn.aclose()
+        elif rep.process is not None:
+            self._kill(rep.process)
 
     async def _stop(self, rep: _Replica) -> None:
         """Close the connection and make sure the process is gone."""

@@ -1,18 +1,20 @@
 """The launchers of deployments whose replicas the gateway does not start.
 
 ``local`` deployments share the gateway's ``LocalLauncher``; every other
-kind (``static`` today) gets its own launcher from its ``launcher:`` section,
+kind (``static``, ``ray``) gets its own launcher from its ``launcher:`` section,
 and its replicas are connected to over the authenticated channel of the
 config's ``cluster`` section (``ChannelClient``: the secret's proof and TLS).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from muxgate.gateway._config import AppConfig
 from muxgate.gateway._connection import ChannelClient
 from muxgate.gateway.launchers import get_launcher_class
+from muxgate.replicas.contract import SECRET_ENV, load_secret
 
 __all__ = ["RemoteLaunchers"]
 
@@ -34,12 +36,39 @@ class RemoteLaunchers:
             for d in config.deployments
             if config.launcher_for(d).kind != "local"
         }
-        self.channel = ChannelClient(config.cluster) if remote else None
+        self.channel: ChannelClient | None = None
         self.launchers: dict[str, Any] = {}
+        if not remote:
+            return
+        secret = load_secret(config.cluster.secret_file)
+        ray_kinds = [s for s in remote.values() if s.kind == "ray"]
+        if ray_kinds and secret is None:
+            # None configured: the one generated for the Ray namespace, kept
+            # in the Ray cluster (the next gateway must prove the same one).
+            secret = get_launcher_class("ray").generated_secret(ray_kinds[0])
+        environ = None if secret is None else {**os.environ, SECRET_ENV: os.fsdecode(secret)}
+        self.channel = ChannelClient(config.cluster, environ)
+        cleaned: set[str] = set()
         for name, settings in remote.items():
-            assert self.channel is not None
             cls: Any = get_launcher_class(settings.kind)
-            self.launchers[name] = cls.from_config(settings, channel=self.channel)
+            if settings.kind != "ray":
+                self.launchers[name] = cls.from_config(settings, channel=self.channel)
+                continue
+            assert secret is not None
+            launcher = cls.from_config(
+                settings, channel=self.channel, cluster=config.cluster, secret=secret
+            )
+            self.launchers[name] = launcher
+            if launcher.namespace not in cleaned:
+                cleaned.add(launcher.namespace)
+                # Actors of deployments this config no longer has in the namespace.
+                launcher.remove_absent(
+                    {
+                        n
+                        for n, s in remote.items()
+                        if s.kind == "ray" and (s.namespace or "muxgate") == launcher.namespace
+                    }
+                )
 
     def __repr__(self) -> str:
         return f"<RemoteLaunchers {sorted(self.launchers)} {self.channel!r}>"

@@ -43,7 +43,7 @@ from muxgate.gateway._history import History, read_totals
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool import ReplicaPool
 from muxgate.gateway._remote import RemoteLaunchers
-from muxgate.gateway.launchers import ReplicaReporter, get_launcher_class
+from muxgate.gateway.launchers import LauncherNotFoundError, ReplicaReporter, get_launcher_class
 from muxgate.gateway.launchers.local import LocalLauncher
 from muxgate.replicas import configure_tracing, shutdown_tracing
 from muxgate.replicas.contract import ChannelError, ReplicaSpec, TracingSettings, exports_spans
@@ -193,6 +193,8 @@ async def start_gateway(
         remote = RemoteLaunchers(config)  # deployments whose replicas run elsewhere
     except ChannelError as exc:
         raise GatewayStartError(f"cluster settings: {exc}") from exc
+    except (LauncherNotFoundError, ConnectionError) as exc:
+        raise GatewayStartError(str(exc)) from exc
     own_launcher: LocalLauncher | None = None
     warm_up: asyncio.Task[bool] | None = None
     if launcher is None and len(remote.launchers) < len(config.deployments):

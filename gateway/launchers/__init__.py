@@ -11,6 +11,9 @@ then fails with what to install. Built in:
 ``static`` ``muxgate replica`` servers started elsewhere, watched
            at fixed addresses or behind a DNS name
            (``muxgate.gateway.launchers.static.StaticLauncher``)
+``ray``    Ray actors, each running a replica server
+           (``muxgate.gateway.launchers.ray.RayLauncher``; needs
+           ``muxgate[ray]``)
 =========  =====================================================
 
 A new kind is one module in this folder implementing the interface of
@@ -47,6 +50,10 @@ __all__ = [
 known_launchers: dict[str, dict[str, str]] = {
     "local": {"class": "muxgate.gateway.launchers.local.LocalLauncher"},
     "static": {"class": "muxgate.gateway.launchers.static.StaticLauncher"},
+    "ray": {
+        "class": "muxgate.gateway.launchers.ray.RayLauncher",
+        "err": "Install muxgate[ray] (pip install 'muxgate[ray]') to run replicas as Ray actors",
+    },
 }
 
 _registry: dict[str, type[Any]] = {}

@@ -19,6 +19,11 @@ Both report the replicas already running when the gateway starts
 (``ready_replicas``), which the pool adopts instead of starting new ones.
 
 A pid is reported only where there is a local process (``None`` otherwise).
+
+A launcher whose replicas outlive the gateway (Ray's detached actors) says
+so with a class attribute ``replicas_outlive_gateway = True``: a pool that
+closes then leaves its replicas running (closing its connections) for the
+next gateway to adopt, instead of stopping them.
 """
 
 from __future__ import annotations

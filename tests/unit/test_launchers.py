@@ -51,9 +51,9 @@ def test_local_is_the_built_in_kind_and_creates_replicas(tmp_path: Path) -> None
 
 
 def test_unknown_kinds_name_the_known_ones(registry: None) -> None:
-    known = r"\(known: local, static\)"
-    with pytest.raises(LauncherNotFoundError, match=rf"no launcher of kind 'ray' {known}"):
-        get_launcher_class("ray")
+    known = r"\(known: local, ray, static\)"
+    with pytest.raises(LauncherNotFoundError, match=rf"no launcher of kind 'pods' {known}"):
+        get_launcher_class("pods")
 
 
 def test_a_kind_is_imported_only_when_asked_for(registry: None) -> None:
@@ -70,3 +70,15 @@ def test_a_kind_is_imported_only_when_asked_for(registry: None) -> None:
         register_launcher("local", Fixed)
     register_launcher("local", Fixed, clobber=True)
     assert get_launcher_class("local") is Fixed
+
+
+def test_the_ray_kind_without_ray_says_what_to_install(
+    registry: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "muxgate.gateway.launchers.ray", raising=False)
+    launchers._registry.pop("ray", None)
+    with pytest.raises(LauncherNotFoundError, match=r"Install muxgate\[ray\]"):
+        get_launcher_class("ray")

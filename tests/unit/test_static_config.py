@@ -62,3 +62,15 @@ def test_check_reports_an_unusable_cluster_secret(tmp_path: Any) -> None:
     assert f"cluster: cannot read the cluster secret file {tmp_path}/missing-secret" in (
         report.problems[0]
     )
+
+
+def test_a_ray_launcher_takes_an_address_and_a_namespace_only() -> None:
+    ray = config({"kind": "ray", "address": "10.0.0.5:6379", "namespace": "shop"})
+    settings = ray.launcher_for(ray.deployments[0])
+    assert (settings.kind, settings.address, settings.namespace) == ("ray", "10.0.0.5:6379", "shop")
+    with pytest.raises(ConfigError, match="takes no addresses"):
+        config({"kind": "ray", "addresses": ["tcp:10.0.0.1:7100"]})
+    with pytest.raises(ConfigError, match="takes no address or namespace"):
+        config({"kind": "local", "namespace": "shop"})
+    with pytest.raises(ConfigError):
+        config({"kind": "ray", "namespace": "no spaces"})

@@ -1,0 +1,409 @@
+"""The ``ray`` launcher: replicas as Ray actors on a Ray cluster.
+
+Each replica is one named, detached Ray actor (``ReplicaActor``) in the
+launcher's namespace. The actor is a supervisor: it starts the standalone
+replica server (``python -m muxgate.replicas._server``, what ``muxgate
+replica`` runs) as its child process, listening on the node's address and a
+port the system picks, and reports that ``tcp:`` address. The gateway then
+connects to the replica directly over the authenticated channel; requests
+never pass through Ray.
+
+* The deployment's ``num_cpus`` is the actor's resource request; actors are
+  spread over the nodes (scheduling strategy ``SPREAD``).
+* The child reads its spec on a stdin pipe held by the actor: when the actor
+  dies (killed, or its node gone) the pipe closes and the replica exits; its
+  gateway connection closes and the pool starts a replacement, which Ray
+  places on a live node.
+* The actors are detached: they outlive the gateway. A gateway that stops
+  leaves them running (``replicas_outlive_gateway``), and the next one adopts
+  them (``ready_replicas`` finds them by name in the namespace). When a
+  replica exits (drained on scale-down, or it died) its actor is killed, so
+  it frees its CPUs. ``remove_absent`` kills the actors of deployments the
+  config no longer has.
+* The channel uses the cluster secret; when the config names none, one is
+  generated per namespace and kept in the Ray cluster's key-value store, so
+  the next gateway (which must adopt the actors) finds the same one. Anyone
+  who can connect to the Ray cluster can run code on it anyway; the secret
+  keeps the replicas' ports closed to those who can only reach the network.
+
+This module imports ``ray``; the launcher registry imports it only when a
+config asks for ``kind: ray`` (install ``muxgate[ray]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import msgspec
+import ray
+import ray.exceptions
+import ray.util
+from ray.experimental import internal_kv
+
+from muxgate.gateway._config import LauncherConfig
+from muxgate.gateway._connection import ChannelClient, ReplicaConnection
+from muxgate.gateway.launchers._interface import LaunchedReplica, ReplicaStartError
+from muxgate.replicas.contract import (
+    DEFAULT_NUM_CPUS,
+    SECRET_ENV,
+    ChannelSettings,
+    ReplicaSpec,
+    ReplicaState,
+    cpu_budget_env,
+)
+
+__all__ = ["ACTOR_PREFIX", "RayLauncher", "RayReplica", "ReplicaActor", "app_secret", "connect_ray"]
+
+_log = logging.getLogger("muxgate.gateway.launcher")
+
+#: Every replica actor's name is this plus the replica id (``deployment#hex``).
+ACTOR_PREFIX = "muxgate:"
+#: Key of the generated cluster secret in the Ray key-value store (per namespace).
+_SECRET_KEY = b"muxgate:cluster-secret"
+#: Seconds an adopted actor may take to say its address.
+_ASK_TIMEOUT_S = 10.0
+Connect = Callable[[str, Callable[[ReplicaState], None]], Awaitable[ReplicaConnection]]
+
+#: Concurrent calls on one actor (``wait`` blocks while ``stop`` or ``address`` run).
+_ACTOR_CONCURRENCY = 4
+
+
+class ReplicaActor:
+    """Runs on a Ray worker: one replica server as a child process.
+
+    Args:
+        spec_json: the replica's spec (msgspec JSON); its ``listen`` is set
+            here to the node's address.
+        secret: the cluster secret, handed to the child in its environment
+            (never on its command line).
+    """
+
+    def __init__(self, spec_json: bytes, secret: str) -> None:
+        self._spec = msgspec.json.decode(spec_json, type=ReplicaSpec)
+        self._secret = secret
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._address: str | None = None
+
+    def start(self) -> str:
+        """Start the replica server; its ``tcp:`` address once it is ready.
+
+        Raises:
+            RuntimeError: it printed ``FAILED`` or exited first.
+        """
+        host: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        listen = f"tcp:[{host}]:0" if ":" in host else f"tcp:{host}:0"
+        spec = msgspec.structs.replace(self._spec, listen=listen)
+        num_cpus = spec.num_cpus if spec.num_cpus is not None else DEFAULT_NUM_CPUS
+        env = {**os.environ, **cpu_budget_env(num_cpus), SECRET_ENV: self._secret}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "muxgate.replicas._server", "--spec", "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        self._proc = proc
+        # The pipe stays open: it closes when this actor's process dies, and
+        # the replica then exits.
+        proc.stdin.write(msgspec.json.encode(spec) + b"\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline().decode(errors="replace").strip()
+        if line.startswith("READY "):
+            self._address = line[len("READY ") :]
+            return self._address
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        code = proc.wait()
+        if line.startswith("FAILED"):
+            raise RuntimeError(line[len("FAILED") :].strip() or "failed to start")
+        raise RuntimeError(f"replica exited with code {code} before it was ready")
+
+    def address(self) -> str | None:
+        """Where the replica listens while it runs; None once it exited."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._address
+
+    def node_id(self) -> str:
+        """The id of the Ray node this actor runs on."""
+        return str(ray.get_runtime_context().get_node_id())
+
+    def wait(self) -> int | None:
+        """Block until the replica exited; its exit code."""
+        return None if self._proc is None else self._proc.wait()
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM (it finishes its calls and unloads), SIGKILL after ``grace_s``."""
+        if self._proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGTERM)
+        try:
+            return self._proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            return self._proc.wait()
+
+
+class RayReplica:
+    """A replica actor: its name (the replica id), deployment, address and handle."""
+
+    __slots__ = ("actor", "address", "deployment", "name")
+
+    def __init__(self, name: str, deployment: str, address: str, actor: Any) -> None:
+        self.name = name
+        self.deployment = deployment
+        self.address = address
+        self.actor = actor
+
+    @property
+    def pid(self) -> int | None:
+        return None  # a process of some Ray node, not of this host
+
+    def __repr__(self) -> str:
+        return f"<RayReplica {self.name} {self.address}>"
+
+
+def connect_ray(address: str, namespace: str) -> None:
+    """Connect this process to the Ray cluster at ``address`` unless it is
+    connected (a process has one Ray connection: the first address wins).
+
+    Raises:
+        ConnectionError: no Ray cluster answers there.
+    """
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(
+            address=address,
+            namespace=namespace,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    except ConnectionError as exc:
+        raise ConnectionError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+
+
+def app_secret(namespace: str) -> str:
+    """The cluster secret generated for ``namespace``: the one a previous
+    gateway stored in the Ray key-value store, else a new one stored there."""
+    stored = internal_kv._internal_kv_get(_SECRET_KEY, namespace=namespace)
+    if stored is None:
+        new = secrets.token_urlsafe(32).encode()
+        # overwrite=False: of two gateways storing at once, one secret wins.
+        internal_kv._internal_kv_put(_SECRET_KEY, new, overwrite=False, namespace=namespace)
+        stored = internal_kv._internal_kv_get(_SECRET_KEY, namespace=namespace)
+    assert stored is not None
+    return bytes(stored).decode()
+
+
+class RayLauncher:
+    """Starts replicas as named, detached Ray actors in ``namespace``.
+
+    Args:
+        secret: the cluster secret the replicas require (passed to each actor
+            in its constructor, which Ray keeps in its control store).
+        namespace: the Ray namespace of the actors; gateways of one app
+            share it, and adopt each other's actors.
+        channel: the config's ``cluster`` section; its TLS settings (files
+            at the same paths on every node) and handshake timeout go to
+            the replicas, its secret file does not (the secret travels in
+            the actor's constructor).
+        connect: ``(address, on_state) -> ReplicaConnection`` for the pool
+            (the gateway passes its ``ChannelClient``'s, proving the secret).
+        start_timeout: seconds an actor may take to be placed and to have
+            its replica ready (an actor no node can fit waits that long).
+
+    Call ``connect_ray`` first (``from_config`` does).
+    """
+
+    #: Stopping the gateway leaves the actors running for the next one.
+    replicas_outlive_gateway = True
+
+    def __init__(
+        self,
+        *,
+        secret: str,
+        connect: Connect,
+        namespace: str = "muxgate",
+        channel: ChannelSettings | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        self.namespace = namespace
+        self.start_timeout = start_timeout
+        self._secret = secret
+        channel = channel or ChannelSettings()
+        self._channel = msgspec.structs.replace(channel, secret_file=None)
+        self._actor_class: Any = ray.remote(ReplicaActor)
+        #: how the pool reaches the replicas (the gateway's ``ChannelClient``)
+        self.connect = connect
+
+    @classmethod
+    def from_config(
+        cls,
+        config: LauncherConfig,
+        *,
+        channel: ChannelClient,
+        cluster: ChannelSettings,
+        secret: bytes,
+    ) -> RayLauncher:
+        """The launcher ``launcher: {kind: ray, address, namespace}`` describes;
+        connects to Ray. ``channel`` reaches the replicas (it proves
+        ``secret``); ``cluster`` is the config's section of that name.
+
+        Raises:
+            ConnectionError: no Ray cluster answers at the address.
+        """
+        namespace = config.namespace or "muxgate"
+        connect_ray(config.address or "auto", namespace)
+        return cls(
+            secret=os.fsdecode(secret),
+            connect=channel.connect,
+            namespace=namespace,
+            channel=cluster,
+        )
+
+    @staticmethod
+    def generated_secret(config: LauncherConfig) -> bytes:
+        """The cluster secret generated for the namespace of ``config``
+        (connects to Ray; see ``app_secret``).
+
+        Raises:
+            ConnectionError: no Ray cluster answers at the address.
+        """
+        namespace = config.namespace or "muxgate"
+        connect_ray(config.address or "auto", namespace)
+        return app_secret(namespace).encode()
+
+    def __repr__(self) -> str:
+        return f"<RayLauncher namespace={self.namespace!r}>"
+
+    async def start(self, spec: ReplicaSpec) -> RayReplica:
+        """Create the actor and wait until its replica serves.
+
+        Raises:
+            ReplicaStartError: it failed, died or was not ready within
+                ``start_timeout`` (no node could fit it); the actor is gone.
+        """
+        spec = msgspec.structs.replace(spec, standalone=True, channel=self._channel)
+        num_cpus = spec.num_cpus if spec.num_cpus is not None else DEFAULT_NUM_CPUS
+        actor = self._actor_class.options(
+            name=ACTOR_PREFIX + spec.replica_id,
+            namespace=self.namespace,
+            lifetime="detached",
+            num_cpus=num_cpus,
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+            max_concurrency=_ACTOR_CONCURRENCY,
+        ).remote(msgspec.json.encode(spec), self._secret)
+        try:
+            async with asyncio.timeout(self.start_timeout):
+                address = await actor.start.remote()
+        except TimeoutError:
+            ray.kill(actor)
+            raise ReplicaStartError(
+                f"replica {spec.replica_id} not ready within {self.start_timeout:g}s"
+                f" (no Ray node with {num_cpus:g} CPUs free?)"
+            ) from None
+        except ray.exceptions.RayTaskError as exc:
+            ray.kill(actor)
+            raise ReplicaStartError(str(exc.cause)) from None
+        except ray.exceptions.RayActorError as exc:
+            ray.kill(actor)
+            raise ReplicaStartError(f"actor of {spec.replica_id} died: {exc}") from None
+        except BaseException:
+            ray.kill(actor)
+            raise
+        return RayReplica(spec.replica_id, spec.deployment, str(address), actor)
+
+    async def ready_replicas(self, deployment: str) -> list[RayReplica]:
+        """The actors of ``deployment`` in the namespace whose replica runs
+        (left by an earlier gateway, or started here)."""
+        prefix = f"{ACTOR_PREFIX}{deployment}#"
+        names = [n for n in await asyncio.to_thread(self._actor_names) if n.startswith(prefix)]
+        found: list[RayReplica] = []
+        for name in names:
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                actor = await asyncio.to_thread(ray.get_actor, name, namespace=self.namespace)
+                try:
+                    async with asyncio.timeout(_ASK_TIMEOUT_S):
+                        address = await actor.address.remote()
+                except (TimeoutError, ray.exceptions.RayError) as exc:
+                    _log.warning("replica actor %s does not answer (%s); killing it", name, exc)
+                    ray.kill(actor)
+                    continue
+                if address is None:  # its replica exited: the actor is of no use
+                    ray.kill(actor)
+                    continue
+                found.append(RayReplica(name[len(ACTOR_PREFIX) :], deployment, address, actor))
+        return found
+
+    def remove_absent(self, deployments: Collection[str]) -> list[str]:
+        """Kill the replica actors in the namespace of deployments not in
+        ``deployments`` (removed from the config); their names."""
+        removed = []
+        for name in self._actor_names():
+            if not name.startswith(ACTOR_PREFIX):
+                continue
+            deployment = name[len(ACTOR_PREFIX) :].rpartition("#")[0]
+            if deployment in deployments:
+                continue
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(name, namespace=self.namespace))
+                removed.append(name)
+        if removed:
+            _log.info("killed the actors of removed deployments: %s", ", ".join(removed))
+        return removed
+
+    async def stop(self, replica: LaunchedReplica, grace_s: float) -> int | None:
+        """SIGTERM to the replica, SIGKILL after ``grace_s``; then the actor goes."""
+        actor = _actor(replica)
+        try:
+            code: int | None = await actor.stop.remote(grace_s)
+        except ray.exceptions.RayError:
+            code = None
+        ray.kill(actor)
+        return code
+
+    def kill(self, replica: LaunchedReplica) -> None:
+        """Kill the actor now; its replica exits as its stdin pipe closes."""
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(_actor(replica))
+
+    async def wait_exit(self, replica: LaunchedReplica) -> int | None:
+        """Wait until the replica exited (None: its actor or node died first);
+        the actor is killed then, freeing its CPUs."""
+        actor = _actor(replica)
+        try:
+            code: int | None = await actor.wait.remote()
+        except ray.exceptions.RayError:
+            code = None
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(actor)
+        return code
+
+    async def aclose(self) -> None:
+        """Nothing: the actors stay for the next gateway, and the process's
+        Ray connection ends with it."""
+
+    def _actor_names(self) -> list[str]:
+        return [
+            str(entry["name"])
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if isinstance(entry, dict) and entry.get("namespace") == self.namespace
+        ]
+
+
+def _actor(replica: LaunchedReplica) -> Any:
+    if not isinstance(replica, RayReplica):
+        raise TypeError(f"{replica!r} was not started by a RayLauncher")
+    return replica.actor

@@ -1,0 +1,152 @@
+"""The ``ray`` launcher on a real Ray cluster: a head and two worker nodes on
+this machine (``ray.cluster_utils.Cluster``: real GCS and raylets, loopback
+only), shared by the module's tests; each test uses its own namespace.
+
+A gateway serves requests through replicas running as Ray actors, scales
+0 -> 3 across the nodes, replaces the replicas of a worker node that dies
+on the live ones, and leaves its actors to the next gateway, which adopts
+them; one whose config no longer has the deployment removes them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from gateway_harness import MODEL, running_gateway
+from waiting import wait_until
+
+# Ray reads these when it is imported: every Ray process on loopback, no usage report.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'muxgate[ray]')")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+#: Fake CPUs per node, and each replica actor's request: three fit anywhere.
+NODE_CPUS = 1
+REPLICA_CPUS = 0.25
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    c = cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": NODE_CPUS,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+        },
+    )
+    for _ in range(2):
+        c.add_node(num_cpus=NODE_CPUS, node_ip_address="127.0.0.1")
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def app(cluster: Any, namespace: str, deployments: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "http": {"port": 0},
+        "launcher": {"kind": "ray", "address": cluster.address, "namespace": namespace},
+        "deployments": deployments,
+    }
+
+
+def hooked(num_replicas: int) -> dict[str, Any]:
+    return {
+        "name": "Hooked",
+        "import_path": "autoscale_apps:Hooked",
+        "num_replicas": num_replicas,
+        "num_cpus": REPLICA_CPUS,
+    }
+
+
+async def node_of(replica_id: str, namespace: str) -> str:
+    actor = ray.get_actor(f"muxgate:{replica_id}", namespace=namespace)
+    node: str = await actor.node_id.remote()
+    return node
+
+
+async def served_by(client: httpx.AsyncClient, model: str) -> str:
+    response = await client.get("/", headers={MODEL: model})
+    assert response.status_code == 200, response.text
+    replica: str = response.json()["replica"]
+    return replica
+
+
+def actors_in(namespace: str) -> set[str]:
+    return {
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == namespace
+    }
+
+
+async def test_scales_over_nodes_and_replaces_a_dead_nodes_replicas(cluster: Any) -> None:
+    ns = "scale"
+    async with running_gateway(app(cluster, ns, [hooked(0)])) as gw:
+        pool = gw.pools["Hooked"]
+        pool.set_target(3)
+        await wait_until(lambda: len(pool.targets) == 3, within_s=60, what="3 actor replicas")
+        replicas = sorted(pool.targets)
+        for replica_id in replicas:
+            assert pool.targets[replica_id].address.startswith("tcp:127.0.0.1:")
+        nodes = {rid: await node_of(rid, ns) for rid in replicas}
+        assert len(set(nodes.values())) >= 2, nodes  # SPREAD over the three nodes
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+            placement = {f"m{i}": await served_by(client, f"m{i}") for i in range(12)}
+            assert set(placement.values()) <= set(replicas)
+            assert len(set(placement.values())) >= 2
+
+            worker_nodes = {n.node_id: n for n in cluster.worker_nodes}
+            victim_id = next(node for node in nodes.values() if node in worker_nodes)
+            lost = {rid for rid, node in nodes.items() if node == victim_id}
+            cluster.remove_node(worker_nodes[victim_id])
+            try:
+
+                async def whole_again() -> bool:
+                    current = set(pool.targets)
+                    return len(current) == 3 and not current & lost
+
+                await wait_until(whole_again, within_s=60, what="the pool whole again")
+                for replica_id in pool.targets:
+                    assert await node_of(replica_id, ns) != victim_id
+                for model in placement:
+                    assert await served_by(client, model) in pool.targets
+            finally:
+                cluster.add_node(num_cpus=NODE_CPUS, node_ip_address="127.0.0.1")
+                cluster.wait_for_nodes()
+    # The actors stay after the gateway; this test's are removed here.
+    for name in actors_in(ns):
+        ray.kill(ray.get_actor(name, namespace=ns))
+
+
+async def test_actors_outlive_the_gateway_are_adopted_and_removed_with_the_deployment(
+    cluster: Any,
+) -> None:
+    ns = "adopt"
+    async with running_gateway(app(cluster, ns, [hooked(2)])) as gw:
+        pool = gw.pools["Hooked"]
+        await wait_until(lambda: len(pool.targets) == 2, within_s=60, what="2 actor replicas")
+        first = {rid: conn.address for rid, conn in pool.targets.items()}
+    assert actors_in(ns) == {f"muxgate:{rid}" for rid in first}
+
+    async with running_gateway(app(cluster, ns, [hooked(2)])) as gw:
+        pool = gw.pools["Hooked"]
+        await wait_until(lambda: len(pool.targets) == 2, within_s=30, what="adoption")
+        # The same replicas at the same addresses: adopted, none started.
+        assert {rid: conn.address for rid, conn in pool.targets.items()} == first
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+            assert await served_by(client, "m1") in first
+    assert actors_in(ns) == {f"muxgate:{rid}" for rid in first}
+
+    other = {"name": "Other", "import_path": "autoscale_apps:Hooked", "num_replicas": 0}
+    async with running_gateway(app(cluster, ns, [other])):
+        assert actors_in(ns) == set()  # Hooked is gone from the config: so are its actors
