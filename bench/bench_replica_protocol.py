@@ -118,6 +118,22 @@ def channel(transport: str, certs: Path) -> tuple[str, ChannelSettings | None, d
     )
 
 
+def echo_spec(
+    replica_id: str, listen: str, settings: ChannelSettings | None, loop: str
+) -> ReplicaSpec:
+    return ReplicaSpec(
+        deployment="Echo",
+        import_path="echo:Echo",
+        replica_id=replica_id,
+        app_dir=APP_DIR,
+        listen=listen,
+        max_ongoing_requests=64,
+        log_level="WARNING",
+        event_loop=loop,  # type: ignore[arg-type]
+        channel=settings,
+    )
+
+
 async def paired(args: argparse.Namespace) -> None:
     """``--paired ROUNDS``: one replica per transport, all running at once;
     each (call, concurrency) cell runs every transport in turn, ROUNDS times
@@ -136,17 +152,7 @@ async def paired(args: argparse.Namespace) -> None:
             launcher = LocalLauncher(env=secret)
             launchers.append(launcher)
             process = await launcher.start(
-                ReplicaSpec(
-                    deployment="Echo",
-                    import_path="echo:Echo",
-                    replica_id=f"bench-{transport}",
-                    app_dir=APP_DIR,
-                    listen=listen,
-                    max_ongoing_requests=64,
-                    log_level="WARNING",
-                    event_loop="uvloop",
-                    channel=settings,
-                )
+                echo_spec(f"bench-{transport}", listen, settings, "uvloop")
             )
             conns[transport] = await ReplicaConnection.connect(process.address, **options)
         print_machine()
@@ -202,19 +208,7 @@ async def main(args: argparse.Namespace) -> None:
         listen, settings, options = channel(transport, certs)
         try:
             for loop in args.loops.split(","):
-                process = await launcher.start(
-                    ReplicaSpec(
-                        deployment="Echo",
-                        import_path="echo:Echo",
-                        replica_id=f"bench-{loop}",
-                        app_dir=APP_DIR,
-                        listen=listen,
-                        max_ongoing_requests=64,
-                        log_level="WARNING",
-                        event_loop=loop,  # type: ignore[arg-type]
-                        channel=settings,
-                    )
-                )
+                process = await launcher.start(echo_spec(f"bench-{loop}", listen, settings, loop))
                 async with await ReplicaConnection.connect(process.address, **options) as conn:
                     for kind in ("handle", "http"):
                         for concurrency in (1, 32):

@@ -5,8 +5,10 @@ over the same replicas route alike, and one leaving costs the other nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import anyio
 import httpx
 import pytest
 from gateway_harness import MODEL, running_gateway
-from standalone_replicas import SECRET, standalone_replica, write_config
+from standalone_replicas import SECRET, Standalone, standalone_replica, write_config
 from tls_certs import CertificateAuthority
 from waiting import wait_until
 
@@ -36,7 +38,12 @@ async def served_by(client: httpx.AsyncClient, model: str) -> str:
     return replica
 
 
-async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def two_replicas(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Standalone, Standalone, dict[str, Any]]]:
+    """Replicas hooked-0 and hooked-1 (secret required; their config is
+    ``tmp_path/app.yaml``) and a gateway config watching both."""
     replica_config = write_config(tmp_path, [HOOKED])
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET)
@@ -44,13 +51,25 @@ async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:
         standalone_replica(replica_config, "Hooked", "hooked-0") as r0,
         standalone_replica(replica_config, "Hooked", "hooked-1") as r1,
     ):
-        gateway_config: dict[str, Any] = {
-            "http": {"port": 0},
-            "cluster": {"secret_file": str(secret_file)},
-            "deployments": [
-                {**HOOKED, "launcher": {"kind": "static", "addresses": [r0.address, r1.address]}}
-            ],
-        }
+        yield (
+            r0,
+            r1,
+            {
+                "http": {"port": 0},
+                "cluster": {"secret_file": str(secret_file)},
+                "deployments": [
+                    {
+                        **HOOKED,
+                        "launcher": {"kind": "static", "addresses": [r0.address, r1.address]},
+                    }
+                ],
+            },
+        )
+
+
+async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:
+    async with two_replicas(tmp_path) as (_, r1, gateway_config):
+        replica_config = tmp_path / "app.yaml"
         async with running_gateway(gateway_config) as gw:
             pool = gw.pools["Hooked"]
 
@@ -159,20 +178,7 @@ async def test_dns_mode_checks_certificates_for_the_name(tmp_path: Path) -> None
 async def test_two_gateways_share_replicas_and_one_leaving_costs_the_other_nothing(
     tmp_path: Path,
 ) -> None:
-    replica_config = write_config(tmp_path, [HOOKED])
-    secret_file = tmp_path / "secret"
-    secret_file.write_text(SECRET)
-    async with (
-        standalone_replica(replica_config, "Hooked", "hooked-0") as r0,
-        standalone_replica(replica_config, "Hooked", "hooked-1") as r1,
-    ):
-        config: dict[str, Any] = {
-            "http": {"port": 0},
-            "cluster": {"secret_file": str(secret_file)},
-            "deployments": [
-                {**HOOKED, "launcher": {"kind": "static", "addresses": [r0.address, r1.address]}}
-            ],
-        }
+    async with two_replicas(tmp_path) as (r0, r1, config):
         models = [f"m{i}" for i in range(4)]
         outcomes: list[int] = []
         async with running_gateway(config) as b, httpx.AsyncClient(base_url=b.url) as via_b:
