@@ -151,12 +151,15 @@ def import_classes(
 def _channel_problems(config: AppConfig) -> list[str]:
     """The cluster secret and TLS files, when a deployment's replicas are remote."""
     from muxgate.gateway._remote import RemoteLaunchers
+    from muxgate.gateway.launchers import LauncherNotFoundError
     from muxgate.replicas.contract import ChannelError
 
     try:
-        RemoteLaunchers(config)
+        RemoteLaunchers(config, check_only=True)
     except ChannelError as exc:
         return [f"cluster: {exc}"]
+    except LauncherNotFoundError as exc:
+        return [str(exc)]
     return []
 
 

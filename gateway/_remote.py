@@ -25,12 +25,19 @@ class RemoteLaunchers:
     Each remote launcher gets the config's ``cluster`` channel (secret, TLS)
     and is also its pool's connector: it knows how its replicas are reached.
 
+    ``check_only``: validate the secret, the TLS files and that each kind's
+    launcher can be imported, and build no launcher (no connection to Ray,
+    nothing generated or removed there): what ``muxgate check`` does.
+
     Raises:
         ChannelError: (at construction, only when some deployment is not
             local) the cluster secret or a TLS file cannot be used.
+        LauncherNotFoundError: a kind's launcher cannot be imported
+            (``ray`` without ``muxgate[ray]``).
+        ConnectionError: a ``ray`` launcher's cluster does not answer.
     """
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, *, check_only: bool = False) -> None:
         remote = {
             d.name: config.launcher_for(d)
             for d in config.deployments
@@ -42,6 +49,11 @@ class RemoteLaunchers:
             return
         secret = load_secret(config.cluster.secret_file)
         ray_kinds = [s for s in remote.values() if s.kind == "ray"]
+        if check_only:
+            self.channel = ChannelClient(config.cluster)
+            for settings in remote.values():
+                get_launcher_class(settings.kind)
+            return
         if ray_kinds and secret is None:
             # None configured: the one generated for the Ray namespace, kept
             # in the Ray cluster (the next gateway must prove the same one).

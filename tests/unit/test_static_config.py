@@ -74,3 +74,18 @@ def test_a_ray_launcher_takes_an_address_and_a_namespace_only() -> None:
         config({"kind": "local", "namespace": "shop"})
     with pytest.raises(ConfigError):
         config({"kind": "ray", "namespace": "no spaces"})
+
+
+def test_check_connects_to_no_ray_cluster(tmp_path: Any) -> None:
+    from muxgate.gateway._check import check_config_file
+
+    path = tmp_path / "app.yaml"
+    path.write_text(
+        "deployments:\n"
+        "  - name: A\n"
+        "    import_path: 'm:A'\n"
+        "    launcher: {kind: ray, address: '127.0.0.1:1', namespace: shop}\n"
+    )
+    # Nothing listens at that address: a check that connected would fail on it.
+    report = check_config_file(path)
+    assert not [p for p in report.problems if "Ray" in p or "cluster" in p], report.problems
