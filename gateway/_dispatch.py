@@ -557,8 +557,9 @@ class Dispatcher:
             self._hand(head, head_decision)
             return True
         # A slot is free but only a miss could use it: try again when the
-        # head has waited long enough (or earlier, if a request finishes).
-        self._timer = loop.call_at(due, self.wake)
+        # head has waited long enough (or earlier, if a request finishes, or
+        # when a request held back by the spill price is due).
+        self._timer = loop.call_at(min(due, priced_due), self.wake)
         return False
 
     def _hand(self, waiter: _Waiter, decision: RouteDecision) -> None:

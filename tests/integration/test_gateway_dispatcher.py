@@ -537,3 +537,32 @@ async def poll_time(when: float) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the clock did not advance")
+
+
+async def test_a_priced_spill_waits_for_the_holder_then_spills_once_waiting_costs_a_load() -> None:
+    d, targets, metrics = make(["a", "b"])
+    d.router.spill_rule = "priced"
+    d.router.load_s = 0.05  # a spill costs 50 ms (the other replica has a free slot)
+    holder = d.router.preference_list("m")[0]
+    other = "b" if holder == "a" else "a"
+    targets[holder].gate = gate = asyncio.Event()
+    first = asyncio.ensure_future(send(d, "m"))
+    await settle()
+    # The holder is full; waiting (~10 ms estimated) is cheaper than a 50 ms load.
+    second = asyncio.ensure_future(send(d, "m"))
+    await settle()
+    assert d.queued == 1 and not targets[other].calls
+    gate.set()  # the holder frees its slot before the wait costs a load: served there
+    assert (await first)[1] == holder and (await second)[1] == holder
+    assert metrics.spills == 0 and not targets[other].calls
+    # Now the holder stays busy: the waiter spills once it has waited the price.
+    targets[holder].gate = asyncio.Event()
+    blocked = asyncio.ensure_future(send(d, "m"))
+    await settle()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    _, replica = await send(d, "m")
+    assert replica == other and metrics.spills == 1
+    assert loop.time() - started >= 0.05
+    targets[holder].gate.set()
+    await blocked
