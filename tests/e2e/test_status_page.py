@@ -261,6 +261,7 @@ async def test_status_page_shows_start_failures_quarantine_and_memory(gateway: G
         ]
         for rep in dep["replicas"]:
             rep["rss_bytes"] = 512 * 1024 * 1024
+            rep["model_bytes"] = 3 * 1024 * 1024
         await route.fulfill(response=response, body=json.dumps(body))
 
     expect.set_options(timeout=UI_TIMEOUT_MS)
@@ -279,6 +280,7 @@ async def test_status_page_shows_start_failures_quarantine_and_memory(gateway: G
                 re.compile(r"quarantined models:\s*poison")
             )
             await expect(dep.locator('[data-field="rss"]')).to_have_text("512 MiB")
+            await expect(dep.locator('[data-field="model-bytes"]')).to_have_text("3 MiB")
         finally:
             await browser.close()
             expect.set_options(timeout=None)
