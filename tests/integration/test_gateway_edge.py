@@ -308,6 +308,7 @@ async def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(quiet: G
         return len(edge.open) == 8 and not edge.idle
 
     await wait_until(all_busy, within_s=10)
+    assert repr(edge).startswith("<Edge open=8/8 idle=0 ")
     reader, writer = await connect(gw)
     writer.write(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
     status, headers, body = await read_response(reader)

@@ -65,6 +65,7 @@ async def test_shutdown_finishes_short_requests_and_answers_the_rest_503() -> No
             return gw.shutdown.draining
 
         await wait_until(draining, within_s=5)
+        assert repr(gw.shutdown).startswith("<Shutdown draining in_flight=")
         # Stopped accepting: a new connection is refused.
         with pytest.raises(OSError):
             await asyncio.open_connection(url.hostname, url.port)
