@@ -312,7 +312,7 @@ def test_sigterm_lets_requests_finish_and_answers_the_rest_503(tmp_path: Path) -
     config = tmp_path / "app.yaml"
     config.write_text(
         f"app_dir: {APPS}\n"
-        "http: {shutdown_grace_s: 1.5, request_timeout_s: 30}\n"
+        "http: {shutdown_grace_s: 2, request_timeout_s: 30}\n"
         "deployments:\n"
         "  - {name: Term, import_path: 'gateway_apps:Echo1', num_replicas: 2}\n"
     )
@@ -360,7 +360,7 @@ def test_sigterm_lets_requests_finish_and_answers_the_rest_503(tmp_path: Path) -
         assert proc.wait(timeout=30) == 0
         assert 1.0 < time.monotonic() - sent < 15
         assert _gone(processes)
-        assert "requests in flight get up to 1.5 s" in log.read_text()
+        assert "requests in flight get up to 2 s" in log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -17,7 +17,7 @@ from waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-GRACE_S = 1.5
+GRACE_S = 2.0
 
 
 def alive(pid: int) -> bool:
