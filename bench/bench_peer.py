@@ -167,6 +167,10 @@ class System:
         may run muxgate too: they are not ours)."""
         raise NotImplementedError
 
+    def stop_app(self) -> None:
+        """Stop serving (the two systems take turns on one port and two cores)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -183,8 +187,11 @@ class Muxgate(System):
         env = {**self.env(), "MUXVENV": str(REPO / ".venv")}
         run([str(PEER / "muxgate_hook.sh"), app, str(k), str(replicas)], env)
 
-    def close(self) -> None:
+    def stop_app(self) -> None:
         run([str(PEER / "muxgate_hook.sh"), "stop"], self.env())
+
+    def close(self) -> None:
+        self.stop_app()
 
     def watch_regex(self) -> str:
         # Gateway, fork server and replicas run this repository's venv.
@@ -224,7 +231,13 @@ class Ray(System):
     def watch_regex(self) -> str:
         return "ray::|gcs_server|raylet|" + re.escape(str(self.venv))
 
+    def stop_app(self) -> None:
+        python = str(self.venv / "bin" / "python")
+        run([python, str(PEER / "ray_app.py"), "shutdown"], self.env())
+
     def close(self) -> None:
+        with contextlib.suppress(SystemExit):
+            self.stop_app()
         if self._started_cluster:
             run([str(PEER / "ray_cluster.sh"), "stop"], self.env())
 
@@ -354,10 +367,19 @@ def cpu_by_group(system: System, result: dict[str, Any]) -> dict[str, float]:
 def measured_run(
     python: str, system: System, args: argparse.Namespace, app: str, label: str
 ) -> dict[str, Any]:
+    # A hook that finds another server on the port would measure that one.
+    deadline = time.monotonic() + 60
+    while not port_free(system.port):
+        if time.monotonic() > deadline:
+            sys.exit(f"bench_peer: 127.0.0.1:{system.port} still in use before {system.name}")
+        time.sleep(0.5)
     system.deploy(app, args.k, args.replicas)
     probe = HealthProbe(system.port)
-    with probe.running():
-        result = loadgen(python, system, args, label, app)
+    try:
+        with probe.running():
+            result = loadgen(python, system, args, label, app)
+    finally:
+        system.stop_app()
     result["cpu_ms_per_request"] = cpu_by_group(system, result)
     result["healthz_ms_under_load"] = probe.summary()
     return result
