@@ -211,7 +211,8 @@ class Ray(System):
         self._started_cluster = False
 
     def env(self) -> dict[str, str]:
-        return {**super().env(), "VENV": str(self.venv)}
+        # "auto" would find any other Ray cluster on the host; ours is on 6390.
+        return {**super().env(), "VENV": str(self.venv), "RAY_ADDRESS": "127.0.0.1:6390"}
 
     def start_cluster(self) -> None:
         status = subprocess.run(
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-ongoing", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quiet", type=float, default=0.3, help="host busy to wait for")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8400)
     parser.add_argument("--models", type=Path, default=Path("/tmp/muxgate-peer-models"))
     parser.add_argument("--no-noop", action="store_true", help="skip the no-op runs")
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
