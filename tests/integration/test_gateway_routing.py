@@ -114,7 +114,10 @@ async def test_lru_eviction_visible_in_admin(client: httpx.AsyncClient) -> None:
         "models",
         "loading",
         "rss_bytes",
+        "model_bytes",
+        "pinned",
     }
+    assert rep["pinned"] == []
 
 
 async def test_concurrent_requests_spill_to_second_replica(client: httpx.AsyncClient) -> None:
