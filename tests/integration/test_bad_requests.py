@@ -27,12 +27,6 @@ async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
         yield gw
 
 
-@pytest.fixture
-async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
-        yield client
-
-
 async def test_a_loader_without_the_header_is_400_naming_the_header(
     client: httpx.AsyncClient,
 ) -> None:

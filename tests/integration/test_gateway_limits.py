@@ -54,12 +54,6 @@ async def gateway() -> AsyncIterator[Gateway]:
         yield gw
 
 
-@pytest.fixture
-async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as c:
-        yield c
-
-
 async def view(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
     out: dict[str, Any] = (await client.get("/-/replicas")).json()["deployments"][name]
     return out

@@ -63,12 +63,6 @@ async def gateway(anyio_backend: str) -> AsyncIterator[Gateway]:
         yield gw
 
 
-@pytest.fixture
-async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as c:
-        yield c
-
-
 async def replicas(client: httpx.AsyncClient, name: str) -> dict[str, Any]:
     r = await client.get("/-/replicas")
     assert r.status_code == 200

@@ -67,12 +67,6 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gat
         yield gw
 
 
-@pytest.fixture
-async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as c:
-        yield c
-
-
 async def replicas_of(client: httpx.AsyncClient, deployment: str) -> list[dict[str, Any]]:
     r = await client.get("/-/replicas")
     assert r.status_code == 200

@@ -59,8 +59,9 @@ def test_check_reports_an_unusable_cluster_secret(tmp_path: Any) -> None:
         "  - {name: A, import_path: 'm:A', launcher: {kind: static, addresses: ['tcp:h:1']}}\n"
     )
     report = check_config_file(path)
-    assert f"cluster: cannot read the cluster secret file {tmp_path}/missing-secret" in (
-        report.problems[0]
+    assert (
+        f"cluster: cannot read the cluster secret file {tmp_path}/missing-secret"
+        in (report.problems[0])
     )
 
 
