@@ -282,7 +282,7 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             watchers.cancel_scope.cancel()
             return 1
         try:
-            await _race_stop(
+            done, _ = await _race_stop(
                 starter.stop,
                 lambda: preload_models(
                     instance, spec.preload, spec.pinned, spec.multiplexed_loader
@@ -290,6 +290,10 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             )
         except ValueError as exc:
             announce(f"FAILED {_one_line(str(exc))}")
+            watchers.cancel_scope.cancel()
+            return 1
+        if not done:
+            announce(f"FAILED stopped while preloading models ({starter.reason})")
             watchers.cancel_scope.cancel()
             return 1
         try:

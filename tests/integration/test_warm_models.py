@@ -216,3 +216,26 @@ def test_config_validates_the_new_fields(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError):
             parse_config({"deployments": [{**base, **bad}]}, base_dir=APPS)
+
+
+async def test_an_unknown_multiplexed_loader_fails_the_start_with_its_name(
+    tmp_path: Path,
+) -> None:
+    from muxgate.gateway._serve import GatewayStartError
+
+    write_sized(tmp_path, {"x": 8})
+    config = {
+        "http": {"port": 0},
+        "deployments": [
+            {
+                "name": "Misnamed",
+                "import_path": "warm_apps:Sized",
+                "init_kwargs": {"model_root": str(tmp_path)},
+                "preload": ["x"],
+                "multiplexed_loader": "load_model",
+            }
+        ],
+    }
+    with pytest.raises(GatewayStartError, match=r"Sized\.load_model is not a @multiplexed loader"):
+        async with running_gateway(config, fail_fast=True):
+            pass
