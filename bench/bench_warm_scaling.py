@@ -1,0 +1,177 @@
+"""What a scale step costs in client-visible model loads, with and without
+warming (the warm handoff on ring changes).
+
+Closed loop: ``--clients`` (8) clients send requests over ``--models`` (50)
+real torch MLPs (``tests/apps/mlp_apps.py`` ``Mlps``, ~4 MB each, two per
+replica by count) with Zipf(1.1) popularity, to a deployment of fixed size.
+Three windows of ``--window`` seconds (30) each, back to back: steady with
+2 replicas; from ``pool.set_target(3)`` on (the third replica's start
+included); from ``pool.set_target(2)`` on (the handover, if any,
+included). For each window: requests, the client-visible loads
+(``muxgate_cache_misses_total``: requests that waited for a load; warming
+loads are not counted there) and p99 latency.
+
+``warming: off`` replaces the pool's warm handoff with nothing (the gateway
+before it); ``on`` is the default.
+
+    flock /work/wt/bench.lock .venv/bin/python bench/bench_warm_scaling.py
+
+Results: docs/benchmarks.md ("Warm handoff").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+from _common import percentile, print_machine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+APPS = os.path.join(HERE, "..", "tests", "apps")
+sys.path.insert(0, APPS)
+
+from mlp_apps import write_mlps  # noqa: E402
+
+from muxgate.gateway._config import parse_config  # noqa: E402
+from muxgate.gateway._pool import ReplicaPool  # noqa: E402
+from muxgate.gateway._serve import start_gateway  # noqa: E402
+
+MODEL = "serve_multiplexed_model_id"
+
+
+def misses(text: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("muxgate_cache_misses_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Load:
+    """The closed loop: latencies of the requests finished since ``mark()``."""
+
+    def __init__(self, url: str, models: list[str], clients: int, seed: int) -> None:
+        self.url, self.models, self.clients = url, models, clients
+        weights = [1 / (i + 1) ** 1.1 for i in range(len(models))]
+        self.rng = random.Random(seed)
+        self.cum = list(itertools.accumulate(weights))
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.stop = False
+
+    def pick(self) -> str:
+        return self.rng.choices(self.models, cum_weights=self.cum)[0]
+
+    async def client(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=60) as c:
+            while not self.stop:
+                started = time.perf_counter()
+                r = await c.post("/", headers={MODEL: self.pick()})
+                self.latencies.append(time.perf_counter() - started)
+                if r.status_code != 200:
+                    self.errors += 1
+
+    def mark(self) -> list[float]:
+        done, self.latencies = self.latencies, []
+        return done
+
+
+async def window(name: str, load: Load, admin: httpx.AsyncClient, seconds: float) -> dict[str, Any]:
+    before = misses((await admin.get("/-/metrics")).text)
+    load.mark()
+    await asyncio.sleep(seconds)  # the measured window, not synchronisation
+    lat = load.mark()
+    after = misses((await admin.get("/-/metrics")).text)
+    row = {
+        "window": name,
+        "requests": len(lat),
+        "loads": int(after - before),
+        "p99_ms": round(1e3 * percentile(lat, 0.99), 1) if lat else None,
+    }
+    print(row, flush=True)
+    return row
+
+
+async def run(warming: bool, args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
+    if not warming:
+
+        async def nothing(*_: Any) -> None:
+            return None
+
+        saved = ReplicaPool._warm_moved, ReplicaPool._hand_over_then_drain
+        ReplicaPool._warm_moved = nothing  # type: ignore[method-assign]
+
+        async def drain_now(self: ReplicaPool, rep: Any) -> None:
+            self._leave(rep)
+            await self._drain(rep)
+
+        ReplicaPool._hand_over_then_drain = drain_now  # type: ignore[method-assign]
+    models = [f"m{i:02d}" for i in range(args.models)]
+    config = parse_config(
+        {
+            "http": {"port": 0},
+            "deployments": [
+                {
+                    "name": "Mlps",
+                    "import_path": "mlp_apps:Mlps",
+                    "init_kwargs": {"model_root": root},
+                    "num_replicas": 2,
+                    "num_cpus": 0.5,
+                }
+            ],
+        },
+        base_dir=APPS,
+    )
+    rows = []
+    try:
+        async with (
+            start_gateway(config) as gw,
+            httpx.AsyncClient(base_url=gw.url, timeout=60) as admin,
+        ):
+            pool = gw.pools["Mlps"]
+            load = Load(gw.url, models, args.clients, seed=7)
+            tasks = [asyncio.create_task(load.client()) for _ in range(args.clients)]
+            await asyncio.sleep(args.window / 3)  # warm-up, not measured
+            rows.append(await window("steady, 2 replicas", load, admin, args.window))
+            pool.set_target(3)
+            rows.append(await window("after 2 -> 3", load, admin, args.window))
+            assert pool.running == 3, pool
+            pool.set_target(2)
+            rows.append(await window("after 3 -> 2", load, admin, args.window))
+            assert pool.running == 2, pool
+            load.stop = True
+            await asyncio.gather(*tasks)
+            print(f"errors: {load.errors}")
+    finally:
+        if not warming:
+            ReplicaPool._warm_moved, ReplicaPool._hand_over_then_drain = saved  # type: ignore[method-assign]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument("--only", choices=["on", "off"])
+    args = parser.parse_args()
+    print_machine()
+    with tempfile.TemporaryDirectory() as root:
+        write_mlps(root, [f"m{i:02d}" for i in range(args.models)])
+        for warming in (False, True):
+            if args.only and args.only != ("on" if warming else "off"):
+                continue
+            print(f"warming: {'on' if warming else 'off'}", flush=True)
+            asyncio.run(run(warming, args, root))
+
+
+if __name__ == "__main__":
+    main()
