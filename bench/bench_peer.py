@@ -58,6 +58,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -186,6 +187,14 @@ class Muxgate(System):
     def deploy(self, app: str, k: int, replicas: int) -> None:
         env = {**self.env(), "MUXVENV": str(REPO / ".venv")}
         run([str(PEER / "muxgate_hook.sh"), app, str(k), str(replicas)], env)
+
+    def env(self) -> dict[str, str]:
+        # The hook keeps its pid file and app under $TMPDIR/muxbench-work and
+        # stops whatever that pid file names: a folder of our own, so it
+        # never stops another job's server.
+        folder = Path(tempfile.gettempdir()) / "bench-peer"
+        folder.mkdir(exist_ok=True)
+        return {**super().env(), "TMPDIR": str(folder)}
 
     def stop_app(self) -> None:
         run([str(PEER / "muxgate_hook.sh"), "stop"], self.env())
