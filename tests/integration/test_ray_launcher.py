@@ -3,12 +3,14 @@ this machine (``ray.cluster_utils.Cluster``: real GCS and raylets, loopback
 only), shared by the module's tests; each test uses its own namespace.
 
 A gateway serves requests through replicas running as Ray actors, scales
-0 -> 3 across the nodes, replaces the replicas of a worker node that dies
-on the live ones, and leaves its actors to the next gateway, which adopts
-them; one whose config no longer has the deployment removes them."""
+0 -> 3 across the nodes (requests that arrive meanwhile wait and are
+served), replaces the replicas of a worker node that dies on the live ones,
+and leaves its actors to the next gateway, which adopts them; one whose
+config no longer has the deployment removes them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -94,8 +96,12 @@ async def test_scales_over_nodes_and_replaces_a_dead_nodes_replicas(cluster: Any
     async with running_gateway(app(cluster, ns, [hooked(0)])) as gw:
         pool = gw.pools["Hooked"]
         pool.set_target(3)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            # Requests that arrive while the actors start wait for them.
+            during = await asyncio.gather(*(served_by(client, f"w{i}") for i in range(6)))
         await wait_until(lambda: len(pool.targets) == 3, within_s=60, what="3 actor replicas")
         replicas = sorted(pool.targets)
+        assert set(during) <= set(replicas)
         for replica_id in replicas:
             assert pool.targets[replica_id].address.startswith("tcp:127.0.0.1:")
         nodes = {rid: await node_of(rid, ns) for rid in replicas}
