@@ -11,6 +11,7 @@ config no longer has the deployment removes them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -135,8 +136,9 @@ async def test_scales_over_nodes_and_replaces_a_dead_nodes_replicas(cluster: Any
 
 
 async def test_actors_outlive_the_gateway_are_adopted_and_removed_with_the_deployment(
-    cluster: Any,
+    cluster: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="muxgate")
     ns = "adopt"
     async with running_gateway(app(cluster, ns, [hooked(2)])) as gw:
         pool = gw.pools["Hooked"]
@@ -152,6 +154,15 @@ async def test_actors_outlive_the_gateway_are_adopted_and_removed_with_the_deplo
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
             assert await served_by(client, "m1") in first
     assert actors_in(ns) == {f"muxgate:{rid}" for rid in first}
+
+    # No secret configured: one was generated for the namespace and kept in
+    # the cluster (the second gateway proved it to the adopted replicas); it
+    # is never logged.
+    from ray.experimental import internal_kv
+
+    secret = internal_kv._internal_kv_get(b"muxgate:cluster-secret", namespace=ns)
+    assert secret is not None and len(secret) >= 32
+    assert secret.decode() not in caplog.text
 
     other = {"name": "Other", "import_path": "autoscale_apps:Hooked", "num_replicas": 0}
     async with running_gateway(app(cluster, ns, [other])):
