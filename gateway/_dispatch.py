@@ -163,7 +163,9 @@ class Dispatcher:
         targets: replica id -> ``Target``, kept current by the pool.
         max_queued_requests: queue bound; ``-1`` for unbounded.
         starting: returns whether a replica is starting (so a request with no
-            replica to go to waits instead of failing at once).
+            replica to go to waits instead of failing at once); a query only.
+        activate: called when requests wait and no replica runs, before
+            ``starting`` is asked (the pool raises a target of zero to one).
         unavailable_reason: why no replica runs (e.g. the last start
             failure), added to the 503's message; None when unknown.
         metrics: where queue length and spillovers are reported.
@@ -183,6 +185,7 @@ class Dispatcher:
         *,
         max_queued_requests: int = 1000,
         starting: Callable[[], bool] = lambda: False,
+        activate: Callable[[], None] = lambda: None,
         metrics: DispatchMetrics | None = None,
         per_model_labels: bool = False,
         retry_after_s: int = 1,
@@ -196,6 +199,7 @@ class Dispatcher:
         #: queue bound; the pool may change it once it knows the class's options
         self.max_queued_requests = max_queued_requests
         self._starting = starting
+        self._activate = activate
         self._unavailable_reason = unavailable_reason
         self._metrics = metrics
         self._per_model = per_model_labels
@@ -402,8 +406,10 @@ class Dispatcher:
         return NoReplicaError(message, retry_after=self._retry_after)
 
     async def _wait_for_slot(self, model_id: str, deadline: float) -> RouteDecision:
-        if not len(self.router) and not self._starting():
-            raise self._no_replica(f"no replica of {self.name} is running")
+        if not len(self.router):
+            self._activate()  # the first request at zero replicas
+            if not self._starting():
+                raise self._no_replica(f"no replica of {self.name} is running")
         if 0 <= self.max_queued_requests <= self._waiting:
             raise OverCapacityError(
                 f"{self.name} is over capacity ({self._waiting} requests queued)",
@@ -471,6 +477,8 @@ class Dispatcher:
         waiting_before = self._waiting
         while self._waiting and self._serve_one():
             pass
+        if self._waiting and not len(self.router):
+            self._activate()
         if self._waiting and not len(self.router) and not self._starting():
             # Nothing will ever free a slot: fail the waiters now, not at their deadline.
             error = self._no_replica(f"no replica of {self.name} is running")

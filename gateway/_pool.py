@@ -4,7 +4,9 @@ A ``ReplicaPool`` keeps ``target`` replica processes of one deployment
 running. It owns the deployment's ``Router`` and ``Dispatcher`` and the map
 ``targets`` (replica id -> connection) the dispatcher sends over.
 
-Life of a replica::
+The replicas' states, the start backoff and liveness are decided by a
+``ReplicaSet`` (``muxgate.gateway._replica_set``: synchronous, on the pool's
+clock); the pool does the starting, connecting and polling. Life of a replica::
 
     STARTING --ready--> RUNNING --death--> (removed, replaced)
                            |
@@ -33,8 +35,9 @@ Life of a replica::
   asks it before routing a request.
 * An autoscaled deployment gets an ``Autoscaler`` loop (started by
   ``start()``), which moves ``target`` with the policy. At zero replicas the
-  pool is also the activator: the first request that finds no replica raises
-  the target to one at once and waits in the dispatcher's queue.
+  pool is also the activator: the dispatcher calls ``activate()`` when a
+  request finds no replica, which raises the target to one at once; the
+  request waits in the dispatcher's queue.
 
 Every reply and pong refreshes the router's view of the replica through the
 connection's ``on_state`` callback; a poller pings each replica about once a
@@ -48,10 +51,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -64,6 +65,15 @@ from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
 from muxgate.gateway._quarantine import Quarantine
+from muxgate.gateway._replica_set import (
+    DRAINING,
+    PING_TIMEOUT_S,
+    RUNNING,
+    STARTING,
+    STOPPING,
+    Replica,
+    ReplicaSet,
+)
 from muxgate.gateway._router import Router
 from muxgate.gateway._warmer import warm_replica
 from muxgate.gateway._warming import (
@@ -93,16 +103,7 @@ __all__ = [
 
 _log = logging.getLogger("muxgate.gateway.pool")
 
-STARTING = "starting"
-RUNNING = "running"
-DRAINING = "draining"
-STOPPING = "stopping"
-
 PING_INTERVAL_S = 1.0
-#: a replica that has not answered a ping for this long is treated as dead
-PING_TIMEOUT_S = 10.0
-BACKOFF_INITIAL_S = 0.5
-BACKOFF_MAX_S = 30.0
 #: seconds a process gets to exit after its connection closed, before SIGKILL
 EXIT_GRACE_S = 5.0
 #: the pool waits for ``Drained`` this much longer than the replica's own
@@ -116,29 +117,6 @@ SpecFactory = Callable[[DeploymentConfig, str], ReplicaSpec]
 
 async def _connect(address: str, on_state: Callable[[ReplicaState], None]) -> ReplicaConnection:
     return await ReplicaConnection.connect(address, on_state=on_state)
-
-
-@dataclass(eq=False)
-class _Replica:
-    id: str
-    state: str = STARTING
-    #: what the launcher reported (None until a start returned)
-    process: LaunchedReplica | None = None
-    conn: ReplicaConnection | None = None
-    last_pong: float = 0.0
-    task: asyncio.Task[None] | None = None
-    #: last cumulative (model_loads, model_load_seconds_sum) from a pong
-    loads_seen: tuple[float, float] = (0.0, 0.0)
-    #: sequence number of the last model event taken from this replica
-    events_seq: int = 0
-    #: resident memory the replica last reported (None: unknown)
-    rss_bytes: int | None = None
-    #: bytes of its loaded models and its pinned ids, as it last reported
-    model_bytes: int = 0
-    pinned: list[str] = field(default_factory=list)
-    #: started while no replica ran and requests waited: it serves them before
-    #: its ``preload``/``pinned`` ids, then warms the deployment's hottest models
-    wakes: bool = False
 
 
 class ReplicaPool:
@@ -157,8 +135,8 @@ class ReplicaPool:
         drain_timeout_s: how long a scale-down waits for a replica's
             ``Drained``; the replica's graceful timeout is this minus
             ``DRAIN_MARGIN_S`` (the gateway passes request timeout + 5 s).
-        clock: monotonic seconds for the autoscaler and the quarantine (a
-            seam for tests).
+        clock: monotonic seconds for the replica set (start backoff,
+            liveness), the autoscaler and the quarantine (a seam for tests).
     """
 
     def __init__(
@@ -189,6 +167,8 @@ class ReplicaPool:
             min_capacity=config.routing.min_capacity,
             spill_rule=config.routing.spill,
         )
+        #: the replicas, their states, start backoff and liveness
+        self.replicas = ReplicaSet(config.name, clock=clock)
         #: replica id -> connection, for RUNNING replicas only
         self.targets: dict[str, ReplicaConnection] = {}
         #: model ids that keep killing replicas (see ``muxgate.gateway._quarantine``)
@@ -214,7 +194,8 @@ class ReplicaPool:
                 else DEFAULT_MAX_QUEUED_REQUESTS
             ),
             starting=self.is_starting,
-            unavailable_reason=self._unavailable_reason,
+            activate=self.activate,
+            unavailable_reason=self.replicas.unavailable_reason,
             metrics=metrics,
             per_model_labels=per_model_labels,
             affinity_wait_s=(
@@ -227,13 +208,9 @@ class ReplicaPool:
         self._load_time = LoadTimeEstimate()
         self.target = config.initial_replicas
         self.min_replicas: int = config.min_replicas
-        self.last_failure: str | None = None
         self._class_options_known = False
         #: the class's ``@deployment(num_cpus=...)``, once a replica told it
         self._class_num_cpus: float | None = None
-        self._failures = 0
-        self._backoff_until = 0.0
-        self._replicas: dict[str, _Replica] = {}
         self._events = ModelEventLog()
         self._memory = MemoryLimit(config.max_replica_rss_bytes)
         self._kick = asyncio.Event()
@@ -247,10 +224,9 @@ class ReplicaPool:
         )
 
     def __repr__(self) -> str:
-        counts = self.counts()
         return (
-            f"<ReplicaPool {self.name} target={self.target} {counts}"
-            f" failures={self._failures} queued={self.dispatcher.queued}>"
+            f"<ReplicaPool {self.name} target={self.target} {self.replicas!r}"
+            f" queued={self.dispatcher.queued}>"
         )
 
     # -- public API ---------------------------------------------------------
@@ -284,10 +260,7 @@ class ReplicaPool:
 
     def counts(self) -> dict[str, int]:
         """Replicas by state."""
-        out = {STARTING: 0, RUNNING: 0, DRAINING: 0, STOPPING: 0}
-        for rep in self._replicas.values():
-            out[rep.state] += 1
-        return out
+        return self.replicas.counts()
 
     @property
     def load_time_s(self) -> float:
@@ -298,21 +271,25 @@ class ReplicaPool:
     def running(self) -> int:
         return len(self.targets)
 
-    def is_starting(self) -> bool:
-        """Whether a replica is starting or about to be (requests may wait).
+    @property
+    def last_failure(self) -> str | None:
+        """Why the last replica start failed (None: none failed)."""
+        return self.replicas.last_failure
 
-        The dispatcher asks this only when it has no replica to send a request
-        to. For an autoscaled deployment at zero replicas it is also the
-        activator: the request raises the target to one and waits for it.
-        """
-        if self._closing:
-            return False
+    def activate(self) -> None:
+        """Activation from zero: requests wait and no replica runs. An
+        autoscaled deployment at zero replicas raises its target to one at
+        once (the dispatcher calls this when a request finds no replica)."""
         scaling = self.config.autoscaling
-        if self.target == 0 and scaling is not None and scaling.max_replicas > 0:
+        if self._closing or scaling is None or scaling.max_replicas == 0:
+            return
+        if self.target == 0:
             self.set_target(1)
-        if any(r.state == STARTING for r in self._replicas.values()):
-            return True
-        return self.running < self.target and time.monotonic() >= self._backoff_until
+
+    def is_starting(self) -> bool:
+        """Whether a replica is starting or about to be (requests may wait);
+        a query only (``activate`` raises a target of zero)."""
+        return not self._closing and self.replicas.is_starting(self.target, self.running)
 
     @property
     def healthy(self) -> bool:
@@ -338,7 +315,7 @@ class ReplicaPool:
     def snapshot(self) -> dict[str, Any]:
         """The deployment's entry of ``GET /-/replicas``."""
         replicas = []
-        for rep in sorted(self._replicas.values(), key=lambda r: r.id):
+        for rep in sorted(self.replicas, key=lambda r: r.id):
             conn = rep.conn
             state = conn.state if conn is not None else ReplicaState()
             replicas.append(
@@ -383,11 +360,11 @@ class ReplicaPool:
         """
         running = [
             (rep, rep.conn)
-            for rep in self._replicas.values()
+            for rep in self.replicas
             if rep.state == RUNNING and rep.conn is not None
         ]
 
-        async def refresh(rep: _Replica, conn: ReplicaConnection) -> None:
+        async def refresh(rep: Replica, conn: ReplicaConnection) -> None:
             try:
                 pong = await conn.ping(events_after=rep.events_seq)
             except Exception:
@@ -409,13 +386,13 @@ class ReplicaPool:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
-        reps = list(self._replicas.values())
+        reps = list(self.replicas)
         if getattr(self._creator, "replicas_outlive_gateway", False):
             # Left running for the next gateway to adopt (Ray's detached actors).
             await asyncio.gather(*(self._release(rep) for rep in reps), return_exceptions=True)
         else:
             await asyncio.gather(*(self._stop(rep) for rep in reps), return_exceptions=True)
-        self._replicas.clear()
+        self.replicas.clear()
         self._report()
 
     # -- internals ----------------------------------------------------------
@@ -456,18 +433,17 @@ class ReplicaPool:
             _log.exception("%s: the launcher could not report its replicas", self.name)
             return
         for replica in reported:
-            if replica.name not in self._replicas:
-                rep = _Replica(id=replica.name, process=replica)
-                self._replicas[rep.id] = rep
+            if replica.name not in self.replicas:
+                rep = self.replicas.add(replica.name, replica)
                 rep.task = self._spawn(self._run_replica(rep), rep.id)
         if self._creator is None:
-            self.target = len(self._replicas)
+            self.target = len(self.replicas)
         self._report()
 
     async def _reconcile_loop(self) -> None:
         while True:
             self._reconcile()
-            delay = max(0.0, self._backoff_until - time.monotonic())
+            delay = self.replicas.backoff_left()
             self._kick.clear()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -478,24 +454,16 @@ class ReplicaPool:
 
     def _reconcile(self) -> None:
         # Decide synchronously, then spawn the I/O.
-        active = [r for r in self._replicas.values() if r.state in (STARTING, RUNNING)]
-        missing = self.target - len(active)
-        if missing > 0 and time.monotonic() >= self._backoff_until:
+        missing = self.replicas.missing(self.target)
+        if missing > 0:
             for _ in range(missing):
-                rep = _Replica(id=f"{self.name}#{secrets.token_hex(3)}")
-                self._replicas[rep.id] = rep
+                rep = self.replicas.add()
                 rep.task = self._spawn(self._run_replica(rep), rep.id)
             self._report()
         elif missing < 0:
             # Prefer cancelling starts, then drain the cheapest running replicas.
-            starting = [r for r in active if r.state == STARTING]
-            order = {rid: i for i, rid in enumerate(self.router.removal_order())}
-            running = sorted(
-                (r for r in active if r.state == RUNNING), key=lambda r: order.get(r.id, 0)
-            )
-            for rep in (starting + running)[:-missing]:
-                handing_over = rep.state == RUNNING and len(self.targets) > 1
-                rep.state = DRAINING
+            for rep, was_running in self.replicas.scale_down(-missing, self.router.removal_order()):
+                handing_over = was_running and len(self.targets) > 1
                 if handing_over:  # it serves on until its next homes hold its models
                     self._spawn(self._hand_over_then_drain(rep), f"drain-{rep.id}")
                     continue
@@ -503,7 +471,7 @@ class ReplicaPool:
                 self._spawn(self._drain(rep), f"drain-{rep.id}")
             self._report()
 
-    async def _run_replica(self, rep: _Replica) -> None:
+    async def _run_replica(self, rep: Replica) -> None:
         """Start one replica (unless it was adopted), serve until it dies,
         then make room for a new one."""
         try:
@@ -521,11 +489,9 @@ class ReplicaPool:
             return
         if rep.state != STARTING:  # scaled down while starting: the drain task owns it
             return
-        self._failures = 0
         if rep.conn.options is not None and not self._class_options_known:
             self._adopt_class_options(rep.conn.options)
-        rep.state = RUNNING
-        rep.last_pong = time.monotonic()
+        self.replicas.running(rep)
         self.targets[rep.id] = rep.conn
         self.router.add_replica(rep.id)
         self._on_state(rep.id, rep.conn.state)
@@ -543,7 +509,7 @@ class ReplicaPool:
                 rep.id, conn.close_reason, conn.lost_models, conn.state.loading, conn.state.models
             )
             self._leave(rep)
-            self._replicas.pop(rep.id, None)
+            self.replicas.remove(rep)
             self._kick.set()  # replace it
             self._report()
             self.dispatcher.wake()
@@ -594,7 +560,7 @@ class ReplicaPool:
             spec = msgspec.structs.replace(spec, num_cpus=self._class_num_cpus)
         return spec
 
-    async def _warm_after_zero(self, rep: _Replica, conn: ReplicaConnection) -> None:
+    async def _warm_after_zero(self, rep: Replica, conn: ReplicaConnection) -> None:
         """The first replica after zero: the config's deferred ``pinned`` and
         ``preload`` ids, then the hottest models of the deployment's warm set
         (docs/routing.md, "Warm models")."""
@@ -615,7 +581,7 @@ class ReplicaPool:
             running=lambda: rep.state == RUNNING,
         )
 
-    async def _warm_moved(self, rep: _Replica, conn: ReplicaConnection) -> None:
+    async def _warm_moved(self, rep: Replica, conn: ReplicaConnection) -> None:
         """A replica joined: it warms the recently requested models whose home it is now."""
         router = self.router
         plan = moved_home(
@@ -632,7 +598,7 @@ class ReplicaPool:
             running=lambda: rep.state == RUNNING,
         )
 
-    async def _hand_over_then_drain(self, rep: _Replica) -> None:
+    async def _hand_over_then_drain(self, rep: Replica) -> None:
         """Scale-down of a running replica: its recently requested models are
         warmed on their next homes while it keeps serving (bounded by
         ``handover_bound_s``), then it leaves the ring and drains."""
@@ -666,17 +632,9 @@ class ReplicaPool:
             self._leave(rep)
         await self._drain(rep)
 
-    def _unavailable_reason(self) -> str | None:
-        if self.last_failure is None or self._failures == 0:
-            return None
-        return f"last start failure: {self.last_failure}"
-
-    def _start_failed(self, rep: _Replica, exc: Exception) -> None:
+    def _start_failed(self, rep: Replica, exc: Exception) -> None:
         reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-        self.last_failure = str(reason)
-        self._failures += 1
-        delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (self._failures - 1))
-        self._backoff_until = time.monotonic() + delay
+        delay = self.replicas.start_failed(rep, str(reason))
         _log.error(
             "replica %s of %s failed to start (%s); next try in %.1f s",
             rep.id,
@@ -684,7 +642,6 @@ class ReplicaPool:
             reason,
             delay,
         )
-        self._replicas.pop(rep.id, None)
         if rep.process is not None:
             # Killed here, not in a task that shutdown could cancel: no orphans.
             self._kill(rep.process)
@@ -696,7 +653,7 @@ class ReplicaPool:
     def _on_state(self, replica_id: str, state: ReplicaState) -> None:
         self.router.observe(replica_id, models=state.models, loading=state.loading)
 
-    def _leave(self, rep: _Replica) -> None:
+    def _leave(self, rep: Replica) -> None:
         """Take a replica out of routing (first step of draining or removal)."""
         self.targets.pop(rep.id, None)
         self.router.remove_replica(rep.id)
@@ -704,7 +661,7 @@ class ReplicaPool:
         if self._metrics is not None:
             self._metrics.forget_replica(self.name, rep.id)
 
-    async def _drain(self, rep: _Replica) -> None:
+    async def _drain(self, rep: Replica) -> None:
         try:
             if rep.task is not None and rep.conn is None:
                 rep.task.cancel()  # still starting: abandon the start
@@ -727,10 +684,10 @@ class ReplicaPool:
             rep.state = STOPPING
             self._report()
             await self._stop(rep)
-            self._replicas.pop(rep.id, None)
+            self.replicas.remove(rep)
             self._report()
 
-    async def _release(self, rep: _Replica) -> None:
+    async def _release(self, rep: Replica) -> None:
         """Close the connection and leave the replica running; one still
         starting is killed (no one would know of it)."""
         if rep.conn is not None:
@@ -739,7 +696,7 @@ class ReplicaPool:
         elif rep.process is not None:
             self._kill(rep.process)
 
-    async def _stop(self, rep: _Replica) -> None:
+    async def _stop(self, rep: Replica) -> None:
         """Close the connection and make sure the process is gone."""
         if rep.conn is not None:
             with contextlib.suppress(Exception):
@@ -767,17 +724,17 @@ class ReplicaPool:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(PING_INTERVAL_S)
-            running = [r for r in self._replicas.values() if r.state == RUNNING and r.conn]
+            running = [r for r in self.replicas if r.state == RUNNING and r.conn]
             await asyncio.gather(*(self._ping(rep) for rep in running), return_exceptions=True)
 
-    async def _ping(self, rep: _Replica) -> None:
+    async def _ping(self, rep: Replica) -> None:
         conn = rep.conn
         assert conn is not None
         try:
             async with asyncio.timeout(PING_TIMEOUT_S):
                 pong = await conn.ping(events_after=rep.events_seq)
         except Exception:
-            if rep.state == RUNNING and time.monotonic() - rep.last_pong > PING_TIMEOUT_S:
+            if self.replicas.silent(rep):
                 _log.warning("replica %s stopped answering pings; killing it", rep.id)
                 if rep.process is not None:
                     self._kill(rep.process)
@@ -785,10 +742,10 @@ class ReplicaPool:
             return
         self._on_pong(rep, pong)
 
-    def _on_pong(self, rep: _Replica, pong: Pong) -> None:
+    def _on_pong(self, rep: Replica, pong: Pong) -> None:
         """A replica answered a ping (the poller's or a scrape's): liveness,
         load time estimate, model events, counters for the metrics."""
-        rep.last_pong = time.monotonic()
+        self.replicas.answered(rep)
         rep.loads_seen = self._load_time.observe(rep.loads_seen, pong.counters)
         self.router.load_s = self._load_time.value  # the price of a spill
         if self.config.routing.queue_affinity_wait_s is None:
@@ -810,7 +767,7 @@ class ReplicaPool:
         ):
             self._replace_for_memory(rep)
 
-    def _replace_for_memory(self, rep: _Replica) -> None:
+    def _replace_for_memory(self, rep: Replica) -> None:
         """Drain a replica over its memory limit; the reconciler replaces it.
 
         Drained, not killed: its in-flight calls finish and its models unload

@@ -258,6 +258,31 @@ async def test_waits_for_a_starting_replica() -> None:
     assert rid == "new"
 
 
+async def test_a_request_at_zero_replicas_activates_before_asking() -> None:
+    router = Router(max_ongoing_requests=2)
+    calls: list[str] = []
+    activated = False
+
+    def activate() -> None:
+        nonlocal activated
+        calls.append("activate")
+        activated = True
+
+    def starting() -> bool:
+        calls.append("starting")
+        return activated
+
+    d = Dispatcher("D", router, {}, starting=starting, activate=activate)
+    pending = asyncio.ensure_future(send(d))
+    await settle()
+    assert d.queued == 1 and calls[:2] == ["activate", "starting"]
+    activated = False  # the start gave up
+    d.wake()
+    with pytest.raises(NoReplicaError):
+        await pending
+    assert calls[-2:] == ["activate", "starting"]
+
+
 async def test_waiters_fail_when_the_last_start_fails() -> None:
     router = Router(max_ongoing_requests=2)
     starting = True

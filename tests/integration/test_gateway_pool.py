@@ -298,6 +298,9 @@ async def test_autoscaled_pool_at_zero_activates_on_a_request() -> None:
     pool.start()
     try:
         assert pool.target == 0 and pool.autoscaler is not None
+        # Asking is not activating: only activate() (the dispatcher's call
+        # when a request finds no replica) raises the target.
+        assert not pool.is_starting() and pool.target == 0
         reply, rid = await pool.dispatcher.dispatch(
             request_id="r",
             model_id="m",

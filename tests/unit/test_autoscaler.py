@@ -7,19 +7,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 
 from muxgate.gateway._autoscaler import MAX_SAMPLE_INTERVAL_S, Autoscaler
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._errors import ConfigError
 from muxgate.gateway._policy import AutoscalingConfig
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakePool:

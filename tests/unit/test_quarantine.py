@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from fake_clock import FakeClock
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._errors import ConfigError, QuarantinedError, error_response
 from muxgate.gateway._quarantine import Quarantine, QuarantineConfig, suspects
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(**config: float) -> tuple[Quarantine, FakeClock]:
