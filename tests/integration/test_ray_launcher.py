@@ -167,3 +167,24 @@ async def test_actors_outlive_the_gateway_are_adopted_and_removed_with_the_deplo
     other = {"name": "Other", "import_path": "autoscale_apps:Hooked", "num_replicas": 0}
     async with running_gateway(app(cluster, ns, [other])):
         assert actors_in(ns) == set()  # Hooked is gone from the config: so are its actors
+
+
+async def test_a_replica_that_fails_to_start_leaves_no_actor(cluster: Any) -> None:
+    ns = "broken"
+    broken = {
+        "name": "Broken",
+        "import_path": "autoscale_apps:Broken",
+        "num_replicas": 0,
+        "num_cpus": REPLICA_CPUS,
+    }
+    async with running_gateway(app(cluster, ns, [broken])) as gw:
+        pool = gw.pools["Broken"]
+        pool.set_target(1)
+        await wait_until(lambda: pool.last_failure, within_s=60, what="a start failure")
+        assert "model registry unreachable" in str(pool.last_failure)
+        # The failed replica's detached actor is gone, its CPUs free (no retry
+        # may be under way meanwhile: each start's actor is named after it).
+        await wait_until(
+            lambda: not actors_in(ns) or pool.is_starting(), within_s=30, what="no leftover actor"
+        )
+    await wait_until(lambda: not actors_in(ns), within_s=30, what="no actor after the gateway")
