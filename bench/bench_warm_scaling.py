@@ -2,8 +2,10 @@
 warming (the warm handoff on ring changes).
 
 Closed loop: ``--clients`` (8) clients send requests over ``--models`` (50)
-real torch MLPs (``tests/apps/mlp_apps.py`` ``Mlps``, ~4 MB each, two per
-replica by count) with Zipf(1.1) popularity, to a deployment of fixed size.
+real torch models with Zipf(1.1) popularity (``--app mlps``:
+``tests/apps/mlp_apps.py`` ``Mlps``, ~4 MB each, two per replica by count;
+``--app sized``: ``warm_apps.py`` ``Sized``, 1 MB each, no count limit),
+to a deployment of fixed size.
 Three windows of ``--window`` seconds (30) each, back to back: steady with
 2 replicas; from ``pool.set_target(3)`` on (the third replica's start
 included); from ``pool.set_target(2)`` on (the handover, if any,
@@ -39,12 +41,16 @@ APPS = os.path.join(HERE, "..", "tests", "apps")
 sys.path.insert(0, APPS)
 
 from mlp_apps import write_mlps  # noqa: E402
+from warm_apps import write_sized  # noqa: E402
 
 from muxgate.gateway._config import parse_config  # noqa: E402
 from muxgate.gateway._pool import ReplicaPool  # noqa: E402
 from muxgate.gateway._serve import start_gateway  # noqa: E402
 
 MODEL = "serve_multiplexed_model_id"
+#: ``mlps``: two 4 MB models per replica (loads dominate); ``sized``: 1 MB
+#: models and no count limit (the working set fits: a scale step shows)
+APPS_BY_NAME = {"mlps": "mlp_apps:Mlps", "sized": "warm_apps:Sized"}
 
 
 def misses(text: str) -> float:
@@ -121,7 +127,7 @@ async def run(warming: bool, args: argparse.Namespace, root: str) -> list[dict[s
             "deployments": [
                 {
                     "name": "Mlps",
-                    "import_path": "mlp_apps:Mlps",
+                    "import_path": APPS_BY_NAME[args.app],
                     "init_kwargs": {"model_root": root},
                     "num_replicas": 2,
                     "num_cpus": 0.5,
@@ -162,10 +168,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--only", choices=["on", "off"])
+    parser.add_argument("--app", choices=sorted(APPS_BY_NAME), default="mlps")
     args = parser.parse_args()
     print_machine()
     with tempfile.TemporaryDirectory() as root:
-        write_mlps(root, [f"m{i:02d}" for i in range(args.models)])
+        ids = [f"m{i:02d}" for i in range(args.models)]
+        if args.app == "mlps":
+            write_mlps(root, ids)
+        else:
+            write_sized(root, dict.fromkeys(ids, 512))
         for warming in (False, True):
             if args.only and args.only != ("on" if warming else "off"):
                 continue
