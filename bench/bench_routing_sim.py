@@ -332,7 +332,7 @@ def _job(args: _Job) -> dict[str, float]:
 # Router options compared with --variants (all at c=3, floor=4). "limit" in a
 # variant's options means "the replicas' real cache size" (the simulated K).
 VARIANTS: dict[str, dict[str, object]] = {
-    # The rule before placement and least-loaded holders (DESIGN.md section 5 as first built).
+    # The rule before placement and least-loaded holders (the bounded-load rule as first built).
     "before": {"holder_choice": "first", "placement_choices": 1},
     "least_loaded_only": {"placement_choices": 1},
     "placement_only": {"holder_choice": "first"},

@@ -144,7 +144,7 @@ class _Replica:
 class Router:
     """Routes requests to replicas by model id.
 
-    Algorithm (DESIGN.md section 5), for a request with model id ``m``:
+    Algorithm (docs/routing.md), for a request with model id ``m``:
 
     1. Preference list: walk a consistent-hash ring (blake2b 64-bit,
        ``virtual_nodes`` points per replica) clockwise from hash(m), keeping
