@@ -4,8 +4,8 @@ The decision of *how* (read a local file in place, read bytes from memory,
 download through the disk cache, download to a temp file) is made from the
 filesystem's capabilities and the configuration, never from URL prefixes.
 Remote objects from ``parallel_threshold`` bytes up are downloaded with
-concurrent ranged reads written straight to their offsets in the destination
-file, so no full copy is held in memory; smaller ones with one request.
+concurrent ranged reads (:mod:`._transfer`); smaller ones with one request.
+The fetch span is :mod:`._fetchspan`.
 
 Per-call overhead matters for small local models (a 4 MB state dict loads in
 about half a millisecond), so the hot path avoids repeated work: filesystem
@@ -28,23 +28,23 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import anyio.to_thread
 from fsspec import AbstractFileSystem
 from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from ._cache import DiskCache, LockTimeout, cache_key, version_token
 from ._config import RetryPolicy, StorageConfig, resolve_config
 from ._deadline import storage_deadline
 from ._errors import BackendError, ModelNotFoundError, StorageUnavailableError
+from ._fetchspan import FetchSpan, record
 from ._instances import freeze_options, instances
 from ._registry import backend_spec, filesystem_class
 from ._retry import is_transient, with_retries
+from ._transfer import ObjectChanged, plan_parts, ranged_download
 from ._urls import redact_url, split_protocol
 
 logger = logging.getLogger("muxgate.backends")
@@ -74,19 +74,6 @@ def choose_strategy(*, is_local: bool, cached: bool, size: int, part_size: int) 
     if size <= part_size:
         return Strategy.BYTES
     return Strategy.TEMP_FILE
-
-
-def plan_parts(
-    size: int, part_size: int, parallel_threshold: int | None = None
-) -> list[tuple[int, int]]:
-    """Byte ranges ``[start, end)`` covering ``size`` bytes in ``part_size`` pieces.
-
-    Below ``parallel_threshold`` (default: no threshold) the whole object is
-    one range: one request (see ``StorageConfig.parallel_threshold``).
-    """
-    if parallel_threshold is not None and size < parallel_threshold:
-        return [(0, size)] if size else []
-    return [(start, min(start + part_size, size)) for start in range(0, size, part_size)]
 
 
 def source_of(*, cache_hit: bool, remote: bool) -> str:
@@ -141,14 +128,6 @@ def storage_counters() -> dict[str, float]:
     return dict(_COUNTERS)
 
 
-class _ObjectChanged(Exception):
-    """The object changed while it was being downloaded; the fetch restarts."""
-
-
-class _ShortRead(_ObjectChanged):
-    """A ranged read returned fewer bytes than asked: the object shrank."""
-
-
 # Restarts of a whole fetch because the object changed under it.
 _MAX_VERSION_RESTARTS = 3
 
@@ -182,15 +161,6 @@ async def _acquire(lock: Any) -> None:
 def _remove(path: str | Path) -> None:
     with suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_leaf(exc)
-        if not isinstance(exc, anyio.get_cancelled_exc_class()):
-            return exc
-    return group.exceptions[0]
 
 
 class _Fetcher:
@@ -284,40 +254,18 @@ class _Fetcher:
 
     async def download(self, dest: Path, size: int) -> None:
         """Ranged reads (concurrent from ``parallel_threshold`` up, else one),
-        each written at its offset of ``dest``."""
+        each written at its offset of ``dest`` (see :mod:`._transfer`)."""
         assert self.fs is not None
-        fs = self.fs
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.ftruncate(fd, size)
-            limiter = anyio.CapacityLimiter(self.config.concurrency)
-
-            def read_part(start: int, end: int, **kwargs: Any) -> None:
-                data = fs.cat_file(self.path, start=start, end=end, **kwargs)
-                if len(data) != end - start:
-                    raise _ShortRead(f"range {start}-{end} returned {len(data)} bytes")
-                view = memoryview(data)
-                offset = start
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    view = view[written:]
-                    offset += written
-
-            async def one(start: int, end: int) -> None:
-                async with limiter:
-                    await self._call(read_part, start, end)
-
-            try:
-                async with anyio.create_task_group() as tg:
-                    for start, end in plan_parts(
-                        size, self.config.part_size, self.config.single_request_below()
-                    ):
-                        tg.start_soon(one, start, end)
-            except BaseExceptionGroup as group:
-                # The first failing part cancels the others; report that failure.
-                raise _first_leaf(group) from None
-        finally:
-            os.close(fd)
+        parts = plan_parts(size, self.config.part_size, self.config.single_request_below())
+        await ranged_download(
+            self.fs,
+            self.path,
+            dest,
+            size,
+            parts=parts,
+            concurrency=self.config.concurrency,
+            call=self._call,
+        )
 
     def _cache(self) -> DiskCache:
         return DiskCache(self.config.cache_dir(), self.config.cache.max_bytes)
@@ -401,7 +349,7 @@ class _Fetcher:
         """
         try:
             await self.download(dest, size)
-        except _ObjectChanged:
+        except ObjectChanged:
             raise
         except Exception as exc:
             try:
@@ -409,14 +357,14 @@ class _Fetcher:
             except Exception:
                 changed = False  # e.g. deleted meanwhile: report the original error
             if changed:
-                raise _ObjectChanged(self.safe_url) from exc
+                raise ObjectChanged(self.safe_url) from exc
             raise
         await self.check_unchanged(info)
 
     async def check_unchanged(self, before: Mapping[str, Any]) -> None:
         """Raise if the object's version changed since ``before`` (mixed parts)."""
         if version_token(await self.info()) != version_token(before):
-            raise _ObjectChanged(self.safe_url)
+            raise ObjectChanged(self.safe_url)
 
     async def fetch(self) -> Artifact:
         """Fetch within the request's deadline (see :mod:`._deadline`)."""
@@ -439,7 +387,7 @@ class _Fetcher:
         for _ in range(_MAX_VERSION_RESTARTS):
             try:
                 return await self._fetch_once()
-            except _ObjectChanged:
+            except ObjectChanged:
                 logger.info("%s changed during download; fetching it again.", self.safe_url)
         raise BackendError(
             f"{self.safe_url} kept changing during download ({_MAX_VERSION_RESTARTS} attempts)",
@@ -547,73 +495,11 @@ class _Fetcher:
         return artifact
 
 
-def _tracer() -> trace.Tracer:
-    # Looked up per call: the provider may be installed after import.
-    return trace.get_tracer("muxgate")
-
-
 def _translate_and_raise(exc: Exception, safe_url: str) -> NoReturn:
     translated = _translate(exc, safe_url)
     if translated is exc:
         raise exc
     raise translated from exc
-
-
-#: OpenTelemetry context key under which an enclosing operation (the SDK's
-#: model load) may put a list: every fetch inside it appends ``(url, bytes)``,
-#: so the load span can carry what it read. A plain string, so that neither
-#: package has to import the other.
-FETCH_LOG_KEY: Final = "muxgate.fetch_log"
-
-
-def _record(span: trace.Span, artifact: Artifact, seconds: float) -> None:
-    log = otel_context.get_value(FETCH_LOG_KEY)
-    if isinstance(log, list):
-        log.append((artifact.url, artifact.size))
-    span.set_attributes(
-        {
-            "muxgate.duration_ms": seconds * 1000,
-            "muxgate.bytes": artifact.size,
-            "muxgate.cache_hit": artifact.cache_hit,
-            "muxgate.storage.strategy": artifact.strategy.value,
-            "muxgate.source": artifact.source,
-            "muxgate.stale": artifact.stale,
-        }
-    )
-
-
-class _FetchSpan:
-    """``tracer.start_as_current_span`` for the fetch span, as a plain class:
-    the generator-based context managers of the OpenTelemetry API cost about
-    5 us per load here, a measurable share of a small local load.
-
-    Like ``start_as_current_span(record_exception=True,
-    set_status_on_exception=True)``, except that a cancellation is not
-    recorded as an error of the fetch.
-    """
-
-    __slots__ = ("_span", "_token")
-
-    def __init__(self, safe_url: str) -> None:
-        self._span = _tracer().start_span(
-            "muxgate.storage.fetch", attributes={"url.full": safe_url}
-        )
-        self._token: object = None
-
-    def __enter__(self) -> trace.Span:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
-        return self._span
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        try:
-            if isinstance(exc, Exception) and self._span.is_recording():
-                self._span.record_exception(exc)
-                self._span.set_status(
-                    trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
-                )
-        finally:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
-            self._span.end()
 
 
 @asynccontextmanager
@@ -644,12 +530,12 @@ async def fetch(
     cfg = resolve_config(config)
     safe_url = redact_url(url)
     started = time.perf_counter()
-    with _FetchSpan(safe_url) as span:
+    with FetchSpan(safe_url) as span:
         try:
             artifact = await _Fetcher(url, cfg, storage_options).fetch()
         except Exception as exc:
             _translate_and_raise(exc, safe_url)
-        _record(span, artifact, time.perf_counter() - started)
+        record(span, artifact, time.perf_counter() - started)
     try:
         yield artifact
     finally:
@@ -678,7 +564,7 @@ async def fetch_and_decode(
     safe_url = redact_url(url)
     started = time.perf_counter()
     outcome_fn: Callable[[], T] | None = None
-    with _FetchSpan(safe_url) as span:
+    with FetchSpan(safe_url) as span:
         try:
             fetcher = _Fetcher(url, cfg, storage_options)
             if fetcher.in_process():
@@ -694,10 +580,10 @@ async def fetch_and_decode(
                     return artifact, fetched, partial(_identity, result)
 
                 artifact, fetched, outcome_fn = await anyio.to_thread.run_sync(fetch_then_decode)
-                _record(span, artifact, fetched)
+                record(span, artifact, fetched)
             else:
                 artifact = await fetcher.fetch()
-                _record(span, artifact, time.perf_counter() - started)
+                record(span, artifact, time.perf_counter() - started)
         except Exception as exc:
             _translate_and_raise(exc, safe_url)
     if outcome_fn is not None:

@@ -549,7 +549,7 @@ def _release_device_memory(_task: asyncio.Task[None]) -> None:
     release_device_memory()
 
 
-_FETCH_LOG_KEY: Final = "muxgate.fetch_log"  # muxgate.backends._fetch.FETCH_LOG_KEY
+_FETCH_LOG_KEY: Final = "muxgate.fetch_log"  # muxgate.backends._fetchspan.FETCH_LOG_KEY
 
 
 def _source_attrs(fetched: list[tuple[str, int]]) -> dict[str, str | int]:
