@@ -75,7 +75,8 @@ async def test_the_first_replica_after_zero_serves_then_warms_the_hottest(
             for _ in range(times):
                 r = await client.post("/zero", headers={MODEL: model_id})
                 assert r.status_code == 200, r.text
-        await asyncio.wait_for(pool.wait_for(lambda: pool.target == 0 and pool.running == 0), 30)
+        # At zero, and the drained replica gone from /-/replicas (not still stopping).
+        await asyncio.wait_for(pool.wait_for(lambda: pool.target == 0 and not pool.replicas), 30)
 
         r = await client.post("/zero", headers={MODEL: "p-7"})  # wakes it
         assert r.status_code == 200, r.text
