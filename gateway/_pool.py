@@ -4,45 +4,35 @@ A ``ReplicaPool`` keeps ``target`` replica processes of one deployment
 running. It owns the deployment's ``Router`` and ``Dispatcher`` and the map
 ``targets`` (replica id -> connection) the dispatcher sends over.
 
-The replicas' states, the start backoff and liveness are decided by a
-``ReplicaSet`` (``muxgate.gateway._replica_set``: synchronous, on the pool's
-clock); the pool does the starting, connecting and polling. Life of a replica::
+Its parts, each in a module of its own:
 
-    STARTING --ready--> RUNNING --death--> (removed, replaced)
-                           |
-                           +--scale down--> DRAINING --Drained--> STOPPING --exit--> (removed)
+* ``ReplicaSet`` (``_replica_set``): the replicas' states (STARTING, RUNNING,
+  DRAINING, STOPPING), the start backoff and liveness; synchronous, on the
+  pool's clock.
+* ``ReplicaProcesses`` (``_pool_processes``): specs, starts and stops through
+  the launcher.
+* ``HealthPoller`` (``_pool_health``): pings each running replica about once
+  a second; ``ReplicaReports`` (``_pool_reports``) keeps what the pongs say
+  (load time, model events, counters for the metrics).
+* ``warm_after_zero``, ``warm_moved_home``, ``hand_over`` (``_warmer``): the
+  warming when a replica joins or leaves.
 
-* Starts run in parallel; a replica joins the router only when its process
-  said READY and the handshake succeeded. Repeated start failures back off
-  exponentially (0.5 s doubling, capped at 30 s); the last failure reason is
-  kept for ``/-/replicas``.
-* A replica is dead when its connection closes or it stops answering pings.
-  It leaves the router at once (the dispatcher fails its in-flight calls with
-  502 through the connection) and the reconciler starts a replacement.
-* Scale-down (``set_target``) drains the replicas that are cheapest to lose
-  (``Router.removal_order``: fewest models held nowhere else, then fewest in
-  flight): a replica leaves the ring first, so no new request goes to it,
-  then gets ``Drain``, finishes what it has in flight, unloads its models
-  through their hooks (reason ``drain``), answers ``Drained`` and exits.
-  The replica's ``graceful_shutdown_timeout_s`` is set to the request
-  timeout (no request can need longer) and the pool waits that plus
-  ``DRAIN_MARGIN_S`` before it closes the connection (then SIGKILL after
-  ``EXIT_GRACE_S``).
-* A replica that reports more resident memory than the deployment's
-  ``max_replica_rss_bytes`` is drained the same way and replaced
-  (``MemoryLimit`` decides). Each death of a running replica is reported to
-  the ``Quarantine`` with the model ids it was busy with; the dispatcher
-  asks it before routing a request.
-* An autoscaled deployment gets an ``Autoscaler`` loop (started by
-  ``start()``), which moves ``target`` with the policy. At zero replicas the
-  pool is also the activator: the dispatcher calls ``activate()`` when a
-  request finds no replica, which raises the target to one at once; the
-  request waits in the dispatcher's queue.
-
-Every reply and pong refreshes the router's view of the replica through the
-connection's ``on_state`` callback; a poller pings each replica about once a
-second for counters (metrics), liveness and the model load/unload events it
-logged since the last ping (kept in a ``ModelEventLog``, shown by ``snapshot()``).
+The pool does the rest: it starts replicas in parallel (one joins the router
+once its process said READY and the handshake succeeded), replaces a dead one
+(its connection closed or it stopped answering pings: it leaves the router at
+once and the dispatcher fails its in-flight calls with 502), and drains on
+scale-down (``set_target``) the replicas cheapest to lose
+(``Router.removal_order``): a replica leaves the ring, gets ``Drain``,
+finishes its calls, unloads its models through their hooks (reason
+``drain``), answers ``Drained`` and exits. A replica over the deployment's
+``max_replica_rss_bytes`` (``MemoryLimit``) is drained the same way and
+replaced. Each death of a running replica is reported to the ``Quarantine``
+with the model ids it was busy with; the dispatcher asks it before routing.
+An autoscaled deployment gets an ``Autoscaler`` loop, which moves ``target``;
+at zero replicas the dispatcher calls ``activate()`` when a request finds no
+replica, which raises the target to one (the request waits in the queue).
+Every reply and pong refreshes the router's view of a replica through the
+connection's ``on_state`` callback.
 """
 
 from __future__ import annotations
@@ -55,19 +45,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
-
 from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
-from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, LoadTimeEstimate, ModelEventLog
+from muxgate.gateway._pool_health import PING_INTERVAL_S, HealthPoller
+from muxgate.gateway._pool_processes import ReplicaProcesses, SpecFactory
+from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, ReplicaReports
 from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._replica_set import (
     DRAINING,
-    PING_TIMEOUT_S,
     RUNNING,
     STARTING,
     STOPPING,
@@ -75,21 +64,13 @@ from muxgate.gateway._replica_set import (
     ReplicaSet,
 )
 from muxgate.gateway._router import Router
-from muxgate.gateway._warmer import warm_replica
-from muxgate.gateway._warming import (
-    DEFAULT_WARM_LIMIT,
-    after_zero,
-    handed_over,
-    handover_bound_s,
-    moved_home,
-)
-from muxgate.gateway.launchers import LaunchedReplica, Launcher, ReplicaReporter
+from muxgate.gateway._warmer import hand_over, warm_after_zero, warm_moved_home
+from muxgate.gateway.launchers import ReplicaReporter
 from muxgate.replicas import DeploymentOptions
 from muxgate.replicas.contract import (
     DEFAULT_MAX_ONGOING_REQUESTS,
     DEFAULT_MAX_QUEUED_REQUESTS,
     Pong,
-    ReplicaSpec,
     ReplicaState,
 )
 
@@ -103,16 +84,8 @@ __all__ = [
 
 _log = logging.getLogger("muxgate.gateway.pool")
 
-PING_INTERVAL_S = 1.0
-#: seconds a process gets to exit after its connection closed, before SIGKILL
-EXIT_GRACE_S = 5.0
-#: the pool waits for ``Drained`` this much longer than the replica's own
-#: graceful timeout (models unload after the in-flight calls finish)
-DRAIN_MARGIN_S = 5.0
-
 
 Connector = Callable[[str, Callable[[ReplicaState], None]], Awaitable[ReplicaConnection]]
-SpecFactory = Callable[[DeploymentConfig, str], ReplicaSpec]
 
 
 async def _connect(address: str, on_state: Callable[[ReplicaState], None]) -> ReplicaConnection:
@@ -153,10 +126,8 @@ class ReplicaPool:
     ) -> None:
         self.config = config
         self.name = config.name
-        self._launcher = launcher
-        #: the launcher, when it creates replicas (None: it only reports them)
-        self._creator: Launcher | None = launcher if isinstance(launcher, Launcher) else None
-        self._make_spec = make_spec
+        #: the launcher side: specs, starts, stops
+        self._procs = ReplicaProcesses(config, launcher, make_spec, drain_timeout_s=drain_timeout_s)
         self._metrics = metrics
         self._connect = connect
         self._drain_timeout = drain_timeout_s
@@ -205,13 +176,11 @@ class ReplicaPool:
             ),
             admit=self.quarantine.check,
         )
-        self._load_time = LoadTimeEstimate()
+        self._health = HealthPoller(self.replicas, self._on_pong, self._silent)
+        #: what the replicas report in their pongs (and metrics fed from it)
+        self._reports = ReplicaReports(config.name, metrics)
         self.target = config.initial_replicas
         self.min_replicas: int = config.min_replicas
-        self._class_options_known = False
-        #: the class's ``@deployment(num_cpus=...)``, once a replica told it
-        self._class_num_cpus: float | None = None
-        self._events = ModelEventLog()
         self._memory = MemoryLimit(config.max_replica_rss_bytes)
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
@@ -235,7 +204,7 @@ class ReplicaPool:
         """Start the reconciler, the poller and, if autoscaled, the autoscaler
         (on the running loop)."""
         self._spawn(self._follow_then_reconcile(), "reconcile")
-        self._spawn(self._poll_loop(), "poll")
+        self._spawn(self._health.run(), "poll")
         if self.autoscaler is not None:
             self._spawn(self.autoscaler.run(), "autoscaler")
 
@@ -265,7 +234,7 @@ class ReplicaPool:
     @property
     def load_time_s(self) -> float:
         """Moving estimate of one model load (s), from the replicas' counters."""
-        return self._load_time.value
+        return self._reports.load_time.value
 
     @property
     def running(self) -> int:
@@ -314,32 +283,14 @@ class ReplicaPool:
 
     def snapshot(self) -> dict[str, Any]:
         """The deployment's entry of ``GET /-/replicas``."""
-        replicas = []
-        for rep in sorted(self.replicas, key=lambda r: r.id):
-            conn = rep.conn
-            state = conn.state if conn is not None else ReplicaState()
-            replicas.append(
-                {
-                    "id": rep.id,
-                    "state": rep.state,
-                    "pid": rep.process.pid if rep.process is not None else None,
-                    "address": rep.process.address if rep.process is not None else None,
-                    "in_flight": conn.in_flight if conn is not None else 0,
-                    "models": list(state.models),
-                    "loading": list(state.loading),
-                    "rss_bytes": rep.rss_bytes,
-                    "model_bytes": rep.model_bytes,
-                    "pinned": list(rep.pinned),
-                }
-            )
         out: dict[str, Any] = {
             "target_replicas": self.target,
             "queued": self.dispatcher.queued,
             "in_flight": self.dispatcher.in_flight,
-            "replicas": replicas,
+            "replicas": self._reports.rows(self.replicas),
             "last_failure": self.last_failure,
             "load_time_s": round(self.load_time_s, 4),
-            "events": self._events.snapshot(),
+            "events": self._reports.events.snapshot(),
             "quarantined": self.quarantine.snapshot(),
         }
         scaling = self.config.autoscaling
@@ -358,22 +309,7 @@ class ReplicaPool:
         in time keeps its last counters; unlike in the poller, a missed answer
         says nothing about its liveness. Never raises for a replica.
         """
-        running = [
-            (rep, rep.conn)
-            for rep in self.replicas
-            if rep.state == RUNNING and rep.conn is not None
-        ]
-
-        async def refresh(rep: Replica, conn: ReplicaConnection) -> None:
-            try:
-                pong = await conn.ping(events_after=rep.events_seq)
-            except Exception:
-                return  # closed or closing: _run_replica and the poller handle it
-            self._on_pong(rep, pong)
-
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await asyncio.gather(*(refresh(rep, conn) for rep, conn in running))
+        await self._health.refresh(timeout_s)
 
     async def aclose(self) -> None:
         """Stop every replica (connection closed, then SIGKILL after a grace);
@@ -387,11 +323,13 @@ class ReplicaPool:
             with contextlib.suppress(BaseException):
                 await task
         reps = list(self.replicas)
-        if getattr(self._creator, "replicas_outlive_gateway", False):
+        if self._procs.outlive_gateway:
             # Left running for the next gateway to adopt (Ray's detached actors).
-            await asyncio.gather(*(self._release(rep) for rep in reps), return_exceptions=True)
+            await asyncio.gather(
+                *(self._procs.release(rep) for rep in reps), return_exceptions=True
+            )
         else:
-            await asyncio.gather(*(self._stop(rep) for rep in reps), return_exceptions=True)
+            await asyncio.gather(*(self._procs.stop(rep) for rep in reps), return_exceptions=True)
         self.replicas.clear()
         self._report()
 
@@ -416,7 +354,7 @@ class ReplicaPool:
 
     async def _follow_then_reconcile(self) -> None:
         await self._adopt_reported()
-        if self._creator is None:
+        if self._procs.creator is None:
             # The launcher decides which replicas exist: follow its reports.
             while True:
                 await asyncio.sleep(PING_INTERVAL_S)
@@ -428,7 +366,7 @@ class ReplicaPool:
         not know yet (by name: one restarted under its name is the same
         replica to the ring)."""
         try:
-            reported = await self._launcher.ready_replicas(self.name)
+            reported = await self._procs.launcher.ready_replicas(self.name)
         except Exception:
             _log.exception("%s: the launcher could not report its replicas", self.name)
             return
@@ -436,7 +374,7 @@ class ReplicaPool:
             if replica.name not in self.replicas:
                 rep = self.replicas.add(replica.name, replica)
                 rep.task = self._spawn(self._run_replica(rep), rep.id)
-        if self._creator is None:
+        if self._procs.creator is None:
             self.target = len(self.replicas)
         self._report()
 
@@ -476,9 +414,8 @@ class ReplicaPool:
         then make room for a new one."""
         try:
             if rep.process is None:
-                assert self._creator is not None  # only a creating launcher starts
                 rep.wakes = not self.targets and self.dispatcher.queued > 0
-                rep.process = await self._creator.start(self._spec(rep.id, defer=rep.wakes))
+                rep.process = await self._procs.start(rep.id, defer=rep.wakes)
             rep.conn = await self._connect(
                 rep.process.address, lambda state: self._on_state(rep.id, state)
             )
@@ -489,7 +426,7 @@ class ReplicaPool:
             return
         if rep.state != STARTING:  # scaled down while starting: the drain task owns it
             return
-        if rep.conn.options is not None and not self._class_options_known:
+        if rep.conn.options is not None and self._procs.learn_class_options(rep.conn.options):
             self._adopt_class_options(rep.conn.options)
         self.replicas.running(rep)
         self.targets[rep.id] = rep.conn
@@ -498,10 +435,30 @@ class ReplicaPool:
         _log.info("replica %s running (pid %s, %s)", rep.id, rep.process.pid, rep.process.address)
         self._report()
         self.dispatcher.wake()  # the waking requests are sent before any warming
+        config, running = self.config, lambda: rep.state == RUNNING
         if rep.wakes and len(self.targets) == 1:
-            self._spawn(self._warm_after_zero(rep, rep.conn), f"warm-{rep.id}")
+            # The config's deferred pinned and preload ids, then the warm set.
+            warming = warm_after_zero(
+                rep.conn,
+                self.router,
+                pinned=config.pinned,
+                preload=config.preload,
+                refused=lambda m: self.quarantine.retry_after(m) is not None,
+                loader=config.multiplexed_loader,
+                timeout_s=self._drain_timeout,
+                running=running,
+            )
+            self._spawn(warming, f"warm-{rep.id}")
         elif len(self.targets) > 1:
-            self._spawn(self._warm_moved(rep, rep.conn), f"warm-{rep.id}")
+            warming = warm_moved_home(
+                rep.conn,
+                rep.id,
+                self.router,
+                loader=config.multiplexed_loader,
+                timeout_s=self._drain_timeout,
+                running=running,
+            )
+            self._spawn(warming, f"warm-{rep.id}")
         await rep.conn.closed.wait()
         if rep.state == RUNNING and not self._closing:
             conn = rep.conn
@@ -513,7 +470,7 @@ class ReplicaPool:
             self._kick.set()  # replace it
             self._report()
             self.dispatcher.wake()
-            await self._stop(rep)
+            await self._procs.stop(rep)
 
     def _adopt_class_options(self, options: DeploymentOptions) -> None:
         """Take the class's ``@deployment`` options for what the config leaves unset.
@@ -522,8 +479,6 @@ class ReplicaPool:
         replica's handshake; until then the defaults apply (a queue of 1000,
         8 requests per replica, one replica).
         """
-        self._class_options_known = True
-        self._class_num_cpus = options.num_cpus
         config = self.config
         if config.max_ongoing_requests is None:
             self.router.set_max_ongoing_requests(options.max_ongoing_requests)
@@ -534,100 +489,21 @@ class ReplicaPool:
         if fixed_by_class and wanted is not None and wanted != self.target:
             self.target = self.min_replicas = wanted
             self._kick.set()
-        _log.info(
-            "%s: @deployment options %s (config overrides: %s)",
-            self.name,
-            msgspec.structs.asdict(options),
-            {
-                k: v
-                for k in ("max_ongoing_requests", "max_queued_requests", "num_replicas", "num_cpus")
-                if (v := getattr(config, k)) is not None
-            },
-        )
-
-    def _spec(self, replica_id: str, *, defer: bool = False) -> ReplicaSpec:
-        spec = self._make_spec(self.config, replica_id)
-        if defer and (spec.preload or spec.pinned):
-            # Loaded after the waking requests instead (_warm_after_zero).
-            spec = msgspec.structs.replace(spec, preload=[], pinned=[])
-        # A drain must be able to wait for the longest request (the
-        # gateway's request timeout); the pool waits DRAIN_MARGIN_S more.
-        graceful = max(1.0, self._drain_timeout - DRAIN_MARGIN_S)
-        if spec.graceful_shutdown_timeout_s != graceful:
-            spec = msgspec.structs.replace(spec, graceful_shutdown_timeout_s=graceful)
-        if spec.num_cpus is None and self._class_num_cpus is not None:
-            # The launcher counts budgets against the host's cores.
-            spec = msgspec.structs.replace(spec, num_cpus=self._class_num_cpus)
-        return spec
-
-    async def _warm_after_zero(self, rep: Replica, conn: ReplicaConnection) -> None:
-        """The first replica after zero: the config's deferred ``pinned`` and
-        ``preload`` ids, then the hottest models of the deployment's warm set
-        (docs/routing.md, "Warm models")."""
-        config = self.config
-        ranked = self.router.popularity.top(2 * DEFAULT_WARM_LIMIT)
-        plan = after_zero(
-            ranked,
-            {*conn.state.models, *conn.state.loading},
-            deferred=[*config.pinned, *config.preload],
-            refused=[m for m, _ in ranked if self.quarantine.retry_after(m) is not None],
-        )
-        await warm_replica(
-            conn,
-            plan,
-            pinned=config.pinned,
-            loader=config.multiplexed_loader,
-            timeout_s=self._drain_timeout,
-            running=lambda: rep.state == RUNNING,
-        )
-
-    async def _warm_moved(self, rep: Replica, conn: ReplicaConnection) -> None:
-        """A replica joined: it warms the recently requested models whose home it is now."""
-        router = self.router
-        plan = moved_home(
-            router.popularity.top(4 * DEFAULT_WARM_LIMIT),
-            rep.id,
-            router.preference_list,
-            lambda replica_id, model_id: replica_id in router.holders(model_id),
-        )
-        await warm_replica(
-            conn,
-            plan,
-            loader=self.config.multiplexed_loader,
-            timeout_s=self._drain_timeout,
-            running=lambda: rep.state == RUNNING,
-        )
 
     async def _hand_over_then_drain(self, rep: Replica) -> None:
         """Scale-down of a running replica: its recently requested models are
-        warmed on their next homes while it keeps serving (bounded by
-        ``handover_bound_s``), then it leaves the ring and drains."""
-        router = self.router
-        conn = rep.conn
+        warmed on their next homes while it keeps serving (``hand_over``),
+        then it leaves the ring and drains."""
         try:
-            if conn is not None:
-                plan = handed_over(
-                    conn.state.models,
+            if rep.conn is not None:
+                await hand_over(
+                    rep.conn,
                     rep.id,
-                    router.popularity.score,
-                    router.preference_list,
-                    lambda replica_id, model_id: replica_id in router.holders(model_id),
+                    self.router,
+                    self.targets,
+                    load_time_s=self._reports.load_time.value,
+                    loader=self.config.multiplexed_loader,
                 )
-                bound = handover_bound_s(self._load_time.value, plan)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(bound):
-                        await asyncio.gather(
-                            *(
-                                warm_replica(
-                                    self.targets[home],
-                                    models,
-                                    loader=self.config.multiplexed_loader,
-                                    timeout_s=bound,
-                                )
-                                for home, models in plan.items()
-                                if home in self.targets
-                            )
-                        )
         finally:
             self._leave(rep)
         await self._drain(rep)
@@ -644,8 +520,8 @@ class ReplicaPool:
         )
         if rep.process is not None:
             # Killed here, not in a task that shutdown could cancel: no orphans.
-            self._kill(rep.process)
-            self._spawn(self._stop(rep), f"reap-{rep.id}")
+            self._procs.kill(rep.process)
+            self._spawn(self._procs.stop(rep), f"reap-{rep.id}")
         self._report()
         self._kick.set()
         self.dispatcher.wake()
@@ -658,8 +534,7 @@ class ReplicaPool:
         self.targets.pop(rep.id, None)
         self.router.remove_replica(rep.id)
         self._memory.forget(rep.id)
-        if self._metrics is not None:
-            self._metrics.forget_replica(self.name, rep.id)
+        self._reports.forget(rep.id)
 
     async def _drain(self, rep: Replica) -> None:
         try:
@@ -676,89 +551,29 @@ class ReplicaPool:
                 except Exception as exc:
                     _log.warning("replica %s did not drain cleanly: %r", rep.id, exc)
                 else:
-                    rep.events_seq = self._events.add(rep.id, rep.events_seq, drained.events)
-                    if self._metrics is not None:
-                        # Drained carries the drain's unloads, counted after the last Pong.
-                        self._metrics.final_replica_counters(self.name, rep.id, rep.conn.counters)
+                    self._reports.drained(rep, drained, rep.conn.counters)
         finally:
             rep.state = STOPPING
             self._report()
-            await self._stop(rep)
+            await self._procs.stop(rep)
             self.replicas.remove(rep)
             self._report()
 
-    async def _release(self, rep: Replica) -> None:
-        """Close the connection and leave the replica running; one still
-        starting is killed (no one would know of it)."""
-        if rep.conn is not None:
-            with contextlib.suppress(Exception):
-                await rep.conn.aclose()
-        elif rep.process is not None:
-            self._kill(rep.process)
-
-    async def _stop(self, rep: Replica) -> None:
-        """Close the connection and make sure the process is gone."""
-        if rep.conn is not None:
-            with contextlib.suppress(Exception):
-                await rep.conn.aclose()
-        proc, creator = rep.process, self._creator
-        if proc is None or creator is None:
-            return  # a replica the pool did not start is not the pool's to stop
-        if rep.conn is None:
-            # Never connected (start abandoned): nothing to finish, no grace.
-            self._kill(proc)
-        try:
-            async with asyncio.timeout(EXIT_GRACE_S):
-                await creator.wait_exit(proc)
-        except TimeoutError:
-            self._kill(proc)
-            with contextlib.suppress(Exception):
-                await creator.wait_exit(proc)
-
-    def _kill(self, replica: LaunchedReplica) -> None:
-        """Forcibly, now (synchronous: a cancelled task still leaves no orphan)."""
-        if self._creator is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._creator.kill(replica)
-
-    async def _poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(PING_INTERVAL_S)
-            running = [r for r in self.replicas if r.state == RUNNING and r.conn]
-            await asyncio.gather(*(self._ping(rep) for rep in running), return_exceptions=True)
-
-    async def _ping(self, rep: Replica) -> None:
-        conn = rep.conn
-        assert conn is not None
-        try:
-            async with asyncio.timeout(PING_TIMEOUT_S):
-                pong = await conn.ping(events_after=rep.events_seq)
-        except Exception:
-            if self.replicas.silent(rep):
-                _log.warning("replica %s stopped answering pings; killing it", rep.id)
-                if rep.process is not None:
-                    self._kill(rep.process)
-                await conn.aclose()  # wakes _run_replica, which replaces it
-            return
-        self._on_pong(rep, pong)
+    async def _silent(self, rep: Replica, conn: ReplicaConnection) -> None:
+        _log.warning("replica %s stopped answering pings; killing it", rep.id)
+        if rep.process is not None:
+            self._procs.kill(rep.process)
+        await conn.aclose()  # wakes _run_replica, which replaces it
 
     def _on_pong(self, rep: Replica, pong: Pong) -> None:
         """A replica answered a ping (the poller's or a scrape's): liveness,
         load time estimate, model events, counters for the metrics."""
         self.replicas.answered(rep)
-        rep.loads_seen = self._load_time.observe(rep.loads_seen, pong.counters)
-        self.router.load_s = self._load_time.value  # the price of a spill
+        self._reports.pong(rep, pong)
+        self.router.load_s = self._reports.load_time.value  # the price of a spill
         if self.config.routing.queue_affinity_wait_s is None:
             # Cache hits overtake the queue head for about one load time.
-            self.dispatcher.affinity_wait_s = self._load_time.affinity_wait_s()
-        rep.events_seq = self._events.add(rep.id, rep.events_seq, pong.events)
-        rep.rss_bytes = pong.rss_bytes
-        rep.model_bytes, rep.pinned = pong.model_bytes, pong.pinned
-        if self._metrics is not None and rep.state == RUNNING:
-            self._metrics.set_replica_counters(self.name, rep.id, pong.counters)
-            self._metrics.set_replica_model_bytes(self.name, rep.id, pong.model_bytes)
-            if pong.rss_bytes is not None:
-                self._metrics.set_replica_rss(self.name, rep.id, pong.rss_bytes)
+            self.dispatcher.affinity_wait_s = self._reports.load_time.affinity_wait_s()
         if (
             rep.state == RUNNING
             and rep.conn is not None

@@ -9,6 +9,9 @@ the dispatcher.
 * ``LoadTimeEstimate``: a moving estimate of one model load, from the
   replicas' cumulative load counters; the dispatcher's cache-affine queue
   lets hits go first for about that long.
+* ``ReplicaReports``: both of those for one deployment, fed each pong and
+  drain, which also passes the counters on to the metrics and gives the
+  replica rows of ``/-/replicas``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from muxgate.replicas.contract import ModelEvent
+from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.gateway._replica_set import RUNNING, Replica
+from muxgate.replicas.contract import Drained, ModelEvent, Pong, ReplicaState
 
 __all__ = [
     "AFFINITY_WAIT_BOUNDS_S",
@@ -26,6 +31,7 @@ __all__ = [
     "LOAD_TIME_ALPHA",
     "LoadTimeEstimate",
     "ModelEventLog",
+    "ReplicaReports",
 ]
 
 #: model load/unload events a deployment keeps for ``/-/replicas``
@@ -112,3 +118,65 @@ class LoadTimeEstimate:
 
     def __repr__(self) -> str:
         return f"<LoadTimeEstimate {self.value:.4f} s>"
+
+
+class ReplicaReports:
+    """What the replicas of deployment ``name`` report: model events, the
+    load time estimate, and their counters, passed on to ``metrics``."""
+
+    def __init__(self, name: str, metrics: GatewayMetrics | None = None) -> None:
+        self.name = name
+        self._metrics = metrics
+        self.load_time = LoadTimeEstimate()
+        self.events = ModelEventLog()
+
+    def __repr__(self) -> str:
+        return f"<ReplicaReports {self.name} load_time={self.load_time.value:.3f}s {self.events!r}>"
+
+    def pong(self, rep: Replica, pong: Pong) -> None:
+        """Take a replica's pong: its load counters, events, memory, counters."""
+        rep.loads_seen = self.load_time.observe(rep.loads_seen, pong.counters)
+        rep.events_seq = self.events.add(rep.id, rep.events_seq, pong.events)
+        rep.rss_bytes = pong.rss_bytes
+        rep.model_bytes, rep.pinned = pong.model_bytes, pong.pinned
+        metrics = self._metrics
+        if metrics is not None and rep.state == RUNNING:
+            metrics.set_replica_counters(self.name, rep.id, pong.counters)
+            metrics.set_replica_model_bytes(self.name, rep.id, pong.model_bytes)
+            if pong.rss_bytes is not None:
+                metrics.set_replica_rss(self.name, rep.id, pong.rss_bytes)
+
+    def drained(self, rep: Replica, drained: Drained, counters: Mapping[str, float]) -> None:
+        """Take a replica's ``Drained``: the drain's unloads (after its last
+        pong) and its final ``counters``."""
+        rep.events_seq = self.events.add(rep.id, rep.events_seq, drained.events)
+        if self._metrics is not None:
+            self._metrics.final_replica_counters(self.name, rep.id, counters)
+
+    def forget(self, replica_id: str) -> None:
+        """The replica left routing: its per-replica series go."""
+        if self._metrics is not None:
+            self._metrics.forget_replica(self.name, replica_id)
+
+    @staticmethod
+    def rows(replicas: Iterable[Replica]) -> list[dict[str, Any]]:
+        """The replicas' rows of ``/-/replicas``, by id."""
+        rows = []
+        for rep in sorted(replicas, key=lambda r: r.id):
+            conn, proc = rep.conn, rep.process
+            state = conn.state if conn is not None else ReplicaState()
+            rows.append(
+                {
+                    "id": rep.id,
+                    "state": rep.state,
+                    "pid": proc.pid if proc is not None else None,
+                    "address": proc.address if proc is not None else None,
+                    "in_flight": conn.in_flight if conn is not None else 0,
+                    "models": list(state.models),
+                    "loading": list(state.loading),
+                    "rss_bytes": rep.rss_bytes,
+                    "model_bytes": rep.model_bytes,
+                    "pinned": list(rep.pinned),
+                }
+            )
+        return rows

@@ -6,18 +6,33 @@ replica starts it only once it has no request in flight, so warming never
 delays a request there beyond the load already under way when one arrives.
 It stops at the first model that does not fit (the replica's cache is full),
 when the replica stops running, or when the connection drops.
+
+The pool warms in three moments, each a function here: the first replica
+after zero (``warm_after_zero``), a replica that joined and is the new home
+of some models (``warm_moved_home``), and a replica leaving on scale-down,
+whose models warm on their next homes first (``hand_over``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import msgspec
 
 from muxgate.gateway._connection import ReplicaConnection, ReplicaConnectionError
+from muxgate.gateway._router import Router
+from muxgate.gateway._warming import (
+    DEFAULT_WARM_LIMIT,
+    after_zero,
+    handed_over,
+    handover_bound_s,
+    moved_home,
+)
 
-__all__ = ["warm_replica"]
+__all__ = ["hand_over", "warm_after_zero", "warm_moved_home", "warm_replica"]
 
 _log = logging.getLogger("muxgate.gateway")
 
@@ -67,3 +82,80 @@ async def warm_replica(
     if warmed:
         _log.info("warmed %d model(s) on %s: %s", len(warmed), conn.replica_id, warmed)
     return warmed
+
+
+async def warm_after_zero(
+    conn: ReplicaConnection,
+    router: Router,
+    *,
+    pinned: Sequence[str],
+    preload: Sequence[str],
+    refused: Callable[[str], bool],
+    loader: str | None,
+    timeout_s: float,
+    running: Callable[[], bool],
+) -> None:
+    """The first replica after zero: the config's deferred ``pinned`` and
+    ``preload`` ids, then the hottest models of the deployment's warm set
+    (docs/routing.md, "Warm models"); ids ``refused`` (quarantined) are left out."""
+    ranked = router.popularity.top(2 * DEFAULT_WARM_LIMIT)
+    plan = after_zero(
+        ranked,
+        {*conn.state.models, *conn.state.loading},
+        deferred=[*pinned, *preload],
+        refused=[m for m, _ in ranked if refused(m)],
+    )
+    await warm_replica(
+        conn, plan, pinned=pinned, loader=loader, timeout_s=timeout_s, running=running
+    )
+
+
+async def warm_moved_home(
+    conn: ReplicaConnection,
+    replica_id: str,
+    router: Router,
+    *,
+    loader: str | None,
+    timeout_s: float,
+    running: Callable[[], bool],
+) -> None:
+    """Replica ``replica_id`` joined: it warms the recently requested models
+    whose home it is now."""
+    plan = moved_home(
+        router.popularity.top(4 * DEFAULT_WARM_LIMIT),
+        replica_id,
+        router.preference_list,
+        lambda home, model_id: home in router.holders(model_id),
+    )
+    await warm_replica(conn, plan, loader=loader, timeout_s=timeout_s, running=running)
+
+
+async def hand_over(
+    conn: ReplicaConnection,
+    replica_id: str,
+    router: Router,
+    targets: Mapping[str, ReplicaConnection],
+    *,
+    load_time_s: float,
+    loader: str | None,
+) -> None:
+    """Replica ``replica_id`` leaving on scale-down, still serving: its recently requested
+    models warm on their next homes among ``targets``, all at once, bounded
+    by ``handover_bound_s``."""
+    plan = handed_over(
+        conn.state.models,
+        replica_id,
+        router.popularity.score,
+        router.preference_list,
+        lambda home, model_id: home in router.holders(model_id),
+    )
+    bound = handover_bound_s(load_time_s, plan)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(bound):
+            await asyncio.gather(
+                *(
+                    warm_replica(targets[home], models, loader=loader, timeout_s=bound)
+                    for home, models in plan.items()
+                    if home in targets
+                )
+            )

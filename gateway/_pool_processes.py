@@ -1,0 +1,139 @@
+"""The pool's side of the launcher: replica specs, starting, stopping and
+killing replica processes (``muxgate.gateway.launchers``).
+
+A launcher that only reports replicas (``ReplicaReporter``) is followed,
+never asked to start or stop one: ``creates`` is false and the stops here
+only close connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+from muxgate.gateway._config import DeploymentConfig
+from muxgate.gateway._replica_set import Replica
+from muxgate.gateway.launchers import LaunchedReplica, Launcher, ReplicaReporter
+from muxgate.replicas import DeploymentOptions
+from muxgate.replicas.contract import ReplicaSpec
+
+__all__ = ["DRAIN_MARGIN_S", "EXIT_GRACE_S", "ReplicaProcesses", "SpecFactory"]
+
+#: seconds a process gets to exit after its connection closed, before SIGKILL
+EXIT_GRACE_S = 5.0
+#: the pool waits for ``Drained`` this much longer than the replica's own
+#: graceful timeout (models unload after the in-flight calls finish)
+DRAIN_MARGIN_S = 5.0
+
+SpecFactory = Callable[[DeploymentConfig, str], ReplicaSpec]
+
+_log = logging.getLogger("muxgate.gateway.pool")
+
+
+class ReplicaProcesses:
+    """Starts, stops and kills the replicas of ``config`` through ``launcher``.
+
+    ``drain_timeout_s`` is how long the pool waits for a drain; each spec's
+    graceful timeout is that minus ``DRAIN_MARGIN_S``.
+    """
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        launcher: ReplicaReporter,
+        make_spec: SpecFactory,
+        *,
+        drain_timeout_s: float,
+    ) -> None:
+        self.config = config
+        self.launcher = launcher
+        #: the launcher, when it creates replicas (None: it only reports them)
+        self.creator: Launcher | None = launcher if isinstance(launcher, Launcher) else None
+        self._make_spec = make_spec
+        self._drain_timeout = drain_timeout_s
+        #: the class's ``@deployment`` options, once a replica told them
+        self.class_options: DeploymentOptions | None = None
+        #: the class's ``@deployment(num_cpus=...)``, once a replica told it
+        self.class_num_cpus: float | None = None
+
+    def learn_class_options(self, options: DeploymentOptions) -> bool:
+        """Take the class's ``@deployment`` options from a replica's handshake
+        (the gateway never imports user code); true the first time only."""
+        if self.class_options is not None:
+            return False
+        self.class_options, self.class_num_cpus = options, options.num_cpus
+        config = self.config
+        _log.info(
+            "%s: @deployment options %s (config overrides: %s)",
+            config.name,
+            msgspec.structs.asdict(options),
+            {
+                k: v
+                for k in ("max_ongoing_requests", "max_queued_requests", "num_replicas", "num_cpus")
+                if (v := getattr(config, k)) is not None
+            },
+        )
+        return True
+
+    @property
+    def outlive_gateway(self) -> bool:
+        """Whether replicas are left running when the gateway stops (to be adopted)."""
+        return bool(getattr(self.creator, "replicas_outlive_gateway", False))
+
+    def spec(self, replica_id: str, *, defer: bool = False) -> ReplicaSpec:
+        """The spec of a new replica; ``defer`` leaves its ``preload`` and
+        ``pinned`` ids out (warmed after the waking requests instead)."""
+        spec = self._make_spec(self.config, replica_id)
+        if defer and (spec.preload or spec.pinned):
+            spec = msgspec.structs.replace(spec, preload=[], pinned=[])
+        # A drain must be able to wait for the longest request (the
+        # gateway's request timeout); the pool waits DRAIN_MARGIN_S more.
+        graceful = max(1.0, self._drain_timeout - DRAIN_MARGIN_S)
+        if spec.graceful_shutdown_timeout_s != graceful:
+            spec = msgspec.structs.replace(spec, graceful_shutdown_timeout_s=graceful)
+        if spec.num_cpus is None and self.class_num_cpus is not None:
+            # The launcher counts budgets against the host's cores.
+            spec = msgspec.structs.replace(spec, num_cpus=self.class_num_cpus)
+        return spec
+
+    async def start(self, replica_id: str, *, defer: bool = False) -> LaunchedReplica:
+        assert self.creator is not None  # only a creating launcher starts
+        return await self.creator.start(self.spec(replica_id, defer=defer))
+
+    async def release(self, rep: Replica) -> None:
+        """Close the connection and leave the replica running; one still
+        starting is killed (no one would know of it)."""
+        if rep.conn is not None:
+            with contextlib.suppress(Exception):
+                await rep.conn.aclose()
+        elif rep.process is not None:
+            self.kill(rep.process)
+
+    async def stop(self, rep: Replica) -> None:
+        """Close the connection and make sure the process is gone."""
+        if rep.conn is not None:
+            with contextlib.suppress(Exception):
+                await rep.conn.aclose()
+        proc, creator = rep.process, self.creator
+        if proc is None or creator is None:
+            return  # a replica the pool did not start is not the pool's to stop
+        if rep.conn is None:
+            # Never connected (start abandoned): nothing to finish, no grace.
+            self.kill(proc)
+        try:
+            async with asyncio.timeout(EXIT_GRACE_S):
+                await creator.wait_exit(proc)
+        except TimeoutError:
+            self.kill(proc)
+            with contextlib.suppress(Exception):
+                await creator.wait_exit(proc)
+
+    def kill(self, replica: LaunchedReplica) -> None:
+        """Forcibly, now (synchronous: a cancelled task still leaves no orphan)."""
+        if self.creator is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.creator.kill(replica)
