@@ -66,21 +66,24 @@ import anyio.abc
 import msgspec
 from opentelemetry import trace
 
+from muxgate.replicas._call_errors import (
+    EXPECTED_BACKEND_CODES,
+    CallFailed,
+    bad_request,
+    error_for,
+)
 from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._deployment import get_deployment_options
 from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._handshake import HandshakeGate
 from muxgate.replicas._http import (
-    BadRequestError,
-    MissingModelIdError,
     Request,
     encode_result,
 )
 from muxgate.replicas._memory import rss_bytes
 from muxgate.replicas._model_control import control_models, process_model_report
 from muxgate.replicas._multiplex import (
-    ModelTooLargeError,
     counters,
     events_since,
     model_caches,
@@ -119,70 +122,6 @@ _CLOSE_GRACE_S = 5.0
 
 
 # -- calls ---------------------------------------------------------------------
-
-
-class _CallFailed(Exception):
-    """Internal: a call ends with this ``ErrorInfo`` instead of a result."""
-
-    def __init__(self, error: ErrorInfo) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-def _bad_request(message: str) -> _CallFailed:
-    return _CallFailed(ErrorInfo.of(ErrorCode.BAD_REQUEST, message))
-
-
-#: muxgate.backends errors that mean something to the client, by class name,
-#: and their codes. Anything else user code raises is a 500 ``user_error``.
-_BACKEND_ERRORS: dict[str, ErrorCode] = {
-    "ModelNotFoundError": ErrorCode.MODEL_NOT_FOUND,
-    # an id that would leave the storage root: the client's mistake, not ours
-    "InvalidModelIdError": ErrorCode.BAD_MODEL_ID,
-    # storage kept failing after retries: worth retrying later
-    "StorageUnavailableError": ErrorCode.STORAGE_UNAVAILABLE,
-}
-
-
-#: Codes of backend errors that are outcomes (logged without a traceback).
-_EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(_BACKEND_ERRORS.values())
-
-
-def _is_backend_error(exc: BaseException) -> bool:
-    return any(cls.__name__ == "BackendError" for cls in type(exc).__mro__)
-
-
-def _error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
-    """Map an exception raised by user code to what the gateway gets.
-
-    A :class:`BadRequestError` (the body is not JSON, no model id) is the
-    client's mistake: 400 ``bad_request`` with its message; for a handle call
-    a missing model id names ``options(multiplexed_model_id=...)``.
-    """
-    if isinstance(exc, MissingModelIdError) and not http:
-        return ErrorInfo.of(
-            ErrorCode.BAD_REQUEST,
-            "The model ID cannot be empty: the handle call has no model id;"
-            " use handle.options(multiplexed_model_id=...).",
-        )
-    if isinstance(exc, BadRequestError):
-        return ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
-    if isinstance(exc, ModelTooLargeError):
-        return ErrorInfo.of(ErrorCode.MODEL_TOO_LARGE, str(exc))
-    message = f"{type(exc).__name__}: {exc}"
-    # muxgate.backends is optional here (and must not be imported eagerly):
-    # match its errors by name anywhere in the class hierarchy.
-    if _is_backend_error(exc):
-        # Its client_message names no bucket, path or endpoint; str(exc),
-        # which does, goes to the replica's log (see _run_guarded).
-        client = getattr(exc, "client_message", "")
-        if isinstance(client, str) and client:
-            message = client
-    for cls in type(exc).__mro__:
-        known = _BACKEND_ERRORS.get(cls.__name__)
-        if known is not None:
-            return ErrorInfo.of(known, message)
-    return ErrorInfo.of(ErrorCode.USER_ERROR, message)
 
 
 def _counters() -> dict[str, float]:
@@ -442,7 +381,7 @@ class Replica:
             except ValueError as exc:
                 error = ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
             except Exception as exc:
-                error = _error_for(exc)
+                error = error_for(exc)
                 _log.warning("%s of model '%s' failed: %s", message.action, message.model_id, exc)
         state = self.state()
         if error is not None:
@@ -571,13 +510,13 @@ class Replica:
     ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
         try:
             return await self._invoke_call(call)
-        except _CallFailed as failed:
+        except CallFailed as failed:
             return failed.error
         except (Exception, SystemExit) as exc:
             # SystemExit too: a handler calling sys.exit() fails its
             # request, not the replica.
-            error = _error_for(exc, http=call.http is not None)
-            if error.code in _EXPECTED_BACKEND_CODES:
+            error = error_for(exc, http=call.http is not None)
+            if error.code in EXPECTED_BACKEND_CODES:
                 # an outcome, not a bug: the full detail, no traceback
                 _log.warning("Request %s: %s: %s", call.request_id, type(exc).__name__, exc)
             elif error.code in (ErrorCode.BAD_REQUEST, ErrorCode.MODEL_TOO_LARGE):
@@ -599,19 +538,19 @@ class Replica:
             args = msgspec.msgpack.decode(call.args) if call.args else []
             kwargs = msgspec.msgpack.decode(call.kwargs) if call.kwargs else {}
         except msgspec.DecodeError as exc:
-            raise _bad_request(f"undecodable arguments: {exc}") from exc
+            raise bad_request(f"undecodable arguments: {exc}") from exc
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise _bad_request("args must be a list, kwargs a map")
+            raise bad_request("args must be a list, kwargs a map")
         result = await self._invoke(call.method, target, tuple(args), kwargs)
         return 200, [], msgspec.msgpack.encode(result)
 
     def _target(self, name: str) -> Callable[..., Any]:
         # Only public methods and __call__ are reachable from the wire.
         if name != "__call__" and (not name or name.startswith("_")):
-            raise _bad_request(f"method {name!r} is not callable")
+            raise bad_request(f"method {name!r} is not callable")
         target = getattr(self.instance, name, None)
         if not callable(target):
-            raise _bad_request(f"{self.spec.deployment} has no method {name!r}")
+            raise bad_request(f"{self.spec.deployment} has no method {name!r}")
         return target  # type: ignore[no-any-return]
 
     async def _invoke(

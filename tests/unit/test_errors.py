@@ -23,7 +23,7 @@ from muxgate.gateway._errors import (
     error_from_info,
     error_response,
 )
-from muxgate.replicas._replica import _error_for
+from muxgate.replicas._call_errors import error_for as _error_for
 from muxgate.replicas.contract import (
     ErrorCode,
     ErrorInfo,

@@ -1,0 +1,79 @@
+"""What a failed replica call answers: exceptions mapped to error codes.
+
+User code, the SDK and the storage backends raise; the gateway gets an
+``ErrorInfo`` (code and client message). ``muxgate.backends`` is optional in
+a replica and never imported here: its errors are matched by class name.
+"""
+
+from __future__ import annotations
+
+from muxgate.replicas._codes import ErrorCode
+from muxgate.replicas._http import BadRequestError, MissingModelIdError
+from muxgate.replicas._multiplex import ModelTooLargeError
+from muxgate.replicas._protocol import ErrorInfo
+
+__all__ = ["EXPECTED_BACKEND_CODES", "CallFailed", "bad_request", "error_for", "is_backend_error"]
+
+
+class CallFailed(Exception):
+    """Internal: a call ends with this ``ErrorInfo`` instead of a result."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def bad_request(message: str) -> CallFailed:
+    return CallFailed(ErrorInfo.of(ErrorCode.BAD_REQUEST, message))
+
+
+#: muxgate.backends errors that mean something to the client, by class name,
+#: and their codes. Anything else user code raises is a 500 ``user_error``.
+_BACKEND_ERRORS: dict[str, ErrorCode] = {
+    "ModelNotFoundError": ErrorCode.MODEL_NOT_FOUND,
+    # an id that would leave the storage root: the client's mistake, not ours
+    "InvalidModelIdError": ErrorCode.BAD_MODEL_ID,
+    # storage kept failing after retries: worth retrying later
+    "StorageUnavailableError": ErrorCode.STORAGE_UNAVAILABLE,
+}
+
+
+#: Codes of backend errors that are outcomes (logged without a traceback).
+EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(_BACKEND_ERRORS.values())
+
+
+def is_backend_error(exc: BaseException) -> bool:
+    return any(cls.__name__ == "BackendError" for cls in type(exc).__mro__)
+
+
+def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
+    """Map an exception raised by user code to what the gateway gets.
+
+    A :class:`BadRequestError` (the body is not JSON, no model id) is the
+    client's mistake: 400 ``bad_request`` with its message; for a handle call
+    a missing model id names ``options(multiplexed_model_id=...)``.
+    """
+    if isinstance(exc, MissingModelIdError) and not http:
+        return ErrorInfo.of(
+            ErrorCode.BAD_REQUEST,
+            "The model ID cannot be empty: the handle call has no model id;"
+            " use handle.options(multiplexed_model_id=...).",
+        )
+    if isinstance(exc, BadRequestError):
+        return ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
+    if isinstance(exc, ModelTooLargeError):
+        return ErrorInfo.of(ErrorCode.MODEL_TOO_LARGE, str(exc))
+    message = f"{type(exc).__name__}: {exc}"
+    # muxgate.backends is optional here (and must not be imported eagerly):
+    # match its errors by name anywhere in the class hierarchy.
+    if is_backend_error(exc):
+        # Its client_message names no bucket, path or endpoint; str(exc),
+        # which does, goes to the replica's log (see ``Replica._run_guarded``).
+        client = getattr(exc, "client_message", "")
+        if isinstance(client, str) and client:
+            message = client
+    for cls in type(exc).__mro__:
+        known = _BACKEND_ERRORS.get(cls.__name__)
+        if known is not None:
+            return ErrorInfo.of(known, message)
+    return ErrorInfo.of(ErrorCode.USER_ERROR, message)
