@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from typing import Any
+from unittest import mock
 
 import httpx
 from _common import percentile, print_machine
@@ -43,8 +45,8 @@ sys.path.insert(0, APPS)
 from mlp_apps import write_mlps  # noqa: E402
 from warm_apps import write_sized  # noqa: E402
 
+import muxgate.gateway._pool as pool_module  # noqa: E402
 from muxgate.gateway._config import parse_config  # noqa: E402
-from muxgate.gateway._pool import ReplicaPool  # noqa: E402
 from muxgate.gateway._serve import start_gateway  # noqa: E402
 
 MODEL = "serve_multiplexed_model_id"
@@ -107,19 +109,15 @@ async def window(name: str, load: Load, admin: httpx.AsyncClient, seconds: float
 
 
 async def run(warming: bool, args: argparse.Namespace, root: str) -> list[dict[str, Any]]:
+    patches = contextlib.ExitStack()
     if not warming:
 
-        async def nothing(*_: Any) -> None:
+        async def nothing(*_: Any, **__: Any) -> None:
             return None
 
-        saved = ReplicaPool._warm_moved, ReplicaPool._hand_over_then_drain
-        ReplicaPool._warm_moved = nothing  # type: ignore[method-assign]
-
-        async def drain_now(self: ReplicaPool, rep: Any) -> None:
-            self._leave(rep)
-            await self._drain(rep)
-
-        ReplicaPool._hand_over_then_drain = drain_now  # type: ignore[method-assign]
+        # No warming on join, and no hand-over: a leaving replica drains at once.
+        patches.enter_context(mock.patch.object(pool_module, "warm_moved_home", nothing))
+        patches.enter_context(mock.patch.object(pool_module, "hand_over", nothing))
     models = [f"m{i:02d}" for i in range(args.models)]
     config = parse_config(
         {
@@ -157,8 +155,7 @@ async def run(warming: bool, args: argparse.Namespace, root: str) -> list[dict[s
             await asyncio.gather(*tasks)
             print(f"errors: {load.errors}")
     finally:
-        if not warming:
-            ReplicaPool._warm_moved, ReplicaPool._hand_over_then_drain = saved  # type: ignore[method-assign]
+        patches.close()
     return rows
 
 
