@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 from waiting import wait_until
 
 from muxgate.gateway._config import DeploymentConfig
@@ -95,6 +96,24 @@ async def test_start_failures_back_off_and_are_reported() -> None:
     finally:
         await pool.aclose()
     assert "Bad" in repr(pool)
+
+
+async def test_start_backoff_runs_on_the_pools_clock() -> None:
+    launcher = FailingLauncher()
+    clock = FakeClock()
+    config = DeploymentConfig(name="Bad", import_path="nope:Nope", num_replicas=1)
+    pool = ReplicaPool(config, launcher=launcher, make_spec=spec_of, clock=clock)
+    pool.start()
+    try:
+        await wait_until(lambda: pool.last_failure is not None)
+        # The clock stands still: the backoff never ends, nothing is starting.
+        assert "failures=1 backoff=0.5s" in repr(pool)
+        assert not pool.is_starting() and len(launcher.attempts) == 1
+        clock.now += 0.5
+        assert pool.is_starting()  # the next start may be tried now
+        assert "backoff" not in repr(pool)
+    finally:
+        await pool.aclose()
 
 
 # -- scaling with fakes at the launcher and connect seams ----------------------
