@@ -27,6 +27,9 @@ connection keeps the latest in ``state`` (and the latest counters in
 ``counters``) and hands it to the ``on_state`` callback, which the pool wires
 to the router.
 
+The connection and its handshake (and the channel's proofs) are
+``gateway._handshake``.
+
 Failure semantics (what the caller may retry):
 
 * ``ReplicaUnavailableError``: the call was never written to the socket
@@ -50,26 +53,27 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 
+from muxgate.gateway._handshake import (
+    HandshakeError,
+    ReplicaConnectionError,
+    connect_stream,
+    handshake,
+)
 from muxgate.replicas.contract import (
-    PROTOCOL_VERSION,
     Call,
     Cancel,
-    Challenge,
     ChannelAuth,
     ChannelSettings,
     DirectWriter,
     Drain,
     Drained,
     FrameDecoder,
-    Hello,
     HttpRequest,
     Message,
     ModelControl,
     Ping,
     Pong,
-    Proof,
     ProtocolError,
-    Refused,
     ReplicaState,
     Reply,
     Welcome,
@@ -93,10 +97,6 @@ _log = logging.getLogger("muxgate.gateway.connection")
 _READ_SIZE = 1 << 16
 
 
-class ReplicaConnectionError(Exception):
-    """Base class of the failures of a replica connection."""
-
-
 class ReplicaUnavailableError(ReplicaConnectionError):
     """The call was not sent: the connection is closed, closing or draining.
 
@@ -109,39 +109,6 @@ class ReplicaDiedError(ReplicaConnectionError):
 
     The replica may or may not have run the call; the gateway answers 502.
     """
-
-
-class HandshakeError(ReplicaConnectionError):
-    """The replica refused the connection or answered the handshake wrongly
-    (a protocol version mismatch, an unexpected first message, no answer)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-async def connect_stream(
-    address: str, ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None
-) -> anyio.abc.ByteStream:
-    """Open a byte stream to ``address`` (``unix:/path`` or ``tcp:host:port``),
-    over TLS when ``ssl_context`` is given (TCP only; the replica's
-    certificate must name ``server_hostname``, by default the address's host)."""
-    scheme, _, rest = address.partition(":")
-    if scheme == "unix" and rest and ssl_context is None:
-        return await anyio.connect_unix(rest)
-    if scheme == "tcp" and rest:
-        host, _, port = rest.rpartition(":")
-        host = host.strip("[]")
-        if ssl_context is None:
-            return await anyio.connect_tcp(host, int(port))
-        return await anyio.connect_tcp(
-            host,
-            int(port),
-            ssl_context=ssl_context,
-            tls_standard_compatible=False,
-            tls_hostname=server_hostname or host,
-        )
-    raise ValueError(f"unsupported replica address {address!r}")
 
 
 class ChannelClient:
@@ -271,32 +238,21 @@ class ReplicaConnection:
             OSError: nothing listens at ``address``.
             ssl.SSLError: the TLS handshake failed (e.g. an untrusted certificate).
         """
-        with anyio.fail_after(connect_timeout):
-            stream = await connect_stream(address, ssl_context, server_hostname)
-            try:
-                decoder = FrameDecoder()
-                first = await _hello(stream, decoder, address, auth)
-            except BaseException:
-                await anyio.aclose_forcefully(stream)
-                raise
-        if isinstance(first, Welcome) and first.version == PROTOCOL_VERSION:
-            conn = cls(stream, first, address=address, decoder=decoder, on_state=on_state)
-            # The reader outlives the caller's scope (the pool keeps the
-            # connection for the replica's lifetime), so it is a plain task
-            # owned by the connection and cancelled by aclose().
-            conn._reader = asyncio.get_running_loop().create_task(
-                conn._read_loop(), name=f"muxgate-replica-reader-{first.replica_id}"
-            )
-            return conn
-        await anyio.aclose_forcefully(stream)
-        if isinstance(first, Refused):
-            raise HandshakeError(f"refused by replica at {address}: {first.reason}")
-        if isinstance(first, Welcome):
-            raise HandshakeError(
-                f"replica at {address} speaks protocol {first.version}, "
-                f"gateway speaks {PROTOCOL_VERSION}"
-            )
-        raise HandshakeError(f"unexpected {type(first).__name__} from {address} at handshake")
+        stream, decoder, welcome = await handshake(
+            address,
+            connect_timeout=connect_timeout,
+            auth=auth,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+        )
+        conn = cls(stream, welcome, address=address, decoder=decoder, on_state=on_state)
+        # The reader outlives the caller's scope (the pool keeps the
+        # connection for the replica's lifetime), so it is a plain task
+        # owned by the connection and cancelled by aclose().
+        conn._reader = asyncio.get_running_loop().create_task(
+            conn._read_loop(), name=f"muxgate-replica-reader-{welcome.replica_id}"
+        )
+        return conn
 
     async def aclose(self) -> None:
         """Close the connection; pending calls raise ``ReplicaDiedError``.
@@ -637,42 +593,3 @@ class ReplicaConnection:
             f"in_flight={self.state.in_flight} "
             f"models={self.state.models} loading={self.state.loading}>"
         )
-
-
-async def _hello(
-    stream: anyio.abc.ByteStream, decoder: FrameDecoder, address: str, auth: ChannelAuth | None
-) -> Message:
-    """Send ``Hello`` (and, with ``auth``, check the replica's proof and send
-    ours); the replica's answer to it (``Welcome``, ``Refused``, ...)."""
-    if auth is None:
-        # A replica that requires the secret answers with Refused, saying so.
-        await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION)))
-        return await _read_one(stream, decoder)
-    ours = auth.nonce()
-    await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION, nonce=ours)))
-    challenge = await _read_one(stream, decoder)
-    if isinstance(challenge, Welcome):
-        # A replica without the secret proves nothing: it may be anyone's.
-        raise HandshakeError(f"replica at {address} did not prove the cluster secret")
-    if not isinstance(challenge, Challenge):
-        return challenge  # Refused or unexpected: the caller says which
-    if not auth.verify("replica", ours, challenge.nonce, challenge.proof):
-        raise HandshakeError(f"replica at {address} failed to prove the cluster secret")
-    proof = auth.proof("gateway", ours, challenge.nonce)
-    await stream.send(encode_frame(Proof(proof=proof)))
-    return await _read_one(stream, decoder)
-
-
-async def _read_one(stream: anyio.abc.ByteStream, decoder: FrameDecoder) -> Message:
-    """Read until one whole message is decoded (used for the handshake only:
-    the replica sends nothing else before ``Welcome``)."""
-    while True:
-        try:
-            data = await stream.receive(_READ_SIZE)
-        except anyio.EndOfStream:
-            raise HandshakeError("replica closed the connection during the handshake") from None
-        messages = decoder.feed(data)
-        if messages:
-            if len(messages) > 1:
-                raise HandshakeError("replica sent more than one message at handshake")
-            return messages[0]

@@ -1,0 +1,152 @@
+"""Opening a replica connection: the stream and the handshake.
+
+``connect_stream`` opens the byte stream (``unix:`` or ``tcp:``, over TLS
+when asked); ``handshake`` sends ``Hello`` and, with the cluster secret,
+checks the replica's proof and sends the gateway's own, until the replica
+answers ``Welcome`` in the gateway's protocol version. Everything after that
+is ``gateway._connection``.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import anyio
+import anyio.abc
+
+from muxgate.replicas.contract import (
+    PROTOCOL_VERSION,
+    Challenge,
+    ChannelAuth,
+    FrameDecoder,
+    Hello,
+    Message,
+    Proof,
+    Refused,
+    Welcome,
+    encode_frame,
+)
+
+__all__ = [
+    "HandshakeError",
+    "ReplicaConnectionError",
+    "connect_stream",
+    "handshake",
+]
+
+_READ_SIZE = 1 << 16
+
+
+class ReplicaConnectionError(Exception):
+    """Base class of the failures of a replica connection."""
+
+
+class HandshakeError(ReplicaConnectionError):
+    """The replica refused the connection or answered the handshake wrongly
+    (a protocol version mismatch, an unexpected first message, no answer)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def connect_stream(
+    address: str, ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None
+) -> anyio.abc.ByteStream:
+    """Open a byte stream to ``address`` (``unix:/path`` or ``tcp:host:port``),
+    over TLS when ``ssl_context`` is given (TCP only; the replica's
+    certificate must name ``server_hostname``, by default the address's host)."""
+    scheme, _, rest = address.partition(":")
+    if scheme == "unix" and rest and ssl_context is None:
+        return await anyio.connect_unix(rest)
+    if scheme == "tcp" and rest:
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if ssl_context is None:
+            return await anyio.connect_tcp(host, int(port))
+        return await anyio.connect_tcp(
+            host,
+            int(port),
+            ssl_context=ssl_context,
+            tls_standard_compatible=False,
+            tls_hostname=server_hostname or host,
+        )
+    raise ValueError(f"unsupported replica address {address!r}")
+
+
+async def handshake(
+    address: str,
+    *,
+    connect_timeout: float,
+    auth: ChannelAuth | None,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+) -> tuple[anyio.abc.ByteStream, FrameDecoder, Welcome]:
+    """Connect to ``address`` and do the handshake (connecting and the
+    handshake within ``connect_timeout`` seconds): the open stream, its
+    decoder and the replica's ``Welcome``.
+
+    Raises:
+        HandshakeError: refused, wrong version, a failed proof either way,
+            or no proper answer.
+        OSError: nothing listens at ``address``.
+        ssl.SSLError: the TLS handshake failed.
+    """
+    with anyio.fail_after(connect_timeout):
+        stream = await connect_stream(address, ssl_context, server_hostname)
+        try:
+            decoder = FrameDecoder()
+            first = await _hello(stream, decoder, address, auth)
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+    if isinstance(first, Welcome) and first.version == PROTOCOL_VERSION:
+        return stream, decoder, first
+    await anyio.aclose_forcefully(stream)
+    if isinstance(first, Refused):
+        raise HandshakeError(f"refused by replica at {address}: {first.reason}")
+    if isinstance(first, Welcome):
+        raise HandshakeError(
+            f"replica at {address} speaks protocol {first.version}, "
+            f"gateway speaks {PROTOCOL_VERSION}"
+        )
+    raise HandshakeError(f"unexpected {type(first).__name__} from {address} at handshake")
+
+
+async def _hello(
+    stream: anyio.abc.ByteStream, decoder: FrameDecoder, address: str, auth: ChannelAuth | None
+) -> Message:
+    """Send ``Hello`` (and, with ``auth``, check the replica's proof and send
+    ours); the replica's answer to it (``Welcome``, ``Refused``, ...)."""
+    if auth is None:
+        # A replica that requires the secret answers with Refused, saying so.
+        await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION)))
+        return await _read_one(stream, decoder)
+    ours = auth.nonce()
+    await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION, nonce=ours)))
+    challenge = await _read_one(stream, decoder)
+    if isinstance(challenge, Welcome):
+        # A replica without the secret proves nothing: it may be anyone's.
+        raise HandshakeError(f"replica at {address} did not prove the cluster secret")
+    if not isinstance(challenge, Challenge):
+        return challenge  # Refused or unexpected: the caller says which
+    if not auth.verify("replica", ours, challenge.nonce, challenge.proof):
+        raise HandshakeError(f"replica at {address} failed to prove the cluster secret")
+    proof = auth.proof("gateway", ours, challenge.nonce)
+    await stream.send(encode_frame(Proof(proof=proof)))
+    return await _read_one(stream, decoder)
+
+
+async def _read_one(stream: anyio.abc.ByteStream, decoder: FrameDecoder) -> Message:
+    """Read until one whole message is decoded (used for the handshake only:
+    the replica sends nothing else before ``Welcome``)."""
+    while True:
+        try:
+            data = await stream.receive(_READ_SIZE)
+        except anyio.EndOfStream:
+            raise HandshakeError("replica closed the connection during the handshake") from None
+        messages = decoder.feed(data)
+        if messages:
+            if len(messages) > 1:
+                raise HandshakeError("replica sent more than one message at handshake")
+            return messages[0]
