@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from muxgate.gateway._placement import ReplicaLoad, place, victim_score
 from muxgate.gateway._popularity import PopularitySketch
 from muxgate.gateway._ring import DEFAULT_VIRTUAL_NODES, HashRing, stable_hash
 from muxgate.gateway._spill import (
@@ -97,48 +98,6 @@ class RouteDecision:
     home_replica_id: str
     reason: str
     hit: bool = field(default=False, compare=False)
-
-
-class _Replica:
-    __slots__ = (
-        "cache_limit",
-        "in_flight",
-        "loading",
-        "lru",
-        "models",
-        "pending",
-        "pending_total",
-    )
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.models: set[str] = set()  # reported loaded
-        self.lru: list[str] = []  # the same, least recently used first (as reported)
-        self.loading: set[str] = set()  # reported loading
-        # Requests sent here and not yet answered, per model id. They pin
-        # their model on the replica, so each is a holder mark that only its
-        # own release removes (a report may predate the request's arrival).
-        self.pending: dict[str, int] = {}
-        self.pending_total = 0
-        self.cache_limit: int | None = None  # models it can hold, when reported
-
-    def holds(self, model_id: str) -> bool:
-        return model_id in self.models or model_id in self.loading or model_id in self.pending
-
-    def held(self) -> set[str]:
-        return self.models | self.loading | self.pending.keys()
-
-    def drop_pending(self, model_id: str) -> bool:
-        """Remove one pending mark; True when it was the model's last one."""
-        count = self.pending.get(model_id, 0)
-        if not count:
-            return False
-        self.pending_total -= 1
-        if count == 1:
-            del self.pending[model_id]
-            return True
-        self.pending[model_id] = count - 1
-        return False
 
 
 class Router:
@@ -262,7 +221,7 @@ class Router:
         self.min_capacity = min_capacity
         self._rng = rng if rng is not None else random.Random()
         self._ring = HashRing(virtual_nodes=virtual_nodes)
-        self._replicas: dict[str, _Replica] = {}
+        self._replicas: dict[str, ReplicaLoad] = {}
         self._ids: list[str] = []  # for random sampling
         self._holders: dict[str, set[str]] = {}  # model id -> replicas holding it
         self._total_in_flight = 0
@@ -319,7 +278,7 @@ class Router:
         """Add a ready replica to the ring (no-op if present)."""
         if replica_id in self._replicas:
             return
-        self._replicas[replica_id] = _Replica()
+        self._replicas[replica_id] = ReplicaLoad()
         self._ids.append(replica_id)
         self._ring.add(replica_id)
         self._prefix_cache.clear()
@@ -533,10 +492,13 @@ class Router:
             return None
         target = free[0]
         if len(free) > 1 and not holders:
-            target = self._place(free)
+            target = place(free, self._replicas, self._high_water, self.popularity)
         elif holders and self.spill_rule == "priced":
             # Every holder is full: a load elsewhere must be worth more than the wait.
-            victim = victim_share(self._victim_score(target), self.popularity.score(model_id))
+            victim = victim_share(
+                victim_score(self._replicas[target], self._high_water, self.popularity),
+                self.popularity.score(model_id),
+            )
             if not should_spill(
                 waiting=waiting,
                 holders=len(holders),
@@ -553,43 +515,6 @@ class Router:
         if target == free[0]:
             return RouteDecision(target, True, home, REASON_SPILL)
         return RouteDecision(target, False, home, REASON_PLACED)
-
-    def _victim_score(self, replica_id: str) -> float:
-        """Popularity of the model a new load on ``replica_id`` would evict.
-
-        -1.0 when it has a free cache slot (nothing would be evicted). The
-        victim is the least recently used reported model that no request in
-        flight pins there.
-        """
-        rep = self._replicas[replica_id]
-        lru = rep.lru
-        if not lru:
-            return -1.0
-        models, loading, pending = rep.models, rep.loading, rep.pending
-        occupancy = len(models) + len(loading)
-        for m in pending:
-            if m not in models and m not in loading:
-                occupancy += 1
-        if occupancy < (rep.cache_limit or self._high_water):
-            return -1.0
-        for m in lru:
-            if m not in pending:
-                return self.popularity.score(m)
-        return self.popularity.score(lru[0])
-
-    def _place(self, free: list[str]) -> str:
-        """Where a model that no replica holds should be loaded: of the first
-        few replicas under capacity, the one whose load evicts the least
-        popular model (a free slot first; ties in preference order)."""
-        best = free[0]
-        best_score = self._victim_score(best)
-        for replica_id in free[1:]:
-            if best_score < 0.0:
-                break  # a free slot: nothing beats it
-            score = self._victim_score(replica_id)
-            if score < best_score:
-                best, best_score = replica_id, score
-        return best
 
     def _choose_p2c(self) -> RouteDecision | None:
         limit = self.max_ongoing_requests

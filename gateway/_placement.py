@@ -1,0 +1,105 @@
+"""Where a model that no replica holds is loaded (the router's placement).
+
+Of the first few replicas under capacity in preference order, the one where
+loading the model evicts the least popular model: a replica with a free
+cache slot first, else the lowest popularity of its victim (its least
+recently used reported model that no request in flight pins); ties go to the
+earlier one. Pure functions of the router's per-replica state
+(:class:`ReplicaLoad`, kept here with them) and its popularity sketch.
+"""
+
+from __future__ import annotations
+
+from muxgate.gateway._popularity import PopularitySketch
+
+__all__ = ["ReplicaLoad", "place", "victim_score"]
+
+
+class ReplicaLoad:
+    """What the router knows of one replica: requests in flight, the models
+    it reported (loaded, loading, in LRU order, its cache size) and the
+    requests it was sent and has not answered (which pin their models)."""
+
+    __slots__ = (
+        "cache_limit",
+        "in_flight",
+        "loading",
+        "lru",
+        "models",
+        "pending",
+        "pending_total",
+    )
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.models: set[str] = set()  # reported loaded
+        self.lru: list[str] = []  # the same, least recently used first (as reported)
+        self.loading: set[str] = set()  # reported loading
+        # Requests sent here and not yet answered, per model id. They pin
+        # their model on the replica, so each is a holder mark that only its
+        # own release removes (a report may predate the request's arrival).
+        self.pending: dict[str, int] = {}
+        self.pending_total = 0
+        self.cache_limit: int | None = None  # models it can hold, when reported
+
+    def holds(self, model_id: str) -> bool:
+        return model_id in self.models or model_id in self.loading or model_id in self.pending
+
+    def held(self) -> set[str]:
+        return self.models | self.loading | self.pending.keys()
+
+    def drop_pending(self, model_id: str) -> bool:
+        """Remove one pending mark; True when it was the model's last one."""
+        count = self.pending.get(model_id, 0)
+        if not count:
+            return False
+        self.pending_total -= 1
+        if count == 1:
+            del self.pending[model_id]
+            return True
+        self.pending[model_id] = count - 1
+        return False
+
+
+def victim_score(rep: ReplicaLoad, high_water: int, popularity: PopularitySketch) -> float:
+    """Popularity of the model a new load on ``rep`` would evict.
+
+    -1.0 when it has a free cache slot (nothing would be evicted): its
+    reported cache size, else ``high_water`` (the most models any replica was
+    seen holding), is not reached. The victim is the least recently used
+    reported model that no request in flight pins there.
+    """
+    lru = rep.lru
+    if not lru:
+        return -1.0
+    models, loading, pending = rep.models, rep.loading, rep.pending
+    occupancy = len(models) + len(loading)
+    for m in pending:
+        if m not in models and m not in loading:
+            occupancy += 1
+    if occupancy < (rep.cache_limit or high_water):
+        return -1.0
+    for m in lru:
+        if m not in pending:
+            return popularity.score(m)
+    return popularity.score(lru[0])
+
+
+def place(
+    free: list[str],
+    replicas: dict[str, ReplicaLoad],
+    high_water: int,
+    popularity: PopularitySketch,
+) -> str:
+    """Of ``free`` (replicas under capacity, in preference order), the one
+    whose load evicts the least popular model (a free slot first; ties in
+    preference order)."""
+    best = free[0]
+    best_score = victim_score(replicas[best], high_water, popularity)
+    for replica_id in free[1:]:
+        if best_score < 0.0:
+            break  # a free slot: nothing beats it
+        score = victim_score(replicas[replica_id], high_water, popularity)
+        if score < best_score:
+            best, best_score = replica_id, score
+    return best
