@@ -272,6 +272,7 @@ _LEGEND = [
 #: printed last: from the demo to serving your own models
 NEXT_STEPS = """
 Next: serve your own models
+  . .venv/bin/activate                      # after `make demo`: muxgate and torch live in .venv
   python examples/make_models.py            # examples/models/{1..8}/model.pt
   muxgate serve examples/app.yaml           # the deployment in examples/torch_mlp.py
   curl -H 'serve_multiplexed_model_id: 2' -d '{"x": [1, 2, 3, 4]}' http://127.0.0.1:8000/
