@@ -249,12 +249,16 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
         if parent_fd is not None:
             watchers.start_soon(_watch_parent_fd, parent_fd, starter.request_stop)
 
+        def failed(reason: str) -> int:
+            """Tell the launcher why the start failed; stop the watchers."""
+            announce(f"FAILED {reason}")
+            watchers.cancel_scope.cancel()
+            return 1
+
         try:
             gate = make_gate(spec)
         except ChannelError as exc:
-            announce(f"FAILED {_one_line(str(exc))}")
-            watchers.cancel_scope.cancel()
-            return 1
+            return failed(_one_line(str(exc)))
 
         async def instantiate() -> Any:
             # Import and __init__ run in a worker thread; the CPU budget is
@@ -274,13 +278,9 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             _log.exception("Starting %s failed.", spec.import_path)
             where = failure_location(exc)
             at = f" (at {where})" if where else f" (importing {spec.import_path})"
-            announce(f"FAILED {_one_line(f'{type(exc).__name__}: {exc}{at}')}")
-            watchers.cancel_scope.cancel()
-            return 1
+            return failed(_one_line(f"{type(exc).__name__}: {exc}{at}"))
         if not done:
-            announce(f"FAILED stopped during start-up ({starter.reason})")
-            watchers.cancel_scope.cancel()
-            return 1
+            return failed(f"stopped during start-up ({starter.reason})")
         try:
             done, _ = await _race_stop(
                 starter.stop,
@@ -289,19 +289,13 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
                 ),
             )
         except ValueError as exc:
-            announce(f"FAILED {_one_line(str(exc))}")
-            watchers.cancel_scope.cancel()
-            return 1
+            return failed(_one_line(str(exc)))
         if not done:
-            announce(f"FAILED stopped while preloading models ({starter.reason})")
-            watchers.cancel_scope.cancel()
-            return 1
+            return failed(f"stopped while preloading models ({starter.reason})")
         try:
             listener, address = await _listen(spec.listen)
         except (OSError, ValueError) as exc:
-            announce(f"FAILED cannot listen on {spec.listen}: {_one_line(str(exc))}")
-            watchers.cancel_scope.cancel()
-            return 1
+            return failed(f"cannot listen on {spec.listen}: {_one_line(str(exc))}")
         replica = Replica(spec, instance, gate)
         starter.replica = replica
         announce(f"READY {address}")
