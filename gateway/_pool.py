@@ -569,8 +569,10 @@ class ReplicaPool:
         """A replica answered a ping (the poller's or a scrape's): liveness,
         load time estimate, model events, counters for the metrics."""
         self.replicas.answered(rep)
-        self._reports.pong(rep, pong)
-        self.router.load_s = self._reports.load_time.value  # the price of a spill
+        interval = self._reports.pong(rep, pong)
+        # The price of a spill, from what the replicas report.
+        self.router.load_s = self._reports.load_time.value
+        self.router.service_s = self.dispatcher.service_time.report(interval)
         if self.config.routing.queue_affinity_wait_s is None:
             # Cache hits overtake the queue head for about one load time.
             self.dispatcher.affinity_wait_s = self._reports.load_time.affinity_wait_s()

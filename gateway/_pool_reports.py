@@ -11,7 +11,9 @@ the dispatcher.
   lets hits go first for about that long.
 * ``ReplicaReports``: both of those for one deployment, fed each pong and
   drain, which also passes the counters on to the metrics and gives the
-  replica rows of ``/-/replicas``.
+  replica rows of ``/-/replicas``; each pong also gives a sample of the
+  replica's service interval (``muxgate.gateway._spill.service_interval_s``)
+  for the spill price.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._replica_set import RUNNING, Replica
+from muxgate.gateway._spill import service_interval_s
 from muxgate.replicas.contract import Drained, ModelEvent, Pong, ReplicaState
 
 __all__ = [
@@ -133,8 +136,13 @@ class ReplicaReports:
     def __repr__(self) -> str:
         return f"<ReplicaReports {self.name} load_time={self.load_time.value:.3f}s {self.events!r}>"
 
-    def pong(self, rep: Replica, pong: Pong) -> None:
-        """Take a replica's pong: its load counters, events, memory, counters."""
+    def pong(self, rep: Replica, pong: Pong) -> float | None:
+        """Take a replica's pong: its load counters, events, memory, counters.
+
+        Returns the replica's service interval since its previous pong (None:
+        it finished no call without a load, or reports no call counters).
+        """
+        interval = self.service_interval(rep, pong.counters)
         rep.loads_seen = self.load_time.observe(rep.loads_seen, pong.counters)
         rep.events_seq = self.events.add(rep.id, rep.events_seq, pong.events)
         rep.rss_bytes = pong.rss_bytes
@@ -145,6 +153,25 @@ class ReplicaReports:
             metrics.set_replica_model_bytes(self.name, rep.id, pong.model_bytes)
             if pong.rss_bytes is not None:
                 metrics.set_replica_rss(self.name, rep.id, pong.rss_bytes)
+        return interval
+
+    @staticmethod
+    def service_interval(rep: Replica, counters: Mapping[str, float]) -> float | None:
+        """The service interval from the call and load counters' growth since
+        ``rep``'s last pong; moves ``rep.calls_seen`` on (a replica whose
+        counters went back, restarted under the same id, starts afresh)."""
+        calls = counters.get("calls_finished", 0.0)
+        busy = counters.get("busy_seconds", 0.0)
+        seen_calls, seen_busy = rep.calls_seen
+        seen_loads, seen_load_s = rep.loads_seen
+        loads = counters.get("model_loads", 0.0)
+        load_s = counters.get("model_load_seconds_sum", 0.0)
+        rep.calls_seen = (calls, busy)
+        if calls < seen_calls or busy < seen_busy or loads < seen_loads:
+            return None
+        return service_interval_s(
+            busy - seen_busy, calls - seen_calls, load_s - seen_load_s, loads - seen_loads
+        )
 
     def drained(self, rep: Replica, drained: Drained, counters: Mapping[str, float]) -> None:
         """Take a replica's ``Drained``: the drain's unloads (after its last

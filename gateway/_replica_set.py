@@ -68,6 +68,8 @@ class Replica:
     task: asyncio.Task[None] | None = None
     #: last cumulative (model_loads, model_load_seconds_sum) from a pong
     loads_seen: tuple[float, float] = (0.0, 0.0)
+    #: last cumulative (calls_finished, busy_seconds) from a pong
+    calls_seen: tuple[float, float] = (0.0, 0.0)
     #: sequence number of the last model event taken from this replica
     events_seq: int = 0
     #: resident memory the replica last reported (None: unknown)

@@ -13,9 +13,11 @@ them frees a slot for this request. So (pure functions, no clock):
 
 * ``waiting``: requests for *m* queued at the gateway, this one included: a
   copy serves all of them, and each holder slot that frees serves one.
-* ``service_s``: the time between two slots freeing on a busy replica (a
-  hit's duration divided by the requests it shared the replica with),
-  learnt online by :class:`ServiceTimeEstimate`.
+* ``service_s``: the time between two slots freeing on a busy replica,
+  learnt by :class:`ServiceTimeEstimate`: from the replicas' own counters
+  where they report them (:func:`service_interval_s`: busy seconds over
+  calls finished, loads taken out), else from the hits this gateway sent (a
+  hit's duration divided by the requests it shared the replica with).
 * ``holders``: replicas that hold *m* (loaded, loading, or a request for it
   in flight).
 * ``load_s``: one model load, learnt from the replicas' own load counters.
@@ -30,9 +32,11 @@ from __future__ import annotations
 
 __all__ = [
     "INITIAL_SERVICE_TIME_S",
+    "REPORTED_SERVICE_TIME_ALPHA",
     "SERVICE_TIME_ALPHA",
     "ServiceTimeEstimate",
     "expected_wait_s",
+    "service_interval_s",
     "should_spill",
     "spill_price_s",
     "victim_share",
@@ -42,11 +46,35 @@ __all__ = [
 INITIAL_SERVICE_TIME_S = 0.01
 #: weight of a new sample in the moving service time estimate
 SERVICE_TIME_ALPHA = 0.05
+#: weight of a new replica report in it (a report sums a second of calls)
+REPORTED_SERVICE_TIME_ALPHA = 0.3
 
 
 def expected_wait_s(waiting: int, holders: int, service_s: float) -> float:
     """Expected time until the last of ``waiting`` requests gets a holder's slot."""
     return max(1, waiting) * service_s / max(1, holders)
+
+
+def service_interval_s(
+    busy_s: float, calls: float, load_s: float = 0.0, loads: float = 0.0
+) -> float | None:
+    """The interval between two calls finishing on a busy replica, from what
+    it reported between two reports: ``busy_s`` wall seconds with a call in
+    flight, ``calls`` calls finished, of which ``loads`` loaded a model for
+    ``load_s`` seconds in all. None when the report says nothing (no call
+    finished without a load, or the loads took all the busy time).
+
+    The loads are taken out: their price is the spill's side of the rule,
+    and an interval that grew with every load would make each spill's load
+    argue for the next spill (a storm feeding itself). With one CPU per
+    replica the calls share its core, so the busy time left after the loads
+    is what the hits took.
+    """
+    hits = calls - loads
+    hit_s = busy_s - load_s
+    if hits <= 0 or hit_s <= 0.0:
+        return None
+    return hit_s / hits
 
 
 def victim_share(victim_score: float, model_score: float) -> float:
@@ -88,26 +116,52 @@ def should_spill(
 
 
 class ServiceTimeEstimate:
-    """Exponential moving average of the interval between slots freeing.
+    """Exponential moving averages of the interval between slots freeing:
+    one from the replicas' reports, one from what this gateway saw.
 
-    Each sample is one cache hit: its duration at the replica divided by the
-    requests in flight there when it was sent (with ``k`` requests sharing a
-    replica, one finishes about every ``duration / k``).
+    ``value`` is the reported one once any replica reported (every gateway
+    over a pool reads the same counters, so they price spills alike), else
+    the local one, whose samples are this gateway's cache hits: a hit's
+    duration at the replica divided by the requests in flight there when it
+    was sent (with ``k`` requests sharing a replica, one finishes about
+    every ``duration / k``). A replica that does not report its call counters
+    (an older release) leaves the local estimate in charge.
     """
 
-    __slots__ = ("_alpha", "value")
+    __slots__ = ("_alpha", "_reported_alpha", "local", "reported")
 
     def __init__(
-        self, initial_s: float = INITIAL_SERVICE_TIME_S, alpha: float = SERVICE_TIME_ALPHA
+        self,
+        initial_s: float = INITIAL_SERVICE_TIME_S,
+        alpha: float = SERVICE_TIME_ALPHA,
+        reported_alpha: float = REPORTED_SERVICE_TIME_ALPHA,
     ) -> None:
-        self.value = initial_s
+        self.local = initial_s
+        self.reported: float | None = None
         self._alpha = alpha
+        self._reported_alpha = reported_alpha
+
+    @property
+    def value(self) -> float:
+        """The estimate in effect: the reported one, else the local one."""
+        return self.local if self.reported is None else self.reported
 
     def observe(self, duration_s: float, in_flight: int) -> float:
-        """Fold in one hit; returns the new estimate."""
+        """Fold in one hit this gateway saw; returns the estimate in effect."""
         if duration_s >= 0.0:
-            self.value += self._alpha * (duration_s / max(1, in_flight) - self.value)
+            self.local += self._alpha * (duration_s / max(1, in_flight) - self.local)
+        return self.value
+
+    def report(self, interval_s: float | None) -> float:
+        """Fold in one replica's :func:`service_interval_s`; returns the
+        estimate in effect. The first report replaces the local value."""
+        if interval_s is not None and interval_s > 0.0:
+            if self.reported is None:
+                self.reported = interval_s
+            else:
+                self.reported += self._reported_alpha * (interval_s - self.reported)
         return self.value
 
     def __repr__(self) -> str:
-        return f"<ServiceTimeEstimate {self.value * 1e3:.3f} ms>"
+        reported = "-" if self.reported is None else f"{self.reported * 1e3:.3f} ms"
+        return f"<ServiceTimeEstimate local={self.local * 1e3:.3f} ms reported={reported}>"

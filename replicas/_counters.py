@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "BUSY_SECONDS_KEY",
     "CACHE_COUNTER_KEYS",
+    "CALLS_FINISHED_KEY",
+    "CALL_COUNTER_KEYS",
     "MODELS_LOADED_KEY",
     "MODEL_LOAD_BUCKETS",
     "REPLICA_COUNTER_KEYS",
@@ -51,8 +54,20 @@ CACHE_COUNTER_KEYS: Final[tuple[str, ...]] = (
 #: from the disk cache while storage was unreachable.
 STORAGE_COUNTER_KEYS: Final[tuple[str, ...]] = ("storage_stale_serves",)
 
+#: Calls the replica finished (answered, failed or cancelled).
+CALLS_FINISHED_KEY: Final = "calls_finished"
+#: Wall seconds with at least one call in flight. Between two reports,
+#: busy seconds over calls finished is the interval between two calls
+#: finishing while the replica is busy: the service time the gateways'
+#: spill price uses (``muxgate.gateway._spill``), the same for every gateway.
+BUSY_SECONDS_KEY: Final = "busy_seconds"
+#: Counted by the replica server around its calls.
+CALL_COUNTER_KEYS: Final[tuple[str, ...]] = (CALLS_FINISHED_KEY, BUSY_SECONDS_KEY)
+
 #: Every cumulative counter key a replica reports, in report order.
-REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = CACHE_COUNTER_KEYS + STORAGE_COUNTER_KEYS
+REPLICA_COUNTER_KEYS: Final[tuple[str, ...]] = (
+    CACHE_COUNTER_KEYS + STORAGE_COUNTER_KEYS + CALL_COUNTER_KEYS
+)
 
 #: The one gauge among the counters: models loaded in the process now.
 MODELS_LOADED_KEY: Final = "models_loaded"

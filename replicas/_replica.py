@@ -66,6 +66,7 @@ import anyio.abc
 import msgspec
 from opentelemetry import trace
 
+from muxgate.replicas._busy import BusyClock
 from muxgate.replicas._call_errors import (
     EXPECTED_BACKEND_CODES,
     CallFailed,
@@ -124,9 +125,11 @@ _CLOSE_GRACE_S = 5.0
 # -- calls ---------------------------------------------------------------------
 
 
-def _counters() -> dict[str, float]:
-    """The model caches' counters plus muxgate.backends' (when it was imported)."""
+def _counters(busy: BusyClock) -> dict[str, float]:
+    """The model caches' counters, the server's call counters (``busy``) and
+    muxgate.backends' (when it was imported)."""
     result = counters()
+    result.update(busy.counters())
     # Looked up, not imported: a deployment need not touch storage, and a
     # process that never imported it has counted nothing there.
     fetch_module = sys.modules.get("muxgate.backends._fetch")
@@ -145,6 +148,8 @@ class Replica:
         #: admits connections (TLS, the cluster secret); default: no secret, no TLS
         self.gate = gate if gate is not None else HandshakeGate()
         self.in_flight = 0
+        #: calls finished and busy seconds, reported in every Pong
+        self.busy = BusyClock()
         self.stopping = False
         self.stop_requested = anyio.Event()
         self.stop_reason = "shutdown"
@@ -224,7 +229,9 @@ class Replica:
             if self._drain_requester is not None:
                 after = self._drain_events_after
                 events = events_since(after) if after is not None else []
-                await self._drain_requester.send(Drained(counters=_counters(), events=events))
+                await self._drain_requester.send(
+                    Drained(counters=_counters(self.busy), events=events)
+                )
             # Closing a socket may drop data still buffered for it, so
             # half-close and let each gateway close its end once it has read
             # everything (bounded: a gateway that never closes is cut off).
@@ -313,6 +320,7 @@ class Replica:
         assert self._tg is not None
         if isinstance(message, Call):
             self.in_flight += 1
+            self.busy.started()
             self._idle = anyio.Event() if self._idle.is_set() else self._idle
             # Registered now, not when the task starts: a Cancel in the same
             # read must find it (a scope cancelled before it is entered
@@ -345,7 +353,7 @@ class Replica:
         await conn.send(
             Pong(
                 state=self.state(),
-                counters=_counters(),
+                counters=_counters(self.busy),
                 events=events,
                 rss_bytes=rss_bytes(),
                 model_bytes=model_bytes,
@@ -455,6 +463,7 @@ class Replica:
 
     def _finish(self) -> None:
         self.in_flight -= 1
+        self.busy.finished()
         if self.in_flight == 0:
             self._idle.set()
 

@@ -410,3 +410,25 @@ async def test_replicas_running_when_the_pool_starts_are_adopted() -> None:
     finally:
         await pool.aclose()
     assert adopted.killed or adopted.exited.is_set()  # the pool stops what it runs
+
+
+async def test_replica_call_counters_set_the_spill_price_service_time() -> None:
+    fakes = Fakes()
+    fakes.launcher.ready.set()
+    pool = fakes.pool(DeploymentConfig(name="P", import_path="m:P", num_replicas=1))
+    pool.start()
+    try:
+        await until(pool, lambda: pool.running == 1)
+        (conn,) = fakes.conns.values()
+        # 0.9 s busy over 100 calls, 10 of them loads of 0.09 s in all: 9 ms a hit.
+        conn.counters = {
+            "calls_finished": 100.0,
+            "busy_seconds": 0.9,
+            "model_loads": 10.0,
+            "model_load_seconds_sum": 0.09,
+        }
+        await wait_until(lambda: pool.dispatcher.service_time.reported is not None)
+        assert pool.router.service_s == pytest.approx(0.009)
+        assert pool.dispatcher.service_time.value == pytest.approx(0.009)
+    finally:
+        await pool.aclose()

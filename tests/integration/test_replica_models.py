@@ -95,6 +95,9 @@ async def test_replies_carry_loaded_models_lru_first(
     assert pong.counters["model_unloads_lru"] == 1
     assert pong.counters["cache_hits"] >= 2
     assert pong.counters["models_loaded"] == 2
+    # Five calls, one at a time: busy while each ran, loads included.
+    assert pong.counters["calls_finished"] == 5
+    assert pong.counters["busy_seconds"] >= pong.counters["model_load_seconds_sum"] > 0
     lines = (await anyio.Path(events).read_text()).splitlines()
     # The victim goes once the model that needs the room is built.
     assert lines == ["load m1", "load m2", "load m3", "unload m2"]

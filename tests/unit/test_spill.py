@@ -10,6 +10,7 @@ from muxgate.gateway._router import Router
 from muxgate.gateway._spill import (
     ServiceTimeEstimate,
     expected_wait_s,
+    service_interval_s,
     should_spill,
     spill_price_s,
     victim_share,
@@ -61,7 +62,45 @@ def test_service_time_estimate_divides_a_hit_by_the_requests_it_shared_with() ->
     assert estimate.observe(0.004, 4) == pytest.approx(0.0055)  # sample 1 ms
     assert estimate.observe(0.001, 0) == pytest.approx(0.00325)  # in_flight 0 counts as 1
     assert estimate.observe(-1.0, 1) == pytest.approx(0.00325)  # a clock step is ignored
-    assert repr(estimate) == "<ServiceTimeEstimate 3.250 ms>"
+    assert repr(estimate) == "<ServiceTimeEstimate local=3.250 ms reported=->"
+
+
+def test_service_interval_takes_the_loads_out_of_the_busy_time() -> None:
+    # 1 s busy, 400 calls of which 40 loaded for 0.28 s: 0.72 s over 360 hits.
+    assert service_interval_s(1.0, 400, 0.28, 40) == pytest.approx(0.002)
+    assert service_interval_s(0.5, 100) == pytest.approx(0.005)  # no loads
+    # Nothing to learn: no call finished, only loads, loads longer than busy
+    # (a warming load while idle), or no call counters (an older replica).
+    assert service_interval_s(0.0, 0) is None
+    assert service_interval_s(0.3, 5, 0.2, 5) is None
+    assert service_interval_s(0.1, 10, 0.2, 2) is None
+    assert service_interval_s(0.0, 0.0, 0.5, 3) is None
+
+
+def test_reported_service_time_wins_over_the_local_one_once_there() -> None:
+    estimate = ServiceTimeEstimate(initial_s=0.01, alpha=0.5, reported_alpha=0.5)
+    assert estimate.report(None) == pytest.approx(0.01)  # no report yet: local
+    assert estimate.observe(0.004, 1) == pytest.approx(0.007)  # local learns
+    assert estimate.report(0.002) == pytest.approx(0.002)  # the first report replaces it
+    assert estimate.observe(0.1, 1) == pytest.approx(0.002)  # local hits no longer decide
+    assert estimate.local == pytest.approx(0.0535)
+    assert estimate.report(0.004) == pytest.approx(0.003)
+    assert estimate.report(None) == estimate.report(0.0) == pytest.approx(0.003)
+    assert repr(estimate) == "<ServiceTimeEstimate local=53.500 ms reported=3.000 ms>"
+
+
+def test_two_gateways_reading_the_same_replicas_price_alike() -> None:
+    # Their own hits differ (one saw slow ones); the replicas' reports do not.
+    a, b = ServiceTimeEstimate(), ServiceTimeEstimate()
+    for _ in range(50):
+        a.observe(0.002, 1)
+        b.observe(0.020, 1)
+    assert abs(a.value - b.value) > 0.005
+    for busy, calls in ((1.0, 500), (1.0, 480), (1.0, 520)):
+        interval = service_interval_s(busy, calls)
+        a.report(interval)
+        b.report(interval)
+    assert a.value == b.value == pytest.approx(0.002, rel=0.05)
 
 
 def make_router(rule: str, n: int = 3) -> Router:
