@@ -66,6 +66,7 @@ from muxgate.gateway._router import RouteDecision, Router
 from muxgate.gateway._spill import ServiceTimeEstimate
 from muxgate.replicas.contract import (
     ErrorCode,
+    ErrorInfo,
     HttpRequest,
     Reply,
     extract_context,
@@ -154,6 +155,25 @@ class _Waiter:
         self.queued = True
 
 
+class _Scan:
+    """What one ``Dispatcher._serve_one`` pass over the queue has learnt."""
+
+    __slots__ = ("free", "head", "head_decision", "models_full", "priced_due", "refused")
+
+    def __init__(self, free: set[str]) -> None:
+        #: replicas with a free slot
+        self.free = free
+        #: models whose oldest waiter would miss (or is held back by the price)
+        self.refused: set[str] = set()
+        #: no model request can get a slot (only id-less ones might)
+        self.models_full = not free
+        #: the oldest waiter that would take a miss, and where it would go
+        self.head: _Waiter | None = None
+        self.head_decision: RouteDecision | None = None
+        #: when a waiter held back by the spill price is due again
+        self.priced_due = math.inf
+
+
 class Dispatcher:
     """Routes, queues and sends the requests of one deployment.
 
@@ -239,113 +259,148 @@ class Dispatcher:
         args: bytes = b"",
         kwargs: bytes = b"",
     ) -> tuple[Reply, str]:
-        """Send one request to a replica and return ``(reply, replica_id)``.
+        """Send one request to a replica; return ``(reply, replica_id)``.
 
-        With ``http=None`` it is a handle call: ``method`` is called with the
-        MessagePack-encoded ``args`` (a list) and ``kwargs`` (a map), routed
-        exactly like HTTP traffic.
-
-        ``deadline`` is in ``loop.time()`` units. A reply that carries an
-        ``error`` is turned into the matching ``GatewayError`` here.
+        ``http=None`` makes it a handle call of ``method`` (``args`` a list
+        and ``kwargs`` a map, MessagePack). ``deadline``: ``loop.time()`` units.
 
         Raises:
             GatewayError: 503 queue full / no replica, 502 replica died,
-                504 deadline, or the replica's reported error.
+                504 deadline, or the error the replica replied with.
         """
         if self._admit is not None:
             self._admit(model_id)
-        loop = asyncio.get_running_loop()
-        router = self.router
         reroutes = 0
         while True:
-            decision: RouteDecision | None
-            if tracing_active():
-                decision, sent_parent, sent_state = await self._route_traced(
+            # Hot path (nobody queued, tracing off): no span, no extra coroutine.
+            decision = None if self._waiting or tracing_active() else self._take_slot(model_id)
+            sent_parent, sent_state = traceparent, tracestate
+            if decision is None:
+                decision, sent_parent, sent_state = await self._route_slowly(
                     model_id, deadline, traceparent, tracestate
                 )
-            else:
-                # Hot path (tracing off): no span, no extra coroutine.
-                decision = self._take_slot(model_id) if not self._waiting else None
-                if decision is None:
-                    decision = await self._wait_for_slot(model_id, deadline)
-                sent_parent, sent_state = traceparent, tracestate
             replica_id = decision.replica_id
-            if self._admit is not None:
-                try:
-                    self._admit(model_id)  # again: it may have been refused while it waited
-                except GatewayError:
-                    router.release(replica_id, model_id)
-                    if self._waiting:
-                        self.wake()
-                    raise
+            self._readmit(replica_id, model_id)
             self.in_flight += 1
             try:
-                target = self._targets.get(replica_id)
-                if target is None:
-                    raise ReplicaUnavailableError(replica_id)
-                sent_at = loop.time()
-                remaining = deadline - sent_at
-                if remaining <= 0:
-                    raise DeadlineExceededError("the request's deadline passed")
-                sharing = router.in_flight(replica_id)
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        reply = await target.call(
-                            request_id=request_id,
-                            model_id=model_id,
-                            timeout_s=remaining,
-                            traceparent=sent_parent,
-                            tracestate=sent_state,
-                            http=http,
-                            method=method,
-                            args=args,
-                            kwargs=kwargs,
-                        )
-                except TimeoutError:
-                    raise DeadlineExceededError("the request's deadline passed") from None
+                target, sent_at, sharing = self._ready_to_send(replica_id, deadline)
+                async with asyncio.timeout_at(deadline):
+                    reply = await target.call(
+                        request_id=request_id,
+                        model_id=model_id,
+                        timeout_s=deadline - sent_at,
+                        traceparent=sent_parent,
+                        tracestate=sent_state,
+                        http=http,
+                        method=method,
+                        args=args,
+                        kwargs=kwargs,
+                    )
             except ReplicaUnavailableError:
-                # Closed or draining: it can take no call again. Take it out
-                # of routing now (the pool's watcher may not have run yet),
-                # so the next choice is another replica.
-                router.remove_replica(replica_id)
-                reroutes += 1
-                if reroutes > MAX_REROUTES:
-                    raise OverCapacityError(
-                        f"no replica of {self.name} could be reached",
-                        retry_after=self._retry_after,
-                    ) from None
+                reroutes = self._unreachable(replica_id, reroutes)
                 continue
-            except ReplicaDiedError:
-                died = ReplicaFailedError("the replica serving the request died")
-                died.replica_id = replica_id
-                raise died from None
+            except (TimeoutError, ReplicaDiedError) as exc:  # only the call raises these
+                raise self._call_failed(exc, replica_id) from None
             except GatewayError as exc:
                 exc.replica_id = replica_id
                 raise
             finally:
-                self.in_flight -= 1
-                router.release(replica_id, model_id)
-                if self._waiting:
-                    self.wake()
-            # The router's model view is refreshed by the connection's
-            # on_state callback (wired by the pool), for replies and pongs.
-            if decision.hit and reply.error is None:
-                router.service_s = self.service_time.observe(loop.time() - sent_at, sharing)
-            if reply.error is not None:
-                if reply.error.code == ErrorCode.OVERLOADED:
-                    # The replica's own guard refused it (another gateway
-                    # fills it): it never ran, so route it again.
-                    reroutes += 1
-                    if reroutes <= MAX_REROUTES:
-                        continue
-                    raise OverCapacityError(
-                        f"the replicas of {self.name} are overloaded",
-                        retry_after=self._retry_after,
-                    )
-                err = error_from_info(reply.error)
-                err.replica_id = replica_id
-                raise err
-            return reply, replica_id
+                self._call_ended(replica_id, model_id)
+            if reply.error is None:
+                self._answered(decision, sent_at, sharing)
+                return reply, replica_id
+            reroutes = self._refused(reply.error, replica_id, reroutes)
+
+    # -- the steps of ``dispatch`` (synchronous: no await between them) ----------
+
+    def _ready_to_send(self, replica_id: str, deadline: float) -> tuple[Target, float, int]:
+        """The chosen replica's ``Target``, the send time and the calls the
+        replica already runs; raises if the request may not go there now."""
+        target = self._targets.get(replica_id)
+        if target is None:
+            raise ReplicaUnavailableError(replica_id)
+        sent_at = asyncio.get_running_loop().time()
+        if deadline <= sent_at:
+            raise DeadlineExceededError("the request's deadline passed")
+        return target, sent_at, self.router.in_flight(replica_id)
+
+    def _readmit(self, replica_id: str, model_id: str) -> None:
+        """Admit the request again once it has its slot: it may have been
+        refused (quarantined) while it waited. A refusal gives the slot back."""
+        if self._admit is None:
+            return
+        try:
+            self._admit(model_id)
+        except GatewayError:
+            self.router.release(replica_id, model_id)
+            if self._waiting:
+                self.wake()
+            raise
+
+    def _call_ended(self, replica_id: str, model_id: str) -> None:
+        """Give the slot back (the call ended, however) and pass it on."""
+        self.in_flight -= 1
+        self.router.release(replica_id, model_id)
+        if self._waiting:
+            self.wake()
+
+    def _answered(self, decision: RouteDecision, sent_at: float, sharing: int) -> None:
+        # The router's model view is refreshed by the connection's on_state
+        # callback (wired by the pool), for replies and pongs; a cache hit
+        # also tells how long a slot stays busy.
+        if decision.hit:
+            took = asyncio.get_running_loop().time() - sent_at
+            self.router.service_s = self.service_time.observe(took, sharing)
+
+    def _unreachable(self, replica_id: str, reroutes: int) -> int:
+        """A replica that cannot take the call (closed or draining): out of
+        routing now (the pool's watcher may not have run yet), so the next
+        choice is another one. Returns the reroute count, or raises 503."""
+        self.router.remove_replica(replica_id)
+        if reroutes >= MAX_REROUTES:
+            raise OverCapacityError(
+                f"no replica of {self.name} could be reached", retry_after=self._retry_after
+            ) from None
+        return reroutes + 1
+
+    @staticmethod
+    def _call_failed(exc: TimeoutError | ReplicaDiedError, replica_id: str) -> GatewayError:
+        """504 for a call past the request's deadline, 502 for a replica
+        that went away with the call."""
+        err: GatewayError
+        if isinstance(exc, TimeoutError):
+            err = DeadlineExceededError("the request's deadline passed")
+        else:
+            err = ReplicaFailedError("the replica serving the request died")
+        err.replica_id = replica_id
+        return err
+
+    def _refused(self, error: ErrorInfo, replica_id: str, reroutes: int) -> int:
+        """The reply's error as a ``GatewayError``, raised; except that a
+        replica's own overload guard (another gateway fills it) refused a
+        call that never ran: route it again (returns the reroute count)."""
+        if error.code == ErrorCode.OVERLOADED:
+            if reroutes < MAX_REROUTES:
+                return reroutes + 1
+            raise OverCapacityError(
+                f"the replicas of {self.name} are overloaded", retry_after=self._retry_after
+            )
+        err = error_from_info(error)
+        err.replica_id = replica_id
+        raise err
+
+    async def _route_slowly(
+        self,
+        model_id: str,
+        deadline: float,
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> tuple[RouteDecision, str | None, str | None]:
+        """A slot when the hot path took none: routed in a span (tracing
+        on), else queued. Returns it with the trace context to send."""
+        if tracing_active():
+            return await self._route_traced(model_id, deadline, traceparent, tracestate)
+        return await self._wait_for_slot(model_id, deadline), traceparent, tracestate
 
     async def _route(self, model_id: str, deadline: float) -> tuple[RouteDecision, bool]:
         """A replica slot for the request (acquired); and whether it queued."""
@@ -498,12 +553,7 @@ class Dispatcher:
         cap = router.capacity()
         # Replicas with a free slot for a model request: a waiter whose model
         # none of them holds cannot be a cache hit, so it costs no choose().
-        free = {r for r in router.replica_ids if router.in_flight(r) < cap}
-        refused: set[str] = set()  # models whose oldest waiter would miss
-        models_full = not free
-        head: _Waiter | None = None
-        head_decision: RouteDecision | None = None
-        priced_due = math.inf  # when a waiter held back by the spill price is due again
+        scan = _Scan({r for r in router.replica_ids if router.in_flight(r) < cap})
         scanned = 0
         for waiter in itertools.islice(self._queue, AFFINITY_SCAN * 2):
             if not waiter.queued:
@@ -514,60 +564,77 @@ class Dispatcher:
             scanned += 1
             if scanned > AFFINITY_SCAN:
                 break
-            model_id = waiter.model_id
-            if model_id in refused or (model_id and models_full):
-                continue
-            if head is not None and model_id and free.isdisjoint(router.holders(model_id)):
-                refused.add(model_id)  # a miss, and not the head: skip it cheaply
-                continue
-            waited = asyncio.get_running_loop().time() - waiter.since
-            decision = router.choose(model_id, self._waiting_for.get(model_id, 1), waited)
-            if decision is None:
-                if model_id and free:
-                    # Its holders are full and a spill does not pay yet: it waits
-                    # for a holder; look again once waiting costs as much as a load.
-                    refused.add(model_id)
-                    due = waiter.since + router.refused_spill_price_s + _PRICE_SLACK_S
-                    priced_due = min(priced_due, due)
-                    continue
-                if head is None:
-                    head = waiter
-                if not model_id:
-                    return False  # every replica at max_ongoing_requests
-                models_full = True
-                continue
-            if not model_id or decision.replica_id in router.holders(model_id):
+            handed = self._consider(waiter, scan)
+            if handed is not None:
+                return handed
+        return self._serve_head(scan)
+
+    def _consider(self, waiter: _Waiter, scan: _Scan) -> bool | None:
+        """Look at one waiter of a ``_serve_one`` pass: True when it got a
+        slot, False when no waiter can have one now, None to go on."""
+        router = self.router
+        model_id = waiter.model_id
+        if model_id in scan.refused or (model_id and scan.models_full):
+            return None
+        if scan.head is not None and model_id and scan.free.isdisjoint(router.holders(model_id)):
+            scan.refused.add(model_id)  # a miss, and not the head: skip it cheaply
+            return None
+        waited = asyncio.get_running_loop().time() - waiter.since
+        decision = router.choose(model_id, self._waiting_for.get(model_id, 1), waited)
+        if decision is None:
+            if model_id and scan.free:
+                # Its holders are full and a spill does not pay yet: it waits
+                # for a holder; look again once waiting costs as much as a load.
+                scan.refused.add(model_id)
+                due = waiter.since + router.refused_spill_price_s + _PRICE_SLACK_S
+                scan.priced_due = min(scan.priced_due, due)
+                return None
+            if scan.head is None:
+                scan.head = waiter
+            if not model_id:
+                return False  # every replica at max_ongoing_requests
+            scan.models_full = True
+            return None
+        if not model_id or decision.replica_id in router.holders(model_id):
+            self._hand(waiter, decision)
+            return True
+        if scan.head is None:
+            scan.head, scan.head_decision = waiter, decision
+            # No starvation: a head that has waited its affinity time
+            # takes this slot over younger cache hits, at most once per
+            # affinity wait, so these forced loads hold about one slot
+            # and a busy deployment cannot fall into the FIFO collapse.
+            now = asyncio.get_running_loop().time()
+            if now >= waiter.since + self.affinity_wait_s and now >= self._forced_after:
+                self._forced_after = now + self.affinity_wait_s
                 self._hand(waiter, decision)
                 return True
-            if head is None:
-                head, head_decision = waiter, decision
-                # No starvation: a head that has waited its affinity time
-                # takes this slot over younger cache hits, at most once per
-                # affinity wait, so these forced loads hold about one slot
-                # and a busy deployment cannot fall into the FIFO collapse.
-                now = asyncio.get_running_loop().time()
-                if now >= head.since + self.affinity_wait_s and now >= self._forced_after:
-                    self._forced_after = now + self.affinity_wait_s
-                    self._hand(head, decision)
-                    return True
-            refused.add(model_id)
+        scan.refused.add(model_id)
+        return None
+
+    def _serve_head(self, scan: _Scan) -> bool:
+        """After a pass found no cache hit: hand the head the miss slot once it
+        has waited its affinity time, or when the load there delays nobody;
+        else set the timer that looks again."""
         loop = asyncio.get_running_loop()
-        if head is None or head_decision is None:
-            if priced_due < math.inf and self._timer is None:
-                self._timer = loop.call_at(priced_due, self.wake)
+        head, decision = scan.head, scan.head_decision
+        if head is None or decision is None:
+            if scan.priced_due < math.inf and self._timer is None:
+                self._timer = loop.call_at(scan.priced_due, self.wake)
             return False
+        router = self.router
         due = head.since + self.affinity_wait_s
         if (
             loop.time() >= due
             or router.total_in_flight == 0
-            or router.in_flight(head_decision.replica_id) == 0
+            or router.in_flight(decision.replica_id) == 0
         ):
-            self._hand(head, head_decision)
+            self._hand(head, decision)
             return True
         # A slot is free but only a miss could use it: try again when the
         # head has waited long enough (or earlier, if a request finishes, or
         # when a request held back by the spill price is due).
-        self._timer = loop.call_at(min(due, priced_due), self.wake)
+        self._timer = loop.call_at(min(due, scan.priced_due), self.wake)
         return False
 
     def _hand(self, waiter: _Waiter, decision: RouteDecision) -> None:
