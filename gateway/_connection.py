@@ -330,6 +330,7 @@ class ReplicaConnection:
         loader: str | None = None,
         timeout_s: float | None = None,
         after_calls: bool = False,
+        after_slot: bool = False,
     ) -> Reply:
         """Load, warm or unload one model outside any call (``ModelControl``).
 
@@ -352,6 +353,7 @@ class ReplicaConnection:
                 loader=loader or "",
                 timeout_s=timeout_s,
                 after_calls=after_calls,
+                after_slot=after_slot,
             )
         )
         return await self._round_trip(call_id, frame, None)

@@ -1,11 +1,14 @@
 """Carrying out a warming plan on one replica (the I/O around
 :mod:`muxgate.gateway._warming`).
 
-One model at a time, each a ``ModelControl`` with ``after_calls``: the
-replica starts it only once it has no request in flight, so warming never
-delays a request there beyond the load already under way when one arrives.
-It stops at the first model that does not fit (the replica's cache is full),
-when the replica stops running, or when the connection drops.
+One model at a time, each a ``ModelControl`` with ``after_slot``: the
+replica starts it once one of its call slots is free and no other warming
+load runs there, and the load holds no slot, so a request never waits for a
+warm (it shares the CPU with at most one load). A replica of a release
+before ``after_slot`` falls back to ``after_calls`` (only once it has no
+request in flight), which the message also sets. It stops at the first
+model that does not fit (the replica's cache is full), when the replica
+stops running, or when the connection drops.
 
 The pool warms in three moments, each a function here: the first replica
 after zero (``warm_after_zero``), a replica that joined and is the new home
@@ -64,7 +67,8 @@ async def warm_replica(
                 pin=pin,
                 loader=loader,
                 timeout_s=timeout_s,
-                after_calls=True,
+                after_calls=True,  # for a replica without after_slot
+                after_slot=True,
             )
         except ReplicaConnectionError:
             break

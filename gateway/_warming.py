@@ -2,8 +2,9 @@
 
 *Warming* loads a model on a replica before any request asks for it there,
 so that the request finds it loaded. A warming load never evicts anything
-(the replica keeps it only if it fits beside what it holds) and waits until
-the replica has no request in flight (see ``muxgate.replicas._model_control``);
+(the replica keeps it only if it fits beside what it holds) and starts only
+while one of the replica's call slots is free, one at a time per replica,
+holding no slot (see ``muxgate.replicas._model_control.warm_may_start``);
 the pool sends one at a time per replica and stops at the first model that
 does not fit. What to warm is decided here from the router's popularity
 counts (``muxgate.gateway._popularity``).

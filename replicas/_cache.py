@@ -393,7 +393,12 @@ class ModelCache(Generic[M]):
             for victim_id, victim in evicted:
                 await self._unload(victim_id, victim, "lru")
             assert self._load_slots is not None
-            async with self._load_slots:
+            if flight.evict:
+                async with self._load_slots:
+                    model = await self._timed_load(model_id)
+            else:
+                # A warm takes no load slot: a request's load never waits
+                # behind one (the replicas bound warms by themselves).
                 model = await self._timed_load(model_id)
             nbytes = await self._measure(model_id, model)
         except Exception as exc:
@@ -512,9 +517,7 @@ class ModelCache(Generic[M]):
 
     async def _unload(self, model_id: str, model: M, reason: str) -> None:
         """Run the model's unload hook; a failing hook is logged, never raised."""
-        # An operator's unload is counted with the policy's evictions (the metric's
-        # reasons are lru, shutdown, drain); its span and event say "admin".
-        COUNTERS[f"model_unloads_{'lru' if reason == 'admin' else reason}"] += 1
+        COUNTERS[f"model_unloads_{reason}"] += 1
         if self._state.holds(model):
             EVENTS.record("unload", model_id, None, reason)
             return  # the same object is still cached under another id

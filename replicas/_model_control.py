@@ -10,17 +10,49 @@ to the one ``multiplexed_loader`` names (see
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import msgspec
 
 from muxgate.replicas._cache import ModelCache
+from muxgate.replicas._context import request_scope
 from muxgate.replicas._multiplex import instance_caches, model_caches
 from muxgate.replicas._protocol import ModelControl
 
-__all__ = ["control_models", "preload_models", "process_model_report"]
+__all__ = [
+    "MAX_WARMING_LOADS",
+    "WarmTurns",
+    "control_models",
+    "control_when_due",
+    "preload_models",
+    "process_model_report",
+    "warm_may_start",
+]
 
 _log = logging.getLogger("muxgate.replica")
+
+#: warming loads (``ModelControl.after_slot``) one replica runs at once
+MAX_WARMING_LOADS = 1
+
+
+def warm_may_start(
+    in_flight: int, max_ongoing: int, warming: int, max_warming: int = MAX_WARMING_LOADS
+) -> bool:
+    """Whether a warming load (``ModelControl.after_slot``) may start now.
+
+    Only while a call slot is free (``in_flight`` calls, counting those
+    waiting for a slot, below ``max_ongoing``) and fewer than ``max_warming``
+    warming loads run on the replica. Once started it holds no call slot
+    (nor one of the cache's load slots): a call that arrives meanwhile gets
+    the slot it would have had without the warm, and runs beside the load.
+    A warm thus only takes room the gateways left free, never a place in
+    line; what it may cost a call is the CPU it shares with one load.
+    """
+    return in_flight < max_ongoing and warming < max_warming
 
 
 def _caches(instance: object, loader: str | None) -> list[ModelCache[Any]]:
@@ -85,6 +117,44 @@ async def control_models(instance: object, message: ModelControl) -> dict[str, A
     return result
 
 
+async def control_when_due(
+    instance: object,
+    message: ModelControl,
+    *,
+    warms: WarmTurns,
+    in_flight: Callable[[], int],
+    max_ongoing: int,
+    idle: Callable[[float | None], Awaitable[bool]],
+) -> dict[str, Any]:
+    """:func:`control_models` once the message's turn comes: at once; with
+    ``after_slot`` once :func:`warm_may_start` (the wait counts against
+    ``timeout_s``); else with ``after_calls`` once ``idle`` (no call in
+    flight). ``{"loaded": False, "busy": True}`` when the turn never came.
+
+    Raises:
+        What :func:`control_models` raises.
+    """
+    busy = {"model_id": message.model_id, "loaded": False, "busy": True}
+    scope = f"model-control-{message.id}"
+    if message.after_slot:
+        started = time.monotonic()
+        if not await warms.acquire(in_flight, max_ongoing, message.timeout_s):
+            return busy
+        if message.timeout_s is not None:
+            left = message.timeout_s - (time.monotonic() - started)
+            message = msgspec.structs.replace(message, timeout_s=max(left, 0.0))
+        try:
+            # A request scope of its own: the loader's get_multiplexed_model_id() works.
+            with request_scope(scope, message.model_id):
+                return await control_models(instance, message)
+        finally:
+            warms.release()
+    if message.after_calls and not await idle(message.timeout_s):
+        return busy
+    with request_scope(scope, message.model_id):
+        return await control_models(instance, message)
+
+
 def process_model_report() -> tuple[int, list[str]]:
     """(bytes of the loaded models, pinned ids) over every model cache of the process."""
     total = 0
@@ -93,3 +163,48 @@ def process_model_report() -> tuple[int, list[str]]:
         total += cache.model_bytes()
         pinned.update(dict.fromkeys(cache.kept_ids()))
     return total, list(pinned)
+
+
+class WarmTurns:
+    """The warming loads of one replica (``ModelControl.after_slot``): how
+    many run, and the turn those waiting for :func:`warm_may_start` wait on.
+
+    The replica calls :meth:`wake` whenever a call ends; :meth:`release`
+    wakes the waiters too. The rule itself is the pure function.
+    """
+
+    __slots__ = ("_turn", "max_running", "running", "waiting")
+
+    def __init__(self, max_running: int = MAX_WARMING_LOADS) -> None:
+        self.max_running = max_running
+        self.running = 0
+        self.waiting = 0
+        self._turn = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<WarmTurns running={self.running}/{self.max_running} waiting={self.waiting}>"
+
+    def wake(self) -> None:
+        """Let the waiters check the rule again (cheap when none waits)."""
+        if self.waiting:
+            self._turn.set()
+            self._turn = anyio.Event()
+
+    async def acquire(
+        self, in_flight: Callable[[], int], max_ongoing: int, timeout_s: float | None
+    ) -> bool:
+        """Wait for a turn and take it (True), or give up after ``timeout_s`` (False)."""
+        self.waiting += 1
+        try:
+            with anyio.move_on_after(math.inf if timeout_s is None else timeout_s):
+                while not warm_may_start(in_flight(), max_ongoing, self.running, self.max_running):
+                    await self._turn.wait()
+                self.running += 1
+                return True
+            return False
+        finally:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self.running -= 1
+        self.wake()

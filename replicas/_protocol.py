@@ -231,8 +231,9 @@ class ModelEvent(msgspec.Struct, frozen=True, array_like=True):
     ``seq`` counts up from 1 per process; ``time`` is wall-clock Unix seconds
     when it finished. ``kind`` is ``"load"``, ``"load_failed"`` (``reason``:
     the exception's class name) or ``"unload"`` (``reason``: ``"lru"``,
-    ``"shutdown"`` or ``"drain"``; no ``duration_ms`` when no hook ran
-    because the object is still cached under another id).
+    ``"shutdown"``, ``"drain"`` or ``"admin"``, an operator's unload; no
+    ``duration_ms`` when no hook ran because the object is still cached
+    under another id).
     """
 
     seq: int
@@ -276,6 +277,11 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="
     method to use; ``""``: every loader of the deployment. ``after_calls``:
     start only once the replica has no call in flight (warming yields to
     requests); within ``timeout_s``, else the answer is ``loaded: false``.
+    ``after_slot`` (wins over ``after_calls``; a replica without it falls
+    back to ``after_calls``): start once a call slot is free (fewer calls in
+    flight than ``max_ongoing_requests``) and no other such load runs on the
+    replica; the load holds no slot, so calls that arrive meanwhile run
+    beside it (see ``muxgate.replicas._model_control.warm_may_start``).
     """
 
     id: int
@@ -285,6 +291,7 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="
     loader: str = ""
     timeout_s: float | None = None
     after_calls: bool = False
+    after_slot: bool = False
 
 
 class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):

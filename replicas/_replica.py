@@ -83,7 +83,11 @@ from muxgate.replicas._http import (
     encode_result,
 )
 from muxgate.replicas._memory import rss_bytes
-from muxgate.replicas._model_control import control_models, process_model_report
+from muxgate.replicas._model_control import (
+    WarmTurns,
+    control_when_due,
+    process_model_report,
+)
 from muxgate.replicas._multiplex import (
     counters,
     events_since,
@@ -156,6 +160,8 @@ class Replica:
         self.stop_graceful = True
         self._idle = anyio.Event()
         self._idle.set()
+        #: warming loads (``ModelControl.after_slot``): running, and waiting for a free slot
+        self.warms = WarmTurns()
         self._call_scopes: set[anyio.CancelScope] = set()
         self._connections: set[GatewayConnection] = set()
         self._all_closed = anyio.Event()
@@ -179,7 +185,8 @@ class Replica:
         return (
             f"<Replica {self.spec.deployment}#{self.spec.replica_id} in_flight={self.in_flight} "
             f"running={self._slots.running} waiting={self._slots.waiting} "
-            f"cancelled={self.cancelled} connections={len(self._connections)} "
+            f"warming={self.warms.running} cancelled={self.cancelled} "
+            f"connections={len(self._connections)} "
             f"stopping={self.stopping}>"
         )
 
@@ -377,12 +384,14 @@ class Replica:
             error = ErrorInfo.of(ErrorCode.DRAINING, "replica is shutting down")
         else:
             try:
-                # A request scope of its own: the loader's get_multiplexed_model_id() works.
-                if message.after_calls and not await self._wait_idle(message.timeout_s):
-                    result = {"model_id": message.model_id, "loaded": False, "busy": True}
-                else:
-                    with request_scope(f"model-control-{message.id}", message.model_id):
-                        result = await control_models(self.instance, message)
+                result = await control_when_due(
+                    self.instance,
+                    message,
+                    warms=self.warms,
+                    in_flight=lambda: self.in_flight,
+                    max_ongoing=self._slots.limit,
+                    idle=self._wait_idle,
+                )
                 body = msgspec.json.encode(result)
             except TimeoutError:
                 error = ErrorInfo.of(ErrorCode.DEADLINE, "the load is still running")
@@ -466,6 +475,7 @@ class Replica:
         self.busy.finished()
         if self.in_flight == 0:
             self._idle.set()
+        self.warms.wake()
 
     async def _execute(
         self, call: Call, time_left: float | None

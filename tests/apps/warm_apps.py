@@ -5,6 +5,10 @@ models, the admin load/unload and the byte budget.
 dict of a ``Linear(width, width)`` (``width * (width + 1) * 4`` bytes).
 ``Sized`` rebuilds each from its file (the width from the tensor's shape)
 and answers ``{"model", "bytes"}``.
+
+``Gated`` (two call slots) holds each call (``hold(name)``) and each model
+load until a ``release(name)`` call (``load-<id>`` for a load) lets it go,
+so a test can fill the replica's slots and keep a warming load running.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 
 from muxgate.replicas._context import get_multiplexed_model_id
@@ -51,3 +56,25 @@ class Sized:
         model_id = get_multiplexed_model_id()
         model = await self.get_model(model_id)
         return {"model": model_id, "bytes": sum(p.nbytes for p in model.parameters())}
+
+
+@deployment(max_ongoing_requests=2)
+class Gated:
+    def __init__(self) -> None:
+        self._gates: dict[str, anyio.Event] = {}
+
+    def _gate(self, name: str) -> anyio.Event:
+        return self._gates.setdefault(name, anyio.Event())
+
+    @multiplexed(max_num_models_per_replica=8)
+    async def get_model(self, model_id: str) -> str:
+        await self._gate(f"load-{model_id}").wait()
+        return model_id
+
+    async def hold(self, name: str) -> str:
+        await self._gate(name).wait()
+        return name
+
+    async def release(self, name: str) -> str:
+        self._gate(name).set()
+        return name

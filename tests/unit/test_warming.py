@@ -1,7 +1,11 @@
-"""What a replica warms and in which order (pure functions), and the
-popularity ranking they read."""
+"""What a replica warms and in which order (pure functions), the
+popularity ranking they read, and when a replica starts a warming load
+(``warm_may_start`` and the turns of ``WarmTurns``)."""
 
 from __future__ import annotations
+
+import anyio
+import pytest
 
 from muxgate.gateway._popularity import PopularitySketch
 from muxgate.gateway._warming import (
@@ -11,6 +15,7 @@ from muxgate.gateway._warming import (
     handover_bound_s,
     moved_home,
 )
+from muxgate.replicas._model_control import MAX_WARMING_LOADS, WarmTurns, warm_may_start
 
 
 def test_top_ranks_by_decayed_count_ties_by_id() -> None:
@@ -85,3 +90,43 @@ def test_the_handover_is_bounded() -> None:
     assert handover_bound_s(0.5, {}) == 0.0
     assert handover_bound_s(0.5, {"a": ["x", "y"], "b": ["z"]}) == 3.0
     assert handover_bound_s(10.0, {"a": ["x"] * 10}) == MAX_HANDOVER_S
+
+
+def test_a_warm_may_start_only_on_a_free_slot_and_one_at_a_time() -> None:
+    assert MAX_WARMING_LOADS == 1
+    assert warm_may_start(in_flight=0, max_ongoing=4, warming=0)
+    assert warm_may_start(in_flight=3, max_ongoing=4, warming=0)  # busy, not full
+    assert not warm_may_start(in_flight=4, max_ongoing=4, warming=0)  # every slot taken
+    assert not warm_may_start(in_flight=6, max_ongoing=4, warming=0)  # calls waiting
+    assert not warm_may_start(in_flight=0, max_ongoing=4, warming=1)  # one runs already
+    assert warm_may_start(in_flight=1, max_ongoing=4, warming=1, max_warming=2)
+
+
+@pytest.mark.anyio
+async def test_warm_turns_wait_for_a_free_slot_and_for_the_running_warm() -> None:
+    turns = WarmTurns()
+    in_flight = [2]
+    started: list[str] = []
+
+    async def warm(name: str) -> None:
+        assert await turns.acquire(lambda: in_flight[0], 2, None)
+        started.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(warm, "w1")
+        tg.start_soon(warm, "w2")
+        await anyio.wait_all_tasks_blocked()
+        assert (started, turns.waiting) == ([], 2)  # both slots taken
+        in_flight[0] = 1
+        turns.wake()  # a call ended
+        await anyio.wait_all_tasks_blocked()
+        assert len(started) == 1 and repr(turns) == "<WarmTurns running=1/1 waiting=1>"
+        turns.release()  # the first warm ended
+        await anyio.wait_all_tasks_blocked()
+        assert len(started) == 2 and turns.waiting == 0
+    turns.release()
+    assert turns.running == 0
+    # no turn within the timeout: False, and not counted
+    in_flight[0] = 2
+    assert not await turns.acquire(lambda: in_flight[0], 2, 0.01)
+    assert (turns.running, turns.waiting) == (0, 0)
