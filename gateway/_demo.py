@@ -246,6 +246,7 @@ def format_summary(
             c.get("model_unloads_lru", 0)
             + c.get("model_unloads_drain", 0)
             + c.get("model_unloads_shutdown", 0)
+            + c.get("model_unloads_admin", 0)
         )
         lines.append(
             f"  {r['id']:<14} {r['pid']:>7} {calls:>6} {int(c.get('cache_hits', 0)):>6}"

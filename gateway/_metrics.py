@@ -201,7 +201,7 @@ class _ReplicaCounters(Collector):
         )
         unloads = CounterMetricFamily(
             "muxgate_model_unloads_total",
-            "Models unloaded by replicas, by reason (lru, shutdown, drain).",
+            "Models unloaded by replicas, by reason (lru, shutdown, drain, admin).",
             labels=["deployment", "reason"],
         )
         for deployment in deployments:

@@ -35,8 +35,11 @@ def load_bucket_key(bound: float) -> str:
     return f"model_load_seconds_le_{bound:g}"
 
 
-#: Why a model was unloaded, each counted as ``model_unloads_<reason>``.
-UNLOAD_REASONS: Final[tuple[str, ...]] = ("lru", "shutdown", "drain")
+#: Why a model was unloaded, each counted as ``model_unloads_<reason>``:
+#: evicted by the cache's policy, the replica's shutdown or drain, an
+#: operator's unload (``ModelControl`` ``unload``, the admin API). A gateway
+#: reads a reason a replica does not report as 0.
+UNLOAD_REASONS: Final[tuple[str, ...]] = ("lru", "shutdown", "drain", "admin")
 
 #: The model caches' cumulative counter keys. The buckets are cumulative like
 #: Prometheus buckets; the ``+Inf`` bucket is ``model_loads``.

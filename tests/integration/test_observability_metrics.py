@@ -104,6 +104,7 @@ async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
     by_bound = sorted((float(dict(k)["le"]), v) for k, v in load_buckets.items())
     assert [v for _, v in by_bound] == sorted(v for _, v in by_bound)
     assert only(samples, "muxgate_model_unloads_total") == {
+        (("deployment", "Observed"), ("reason", "admin")): 0.0,
         (("deployment", "Observed"), ("reason", "drain")): 0.0,
         (("deployment", "Observed"), ("reason", "lru")): 1.0,
         (("deployment", "Observed"), ("reason", "shutdown")): 0.0,
@@ -179,6 +180,7 @@ async def test_scale_down_counts_drain_unloads_and_keeps_totals(gateway: Gateway
     assert only(samples, "muxgate_models_loaded") == {}
     assert sum(only(samples, "muxgate_replicas").values()) == 0.0
     assert only(samples, "muxgate_model_unloads_total") == {
+        (("deployment", "Observed"), ("reason", "admin")): 0.0,
         (("deployment", "Observed"), ("reason", "drain")): 2.0,
         (("deployment", "Observed"), ("reason", "lru")): 0.0,
         (("deployment", "Observed"), ("reason", "shutdown")): 0.0,

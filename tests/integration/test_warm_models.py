@@ -165,6 +165,17 @@ async def test_pinned_models_stay_and_the_admin_api_loads_on_the_home_replica(
     reps = {rep["id"]: rep for rep in await replicas_of(client, "Pinned")}
     assert "p-5" not in reps[home[0]]["models"]
 
+    # an operator's unload has its own reason, in the events and the metric
+    async def unload_reported() -> list[dict[str, Any]]:
+        body = (await client.get("/-/replicas")).json()["deployments"]["Pinned"]
+        return [e for e in body["events"] if e["kind"] == "unload" and e["model"] == "p-5"]
+
+    (event,) = await wait_until(unload_reported, within_s=10)
+    assert (event["replica"], event["reason"]) == (home[0], "admin")
+    samples = parse_samples((await client.get("/-/metrics")).text)
+    unloads = only(samples, "muxgate_model_unloads_total")
+    assert unloads[(("deployment", "Pinned"), ("reason", "admin"))] == 1
+
 
 async def test_admin_model_control_errors(client: httpx.AsyncClient) -> None:
     r = await client.post("/-/models/Nope/x/load")

@@ -107,6 +107,7 @@ def test_replica_counters_are_summed_per_deployment() -> None:
             model_unloads_lru=1,
             model_unloads_shutdown=0,
             model_unloads_drain=0,
+            model_unloads_admin=1,
             cache_hits=10,
             cache_misses=4,
             model_load_seconds_sum=1.5,
@@ -128,9 +129,11 @@ def test_replica_counters_are_summed_per_deployment() -> None:
     assert only(s, "muxgate_model_load_duration_seconds_sum")[model] == 1.75
     assert only(s, "muxgate_model_load_duration_seconds_count")[model] == 5.0
     assert only(s, "muxgate_model_unloads_total") == {
+        (("deployment", "Model"), ("reason", "admin")): 1.0,
         (("deployment", "Model"), ("reason", "drain")): 2.0,
         (("deployment", "Model"), ("reason", "lru")): 1.0,
         (("deployment", "Model"), ("reason", "shutdown")): 0.0,
+        (("deployment", "Other"), ("reason", "admin")): 0.0,
         (("deployment", "Other"), ("reason", "drain")): 0.0,
         (("deployment", "Other"), ("reason", "lru")): 0.0,
         (("deployment", "Other"), ("reason", "shutdown")): 0.0,
@@ -287,7 +290,7 @@ def test_final_counters_of_a_drained_replica_count_once() -> None:
     s = scrape(m)
     assert only(s, "muxgate_model_loads_total")[model] == 3.0
     assert only(s, "muxgate_cache_misses_total")[model] == 3.0
-    assert unloads(s) == {"drain": 3.0, "lru": 0.0, "shutdown": 0.0}
+    assert unloads(s) == {"drain": 3.0, "lru": 0.0, "shutdown": 0.0, "admin": 0.0}
     assert only(s, "muxgate_models_loaded") == {}
     # A repeated final report, or a forget after it, adds nothing.
     m.final_replica_counters(

@@ -652,6 +652,7 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
         "model_unloads_lru",
         "model_unloads_shutdown",
         "model_unloads_drain",
+        "model_unloads_admin",
         "cache_hits",
         "cache_misses",
         "model_load_seconds_sum",
