@@ -205,6 +205,10 @@ class ReplicaConnection:
         self._direct = DirectWriter(stream)
         self._flushers: set[asyncio.Task[None]] = set()
         self.cancels_sent = 0
+        #: calls (not model controls) that left the connection: answered,
+        #: abandoned or failed; ``calls_end`` waits on it
+        self.calls_ended = 0
+        self._call_ended: asyncio.Event | None = None
 
     # -- life cycle ---------------------------------------------------------
 
@@ -382,6 +386,21 @@ class ReplicaConnection:
             if future.cancelled() or not future.done():
                 future.cancel()
                 self._abandon(call_id)
+            if model_id is not None:
+                self._count_call_end()
+
+    def _count_call_end(self) -> None:
+        self.calls_ended += 1
+        ended, self._call_ended = self._call_ended, None
+        if ended is not None:
+            ended.set()
+
+    async def calls_end(self, n: int) -> None:
+        """Wait until ``n`` calls have ended on this connection (or it closed)."""
+        while self.calls_ended < n and self.close_reason is None:
+            if self._call_ended is None:
+                self._call_ended = asyncio.Event()
+            await self._call_ended.wait()
 
     def _abandon(self, call_id: int) -> None:
         """Forget a call the caller gave up on: unsend it if still queued,
@@ -557,6 +576,8 @@ class ReplicaConnection:
         if self.close_reason is not None:
             return
         self.close_reason = reason
+        if self._call_ended is not None:
+            self._call_ended.set()  # calls_end stops waiting
         died = f"replica {self.replica_id} ({self.address}) connection lost: {reason}"
         # Calls still queued behind the active write never reached the replica.
         unsent = {call_id for call_id, _ in self._out}

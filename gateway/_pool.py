@@ -447,6 +447,7 @@ class ReplicaPool:
                 loader=config.multiplexed_loader,
                 timeout_s=self._drain_timeout,
                 running=running,
+                waking=self.router.in_flight(rep.id),
             )
             self._spawn(warming, f"warm-{rep.id}")
         elif len(self.targets) > 1:

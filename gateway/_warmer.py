@@ -98,10 +98,18 @@ async def warm_after_zero(
     loader: str | None,
     timeout_s: float,
     running: Callable[[], bool],
+    waking: int = 0,
 ) -> None:
     """The first replica after zero: the config's deferred ``pinned`` and
     ``preload`` ids, then the hottest models of the deployment's warm set
-    (docs/routing.md, "Warm models"); ids ``refused`` (quarantined) are left out."""
+    (docs/routing.md, "Warm models"); ids ``refused`` (quarantined) are left out.
+
+    Nothing is sent before ``waking`` calls ended on ``conn`` (within
+    ``timeout_s``): the requests that woke the deployment, sent before
+    this runs, are served first, with no warming load beside them."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await conn.calls_end(waking)
     ranked = router.popularity.top(2 * DEFAULT_WARM_LIMIT)
     plan = after_zero(
         ranked,

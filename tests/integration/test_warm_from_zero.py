@@ -98,6 +98,15 @@ async def test_the_first_replica_after_zero_serves_then_warms_the_hottest(
             e["model"] for e in snap["events"] if e["replica"] == replica_id and e["kind"] == "load"
         ]
         assert loads == ["p-7", "p-0", "p-1", "p-2", "p-3"]
+        # and no warming load ran beside the waking one: each started after it ended
+        # (events carry the end, wall clock, and the duration; 1 ms for rounding)
+        ends = {
+            e["model"]: (e["time"], e["duration_ms"] / 1e3)
+            for e in snap["events"]
+            if e["replica"] == replica_id and e["kind"] == "load"
+        }
+        woke_at = ends["p-7"][0]
+        assert all(end - took >= woke_at - 1e-3 for end, took in list(ends.values())[1:])
         # the hottest are hits now: no further load
         for model_id in ("p-2", "p-3", "p-0"):
             r = await client.post("/zero", headers={MODEL: model_id})
