@@ -4,14 +4,18 @@ warming (the warm handoff on ring changes).
 Closed loop: ``--clients`` (8) clients send requests over ``--models`` (50)
 real torch models with Zipf(1.1) popularity (``--app mlps``:
 ``tests/apps/mlp_apps.py`` ``Mlps``, ~4 MB each, two per replica by count;
-``--app sized``: ``warm_apps.py`` ``Sized``, 1 MB each, no count limit),
-to a deployment of fixed size.
+``--app sized``: ``warm_apps.py`` ``Sized``, 1 MB each, no count limit;
+``--app pool``: ``Sized`` with ``max_bytes_per_replica`` of
+``--budget-models`` (30) models: the working set fits the pool of two
+replicas but not one replica, where a scale step moves models between
+replicas that keep them), to a deployment of fixed size.
 Three windows of ``--window`` seconds (30) each, back to back: steady with
 2 replicas; from ``pool.set_target(3)`` on (the third replica's start
 included); from ``pool.set_target(2)`` on (the handover, if any,
 included). For each window: requests, the client-visible loads
 (``muxgate_cache_misses_total``: requests that waited for a load; warming
-loads are not counted there) and p99 latency.
+loads are not counted there), every load (``muxgate_model_loads_total``,
+the warming ones included) and p99 latency.
 
 ``warming: off`` replaces the pool's warm handoff with nothing (the gateway
 before it); ``on`` is the default.
@@ -43,7 +47,7 @@ APPS = os.path.join(HERE, "..", "tests", "apps")
 sys.path.insert(0, APPS)
 
 from mlp_apps import write_mlps  # noqa: E402
-from warm_apps import write_sized  # noqa: E402
+from warm_apps import linear_bytes, write_sized  # noqa: E402
 
 import muxgate.gateway._pool as pool_module  # noqa: E402
 from muxgate.gateway._config import parse_config  # noqa: E402
@@ -51,16 +55,20 @@ from muxgate.gateway._serve import start_gateway  # noqa: E402
 
 MODEL = "serve_multiplexed_model_id"
 #: ``mlps``: two 4 MB models per replica (loads dominate); ``sized``: 1 MB
-#: models and no count limit (the working set fits: a scale step shows)
-APPS_BY_NAME = {"mlps": "mlp_apps:Mlps", "sized": "warm_apps:Sized"}
+#: models and no count limit (the working set fits one replica); ``pool``:
+#: the same under a byte budget (it fits the pool, not one replica)
+APPS_BY_NAME = {"mlps": "mlp_apps:Mlps", "sized": "warm_apps:Sized", "pool": "warm_apps:Sized"}
+#: the width of the ``sized`` and ``pool`` models (about 1 MB each)
+WIDTH = 512
 
 
-def misses(text: str) -> float:
-    total = 0.0
+def total(text: str, name: str = "muxgate_cache_misses_total") -> float:
+    """The sum of a counter's samples in a scrape."""
+    out = 0.0
     for line in text.splitlines():
-        if line.startswith("muxgate_cache_misses_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        if line.startswith(name + "{"):
+            out += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 class Load:
@@ -93,15 +101,19 @@ class Load:
 
 
 async def window(name: str, load: Load, admin: httpx.AsyncClient, seconds: float) -> dict[str, Any]:
-    before = misses((await admin.get("/-/metrics")).text)
+    before = (await admin.get("/-/metrics")).text
     load.mark()
     await asyncio.sleep(seconds)  # the measured window, not synchronisation
     lat = load.mark()
-    after = misses((await admin.get("/-/metrics")).text)
+    after = (await admin.get("/-/metrics")).text
     row = {
         "window": name,
         "requests": len(lat),
-        "loads": int(after - before),
+        "loads": int(total(after) - total(before)),
+        # every load, the warming ones included
+        "all_loads": int(
+            total(after, "muxgate_model_loads_total") - total(before, "muxgate_model_loads_total")
+        ),
         "p99_ms": round(1e3 * percentile(lat, 0.99), 1) if lat else None,
     }
     print(row, flush=True)
@@ -119,21 +131,16 @@ async def run(warming: bool, args: argparse.Namespace, root: str) -> list[dict[s
         patches.enter_context(mock.patch.object(pool_module, "warm_moved_home", nothing))
         patches.enter_context(mock.patch.object(pool_module, "hand_over", nothing))
     models = [f"m{i:02d}" for i in range(args.models)]
-    config = parse_config(
-        {
-            "http": {"port": 0},
-            "deployments": [
-                {
-                    "name": "Mlps",
-                    "import_path": APPS_BY_NAME[args.app],
-                    "init_kwargs": {"model_root": root},
-                    "num_replicas": 2,
-                    "num_cpus": 0.5,
-                }
-            ],
-        },
-        base_dir=APPS,
-    )
+    deployment: dict[str, Any] = {
+        "name": "Mlps",
+        "import_path": APPS_BY_NAME[args.app],
+        "init_kwargs": {"model_root": root},
+        "num_replicas": 2,
+        "num_cpus": 0.5,
+    }
+    if args.app == "pool":
+        deployment["max_bytes_per_replica"] = args.budget_models * linear_bytes(WIDTH)
+    config = parse_config({"http": {"port": 0}, "deployments": [deployment]}, base_dir=APPS)
     rows = []
     try:
         async with (
@@ -166,6 +173,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--only", choices=["on", "off"])
     parser.add_argument("--app", choices=sorted(APPS_BY_NAME), default="mlps")
+    parser.add_argument(
+        "--budget-models", type=int, default=30, help="--app pool: models per replica's budget"
+    )
     args = parser.parse_args()
     print_machine()
     with tempfile.TemporaryDirectory() as root:
@@ -173,7 +183,7 @@ def main() -> None:
         if args.app == "mlps":
             write_mlps(root, ids)
         else:
-            write_sized(root, dict.fromkeys(ids, 512))
+            write_sized(root, dict.fromkeys(ids, WIDTH))
         for warming in (False, True):
             if args.only and args.only != ("on" if warming else "off"):
                 continue
