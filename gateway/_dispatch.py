@@ -38,14 +38,23 @@ the service time from the cache hits it sends.
 The dispatcher never sees processes or sockets: replicas are ``Target``
 objects looked up by id in a mapping the pool keeps current. Tests inject
 fakes there.
+
+Time comes from an injected ``clock`` (monotonic seconds, the pool's): the
+deadlines, how long a waiter has waited, when the head's affinity wait ends
+and when a waiter gives up are all computed from it, so tests drive them on a
+fake clock. The event loop's timers only make sure someone looks again when
+the clock says something is due: a timer that fires early (or a clock that
+stands still) changes nothing but when the next look is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import math
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -146,13 +155,26 @@ class _Waiter:
     # ``queued`` is True until the waiter is handed a slot or gives up; the
     # queue drops entries lazily (a served waiter may sit behind the head
     # for a while), so ``Dispatcher.queued`` counts, it does not take len().
-    __slots__ = ("future", "model_id", "queued", "since")
+    __slots__ = ("deadline", "future", "model_id", "queued", "since", "timer")
 
-    def __init__(self, model_id: str, future: asyncio.Future[RouteDecision], since: float) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        future: asyncio.Future[RouteDecision],
+        since: float,
+        deadline: float,
+    ) -> None:
         self.model_id = model_id
         self.future = future
         self.since = since
+        self.deadline = deadline
         self.queued = True
+        #: the event loop's timer that looks at the deadline (once it waits)
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __lt__(self, other: _Waiter) -> bool:
+        # The deadline heap's order (heapq compares with ``<`` only).
+        return self.deadline < other.deadline
 
 
 class _Scan:
@@ -195,6 +217,7 @@ class Dispatcher:
         admit: called with each request's model id before it is routed and
             again once it has a slot (it may have waited in the queue);
             raises a ``GatewayError`` to refuse it (the pool's quarantine).
+        clock: monotonic seconds (the pool's); deadlines are in its units.
     """
 
     def __init__(
@@ -212,6 +235,7 @@ class Dispatcher:
         unavailable_reason: Callable[[], str | None] = lambda: None,
         affinity_wait_s: float = 0.5,
         admit: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.router = router
@@ -225,15 +249,19 @@ class Dispatcher:
         self._per_model = per_model_labels
         self._retry_after = retry_after_s
         self._queue: deque[_Waiter] = deque()
+        #: the queued waiters by deadline (a heap; served ones leave lazily)
+        self._deadlines: list[_Waiter] = []
         self._waiting = 0
         self._waiting_for: dict[str, int] = {}  # model id -> waiters queued
         #: interval between slots freeing on a busy replica, from the hits sent
         self.service_time = ServiceTimeEstimate(router.service_s)
         self._timer: asyncio.TimerHandle | None = None
-        self._forced_after = 0.0  # loop time before which no head may jump hits
+        self._forced_after = 0.0  # clock time before which no head may jump hits
         self.affinity_wait_s = affinity_wait_s
         self.in_flight = 0
         self._admit = admit
+        #: monotonic seconds; the front end computes deadlines from it
+        self.clock = clock
 
     def __repr__(self) -> str:
         return (
@@ -262,7 +290,7 @@ class Dispatcher:
         """Send one request to a replica; return ``(reply, replica_id)``.
 
         ``http=None`` makes it a handle call of ``method`` (``args`` a list
-        and ``kwargs`` a map, MessagePack). ``deadline``: ``loop.time()`` units.
+        and ``kwargs`` a map, MessagePack). ``deadline``: ``clock`` seconds.
 
         Raises:
             GatewayError: 503 queue full / no replica, 502 replica died,
@@ -284,7 +312,8 @@ class Dispatcher:
             self.in_flight += 1
             try:
                 target, sent_at, sharing = self._ready_to_send(replica_id, deadline)
-                async with asyncio.timeout_at(deadline):
+                # A loop timer must stop the call; the time left is the clock's.
+                async with asyncio.timeout(deadline - sent_at):
                     reply = await target.call(
                         request_id=request_id,
                         model_id=model_id,
@@ -319,7 +348,7 @@ class Dispatcher:
         target = self._targets.get(replica_id)
         if target is None:
             raise ReplicaUnavailableError(replica_id)
-        sent_at = asyncio.get_running_loop().time()
+        sent_at = self.clock()
         if deadline <= sent_at:
             raise DeadlineExceededError("the request's deadline passed")
         return target, sent_at, self.router.in_flight(replica_id)
@@ -349,7 +378,7 @@ class Dispatcher:
         # callback (wired by the pool), for replies and pongs; a cache hit
         # also tells how long a slot stays busy.
         if decision.hit:
-            took = asyncio.get_running_loop().time() - sent_at
+            took = self.clock() - sent_at
             self.router.service_s = self.service_time.observe(took, sharing)
 
     def _unreachable(self, replica_id: str, reroutes: int) -> int:
@@ -472,8 +501,9 @@ class Dispatcher:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RouteDecision] = loop.create_future()
-        waiter = _Waiter(model_id, future, loop.time())
+        waiter = _Waiter(model_id, future, self.clock(), deadline)
         self._queue.append(waiter)
+        heapq.heappush(self._deadlines, waiter)
         self._waiting += 1
         self._waiting_for[model_id] = self._waiting_for.get(model_id, 0) + 1
         # A cache hit may go at once even behind older waiters.
@@ -481,46 +511,74 @@ class Dispatcher:
         if future.done():
             return future.result()
         self._report_queue()
+        waiter.timer = loop.call_later(deadline - waiter.since, self._deadline_timer, waiter)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await future
-        except BaseException as exc:
+            return await future  # a slot, or the reason to give up (``_expire``)
+        except BaseException:
             if future.done() and not future.cancelled() and future.exception() is None:
-                # Handed a slot at the moment we gave up (deadline or
-                # cancellation): give it back to the next waiter.
+                # Handed a slot at the moment the task was cancelled: give
+                # it back to the next waiter.
                 self.router.release(future.result().replica_id, model_id)
                 self.wake()
             else:
                 future.cancel()
-            if isinstance(exc, TimeoutError):
-                if not len(self.router):
-                    # Cold start slower than the request's deadline: the
-                    # client may retry (503), it did not time out on a replica.
-                    raise self._no_replica(
-                        f"no replica of {self.name} became ready before the request's deadline"
-                    ) from None
-                raise DeadlineExceededError(
-                    "the request's deadline passed while it was queued"
-                ) from None
             raise
         finally:
+            waiter.timer.cancel()
             if waiter.queued:
                 self._unqueue(waiter)
             self._compact()
             self._report_queue()
 
+    def _deadline_timer(self, waiter: _Waiter) -> None:
+        # The event loop's timer for one waiter's deadline: whether it has
+        # passed is the clock's to say; a loop timer ahead of the clock
+        # looks again when the clock says it is due.
+        if not waiter.queued:
+            return
+        left = waiter.deadline - self.clock()
+        if left > 0:
+            loop = asyncio.get_running_loop()
+            waiter.timer = loop.call_later(left, self._deadline_timer, waiter)
+        else:
+            self._expire()
+
+    def _expire(self) -> None:
+        """Fail the queued requests whose deadline has passed by the clock:
+        504, or 503 while no replica runs (a cold start slower than the
+        deadline: the client may retry, it did not time out on a replica)."""
+        deadlines = self._deadlines
+        now = self.clock()
+        while deadlines and deadlines[0].deadline <= now:
+            waiter = heapq.heappop(deadlines)
+            if not waiter.queued or waiter.future.done():
+                continue  # served, or cancelled and its task not yet resumed
+            self._unqueue(waiter)
+            if len(self.router):
+                error: GatewayError = DeadlineExceededError(
+                    "the request's deadline passed while it was queued"
+                )
+            else:
+                error = self._no_replica(
+                    f"no replica of {self.name} became ready before the request's deadline"
+                )
+            waiter.future.set_exception(error)
+
     def _compact(self) -> None:
         # Served and abandoned waiters leave lazily; drop them from the
-        # head, and rebuild when they make up most of the deque.
+        # head, and rebuild when they make up most of the deque (or heap).
         queue = self._queue
         while queue and not queue[0].queued:
             queue.popleft()
         if len(queue) > 2 * self._waiting + 64:
             self._queue = deque(w for w in queue if w.queued)
+        if len(self._deadlines) > 2 * self._waiting + 64:
+            self._deadlines = [w for w in self._deadlines if w.queued]
+            heapq.heapify(self._deadlines)
 
     def wake(self) -> None:
         """Hand free slots to queued requests (cache hits first, see the
-        module docstring).
+        module docstring), after failing those past their deadline.
 
         Called when a request finishes or queues, when the pool adds a
         replica or gives up starting one, and by a timer when the head's
@@ -530,6 +588,8 @@ class Dispatcher:
             self._timer.cancel()
             self._timer = None
         waiting_before = self._waiting
+        if self._deadlines and self._deadlines[0].deadline <= self.clock():
+            self._expire()
         while self._waiting and self._serve_one():
             pass
         if self._waiting and not len(self.router):
@@ -543,6 +603,7 @@ class Dispatcher:
                     if not waiter.future.done():
                         waiter.future.set_exception(error)
             self._queue.clear()
+            self._deadlines.clear()
         if self._waiting != waiting_before:
             self._compact()
             self._report_queue()
@@ -579,7 +640,7 @@ class Dispatcher:
         if scan.head is not None and model_id and scan.free.isdisjoint(router.holders(model_id)):
             scan.refused.add(model_id)  # a miss, and not the head: skip it cheaply
             return None
-        waited = asyncio.get_running_loop().time() - waiter.since
+        waited = self.clock() - waiter.since
         decision = router.choose(model_id, self._waiting_for.get(model_id, 1), waited)
         if decision is None:
             if model_id and scan.free:
@@ -604,7 +665,7 @@ class Dispatcher:
             # takes this slot over younger cache hits, at most once per
             # affinity wait, so these forced loads hold about one slot
             # and a busy deployment cannot fall into the FIFO collapse.
-            now = asyncio.get_running_loop().time()
+            now = self.clock()
             if now >= waiter.since + self.affinity_wait_s and now >= self._forced_after:
                 self._forced_after = now + self.affinity_wait_s
                 self._hand(waiter, decision)
@@ -616,26 +677,27 @@ class Dispatcher:
         """After a pass found no cache hit: hand the head the miss slot once it
         has waited its affinity time, or when the load there delays nobody;
         else set the timer that looks again."""
-        loop = asyncio.get_running_loop()
+        now = self.clock()
         head, decision = scan.head, scan.head_decision
         if head is None or decision is None:
             if scan.priced_due < math.inf and self._timer is None:
-                self._timer = loop.call_at(scan.priced_due, self.wake)
+                self._look_again(scan.priced_due - now)
             return False
         router = self.router
         due = head.since + self.affinity_wait_s
-        if (
-            loop.time() >= due
-            or router.total_in_flight == 0
-            or router.in_flight(decision.replica_id) == 0
-        ):
+        if now >= due or router.total_in_flight == 0 or router.in_flight(decision.replica_id) == 0:
             self._hand(head, decision)
             return True
         # A slot is free but only a miss could use it: try again when the
         # head has waited long enough (or earlier, if a request finishes, or
         # when a request held back by the spill price is due).
-        self._timer = loop.call_at(min(due, scan.priced_due), self.wake)
+        self._look_again(min(due, scan.priced_due) - now)
         return False
+
+    def _look_again(self, after_s: float) -> None:
+        # The event loop's timer only calls ``wake()``; the pass it runs
+        # decides from the clock (a wake before it is due sets a new timer).
+        self._timer = asyncio.get_running_loop().call_later(after_s, self.wake)
 
     def _hand(self, waiter: _Waiter, decision: RouteDecision) -> None:
         self._acquire(decision, waiter.model_id)

@@ -428,7 +428,6 @@ class FrontEnd:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1000})
             return
-        started = asyncio.get_running_loop().time()
         perf_start = time.perf_counter()
         head = read_head(scope["headers"], keep=self.keep_headers)
         target = self._resolve(scope, head)
@@ -436,7 +435,7 @@ class FrontEnd:
         if ex.task is not None:
             self.shutdown.in_flight.add(ex.task)
         try:
-            await self._exchange(ex, scope, receive, send, head, target, started)
+            await self._exchange(ex, scope, receive, send, head, target)
         except BaseException as exc:
             await self._failed(ex, send, exc)
         finally:
@@ -459,7 +458,6 @@ class FrontEnd:
         send: Send,
         head: RequestHead,
         target: Target,
-        started: float,
     ) -> None:
         """The request's way when nothing fails: checks, body, dispatch, reply."""
         if self.shutdown.draining:
@@ -468,6 +466,9 @@ class FrontEnd:
             raise target.refusal
         dispatcher = target.dispatcher
         assert dispatcher is not None
+        # On the dispatcher's clock (the pool's): the queue decides from it.
+        timeout_s = self._timeout_s(head)
+        deadline = dispatcher.clock() + timeout_s
         traceparent, tracestate = head.traceparent, head.tracestate
         ex.span = span = server_span(
             target.span_name,
@@ -485,9 +486,8 @@ class FrontEnd:
         ex.model_id = model_id_of(head)
         if head.content_length > self._max_body:
             raise PayloadTooLargeError(f"request body is over {self._max_body} bytes")
-        deadline = started + self._timeout_s(head)
         if head.content_length > 0 or head.chunked:
-            body = await self._read_body(receive, min(self._body_timeout, deadline - started))
+            body = await self._read_body(receive, min(self._body_timeout, timeout_s))
         else:  # no body: the server has the whole request already
             body = await self._receive_body(receive)
         reply, ex.replica_id = await until_disconnect(

@@ -109,7 +109,7 @@ class ReplicaPool:
             ``Drained``; the replica's graceful timeout is this minus
             ``DRAIN_MARGIN_S`` (the gateway passes request timeout + 5 s).
         clock: monotonic seconds for the replica set (start backoff,
-            liveness), the autoscaler and the quarantine (a seam for tests).
+            liveness), dispatcher, autoscaler and quarantine (a test seam).
     """
 
     def __init__(
@@ -175,6 +175,7 @@ class ReplicaPool:
                 else INITIAL_LOAD_TIME_S
             ),
             admit=self.quarantine.check,
+            clock=clock,
         )
         self._health = HealthPoller(self.replicas, self._on_pong, self._silent)
         #: what the replicas report in their pongs (and metrics fed from it)

@@ -1,5 +1,9 @@
 """Dispatcher logic with fake replicas injected at its ``targets`` seam
-(no processes: these are unit tests of queueing, rerouting and errors)."""
+(no processes: these are unit tests of queueing, rerouting and errors).
+
+Every dispatcher here runs on a ``FakeClock``: queue waits, deadlines and the
+affinity wait move only when a test moves the clock. The event loop's timers
+(the call's timeout, the looks again at a waiter's deadline) stay real."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import random
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 
 from muxgate.gateway._connection import ReplicaDiedError, ReplicaUnavailableError
 from muxgate.gateway._dispatch import Dispatcher, validate_model_id
@@ -59,7 +64,12 @@ class FakeMetrics:
 
 
 def make(
-    names: list[str], *, max_ongoing: int = 1, max_queued: int = 10, starting: bool = False
+    names: list[str],
+    *,
+    max_ongoing: int = 1,
+    max_queued: int = 10,
+    starting: bool = False,
+    clock: FakeClock | None = None,
 ) -> tuple[Dispatcher, dict[str, FakeReplica], FakeMetrics]:
     router = Router(max_ongoing_requests=max_ongoing, rng=random.Random(0))
     targets = {n: FakeReplica(n) for n in names}
@@ -73,16 +83,19 @@ def make(
         max_queued_requests=max_queued,
         starting=lambda: starting,
         metrics=metrics,
+        clock=clock or FakeClock(),
     )
     return d, targets, metrics
 
 
-def deadline(seconds: float = 5.0) -> float:
-    return asyncio.get_running_loop().time() + seconds
+def deadline(d: Dispatcher, seconds: float = 5.0) -> float:
+    return d.clock() + seconds
 
 
 async def send(d: Dispatcher, model: str = "m", within_s: float = 5.0) -> tuple[Reply, str]:
-    return await d.dispatch(request_id="r", model_id=model, http=HTTP, deadline=deadline(within_s))
+    return await d.dispatch(
+        request_id="r", model_id=model, http=HTTP, deadline=deadline(d, within_s)
+    )
 
 
 async def settle() -> None:
@@ -101,14 +114,14 @@ def test_model_id_validation() -> None:
 async def test_sends_call_fields_and_releases() -> None:
     d, targets, _ = make(["a"])
     reply, rid = await d.dispatch(
-        request_id="req-1", model_id="m", http=HTTP, deadline=deadline(), traceparent="tp"
+        request_id="req-1", model_id="m", http=HTTP, deadline=deadline(d), traceparent="tp"
     )
     assert rid == "a" and reply.body == b"a"
     (call,) = targets["a"].calls
     assert call["request_id"] == "req-1"
     assert call["model_id"] == "m"
     assert call["traceparent"] == "tp"
-    assert 4.0 < call["timeout_s"] <= 5.0
+    assert call["timeout_s"] == 5.0  # the clock stood still
     assert d.router.total_in_flight == 0
     assert d.in_flight == 0
 
@@ -195,12 +208,22 @@ async def test_reply_error_maps_to_gateway_error() -> None:
 
 
 async def test_deadline_while_queued_is_504_and_frees_nothing_twice() -> None:
-    d, targets, _ = make(["a"])
+    clock = FakeClock()
+    d, targets, _ = make(["a"], clock=clock)
     targets["a"].gate = gate = asyncio.Event()
     busy = asyncio.ensure_future(send(d, "m1"))
     await settle()
-    with pytest.raises(DeadlineExceededError):
-        await send(d, "m2", within_s=0.05)
+    queued = asyncio.ensure_future(send(d, "m2", within_s=2.0))
+    await settle()
+    clock.now += 1.5
+    d.wake()
+    await settle()
+    assert d.queued == 1 and not queued.done()  # half a second left by the clock
+    clock.now += 0.5
+    d.wake()
+    with pytest.raises(DeadlineExceededError) as info:
+        await queued
+    assert "while it was queued" in info.value.message
     assert d.queued == 0
     gate.set()
     await busy
@@ -209,10 +232,43 @@ async def test_deadline_while_queued_is_504_and_frees_nothing_twice() -> None:
     assert rid == "a"
 
 
+async def test_the_loop_timer_expires_a_waiter_the_clock_says_is_late() -> None:
+    # Nobody wakes the dispatcher: its own timer looks at the deadline.
+    clock = FakeClock()
+    d, targets, _ = make(["a"], clock=clock)
+    targets["a"].gate = gate = asyncio.Event()
+    busy = asyncio.ensure_future(send(d, "m1"))
+    await settle()
+    queued = asyncio.ensure_future(send(d, "m2", within_s=0.05))
+    await settle()
+    clock.now += 0.05
+    async with asyncio.timeout(5):
+        with pytest.raises(DeadlineExceededError):
+            await queued
+    assert d.queued == 0
+    gate.set()
+    await busy
+
+
+async def test_a_deadline_already_past_fails_in_the_queue_at_once() -> None:
+    clock = FakeClock()
+    d, targets, _ = make(["a"], clock=clock)
+    targets["a"].gate = gate = asyncio.Event()
+    busy = asyncio.ensure_future(send(d, "m1"))
+    await settle()
+    with pytest.raises(DeadlineExceededError):
+        await d.dispatch(request_id="r", model_id="m2", http=HTTP, deadline=clock.now)
+    assert d.queued == 0
+    gate.set()
+    await busy
+
+
 async def test_deadline_during_call_is_504() -> None:
     d, targets, _ = make(["a"])
     targets["a"].gate = asyncio.Event()  # never set
     with pytest.raises(DeadlineExceededError) as info:
+        # The loop's timer stops the call (after 0.05 s of real time): a
+        # replica's call runs on the event loop, not on the clock.
         await send(d, within_s=0.05)
     assert info.value.status == 504 and info.value.replica_id == "a"
     assert d.router.total_in_flight == 0
@@ -246,7 +302,7 @@ async def test_waits_for_a_starting_replica() -> None:
     router = Router(max_ongoing_requests=2)
     targets: dict[str, FakeReplica] = {}
     starting = True
-    d = Dispatcher("D", router, targets, starting=lambda: starting)
+    d = Dispatcher("D", router, targets, starting=lambda: starting, clock=FakeClock())
     pending = asyncio.ensure_future(send(d))
     await settle()
     assert d.queued == 1
@@ -261,32 +317,36 @@ async def test_waits_for_a_starting_replica() -> None:
 async def test_a_request_at_zero_replicas_activates_before_asking() -> None:
     router = Router(max_ongoing_requests=2)
     calls: list[str] = []
-    activated = False
+    target = 0
+    gave_up = False
 
+    # As the pool: activation raises a target of zero to one, no further;
+    # a replica is starting while there is a target and the start goes on.
     def activate() -> None:
-        nonlocal activated
+        nonlocal target
         calls.append("activate")
-        activated = True
+        target = max(target, 1)
 
     def starting() -> bool:
         calls.append("starting")
-        return activated
+        return target > 0 and not gave_up
 
-    d = Dispatcher("D", router, {}, starting=starting, activate=activate)
+    d = Dispatcher("D", router, {}, starting=starting, activate=activate, clock=FakeClock())
     pending = asyncio.ensure_future(send(d))
     await settle()
     assert d.queued == 1 and calls[:2] == ["activate", "starting"]
-    activated = False  # the start gave up
+    gave_up = True  # the start gave up
     d.wake()
-    with pytest.raises(NoReplicaError):
+    with pytest.raises(NoReplicaError) as info:
         await pending
     assert calls[-2:] == ["activate", "starting"]
+    assert "is running" in info.value.message  # at once, not at the deadline
 
 
 async def test_waiters_fail_when_the_last_start_fails() -> None:
     router = Router(max_ongoing_requests=2)
     starting = True
-    d = Dispatcher("D", router, {}, starting=lambda: starting)
+    d = Dispatcher("D", router, {}, starting=lambda: starting, clock=FakeClock())
     pending = asyncio.ensure_future(send(d))
     await settle()
     starting = False
@@ -337,7 +397,7 @@ class GatedReplica:
 
 
 def affine(
-    names: list[str], *, max_ongoing: int, wait_s: float
+    names: list[str], *, max_ongoing: int, wait_s: float, clock: FakeClock | None = None
 ) -> tuple[Dispatcher, dict[str, GatedReplica], FakeMetrics]:
     router = Router(
         max_ongoing_requests=max_ongoing, min_capacity=max_ongoing, rng=random.Random(0)
@@ -346,13 +406,15 @@ def affine(
     for n in names:
         router.add_replica(n)
     metrics = FakeMetrics()
-    d = Dispatcher("D", router, targets, metrics=metrics, affinity_wait_s=wait_s)
+    d = Dispatcher(
+        "D", router, targets, metrics=metrics, affinity_wait_s=wait_s, clock=clock or FakeClock()
+    )
     return d, targets, metrics
 
 
 def start(d: Dispatcher, request_id: str, model: str) -> asyncio.Future[tuple[Reply, str]]:
     return asyncio.ensure_future(
-        d.dispatch(request_id=request_id, model_id=model, http=HTTP, deadline=deadline())
+        d.dispatch(request_id=request_id, model_id=model, http=HTTP, deadline=deadline(d))
     )
 
 
@@ -386,12 +448,12 @@ async def test_freed_slot_goes_to_the_oldest_cache_hit_not_the_head() -> None:
 
 
 async def test_head_falls_back_to_a_miss_after_the_affinity_wait() -> None:
-    d, t, _ = affine(["a"], max_ongoing=2, wait_s=0.2)
+    clock = FakeClock()
+    d, t, _ = affine(["a"], max_ongoing=2, wait_s=0.2, clock=clock)
     d.router.observe("a", models=["ma"], loading=[])
     busy = [start(d, "busy1", "ma"), start(d, "busy2", "ma")]
     await settle()
-    loop = asyncio.get_running_loop()
-    queued_at = loop.time()
+    queued_at = clock.now
     miss = start(d, "miss-mc", "mc")
     await settle()
     hits = [start(d, "hit1", "ma"), start(d, "hit2", "ma")]
@@ -406,12 +468,14 @@ async def test_head_falls_back_to_a_miss_after_the_affinity_wait() -> None:
     t["a"].release(2)  # a slot frees, a is still busy: only a miss could use it
     await settle()
     assert d.queued == 1, "a young head must not take a miss slot at once"
-    async with asyncio.timeout(5):
-        while len(t["a"].calls) < 5:
-            t["a"].called.clear()
-            await t["a"].called.wait()
-    assert t["a"].ids()[-1] == "miss-mc"
-    assert loop.time() - queued_at >= 0.2
+    clock.now = queued_at + 0.19
+    d.wake()
+    await settle()
+    assert d.queued == 1, "the head has not waited its affinity time yet"
+    clock.now = queued_at + 0.2
+    d.wake()
+    await settle()
+    assert t["a"].ids()[-1] == "miss-mc" and d.queued == 0
     for i in range(3, 5):
         t["a"].release(i)
     await asyncio.gather(*busy, miss, *hits)
@@ -434,15 +498,22 @@ async def test_head_takes_a_miss_when_nothing_else_is_in_flight() -> None:
 
 async def test_cold_start_deadline_is_503_with_retry_after() -> None:
     router = Router(max_ongoing_requests=2)
+    clock = FakeClock()
     d = Dispatcher(
         "D",
         router,
         {},
         starting=lambda: True,
         unavailable_reason=lambda: "last start failure: boom",
+        clock=clock,
     )
+    pending = asyncio.ensure_future(send(d, within_s=30.0))
+    await settle()
+    assert d.queued == 1
+    clock.now += 30.0
+    d.wake()
     with pytest.raises(NoReplicaError) as info:
-        await send(d, within_s=0.05)
+        await pending
     assert info.value.status == 503 and info.value.retry_after is not None
     assert "became ready" in info.value.message and "boom" in info.value.message
     assert d.queued == 0
@@ -457,6 +528,7 @@ async def test_waiters_get_the_start_failure_reason() -> None:
         {},
         starting=lambda: starting,
         unavailable_reason=lambda: "last start failure: ImportError: no module x",
+        clock=FakeClock(),
     )
     pending = asyncio.ensure_future(send(d))
     await settle()
@@ -481,7 +553,7 @@ async def test_route_span_is_the_replicas_parent() -> None:
         configure_tracing("otlp", receiver.endpoint, service_name="muxgate-test")
         try:
             _, rid = await d.dispatch(
-                request_id="r", model_id="m1", http=HTTP, deadline=deadline(), traceparent=incoming
+                request_id="r", model_id="m1", http=HTTP, deadline=deadline(d), traceparent=incoming
             )
             assert flush_tracing()
             span = receiver.wait_for_span("muxgate.route")
@@ -503,7 +575,7 @@ async def test_traceparent_passes_through_when_tracing_is_off() -> None:
     d, targets, _ = make(["a"])
     incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     await d.dispatch(
-        request_id="r", model_id="m", http=HTTP, deadline=deadline(), traceparent=incoming
+        request_id="r", model_id="m", http=HTTP, deadline=deadline(d), traceparent=incoming
     )
     assert targets["a"].calls[0]["traceparent"] == incoming
 
@@ -528,10 +600,12 @@ async def test_a_new_idle_replica_takes_a_miss_at_once() -> None:
 
 
 async def test_an_old_head_is_not_starved_by_a_stream_of_hits() -> None:
-    d, t, _ = affine(["a"], max_ongoing=2, wait_s=0.1)
+    clock = FakeClock()
+    d, t, _ = affine(["a"], max_ongoing=2, wait_s=0.1, clock=clock)
     d.router.observe("a", models=["ma"], loading=[])
     running = [start(d, "busy1", "ma"), start(d, "busy2", "ma")]
     await settle()
+    cold_queued_at = clock.now
     cold = start(d, "cold", "mc")
     await settle()
     hits = [start(d, f"hit{i}", "ma") for i in range(6)]
@@ -539,9 +613,7 @@ async def test_an_old_head_is_not_starved_by_a_stream_of_hits() -> None:
     t["a"].release(0)
     await settle()
     assert t["a"].ids()[-1] == "hit0"  # young head: the hit goes first
-    loop = asyncio.get_running_loop()
-    aged_at = loop.time() + 0.1
-    await poll_time(aged_at)  # time itself is the subject here
+    clock.now = cold_queued_at + 0.1
     t["a"].release(1)
     await settle()
     # Hits are still queued, but the head has waited its affinity time.
@@ -554,18 +626,9 @@ async def test_an_old_head_is_not_starved_by_a_stream_of_hits() -> None:
     assert t["a"].ids().index("cold") < t["a"].ids().index("hit1")
 
 
-async def poll_time(when: float) -> None:
-    """Let the loop clock reach ``when`` (bounded)."""
-    loop = asyncio.get_running_loop()
-    for _ in range(200):
-        if loop.time() >= when:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the clock did not advance")
-
-
 async def test_a_priced_spill_waits_for_the_holder_then_spills_once_waiting_costs_a_load() -> None:
-    d, targets, metrics = make(["a", "b"])
+    clock = FakeClock()
+    d, targets, metrics = make(["a", "b"], clock=clock)
     d.router.spill_rule = "priced"
     d.router.load_s = 0.05  # a spill costs 50 ms (the other replica has a free slot)
     holder = d.router.preference_list("m")[0]
@@ -584,10 +647,16 @@ async def test_a_priced_spill_waits_for_the_holder_then_spills_once_waiting_cost
     targets[holder].gate = asyncio.Event()
     blocked = asyncio.ensure_future(send(d, "m"))
     await settle()
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    _, replica = await send(d, "m")
+    queued_at = clock.now
+    spilling = asyncio.ensure_future(send(d, "m"))
+    await settle()
+    clock.now = queued_at + 0.05
+    d.wake()
+    await settle()
+    assert d.queued == 1 and not targets[other].calls, "a wait of one load's price may not spill"
+    clock.now = queued_at + 0.06
+    d.wake()
+    _, replica = await spilling
     assert replica == other and metrics.spills == 1
-    assert loop.time() - started >= 0.05
     targets[holder].gate.set()
     await blocked

@@ -91,7 +91,7 @@ async def test_start_failures_back_off_and_are_reported() -> None:
                 request_id="r",
                 model_id="m",
                 http=HttpRequest(method="GET", path="/", query="", headers=[], body=b""),
-                deadline=asyncio.get_running_loop().time() + 5,
+                deadline=pool.dispatcher.clock() + 5,
             )
     finally:
         await pool.aclose()
@@ -108,6 +108,7 @@ async def test_start_backoff_runs_on_the_pools_clock() -> None:
         await wait_until(lambda: pool.last_failure is not None)
         # The clock stands still: the backoff never ends, nothing is starting.
         assert "failures=1 backoff=0.5s" in repr(pool)
+        assert pool.dispatcher.clock is clock  # queue waits and deadlines too
         assert not pool.is_starting() and len(launcher.attempts) == 1
         clock.now += 0.5
         assert pool.is_starting()  # the next start may be tried now
@@ -324,7 +325,7 @@ async def test_autoscaled_pool_at_zero_activates_on_a_request() -> None:
             request_id="r",
             model_id="m",
             http=HttpRequest(method="GET", path="/", query="", headers=[], body=b""),
-            deadline=asyncio.get_running_loop().time() + 5,
+            deadline=pool.dispatcher.clock() + 5,
         )
         assert reply.body == b"ok" and rid in pool.targets
         assert pool.snapshot()["target_replicas"] == 1
