@@ -179,7 +179,9 @@ class ReplicaPool:
         )
         self._health = HealthPoller(self.replicas, self._on_pong, self._silent)
         #: what the replicas report in their pongs (and metrics fed from it)
-        self._reports = ReplicaReports(config.name, metrics)
+        self._reports = ReplicaReports(
+            config.name, metrics, half_life=self.router.popularity.half_life
+        )
         self.target = config.initial_replicas
         self.min_replicas: int = config.min_replicas
         self._memory = MemoryLimit(config.max_replica_rss_bytes)
@@ -449,6 +451,7 @@ class ReplicaPool:
                 timeout_s=self._drain_timeout,
                 running=running,
                 waking=self.router.in_flight(rep.id),
+                reported=self._reports.requested,
             )
             self._spawn(warming, f"warm-{rep.id}")
         elif len(self.targets) > 1:
@@ -459,6 +462,7 @@ class ReplicaPool:
                 loader=config.multiplexed_loader,
                 timeout_s=self._drain_timeout,
                 running=running,
+                reported=self._reports.requested,
             )
             self._spawn(warming, f"warm-{rep.id}")
         await rep.conn.closed.wait()
@@ -505,6 +509,7 @@ class ReplicaPool:
                     self.targets,
                     load_time_s=self._reports.load_time.value,
                     loader=self.config.multiplexed_loader,
+                    reported=self._reports.requested,
                 )
         finally:
             self._leave(rep)

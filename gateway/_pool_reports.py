@@ -13,7 +13,9 @@ the dispatcher.
   drain, which also passes the counters on to the metrics and gives the
   replica rows of ``/-/replicas``; each pong also gives a sample of the
   replica's service interval (``muxgate.gateway._spill.service_interval_s``)
-  for the spill price.
+  for the spill price, and the calls per model id the replica received from
+  every gateway (``requested``: the deployment's warm set where several
+  gateways share its replicas, see ``request_growth``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.gateway._popularity import PopularitySketch
 from muxgate.gateway._replica_set import RUNNING, Replica
 from muxgate.gateway._spill import service_interval_s
 from muxgate.replicas.contract import Drained, ModelEvent, Pong, ReplicaState
@@ -35,6 +38,7 @@ __all__ = [
     "LoadTimeEstimate",
     "ModelEventLog",
     "ReplicaReports",
+    "request_growth",
 ]
 
 #: model load/unload events a deployment keeps for ``/-/replicas``
@@ -123,15 +127,37 @@ class LoadTimeEstimate:
         return f"<LoadTimeEstimate {self.value:.4f} s>"
 
 
+def request_growth(seen: dict[str, int], reported: Mapping[str, int]) -> dict[str, int]:
+    """The calls per model id a replica received since ``seen`` (its counts
+    at the previous pong), from its cumulative ``reported`` counts; updates
+    ``seen``. A count below the one seen (the replica forgot the id and
+    counts again from 0) is all new. Ids the replica no longer reports keep
+    their last count in ``seen``.
+    """
+    grown: dict[str, int] = {}
+    for model_id, count in reported.items():
+        before = seen.get(model_id, 0)
+        new = count - before if count >= before else count
+        if new > 0:
+            grown[model_id] = new
+        seen[model_id] = count
+    return grown
+
+
 class ReplicaReports:
     """What the replicas of deployment ``name`` report: model events, the
-    load time estimate, and their counters, passed on to ``metrics``."""
+    load time estimate, their counters (passed on to ``metrics``), and the
+    decayed calls per model id over every gateway's traffic (``requested``,
+    which survives a scale to zero as the router's own counts do)."""
 
-    def __init__(self, name: str, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self, name: str, metrics: GatewayMetrics | None = None, *, half_life: float = 1000.0
+    ) -> None:
         self.name = name
         self._metrics = metrics
         self.load_time = LoadTimeEstimate()
         self.events = ModelEventLog()
+        self.requested = PopularitySketch(half_life=half_life)
 
     def __repr__(self) -> str:
         return f"<ReplicaReports {self.name} load_time={self.load_time.value:.3f}s {self.events!r}>"
@@ -147,6 +173,10 @@ class ReplicaReports:
         rep.events_seq = self.events.add(rep.id, rep.events_seq, pong.events)
         rep.rss_bytes = pong.rss_bytes
         rep.model_bytes, rep.pinned = pong.model_bytes, pong.pinned
+        # In count order (coldest first), so a batch leaves the hotter ids newer.
+        grown = request_growth(rep.requests_seen, pong.model_requests)
+        for model_id, n in sorted(grown.items(), key=lambda kv: (kv[1], kv[0])):
+            self.requested.record(model_id, n)
         metrics = self._metrics
         if metrics is not None and rep.state == RUNNING:
             metrics.set_replica_counters(self.name, rep.id, pong.counters)

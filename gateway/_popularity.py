@@ -41,11 +41,19 @@ class PopularitySketch:
     def __repr__(self) -> str:
         return f"PopularitySketch(tracked={len(self._scores)}, half_life={self.half_life:g})"
 
-    def record(self, model_id: str) -> None:
-        """Count one request for ``model_id``."""
-        self._weight *= self._step
+    def record(self, model_id: str, n: int = 1) -> None:
+        """Count one request for ``model_id`` (``n``: that many in a row)."""
+        if n <= 0:
+            return
+        step = self._step
+        if n == 1:
+            self._weight *= step
+            added = self._weight
+        else:  # the weights of the next n requests: a geometric series
+            added = self._weight * step * (step**n - 1.0) / (step - 1.0)
+            self._weight *= step**n
         scores = self._scores
-        scores[model_id] = scores.get(model_id, 0.0) + self._weight
+        scores[model_id] = scores.get(model_id, 0.0) + added
         if self._weight > 1e100:
             self._rescale()
         elif len(scores) > self._max:

@@ -72,6 +72,8 @@ class Replica:
     calls_seen: tuple[float, float] = (0.0, 0.0)
     #: sequence number of the last model event taken from this replica
     events_seq: int = 0
+    #: the cumulative calls per model id it last reported (``Pong.model_requests``)
+    requests_seen: dict[str, int] = field(default_factory=dict)
     #: resident memory the replica last reported (None: unknown)
     rss_bytes: int | None = None
     #: bytes of its loaded models and its pinned ids, as it last reported

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import msgspec
 
 from muxgate.gateway._connection import ReplicaConnection, ReplicaConnectionError
+from muxgate.gateway._popularity import PopularitySketch
 from muxgate.gateway._router import Router
 from muxgate.gateway._warming import (
     DEFAULT_WARM_LIMIT,
@@ -33,6 +34,7 @@ from muxgate.gateway._warming import (
     handed_over,
     handover_bound_s,
     moved_home,
+    warm_counts,
 )
 
 __all__ = ["hand_over", "warm_after_zero", "warm_moved_home", "warm_replica"]
@@ -99,6 +101,7 @@ async def warm_after_zero(
     timeout_s: float,
     running: Callable[[], bool],
     waking: int = 0,
+    reported: PopularitySketch | None = None,
 ) -> None:
     """The first replica after zero: the config's deferred ``pinned`` and
     ``preload`` ids, then the hottest models of the deployment's warm set
@@ -106,11 +109,12 @@ async def warm_after_zero(
 
     Nothing is sent before ``waking`` calls ended on ``conn`` (within
     ``timeout_s``): the requests that woke the deployment, sent before
-    this runs, are served first, with no warming load beside them."""
+    this runs, are served first, with no warming load beside them.
+    ``reported``: the replicas' request counts (see ``warm_counts``)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
             await conn.calls_end(waking)
-    ranked = router.popularity.top(2 * DEFAULT_WARM_LIMIT)
+    ranked = warm_counts(router.popularity, reported).top(2 * DEFAULT_WARM_LIMIT)
     plan = after_zero(
         ranked,
         {*conn.state.models, *conn.state.loading},
@@ -130,11 +134,12 @@ async def warm_moved_home(
     loader: str | None,
     timeout_s: float,
     running: Callable[[], bool],
+    reported: PopularitySketch | None = None,
 ) -> None:
     """Replica ``replica_id`` joined: it warms the recently requested models
-    whose home it is now."""
+    whose home it is now (``reported``: see ``warm_counts``)."""
     plan = moved_home(
-        router.popularity.top(4 * DEFAULT_WARM_LIMIT),
+        warm_counts(router.popularity, reported).top(4 * DEFAULT_WARM_LIMIT),
         replica_id,
         router.preference_list,
         lambda home, model_id: home in router.holders(model_id),
@@ -150,14 +155,15 @@ async def hand_over(
     *,
     load_time_s: float,
     loader: str | None,
+    reported: PopularitySketch | None = None,
 ) -> None:
     """Replica ``replica_id`` leaving on scale-down, still serving: its recently requested
     models warm on their next homes among ``targets``, all at once, bounded
-    by ``handover_bound_s``."""
+    by ``handover_bound_s`` (``reported``: see ``warm_counts``)."""
     plan = handed_over(
         conn.state.models,
         replica_id,
-        router.popularity.score,
+        warm_counts(router.popularity, reported).score,
         router.preference_list,
         lambda home, model_id: home in router.holders(model_id),
     )

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
 
+from muxgate.gateway._popularity import PopularitySketch
+
 __all__ = [
     "DEFAULT_WARM_LIMIT",
     "MAX_HANDOVER_S",
@@ -21,6 +23,7 @@ __all__ = [
     "handed_over",
     "handover_bound_s",
     "moved_home",
+    "warm_counts",
 ]
 
 #: at most this many models are warmed on one replica after a scale from zero
@@ -139,3 +142,16 @@ def handover_bound_s(load_s: float, plan: dict[str, list[str]]) -> float:
     if not longest:
         return 0.0
     return min(MAX_HANDOVER_S, 1.0 + 2.0 * max(load_s, 0.0) * longest)
+
+
+def warm_counts(own: PopularitySketch, reported: PopularitySketch | None) -> PopularitySketch:
+    """The request counts warming ranks models by.
+
+    ``reported``: the calls per model id the replicas reported, which count
+    every gateway's requests (``Pong.model_requests``); ``own``: the ones
+    this gateway routed. The replicas' once they reported any: where
+    several gateways share a pool, one gateway's share of the traffic is
+    not the pool's; with one gateway both count the same requests (the
+    replicas' lag a ping behind).
+    """
+    return reported if reported is not None and len(reported) else own

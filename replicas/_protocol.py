@@ -50,7 +50,9 @@ asked, none sent), so peers without them still decode each other.
 warm (load only if it fits without evicting) or unload one model outside
 any request; the replica answers with a ``Reply`` of the same id (body: the
 JSON of what it did, or ``error``). ``Pong`` carries the bytes of the loaded
-models (``model_bytes``) and the pinned ids.
+models (``model_bytes``), the pinned ids and the calls per model id the
+replica received (``model_requests``, from every gateway: the warm sets of
+a shared pool are decided from them).
 
 The version is checked at the handshake; bump ``PROTOCOL_VERSION`` on any
 incompatible change.
@@ -266,6 +268,9 @@ class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
     model_bytes: int = 0
     #: model ids never evicted (the deployment's ``pinned``, pinned admin loads)
     pinned: list[str] = []
+    #: calls per model id since the replica started, the most requested ids
+    #: (cumulative; see ``muxgate.replicas._request_counts``)
+    model_requests: dict[str, int] = {}
 
 
 class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="t"):

@@ -113,6 +113,7 @@ from muxgate.replicas._protocol import (
     Welcome,
 )
 from muxgate.replicas._replica_io import GatewayConnection, Slots
+from muxgate.replicas._request_counts import RequestCounts
 from muxgate.replicas._spec import ReplicaSpec
 from muxgate.replicas._tracing import tracing_active
 
@@ -162,6 +163,8 @@ class Replica:
         self._idle.set()
         #: warming loads (``ModelControl.after_slot``): running, and waiting for a free slot
         self.warms = WarmTurns()
+        #: calls per model id, reported with each Pong (the gateways' warm sets)
+        self.requests = RequestCounts()
         self._call_scopes: set[anyio.CancelScope] = set()
         self._connections: set[GatewayConnection] = set()
         self._all_closed = anyio.Event()
@@ -327,6 +330,7 @@ class Replica:
         assert self._tg is not None
         if isinstance(message, Call):
             self.in_flight += 1
+            self.requests.count(message.model_id)
             self.busy.started()
             self._idle = anyio.Event() if self._idle.is_set() else self._idle
             # Registered now, not when the task starts: a Cancel in the same
@@ -365,6 +369,7 @@ class Replica:
                 rss_bytes=rss_bytes(),
                 model_bytes=model_bytes,
                 pinned=pinned,
+                model_requests=self.requests.top(),
             )
         )
 

@@ -1,5 +1,6 @@
 """What a replica warms and in which order (pure functions), the
-popularity ranking they read, and when a replica starts a warming load
+popularity ranking they read (this gateway's, or the calls per model the
+replicas report), and when a replica starts a warming load
 (``warm_may_start`` and the turns of ``WarmTurns``)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from muxgate.gateway._pool_reports import request_growth
 from muxgate.gateway._popularity import PopularitySketch
 from muxgate.gateway._warming import (
     MAX_HANDOVER_S,
@@ -14,8 +16,10 @@ from muxgate.gateway._warming import (
     handed_over,
     handover_bound_s,
     moved_home,
+    warm_counts,
 )
 from muxgate.replicas._model_control import MAX_WARMING_LOADS, WarmTurns, warm_may_start
+from muxgate.replicas._request_counts import RequestCounts
 
 
 def test_top_ranks_by_decayed_count_ties_by_id() -> None:
@@ -130,3 +134,45 @@ async def test_warm_turns_wait_for_a_free_slot_and_for_the_running_warm() -> Non
     in_flight[0] = 2
     assert not await turns.acquire(lambda: in_flight[0], 2, 0.01)
     assert (turns.running, turns.waiting) == (0, 0)
+
+
+def test_replicas_count_requests_per_model_within_a_bound() -> None:
+    counts = RequestCounts(max_counted=4)
+    for model_id in ["a", "a", "a", "b", "b", "c", "", "d"]:
+        counts.count(model_id)
+    assert counts.top(3) == {"a": 3, "b": 2, "c": 1}  # no id: not counted
+    assert repr(counts) == "<RequestCounts ids=4/4>"
+    counts.count("e")  # a fifth id: the less requested half goes
+    assert counts.top() == {"a": 3, "b": 2}
+    counts.count("c")  # a forgotten id counts from 0 again
+    assert counts.top()["c"] == 1
+
+
+def test_request_growth_is_what_a_replica_got_since_its_last_pong() -> None:
+    seen: dict[str, int] = {}
+    assert request_growth(seen, {"a": 5, "b": 1}) == {"a": 5, "b": 1}
+    assert request_growth(seen, {"a": 8, "b": 1}) == {"a": 3}
+    # "a" forgotten and counted again from 0; "b" no longer reported: kept
+    assert request_growth(seen, {"a": 2, "c": 4}) == {"a": 2, "c": 4}
+    assert seen == {"a": 2, "b": 1, "c": 4}
+
+
+def test_a_batch_of_requests_scores_as_the_same_requests_one_by_one() -> None:
+    batched, single = PopularitySketch(half_life=50), PopularitySketch(half_life=50)
+    for model_id, n in [("a", 30), ("b", 7), ("a", 1), ("c", 120)]:
+        batched.record(model_id, n)
+        for _ in range(n):
+            single.record(model_id)
+    for model_id in "abc":
+        assert batched.score(model_id) == pytest.approx(single.score(model_id), rel=1e-9)
+    batched.record("d", 0)
+    assert batched.score("d") == 0.0
+
+
+def test_warming_ranks_by_the_replicas_counts_once_they_reported_any() -> None:
+    own, reported = PopularitySketch(), PopularitySketch()
+    own.record("mine")
+    assert warm_counts(own, None) is own
+    assert warm_counts(own, reported) is own  # nothing reported yet
+    reported.record("everyone's", 10)
+    assert warm_counts(own, reported) is reported
