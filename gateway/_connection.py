@@ -307,23 +307,19 @@ class ReplicaConnection:
             ReplicaUnavailableError: not sent (closed or draining); reroute.
             ReplicaDiedError: sent, and the connection dropped before the reply.
         """
-        self._check_open()
-        call_id = next(self._ids)
-        frame = encode_frame(
-            Call(
-                id=call_id,
-                request_id=request_id,
-                model_id=model_id,
-                timeout_s=timeout_s,
-                traceparent=traceparent,
-                tracestate=tracestate,
-                http=http,
-                method=method,
-                args=args,
-                kwargs=kwargs,
-            )
+        call = Call(
+            id=self._next_call_id(),
+            request_id=request_id,
+            model_id=model_id,
+            timeout_s=timeout_s,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            http=http,
+            method=method,
+            args=args,
+            kwargs=kwargs,
         )
-        return await self._round_trip(call_id, frame, model_id)
+        return await self._round_trip(call, model_id)
 
     async def control(
         self,
@@ -343,34 +339,35 @@ class ReplicaConnection:
         evidence): nobody asked for the model.
 
         Raises:
-            ReplicaUnavailableError: not sent (closed or draining).
-            ReplicaDiedError: sent, and the connection dropped before the reply.
+            ReplicaUnavailableError, ReplicaDiedError: as ``call`` does.
         """
-        self._check_open()
-        call_id = next(self._ids)
-        frame = encode_frame(
-            ModelControl(
-                id=call_id,
-                action=action,
-                model_id=model_id,
-                pin=pin,
-                loader=loader or "",
-                timeout_s=timeout_s,
-                after_calls=after_calls,
-                after_slot=after_slot,
-            )
+        control = ModelControl(
+            id=self._next_call_id(),
+            action=action,
+            model_id=model_id,
+            pin=pin,
+            loader=loader or "",
+            timeout_s=timeout_s,
+            after_calls=after_calls,
+            after_slot=after_slot,
         )
-        return await self._round_trip(call_id, frame, None)
+        return await self._round_trip(control, None)
 
-    def _check_open(self) -> None:
+    def _next_call_id(self) -> int:
+        """A new call's id; raises unless the connection may take a call."""
         if self.close_reason is not None:
             raise ReplicaUnavailableError(
                 f"replica {self.replica_id} connection closed: {self.close_reason}"
             )
         if self._draining:
             raise ReplicaUnavailableError(f"replica {self.replica_id} is draining")
+        return next(self._ids)
 
-    async def _round_trip(self, call_id: int, frame: bytes, model_id: str | None) -> Reply:
+    async def _round_trip(self, message: Call | ModelControl, model_id: str | None) -> Reply:
+        """Send a call or a model control and wait for its ``Reply``
+        (``model_id``: the model a call asks for, None for a control)."""
+        call_id = message.id
+        frame = encode_frame(message)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         if model_id is not None:

@@ -57,6 +57,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from opentelemetry import trace
@@ -151,26 +152,19 @@ class DispatchMetrics(Protocol):
     def count_spillover(self, deployment: str, model_id: str = "") -> None: ...
 
 
+@dataclass(slots=True, eq=False)
 class _Waiter:
     # ``queued`` is True until the waiter is handed a slot or gives up; the
     # queue drops entries lazily (a served waiter may sit behind the head
     # for a while), so ``Dispatcher.queued`` counts, it does not take len().
-    __slots__ = ("deadline", "future", "model_id", "queued", "since", "timer")
-
-    def __init__(
-        self,
-        model_id: str,
-        future: asyncio.Future[RouteDecision],
-        since: float,
-        deadline: float,
-    ) -> None:
-        self.model_id = model_id
-        self.future = future
-        self.since = since
-        self.deadline = deadline
-        self.queued = True
-        #: the event loop's timer that looks at the deadline (once it waits)
-        self.timer: asyncio.TimerHandle | None = None
+    model_id: str
+    future: asyncio.Future[RouteDecision]
+    #: clock time it queued, and its request's deadline
+    since: float
+    deadline: float
+    queued: bool = True
+    #: the event loop's timer that looks at the deadline (once it waits)
+    timer: asyncio.TimerHandle | None = None
 
     def __lt__(self, other: _Waiter) -> bool:
         # The deadline heap's order (heapq compares with ``<`` only).
@@ -418,19 +412,6 @@ class Dispatcher:
         err.replica_id = replica_id
         raise err
 
-    async def _route_slowly(
-        self,
-        model_id: str,
-        deadline: float,
-        traceparent: str | None,
-        tracestate: str | None,
-    ) -> tuple[RouteDecision, str | None, str | None]:
-        """A slot when the hot path took none: routed in a span (tracing
-        on), else queued. Returns it with the trace context to send."""
-        if tracing_active():
-            return await self._route_traced(model_id, deadline, traceparent, tracestate)
-        return await self._wait_for_slot(model_id, deadline), traceparent, tracestate
-
     async def _route(self, model_id: str, deadline: float) -> tuple[RouteDecision, bool]:
         """A replica slot for the request (acquired); and whether it queued."""
         if not self._waiting:
@@ -439,15 +420,18 @@ class Dispatcher:
                 return decision, False
         return await self._wait_for_slot(model_id, deadline), True
 
-    async def _route_traced(
+    async def _route_slowly(
         self,
         model_id: str,
         deadline: float,
         traceparent: str | None,
         tracestate: str | None,
     ) -> tuple[RouteDecision, str | None, str | None]:
-        """``_route`` inside a ``muxgate.route`` span; returns the span's
-        traceparent and tracestate for the call to the replica."""
+        """A slot when the hot path took none, with the trace context to
+        send: queued (tracing off), or ``_route`` inside a ``muxgate.route``
+        span, whose traceparent and tracestate the replica then gets."""
+        if not tracing_active():
+            return await self._wait_for_slot(model_id, deadline), traceparent, tracestate
         # Parent: the gateway's server span when there is one, else the
         # client's traceparent (continued), else a new trace.
         parent = (

@@ -26,6 +26,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, TypedDict, Unpack
 
 from opentelemetry import context as otel_context
@@ -280,6 +281,7 @@ class _TooLarge(Exception):
 # -- the front end ----------------------------------------------------------------
 
 
+@dataclass(slots=True, eq=False)
 class Target:
     """Where ``FrontEnd._resolve`` sends a request.
 
@@ -294,24 +296,13 @@ class Target:
             method name of a handle call).
     """
 
-    __slots__ = ("dispatcher", "extra", "name", "path", "refusal", "span_name")
-
-    def __init__(
-        self,
-        name: str,
-        dispatcher: Dispatcher | None,
-        *,
-        path: str,
-        span_name: str = "",
-        refusal: GatewayError | None = None,
-        extra: str = "",
-    ) -> None:
-        self.name = name
-        self.dispatcher = dispatcher
-        self.path = path
-        self.span_name = span_name
-        self.refusal = refusal
-        self.extra = extra
+    name: str
+    dispatcher: Dispatcher | None
+    _: KW_ONLY
+    path: str
+    span_name: str = ""
+    refusal: GatewayError | None = None
+    extra: str = ""
 
 
 class Shutdown:
