@@ -116,7 +116,8 @@ class LauncherConfig(msgspec.Struct, forbid_unknown_fields=True):
     ``dns`` (``HOST:PORT``, resolved again every ``resolve_interval_s``);
     the gateway only watches them. ``ray``: Ray actors on the cluster at
     ``address`` (``auto``: the one this host belongs to), named in
-    ``namespace`` (see docs/remote.md).
+    ``namespace``, sized by the gateway holding the lease (``lease_s``; see
+    docs/remote.md).
     """
 
     kind: Literal["local", "static", "ray"] = "local"
@@ -129,10 +130,14 @@ class LauncherConfig(msgspec.Struct, forbid_unknown_fields=True):
     address: str | None = None
     #: ray: the namespace of the replica actors (None: ``muxgate``)
     namespace: Annotated[str, msgspec.Meta(pattern=_NAME)] | None = None
+    #: ray: the leader lease's period in seconds (None: 10); only the gateway
+    #: holding a deployment's lease creates, stops and replaces its actors
+    lease_s: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind != "ray" and (self.address is not None or self.namespace is not None):
-            raise ValueError(f"a {self.kind} launcher takes no address or namespace")
+        ray_only = (self.address, self.namespace, self.lease_s)
+        if self.kind != "ray" and any(v is not None for v in ray_only):
+            raise ValueError(f"a {self.kind} launcher takes no address, namespace or lease_s")
         if self.kind in ("local", "ray"):
             if self.addresses or self.dns:
                 raise ValueError(f"a {self.kind} launcher takes no addresses or dns")

@@ -281,6 +281,9 @@ class GatewayMetrics:
     * ``quarantined_models{deployment}``: model ids refused now because they
       kept killing replicas; ``quarantine_refusals_total{deployment}``: the
       requests refused for it.
+    * ``leader{deployment}``: 1 while this gateway holds the deployment's
+      leader lease (it sizes the shared pool), 0 while it follows; only for
+      deployments whose launcher has a lease (``ray``).
 
     With ``per_model_labels=True`` requests, request duration and spillovers
     also carry ``model`` (the multiplexed model id, ``""`` for none).
@@ -354,6 +357,12 @@ class GatewayMetrics:
             ["deployment"],
             registry=self.registry,
         )
+        self._leader = Gauge(
+            "muxgate_leader",
+            "1 while this gateway holds the deployment's leader lease (it sizes the pool), else 0.",
+            ["deployment"],
+            registry=self.registry,
+        )
         self._replica_counters = _ReplicaCounters()
         self.registry.register(self._replica_counters)
         self._lock = threading.Lock()
@@ -421,6 +430,10 @@ class GatewayMetrics:
                 self._spillovers.labels(deployment)
         for state in known:
             self._replicas.labels(deployment, state).set(counts_by_state.get(state, 0))
+
+    def set_leader(self, deployment: str, leading: bool) -> None:
+        """Whether this gateway leads ``deployment`` now (``leader``)."""
+        self._leader.labels(deployment).set(1 if leading else 0)
 
     def count_spillover(self, deployment: str, model_id: str = "") -> None:
         """Count one request routed away from its model's home replica."""

@@ -28,6 +28,11 @@ finishes its calls, unloads its models through their hooks (reason
 ``max_replica_rss_bytes`` (``MemoryLimit``) is drained the same way and
 replaced. Each death of a running replica is reported to the ``Quarantine``
 with the model ids it was busy with; the dispatcher asks it before routing.
+Where gateways share the replicas and the launcher has a leader lease
+(``ray``), the pool acts (reconciles, autoscales, replaces, drains) only
+while this gateway holds it; otherwise it serves the replicas the launcher
+reports (its requests wait for those the leader starts) and starts, stops
+and kills none.
 An autoscaled deployment gets an ``Autoscaler`` loop, which moves ``target``;
 at zero replicas the dispatcher calls ``activate()`` when a request finds no
 replica, which raises the target to one (the request waits in the queue).
@@ -49,6 +54,7 @@ from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
+from muxgate.gateway._leadership import Leadership
 from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_health import PING_INTERVAL_S, HealthPoller
@@ -208,7 +214,7 @@ class ReplicaPool:
         (on the running loop)."""
         self._spawn(self._follow_then_reconcile(), "reconcile")
         self._spawn(self._health.run(), "poll")
-        if self.autoscaler is not None:
+        if self.autoscaler is not None and self._procs.leadership is None:
             self._spawn(self.autoscaler.run(), "autoscaler")
 
     def set_target(self, n: int) -> None:
@@ -227,8 +233,10 @@ class ReplicaPool:
             self._changed.set()
 
     def load(self) -> tuple[int, int]:
-        """``(in_flight, queued)`` requests of this deployment right now."""
-        return self.dispatcher.in_flight, self.dispatcher.queued
+        """``(in_flight, queued)`` requests of this deployment right now; with a
+        leader lease, the other gateways' as last reported too."""
+        others = self._procs.leadership.others_load if self._procs.leadership else (0, 0)
+        return self.dispatcher.in_flight + others[0], self.dispatcher.queued + others[1]
 
     def counts(self) -> dict[str, int]:
         """Replicas by state."""
@@ -296,6 +304,8 @@ class ReplicaPool:
             "events": self._reports.events.snapshot(),
             "quarantined": self.quarantine.snapshot(),
         }
+        if self._procs.leadership is not None:
+            out["lease"] = self._procs.leadership.snapshot()
         scaling = self.config.autoscaling
         if scaling is not None:
             out["autoscaling"] = {
@@ -357,12 +367,44 @@ class ReplicaPool:
 
     async def _follow_then_reconcile(self) -> None:
         await self._adopt_reported()
+        leadership = self._procs.leadership
         if self._procs.creator is None:
-            # The launcher decides which replicas exist: follow its reports.
-            while True:
-                await asyncio.sleep(PING_INTERVAL_S)
-                await self._adopt_reported()
-        await self._reconcile_loop()
+            await self._follow()  # the launcher decides which replicas exist
+        elif leadership is None:
+            await self._reconcile_loop()
+        else:
+            await self._lead_or_follow(leadership)
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            await self._adopt_reported()
+
+    async def _lead_or_follow(self, leadership: Leadership) -> None:
+        """Reconcile and autoscale while this gateway holds the lease; adopt
+        what the launcher reports always (a follower serves the leader's
+        replicas; a new leader also finds those its predecessor started)."""
+        leadership.load = lambda: (self.dispatcher.in_flight, self.dispatcher.queued)
+        self._spawn(leadership.run(), "lease")
+        self._spawn(self._follow(), "follow")
+        while True:
+            self._on_role(False)
+            await leadership.wait_role(True)
+            scaling = self.config.autoscaling
+            if scaling is not None:  # the autoscaler goes on from what runs
+                self.target = max(scaling.min_replicas, min(scaling.max_replicas, self.running))
+            self._on_role(True)
+            acting = [self._spawn(self._reconcile_loop(), "reconcile-leader")]
+            if self.autoscaler is not None:
+                acting.append(self._spawn(self.autoscaler.run(), "autoscaler"))
+            await leadership.wait_role(False)
+            for task in acting:
+                task.cancel()
+
+    def _on_role(self, leading: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.set_leader(self.name, leading)
+        self._report()
 
     async def _adopt_reported(self) -> None:
         """Serve the replicas the launcher reports ready that the pool does
@@ -377,6 +419,7 @@ class ReplicaPool:
             if replica.name not in self.replicas:
                 rep = self.replicas.add(replica.name, replica)
                 rep.task = self._spawn(self._run_replica(rep), rep.id)
+                self._kick.set()  # a leader may have one too many now
         if self._procs.creator is None:
             self.target = len(self.replicas)
         self._report()
@@ -549,8 +592,9 @@ class ReplicaPool:
                 rep.task.cancel()  # still starting: abandon the start
                 with contextlib.suppress(BaseException):
                     await rep.task
-            if rep.conn is not None:
+            if rep.conn is not None and self._procs.may_act:
                 # In-flight calls finish; the replica unloads its models and exits.
+                # (Not if the lease moved on meanwhile: then it is only let go.)
                 _log.info("draining replica %s", rep.id)
                 try:
                     async with asyncio.timeout(self._drain_timeout):
@@ -587,6 +631,7 @@ class ReplicaPool:
             rep.state == RUNNING
             and rep.conn is not None
             and not self._closing
+            and self._procs.may_act
             and self._memory.should_replace(rep.id, pong.rss_bytes, rep.conn.state)
         ):
             self._replace_for_memory(rep)

@@ -2,8 +2,9 @@
 killing replica processes (``muxgate.gateway.launchers``).
 
 A launcher that only reports replicas (``ReplicaReporter``) is followed,
-never asked to start or stop one: ``creates`` is false and the stops here
-only close connections.
+never asked to start or stop one: ``creator`` is None and the stops here
+only close connections. The same holds while a launcher with a leader
+lease (``leadership``) is held by another gateway: ``may_act`` is false.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import msgspec
 
 from muxgate.gateway._config import DeploymentConfig
+from muxgate.gateway._leadership import Leadership
 from muxgate.gateway._replica_set import Replica
 from muxgate.gateway.launchers import LaunchedReplica, Launcher, ReplicaReporter
 from muxgate.replicas import DeploymentOptions
@@ -53,6 +55,10 @@ class ReplicaProcesses:
         self.launcher = launcher
         #: the launcher, when it creates replicas (None: it only reports them)
         self.creator: Launcher | None = launcher if isinstance(launcher, Launcher) else None
+        #: the creator's leader lease, where gateways share its replicas
+        self.leadership: Leadership | None = (
+            getattr(launcher, "leadership", None) if self.creator is not None else None
+        )
         self._make_spec = make_spec
         self._drain_timeout = drain_timeout_s
         #: the class's ``@deployment`` options, once a replica told them
@@ -78,6 +84,14 @@ class ReplicaProcesses:
             },
         )
         return True
+
+    @property
+    def may_act(self) -> bool:
+        """Whether this gateway may start, stop and kill replicas now: the
+        launcher creates them and, where it has a lease, this gateway holds it."""
+        if self.creator is None:
+            return False
+        return self.leadership is None or self.leadership.is_leader()
 
     @property
     def outlive_gateway(self) -> bool:
@@ -119,8 +133,8 @@ class ReplicaProcesses:
             with contextlib.suppress(Exception):
                 await rep.conn.aclose()
         proc, creator = rep.process, self.creator
-        if proc is None or creator is None:
-            return  # a replica the pool did not start is not the pool's to stop
+        if proc is None or creator is None or not self.may_act:
+            return  # not the pool's to stop: another starts and stops replicas
         if rep.conn is None:
             # Never connected (start abandoned): nothing to finish, no grace.
             self.kill(proc)
@@ -134,6 +148,6 @@ class ReplicaProcesses:
 
     def kill(self, replica: LaunchedReplica) -> None:
         """Forcibly, now (synchronous: a cancelled task still leaves no orphan)."""
-        if self.creator is not None:
+        if self.creator is not None and self.may_act:
             with contextlib.suppress(ProcessLookupError):
                 self.creator.kill(replica)

@@ -68,7 +68,11 @@ class RemoteLaunchers:
                 continue
             assert secret is not None
             launcher = cls.from_config(
-                settings, channel=self.channel, cluster=config.cluster, secret=secret
+                settings,
+                channel=self.channel,
+                cluster=config.cluster,
+                secret=secret,
+                deployment=name,
             )
             self.launchers[name] = launcher
             if launcher.namespace not in cleaned:

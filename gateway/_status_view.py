@@ -95,6 +95,9 @@ def render(snapshot: dict[str, Any], url: str = "") -> str:
             lines.extend(_table(rows))
         else:
             lines.append("  no replicas")
+        lease = dep.get("lease")
+        if lease:
+            lines.append(_lease_line(lease))
         if dep.get("last_failure"):
             lines.append(f"  last start failure: {dep['last_failure']}")
         quarantined = dep.get("quarantined") or []
@@ -102,3 +105,11 @@ def render(snapshot: dict[str, Any], url: str = "") -> str:
             ids = [str(q.get("model_id")) if isinstance(q, dict) else str(q) for q in quarantined]
             lines.append(f"  quarantined models: {' '.join(ids)}")
     return "\n".join(lines) + "\n"
+
+
+def _lease_line(lease: dict[str, Any]) -> str:
+    """Who sizes the shared pool: this gateway (the leader) or another."""
+    if lease.get("role") == "leader":
+        return f"  lease: leader (epoch {lease.get('epoch')}, holder {lease.get('holder')})"
+    leader = lease.get("leader") or "none yet"
+    return f"  lease: follower of {leader} (this gateway: {lease.get('holder')})"

@@ -20,6 +20,12 @@ never pass through Ray.
   replica exits (drained on scale-down, or it died) its actor is killed, so
   it frees its CPUs. ``remove_absent`` kills the actors of deployments the
   config no longer has.
+* Several gateways may serve one deployment: one at a time leads, holding
+  the deployment's lease (``_ray_lease``: a named detached actor keeps it).
+  Only the leader creates, stops, kills and replaces actors; the others
+  adopt what it creates and route over it. ``start`` and ``stop`` carry the
+  leader's lease epoch, and the replica actor checks it with the lease
+  actor first, so a stale leader's late action is refused (fencing).
 * The channel uses the cluster secret; when the config names none, one is
   generated per namespace and kept in the Ray cluster's key-value store, so
   the next gateway (which must adopt the actors) finds the same one. Anyone
@@ -51,7 +57,9 @@ from ray.experimental import internal_kv
 
 from muxgate.gateway._config import LauncherConfig
 from muxgate.gateway._connection import ChannelClient, ReplicaConnection
+from muxgate.gateway._leadership import Leadership
 from muxgate.gateway.launchers._interface import LaunchedReplica, ReplicaStartError
+from muxgate.gateway.launchers._ray_lease import LEASE_PREFIX, RayLeaseClient, check_epoch
 from muxgate.replicas.contract import (
     DEFAULT_NUM_CPUS,
     SECRET_ENV,
@@ -61,7 +69,15 @@ from muxgate.replicas.contract import (
     cpu_budget_env,
 )
 
-__all__ = ["ACTOR_PREFIX", "RayLauncher", "RayReplica", "ReplicaActor", "app_secret", "connect_ray"]
+__all__ = [
+    "ACTOR_PREFIX",
+    "DEFAULT_LEASE_S",
+    "RayLauncher",
+    "RayReplica",
+    "ReplicaActor",
+    "app_secret",
+    "connect_ray",
+]
 
 _log = logging.getLogger("muxgate.gateway.launcher")
 
@@ -71,6 +87,8 @@ ACTOR_PREFIX = "muxgate:"
 _SECRET_KEY = b"muxgate:cluster-secret"
 #: Seconds an adopted actor may take to say its address.
 _ASK_TIMEOUT_S = 10.0
+#: The lease period when the config sets none (``launcher.lease_s``).
+DEFAULT_LEASE_S = 10.0
 Connect = Callable[[str, Callable[[ReplicaState], None]], Awaitable[ReplicaConnection]]
 
 #: Concurrent calls on one actor (``wait`` blocks while ``stop`` or ``address`` run).
@@ -85,20 +103,27 @@ class ReplicaActor:
             here to the node's address.
         secret: the cluster secret, handed to the child in its environment
             (never on its command line).
+        namespace: the actor's namespace, where its deployment's lease actor is.
     """
 
-    def __init__(self, spec_json: bytes, secret: str) -> None:
+    def __init__(self, spec_json: bytes, secret: str, namespace: str) -> None:
         self._spec = msgspec.json.decode(spec_json, type=ReplicaSpec)
         self._secret = secret
+        self._namespace = namespace
         self._proc: subprocess.Popen[bytes] | None = None
         self._address: str | None = None
 
-    def start(self) -> str:
+    def start(self, epoch: int | None = None) -> str:
         """Start the replica server; its ``tcp:`` address once it is ready.
 
+        ``epoch``: the starting leader's lease epoch, checked first.
+
         Raises:
-            RuntimeError: it printed ``FAILED`` or exited first.
+            RuntimeError: a stale epoch, or the replica printed ``FAILED``
+                or exited first.
         """
+        if epoch is not None:
+            check_epoch(self._spec.deployment, self._namespace, epoch)
         host: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         listen = f"tcp:[{host}]:0" if ":" in host else f"tcp:{host}:0"
         spec = msgspec.structs.replace(self._spec, listen=listen)
@@ -127,11 +152,13 @@ class ReplicaActor:
             raise RuntimeError(line[len("FAILED") :].strip() or "failed to start")
         raise RuntimeError(f"replica exited with code {code} before it was ready")
 
-    def address(self) -> str | None:
-        """Where the replica listens while it runs; None once it exited."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._address
+    def status(self) -> tuple[str, str | None]:
+        """``("starting", None)``, ``("running", address)`` or ``("exited", None)``."""
+        if self._proc is not None and self._proc.poll() is not None:
+            return "exited", None
+        if self._address is None:
+            return "starting", None
+        return "running", self._address
 
     def node_id(self) -> str:
         """The id of the Ray node this actor runs on."""
@@ -141,8 +168,14 @@ class ReplicaActor:
         """Block until the replica exited; its exit code."""
         return None if self._proc is None else self._proc.wait()
 
-    def stop(self, grace_s: float) -> int | None:
-        """SIGTERM (it finishes its calls and unloads), SIGKILL after ``grace_s``."""
+    def stop(self, grace_s: float, epoch: int | None = None) -> int | None:
+        """SIGTERM (it finishes its calls and unloads), SIGKILL after ``grace_s``.
+
+        Raises:
+            RuntimeError: ``epoch`` is not the current leader's (nothing done).
+        """
+        if epoch is not None:
+            check_epoch(self._spec.deployment, self._namespace, epoch)
         if self._proc is None:
             return None
         with contextlib.suppress(ProcessLookupError):
@@ -222,6 +255,10 @@ class RayLauncher:
             (the gateway passes its ``ChannelClient``'s, proving the secret).
         start_timeout: seconds an actor may take to be placed and to have
             its replica ready (an actor no node can fit waits that long).
+        deployment: the one deployment this launcher serves; given, the
+            launcher acts only while this gateway holds the deployment's
+            lease (``leadership``), else it serves as before, alone.
+        lease_s: the lease period.
 
     Call ``connect_ray`` first (``from_config`` does).
     """
@@ -237,8 +274,16 @@ class RayLauncher:
         namespace: str = "muxgate",
         channel: ChannelSettings | None = None,
         start_timeout: float = 120.0,
+        deployment: str | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         self.namespace = namespace
+        #: who may create and stop replicas (None: this launcher alone)
+        self.leadership: Leadership | None = (
+            Leadership(RayLeaseClient(deployment, namespace, lease_s), period_s=lease_s)
+            if deployment is not None
+            else None
+        )
         self.start_timeout = start_timeout
         self._secret = secret
         channel = channel or ChannelSettings()
@@ -255,10 +300,12 @@ class RayLauncher:
         channel: ChannelClient,
         cluster: ChannelSettings,
         secret: bytes,
+        deployment: str | None = None,
     ) -> RayLauncher:
-        """The launcher ``launcher: {kind: ray, address, namespace}`` describes;
-        connects to Ray. ``channel`` reaches the replicas (it proves
-        ``secret``); ``cluster`` is the config's section of that name.
+        """The launcher ``launcher: {kind: ray, address, namespace, lease_s}``
+        describes for ``deployment``; connects to Ray. ``channel`` reaches
+        the replicas (it proves ``secret``); ``cluster`` is the config's
+        section of that name.
 
         Raises:
             ConnectionError: no Ray cluster answers at the address.
@@ -270,6 +317,8 @@ class RayLauncher:
             connect=channel.connect,
             namespace=namespace,
             channel=cluster,
+            deployment=deployment,
+            lease_s=config.lease_s if config.lease_s is not None else DEFAULT_LEASE_S,
         )
 
     @staticmethod
@@ -287,13 +336,25 @@ class RayLauncher:
     def __repr__(self) -> str:
         return f"<RayLauncher namespace={self.namespace!r}>"
 
+    def _acting(self) -> tuple[bool, int | None]:
+        """``(may act, epoch to stamp the action with)`` now."""
+        if self.leadership is None:
+            return True, None
+        epoch = self.leadership.epoch
+        return epoch is not None, epoch
+
     async def start(self, spec: ReplicaSpec) -> RayReplica:
         """Create the actor and wait until its replica serves.
 
         Raises:
-            ReplicaStartError: it failed, died or was not ready within
-                ``start_timeout`` (no node could fit it); the actor is gone.
+            ReplicaStartError: this gateway does not hold the lease (or lost
+                it: the actor refused the stale epoch), or the replica
+                failed, died or was not ready within ``start_timeout`` (no
+                node could fit it); the actor is gone.
         """
+        may, epoch = self._acting()
+        if not may:
+            raise ReplicaStartError("not started: this gateway does not hold the lease")
         spec = msgspec.structs.replace(spec, standalone=True, channel=self._channel)
         num_cpus = spec.num_cpus if spec.num_cpus is not None else DEFAULT_NUM_CPUS
         actor = self._actor_class.options(
@@ -304,10 +365,10 @@ class RayLauncher:
             scheduling_strategy="SPREAD",
             max_restarts=0,
             max_concurrency=_ACTOR_CONCURRENCY,
-        ).remote(msgspec.json.encode(spec), self._secret)
+        ).remote(msgspec.json.encode(spec), self._secret, self.namespace)
         try:
             async with asyncio.timeout(self.start_timeout):
-                address = await actor.start.remote()
+                address = await actor.start.remote(epoch)
         except TimeoutError:
             ray.kill(actor)
             raise ReplicaStartError(
@@ -327,7 +388,9 @@ class RayLauncher:
 
     async def ready_replicas(self, deployment: str) -> list[RayReplica]:
         """The actors of ``deployment`` in the namespace whose replica runs
-        (left by an earlier gateway, or started here)."""
+        (left by an earlier gateway, started by the leader, or here). The
+        leader kills those that do not answer or whose replica exited;
+        a follower only leaves them out."""
         prefix = f"{ACTOR_PREFIX}{deployment}#"
         names = [n for n in await asyncio.to_thread(self._actor_names) if n.startswith(prefix)]
         found: list[RayReplica] = []
@@ -336,25 +399,30 @@ class RayLauncher:
                 actor = await asyncio.to_thread(ray.get_actor, name, namespace=self.namespace)
                 try:
                     async with asyncio.timeout(_ASK_TIMEOUT_S):
-                        address = await actor.address.remote()
+                        status, address = await actor.status.remote()
                 except (TimeoutError, ray.exceptions.RayError) as exc:
-                    _log.warning("replica actor %s does not answer (%s); killing it", name, exc)
-                    ray.kill(actor)
+                    if self._acting()[0]:
+                        _log.warning("replica actor %s does not answer (%s); killing it", name, exc)
+                        ray.kill(actor)
                     continue
-                if address is None:  # its replica exited: the actor is of no use
-                    ray.kill(actor)
+                if status == "exited" and self._acting()[0]:
+                    ray.kill(actor)  # its replica exited: the actor is of no use
+                if address is None:  # still starting (its leader waits for it), or exited
                     continue
                 found.append(RayReplica(name[len(ACTOR_PREFIX) :], deployment, address, actor))
         return found
 
     def remove_absent(self, deployments: Collection[str]) -> list[str]:
-        """Kill the replica actors in the namespace of deployments not in
-        ``deployments`` (removed from the config); their names."""
+        """Kill the replica and lease actors in the namespace of deployments
+        not in ``deployments`` (removed from the config); their names."""
         removed = []
         for name in self._actor_names():
-            if not name.startswith(ACTOR_PREFIX):
+            if name.startswith(ACTOR_PREFIX):
+                deployment = name[len(ACTOR_PREFIX) :].rpartition("#")[0]
+            elif name.startswith(LEASE_PREFIX):
+                deployment = name[len(LEASE_PREFIX) :]
+            else:
                 continue
-            deployment = name[len(ACTOR_PREFIX) :].rpartition("#")[0]
             if deployment in deployments:
                 continue
             with contextlib.suppress(ValueError):
@@ -365,35 +433,46 @@ class RayLauncher:
         return removed
 
     async def stop(self, replica: LaunchedReplica, grace_s: float) -> int | None:
-        """SIGTERM to the replica, SIGKILL after ``grace_s``; then the actor goes."""
+        """SIGTERM to the replica, SIGKILL after ``grace_s``; then the actor
+        goes. Nothing happens unless this gateway leads (None then), and the
+        actor refuses a stale leader's epoch."""
         actor = _actor(replica)
+        may, epoch = self._acting()
+        if not may:
+            return None
         try:
-            code: int | None = await actor.stop.remote(grace_s)
+            code: int | None = await actor.stop.remote(grace_s, epoch)
+        except ray.exceptions.RayTaskError as exc:
+            _log.warning("replica %s not stopped: %s", replica.name, exc.cause)
+            return None  # refused: the lease moved on meanwhile
         except ray.exceptions.RayError:
             code = None
-        ray.kill(actor)
+        self.kill(replica)
         return code
 
     def kill(self, replica: LaunchedReplica) -> None:
-        """Kill the actor now; its replica exits as its stdin pipe closes."""
-        with contextlib.suppress(ray.exceptions.RayError):
-            ray.kill(_actor(replica))
+        """Kill the actor now, if this gateway leads; its replica exits as
+        its stdin pipe closes."""
+        if self._acting()[0]:
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(_actor(replica))
 
     async def wait_exit(self, replica: LaunchedReplica) -> int | None:
         """Wait until the replica exited (None: its actor or node died first);
-        the actor is killed then, freeing its CPUs."""
+        the actor is killed then (by the leader), freeing its CPUs."""
         actor = _actor(replica)
         try:
             code: int | None = await actor.wait.remote()
         except ray.exceptions.RayError:
             code = None
-        with contextlib.suppress(ray.exceptions.RayError):
-            ray.kill(actor)
+        self.kill(replica)
         return code
 
     async def aclose(self) -> None:
-        """Nothing: the actors stay for the next gateway, and the process's
-        Ray connection ends with it."""
+        """Give the lease up (another gateway takes over at once); the actors
+        stay for the next leader, and the process's Ray connection ends with it."""
+        if self.leadership is not None:
+            await self.leadership.release()
 
     def _actor_names(self) -> list[str]:
         return [

@@ -6,20 +6,27 @@ A gateway serves requests through replicas running as Ray actors, scales
 0 -> 3 across the nodes (requests that arrive meanwhile wait and are
 served), replaces the replicas of a worker node that dies on the live ones,
 and leaves its actors to the next gateway, which adopts them; one whose
-config no longer has the deployment removes them."""
+config no longer has the deployment removes them. Two gateways on one
+deployment: only the lease holder creates actors; when it dies the other
+takes over within two lease periods, and a stale epoch is refused."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from gateway_harness import MODEL, running_gateway
-from waiting import wait_until
+from gateway_harness import APPS, MODEL, running_gateway
+from waiting import wait_until, wait_until_sync
 
 # Ray reads these when it is imported: every Ray process on loopback, no usage report.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -85,10 +92,11 @@ async def served_by(client: httpx.AsyncClient, model: str) -> str:
 
 
 def actors_in(namespace: str) -> set[str]:
+    """The replica actors in ``namespace`` (not its deployments' lease actors)."""
     return {
         entry["name"]
         for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["namespace"] == namespace
+        if entry["namespace"] == namespace and entry["name"].startswith("muxgate:")
     }
 
 
@@ -188,3 +196,94 @@ async def test_a_replica_that_fails_to_start_leaves_no_actor(cluster: Any) -> No
             lambda: not actors_in(ns) or pool.is_starting(), within_s=30, what="no leftover actor"
         )
     await wait_until(lambda: not actors_in(ns), within_s=30, what="no actor after the gateway")
+
+
+LEASE_S = 2.0
+
+
+def _serve_in_a_process(
+    config: dict[str, Any], tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``muxgate serve`` of ``config`` as a process of its own (a gateway that
+    can die); its URL once it serves."""
+    path = tmp_path / "app.json"  # YAML is a superset of JSON
+    path.write_text(json.dumps({**config, "app_dir": APPS}))
+    log = tmp_path / "leader.log"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "muxgate.gateway._cli", "serve", str(path), "--port", "0"],
+            stderr=stderr,
+        )
+
+    def url() -> str | None:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        lines = log.read_text(errors="replace").splitlines()
+        return next((ln.rsplit(" ", 1)[-1] for ln in lines if "serving on" in ln), None)
+
+    try:
+        found = wait_until_sync(url, within_s=90, what="the leader gateway's URL")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, str(found)
+
+
+async def test_one_gateway_leads_and_another_takes_over_within_two_lease_periods(
+    cluster: Any, tmp_path: Path
+) -> None:
+    ns = "lease"
+    config = app(cluster, ns, [hooked(2)])
+    config["launcher"]["lease_s"] = LEASE_S
+    leader, leader_url = _serve_in_a_process(config, tmp_path)
+    try:
+        created = actors_in(ns)
+        assert len(created) == 2
+        async with running_gateway(config) as gw:
+            pool = gw.pools["Hooked"]
+            leadership = pool._procs.leadership
+            assert leadership is not None
+            await wait_until(lambda: len(pool.targets) == 2, within_s=30, what="adoption")
+            await wait_until(lambda: leadership.asks > 0, what="an answer from the lease actor")
+            lease = pool.snapshot()["lease"]
+            assert lease["role"] == "follower" and lease["leader"] not in (None, lease["holder"])
+            assert 'muxgate_leader{deployment="Hooked"} 0.0' in gw.metrics.render()[0].decode()
+            # A follower never creates: asked for more, it still only follows.
+            pool.set_target(4)
+            asks = leadership.asks
+            await wait_until(lambda: leadership.asks >= asks + 3, what="three lease asks")
+            assert actors_in(ns) == created and pool.counts()["starting"] == 0
+            pool.set_target(2)
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+                assert await served_by(client, "m1") in pool.targets
+            # Both gateways route over the same replicas.
+            async with httpx.AsyncClient(base_url=leader_url, timeout=30) as client:
+                assert f"muxgate:{await served_by(client, 'm1')}" in created
+
+            leader.kill()  # the leader's gateway dies: it stops renewing
+            killed_at = time.monotonic()
+            await wait_until(leadership.is_leader, within_s=4 * LEASE_S, what="the takeover")
+            handover_s = time.monotonic() - killed_at
+            print(f"handover after the leader died: {handover_s:.2f} s (lease_s {LEASE_S:g})")
+            assert handover_s <= 2 * LEASE_S
+            assert pool.snapshot()["lease"]["role"] == "leader"
+            assert 'muxgate_leader{deployment="Hooked"} 1.0' in gw.metrics.render()[0].decode()
+
+            # The new leader keeps the replicas it adopted, and scales.
+            pool.set_target(3)
+            await wait_until(lambda: len(pool.targets) == 3, within_s=60, what="a third replica")
+            assert created < actors_in(ns) and len(actors_in(ns)) == 3
+
+            # Fencing: an action stamped with an older epoch is refused.
+            epoch = leadership.epoch
+            assert epoch is not None and epoch >= 2
+            name = sorted(created)[0]
+            with pytest.raises(ray.exceptions.RayTaskError, match="not the current leader"):
+                await ray.get_actor(name, namespace=ns).stop.remote(1.0, epoch - 1)
+            assert (await ray.get_actor(name, namespace=ns).status.remote())[0] == "running"
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+        leader.wait()
+        for name in actors_in(ns):
+            ray.kill(ray.get_actor(name, namespace=ns))

@@ -114,7 +114,7 @@ _DISTRIBUTIONS = {"yaml": "pyyaml", "prometheus_client": "prometheus-client"}
 
 
 #: module -> the optional extra it may import from (the registry imports it lazily)
-_EXTRA_MODULES = {"gateway/launchers/ray.py": "ray"}
+_EXTRA_MODULES = {"gateway/launchers/ray.py": "ray", "gateway/launchers/_ray_lease.py": "ray"}
 
 
 def test_every_third_party_import_is_a_base_dependency() -> None:

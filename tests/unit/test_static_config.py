@@ -65,14 +65,24 @@ def test_check_reports_an_unusable_cluster_secret(tmp_path: Any) -> None:
     )
 
 
-def test_a_ray_launcher_takes_an_address_and_a_namespace_only() -> None:
-    ray = config({"kind": "ray", "address": "10.0.0.5:6379", "namespace": "shop"})
+def test_a_ray_launcher_takes_an_address_a_namespace_and_a_lease_period_only() -> None:
+    ray = config({"kind": "ray", "address": "10.0.0.5:6379", "namespace": "shop", "lease_s": 4})
     settings = ray.launcher_for(ray.deployments[0])
-    assert (settings.kind, settings.address, settings.namespace) == ("ray", "10.0.0.5:6379", "shop")
+    assert (settings.kind, settings.address, settings.namespace, settings.lease_s) == (
+        "ray",
+        "10.0.0.5:6379",
+        "shop",
+        4,
+    )
+    assert config({"kind": "ray"}).launcher.lease_s is None  # the launcher's default, 10 s
     with pytest.raises(ConfigError, match="takes no addresses"):
         config({"kind": "ray", "addresses": ["tcp:10.0.0.1:7100"]})
-    with pytest.raises(ConfigError, match="takes no address or namespace"):
+    with pytest.raises(ConfigError, match="takes no address, namespace or lease_s"):
         config({"kind": "local", "namespace": "shop"})
+    with pytest.raises(ConfigError, match="takes no address, namespace or lease_s"):
+        config({"kind": "static", "addresses": ["tcp:h:1"], "lease_s": 5})
+    with pytest.raises(ConfigError, match="lease_s"):
+        config({"kind": "ray", "lease_s": 0.1})
     with pytest.raises(ConfigError):
         config({"kind": "ray", "namespace": "no spaces"})
 

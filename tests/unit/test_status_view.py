@@ -67,3 +67,17 @@ def test_render_shows_replicas_models_and_failures() -> None:
 
 def test_render_of_an_empty_gateway() -> None:
     assert render({"deployments": {}}) == "muxgate\n"
+
+
+def test_render_says_who_holds_the_lease() -> None:
+    def lease_lines(lease: dict[str, object]) -> list[str]:
+        dep = {"target_replicas": 0, "replicas": [], "lease": lease}
+        text = render({"deployments": {"D": dep}})
+        return [ln for ln in text.splitlines() if "lease" in ln]
+
+    leading = {"role": "leader", "holder": "gw1:42:ab", "leader": "gw1:42:ab", "epoch": 7}
+    assert lease_lines(leading) == ["  lease: leader (epoch 7, holder gw1:42:ab)"]
+    following = {"role": "follower", "holder": "gw2:9:cd", "leader": "gw1:42:ab", "epoch": None}
+    assert lease_lines(following) == ["  lease: follower of gw1:42:ab (this gateway: gw2:9:cd)"]
+    alone = {**following, "leader": None}
+    assert lease_lines(alone) == ["  lease: follower of none yet (this gateway: gw2:9:cd)"]
