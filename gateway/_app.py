@@ -252,33 +252,29 @@ def create_app(
         history: the sampled counters behind ``GET /-/history`` (the
             status page's charts); no such route without one.
     """
+    handlers = _admin_handlers(config, pools, metrics)
+    handlers.extend(model_handlers(pools, config.http.request_timeout_s))
+    if history is not None:
+        handlers.append(history_handler(history, pools))
+    if mount_ingress:
+        shutdown = shutdown if shutdown is not None else Shutdown()
+        handlers.append(_ingress_mount(config, pools, metrics, shutdown))
+    return Litestar(
+        route_handlers=handlers,
+        before_send=[_admin_ids],
+        guards=[_admin_guard(config.http.admin_token)],
+        exception_handlers={Exception: _admin_error_handler},
+        openapi_config=None,
+        debug=False,
+        logging_config=None,
+    )
 
-    # Public: k8s httpGet probes and load balancers cannot send a token, so
-    # it tells nothing beyond ok/starting (the details are at /-/replicas).
-    admin_token = config.http.admin_token
-    expected = f"Bearer {admin_token}".encode() if admin_token else None
 
-    @get("/-/healthz", sync_to_thread=False, opt={"public": True})
-    def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
-        if not all(p.healthy for p in pools.values()):
-            body: dict[str, Any] = {"status": "starting"}
-            if _admin_denial(request, expected) is None:
-                # Admin callers (as /-/replicas would allow) also get why.
-                body["deployments"] = {
-                    name: {
-                        "running": p.running,
-                        "min_replicas": p.min_replicas,
-                        "last_failure": p.last_failure,
-                    }
-                    for name, p in pools.items()
-                    if not p.healthy
-                }
-            return Response(
-                content=msgspec.json.encode(body),
-                status_code=503,
-                media_type="application/json",
-            )
-        return Response(content=b'{"status":"ok"}', status_code=200, media_type="application/json")
+def _admin_handlers(
+    config: AppConfig, pools: Mapping[str, ReplicaPool], metrics: GatewayMetrics
+) -> list[Any]:
+    """The pools' endpoints under ``/-/``: health, replicas, quarantine,
+    metrics and the status page."""
 
     @get("/-/replicas", sync_to_thread=False)
     def replicas() -> Response[bytes]:
@@ -310,6 +306,41 @@ def create_app(
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(content=body, status_code=200, media_type=content_type)
 
+    healthz = _healthz(pools, config.http.admin_token)
+    return [healthz, replicas, release_quarantine, metrics_endpoint, _status_page()]
+
+
+def _healthz(pools: Mapping[str, ReplicaPool], admin_token: str | None) -> Any:
+    # Public: k8s httpGet probes and load balancers cannot send a token, so
+    # it tells nothing beyond ok/starting (the details are at /-/replicas).
+    expected = f"Bearer {admin_token}".encode() if admin_token else None
+
+    @get("/-/healthz", sync_to_thread=False, opt={"public": True})
+    def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
+        if not all(p.healthy for p in pools.values()):
+            body: dict[str, Any] = {"status": "starting"}
+            if _admin_denial(request, expected) is None:
+                # Admin callers (as /-/replicas would allow) also get why.
+                body["deployments"] = {
+                    name: {
+                        "running": p.running,
+                        "min_replicas": p.min_replicas,
+                        "last_failure": p.last_failure,
+                    }
+                    for name, p in pools.items()
+                    if not p.healthy
+                }
+            return Response(
+                content=msgspec.json.encode(body),
+                status_code=503,
+                media_type="application/json",
+            )
+        return Response(content=b'{"status":"ok"}', status_code=200, media_type="application/json")
+
+    return healthz
+
+
+def _status_page() -> Any:
     # Read once: the page is static; it polls /-/replicas and /-/metrics,
     # sending ?token= as a bearer header, so the page itself needs no guard.
     page = importlib.resources.files("muxgate.gateway").joinpath("static/status.html")
@@ -319,42 +350,36 @@ def create_app(
     def status_page() -> Response[bytes]:
         return Response(content=page_bytes, status_code=200, media_type="text/html; charset=utf-8")
 
-    handlers: list[Any] = [healthz, replicas, release_quarantine, metrics_endpoint, status_page]
-    handlers.extend(model_handlers(pools, config.http.request_timeout_s))
-    if history is not None:
-        handlers.append(history_handler(history, pools))
-    if mount_ingress:
-        shutdown = shutdown if shutdown is not None else Shutdown()
-        handles = build_handle_ingress(config, pools, metrics, shutdown=shutdown)
-        ingress = build_ingress(config, pools, metrics, use_raw_path=True, shutdown=shutdown)
-        handles_prefix = HANDLES_PREFIX.encode()
+    return status_page
 
-        async def ingress_handler(scope: lt.Scope, receive: lt.Receive, send: lt.Send) -> None:
-            raw = cast(Scope, scope)
-            raw_path: bytes = raw.get("raw_path", b"/")
-            if raw_path.startswith(handles_prefix):
-                # Litestar rewrites "path" for mounts; the handle ingress
-                # wants the full path (a copy: the scope is not ours).
-                raw = dict(raw, path=unquote(raw_path.decode("latin-1")))
-                await handles(raw, cast(Receive, receive), cast(Send, send))
-            else:
-                await ingress(raw, cast(Receive, receive), cast(Send, send))
 
-        # Public: ingress traffic needs no admin token, and the handle
-        # ingress checks the token or the client address itself. Neither
-        # changes the scope, so it is not copied.
-        handlers.append(
-            asgi("/", is_mount=True, copy_scope=False, opt={"public": True})(ingress_handler)
-        )
-    return Litestar(
-        route_handlers=handlers,
-        before_send=[_admin_ids],
-        guards=[_admin_guard(config.http.admin_token)],
-        exception_handlers={Exception: _admin_error_handler},
-        openapi_config=None,
-        debug=False,
-        logging_config=None,
-    )
+def _ingress_mount(
+    config: AppConfig,
+    pools: Mapping[str, ReplicaPool],
+    metrics: GatewayMetrics,
+    shutdown: Shutdown,
+) -> Any:
+    """The ingress and the handle endpoint mounted at ``/`` (a complete
+    Litestar app; the server itself runs ``GatewayASGI``)."""
+    handles = build_handle_ingress(config, pools, metrics, shutdown=shutdown)
+    ingress = build_ingress(config, pools, metrics, use_raw_path=True, shutdown=shutdown)
+    handles_prefix = HANDLES_PREFIX.encode()
+
+    async def ingress_handler(scope: lt.Scope, receive: lt.Receive, send: lt.Send) -> None:
+        raw = cast(Scope, scope)
+        raw_path: bytes = raw.get("raw_path", b"/")
+        if raw_path.startswith(handles_prefix):
+            # Litestar rewrites "path" for mounts; the handle ingress
+            # wants the full path (a copy: the scope is not ours).
+            raw = dict(raw, path=unquote(raw_path.decode("latin-1")))
+            await handles(raw, cast(Receive, receive), cast(Send, send))
+        else:
+            await ingress(raw, cast(Receive, receive), cast(Send, send))
+
+    # Public: ingress traffic needs no admin token, and the handle
+    # ingress checks the token or the client address itself. Neither
+    # changes the scope, so it is not copied.
+    return asgi("/", is_mount=True, copy_scope=False, opt={"public": True})(ingress_handler)
 
 
 def build_ingress(
