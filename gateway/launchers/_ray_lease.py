@@ -32,7 +32,7 @@ from ray.experimental import internal_kv
 
 from muxgate.gateway._lease import Lease, LeaseGrant
 
-__all__ = ["LEASE_PREFIX", "LeaseActor", "RayLeaseClient", "check_epoch"]
+__all__ = ["LEASE_PREFIX", "LeaseActor", "RayLeaseClient", "check_epoch", "take_lease"]
 
 _log = logging.getLogger("muxgate.gateway.lease")
 
@@ -144,3 +144,25 @@ def check_epoch(deployment: str, namespace: str, epoch: int) -> None:
         raise RuntimeError(f"refused: cannot check the lease epoch {epoch} ({exc})") from exc
     if not current:
         raise RuntimeError(f"refused: lease epoch {epoch} is not the current leader's")
+
+
+def take_lease(deployment: str, namespace: str, holder: str, period_s: float) -> str | None:
+    """Take ``deployment``'s lease for ``holder`` if no gateway holds it
+    (before removing the actors of a deployment a config no longer has);
+    None when taken (or it has no lease actor), else who holds it (``"?"``:
+    a restarted lease actor that does not know yet, or one that does not
+    answer)."""
+    try:
+        lease = ray.get_actor(LEASE_PREFIX + deployment, namespace=namespace)
+    except ValueError:
+        return None  # never led by a gateway with a lease
+    try:
+        answer: Any = ray.get(
+            lease.acquire.remote(holder, period_s, 0, 0), timeout=_CHECK_TIMEOUT_S
+        )
+        grant: LeaseGrant = answer
+    except ray.exceptions.RayError:
+        return "?"
+    if grant.granted:
+        return None
+    return grant.holder or "?"

@@ -57,9 +57,14 @@ from ray.experimental import internal_kv
 
 from muxgate.gateway._config import LauncherConfig
 from muxgate.gateway._connection import ChannelClient, ReplicaConnection
-from muxgate.gateway._leadership import Leadership
+from muxgate.gateway._leadership import Leadership, holder_id
 from muxgate.gateway.launchers._interface import LaunchedReplica, ReplicaStartError
-from muxgate.gateway.launchers._ray_lease import LEASE_PREFIX, RayLeaseClient, check_epoch
+from muxgate.gateway.launchers._ray_lease import (
+    LEASE_PREFIX,
+    RayLeaseClient,
+    check_epoch,
+    take_lease,
+)
 from muxgate.replicas.contract import (
     DEFAULT_NUM_CPUS,
     SECRET_ENV,
@@ -414,8 +419,13 @@ class RayLauncher:
 
     def remove_absent(self, deployments: Collection[str]) -> list[str]:
         """Kill the replica and lease actors in the namespace of deployments
-        not in ``deployments`` (removed from the config); their names."""
-        removed = []
+        not in ``deployments`` (removed from the config); their names.
+
+        A deployment whose lease another gateway holds is served there (that
+        gateway's config still has it): its actors are left alone. Else this
+        gateway takes its lease first, so none can lead it meanwhile.
+        """
+        by_deployment: dict[str, list[str]] = {}
         for name in self._actor_names():
             if name.startswith(ACTOR_PREFIX):
                 deployment = name[len(ACTOR_PREFIX) :].rpartition("#")[0]
@@ -423,11 +433,23 @@ class RayLauncher:
                 deployment = name[len(LEASE_PREFIX) :]
             else:
                 continue
-            if deployment in deployments:
+            if deployment not in deployments:
+                by_deployment.setdefault(deployment, []).append(name)
+        removed = []
+        period = self.leadership.period_s if self.leadership is not None else DEFAULT_LEASE_S
+        for deployment, names in sorted(by_deployment.items()):
+            leader = take_lease(deployment, self.namespace, holder_id(), period)
+            if leader is not None:
+                _log.info(
+                    "deployment %s is not in this config but %s leads it: its actors stay",
+                    deployment,
+                    leader,
+                )
                 continue
-            with contextlib.suppress(ValueError):
-                ray.kill(ray.get_actor(name, namespace=self.namespace))
-                removed.append(name)
+            for name in names:
+                with contextlib.suppress(ValueError):
+                    ray.kill(ray.get_actor(name, namespace=self.namespace))
+                    removed.append(name)
         if removed:
             _log.info("killed the actors of removed deployments: %s", ", ".join(removed))
         return removed

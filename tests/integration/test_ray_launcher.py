@@ -281,6 +281,14 @@ async def test_one_gateway_leads_and_another_takes_over_within_two_lease_periods
             with pytest.raises(ray.exceptions.RayTaskError, match="not the current leader"):
                 await ray.get_actor(name, namespace=ns).stop.remote(1.0, epoch - 1)
             assert (await ray.get_actor(name, namespace=ns).status.remote())[0] == "running"
+
+            # A gateway whose config no longer has the deployment leaves the
+            # actors of one that another gateway leads alone.
+            from muxgate.gateway.launchers.ray import RayLauncher
+
+            other = RayLauncher(secret="x" * 32, connect=pool._connect, namespace=ns)
+            assert await asyncio.to_thread(other.remove_absent, {"Other"}) == []
+            assert len(actors_in(ns)) == 3 and leadership.is_leader()
     finally:
         if leader.poll() is None:
             leader.kill()
