@@ -6,11 +6,21 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterator
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 
-__all__ = ["DEFAULT_VIRTUAL_NODES", "HashRing", "stable_hash"]
+__all__ = [
+    "DEFAULT_PREFIX_CACHE_SIZE",
+    "DEFAULT_VIRTUAL_NODES",
+    "CachedRing",
+    "HashRing",
+    "stable_hash",
+]
 
 DEFAULT_VIRTUAL_NODES = 64
+DEFAULT_PREFIX_CACHE_SIZE = 131_072
+_PREFIX_LEN = 4  # preference-list prefix cached per key
 
 
 def stable_hash(key: str) -> int:
@@ -107,3 +117,61 @@ class HashRing:
                 break
             out.append(member)
         return out
+
+
+class CachedRing:
+    """A :class:`HashRing` that keeps the first few members of the preference
+    lists of the ``cache_size`` keys walked most recently (an LRU; 0: none).
+
+    Most walks stop within those first members, so they cost a dictionary
+    lookup instead of a hash and a bisect; the rest of a walk is computed only
+    when a caller reads past them. Membership goes through :meth:`add` and
+    :meth:`remove`, which forget every cached prefix.
+    """
+
+    def __init__(
+        self,
+        *,
+        virtual_nodes: int = DEFAULT_VIRTUAL_NODES,
+        cache_size: int = DEFAULT_PREFIX_CACHE_SIZE,
+    ) -> None:
+        self.ring = HashRing(virtual_nodes=virtual_nodes)
+        self._members = 0
+        self._prefixes: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._cache_size = max(0, cache_size)
+
+    def __repr__(self) -> str:
+        return f"CachedRing({self.ring!r}, cached_prefixes={len(self._prefixes)})"
+
+    def add(self, member: str) -> None:
+        """Add ``member`` to the ring (no-op if present)."""
+        self.ring.add(member)
+        self._members = len(self.ring)
+        self._prefixes.clear()
+
+    def remove(self, member: str) -> None:
+        """Remove ``member`` from the ring (no-op if absent)."""
+        self.ring.remove(member)
+        self._members = len(self.ring)
+        self._prefixes.clear()
+
+    def walk(self, key: str) -> Iterable[str]:
+        """The preference list of ``key``, as :meth:`HashRing.walk` yields it."""
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = tuple(self.ring.preference_list(key, _PREFIX_LEN))
+            if self._cache_size:
+                self._prefixes[key] = prefix
+                if len(self._prefixes) > self._cache_size:
+                    self._prefixes.popitem(last=False)
+        else:
+            self._prefixes.move_to_end(key)
+        if len(prefix) < _PREFIX_LEN or self._members == _PREFIX_LEN:
+            return prefix
+        return itertools.chain(prefix, self._walk_beyond_prefix(key))
+
+    def _walk_beyond_prefix(self, key: str) -> Iterator[str]:
+        walk = self.ring.walk(key)
+        for _ in range(_PREFIX_LEN):
+            next(walk)
+        yield from walk

@@ -10,17 +10,21 @@ consistent state without a lock: :meth:`Router.choose` picks a replica,
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from muxgate.gateway._placement import ReplicaLoad, place, victim_score
 from muxgate.gateway._popularity import PopularitySketch
-from muxgate.gateway._ring import DEFAULT_VIRTUAL_NODES, HashRing, stable_hash
+from muxgate.gateway._ring import (
+    DEFAULT_PREFIX_CACHE_SIZE,
+    DEFAULT_VIRTUAL_NODES,
+    CachedRing,
+    HashRing,
+    stable_hash,
+)
 from muxgate.gateway._spill import (
     INITIAL_SERVICE_TIME_S,
     should_spill,
@@ -66,9 +70,6 @@ REASON_CACHED = "cached"  # a later replica that already holds (or is loading) t
 REASON_SPILL = "spill"  # the first replica under capacity; it does not hold the model
 REASON_NO_MODEL = "no_model"  # no model id: power of two choices
 REASON_PLACED = "placed"  # a later replica chosen because a load there evicts a colder model
-
-_PREFIX_LEN = 4  # preference-list prefix cached per model id
-_DEFAULT_CACHE_SIZE = 131_072
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,7 @@ class Router:
         max_ongoing_requests: int = 8,
         min_capacity: int | None = None,
         rng: random.Random | None = None,
-        preference_cache_size: int = _DEFAULT_CACHE_SIZE,
+        preference_cache_size: int = DEFAULT_PREFIX_CACHE_SIZE,
         holder_choice: Literal["least_loaded", "first"] = "least_loaded",
         placement_choices: int = DEFAULT_PLACEMENT_CHOICES,
         popularity_half_life: float = DEFAULT_POPULARITY_HALF_LIFE,
@@ -220,13 +221,11 @@ class Router:
         self.max_ongoing_requests = max_ongoing_requests
         self.min_capacity = min_capacity
         self._rng = rng if rng is not None else random.Random()
-        self._ring = HashRing(virtual_nodes=virtual_nodes)
+        self._ring = CachedRing(virtual_nodes=virtual_nodes, cache_size=preference_cache_size)
         self._replicas: dict[str, ReplicaLoad] = {}
         self._ids: list[str] = []  # for random sampling
         self._holders: dict[str, set[str]] = {}  # model id -> replicas holding it
         self._total_in_flight = 0
-        self._prefix_cache: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-        self._prefix_cache_size = max(0, preference_cache_size)
         if placement_choices < 1:
             raise ValueError(f"placement_choices must be >= 1, got {placement_choices}")
         if holder_choice not in ("first", "least_loaded"):
@@ -253,7 +252,7 @@ class Router:
     @property
     def virtual_nodes(self) -> int:
         """Ring points per replica."""
-        return self._ring.virtual_nodes
+        return self._ring.ring.virtual_nodes
 
     @property
     def replica_ids(self) -> list[str]:
@@ -281,7 +280,6 @@ class Router:
         self._replicas[replica_id] = ReplicaLoad()
         self._ids.append(replica_id)
         self._ring.add(replica_id)
-        self._prefix_cache.clear()
 
     def remove_replica(self, replica_id: str) -> None:
         """Remove a replica (draining, dead); forgets its in-flight count and models."""
@@ -293,7 +291,6 @@ class Router:
         for model_id in rep.held():
             self._unhold(model_id, replica_id)
         self._ring.remove(replica_id)
-        self._prefix_cache.clear()
 
     # -- state updates ----------------------------------------------------
 
@@ -407,28 +404,7 @@ class Router:
 
     def preference_list(self, model_id: str) -> list[str]:
         """The full preference list of ``model_id`` (home first)."""
-        return self._ring.preference_list(model_id)
-
-    def _walk(self, model_id: str) -> Iterable[str]:
-        prefix = self._prefix_cache.get(model_id)
-        if prefix is None:
-            prefix = tuple(self._ring.preference_list(model_id, _PREFIX_LEN))
-            if self._prefix_cache_size:
-                self._prefix_cache[model_id] = prefix
-                if len(self._prefix_cache) > self._prefix_cache_size:
-                    self._prefix_cache.popitem(last=False)
-        else:
-            self._prefix_cache.move_to_end(model_id)
-        if len(prefix) < _PREFIX_LEN or len(self._replicas) == _PREFIX_LEN:
-            return prefix
-        # The rest of the walk is only computed if the first few do not do.
-        return itertools.chain(prefix, self._walk_beyond_prefix(model_id))
-
-    def _walk_beyond_prefix(self, model_id: str) -> Iterator[str]:
-        walk = self._ring.walk(model_id)
-        for _ in range(_PREFIX_LEN):
-            next(walk)
-        yield from walk
+        return self._ring.ring.preference_list(model_id)
 
     # -- decisions --------------------------------------------------------
 
@@ -453,68 +429,102 @@ class Router:
         cap = self.capacity()
         replicas = self._replicas
         holders = self._holders.get(model_id, ())
-        # Holders under capacity: if there are none, the first replica(s) under
-        # capacity win and the walk can stop there.
         wanted = {r for r in holders if replicas[r].in_flight < cap}
-        least_loaded = self.holder_choice == "least_loaded" and len(wanted) > 1
-        # A spill (some replica holds m, all of them full) takes the first
-        # replica under capacity; only a model held nowhere looks further.
+        if wanted:
+            return self._choose_holder(model_id, wanted)
+        return self._choose_elsewhere(model_id, holders, cap, waiting, waited_s)
+
+    def _choose_holder(self, model_id: str, wanted: set[str]) -> RouteDecision | None:
+        """Step 3: one of ``wanted``, the holders of ``model_id`` under capacity.
+
+        The walk stops at the first of them (``holder_choice="first"``, or a
+        single holder) or once it has seen them all (the least loaded wins,
+        ties in preference order). Consumes ``wanted``.
+        """
+        replicas = self._replicas
+        home: str | None = None
+        best: str | None = None
+        if self.holder_choice == "least_loaded" and len(wanted) > 1:
+            for replica_id in self._ring.walk(model_id):
+                if home is None:
+                    home = replica_id
+                if replica_id in wanted:
+                    if best is None or replicas[replica_id].in_flight < replicas[best].in_flight:
+                        best = replica_id
+                    wanted.discard(replica_id)
+                    if not wanted:
+                        break
+        else:
+            for replica_id in self._ring.walk(model_id):
+                if home is None:
+                    home = replica_id
+                if replica_id in wanted:
+                    best = replica_id
+                    break
+        if best is None or home is None:
+            return None  # not reached: every holder is on the ring, which the walk covers
+        reason = REASON_HOME if best == home else REASON_CACHED
+        return RouteDecision(best, False, home, reason, model_id in replicas[best].models)
+
+    def _choose_elsewhere(
+        self, model_id: str, holders: Collection[str], cap: int, waiting: int, waited_s: float
+    ) -> RouteDecision | None:
+        """Steps 4, 5 and 8: no holder of ``model_id`` is under capacity.
+
+        A spill (some replica holds it, all of them full) takes the first
+        replica under capacity in preference order, if the spill rule lets
+        it; a model held nowhere is placed among the first
+        ``placement_choices`` of them.
+        """
+        replicas = self._replicas
         n_free = 1 if holders else self.placement_choices
         home: str | None = None
-        best: str | None = None  # least loaded holder seen so far (least_loaded only)
         free: list[str] = []  # the first n_free replicas under capacity
-        for replica_id in self._walk(model_id):
+        for replica_id in self._ring.walk(model_id):
             if home is None:
                 home = replica_id
-            in_flight = replicas[replica_id].in_flight
-            if in_flight >= cap:
-                continue
-            if replica_id in wanted:
-                if not least_loaded:
-                    reason = REASON_HOME if replica_id == home else REASON_CACHED
-                    hit = model_id in replicas[replica_id].models
-                    return RouteDecision(replica_id, False, home, reason, hit)
-                if best is None or in_flight < replicas[best].in_flight:
-                    best = replica_id
-                wanted.discard(replica_id)
-                if not wanted:
-                    break
-            elif not wanted and len(free) < n_free:
+            if replicas[replica_id].in_flight < cap:
                 free.append(replica_id)
                 if len(free) == n_free:
                     break
-            elif not wanted:
-                break
-        if best is not None and home is not None:
-            reason = REASON_HOME if best == home else REASON_CACHED
-            return RouteDecision(best, False, home, reason, model_id in replicas[best].models)
         if not free or home is None:
             return None
         target = free[0]
-        if len(free) > 1 and not holders:
-            target = place(free, self._replicas, self._high_water, self.popularity)
-        elif holders and self.spill_rule == "priced":
-            # Every holder is full: a load elsewhere must be worth more than the wait.
-            victim = victim_share(
-                victim_score(self._replicas[target], self._high_water, self.popularity),
-                self.popularity.score(model_id),
-            )
-            if not should_spill(
-                waiting=waiting,
-                holders=len(holders),
-                service_s=self.service_s,
-                load_s=self.load_s,
-                victim=victim,
-                waited_s=waited_s,
-            ):
-                # Once the request has waited this long, the spill pays (ski rental).
-                self.refused_spill_price_s = spill_price_s(self.load_s, victim)
-                return None
+        if len(free) > 1:  # only a model held nowhere looks past the first
+            target = place(free, replicas, self._high_water, self.popularity)
+        elif (
+            holders
+            and self.spill_rule == "priced"
+            and not self._spill_pays(model_id, target, len(holders), waiting, waited_s)
+        ):
+            return None
         if target == home:
             return RouteDecision(target, False, home, REASON_HOME)
         if target == free[0]:
             return RouteDecision(target, True, home, REASON_SPILL)
         return RouteDecision(target, False, home, REASON_PLACED)
+
+    def _spill_pays(
+        self, model_id: str, target: str, holders: int, waiting: int, waited_s: float
+    ) -> bool:
+        """Step 8: whether loading ``model_id`` on ``target`` beats waiting for
+        one of its ``holders`` (all full). When it does not, records the price
+        at which the waiting request's spill will pay (ski rental)."""
+        victim = victim_share(
+            victim_score(self._replicas[target], self._high_water, self.popularity),
+            self.popularity.score(model_id),
+        )
+        if should_spill(
+            waiting=waiting,
+            holders=holders,
+            service_s=self.service_s,
+            load_s=self.load_s,
+            victim=victim,
+            waited_s=waited_s,
+        ):
+            return True
+        self.refused_spill_price_s = spill_price_s(self.load_s, victim)
+        return False
 
     def _choose_p2c(self) -> RouteDecision | None:
         limit = self.max_ongoing_requests

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from muxgate.gateway._ring import CachedRing
 from muxgate.gateway._router import HashRing, RouteDecision, Router, stable_hash
 
 MODEL_IDS = [f"model-{i}" for i in range(2000)]
@@ -265,6 +266,27 @@ def test_walk_beyond_cached_prefix() -> None:
         router.acquire(r, "")
     d = router.choose("m")
     assert d is not None and d.replica_id == prefs[5]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    changes=st.lists(st.tuples(st.booleans(), st.integers(min_value=0, max_value=9)), max_size=30),
+    keys=st.lists(st.sampled_from(MODEL_IDS[:6]), min_size=1, max_size=20),
+    cache_size=st.sampled_from([0, 1, 3, 1000]),
+)
+def test_cached_ring_walks_as_the_ring(
+    changes: list[tuple[bool, int]], keys: list[str], cache_size: int
+) -> None:
+    # Cached prefixes (4 members) never change a walk: across membership
+    # changes, LRU evictions and rings of fewer, exactly and more than 4 members.
+    cached = CachedRing(virtual_nodes=8, cache_size=cache_size)
+    plain = HashRing(virtual_nodes=8)
+    for add, i in changes:
+        for ring in (cached, plain):
+            (ring.add if add else ring.remove)(f"replica-{i}")
+        for key in keys:
+            assert list(cached.walk(key)) == list(plain.walk(key))
+    assert repr(cached).startswith(f"CachedRing({plain!r}, cached_prefixes=")
 
 
 @settings(max_examples=40, deadline=None)
