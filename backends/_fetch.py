@@ -5,7 +5,9 @@ download through the disk cache, download to a temp file) is made from the
 filesystem's capabilities and the configuration, never from URL prefixes.
 Remote objects from ``parallel_threshold`` bytes up are downloaded with
 concurrent ranged reads (:mod:`._transfer`); smaller ones with one request.
-The fetch span is :mod:`._fetchspan`.
+What a fetch yields and the strategy decision are :mod:`._artifact`, what it
+does with the disk cache (fill it under a lock, serve it stale when the
+remote cannot be reached) :mod:`._fetchcache`, and its span :mod:`._fetchspan`.
 
 Per-call overhead matters for small local models (a 4 MB state dict loads in
 about half a millisecond), so the hot path avoids repeated work: filesystem
@@ -17,7 +19,6 @@ local load is fetched and decoded in one worker-thread hop.
 from __future__ import annotations
 
 import copy
-import enum
 import logging
 import os
 import stat
@@ -25,7 +26,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -36,10 +37,12 @@ from fsspec import AbstractFileSystem
 from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from ._cache import DiskCache, LockTimeout, cache_key, version_token
+from ._artifact import Artifact, Strategy, choose_strategy, source_of
+from ._cache import DiskCache, version_token
 from ._config import RetryPolicy, StorageConfig, resolve_config
 from ._deadline import storage_deadline
 from ._errors import BackendError, ModelNotFoundError, StorageUnavailableError
+from ._fetchcache import fill_cache, in_thread, remove_file, stale_copy, storage_counters
 from ._fetchspan import FetchSpan, record
 from ._instances import freeze_options, instances
 from ._registry import backend_spec, filesystem_class
@@ -51,89 +54,8 @@ logger = logging.getLogger("muxgate.backends")
 
 T = TypeVar("T")
 
-# How long a process waits for another one's download of the same object.
-_LOCK_WAIT_SECONDS = 900.0
-_LOCK_POLL_SECONDS = 0.5
-
-
-class Strategy(enum.Enum):
-    """How an object reaches the loader."""
-
-    LOCAL_FILE = "local_file"  # read in place (file://, plain paths)
-    BYTES = "bytes"  # one read into memory (memory://, small uncached objects)
-    CACHED = "cached"  # ranged download into the shared disk cache
-    TEMP_FILE = "temp_file"  # ranged download into a temp file, removed after use
-
-
-def choose_strategy(*, is_local: bool, cached: bool, size: int, part_size: int) -> Strategy:
-    """Pure decision of how to fetch an object (see :class:`Strategy`)."""
-    if cached:
-        return Strategy.CACHED
-    if is_local:
-        return Strategy.LOCAL_FILE
-    if size <= part_size:
-        return Strategy.BYTES
-    return Strategy.TEMP_FILE
-
-
-def source_of(*, cache_hit: bool, remote: bool) -> str:
-    """The ``muxgate.source`` span attribute: ``cache``, ``remote`` or ``local``."""
-    if cache_hit:
-        return "cache"
-    return "remote" if remote else "local"
-
-
-@dataclass
-class Artifact:
-    """A fetched object, readable by torch.
-
-    Attributes:
-        url: The object's URL without credentials.
-        size: Size in bytes.
-        cache_hit: Whether it came from the disk cache without a download.
-        path: A local file (``None`` when ``data`` holds the bytes).
-        data: The bytes, for objects read into memory.
-        strategy: How it was fetched.
-        stale: Served from the disk cache without the remote's word that
-            it is current: the remote could not be reached (stale-if-error).
-        mmap_safe: Whether ``path`` may be memory-mapped: nobody rewrites
-            it in place (cache files are only ever replaced atomically; a
-            file a user overwrites with ``torch.save`` is truncated under
-            the mapping, which crashes the reader with SIGBUS).
-        source: Where the bytes came from: ``"cache"`` (the disk cache,
-            no download), ``"remote"`` (downloaded) or ``"local"`` (a
-            local file or memory).
-    """
-
-    url: str
-    size: int
-    cache_hit: bool
-    strategy: Strategy
-    path: str | None = None
-    data: bytes | None = None
-    mmap_safe: bool = False
-    source: str = "local"
-    stale: bool = False
-    _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
-
-
-#: Cumulative counters of this process (a replica reports them to the gateway
-#: with its own): ``storage_stale_serves`` counts fetches answered from the
-#: disk cache because the remote could not be reached.
-_COUNTERS: dict[str, float] = {"storage_stale_serves": 0.0}
-
-
-def storage_counters() -> dict[str, float]:
-    """A copy of this process's storage counters."""
-    return dict(_COUNTERS)
-
-
 # Restarts of a whole fetch because the object changed under it.
 _MAX_VERSION_RESTARTS = 3
-
-
-async def _thread(func: Callable[..., T], *args: Any) -> T:
-    return await anyio.to_thread.run_sync(partial(func, *args))
 
 
 def _translate(exc: Exception, url: str) -> BackendError:
@@ -142,25 +64,6 @@ def _translate(exc: Exception, url: str) -> BackendError:
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return ModelNotFoundError(url)
     return BackendError(f"storage error for {url}: {type(exc).__name__}: {exc}", url=url)
-
-
-async def _acquire(lock: Any) -> None:
-    # Poll in short blocking slices so a cancelled caller stops waiting
-    # within _LOCK_POLL_SECONDS and never leaves the lock held by a thread.
-    deadline = time.monotonic() + _LOCK_WAIT_SECONDS
-    while True:
-        try:
-            await anyio.to_thread.run_sync(partial(lock.acquire, _LOCK_POLL_SECONDS))
-            return
-        except LockTimeout:
-            if time.monotonic() > deadline:
-                raise
-        await anyio.lowlevel.checkpoint()
-
-
-def _remove(path: str | Path) -> None:
-    with suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 class _Fetcher:
@@ -205,8 +108,8 @@ class _Fetcher:
 
         def attempt(left: float | None) -> Awaitable[T]:
             if left is not None and self._takes_timeout:
-                return _thread(partial(func, *args, timeout=left))
-            return _thread(func, *args)
+                return in_thread(partial(func, *args, timeout=left))
+            return in_thread(func, *args)
 
         return await with_retries(
             attempt,
@@ -271,42 +174,15 @@ class _Fetcher:
         return DiskCache(self.config.cache_dir(), self.config.cache.max_bytes)
 
     async def through_cache(self, info: Mapping[str, Any], size: int) -> tuple[str, bool]:
-        cache = self._cache()
-        identity = self.identity()
-        key = cache_key(identity, version_token(info))
-
-        def lookup_and_confirm() -> Path | None:
-            # One thread hop: the remote just named this version current.
-            found = cache.lookup(key, size)
-            if found is not None:
-                cache.confirm(identity, key)
-            return found
-
-        hit = await _thread(lookup_and_confirm)
-        if hit is not None:
-            return str(hit), True
-        lock = await _thread(cache.lock, key)
-        await _acquire(lock)
-        try:
-            # Another process may have finished the download while we waited.
-            hit = await _thread(lookup_and_confirm)
-            if hit is not None:
-                return str(hit), True
-            temp = await _thread(cache.temp_path, key)
-            try:
-                logger.info("Downloading %s (%d bytes) into the cache.", self.safe_url, size)
-                await self.download_unchanged(temp, info, size)
-                final = await _thread(
-                    partial(cache.commit, temp, key, fsync=self.config.cache.fsync)
-                )
-                await _thread(cache.confirm, identity, key)
-            except BaseException:
-                _remove(temp)
-                raise
-        finally:
-            lock.release()
-        await _thread(cache.evict, final)
-        return str(final), False
+        return await fill_cache(
+            self._cache(),
+            self.identity(),
+            info,
+            size,
+            download=partial(self.download_unchanged, info=info, size=size),
+            fsync=self.config.cache.fsync,
+            safe_url=self.safe_url,
+        )
 
     def in_process(self) -> bool:
         """Whether the object is on local disk or in memory and not cached."""
@@ -422,35 +298,10 @@ class _Fetcher:
                 policy=replace(self.config.retry, max_attempts=1), deadline=deadline
             )
         except StorageUnavailableError as exc:
-
-            def held_copy() -> tuple[Path, int] | None:
-                path = cache.last_confirmed(identity)
-                try:
-                    return None if path is None else (path, path.stat().st_size)
-                except FileNotFoundError:  # evicted by another process just now
-                    return None
-
-            held = await _thread(held_copy)
-            if held is None:
+            stale = await stale_copy(cache, identity, self.safe_url, exc)
+            if stale is None:
                 raise
-            path, size = held
-            _COUNTERS["storage_stale_serves"] += 1
-            logger.warning(
-                "Storage unreachable for %s; serving the cached copy the remote last "
-                "confirmed (stale-if-error): %s",
-                self.safe_url,
-                exc,
-            )
-            return Artifact(
-                self.safe_url,
-                size,
-                cache_hit=True,
-                strategy=Strategy.CACHED,
-                path=str(path),
-                mmap_safe=True,
-                source="cache",
-                stale=True,
-            )
+            return stale
 
     async def _fetch_once(self) -> Artifact:
         cached = self.config.cache.enabled_for(self.protocol)
@@ -484,11 +335,11 @@ class _Fetcher:
         else:
             fd, name = tempfile.mkstemp(prefix="muxgate-", suffix=".part")
             os.close(fd)
-            artifact._cleanup.append(partial(_remove, name))
+            artifact._cleanup.append(partial(remove_file, name))
             try:
                 await self.download_unchanged(Path(name), info, size)
             except BaseException:
-                _remove(name)
+                remove_file(name)
                 raise
             artifact.path = name
             artifact.mmap_safe = True  # private; unlinking keeps the mapping valid
