@@ -68,7 +68,7 @@ def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
     # match its errors by name anywhere in the class hierarchy.
     if is_backend_error(exc):
         # Its client_message names no bucket, path or endpoint; str(exc),
-        # which does, goes to the replica's log (see ``Replica._run_guarded``).
+        # which does, goes to the replica's log (see ``CallRunner._run_guarded``).
         client = getattr(exc, "client_message", "")
         if isinstance(client, str) and client:
             message = client

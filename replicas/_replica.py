@@ -3,7 +3,8 @@ and its gateway connections.
 
 Each ``Call`` runs in its own task inside a request scope and (when tracing
 is on) a ``muxgate.replica.handle`` span continued from the caller's
-``traceparent``, bounded by its ``timeout_s``. User exceptions become
+``traceparent``, bounded by its ``timeout_s`` (run by
+:mod:`muxgate.replicas._call_runner`). User exceptions become
 ``ErrorCode.USER_ERROR`` (``MODEL_NOT_FOUND``, 404, for the storage
 backends' not-found error) and the replica keeps serving.
 
@@ -50,38 +51,23 @@ autoscaler) do the queueing.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
-import inspect
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.abc
 import msgspec
-from opentelemetry import trace
 
 from muxgate.replicas._busy import BusyClock
-from muxgate.replicas._call_errors import (
-    EXPECTED_BACKEND_CODES,
-    CallFailed,
-    bad_request,
-    error_for,
-)
+from muxgate.replicas._call_errors import error_for
+from muxgate.replicas._call_runner import CallRunner, Outcome
 from muxgate.replicas._codes import ErrorCode
-from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._deployment import get_deployment_options
-from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._handshake import HandshakeGate
-from muxgate.replicas._http import (
-    Request,
-    encode_result,
-)
 from muxgate.replicas._memory import rss_bytes
 from muxgate.replicas._model_control import (
     WarmTurns,
@@ -94,7 +80,6 @@ from muxgate.replicas._multiplex import (
     model_caches,
     replica_state_snapshot,
 )
-from muxgate.replicas._propagation import extract_context
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
     Call,
@@ -115,12 +100,10 @@ from muxgate.replicas._protocol import (
 from muxgate.replicas._replica_io import GatewayConnection, Slots
 from muxgate.replicas._request_counts import RequestCounts
 from muxgate.replicas._spec import ReplicaSpec
-from muxgate.replicas._tracing import tracing_active
 
 __all__ = ["Replica"]
 
 _log = logging.getLogger("muxgate.replica")
-_tracer = trace.get_tracer("muxgate")
 
 _READ_SIZE = 1 << 16
 #: Seconds the gateway gets to close its end after the replica stopped.
@@ -175,14 +158,10 @@ class Replica:
         self.options = get_deployment_options(type(instance))
         configured = spec.max_ongoing_requests
         limit = max(1, configured if configured is not None else self.options.max_ongoing_requests)
-        # Worker threads for sync user code; an abandoned thread keeps its
-        # token until it returns.
-        self._limiter = anyio.CapacityLimiter(limit)
+        self._runner = CallRunner(spec, instance, limit)
         self._slots = Slots(limit, max_waiting=limit)
         self.cancelled = 0  # calls cancelled by a gateway's Cancel
         self._tg: anyio.abc.TaskGroup | None = None
-        # method name -> coroutine function? (inspect is slow on the hot path)
-        self._async_methods: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         return (
@@ -220,7 +199,7 @@ class Replica:
     async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
         """Serve until a stop is requested, then stop as the reason says."""
         async with anyio.create_task_group() as tg:
-            self._tg = tg
+            self._tg = self._runner.task_group = tg
             accepting = anyio.CancelScope()
             tg.start_soon(self._accept_loop, listener, accepting)
             await self.stop_requested.wait()
@@ -417,14 +396,14 @@ class Replica:
         self._call_scopes.add(scope)
         reply: Reply | None = None
         finished = False
-        outcome: tuple[int, list[tuple[str, str]], bytes] | ErrorInfo
+        outcome: Outcome
         try:
             with scope:
                 if refuse:
                     outcome = ErrorInfo.of(ErrorCode.DRAINING, "replica is shutting down")
                 elif self._slots.try_acquire():
                     try:
-                        outcome = await self._execute(call, call.timeout_s)
+                        outcome = await self._runner.execute(call, call.timeout_s)
                     finally:
                         self._slots.release()
                 elif self._slots.waiting >= self._slots.max_waiting:
@@ -457,9 +436,7 @@ class Replica:
         if reply is not None:
             await conn.send(reply)
 
-    async def _execute_when_free(
-        self, call: Call
-    ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
+    async def _execute_when_free(self, call: Call) -> Outcome:
         """Wait (within the call's deadline) for a slot, then run the call."""
         timeout = call.timeout_s
         started = time.monotonic()
@@ -467,7 +444,7 @@ class Replica:
             await self._slots.acquire()
             try:
                 left = None if timeout is None else timeout - (time.monotonic() - started)
-                return await self._execute(call, left)
+                return await self._runner.execute(call, left)
             finally:
                 self._slots.release()
         return ErrorInfo.of(
@@ -481,162 +458,3 @@ class Replica:
         if self.in_flight == 0:
             self._idle.set()
         self.warms.wake()
-
-    async def _execute(
-        self, call: Call, time_left: float | None
-    ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
-        with request_scope(call.request_id, call.model_id):
-            if not tracing_active():
-                # No exporter: skip the span machinery (a fifth of the
-                # per-call cost) since nothing would record it.
-                return await self._run_with_deadline(call, None, time_left)
-            parent = (
-                extract_context(call.traceparent, call.tracestate) if call.traceparent else None
-            )
-            with _tracer.start_as_current_span(
-                "muxgate.replica.handle",
-                context=parent,
-                kind=trace.SpanKind.SERVER,
-                attributes={
-                    "muxgate.deployment": self.spec.deployment,
-                    "muxgate.replica_id": self.spec.replica_id,
-                    "muxgate.request_id": call.request_id,
-                    "muxgate.model_id": call.model_id,
-                    "muxgate.method": call.method if call.http is None else "__call__",
-                },
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
-                outcome = await self._run_with_deadline(call, span, time_left)
-                if isinstance(outcome, ErrorInfo):
-                    span.set_attribute("muxgate.error_code", outcome.code)
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.code))
-                else:
-                    span.set_attribute("http.response.status_code", outcome[0])
-                return outcome
-
-    async def _run_with_deadline(
-        self, call: Call, span: trace.Span | None, time_left: float | None
-    ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
-        timeout = time_left
-        if timeout is None:
-            return await self._run_guarded(call, span)
-        if timeout <= 0:
-            return ErrorInfo.of(ErrorCode.DEADLINE, "deadline passed")
-        with anyio.move_on_after(timeout), call_deadline(timeout):
-            # Handle calls made from here get only the time left (call_deadline).
-            return await self._run_guarded(call, span)
-        # Only reached when the deadline cancelled the call.
-        return ErrorInfo.of(ErrorCode.DEADLINE, f"deadline of {timeout:.3f}s passed in the replica")
-
-    async def _run_guarded(
-        self, call: Call, span: trace.Span | None
-    ) -> tuple[int, list[tuple[str, str]], bytes] | ErrorInfo:
-        try:
-            return await self._invoke_call(call)
-        except CallFailed as failed:
-            return failed.error
-        except (Exception, SystemExit) as exc:
-            # SystemExit too: a handler calling sys.exit() fails its
-            # request, not the replica.
-            error = error_for(exc, http=call.http is not None)
-            if error.code in EXPECTED_BACKEND_CODES:
-                # an outcome, not a bug: the full detail, no traceback
-                _log.warning("Request %s: %s: %s", call.request_id, type(exc).__name__, exc)
-            elif error.code in (ErrorCode.BAD_REQUEST, ErrorCode.MODEL_TOO_LARGE):
-                _log.warning("%s", error.message)
-            else:
-                _log.exception("Request %s failed.", call.request_id)
-            if span is not None:
-                span.record_exception(exc)
-            return error
-
-    async def _invoke_call(self, call: Call) -> tuple[int, list[tuple[str, str]], bytes]:
-        if call.http is not None:
-            target = self._target("__call__")
-            result = await self._invoke("__call__", target, (Request.from_wire(call.http),), {})
-            encoded: tuple[int, list[tuple[str, str]], bytes] = encode_result(result)
-            return encoded
-        target = self._target(call.method)
-        try:
-            args = msgspec.msgpack.decode(call.args) if call.args else []
-            kwargs = msgspec.msgpack.decode(call.kwargs) if call.kwargs else {}
-        except msgspec.DecodeError as exc:
-            raise bad_request(f"undecodable arguments: {exc}") from exc
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise bad_request("args must be a list, kwargs a map")
-        result = await self._invoke(call.method, target, tuple(args), kwargs)
-        return 200, [], msgspec.msgpack.encode(result)
-
-    def _target(self, name: str) -> Callable[..., Any]:
-        # Only public methods and __call__ are reachable from the wire.
-        if name != "__call__" and (not name or name.startswith("_")):
-            raise bad_request(f"method {name!r} is not callable")
-        target = getattr(self.instance, name, None)
-        if not callable(target):
-            raise bad_request(f"{self.spec.deployment} has no method {name!r}")
-        return target  # type: ignore[no-any-return]
-
-    async def _invoke(
-        self, name: str, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        is_async = self._async_methods.get(name)
-        if is_async is None:
-            is_async = self._async_methods[name] = _is_async(target)
-        if is_async:
-            return await target(*args, **kwargs)
-        result = await self._run_in_thread(functools.partial(target, *args, **kwargs))
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-
-    async def _run_in_thread(self, func: Callable[[], Any]) -> Any:
-        """Run sync user code in a worker thread; see "Cancellation" in the
-        module docstring for what happens when the call is abandoned.
-
-        The thread runs with this request's context (request scope, span), so
-        get_multiplexed_model_id() and logging work, inside a request scope
-        of its own: the pins it takes are released when it returns. A helper
-        task in the replica's task group holds the thread token until then,
-        while this call's task may be cancelled and move on.
-        """
-        assert self._tg is not None
-        request = current_request()
-        request_id = request.request_id if request is not None else ""
-        model_id = request.multiplexed_model_id if request is not None else ""
-
-        def work() -> Any:
-            with request_scope(request_id, model_id):
-                return func()
-
-        ctx = contextvars.copy_context()
-        done = anyio.Event()
-        outcome: list[tuple[bool, Any]] = []
-
-        async def hold() -> None:
-            try:
-                # Abandoned only when the replica's task group stops (exit).
-                value = await anyio.to_thread.run_sync(
-                    ctx.run, work, abandon_on_cancel=True, limiter=self._limiter
-                )
-                outcome.append((True, value))
-            except Exception as exc:
-                outcome.append((False, exc))
-            finally:
-                done.set()
-
-        self._tg.start_soon(hold)
-        await done.wait()
-        if not outcome:  # the helper was cancelled: the replica is stopping
-            raise anyio.get_cancelled_exc_class()
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
-
-
-def _is_async(target: Callable[..., Any]) -> bool:
-    if inspect.iscoroutinefunction(target):
-        return True
-    call = getattr(target, "__call__", None)  # noqa: B004 - callable objects
-    return call is not None and inspect.iscoroutinefunction(call)
