@@ -8,7 +8,9 @@ small private modules, one per subject:
 
 ================================  ==============================================
 ``muxgate.replicas._protocol``    frames and messages (``Call``, ``Reply``,
-                                  ``Pong``...), the protocol version
+                                  ``Pong``...), the protocol version: all
+                                  of its ``__all__``, which is not repeated
+                                  here
 ``muxgate.replicas._spec``        ``ReplicaSpec``: what a replica is started with
 ``muxgate.replicas._channel``     the authenticated channel: the cluster
                                   secret's proofs, TLS contexts, settings
@@ -24,6 +26,7 @@ small private modules, one per subject:
 This is not user API: names here change with ``PROTOCOL_VERSION``.
 """
 
+from muxgate.replicas import _protocol
 from muxgate.replicas._channel import (
     SECRET_ENV,
     ChannelAuth,
@@ -49,31 +52,7 @@ from muxgate.replicas._deployment import (
 )
 from muxgate.replicas._fastwrite import DirectWriter
 from muxgate.replicas._propagation import extract_context, inject_traceparent
-from muxgate.replicas._protocol import (
-    MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
-    Call,
-    Cancel,
-    Challenge,
-    Drain,
-    Drained,
-    ErrorInfo,
-    FrameDecoder,
-    Hello,
-    HttpRequest,
-    Message,
-    ModelControl,
-    ModelEvent,
-    Ping,
-    Pong,
-    Proof,
-    ProtocolError,
-    Refused,
-    ReplicaState,
-    Reply,
-    Welcome,
-    encode_frame,
-)
+from muxgate.replicas._protocol import *  # noqa: F403
 from muxgate.replicas._spec import ReplicaSpec, TracingSettings
 from muxgate.replicas._tracing import exports_spans, flush_tracing, tracing_active
 
@@ -81,44 +60,21 @@ __all__ = [
     "DEFAULT_MAX_ONGOING_REQUESTS",
     "DEFAULT_MAX_QUEUED_REQUESTS",
     "DEFAULT_NUM_CPUS",
-    "MAX_FRAME_BYTES",
     "MODELS_LOADED_KEY",
     "MODEL_LOAD_BUCKETS",
-    "PROTOCOL_VERSION",
     "REPLICA_COUNTER_KEYS",
     "SECRET_ENV",
     "UNLOAD_REASONS",
-    "Call",
-    "Cancel",
-    "Challenge",
     "ChannelAuth",
     "ChannelError",
     "ChannelSettings",
     "DirectWriter",
-    "Drain",
-    "Drained",
     "ErrorCode",
-    "ErrorInfo",
-    "FrameDecoder",
-    "Hello",
-    "HttpRequest",
-    "Message",
-    "ModelControl",
-    "ModelEvent",
-    "Ping",
-    "Pong",
-    "Proof",
-    "ProtocolError",
-    "Refused",
     "ReplicaSpec",
-    "ReplicaState",
-    "Reply",
     "TlsSettings",
     "TracingSettings",
-    "Welcome",
     "client_ssl_context",
     "cpu_budget_env",
-    "encode_frame",
     "exports_spans",
     "extract_context",
     "flush_tracing",
@@ -127,3 +83,4 @@ __all__ = [
     "load_secret",
     "tracing_active",
 ]
+__all__ += _protocol.__all__
