@@ -294,6 +294,9 @@ class RayLauncher:
         channel = channel or ChannelSettings()
         self._channel = msgspec.structs.replace(channel, secret_file=None)
         self._actor_class: Any = ray.remote(ReplicaActor)
+        #: names of the actors this launcher is starting (waiting for a node,
+        #: or for their replica): ``ready_replicas`` leaves them to ``start``
+        self._starting: set[str] = set()
         #: how the pool reaches the replicas (the gateway's ``ChannelClient``)
         self.connect = connect
 
@@ -362,8 +365,18 @@ class RayLauncher:
             raise ReplicaStartError("not started: this gateway does not hold the lease")
         spec = msgspec.structs.replace(spec, standalone=True, channel=self._channel)
         num_cpus = spec.num_cpus if spec.num_cpus is not None else DEFAULT_NUM_CPUS
+        name = ACTOR_PREFIX + spec.replica_id
+        self._starting.add(name)
+        try:
+            return await self._start(spec, name, num_cpus, epoch)
+        finally:
+            self._starting.discard(name)
+
+    async def _start(
+        self, spec: ReplicaSpec, name: str, num_cpus: float, epoch: int | None
+    ) -> RayReplica:
         actor = self._actor_class.options(
-            name=ACTOR_PREFIX + spec.replica_id,
+            name=name,
             namespace=self.namespace,
             lifetime="detached",
             num_cpus=num_cpus,
@@ -397,7 +410,11 @@ class RayLauncher:
         leader kills those that do not answer or whose replica exited;
         a follower only leaves them out."""
         prefix = f"{ACTOR_PREFIX}{deployment}#"
-        names = [n for n in await asyncio.to_thread(self._actor_names) if n.startswith(prefix)]
+        names = [
+            n
+            for n in await asyncio.to_thread(self._actor_names)
+            if n.startswith(prefix) and n not in self._starting
+        ]
         found: list[RayReplica] = []
         for name in names:
             with contextlib.suppress(ValueError):  # gone meanwhile

@@ -289,6 +289,14 @@ async def test_one_gateway_leads_and_another_takes_over_within_two_lease_periods
             other = RayLauncher(secret="x" * 32, connect=pool._connect, namespace=ns)
             assert await asyncio.to_thread(other.remove_absent, {"Other"}) == []
             assert len(actors_in(ns)) == 3 and leadership.is_leader()
+
+            # The lease actor restarts (as when its node dies): it grants
+            # nothing for one period, then the next epoch (kept in the Ray
+            # cluster's key-value store): epochs never go back.
+            ray.kill(ray.get_actor("muxgate-lease-Hooked", namespace=ns), no_restart=False)
+            await wait_until(lambda: not leadership.is_leader(), within_s=2 * LEASE_S)
+            await wait_until(leadership.is_leader, within_s=4 * LEASE_S, what="leading again")
+            assert (leadership.epoch or 0) > epoch
     finally:
         if leader.poll() is None:
             leader.kill()
