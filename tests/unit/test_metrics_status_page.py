@@ -141,6 +141,7 @@ def test_status_page_shows_replicas_models_events_and_rate(
                         replica("Model#b", [], []),
                     ],
                     "events": earlier,
+                    "lease": {"role": "follower", "holder": "gw2:9:cd", "leader": "gw1:4:ab"},
                 }
             }
         }
@@ -155,6 +156,7 @@ def test_status_page_shows_replicas_models_events_and_rate(
             expect(page.locator("#conn")).to_have_attribute("data-ok", "true")
             expect(dep.locator('[data-field="target"]')).to_have_text("2")
             expect(dep.locator('[data-field="queued"]')).to_have_text("3")
+            expect(dep.locator('[data-field="lease"]')).to_have_text("lease: follower of gw1:4:ab")
             a = dep.locator('[data-replica-id="Model#a"]')
             expect(a.locator('[data-field="in-flight"]')).to_have_text("2")
             chips = a.locator("[data-model-id]")
