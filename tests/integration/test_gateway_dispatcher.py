@@ -250,6 +250,29 @@ async def test_the_loop_timer_expires_a_waiter_the_clock_says_is_late() -> None:
     await busy
 
 
+async def test_a_loop_timer_ahead_of_the_clock_changes_nothing() -> None:
+    clock = FakeClock()
+    d, targets, _ = make(["a"], clock=clock)
+    targets["a"].gate = gate = asyncio.Event()
+    busy = asyncio.ensure_future(send(d, "m1"))
+    await settle()
+    queued = asyncio.ensure_future(send(d, "m2", within_s=0.01))
+    await settle()
+    # The loop runs its timers in time order: once this one has fired, so
+    # has the waiter's (0.01 s), while the clock stood still.
+    later = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.05, later.set)
+    await later.wait()
+    await settle()
+    assert d.queued == 1 and not queued.done()
+    clock.now += 0.01
+    d.wake()
+    with pytest.raises(DeadlineExceededError):
+        await queued
+    gate.set()
+    await busy
+
+
 async def test_a_deadline_already_past_fails_in_the_queue_at_once() -> None:
     clock = FakeClock()
     d, targets, _ = make(["a"], clock=clock)
