@@ -18,7 +18,9 @@ Stopping (one path, three triggers, see ``Replica.request_stop``):
   replies any more, so in-flight calls are cancelled and models unloaded
   with reason ``shutdown``. A standalone replica (``muxgate replica``,
   ``spec.standalone``) has no parent gateway: it serves on, models loaded,
-  when its last gateway disconnects, for the next one.
+  when its last gateway disconnects, for the next one. Whichever kind, the
+  calls of a connection that closed are cancelled at once (their replies
+  have nowhere to go), so a gateway that dies frees its slots for the others.
 
 While stopping, calls are answered with ``ErrorCode.DRAINING`` (503);
 whether a call is refused is decided in frame order, so a ``Call`` that
@@ -286,6 +288,12 @@ class Replica:
             _log.exception("Closing the connection from %s after an internal error.", conn.peer)
         finally:
             self._connections.discard(conn)
+            # Its gateway is gone (closed, or killed): nobody can receive
+            # these calls' replies, so they stop now and free their slots
+            # for the other gateways' calls.
+            for scope in list(conn.calls.values()):
+                self.cancelled += 1
+                scope.cancel()
             if not self._connections:
                 self._all_closed.set()
                 if not self.spec.standalone:
