@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 from gateway_harness import MODEL, running_gateway
+from processes import descendants
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._serve import serve
@@ -27,27 +28,6 @@ from muxgate.gateway._serve import serve
 APPS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "apps"))
 
 pytestmark = pytest.mark.slow
-
-
-def _descendants(pid: int) -> list[int]:
-    """Pids of every process below ``pid`` (from /proc): replicas are the
-    gateway's children when spawned, its fork server's when forked."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, p in parents.items() if p == parent]
-        found += children
-        frontier += children
-    return found
 
 
 def _gone(pids: list[int], within_s: float = 15.0) -> bool:
@@ -112,7 +92,7 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path: Path, sig: signal.Signal
         assert r.status_code == 200
         assert r.json()["model"] == "7"
         assert httpx.get(f"{url}/-/healthz", timeout=10).status_code == 200
-        processes = _descendants(proc.pid)  # 2 replicas, and the fork server if any
+        processes = descendants(proc.pid)  # 2 replicas, and the fork server if any
         assert len(processes) in (2, 3)
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0
@@ -324,7 +304,7 @@ def test_sigterm_lets_requests_finish_and_answers_the_rest_503(tmp_path: Path) -
     )
     try:
         url = _wait_for_url(log, proc)
-        processes = _descendants(proc.pid)
+        processes = descendants(proc.pid)
         with httpx.Client(base_url=url, timeout=30) as client:
             # Keep-alive: the client's connection is open and idle at SIGTERM.
             assert client.get("/x", headers={MODEL: "1"}).status_code == 200

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_harness import APPS, MODEL, running_gateway
+from processes import descendants, listening_addresses
 from waiting import wait_until, wait_until_sync
 
 # Ray reads these when it is imported: every Ray process on loopback, no usage report.
@@ -199,6 +200,7 @@ async def test_a_replica_that_fails_to_start_leaves_no_actor(cluster: Any) -> No
 
 
 LEASE_S = 2.0
+LOOPBACK = {"127.0.0.1", "::1"}
 
 
 def _serve_in_a_process(
@@ -259,6 +261,11 @@ async def test_one_gateway_leads_and_another_takes_over_within_two_lease_periods
             # Both gateways route over the same replicas.
             async with httpx.AsyncClient(base_url=leader_url, timeout=30) as client:
                 assert f"muxgate:{await served_by(client, 'm1')}" in created
+            # Every process of the cluster (GCS, raylets, workers, replicas: all
+            # below this one) and both gateways listen on loopback only.
+            listening = listening_addresses([os.getpid(), *descendants(os.getpid())])
+            assert len(listening) >= 8, listening
+            assert {a for found in listening.values() for a in found} <= LOOPBACK, listening
 
             leader.kill()  # the leader's gateway dies: it stops renewing
             killed_at = time.monotonic()
