@@ -274,7 +274,12 @@ async def test_one_gateway_leads_and_another_takes_over_within_two_lease_periods
             print(f"handover after the leader died: {handover_s:.2f} s (lease_s {LEASE_S:g})")
             assert handover_s <= 2 * LEASE_S
             assert pool.snapshot()["lease"]["role"] == "leader"
-            assert 'muxgate_leader{deployment="Hooked"} 1.0' in gw.metrics.render()[0].decode()
+            await wait_until(  # once the pool acts as leader
+                lambda: (
+                    'muxgate_leader{deployment="Hooked"} 1.0' in gw.metrics.render()[0].decode()
+                ),
+                what="the leader gauge at 1",
+            )
 
             # The new leader keeps the replicas it adopted, and scales.
             pool.set_target(3)
