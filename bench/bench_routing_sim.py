@@ -1,6 +1,7 @@
 """Discrete-event simulation of model routing: hit rate, loads and latency.
 
 Run: .venv/bin/python bench/bench_routing_sim.py [--requests N] [--rate R] [--quick]
+     .venv/bin/python bench/bench_routing_sim.py --peer [--load-ms L --hit-ms H ...]
 
 Model of a deployment (all in simulated time, pure Python, no sleeps):
 
@@ -55,6 +56,19 @@ learnt size instead of the deployment-wide one: hot p99 x2-3); treating a
 victim with another copy as free (noise); proactively copying a hot model
 whose share of the in-flight load exceeds its copies' capacity
 (``replicate``: never or rarely triggers beyond what the bound already does).
+
+``--peer`` simulates ``bench/bench_peer.py``'s scenario instead, to check the
+model against end-to-end measurements: a closed loop of ``-c`` clients
+replaying the peer load generator's id sequence (same ``-n``, ``--dist``,
+``-s``, ``--seed``), R replicas of K models, each replica one core that runs
+its loads and its requests one after the other (``num_cpus: 1``), the
+victim evicted once the new model is built, with the costs the peer
+benchmark measures (a load, a hit, the gateway and client time per request);
+routing as the gateway's defaults with the priced spill rule, with the
+bounded-load rule, and with ``max_ongoing_requests`` 100 (no spills). Which
+models share a replica depends on the replicas' ring positions, so it
+averages over ``--rings`` replica id sets. The comparison with the measured
+runs is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ import itertools
 import math
 import os
 import random
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
@@ -117,6 +132,20 @@ class Params:
     shift_every: float = 15.0
     seed: int = 1
     queue: str = "affinity"  # gateway queue discipline: "affinity" or "fifo"
+    # Closed loop (the peer benchmark's shape): this many clients, each sends
+    # the next id of the sequence ``client_s`` after its previous answer; 0:
+    # open loop (Poisson arrivals at ``rate``).
+    clients: int = 0
+    client_s: float = 0.0
+    # A load occupies the replica's compute server (one CPU per replica, as
+    # with ``num_cpus: 1``) instead of running beside the requests.
+    load_on_cpu: bool = False
+    warmup_fraction: float = 0.1
+    ids: tuple[str, ...] = ()  # a fixed id sequence (closed loop); else from the workload
+    # The victim goes once the new model is built (the replicas' default
+    # load order), not when its load starts.
+    evict_after: bool = False
+    replica_prefix: str = "replica"  # replica ids (their ring positions): f"{prefix}-{i}"
 
 
 @dataclass
@@ -127,8 +156,8 @@ class _Replica:
     in_flight: int = 0
     free_at: float = 0.0
 
-    def evict_unpinned(self, limit: int) -> None:
-        while len(self.cache) + len(self.loading) > limit:
+    def evict_unpinned(self, limit: int, after: bool = False) -> None:
+        while len(self.cache) + (0 if after else len(self.loading)) > limit:
             victim = next((m for m in self.cache if not self.pins.get(m)), None)
             if victim is None:
                 return  # everything pinned: the excess goes once pins are released
@@ -136,7 +165,10 @@ class _Replica:
 
 
 def workload(kind: str, p: Params) -> list[tuple[float, str]]:
-    """Arrival times and model ids, identical for every policy."""
+    """Arrival times and model ids, identical for every policy (closed loop:
+    only the ids count; the clients send them as answers come back)."""
+    if p.ids:
+        return [(0.0, model) for model in p.ids]
     rng = random.Random(p.seed)
     s = {"zipf1.0": 1.0, "zipf1.2": 1.2, "shift": 1.0}[kind]
     cum = list(itertools.accumulate(1.0 / (k**s) for k in range(1, p.models + 1)))
@@ -171,7 +203,7 @@ def simulate(
 ) -> dict[str, float]:
     arrivals = workload(kind, p)
     rng = random.Random(p.seed + 7)
-    ids = [f"replica-{i}" for i in range(p.replicas)]
+    ids = [f"{p.replica_prefix}-{i}" for i in range(p.replicas)]
     if policy == "chash":
         # Consistent hashing without the load bound: only max_ongoing spills.
         router = Router(
@@ -185,16 +217,19 @@ def simulate(
         kwargs = dict(options)
         cls = ReplicatingRouter if kwargs.pop("replicate", False) else Router
         router = cls(
-            balance_factor=bf if policy == "bounded" else 1.25,
+            balance_factor=bf if policy in ("bounded", "priced") else 1.25,
             min_capacity=floor,
             max_ongoing_requests=p.max_ongoing,
             rng=rng,
+            spill_rule="priced" if policy == "priced" else "bounded_load",
             **kwargs,  # type: ignore[arg-type]
         )
+        # The gateway learns both from the replicas; here they are known.
+        router.load_s, router.service_s = p.load, p.service
     for r in ids:
         router.add_replica(r)
     reps = {r: _Replica() for r in ids}
-    warmup = p.requests // 10
+    warmup = int(len(arrivals) * p.warmup_fraction)
 
     events: list[tuple[float, int, int, int, str]] = []  # (time, seq, kind, req, replica)
     seq = itertools.count()
@@ -206,9 +241,9 @@ def simulate(
     queue_head = 0
     ARRIVE, READY, DONE = 0, 1, 2
 
-    def pick(model: str) -> tuple[str, bool] | None:
-        if policy in ("bounded", "chash"):
-            d = router.choose(model)
+    def pick(model: str, waiting: int = 1, waited_s: float = 0.0) -> tuple[str, bool] | None:
+        if policy in ("bounded", "chash", "priced"):
+            d = router.choose(model, waiting, waited_s)
             return None if d is None else (d.replica_id, d.spillover)
         if policy == "p2c":
             d = router.choose("")
@@ -216,10 +251,15 @@ def simulate(
         free = [r for r in ids if reps[r].in_flight < p.max_ongoing]
         return (free[rng.randrange(len(free))], False) if free else None
 
-    def dispatch(req: int, now: float) -> bool:
+    def queued_for(model: str) -> int:
+        if policy != "priced":
+            return 1  # only the priced rule reads it (and a long queue makes it slow)
+        return sum(model_of[r] == model for r in queue[queue_head:])
+
+    def dispatch(req: int, now: float, queued: bool = False) -> bool:
         nonlocal hits, loads, spills
         model = model_of[req]
-        choice = pick(model)
+        choice = pick(model, queued_for(model) + (not queued), now - arrive_at[req])
         if choice is None:
             return False
         rid, spilled = choice
@@ -235,9 +275,14 @@ def simulate(
         elif model in rep.loading:
             ready = rep.loading[model]
         else:
-            ready = now + p.load
+            if p.load_on_cpu:  # the load takes the replica's core
+                start = max(now, rep.free_at)
+                rep.free_at = ready = start + p.load
+            else:
+                ready = now + p.load
             rep.loading[model] = ready
-            rep.evict_unpinned(p.cache_size)
+            if not p.evict_after:
+                rep.evict_unpinned(p.cache_size)
             loads += count
         spills += count and spilled
         heapq.heappush(events, (ready, next(seq), READY, req, rid))
@@ -253,26 +298,31 @@ def simulate(
             window = queue[queue_head : queue_head + 64]
             for j, req in enumerate(window):
                 model = model_of[req]
-                d = router.choose(model)
+                d = router.choose(model, queued_for(model), now - arrive_at[req])
                 if d is None:
+                    if policy == "priced" and router.total_in_flight < p.max_ongoing * p.replicas:
+                        continue  # this one waits for a holder; others may go
                     return
                 if model in reps[d.replica_id].cache or model in reps[d.replica_id].loading:
-                    dispatch(req, now)
+                    dispatch(req, now, queued=True)
                     del queue[queue_head + j]
                     break
             else:
                 head = queue[queue_head]
                 if now - arrive_at[head] < p.load and router.total_in_flight > 0:
                     return
-                if not dispatch(head, now):
+                if not dispatch(head, now, queued=True):
                     return
                 queue_head += 1
 
     for i, (t, model) in enumerate(arrivals):
-        heapq.heappush(events, (t, next(seq), ARRIVE, i, ""))
+        if not p.clients or i < p.clients:
+            heapq.heappush(events, (t, next(seq), ARRIVE, i, ""))
         arrive_at[i] = t
         model_of[i] = model
+    next_request = p.clients  # closed loop: the next id a client sends
 
+    finished_at = 0.0
     while events:
         now, _, kind_, req, rid = heapq.heappop(events)
         if kind_ == ARRIVE:
@@ -285,7 +335,7 @@ def simulate(
             if rep.loading.get(model) == now:
                 del rep.loading[model]
                 rep.cache[model] = None
-                rep.evict_unpinned(p.cache_size)
+                rep.evict_unpinned(p.cache_size, p.evict_after)
             start = max(now, rep.free_at)
             rep.free_at = start + p.service
             heapq.heappush(events, (rep.free_at, next(seq), DONE, req, rid))
@@ -296,15 +346,20 @@ def simulate(
             rep.pins[model] -= 1
             if model in rep.cache:
                 rep.cache.move_to_end(model)
-            rep.evict_unpinned(p.cache_size)
+            rep.evict_unpinned(p.cache_size, p.evict_after)
             # As over the real connection: the reply carries the replica's state.
             router.observe(rid, models=list(rep.cache), loading=list(rep.loading))
             router.release(rid, model)
             if req >= warmup:
                 latencies.append(now - arrive_at[req])
                 counted += 1
+                finished_at = now
+            if p.clients and next_request < len(arrivals):
+                arrive_at[next_request] = now + p.client_s
+                heapq.heappush(events, (now + p.client_s, next(seq), ARRIVE, next_request, ""))
+                next_request += 1
             if p.queue == "fifo":
-                while queue_head < len(queue) and dispatch(queue[queue_head], now):
+                while queue_head < len(queue) and dispatch(queue[queue_head], now, queued=True):
                     queue_head += 1
             else:
                 drain_affinity(now)
@@ -318,6 +373,8 @@ def simulate(
         "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99)],
         "spill": 100.0 * spills / n,
         "queued": 100.0 * queued_count / n,
+        "loads": float(loads),
+        "rps": n / max(1e-9, finished_at - arrive_at.get(warmup, 0.0)),
     }
 
 
@@ -357,6 +414,78 @@ SCENARIOS: dict[str, dict[str, float]] = {
 }
 
 
+# The peer benchmark's routing configurations (closed loop, R=2, K=4): the
+# gateway's defaults at max_ongoing_requests 5 (c=3, floor 2), with the priced
+# spill rule and with the bounded-load rule, and max_ongoing_requests 100
+# (holders never full: no spills).
+PEER_POLICIES: dict[str, tuple[str, int, int]] = {
+    "priced (default)": ("priced", 5, 2),
+    "bounded_load": ("bounded", 5, 2),
+    "no spills (max_ongoing 100)": ("bounded", 100, 50),
+}
+
+
+def peer_main(args: argparse.Namespace) -> None:
+    """The peer benchmark's main scenario, closed loop, on its id sequence,
+    with its measured costs; prints hit rate (1 - loads / requests, as the
+    benchmark counts), loads and throughput per routing configuration."""
+    from bench_peer import PEER
+
+    sys.path.insert(0, str(PEER))
+    from loadgen import make_id_sequence  # type: ignore[import-not-found]
+
+    ids = tuple(
+        str(i) for i in make_id_sequence(args.n, args.requests, args.dist, args.zipf_s, args.seed)
+    )
+    base = Params(
+        replicas=args.replicas,
+        cache_size=args.k,
+        models=args.n,
+        service=args.hit_ms / 1e3,
+        load=args.load_ms / 1e3,
+        requests=len(ids),
+        clients=args.concurrency,
+        client_s=args.client_ms / 1e3,
+        load_on_cpu=True,
+        evict_after=not args.evict_first,
+        warmup_fraction=0.0,
+        ids=ids,
+    )
+    print_machine()
+    print(
+        f"peer scenario: N={args.n} {args.dist} s={args.zipf_s} R={args.replicas} K={args.k} "
+        f"c={args.concurrency} requests={len(ids)} seed={args.seed}; load {args.load_ms:g} ms "
+        f"and hit {args.hit_ms:g} ms on the replica's core, {args.client_ms:g} ms outside it"
+    )
+    # Which models share a replica depends on where the replicas' ids fall on
+    # the ring (the real ids are random): mean, min and max over rings.
+    rings = [f"ring{i}" for i in range(args.rings)]
+    print(f"  over {len(rings)} rings (replica id sets): mean [min, max]")
+    print(f"  {'routing':<28} {'hit':>20} {'loads':>16} {'req/s':>6} {'p50 ms':>7} {'p99 ms':>7}")
+    for name, (policy, max_ongoing, floor) in PEER_POLICIES.items():
+        runs = [
+            simulate(
+                "peer",
+                policy,
+                3.0,
+                floor,
+                dataclasses.replace(base, max_ongoing=max_ongoing, replica_prefix=ring),
+            )
+            for ring in rings
+        ]
+        hits = [1.0 - r["loads"] / len(ids) for r in runs]
+        loads = [r["loads"] for r in runs]
+
+        def avg(key: str, runs: list[dict[str, float]] = runs) -> float:
+            return sum(r[key] for r in runs) / len(runs)
+
+        print(
+            f"  {name:<28} {sum(hits) / len(hits):.3f} [{min(hits):.3f}, {max(hits):.3f}] "
+            f"{sum(loads) / len(loads):>4.0f} [{min(loads):.0f}, {max(loads):.0f}] "
+            f"{avg('rps'):>6.0f} {avg('p50_ms'):>7.1f} {avg('p99_ms'):>7.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=Params.requests)
@@ -373,7 +502,25 @@ def main() -> None:
     )
     parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument("--workloads", help="comma-separated subset of zipf1.0,zipf1.2,shift")
+    peer = parser.add_argument_group("--peer: the peer benchmark's scenario, closed loop")
+    peer.add_argument("--peer", action="store_true", help="simulate bench_peer.py's scenario")
+    peer.add_argument("-n", type=int, default=20, help="models")
+    peer.add_argument("--dist", choices=["zipf", "uniform"], default="zipf")
+    peer.add_argument("-s", "--zipf-s", type=float, default=1.1)
+    peer.add_argument("-k", type=int, default=4, help="models per replica")
+    peer.add_argument("-r", "--replicas", type=int, default=2)
+    peer.add_argument("-c", "--concurrency", type=int, default=8)
+    peer.add_argument("--seed", type=int, default=42)
+    peer.add_argument("--evict-first", action="store_true", help="evict when a load starts")
+    peer.add_argument("--rings", type=int, default=16, help="replica id sets to average over")
+    peer.add_argument("--load-ms", type=float, default=7.35, help="a model load's CPU")
+    peer.add_argument("--hit-ms", type=float, default=0.76, help="a hit's CPU in the replica")
+    peer.add_argument("--client-ms", type=float, default=0.85, help="gateway + client per request")
     args = parser.parse_args()
+    if args.peer:
+        args.requests = 1500 if args.requests == Params.requests else args.requests
+        peer_main(args)
+        return
     scenarios = args.scenario or list(SCENARIOS)
     bfs = [1.25, 3.0] if args.quick else [1.1, 1.25, 1.5, 2.0, 3.0]
     floors = [1, 4] if args.quick else [1, 2, 4]
