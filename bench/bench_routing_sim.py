@@ -145,7 +145,10 @@ class Params:
     # The victim goes once the new model is built (the replicas' default
     # load order), not when its load starts.
     evict_after: bool = False
-    replica_prefix: str = "replica"  # replica ids (their ring positions): f"{prefix}-{i}"
+    replica_prefix: str = "replica"
+    # The priced rule's waited_s: since the request queued ("queued"), or
+    # since a replica first had a slot it declined for the price ("refused").
+    rent_from: str = "queued"  # replica ids (their ring positions): f"{prefix}-{i}"
 
 
 @dataclass
@@ -256,10 +259,17 @@ def simulate(
             return 1  # only the priced rule reads it (and a long queue makes it slow)
         return sum(model_of[r] == model for r in queue[queue_head:])
 
+    refused_at: dict[int, float] = {}  # request -> when it first declined a spill
+
+    def waited(req: int, now: float) -> float:
+        if p.rent_from == "refused":
+            return now - refused_at.get(req, now)
+        return now - arrive_at[req]
+
     def dispatch(req: int, now: float, queued: bool = False) -> bool:
         nonlocal hits, loads, spills
         model = model_of[req]
-        choice = pick(model, queued_for(model) + (not queued), now - arrive_at[req])
+        choice = pick(model, queued_for(model) + (not queued), waited(req, now))
         if choice is None:
             return False
         rid, spilled = choice
@@ -298,9 +308,11 @@ def simulate(
             window = queue[queue_head : queue_head + 64]
             for j, req in enumerate(window):
                 model = model_of[req]
-                d = router.choose(model, queued_for(model), now - arrive_at[req])
+                d = router.choose(model, queued_for(model), waited(req, now))
                 if d is None:
-                    if policy == "priced" and router.total_in_flight < p.max_ongoing * p.replicas:
+                    cap = router.capacity()
+                    if policy == "priced" and any(router.in_flight(r) < cap for r in ids):
+                        refused_at.setdefault(req, now)
                         continue  # this one waits for a holder; others may go
                     return
                 if model in reps[d.replica_id].cache or model in reps[d.replica_id].loading:
@@ -448,6 +460,7 @@ def peer_main(args: argparse.Namespace) -> None:
         client_s=args.client_ms / 1e3,
         load_on_cpu=True,
         evict_after=not args.evict_first,
+        rent_from=args.rent_from,
         warmup_fraction=0.0,
         ids=ids,
     )
@@ -512,6 +525,7 @@ def main() -> None:
     peer.add_argument("-c", "--concurrency", type=int, default=8)
     peer.add_argument("--seed", type=int, default=42)
     peer.add_argument("--evict-first", action="store_true", help="evict when a load starts")
+    peer.add_argument("--rent-from", choices=["queued", "refused"], default="queued")
     peer.add_argument("--rings", type=int, default=16, help="replica id sets to average over")
     peer.add_argument("--load-ms", type=float, default=7.35, help="a model load's CPU")
     peer.add_argument("--hit-ms", type=float, default=0.76, help="a hit's CPU in the replica")
