@@ -191,6 +191,7 @@ async def test_leadership_hands_over_within_two_periods_when_the_leader_stops_re
         "lease_s": PERIOD,
     }
     assert b.snapshot()["role"] == "follower" and b.snapshot()["leader"] == "a"
+    assert repr(b) == "<Leadership b asks=1 <Tenure follower leader=a>>"
     await a.ask(timeout_s=1)
     assert a.others_load == (2, 3)
 
