@@ -301,6 +301,8 @@ class ReplicaPool:
             "replicas": self._reports.rows(self.replicas),
             "last_failure": self.last_failure,
             "load_time_s": round(self.load_time_s, 4),
+            # the spill price's interval between slots freeing (docs/routing.md)
+            "service_time_s": round(self.dispatcher.service_time.value, 6),
             "events": self._reports.events.snapshot(),
             "quarantined": self.quarantine.snapshot(),
         }

@@ -431,5 +431,6 @@ async def test_replica_call_counters_set_the_spill_price_service_time() -> None:
         await wait_until(lambda: pool.dispatcher.service_time.reported is not None)
         assert pool.router.service_s == pytest.approx(0.009)
         assert pool.dispatcher.service_time.value == pytest.approx(0.009)
+        assert pool.snapshot()["service_time_s"] == pytest.approx(0.009)
     finally:
         await pool.aclose()
