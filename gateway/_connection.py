@@ -283,6 +283,14 @@ class ReplicaConnection:
         """Calls sent on this connection and not yet answered."""
         return len(self._pending)
 
+    @property
+    def unanswered_calls(self) -> int:
+        """``Call``s (not model controls) sent and not yet answered, nor given
+        up on; exact at the moment a reply or pong is handed to ``on_state``
+        (the replica's own count of its calls includes them, less those still
+        on their way)."""
+        return len(self._models)
+
     async def call(
         self,
         *,
@@ -541,6 +549,9 @@ class ReplicaConnection:
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, Reply):
             future = self._pending.get(message.id)
+            # Answered: no longer among the calls the replica holds for us
+            # (``unanswered_calls``), before the state is handed on.
+            self._models.pop(message.id, None)
             self._set_state(message.state)
             if future is not None and not future.done():
                 future.set_result(message)

@@ -400,9 +400,23 @@ class Dispatcher:
 
     def _refused(self, error: ErrorInfo, replica_id: str, reroutes: int) -> int:
         """The reply's error as a ``GatewayError``, raised; except that a
-        replica's own overload guard (another gateway fills it) refused a
-        call that never ran: route it again (returns the reroute count)."""
+        replica's own overload guard (other gateways fill it) refused a call
+        that never ran: route it again (returns the reroute count).
+
+        A refusal is neither a failure of the replica nor of the model. It
+        carried the replica's count of its calls, which the router took in
+        before this runs (``muxgate.gateway._shared_load``), so the router
+        sees that replica full until a newer report says otherwise, and the
+        request goes to a replica with room or waits in the queue for one,
+        within its deadline: such a refusal does not count against
+        ``MAX_REROUTES``, and the request is not answered 503 while a
+        replica has room. Only a refusal the router cannot explain (the
+        replica still looks to have room) counts, so a replica that keeps
+        refusing without saying why cannot keep a request bouncing."""
         if error.code == ErrorCode.OVERLOADED:
+            router = self.router
+            if router.in_flight(replica_id) >= router.max_ongoing_requests:
+                return reroutes
             if reroutes < MAX_REROUTES:
                 return reroutes + 1
             raise OverCapacityError(

@@ -18,7 +18,12 @@ __all__ = ["ReplicaLoad", "place", "victim_score"]
 class ReplicaLoad:
     """What the router knows of one replica: requests in flight, the models
     it reported (loaded, loading, in LRU order, its cache size) and the
-    requests it was sent and has not answered (which pin their models)."""
+    requests it was sent and has not answered (which pin their models).
+
+    ``in_flight`` is what routing counts: ``own`` (this gateway's requests
+    there, exact) plus ``others`` (the other gateways' calls there, as of the
+    replica's last report; 0 with one gateway).
+    """
 
     __slots__ = (
         "cache_limit",
@@ -26,12 +31,16 @@ class ReplicaLoad:
         "loading",
         "lru",
         "models",
+        "others",
+        "own",
         "pending",
         "pending_total",
     )
 
     def __init__(self) -> None:
-        self.in_flight = 0
+        self.in_flight = 0  # own + others
+        self.own = 0
+        self.others = 0
         self.models: set[str] = set()  # reported loaded
         self.lru: list[str] = []  # the same, least recently used first (as reported)
         self.loading: set[str] = set()  # reported loading

@@ -579,7 +579,20 @@ class ReplicaPool:
         self.dispatcher.wake()
 
     def _on_state(self, replica_id: str, state: ReplicaState) -> None:
-        self.router.observe(replica_id, models=state.models, loading=state.loading)
+        conn = self.targets.get(replica_id)
+        router = self.router
+        before = router.in_flight(replica_id)
+        router.observe(
+            replica_id,
+            models=state.models,
+            loading=state.loading,
+            in_flight=state.in_flight,
+            own=conn.unanswered_calls if conn is not None else None,
+        )
+        if router.in_flight(replica_id) < before and self.dispatcher.queued:
+            # Other gateways' calls there finished: a slot may be free for
+            # a waiter (this gateway's own replies wake it anyway).
+            self.dispatcher.wake()
 
     def _leave(self, rep: Replica) -> None:
         """Take a replica out of routing (first step of draining or removal)."""

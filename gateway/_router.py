@@ -32,6 +32,7 @@ from muxgate.gateway._route_decision import (
     REASON_SPILL,
     RouteDecision,
 )
+from muxgate.gateway._shared_load import others_in_flight
 from muxgate.gateway._spill import (
     INITIAL_SERVICE_TIME_S,
     should_spill,
@@ -82,7 +83,9 @@ class Router:
        replicas changes the home of about 1/n of the models, and every gateway
        with the same replica set computes the same list.
     2. Bounded load (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with
-       Bounded Loads"): with T requests in flight over n replicas,
+       Bounded Loads"): with T requests in flight over n replicas (every
+       gateway's: this router's own, plus the other gateways' calls the
+       replicas reported, see :mod:`muxgate.gateway._shared_load`),
        ``capacity = min(max_ongoing_requests,
        max(min_capacity, ceil(balance_factor * (T + 1) / n)))``.
        A replica is *under capacity* when its in-flight count is below it.
@@ -271,8 +274,11 @@ class Router:
         models: Iterable[str],
         loading: Iterable[str],
         cache_limit: int | None = None,
+        in_flight: int | None = None,
+        own: int | None = None,
     ) -> None:
-        """Replace a replica's model view with what it reported.
+        """Replace a replica's model view (and its calls from other gateways)
+        with what it reported.
 
         Marks of requests still in flight there (see :meth:`acquire`) stay: a
         report can predate a request's arrival, and the request pins its model.
@@ -282,10 +288,21 @@ class Router:
             models: Loaded model ids, least recently used first.
             loading: Model ids being loaded.
             cache_limit: How many models the replica can hold, if it says.
+            in_flight: The replica's own count of its calls (every gateway's),
+                when it reported; None leaves the other gateways' share as it was.
+            own: How many of this gateway's calls the replica had not answered
+                when it reported (the connection's count); None: this router's
+                count now. The rest of ``in_flight`` came from other gateways
+                (:func:`~muxgate.gateway._shared_load.others_in_flight`).
         """
         rep = self._replicas.get(replica_id)
         if rep is None:
             return
+        if in_flight is not None:
+            others = others_in_flight(in_flight, rep.own if own is None else own)
+            self._total_in_flight += others - rep.others
+            rep.in_flight += others - rep.others
+            rep.others = others
         before = rep.held()
         rep.lru = list(dict.fromkeys(models))
         rep.models = set(rep.lru)
@@ -310,6 +327,7 @@ class Router:
         rep = self._replicas.get(replica_id)
         if rep is None:
             return
+        rep.own += 1
         rep.in_flight += 1
         self._total_in_flight += 1
         if model_id:
@@ -327,8 +345,9 @@ class Router:
             model_id: The request's model id, as given to :meth:`acquire`.
         """
         rep = self._replicas.get(replica_id)
-        if rep is None or rep.in_flight == 0:
+        if rep is None or rep.own == 0:
             return
+        rep.own -= 1
         rep.in_flight -= 1
         self._total_in_flight -= 1
         if rep.drop_pending(model_id) and not (model_id in rep.models or model_id in rep.loading):
@@ -345,13 +364,19 @@ class Router:
 
     @property
     def total_in_flight(self) -> int:
-        """Requests in flight over all replicas."""
+        """Requests in flight over all replicas (this gateway's and, as last
+        reported, the other gateways')."""
         return self._total_in_flight
 
     def in_flight(self, replica_id: str) -> int:
-        """Requests in flight on one replica (0 if unknown)."""
+        """Requests in flight on one replica, every gateway's (0 if unknown)."""
         rep = self._replicas.get(replica_id)
         return rep.in_flight if rep is not None else 0
+
+    def own_in_flight(self, replica_id: str) -> int:
+        """This gateway's requests in flight on one replica (0 if unknown)."""
+        rep = self._replicas.get(replica_id)
+        return rep.own if rep is not None else 0
 
     def models(self, replica_id: str) -> set[str]:
         """Models the router believes ``replica_id`` holds (loaded, loading, just sent)."""
@@ -545,6 +570,7 @@ class Router:
         models = sum(len(r.models) for r in self._replicas.values())
         return (
             f"Router(replicas={len(self._replicas)}, in_flight={self._total_in_flight}, "
+            f"others={sum(r.others for r in self._replicas.values())}, "
             f"capacity={self.capacity()}, models_held={models}, "
             f"distinct_models={len(self._holders)}, balance_factor={self.balance_factor}, "
             f"min_capacity={self.min_capacity}, "

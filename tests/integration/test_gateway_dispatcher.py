@@ -683,3 +683,52 @@ async def test_a_priced_spill_waits_for_the_holder_then_spills_once_waiting_cost
     assert replica == other and metrics.spills == 1
     targets[holder].gate.set()
     await blocked
+
+
+class SharedReplica(FakeReplica):
+    """A replica other gateways share: while ``refusals`` last it refuses
+    (``overloaded``) and reports their calls (``others``), as its replies do,
+    to the router (what the pool's ``on_state`` does for a real one)."""
+
+    def __init__(self, name: str, router: Router, refusals: int, others: int) -> None:
+        super().__init__(name)
+        self.router, self.refusals, self.others = router, refusals, others
+
+    async def call(self, **kwargs: Any) -> Reply:
+        if self.refusals <= 0:
+            return await super().call(**kwargs)
+        self.calls.append(kwargs)
+        self.refusals -= 1
+        self.router.observe(self.name, models=[], loading=[], in_flight=self.others, own=0)
+        error = ErrorInfo(code="overloaded", message="full", status=503)
+        return Reply(id=1, state=ReplicaState(in_flight=self.others), status=503, error=error)
+
+
+async def test_refusals_of_full_shared_replicas_wait_for_room_and_are_not_failures() -> None:
+    d, targets, _ = make(["a", "b"], max_ongoing=2)
+    a = targets["a"] = SharedReplica("a", d.router, refusals=3, others=4)
+    b = targets["b"] = SharedReplica("b", d.router, refusals=2, others=4)
+    request = asyncio.ensure_future(send(d))
+    # Refused by both (each reported full of other gateways' calls): it waits.
+    await settle()
+    assert (len(a.calls), len(b.calls)) == (1, 1)
+    assert d.queued == 1 and not request.done()
+    # Whichever replica reports room gets it again; three more refusals in
+    # all, more than MAX_REROUTES, none of them a failure.
+    for name in ["a", "b", "a", "b"]:
+        d.router.observe(name, models=[], loading=[], in_flight=0, own=0)
+        d.wake()
+        await settle()
+    reply, replica_id = await request
+    assert replica_id == "b" and reply.error is None
+    assert (len(a.calls), len(b.calls)) == (3, 3)
+    assert d.router.own_in_flight("a") == d.router.own_in_flight("b") == 0
+
+
+async def test_a_refusal_the_router_cannot_explain_counts_as_a_reroute() -> None:
+    d, targets, _ = make(["a"], max_ongoing=2)
+    # It refuses yet reports room (others=0): bounded by MAX_REROUTES.
+    a = targets["a"] = SharedReplica("a", d.router, refusals=10, others=0)
+    with pytest.raises(OverCapacityError, match="overloaded"):
+        await send(d)
+    assert len(a.calls) == 4

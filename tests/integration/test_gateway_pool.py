@@ -176,6 +176,7 @@ class FakeConnection:
         self.process = process
         self.state = ReplicaState()
         self.in_flight = 0
+        self.unanswered_calls = 0  # as the replica's reports count them
         self.closed = asyncio.Event()
         self.close_reason: str | None = None
         self.drain_gate = asyncio.Event()

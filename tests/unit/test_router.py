@@ -326,14 +326,16 @@ def test_choices_respect_capacity(
 
 
 class RouterMachine(RuleBasedStateMachine):
-    """Random add/remove/acquire/release/observe against a simple model."""
+    """Random add/remove/acquire/release/observe against a simple model; the
+    reports also carry other gateways' calls."""
 
     def __init__(self) -> None:
         super().__init__()
         self.router = Router(
             rng=random.Random(1), max_ongoing_requests=3, balance_factor=1.25, min_capacity=1
         )
-        self.in_flight: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}  # every gateway's
+        self.others: dict[str, int] = {}  # other gateways', as last reported
         self.reported: dict[str, set[str]] = {}
         self.sent: list[tuple[str, str]] = []  # (replica, model) of requests in flight
         self.next_id = 0
@@ -347,6 +349,7 @@ class RouterMachine(RuleBasedStateMachine):
         self.next_id += 1
         self.router.add_replica(rid)
         self.in_flight[rid] = 0
+        self.others[rid] = 0
         self.reported[rid] = set()
 
     @precondition(lambda self: self.in_flight)
@@ -355,6 +358,7 @@ class RouterMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(self.in_flight)))
         self.router.remove_replica(rid)
         del self.in_flight[rid]
+        del self.others[rid]
         del self.reported[rid]
         self.sent = [(r, m) for r, m in self.sent if r != rid]
 
@@ -397,12 +401,24 @@ class RouterMachine(RuleBasedStateMachine):
         self.in_flight[rid] -= 1
 
     @precondition(lambda self: self.in_flight)
-    @rule(data=st.data(), models=st.sets(st.sampled_from(["a", "b", "c", "d", "e"])))
-    def observe(self, data: st.DataObject, models: set[str]) -> None:
+    @rule(
+        data=st.data(),
+        models=st.sets(st.sampled_from(["a", "b", "c", "d", "e"])),
+        others=st.none() | st.integers(0, 4),
+    )
+    def observe(self, data: st.DataObject, models: set[str], others: int | None) -> None:
         rid = data.draw(st.sampled_from(sorted(self.in_flight)))
         loaded = sorted(models)[:2]
         loading = sorted(models)[2:]
-        self.router.observe(rid, models=loaded, loading=loading)
+        own = self.in_flight[rid] - self.others[rid]
+        if others is None:  # a report without a count
+            self.router.observe(rid, models=loaded, loading=loading)
+        else:
+            self.router.observe(
+                rid, models=loaded, loading=loading, in_flight=own + others, own=own
+            )
+            self.in_flight[rid] = own + others
+            self.others[rid] = others
         self.reported[rid] = set(models)
 
     @invariant()
@@ -411,6 +427,7 @@ class RouterMachine(RuleBasedStateMachine):
         assert self.router.total_in_flight == sum(self.in_flight.values())
         for rid, count in self.in_flight.items():
             assert self.router.in_flight(rid) == count
+            assert self.router.own_in_flight(rid) == count - self.others[rid]
             assert self.router.models(rid) == self.held(rid)
         for model in "abcde":
             assert self.router.holders(model) == {
@@ -453,3 +470,44 @@ def test_hot_model_fills_preference_list_in_order(model: str, n: int) -> None:
     router.release(prefs[-1], model)
     d = router.choose(model)
     assert d is not None and d.replica_id == prefs[-1] and d.reason == "cached"
+
+
+def test_other_gateways_calls_count_against_capacity_and_the_limit() -> None:
+    # Two replicas shared with another gateway, which keeps replica-0 full.
+    router = make_router(2, max_ongoing_requests=2, min_capacity=2)
+    model = next(m for m in MODEL_IDS if router.preference_list(m)[0] == "replica-0")
+    router.observe("replica-0", models=[model], loading=[], in_flight=2, own=0)
+    assert router.in_flight("replica-0") == 2
+    assert router.own_in_flight("replica-0") == 0
+    assert router.total_in_flight == 2
+    # Its holder is full of the other gateway's calls: the model spills.
+    d = router.choose(model)
+    assert d is not None and d.replica_id == "replica-1" and d.reason == "spill"
+    router.acquire("replica-1", model)
+    router.acquire("replica-1", "")
+    assert router.choose(model) is None  # every replica at max_ongoing_requests, all gateways'
+    assert router.choose("") is None
+    # The other gateway's calls finished (a pong says so): room again, at the holder.
+    router.observe("replica-0", models=[model], loading=[], in_flight=0, own=0)
+    d = router.choose(model)
+    assert d is not None and d.replica_id == "replica-0" and d.reason == "home"
+    assert "in_flight=2, others=0" in repr(router)
+
+
+def test_own_unanswered_calls_are_not_counted_twice() -> None:
+    router = make_router(1, max_ongoing_requests=4)
+    router.acquire("replica-0", "a")
+    router.acquire("replica-0", "a")
+    # The replica holds our two calls and one of another gateway.
+    router.observe("replica-0", models=["a"], loading=[], in_flight=3, own=2)
+    assert (router.in_flight("replica-0"), router.own_in_flight("replica-0")) == (3, 2)
+    router.release("replica-0", "a")
+    router.release("replica-0", "a")
+    router.release("replica-0", "a")  # one too many: the others' share stays
+    assert (router.in_flight("replica-0"), router.own_in_flight("replica-0")) == (1, 0)
+    # Without ``own``, the router's own count stands for it.
+    router.acquire("replica-0", "a")
+    router.observe("replica-0", models=["a"], loading=[], in_flight=1)
+    assert router.in_flight("replica-0") == 1
+    router.remove_replica("replica-0")
+    assert router.total_in_flight == 0
