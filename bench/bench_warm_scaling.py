@@ -100,6 +100,12 @@ class Load:
         return done
 
 
+async def held(admin: httpx.AsyncClient) -> dict[str, int]:
+    """Models each replica holds (what a scale-down hands over, and where to)."""
+    body = (await admin.get("/-/replicas")).json()["deployments"]["Mlps"]
+    return {rep["id"]: len(rep["models"]) for rep in body["replicas"]}
+
+
 async def window(name: str, load: Load, admin: httpx.AsyncClient, seconds: float) -> dict[str, Any]:
     before = (await admin.get("/-/metrics")).text
     load.mark()
@@ -155,6 +161,7 @@ async def run(warming: bool, args: argparse.Namespace, root: str) -> list[dict[s
             pool.set_target(3)
             rows.append(await window("after 2 -> 3", load, admin, args.window))
             assert pool.running == 3, pool
+            print("held before 3 -> 2:", await held(admin), flush=True)
             pool.set_target(2)
             rows.append(await window("after 3 -> 2", load, admin, args.window))
             assert pool.running == 2, pool
