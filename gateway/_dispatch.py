@@ -166,10 +166,6 @@ class _Waiter:
     #: the event loop's timer that looks at the deadline (once it waits)
     timer: asyncio.TimerHandle | None = None
 
-    def __lt__(self, other: _Waiter) -> bool:
-        # The deadline heap's order (heapq compares with ``<`` only).
-        return self.deadline < other.deadline
-
 
 class _Scan:
     """What one ``Dispatcher._serve_one`` pass over the queue has learnt."""
@@ -243,8 +239,10 @@ class Dispatcher:
         self._per_model = per_model_labels
         self._retry_after = retry_after_s
         self._queue: deque[_Waiter] = deque()
-        #: the queued waiters by deadline (a heap; served ones leave lazily)
-        self._deadlines: list[_Waiter] = []
+        #: (deadline, arrival, waiter) of the queued waiters, a heap (tuples:
+        #: compared in C); served ones leave lazily
+        self._deadlines: list[tuple[float, int, _Waiter]] = []
+        self._arrivals = itertools.count()
         self._waiting = 0
         self._waiting_for: dict[str, int] = {}  # model id -> waiters queued
         #: interval between slots freeing on a busy replica, from the hits sent
@@ -501,7 +499,7 @@ class Dispatcher:
         future: asyncio.Future[RouteDecision] = loop.create_future()
         waiter = _Waiter(model_id, future, self.clock(), deadline)
         self._queue.append(waiter)
-        heapq.heappush(self._deadlines, waiter)
+        heapq.heappush(self._deadlines, (deadline, next(self._arrivals), waiter))
         self._waiting += 1
         self._waiting_for[model_id] = self._waiting_for.get(model_id, 0) + 1
         # A cache hit may go at once even behind older waiters.
@@ -547,8 +545,8 @@ class Dispatcher:
         deadline: the client may retry, it did not time out on a replica)."""
         deadlines = self._deadlines
         now = self.clock()
-        while deadlines and deadlines[0].deadline <= now:
-            waiter = heapq.heappop(deadlines)
+        while deadlines and deadlines[0][0] <= now:
+            waiter = heapq.heappop(deadlines)[2]
             if not waiter.queued or waiter.future.done():
                 continue  # served, or cancelled and its task not yet resumed
             self._unqueue(waiter)
@@ -571,7 +569,7 @@ class Dispatcher:
         if len(queue) > 2 * self._waiting + 64:
             self._queue = deque(w for w in queue if w.queued)
         if len(self._deadlines) > 2 * self._waiting + 64:
-            self._deadlines = [w for w in self._deadlines if w.queued]
+            self._deadlines = [entry for entry in self._deadlines if entry[2].queued]
             heapq.heapify(self._deadlines)
 
     def wake(self) -> None:
@@ -586,7 +584,7 @@ class Dispatcher:
             self._timer.cancel()
             self._timer = None
         waiting_before = self._waiting
-        if self._deadlines and self._deadlines[0].deadline <= self.clock():
+        if self._deadlines and self._deadlines[0][0] <= self.clock():
             self._expire()
         while self._waiting and self._serve_one():
             pass
@@ -613,6 +611,7 @@ class Dispatcher:
         # Replicas with a free slot for a model request: a waiter whose model
         # none of them holds cannot be a cache hit, so it costs no choose().
         scan = _Scan({r for r in router.replica_ids if router.in_flight(r) < cap})
+        free, refused = scan.free, scan.refused
         scanned = 0
         for waiter in itertools.islice(self._queue, AFFINITY_SCAN * 2):
             if not waiter.queued:
@@ -623,21 +622,22 @@ class Dispatcher:
             scanned += 1
             if scanned > AFFINITY_SCAN:
                 break
+            model_id = waiter.model_id
+            if model_id in refused or (model_id and scan.models_full):
+                continue
+            if scan.head is not None and model_id and free.isdisjoint(router.holders(model_id)):
+                refused.add(model_id)  # a miss, and not the head: skip it cheaply
+                continue
             handed = self._consider(waiter, scan)
             if handed is not None:
                 return handed
         return self._serve_head(scan)
 
     def _consider(self, waiter: _Waiter, scan: _Scan) -> bool | None:
-        """Look at one waiter of a ``_serve_one`` pass: True when it got a
-        slot, False when no waiter can have one now, None to go on."""
+        """Route one waiter of a ``_serve_one`` pass that could get a slot:
+        True when it got one, False when no waiter can now, None to go on."""
         router = self.router
         model_id = waiter.model_id
-        if model_id in scan.refused or (model_id and scan.models_full):
-            return None
-        if scan.head is not None and model_id and scan.free.isdisjoint(router.holders(model_id)):
-            scan.refused.add(model_id)  # a miss, and not the head: skip it cheaply
-            return None
         waited = self.clock() - waiter.since
         decision = router.choose(model_id, self._waiting_for.get(model_id, 1), waited)
         if decision is None:
