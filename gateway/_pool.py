@@ -16,6 +16,8 @@ Its parts, each in a module of its own:
   (load time, model events, counters for the metrics).
 * ``warm_after_zero``, ``warm_moved_home``, ``hand_over`` (``_warmer``): the
   warming when a replica joins or leaves.
+* ``Roles`` (``_pool_roles``): whether the pool follows the launcher, a
+  leader, or reconciles on its own; adopts the replicas already running.
 
 The pool does the rest: it starts replicas in parallel (one joins the router
 once its process said READY and the handshake succeeded), replaces a dead one
@@ -54,12 +56,12 @@ from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
-from muxgate.gateway._leadership import Leadership
 from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
-from muxgate.gateway._pool_health import PING_INTERVAL_S, HealthPoller
+from muxgate.gateway._pool_health import HealthPoller
 from muxgate.gateway._pool_processes import ReplicaProcesses, SpecFactory
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, ReplicaReports
+from muxgate.gateway._pool_roles import Roles
 from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._replica_set import (
     DRAINING,
@@ -200,6 +202,23 @@ class ReplicaPool:
             if config.autoscaling is not None
             else None
         )
+        #: following the launcher or the leader lease, else reconciling
+        self._roles = Roles(
+            config.name,
+            self._procs,
+            self.replicas,
+            spawn=self._spawn,
+            serve=self._run_replica,
+            reconcile=self._reconcile_loop,
+            set_target=self._take_target,
+            running=lambda: self.running,
+            load=lambda: (self.dispatcher.in_flight, self.dispatcher.queued),
+            autoscaling=config.autoscaling,
+            autoscaler=self.autoscaler,
+            kick=self._kick,
+            report=self._report,
+            metrics=metrics,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -212,7 +231,7 @@ class ReplicaPool:
     def start(self) -> None:
         """Start the reconciler, the poller and, if autoscaled, the autoscaler
         (on the running loop)."""
-        self._spawn(self._follow_then_reconcile(), "reconcile")
+        self._spawn(self._roles.run(), "reconcile")
         self._spawn(self._health.run(), "poll")
         if self.autoscaler is not None and self._procs.leadership is None:
             self._spawn(self.autoscaler.run(), "autoscaler")
@@ -367,64 +386,8 @@ class ReplicaPool:
         if self._metrics is not None:
             self._metrics.set_replicas(self.name, self.counts())
 
-    async def _follow_then_reconcile(self) -> None:
-        await self._adopt_reported()
-        leadership = self._procs.leadership
-        if self._procs.creator is None:
-            await self._follow()  # the launcher decides which replicas exist
-        elif leadership is None:
-            await self._reconcile_loop()
-        else:
-            await self._lead_or_follow(leadership)
-
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(PING_INTERVAL_S)
-            await self._adopt_reported()
-
-    async def _lead_or_follow(self, leadership: Leadership) -> None:
-        """Reconcile and autoscale while this gateway holds the lease; adopt
-        what the launcher reports always (a follower serves the leader's
-        replicas; a new leader also finds those its predecessor started)."""
-        leadership.load = lambda: (self.dispatcher.in_flight, self.dispatcher.queued)
-        self._spawn(leadership.run(), "lease")
-        self._spawn(self._follow(), "follow")
-        while True:
-            self._on_role(False)
-            await leadership.wait_role(True)
-            scaling = self.config.autoscaling
-            if scaling is not None:  # the autoscaler goes on from what runs
-                self.target = max(scaling.min_replicas, min(scaling.max_replicas, self.running))
-            self._on_role(True)
-            acting = [self._spawn(self._reconcile_loop(), "reconcile-leader")]
-            if self.autoscaler is not None:
-                acting.append(self._spawn(self.autoscaler.run(), "autoscaler"))
-            await leadership.wait_role(False)
-            for task in acting:
-                task.cancel()
-
-    def _on_role(self, leading: bool) -> None:
-        if self._metrics is not None:
-            self._metrics.set_leader(self.name, leading)
-        self._report()
-
-    async def _adopt_reported(self) -> None:
-        """Serve the replicas the launcher reports ready that the pool does
-        not know yet (by name: one restarted under its name is the same
-        replica to the ring)."""
-        try:
-            reported = await self._procs.launcher.ready_replicas(self.name)
-        except Exception:
-            _log.exception("%s: the launcher could not report its replicas", self.name)
-            return
-        for replica in reported:
-            if replica.name not in self.replicas:
-                rep = self.replicas.add(replica.name, replica)
-                rep.task = self._spawn(self._run_replica(rep), rep.id)
-                self._kick.set()  # a leader may have one too many now
-        if self._procs.creator is None:
-            self.target = len(self.replicas)
-        self._report()
+    def _take_target(self, n: int) -> None:
+        self.target = n
 
     async def _reconcile_loop(self) -> None:
         while True:
