@@ -14,8 +14,8 @@ Its parts, each in a module of its own:
 * ``HealthPoller`` (``_pool_health``): pings each running replica about once
   a second; ``ReplicaReports`` (``_pool_reports``) keeps what the pongs say
   (load time, model events, counters for the metrics).
-* ``warm_after_zero``, ``warm_moved_home``, ``hand_over`` (``_warmer``): the
-  warming when a replica joins or leaves.
+* ``PoolWarming`` (``_pool_warming``): the warming when a replica joins or
+  leaves (after zero, a moved home, a hand-over; carried out by ``_warmer``).
 * ``Roles`` (``_pool_roles``): whether the pool follows the launcher, a
   leader, or reconciles on its own; adopts the replicas already running.
 
@@ -62,6 +62,7 @@ from muxgate.gateway._pool_health import HealthPoller
 from muxgate.gateway._pool_processes import ReplicaProcesses, SpecFactory
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, ReplicaReports
 from muxgate.gateway._pool_roles import Roles
+from muxgate.gateway._pool_warming import PoolWarming
 from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._replica_set import (
     DRAINING,
@@ -72,7 +73,6 @@ from muxgate.gateway._replica_set import (
     ReplicaSet,
 )
 from muxgate.gateway._router import Router
-from muxgate.gateway._warmer import hand_over, warm_after_zero, warm_moved_home
 from muxgate.gateway.launchers import ReplicaReporter
 from muxgate.replicas import DeploymentOptions
 from muxgate.replicas.contract import (
@@ -189,6 +189,15 @@ class ReplicaPool:
         #: what the replicas report in their pongs (and metrics fed from it)
         self._reports = ReplicaReports(
             config.name, metrics, half_life=self.router.popularity.half_life
+        )
+        self._warming = PoolWarming(
+            config,
+            self.router,
+            self.targets,
+            self._reports,
+            refused=lambda m: self.quarantine.retry_after(m) is not None,
+            spawn=self._spawn,
+            timeout_s=drain_timeout_s,
         )
         self.target = config.initial_replicas
         self.min_replicas: int = config.min_replicas
@@ -446,33 +455,7 @@ class ReplicaPool:
         _log.info("replica %s running (pid %s, %s)", rep.id, rep.process.pid, rep.process.address)
         self._report()
         self.dispatcher.wake()  # the waking requests are sent before any warming
-        config, running = self.config, lambda: rep.state == RUNNING
-        if rep.wakes and len(self.targets) == 1:
-            # The config's deferred pinned and preload ids, then the warm set.
-            warming = warm_after_zero(
-                rep.conn,
-                self.router,
-                pinned=config.pinned,
-                preload=config.preload,
-                refused=lambda m: self.quarantine.retry_after(m) is not None,
-                loader=config.multiplexed_loader,
-                timeout_s=self._drain_timeout,
-                running=running,
-                waking=self.router.in_flight(rep.id),
-                reported=self._reports.requested,
-            )
-            self._spawn(warming, f"warm-{rep.id}")
-        elif len(self.targets) > 1:
-            warming = warm_moved_home(
-                rep.conn,
-                rep.id,
-                self.router,
-                loader=config.multiplexed_loader,
-                timeout_s=self._drain_timeout,
-                running=running,
-                reported=self._reports.requested,
-            )
-            self._spawn(warming, f"warm-{rep.id}")
+        self._warming.joined(rep, rep.conn)
         await rep.conn.closed.wait()
         if rep.state == RUNNING and not self._closing:
             conn = rep.conn
@@ -509,16 +492,7 @@ class ReplicaPool:
         warmed on their next homes while it keeps serving (``hand_over``),
         then it leaves the ring and drains."""
         try:
-            if rep.conn is not None:
-                await hand_over(
-                    rep.conn,
-                    rep.id,
-                    self.router,
-                    self.targets,
-                    load_time_s=self._reports.load_time.value,
-                    loader=self.config.multiplexed_loader,
-                    reported=self._reports.requested,
-                )
+            await self._warming.hand_over(rep)
         finally:
             self._leave(rep)
         await self._drain(rep)

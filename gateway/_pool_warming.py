@@ -1,0 +1,106 @@
+"""Which of the pool's warming moments applies when a replica joins or leaves
+(the warming itself is :mod:`muxgate.gateway._warmer`).
+
+* The first replica after zero, started for waiting requests: the config's
+  deferred pinned and preload ids, then the warm set (``warm_after_zero``).
+* Any other replica joining beside others: the models whose home it is now
+  (``warm_moved_home``).
+* A running replica leaving on scale-down beside others: its models warm on
+  their next homes while it keeps serving (``hand_over``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from muxgate.gateway._config import DeploymentConfig
+from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway._pool_reports import ReplicaReports
+from muxgate.gateway._replica_set import RUNNING, Replica
+from muxgate.gateway._router import Router
+from muxgate.gateway._warmer import hand_over, warm_after_zero, warm_moved_home
+
+__all__ = ["PoolWarming"]
+
+
+class PoolWarming:
+    """The warming of one pool's replicas as they join and leave.
+
+    Args:
+        config: the deployment (pinned, preload, loader).
+        router: the pool's router (popularity, homes, in-flight calls).
+        targets: the pool's running replicas (id -> connection).
+        reports: what the replicas report (request counts, load time).
+        refused: whether a model id is quarantined now.
+        spawn: ``(coroutine, what) -> task``, the pool's task spawner.
+        timeout_s: the bound of one warming load.
+    """
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        router: Router,
+        targets: Mapping[str, ReplicaConnection],
+        reports: ReplicaReports,
+        *,
+        refused: Callable[[str], bool],
+        spawn: Callable[[Awaitable[Any], str], asyncio.Task[Any]],
+        timeout_s: float,
+    ) -> None:
+        self._config = config
+        self._router = router
+        self._targets = targets
+        self._reports = reports
+        self._refused = refused
+        self._spawn = spawn
+        self._timeout_s = timeout_s
+
+    def joined(self, rep: Replica, conn: ReplicaConnection) -> None:
+        """``rep`` runs now (and serves already): start its warming, if any."""
+        config, router = self._config, self._router
+
+        def running() -> bool:
+            return rep.state == RUNNING
+
+        if rep.wakes and len(self._targets) == 1:
+            # The config's deferred pinned and preload ids, then the warm set.
+            warming = warm_after_zero(
+                conn,
+                router,
+                pinned=config.pinned,
+                preload=config.preload,
+                refused=self._refused,
+                loader=config.multiplexed_loader,
+                timeout_s=self._timeout_s,
+                running=running,
+                waking=router.in_flight(rep.id),
+                reported=self._reports.requested,
+            )
+            self._spawn(warming, f"warm-{rep.id}")
+        elif len(self._targets) > 1:
+            warming = warm_moved_home(
+                conn,
+                rep.id,
+                router,
+                loader=config.multiplexed_loader,
+                timeout_s=self._timeout_s,
+                running=running,
+                reported=self._reports.requested,
+            )
+            self._spawn(warming, f"warm-{rep.id}")
+
+    async def hand_over(self, rep: Replica) -> None:
+        """``rep`` leaves on scale-down: warm its recently requested models on
+        their next homes while it keeps serving."""
+        if rep.conn is not None:
+            await hand_over(
+                rep.conn,
+                rep.id,
+                self._router,
+                self._targets,
+                load_time_s=self._reports.load_time.value,
+                loader=self._config.multiplexed_loader,
+                reported=self._reports.requested,
+            )
