@@ -16,6 +16,8 @@ Its parts, each in a module of its own:
   (load time, model events, counters for the metrics).
 * ``PoolWarming`` (``_pool_warming``): the warming when a replica joins or
   leaves (after zero, a moved home, a hand-over; carried out by ``_warmer``).
+* ``ReplicaFeedback`` (``_pool_feedback``): what each reply and pong
+  changes in the router and the dispatcher; the memory limit check.
 * ``Roles`` (``_pool_roles``): whether the pool follows the launcher, a
   leader, or reconciles on its own; adopts the replicas already running.
 
@@ -58,6 +60,7 @@ from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
+from muxgate.gateway._pool_feedback import ReplicaFeedback
 from muxgate.gateway._pool_health import HealthPoller
 from muxgate.gateway._pool_processes import ReplicaProcesses, SpecFactory
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, ReplicaReports
@@ -78,7 +81,6 @@ from muxgate.replicas import DeploymentOptions
 from muxgate.replicas.contract import (
     DEFAULT_MAX_ONGOING_REQUESTS,
     DEFAULT_MAX_QUEUED_REQUESTS,
-    Pong,
     ReplicaState,
 )
 
@@ -185,7 +187,6 @@ class ReplicaPool:
             admit=self.quarantine.check,
             clock=clock,
         )
-        self._health = HealthPoller(self.replicas, self._on_pong, self._silent)
         #: what the replicas report in their pongs (and metrics fed from it)
         self._reports = ReplicaReports(
             config.name, metrics, half_life=self.router.popularity.half_life
@@ -206,6 +207,18 @@ class ReplicaPool:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._feedback = ReplicaFeedback(
+            config,
+            self.router,
+            self.dispatcher,
+            self.targets,
+            self.replicas,
+            self._reports,
+            self._memory,
+            may_replace=lambda: not self._closing and self._procs.may_act,
+            replace=self._replace_for_memory,
+        )
+        self._health = HealthPoller(self.replicas, self._feedback.on_pong, self._silent)
         self.autoscaler: Autoscaler | None = (
             Autoscaler(self, config.autoscaling, clock=clock)
             if config.autoscaling is not None
@@ -432,12 +445,13 @@ class ReplicaPool:
     async def _run_replica(self, rep: Replica) -> None:
         """Start one replica (unless it was adopted), serve until it dies,
         then make room for a new one."""
+        on_state = self._feedback.on_state
         try:
             if rep.process is None:
                 rep.wakes = not self.targets and self.dispatcher.queued > 0
                 rep.process = await self._procs.start(rep.id, defer=rep.wakes)
             rep.conn = await self._connect(
-                rep.process.address, lambda state: self._on_state(rep.id, state)
+                rep.process.address, lambda state: on_state(rep.id, state)
             )
         except asyncio.CancelledError:
             raise
@@ -451,7 +465,7 @@ class ReplicaPool:
         self.replicas.running(rep)
         self.targets[rep.id] = rep.conn
         self.router.add_replica(rep.id)
-        self._on_state(rep.id, rep.conn.state)
+        on_state(rep.id, rep.conn.state)
         _log.info("replica %s running (pid %s, %s)", rep.id, rep.process.pid, rep.process.address)
         self._report()
         self.dispatcher.wake()  # the waking requests are sent before any warming
@@ -515,22 +529,6 @@ class ReplicaPool:
         self._kick.set()
         self.dispatcher.wake()
 
-    def _on_state(self, replica_id: str, state: ReplicaState) -> None:
-        conn = self.targets.get(replica_id)
-        router = self.router
-        before = router.in_flight(replica_id)
-        router.observe(
-            replica_id,
-            models=state.models,
-            loading=state.loading,
-            in_flight=state.in_flight,
-            own=conn.unanswered_calls if conn is not None else None,
-        )
-        if router.in_flight(replica_id) < before and self.dispatcher.queued:
-            # Other gateways' calls there finished: a slot may be free for
-            # a waiter (this gateway's own replies wake it anyway).
-            self.dispatcher.wake()
-
     def _leave(self, rep: Replica) -> None:
         """Take a replica out of routing (first step of draining or removal)."""
         self.targets.pop(rep.id, None)
@@ -567,26 +565,6 @@ class ReplicaPool:
         if rep.process is not None:
             self._procs.kill(rep.process)
         await conn.aclose()  # wakes _run_replica, which replaces it
-
-    def _on_pong(self, rep: Replica, pong: Pong) -> None:
-        """A replica answered a ping (the poller's or a scrape's): liveness,
-        load time estimate, model events, counters for the metrics."""
-        self.replicas.answered(rep)
-        interval = self._reports.pong(rep, pong)
-        # The price of a spill, from what the replicas report.
-        self.router.load_s = self._reports.load_time.value
-        self.router.service_s = self.dispatcher.service_time.report(interval)
-        if self.config.routing.queue_affinity_wait_s is None:
-            # Cache hits overtake the queue head for about one load time.
-            self.dispatcher.affinity_wait_s = self._reports.load_time.affinity_wait_s()
-        if (
-            rep.state == RUNNING
-            and rep.conn is not None
-            and not self._closing
-            and self._procs.may_act
-            and self._memory.should_replace(rep.id, pong.rss_bytes, rep.conn.state)
-        ):
-            self._replace_for_memory(rep)
 
     def _replace_for_memory(self, rep: Replica) -> None:
         """Drain a replica over its memory limit; the reconciler replaces it.
