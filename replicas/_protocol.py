@@ -254,7 +254,8 @@ class Ping(msgspec.Struct, frozen=True, tag="ping", tag_field="t"):
 
 class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="t"):
     """Answer to ``Ping``; also carries the replica's cumulative counters
-    (model loads, unloads by reason, cache hits/misses, load seconds), which
+    (model loads, unloads by reason, cache hits/misses, load seconds, calls
+    finished and busy seconds; keys in ``muxgate.replicas._counters``), which
     the gateway aggregates into its metrics, the model events the ping
     asked for (oldest first; those older than the replica's bounded log are
     gone) and the process's resident memory in bytes (None: unknown)."""
