@@ -18,6 +18,8 @@ Its parts, each in a module of its own:
   leaves (after zero, a moved home, a hand-over; carried out by ``_warmer``).
 * ``ReplicaFeedback`` (``_pool_feedback``): what each reply and pong
   changes in the router and the dispatcher; the memory limit check.
+* ``routing_side`` (``_pool_routing``): the router, quarantine and
+  dispatcher, built from the config.
 * ``Roles`` (``_pool_roles``): whether the pool follows the launcher, a
   leader, or reconciles on its own; adopts the replicas already running.
 
@@ -48,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -57,16 +58,15 @@ from typing import Any
 from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
-from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_feedback import ReplicaFeedback
 from muxgate.gateway._pool_health import HealthPoller
 from muxgate.gateway._pool_processes import ReplicaProcesses, SpecFactory
-from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S, ReplicaReports
+from muxgate.gateway._pool_reports import ReplicaReports
 from muxgate.gateway._pool_roles import Roles
+from muxgate.gateway._pool_routing import routing_side
 from muxgate.gateway._pool_warming import PoolWarming
-from muxgate.gateway._quarantine import Quarantine
 from muxgate.gateway._replica_set import (
     DRAINING,
     RUNNING,
@@ -75,14 +75,9 @@ from muxgate.gateway._replica_set import (
     Replica,
     ReplicaSet,
 )
-from muxgate.gateway._router import Router
 from muxgate.gateway.launchers import ReplicaReporter
 from muxgate.replicas import DeploymentOptions
-from muxgate.replicas.contract import (
-    DEFAULT_MAX_ONGOING_REQUESTS,
-    DEFAULT_MAX_QUEUED_REQUESTS,
-    ReplicaState,
-)
+from muxgate.replicas.contract import ReplicaState
 
 __all__ = [
     "DRAINING",
@@ -141,50 +136,19 @@ class ReplicaPool:
         self._metrics = metrics
         self._connect = connect
         self._drain_timeout = drain_timeout_s
-        self.router = Router(
-            balance_factor=config.routing.balance_factor,
-            virtual_nodes=config.routing.virtual_nodes,
-            max_ongoing_requests=(config.max_ongoing_requests or DEFAULT_MAX_ONGOING_REQUESTS),
-            min_capacity=config.routing.min_capacity,
-            spill_rule=config.routing.spill,
-        )
         #: the replicas, their states, start backoff and liveness
         self.replicas = ReplicaSet(config.name, clock=clock)
         #: replica id -> connection, for RUNNING replicas only
         self.targets: dict[str, ReplicaConnection] = {}
-        #: model ids that keep killing replicas (see ``muxgate.gateway._quarantine``)
-        self.quarantine = Quarantine(
-            config.quarantine,
-            name=config.name,
-            clock=clock,
-            on_refusal=(
-                functools.partial(metrics.count_quarantine_refusal, config.name)
-                if metrics is not None
-                else None
-            ),
-        )
-        if metrics is not None:
-            metrics.watch_quarantine(config.name, self.quarantine.active)
-        self.dispatcher = Dispatcher(
-            config.name,
-            self.router,
+        #: the ring, the model ids that keep killing replicas, the queue
+        self.router, self.quarantine, self.dispatcher = routing_side(
+            config,
             self.targets,
-            max_queued_requests=(
-                config.max_queued_requests
-                if config.max_queued_requests is not None
-                else DEFAULT_MAX_QUEUED_REQUESTS
-            ),
             starting=self.is_starting,
             activate=self.activate,
             unavailable_reason=self.replicas.unavailable_reason,
             metrics=metrics,
             per_model_labels=per_model_labels,
-            affinity_wait_s=(
-                config.routing.queue_affinity_wait_s
-                if config.routing.queue_affinity_wait_s is not None
-                else INITIAL_LOAD_TIME_S
-            ),
-            admit=self.quarantine.check,
             clock=clock,
         )
         #: what the replicas report in their pongs (and metrics fed from it)
