@@ -7,6 +7,7 @@ from zero."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,30 +56,45 @@ class FakeLauncherBase:
 
 
 class FailingLauncher(FakeLauncherBase):
-    def __init__(self) -> None:
+    """Every start fails; ``attempts`` holds the clock's time of each."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.attempts: list[float] = []
 
     async def start(self, spec: Any) -> Any:
-        self.attempts.append(time.monotonic())
+        self.attempts.append(self.clock())
         raise ReplicaStartError(f"import failed (attempt {len(self.attempts)})")
 
 
 async def test_start_failures_back_off_and_are_reported() -> None:
-    launcher = FailingLauncher()
+    clock = FakeClock()
+    launcher = FailingLauncher(clock)
     config = DeploymentConfig(name="Bad", import_path="nope:Nope", num_replicas=1)
-    pool = ReplicaPool(config, launcher=launcher, make_spec=spec_of)
+    pool = ReplicaPool(config, launcher=launcher, make_spec=spec_of, clock=clock)
+
+    def retried(tries: int) -> bool:  # one more attempt, failed, backing off
+        return len(launcher.attempts) == tries + 1 and pool.replicas.backoff_left() > 0
+
     pool.start()
     try:
-        deadline = time.monotonic() + 10
-        while len(launcher.attempts) < 3:
-            assert time.monotonic() < deadline, "pool stopped retrying"
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: retried(0))
+        # Backoff starts at 0.5 s on the pool's clock and doubles; until the
+        # clock gets there no start is due, and once it is the pool starts one
+        # (the real timer of its loop is for the real clock: woken here).
+        for expected in (0.5, 1.0):
+            tries = len(launcher.attempts)
+            assert pool.replicas.backoff_left() == pytest.approx(expected)
+            clock.now += expected - 0.01
+            assert pool.replicas.missing(1) == 0
+            clock.now += 0.01
+            pool.set_target(1)  # same target: only wakes the pool
+            await wait_until(functools.partial(retried, tries))
         first, second = (
             launcher.attempts[1] - launcher.attempts[0],
             launcher.attempts[2] - launcher.attempts[1],
         )
-        assert first >= 0.45  # backoff starts at 0.5 s
-        assert second >= 0.95 and second > first  # and doubles
+        assert first == pytest.approx(0.5) and second == pytest.approx(1.0)
         snap = pool.snapshot()
         assert snap["last_failure"].startswith("import failed")
         assert snap["replicas"] == []
