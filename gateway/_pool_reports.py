@@ -229,6 +229,7 @@ class ReplicaReports:
                     "pid": proc.pid if proc is not None else None,
                     "address": proc.address if proc is not None else None,
                     "in_flight": conn.in_flight if conn is not None else 0,
+                    "in_flight_total": state.in_flight,
                     "models": list(state.models),
                     "loading": list(state.loading),
                     "rss_bytes": rep.rss_bytes,

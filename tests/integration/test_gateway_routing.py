@@ -96,7 +96,7 @@ async def test_lru_eviction_visible_in_admin(client: httpx.AsyncClient) -> None:
     assert rep["models"] == ["1", "3"]  # least recently used first
     assert rep["loading"] == []
     assert rep["state"] == "running"
-    assert rep["in_flight"] == 0
+    assert rep["in_flight"] == rep["in_flight_total"] == 0
     assert isinstance(rep["pid"], int)
     assert rep["address"].startswith(("unix:", "tcp:"))
     assert set(rep) == {
@@ -105,6 +105,7 @@ async def test_lru_eviction_visible_in_admin(client: httpx.AsyncClient) -> None:
         "pid",
         "address",
         "in_flight",
+        "in_flight_total",
         "models",
         "loading",
         "rss_bytes",

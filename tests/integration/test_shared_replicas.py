@@ -116,6 +116,11 @@ async def test_killing_one_gateway_fails_only_its_own_requests(tmp_path: Path) -
                     await wait_until(
                         lambda: replicas_hold(4), within_s=15, what="the doomed gateway's calls"
                     )
+                    # ... and shows them apart from its own in /-/replicas.
+                    view = (await via_survivor.get("/-/replicas")).json()
+                    rows = view["deployments"]["Hooked"]["replicas"]
+                    assert sum(r["in_flight_total"] for r in rows) >= 4, rows
+                    assert sum(r["in_flight"] for r in rows) == 0, rows
                     tg.start_soon(keep_asking_survivor)
                     await wait_until(lambda: len(outcomes) > 20, what="the survivor serving")
                     doomed.send_signal(signal.SIGKILL)
