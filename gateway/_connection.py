@@ -47,7 +47,7 @@ import itertools
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -339,6 +339,7 @@ class ReplicaConnection:
         timeout_s: float | None = None,
         after_calls: bool = False,
         after_slot: bool = False,
+        may_evict: Sequence[str] = (),
     ) -> Reply:
         """Load, warm or unload one model outside any call (``ModelControl``).
 
@@ -358,6 +359,7 @@ class ReplicaConnection:
             timeout_s=timeout_s,
             after_calls=after_calls,
             after_slot=after_slot,
+            may_evict=list(may_evict),
         )
         return await self._round_trip(control, None)
 

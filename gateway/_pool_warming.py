@@ -103,4 +103,5 @@ class PoolWarming:
                 load_time_s=self._reports.load_time.value,
                 loader=self._config.multiplexed_loader,
                 reported=self._reports.requested,
+                pinned=self._config.pinned,
             )

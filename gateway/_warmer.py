@@ -34,6 +34,7 @@ from muxgate.gateway._warming import (
     handed_over,
     handover_bound_s,
     moved_home,
+    spare_copies,
     warm_counts,
 )
 
@@ -50,12 +51,14 @@ async def warm_replica(
     loader: str | None = None,
     timeout_s: float = 60.0,
     running: Callable[[], bool] = lambda: True,
+    may_evict: Sequence[str] = (),
 ) -> list[str]:
     """Warm ``plan`` on the replica of ``conn`` in order; the ids it holds now.
 
     Ids in ``pinned`` are loaded and pinned (evicting if need be, as the
     config's ``pinned`` at start), the others warmed (kept only if they fit
-    without evicting). A model that fails to load is logged and skipped.
+    without evicting anything but, as needed, the ``may_evict`` ids).
+    A model that fails to load is logged and skipped.
     """
     warmed: list[str] = []
     for model_id in plan:
@@ -71,6 +74,7 @@ async def warm_replica(
                 timeout_s=timeout_s,
                 after_calls=True,  # for a replica without after_slot
                 after_slot=True,
+                may_evict=() if pin else may_evict,
             )
         except ReplicaConnectionError:
             break
@@ -156,23 +160,41 @@ async def hand_over(
     load_time_s: float,
     loader: str | None,
     reported: PopularitySketch | None = None,
+    pinned: Collection[str] = (),
 ) -> None:
     """Replica ``replica_id`` leaving on scale-down, still serving: its recently requested
     models warm on their next homes among ``targets``, all at once, bounded
-    by ``handover_bound_s`` (``reported``: see ``warm_counts``)."""
-    plan = handed_over(
-        conn.state.models,
-        replica_id,
-        warm_counts(router.popularity, reported).score,
+    by ``handover_bound_s`` (``reported``: see ``warm_counts``). A full next
+    home may give up spare copies for them, coldest first (``spare_copies``;
+    ``pinned``: the deployment's, never given up)."""
+    score = warm_counts(router.popularity, reported).score
+
+    def holds(home: str, model_id: str) -> bool:
+        return home in router.holders(model_id)
+
+    plan = handed_over(conn.state.models, replica_id, score, router.preference_list, holds)
+    staying = [r for r in targets if r != replica_id]
+    spares = spare_copies(
+        plan,
+        staying,
+        lambda home: targets[home].state.models,
+        score,
         router.preference_list,
-        lambda home, model_id: home in router.holders(model_id),
+        holds,
+        pinned=pinned,
     )
     bound = handover_bound_s(load_time_s, plan)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(bound):
             await asyncio.gather(
                 *(
-                    warm_replica(targets[home], models, loader=loader, timeout_s=bound)
+                    warm_replica(
+                        targets[home],
+                        models,
+                        loader=loader,
+                        timeout_s=bound,
+                        may_evict=spares.get(home, ()),
+                    )
                     for home, models in plan.items()
                     if home in targets
                 )

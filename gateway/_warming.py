@@ -12,7 +12,7 @@ counts (``muxgate.gateway._popularity``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from muxgate.gateway._popularity import PopularitySketch
 
@@ -23,6 +23,7 @@ __all__ = [
     "handed_over",
     "handover_bound_s",
     "moved_home",
+    "spare_copies",
     "warm_counts",
 ]
 
@@ -130,6 +131,45 @@ def handed_over(
         plan.setdefault(nxt, []).append(model_id)
         count += 1
     return plan
+
+
+def spare_copies(
+    plan: Mapping[str, Sequence[str]],
+    staying: Collection[str],
+    held: Callable[[str], Iterable[str]],
+    score: Callable[[str], float],
+    preference: Callable[[str], Sequence[str]],
+    holds: Callable[[str, str], bool],
+    *,
+    pinned: Collection[str] = (),
+) -> dict[str, list[str]]:
+    """What each next home of a hand-over may evict to make room: home -> ids, coldest first.
+
+    ``plan``: from :func:`handed_over`; ``staying``: the replicas that stay in
+    the pool (not the leaving one); ``held(replica)``: the ids it holds.
+    A home may give up a model it holds only if that is a *spare copy*: not
+    in ``pinned``, not one it is to warm, and held by another staying replica
+    that keeps it, its *keeper* (the first staying holder in the model's
+    preference list; the keeper's copy is on no list), so that no eviction
+    ever costs a model its last copy in the pool. Ties by id. The replica
+    evicts only as many as it needs, and only those still not pinned.
+    """
+    out: dict[str, list[str]] = {}
+    for home, warming in plan.items():
+        if home not in staying:
+            continue
+        spares: list[tuple[float, str]] = []
+        for model_id in dict.fromkeys(held(home)):
+            if model_id in pinned or model_id in warming:
+                continue
+            keeper = next(
+                (r for r in preference(model_id) if r in staying and holds(r, model_id)), None
+            )
+            if keeper is not None and keeper != home:
+                spares.append((score(model_id), model_id))
+        if spares:
+            out[home] = [m for _, m in sorted(spares)]
+    return out
 
 
 def handover_bound_s(load_s: float, plan: dict[str, list[str]]) -> float:

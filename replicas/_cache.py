@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, Generic, Literal, TypeVar
 
 from opentelemetry import context as otel_context
@@ -98,13 +98,14 @@ class _Flight(Generic[M]):
     """One shared load of one model id; every caller for that id waits on ``done``.
 
     ``evict``: False for a warming load, which is kept only if it fits
-    without evicting anything.
+    without evicting anything but (some of) the ``may_evict`` ids.
     """
 
-    __slots__ = ("done", "error", "evict", "model", "task")
+    __slots__ = ("done", "error", "evict", "may_evict", "model", "task")
 
-    def __init__(self, *, evict: bool = True) -> None:
+    def __init__(self, *, evict: bool = True, may_evict: tuple[str, ...] = ()) -> None:
         self.evict = evict
+        self.may_evict = may_evict
         self.done = asyncio.Event()
         self.model: M | _Missing = MISSING
         self.error: BaseException | None = None
@@ -295,13 +296,18 @@ class ModelCache(Generic[M]):
                 self._spawn_unloads(self._state.unkeep(model_id))
             raise
 
-    async def warm(self, model_id: str) -> bool:
+    async def warm(self, model_id: str, may_evict: Sequence[str] = ()) -> bool:
         """Load ``model_id`` if it fits without evicting anything; whether it is loaded now.
 
         Warming never costs a working model: the fit is checked before the
         load starts and again once the model is built (its size is known only
         then); a model that no longer fits is unloaded again. Load failures are
         logged by the load itself and reported as False.
+
+        ``may_evict``: ids the caller gives up (spare copies held elsewhere
+        too): once the model is built, the fewest of them, in order, that
+        make it fit are evicted, if they are still not pinned (not with
+        ``evict_first``: see ``CacheState.finish_load``).
         """
         check_model_id(model_id)
         self._bind_loop()
@@ -309,9 +315,9 @@ class ModelCache(Generic[M]):
             return True
         flight = self._flights.get(model_id)
         if flight is None:
-            if not self._state.has_room():
+            if not self._state.has_room() and not self._state.room_evicting(may_evict):
                 return False
-            flight = self._start_flight(model_id, evict=False)
+            flight = self._start_flight(model_id, evict=False, may_evict=tuple(may_evict))
         await flight.done.wait()
         return flight.error is None and model_id in self._state.loaded_ids()
 
@@ -368,9 +374,11 @@ class ModelCache(Generic[M]):
         self._tasks.clear()
         self._loop = None
 
-    def _start_flight(self, model_id: str, *, evict: bool = True) -> _Flight[M]:
+    def _start_flight(
+        self, model_id: str, *, evict: bool = True, may_evict: tuple[str, ...] = ()
+    ) -> _Flight[M]:
         evicted = self._state.start_load(model_id) if evict else self._state.start_warm(model_id)
-        flight: _Flight[M] = _Flight(evict=evict)
+        flight: _Flight[M] = _Flight(evict=evict, may_evict=may_evict)
         self._flights[model_id] = flight
         # The load runs in a task of its own, owned by the cache rather than by the caller
         # that happened to start it: cancelling that caller must not cancel the load the
@@ -416,7 +424,13 @@ class ModelCache(Generic[M]):
                 del self._flights[model_id]
                 if flight.error is None:
                     self._spawn_unloads(
-                        self._state.finish_load(model_id, model, nbytes, evict=flight.evict)
+                        self._state.finish_load(
+                            model_id,
+                            model,
+                            nbytes,
+                            evict=flight.evict,
+                            may_evict=() if flight.evict else flight.may_evict,
+                        )
                     )
                 else:
                     self._state.fail_load(model_id)

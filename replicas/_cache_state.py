@@ -26,6 +26,7 @@ The guarantees every eviction policy gets from here, whatever it decides:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 from muxgate.replicas._eviction import EvictionPolicy
@@ -178,19 +179,38 @@ class CacheState(Generic[M]):
         self._loading[model_id] = False
         return []
 
+    def room_evicting(self, may_evict: Sequence[str]) -> bool:
+        """Whether one more model may start a warming load if the ``may_evict``
+        ids that may go now (see :meth:`finish_load`) were gone."""
+        return self._victims_to_fit(None, -1, may_evict) is not None
+
     def finish_load(
-        self, model_id: str, model: M, nbytes: int = 0, *, evict: bool = True
+        self,
+        model_id: str,
+        model: M,
+        nbytes: int = 0,
+        *,
+        evict: bool = True,
+        may_evict: Sequence[str] = (),
     ) -> list[tuple[str, M]]:
         """Record a successful load of ``nbytes``; returns what to evict now.
 
         Check :meth:`room_error` first: a model that cannot fit is not for here.
         With ``evict=False`` (warming) the model is admitted only if it fits
-        without evicting anything; otherwise it is dropped (or handed over as
-        transient to callers that pinned it).
+        without evicting anything, or by evicting the fewest of the
+        ``may_evict`` ids, in their order, that are held, not pinned by a
+        request, not kept and whose going makes it fit (none of them unless it
+        fits then; never with ``evict_first``); otherwise it is dropped (or
+        handed over as transient to callers that pinned it).
         """
         reserved = self._end_load(model_id)
         if reserved or self._has_room(nbytes):
             return self._admit(model_id, model, nbytes)
+        if not evict and may_evict:
+            victims = self._victims_to_fit(model_id, nbytes, may_evict)
+            if victims is not None:
+                evicted = [gone for victim in victims for gone in self.remove(victim)]
+                return evicted + self._admit(model_id, model, nbytes)
         if evict and not self.evict_first:
             victim = self._first_victim(model_id)
             if victim is None or self.policy.admit(model_id, victim):
@@ -285,6 +305,38 @@ class CacheState(Generic[M]):
         if self.max_bytes >= 0 and self._bytes + nbytes > self.max_bytes:
             return False
         return self.capacity < 0 or len(self._models) + self._reserved < self.capacity
+
+    def _victims_to_fit(
+        self, model_id: str | None, nbytes: int, may_evict: Sequence[str]
+    ) -> list[str] | None:
+        """The fewest ``may_evict`` ids, in order, whose eviction makes room for
+        ``model_id`` of ``nbytes`` (-1: not built yet, as :meth:`has_room`);
+        None if evicting them all would not."""
+        if self.evict_first:
+            return None
+        count, held = len(self._models) + self._reserved, self._bytes
+
+        def fits() -> bool:
+            bytes_full = held >= self.max_bytes if nbytes < 0 else held + nbytes > self.max_bytes
+            if self.max_bytes >= 0 and bytes_full:
+                return False
+            return self.capacity < 0 or count < self.capacity
+
+        chosen: list[str] = []
+        for victim in dict.fromkeys(may_evict):
+            if fits():
+                break
+            if (
+                victim == model_id
+                or victim not in self._models
+                or self._pins.get(victim)
+                or victim in self._kept
+            ):
+                continue
+            chosen.append(victim)
+            count -= 1
+            held -= self._sizes.get(victim, 0)
+        return chosen if fits() else None
 
     def _first_victim(self, spare: str | None) -> str | None:
         pins, kept = self._pins, self._kept

@@ -108,7 +108,9 @@ async def control_models(instance: object, message: ModelControl) -> dict[str, A
         return result
     with anyio.fail_after(message.timeout_s):
         if message.action == "warm":
-            result["loaded"] = all([await cache.warm(model_id) for cache in caches])
+            result["loaded"] = all(
+                [await cache.warm(model_id, message.may_evict) for cache in caches]
+            )
         else:
             for cache in caches:
                 await cache.preload(model_id, pin=message.pin)

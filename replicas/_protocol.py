@@ -278,7 +278,7 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="
     """Load, warm or unload one model outside any request; answered by a ``Reply``.
 
     ``action``: ``"load"`` (``pin``: never evict it), ``"warm"`` (load only
-    if it fits without evicting anything; never costs a loaded model) or
+    if it fits without evicting anything but the ``may_evict`` ids) or
     ``"unload"`` (also drops its pin). ``loader``: the ``@multiplexed``
     method to use; ``""``: every loader of the deployment. ``after_calls``:
     start only once the replica has no call in flight (warming yields to
@@ -288,6 +288,11 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="
     flight than ``max_ongoing_requests``) and no other such load runs on the
     replica; the load holds no slot, so calls that arrive meanwhile run
     beside it (see ``muxgate.replicas._model_control.warm_may_start``).
+    ``may_evict`` (``warm`` only): ids the replica may evict, in order, only
+    as many as the model needs to fit once built and only those not pinned;
+    the gateway lists spare copies (held by another replica that stays), so
+    a warm still never costs a model its last copy. A replica of a release
+    before it ignores it (a plain warm).
     """
 
     id: int
@@ -298,6 +303,7 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="
     timeout_s: float | None = None
     after_calls: bool = False
     after_slot: bool = False
+    may_evict: list[str] = []
 
 
 class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):

@@ -129,6 +129,35 @@ def test_a_warming_load_is_kept_only_if_it_fits_without_evicting() -> None:
     assert not state.has_room()
 
 
+def test_a_warming_load_evicts_only_listed_unpinned_ids_as_few_as_fit() -> None:
+    state: CacheState[str] = CacheState(4, max_bytes=100)
+    for model_id, nbytes in [("a", 30), ("b", 30), ("k", 20), ("p", 10)]:
+        state.start_load(model_id)
+        state.finish_load(model_id, model_id, nbytes)
+    state.keep("k")
+    state.pin("p")
+    assert not state.has_room()  # four of four
+    may_evict = ["gone", "k", "p", "b", "a"]  # not held, kept, pinned: skipped
+    assert state.room_evicting(may_evict)
+    assert not state.room_evicting(["k", "p", "gone"])
+    state.start_warm("w")
+    # 50 more bytes: "b" alone (30) is not enough, "b" then "a" is; in the listed order
+    assert state.finish_load("w", "w", 50, evict=False, may_evict=may_evict) == [
+        ("b", "b"),
+        ("a", "a"),
+    ]
+    assert state.loaded_ids() == ["k", "p", "w"] and state.model_bytes() == 80
+    # what cannot fit even with every listed id gone costs none of them
+    state.start_warm("big")
+    assert state.finish_load("big", "big", 95, evict=False, may_evict=["w"]) == [("big", "big")]
+    assert state.loaded_ids() == ["k", "p", "w"]
+    # evict_first caches never evict for a warm
+    first: CacheState[str] = CacheState(1, evict_first=True)
+    first.start_load("a")
+    first.finish_load("a", "a")
+    assert not first.room_evicting(["a"])
+
+
 def test_removing_a_model_in_use_drops_it_once_its_requests_end() -> None:
     state: CacheState[str] = CacheState(3, max_bytes=100)
     state.keep("a")
@@ -185,6 +214,25 @@ async def test_resident_bytes_stay_within_the_budget_through_a_sweep() -> None:
         peak = max(peak, cache.model_bytes())
         assert sum(cache.sizes().values()) == cache.model_bytes()
     assert peak <= 200
+    await cache.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_warm_may_evict_a_listed_spare_copy_once_built() -> None:
+    journal: list[str] = []
+    cache = blob_cache({"a": 40, "b": 40, "w": 30}, journal, max_bytes=100, capacity=2)
+    await cache.get("a")
+    await cache.get("b")
+    assert await cache.warm("w") is False  # full: nothing listed, nothing loaded
+    assert "load w" not in journal
+    assert await cache.warm("w", ["b", "a"]) is True  # one slot needed: "b" only
+    await anyio.wait_all_tasks_blocked()
+    assert cache.loaded_ids() == ["a", "w"]
+    assert journal.index("load w") < journal.index("unload b")  # after the build
+    with request_scope("r1", "a"):
+        await cache.get("a")  # a request holds "a"
+        assert await cache.warm("b", ["a"]) is False  # pinned: not given up
+    assert cache.loaded_ids() == ["w", "a"]
     await cache.aclose()
 
 

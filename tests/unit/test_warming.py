@@ -16,6 +16,7 @@ from muxgate.gateway._warming import (
     handed_over,
     handover_bound_s,
     moved_home,
+    spare_copies,
     warm_counts,
 )
 from muxgate.replicas._model_control import MAX_WARMING_LOADS, WarmTurns, warm_may_start
@@ -88,6 +89,49 @@ def test_handed_over_sends_each_recent_model_to_its_next_home() -> None:
     assert handed_over(
         ["x", "y"], "d", scores.__getitem__, prefs.__getitem__, lambda r, m: False, limit=1
     ) == {"b": ["y"]}
+
+
+def test_a_full_next_home_may_give_up_only_spare_copies_coldest_first() -> None:
+    # d leaves; a and b stay. a is to warm "x", b to warm "y".
+    held = {"a": ["s1", "s2", "only", "pin", "mine"], "b": ["s1", "s2", "mine", "both"], "d": []}
+    prefs = {
+        "s1": ["b", "a"],  # b keeps s1: a's copy is spare
+        "s2": ["d", "b", "a"],  # the leaving d is no keeper: b keeps it
+        "only": ["a", "b"],  # a's only copy
+        "pin": ["b", "a"],  # spare, but pinned
+        "mine": ["a", "b"],  # a keeps it: b's copy is spare
+        "both": ["c", "b"],  # b's only copy among the staying (c is not in the pool)
+    }
+    scores = {"s1": 5.0, "s2": 1.0, "only": 0.0, "pin": 0.0, "mine": 2.0, "both": 0.0}
+
+    def holds(r: str, m: str) -> bool:
+        return m in held.get(r, []) or (r, m) == ("d", "s2")
+
+    spares = spare_copies(
+        {"a": ["x"], "b": ["y"], "gone": ["z"]},
+        ["a", "b"],
+        held.__getitem__,
+        scores.__getitem__,
+        prefs.__getitem__,
+        holds,
+        pinned={"pin"},
+    )
+    assert spares == {"a": ["s2", "s1"], "b": ["mine"]}
+    # never both copies of a model: each has a keeper that is on no list
+    for model_id in {m for ms in spares.values() for m in ms}:
+        assert {r for r in ("a", "b") if holds(r, model_id)} - {
+            r for r, ms in spares.items() if model_id in ms
+        }
+    # a model being warmed on a home is not given up there; no spares, no entry
+    assert spare_copies(
+        {"a": ["s1"]}, ["a", "b"], held.__getitem__, scores.__getitem__, prefs.__getitem__, holds
+    ) == {"a": ["s2"]}
+    assert (
+        spare_copies(
+            {"a": ["x"]}, ["a"], held.__getitem__, scores.__getitem__, prefs.__getitem__, holds
+        )
+        == {}
+    )
 
 
 def test_the_handover_is_bounded() -> None:
