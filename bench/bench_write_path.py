@@ -71,7 +71,7 @@ async def one_run(path: str, frames: int, tcp: bool) -> float:
     welcome = Welcome(version=0, deployment="D", replica_id="r", pid=0, state=ReplicaState())
     conn = ReplicaConnection(stream, welcome, address="bench", decoder=FrameDecoder())
     if path == "_write, awaiting":
-        conn._direct = DirectWriter(object())  # type: ignore[arg-type]
+        conn._writer._direct = DirectWriter(object())  # type: ignore[arg-type]
     http = HttpRequest(method="GET", path="/x", query="", headers=[("host", "h")], body=b"")
     frame = encode_frame(
         Call(id=1, request_id="0123456789abcdef01234567", model_id="m1", http=http)

@@ -5,16 +5,10 @@ One persistent stream per replica carries every call to it (see
 concurrent calls over that stream: each call gets an id, and one reader task
 resolves the pending call named by each reply.
 
-Writing never awaits in the caller: a frame is written at once by one
-synchronous call (``muxgate.replicas._fastwrite.DirectWriter``). What the
-socket does not take at once goes to one writer task that awaits the stream
-(shielded, so no half frame is left on the wire); frames written meanwhile
-queue behind it and go out together in its next write. Since writing is
-synchronous, a cancelled caller's frame is either still queued (it is taken
-back) or written whole (a ``Cancel`` follows). bench/bench_write_path.py
-measures the write path against the stream's own send. (Deferring writes to
-the end of the loop iteration to coalesce them was measured too: slower at
-concurrency 1 and 32, see bench_replica_protocol.py.)
+Writing never awaits in the caller (``gateway._frame_writer``): a frame is
+written at once, or queued behind an awaiting write under way; so a
+cancelled caller's frame is either still queued (it is taken back) or
+written whole (a ``Cancel`` follows).
 
 Cancellation: a caller that gives up on a call (cancelled by a client
 disconnect, a gateway-side deadline, its own caller) removes its frame if it
@@ -53,6 +47,7 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 
+from muxgate.gateway._frame_writer import FrameWriter
 from muxgate.gateway._handshake import (
     HandshakeError,
     ReplicaConnectionError,
@@ -64,7 +59,6 @@ from muxgate.replicas.contract import (
     Cancel,
     ChannelAuth,
     ChannelSettings,
-    DirectWriter,
     Drain,
     Drained,
     FrameDecoder,
@@ -198,12 +192,8 @@ class ReplicaConnection:
         self._pongs: deque[asyncio.Future[Pong]] = deque()
         self._drained: asyncio.Future[Drained] | None = None
         self._draining = False
-        # (call id or 0, frame) waiting for the active writer
-        self._out: list[tuple[int, bytes]] = []
-        self._sending = False
+        self._writer = FrameWriter(stream, self._shutdown)
         self._reader: asyncio.Task[None] | None = None
-        self._direct = DirectWriter(stream)
-        self._flushers: set[asyncio.Task[None]] = set()
         self.cancels_sent = 0
         #: calls (not model controls) that left the connection: answered,
         #: abandoned or failed; ``calls_end`` waits on it
@@ -414,12 +404,10 @@ class ReplicaConnection:
         else tell the replica. Synchronous: it runs in a cancelled task."""
         if self.close_reason is not None:
             return  # the replica treats a closed connection as a cancel of everything
-        for i, (queued_id, _) in enumerate(self._out):
-            if queued_id == call_id:
-                del self._out[i]  # never reached the socket
-                return
+        if self._writer.take_back(call_id):
+            return  # never reached the socket
         self.cancels_sent += 1
-        self._queue(encode_frame(Cancel(id=call_id)), 0)
+        self._writer.queue(encode_frame(Cancel(id=call_id)), 0)
 
     async def ping(self, *, events_after: int | None = None) -> Pong:
         """Ask for the replica's state and counters (also refreshes ``state``).
@@ -468,57 +456,13 @@ class ReplicaConnection:
         return await asyncio.shield(self._drained)
 
     async def _write(self, frame: bytes, call_id: int = 0) -> None:
-        """Queue one frame for writing (see ``_queue``); the caller learns of
-        a failure through its pending future."""
+        """Queue one frame for writing (``FrameWriter.queue``); the caller
+        learns of a failure through its pending future."""
         if self.close_reason is not None:
             raise ReplicaUnavailableError(
                 f"replica {self.replica_id} connection closed: {self.close_reason}"
             )
-        self._queue(frame, call_id)
-
-    def _queue(self, frame: bytes, call_id: int) -> None:
-        """Write a frame now, or queue it behind an awaiting write under
-        way; synchronous (callable from a cancelled task)."""
-        self._out.append((call_id, frame))
-        if not self._sending:
-            self._write_now()
-
-    def _write_now(self) -> None:
-        """Write everything queued without awaiting (``DirectWriter``);
-        what the socket does not take goes to an awaiting writer task."""
-        if not self._out or self.close_reason is not None:
-            return
-        batch = self._out
-        data = batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch)
-        sent = self._direct.write(data)
-        if sent == len(data):
-            self._out = []
-            return
-        if sent:
-            # The rest must go next, whole. Part of it is on the wire: its
-            # calls are no longer unsent (id 0), nor can they be taken back.
-            self._out = [(0, data[sent:])]
-        self._sending = True
-        task = asyncio.get_running_loop().create_task(self._flush_in_background())
-        self._flushers.add(task)
-        task.add_done_callback(self._flushers.discard)
-
-    async def _flush_in_background(self) -> None:
-        """The awaiting writer (the caller set ``_sending``)."""
-        try:
-            # Shielded: closing the connection must not leave half a frame
-            # that a later write would continue.
-            with anyio.CancelScope(shield=True):
-                while self._out and self.close_reason is None:
-                    batch, self._out = self._out, []
-                    await self._stream.send(
-                        batch[0][1] if len(batch) == 1 else b"".join(f for _, f in batch)
-                    )
-        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            # Part of the data may have reached the replica: those calls died.
-            self._shutdown(f"write failed: {exc!r}")
-        finally:
-            self._sending = False
+        self._writer.queue(frame, call_id)
 
     # -- reading ------------------------------------------------------------
 
@@ -590,8 +534,7 @@ class ReplicaConnection:
             self._call_ended.set()  # calls_end stops waiting
         died = f"replica {self.replica_id} ({self.address}) connection lost: {reason}"
         # Calls still queued behind the active write never reached the replica.
-        unsent = {call_id for call_id, _ in self._out}
-        self._out = []
+        unsent = self._writer.close()
         failed: list[asyncio.Future[Any]] = []
         for call_id, future in self._pending.items():
             if not future.done():
