@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from muxgate.gateway._channel_client import ChannelClient
 from muxgate.gateway._config import AppConfig
-from muxgate.gateway._connection import ChannelClient
 from muxgate.gateway.launchers import get_launcher_class
 from muxgate.replicas.contract import SECRET_ENV, load_secret
 

@@ -55,8 +55,9 @@ import ray.exceptions
 import ray.util
 from ray.experimental import internal_kv
 
+from muxgate.gateway._channel_client import ChannelClient
 from muxgate.gateway._config import LauncherConfig
-from muxgate.gateway._connection import ChannelClient, ReplicaConnection
+from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._leadership import Leadership, holder_id
 from muxgate.gateway.launchers._interface import LaunchedReplica, ReplicaStartError
 from muxgate.gateway.launchers._ray_lease import (

@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 
 import anyio
 
+from muxgate.gateway._channel_client import ChannelClient
 from muxgate.gateway._config import LauncherConfig
-from muxgate.gateway._connection import ChannelClient, ReplicaConnection
+from muxgate.gateway._connection import ReplicaConnection
 from muxgate.replicas.contract import ChannelSettings, ReplicaState
 
 __all__ = ["StaticLauncher", "StaticReplica"]

@@ -24,7 +24,8 @@ from standalone_replicas import (
 from tls_certs import CertificateAuthority
 from waiting import wait_until
 
-from muxgate.gateway._connection import ChannelClient, HandshakeError, ReplicaConnection
+from muxgate.gateway._channel_client import ChannelClient
+from muxgate.gateway._connection import HandshakeError, ReplicaConnection
 from muxgate.replicas._channel import ChannelAuth, ChannelSettings, TlsSettings, client_ssl_context
 from muxgate.replicas._protocol import HttpRequest, Reply
 

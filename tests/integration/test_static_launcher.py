@@ -20,8 +20,9 @@ from standalone_replicas import SECRET, Standalone, standalone_replica, write_co
 from tls_certs import CertificateAuthority
 from waiting import wait_until
 
+from muxgate.gateway._channel_client import ChannelClient
 from muxgate.gateway._config import LauncherConfig
-from muxgate.gateway._connection import ChannelClient, ReplicaConnection
+from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway.launchers import ReplicaReporter, get_launcher_class
 from muxgate.gateway.launchers.static import StaticLauncher
 from muxgate.replicas.contract import ChannelSettings, TlsSettings, client_ssl_context
