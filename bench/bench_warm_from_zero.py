@@ -42,7 +42,7 @@ sys.path.insert(0, APPS)
 
 from warm_apps import write_sized  # noqa: E402
 
-import muxgate.gateway._pool as pool_module  # noqa: E402
+import muxgate.gateway._pool_warming as pool_warming  # noqa: E402
 from muxgate.gateway._config import parse_config  # noqa: E402
 from muxgate.gateway._serve import start_gateway  # noqa: E402
 
@@ -93,7 +93,7 @@ async def one_round(
         async def nothing(*_: Any, **__: Any) -> None:
             return None
 
-        patches.enter_context(mock.patch.object(pool_module, "warm_after_zero", nothing))
+        patches.enter_context(mock.patch.object(pool_warming, "warm_after_zero", nothing))
     with patches:
         async with (
             start_gateway(config(root)) as gw,

@@ -49,7 +49,7 @@ sys.path.insert(0, APPS)
 from mlp_apps import write_mlps  # noqa: E402
 from warm_apps import linear_bytes, write_sized  # noqa: E402
 
-import muxgate.gateway._pool as pool_module  # noqa: E402
+import muxgate.gateway._pool_warming as pool_warming  # noqa: E402
 from muxgate.gateway._config import parse_config  # noqa: E402
 from muxgate.gateway._serve import start_gateway  # noqa: E402
 
@@ -134,8 +134,8 @@ async def run(warming: bool, args: argparse.Namespace, root: str) -> list[dict[s
             return None
 
         # No warming on join, and no hand-over: a leaving replica drains at once.
-        patches.enter_context(mock.patch.object(pool_module, "warm_moved_home", nothing))
-        patches.enter_context(mock.patch.object(pool_module, "hand_over", nothing))
+        patches.enter_context(mock.patch.object(pool_warming, "warm_moved_home", nothing))
+        patches.enter_context(mock.patch.object(pool_warming, "hand_over", nothing))
     models = [f"m{i:02d}" for i in range(args.models)]
     deployment: dict[str, Any] = {
         "name": "Mlps",
