@@ -163,6 +163,7 @@ class ReplicaPool:
             refused=lambda m: self.quarantine.retry_after(m) is not None,
             spawn=self._spawn,
             timeout_s=drain_timeout_s,
+            draining=lambda: {r.id for r in self.replicas.in_state(DRAINING)},
         )
         self.target = config.initial_replicas
         self.min_replicas: int = config.min_replicas

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from muxgate.gateway._config import DeploymentConfig
@@ -36,6 +36,8 @@ class PoolWarming:
         refused: whether a model id is quarantined now.
         spawn: ``(coroutine, what) -> task``, the pool's task spawner.
         timeout_s: the bound of one warming load.
+        draining: the ids of the replicas leaving now (none of them keeps a
+            copy for a hand-over's ``spare_copies``).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class PoolWarming:
         refused: Callable[[str], bool],
         spawn: Callable[[Awaitable[Any], str], asyncio.Task[Any]],
         timeout_s: float,
+        draining: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self._config = config
         self._router = router
@@ -56,6 +59,7 @@ class PoolWarming:
         self._refused = refused
         self._spawn = spawn
         self._timeout_s = timeout_s
+        self._draining = draining
 
     def joined(self, rep: Replica, conn: ReplicaConnection) -> None:
         """``rep`` runs now (and serves already): start its warming, if any."""
@@ -104,4 +108,5 @@ class PoolWarming:
                 loader=self._config.multiplexed_loader,
                 reported=self._reports.requested,
                 pinned=self._config.pinned,
+                draining=self._draining(),
             )

@@ -161,19 +161,21 @@ async def hand_over(
     loader: str | None,
     reported: PopularitySketch | None = None,
     pinned: Collection[str] = (),
+    draining: Collection[str] = (),
 ) -> None:
     """Replica ``replica_id`` leaving on scale-down, still serving: its recently requested
     models warm on their next homes among ``targets``, all at once, bounded
     by ``handover_bound_s`` (``reported``: see ``warm_counts``). A full next
     home may give up spare copies for them, coldest first (``spare_copies``;
-    ``pinned``: the deployment's, never given up)."""
+    ``pinned``: the deployment's, never given up; ``draining``: other replicas
+    leaving too, which keep no copy)."""
     score = warm_counts(router.popularity, reported).score
 
     def holds(home: str, model_id: str) -> bool:
         return home in router.holders(model_id)
 
     plan = handed_over(conn.state.models, replica_id, score, router.preference_list, holds)
-    staying = [r for r in targets if r != replica_id]
+    staying = [r for r in targets if r != replica_id and r not in draining]
     spares = spare_copies(
         plan,
         staying,
