@@ -19,17 +19,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Final, Generic, Literal, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from muxgate.replicas._cache_options import (
+    DEFAULT_LOAD_ORDER,
+    DEFAULT_MAX_CONCURRENT_LOADS,
+    LOAD_ORDERS,
+    LoadOrder,
+    ModelCacheClosedError,
+    ModelTooLargeError,
+    check_limit,
+    check_load_order,
+    check_model_id,
+)
 from muxgate.replicas._cache_state import MISSING, CacheState, _Missing
 from muxgate.replicas._cache_stats import COUNTERS, EVENTS, count_load, register_cache
 from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._eviction import EvictionPolicy
-from muxgate.replicas._http import empty_model_id_error
 from muxgate.replicas._lru import LRU
 from muxgate.replicas._model_size import model_nbytes, release_device_memory
 from muxgate.replicas._unload_hooks import run_unload_hook
@@ -64,34 +74,6 @@ def _is_outcome(exc: BaseException) -> bool:
 
 # A proxy until the process installs a TracerProvider; it then follows the global one.
 _tracer = trace.get_tracer("muxgate")
-
-DEFAULT_MAX_CONCURRENT_LOADS = 4
-
-LoadOrder = Literal["evict_after", "evict_first"]
-LOAD_ORDERS: Final[tuple[LoadOrder, ...]] = ("evict_after", "evict_first")
-DEFAULT_LOAD_ORDER: Final[LoadOrder] = "evict_after"
-
-
-class ModelCacheClosedError(RuntimeError):
-    """The cache was closed (replica shutdown or drain) while a model was loading."""
-
-
-class ModelTooLargeError(Exception):
-    """A model measured more bytes than its cache's byte budget can ever hold.
-
-    It was not cached (its unload hook ran); the cache's other models are untouched.
-
-    Attributes:
-        model_id: the model.
-        nbytes: what it measured.
-        max_bytes: the budget (``max_bytes_per_replica``).
-    """
-
-    def __init__(self, message: str, *, model_id: str, nbytes: int, max_bytes: int) -> None:
-        super().__init__(message)
-        self.model_id = model_id
-        self.nbytes = nbytes
-        self.max_bytes = max_bytes
 
 
 class _Flight(Generic[M]):
@@ -584,24 +566,3 @@ def _attrs(model_id: str) -> dict[str, str]:
         "muxgate.replica_id": replica.replica_id,
         "muxgate.deployment": replica.deployment,
     }
-
-
-def check_limit(name: str, value: object, *, allow_unlimited: bool) -> None:
-    if type(value) is not int:  # bool is an int subclass, and is refused too
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if allow_unlimited and (value == 0 or value < -1):
-        raise ValueError(f"{name} must be -1 (no limit) or at least 1, got {value}.")
-    if not allow_unlimited and value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}.")
-
-
-def check_model_id(model_id: object) -> None:
-    if type(model_id) is not str:
-        raise TypeError(f"The model ID must be a str, got {type(model_id).__name__}.")
-    if not model_id:
-        raise empty_model_id_error()
-
-
-def check_load_order(load_order: object) -> None:
-    if load_order not in LOAD_ORDERS:
-        raise ValueError(f"load_order must be 'evict_after' or 'evict_first', got {load_order!r}.")

@@ -21,11 +21,11 @@ from typing import Any, TypeVar, overload
 
 import anyio.to_thread
 
-from muxgate.replicas._cache import (
+from muxgate.replicas._cache import ModelCache
+from muxgate.replicas._cache_options import (
     DEFAULT_LOAD_ORDER,
     DEFAULT_MAX_CONCURRENT_LOADS,
     LoadOrder,
-    ModelCache,
     ModelCacheClosedError,
     ModelTooLargeError,
     check_limit,
