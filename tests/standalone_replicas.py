@@ -20,6 +20,8 @@ APPS = str(Path(__file__).resolve().parent / "apps")
 MUXGATE = [sys.executable, "-m", "muxgate.gateway._cli"]
 #: A secret for tests (never a real one).
 SECRET = "test-cluster-secret-0123456789abcdef"
+#: a deployment of tests/apps with max_ongoing_requests 4
+HOOKED = {"name": "Hooked", "import_path": "autoscale_apps:Hooked"}
 
 
 def write_config(folder: Path, deployments: list[dict[str, Any]], **top: Any) -> Path:
@@ -128,3 +130,34 @@ async def standalone_replica(
                     process.kill()
                     await process.wait()
             await process.aclose()
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Standalone, Standalone, dict[str, Any]]]:
+    """Replicas hooked-0 and hooked-1 of ``HOOKED`` (secret required; their
+    config is ``tmp_path/app.yaml``) and a gateway config watching both with
+    a ``static`` launcher."""
+    replica_config = write_config(tmp_path, [HOOKED])
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    async with (
+        standalone_replica(replica_config, "Hooked", "hooked-0") as r0,
+        standalone_replica(replica_config, "Hooked", "hooked-1") as r1,
+    ):
+        yield (
+            r0,
+            r1,
+            {
+                "app_dir": APPS,
+                "http": {"port": 0},
+                "cluster": {"secret_file": str(secret_file)},
+                "deployments": [
+                    {
+                        **HOOKED,
+                        "launcher": {"kind": "static", "addresses": [r0.address, r1.address]},
+                    }
+                ],
+            },
+        )

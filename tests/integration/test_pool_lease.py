@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from lease_clients import InMemoryLeaseClient
 from test_gateway_pool import FakeConnection, FakeProcess, spec_of, until
 from waiting import wait_until
 
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._leadership import Leadership
-from muxgate.gateway._lease import Lease, LeaseGrant
+from muxgate.gateway._lease import Lease
 from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._pool import ReplicaPool
 from muxgate.gateway.launchers import ReplicaStartError
@@ -36,24 +37,8 @@ class Authority:
     def __init__(self) -> None:
         self.lease = Lease()
 
-    def client(self) -> Client:
-        return Client(self.lease)
-
-
-class Client:
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
-        self.reachable = True
-
-    async def acquire(
-        self, holder: str, period_s: float, in_flight: int, queued: int
-    ) -> LeaseGrant:
-        if not self.reachable:
-            raise ConnectionError("cannot reach the lease's keeper")
-        return self.lease.acquire(holder, period_s, in_flight=in_flight, queued=queued)
-
-    async def release(self, holder: str, epoch: int) -> None:
-        self.lease.release(holder, epoch)
+    def client(self) -> InMemoryLeaseClient:
+        return InMemoryLeaseClient(self.lease)
 
 
 class SharedLauncher:
@@ -63,7 +48,9 @@ class SharedLauncher:
 
     replicas_outlive_gateway = True
 
-    def __init__(self, cluster: dict[str, FakeProcess], client: Client, holder: str) -> None:
+    def __init__(
+        self, cluster: dict[str, FakeProcess], client: InMemoryLeaseClient, holder: str
+    ) -> None:
         self.cluster = cluster
         self.client = client
         self.leadership = Leadership(client, period_s=PERIOD, holder=holder)

@@ -11,7 +11,7 @@ import contextlib
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +19,11 @@ import anyio
 import httpx
 import pytest
 import yaml
-from gateway_harness import APPS, MODEL, running_gateway
-from standalone_replicas import SECRET, Standalone, standalone_replica, write_config
+from gateway_harness import MODEL, running_gateway
+from standalone_replicas import two_replicas
 from waiting import wait_until, wait_until_sync
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-HOOKED = {"name": "Hooked", "import_path": "autoscale_apps:Hooked"}  # max_ongoing_requests 4
-
-
-@contextlib.asynccontextmanager
-async def shared_replicas(tmp_path: Path) -> AsyncIterator[tuple[list[Standalone], dict[str, Any]]]:
-    """Replicas hooked-0 and hooked-1, and a gateway config watching both."""
-    replica_config = write_config(tmp_path, [HOOKED])
-    secret_file = tmp_path / "secret"
-    secret_file.write_text(SECRET)
-    async with (
-        standalone_replica(replica_config, "Hooked", "hooked-0") as r0,
-        standalone_replica(replica_config, "Hooked", "hooked-1") as r1,
-    ):
-        addresses = [r0.address, r1.address]
-        yield (
-            [r0, r1],
-            {
-                "app_dir": APPS,
-                "http": {"port": 0},
-                "cluster": {"secret_file": str(secret_file)},
-                "deployments": [{**HOOKED, "launcher": {"kind": "static", "addresses": addresses}}],
-            },
-        )
 
 
 @contextlib.contextmanager
@@ -80,7 +56,8 @@ def gateway_process(
 
 
 async def test_killing_one_gateway_fails_only_its_own_requests(tmp_path: Path) -> None:
-    async with shared_replicas(tmp_path) as (replicas, config):
+    async with two_replicas(tmp_path) as (r0, r1, config):
+        replicas = [r0, r1]
         with gateway_process(tmp_path, config) as (doomed, doomed_url):
             async with (
                 running_gateway(config) as survivor,

@@ -5,18 +5,15 @@ over the same replicas route alike, and one leaving costs the other nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
 import pytest
 from gateway_harness import MODEL, running_gateway
-from standalone_replicas import SECRET, Standalone, standalone_replica, write_config
+from standalone_replicas import HOOKED, SECRET, standalone_replica, two_replicas, write_config
 from tls_certs import CertificateAuthority
 from waiting import wait_until
 
@@ -29,43 +26,12 @@ from muxgate.replicas.contract import ChannelSettings, TlsSettings, client_ssl_c
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-HOOKED = {"name": "Hooked", "import_path": "autoscale_apps:Hooked"}
-
 
 async def served_by(client: httpx.AsyncClient, model: str) -> str:
     response = await client.get("/", headers={MODEL: model})
     assert response.status_code == 200, response.text
     replica: str = response.json()["replica"]
     return replica
-
-
-@contextlib.asynccontextmanager
-async def two_replicas(
-    tmp_path: Path,
-) -> AsyncIterator[tuple[Standalone, Standalone, dict[str, Any]]]:
-    """Replicas hooked-0 and hooked-1 (secret required; their config is
-    ``tmp_path/app.yaml``) and a gateway config watching both."""
-    replica_config = write_config(tmp_path, [HOOKED])
-    secret_file = tmp_path / "secret"
-    secret_file.write_text(SECRET)
-    async with (
-        standalone_replica(replica_config, "Hooked", "hooked-0") as r0,
-        standalone_replica(replica_config, "Hooked", "hooked-1") as r1,
-    ):
-        yield (
-            r0,
-            r1,
-            {
-                "http": {"port": 0},
-                "cluster": {"secret_file": str(secret_file)},
-                "deployments": [
-                    {
-                        **HOOKED,
-                        "launcher": {"kind": "static", "addresses": [r0.address, r1.address]},
-                    }
-                ],
-            },
-        )
 
 
 async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 from fake_clock import FakeClock
+from lease_clients import InMemoryLeaseClient
 
 from muxgate.gateway._leadership import Leadership
 from muxgate.gateway._lease import MARGIN_FRACTION, Lease, LeaseGrant, Tenure
@@ -154,29 +155,10 @@ def test_a_refused_answer_names_the_leader_and_ends_any_tenure() -> None:
     assert repr(tenure) == "<Tenure follower leader=x>"
 
 
-class InMemoryClient:
-    """The authority in this process: a ``Lease`` behind the client interface,
-    optionally unreachable."""
-
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
-        self.reachable = True
-
-    async def acquire(
-        self, holder: str, period_s: float, in_flight: int, queued: int
-    ) -> LeaseGrant:
-        if not self.reachable:
-            raise ConnectionError("authority unreachable")
-        return self.lease.acquire(holder, period_s, in_flight=in_flight, queued=queued)
-
-    async def release(self, holder: str, epoch: int) -> None:
-        self.lease.release(holder, epoch)
-
-
 async def test_leadership_hands_over_within_two_periods_when_the_leader_stops_renewing() -> None:
     clock = FakeClock()
     lease = Lease(clock=clock)
-    a_client, b_client = InMemoryClient(lease), InMemoryClient(lease)
+    a_client, b_client = InMemoryLeaseClient(lease), InMemoryLeaseClient(lease)
     a = Leadership(a_client, period_s=PERIOD, holder="a", clock=clock)
     b = Leadership(b_client, period_s=PERIOD, holder="b", clock=clock)
     b.load = lambda: (2, 3)
@@ -212,8 +194,8 @@ async def test_leadership_hands_over_within_two_periods_when_the_leader_stops_re
 async def test_leadership_released_on_stop_hands_over_at_the_next_ask() -> None:
     clock = FakeClock()
     lease = Lease(clock=clock)
-    a = Leadership(InMemoryClient(lease), period_s=PERIOD, holder="a", clock=clock)
-    b = Leadership(InMemoryClient(lease), period_s=PERIOD, holder="b", clock=clock)
+    a = Leadership(InMemoryLeaseClient(lease), period_s=PERIOD, holder="a", clock=clock)
+    b = Leadership(InMemoryLeaseClient(lease), period_s=PERIOD, holder="b", clock=clock)
     await a.ask(timeout_s=1)
     await a.release()
     assert not a.is_leader()
@@ -223,7 +205,7 @@ async def test_leadership_released_on_stop_hands_over_at_the_next_ask() -> None:
 
 async def test_wait_role_wakes_when_the_tenure_lapses_without_any_answer() -> None:
     lease = Lease()
-    client = InMemoryClient(lease)
+    client = InMemoryLeaseClient(lease)
     leadership = Leadership(client, period_s=0.4, holder="a")
     runner = asyncio.ensure_future(leadership.run())
     try:
