@@ -274,7 +274,7 @@ class AffinityQueue:
     def _serve_one(self) -> bool:
         """Hand one free slot to a waiter; False when none should get one now."""
         router = self.router
-        cap = router.capacity()
+        cap = router.holder_capacity()
         # Replicas with a free slot for a model request: a waiter whose model
         # none of them holds cannot be a cache hit, so it costs no choose().
         scan = _Scan({r for r in router.replica_ids if router.in_flight(r) < cap})
@@ -310,7 +310,8 @@ class AffinityQueue:
         if decision is None:
             if model_id and scan.free:
                 # Its holders are full and a spill does not pay yet: it waits
-                # for a holder; look again once waiting costs as much as a load.
+                # for a holder; look again once waiting costs as much as a load
+                # (``spill: never``: an infinite price, only a freed slot wakes it).
                 scan.refused.add(model_id)
                 due = waiter.since + router.refused_spill_price_s + _PRICE_SLACK_S
                 scan.priced_due = min(scan.priced_due, due)

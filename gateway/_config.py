@@ -23,6 +23,7 @@ from muxgate.gateway._errors import ConfigError
 from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._quarantine import QuarantineConfig
 from muxgate.gateway._router import DEFAULT_BALANCE_FACTOR, DEFAULT_VIRTUAL_NODES
+from muxgate.gateway._spill import SpillRule
 from muxgate.replicas.contract import ChannelSettings, TlsSettings
 
 __all__ = [
@@ -104,8 +105,9 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: when a request whose model's holders are all full goes to another
     #: replica: ``priced`` only when the expected wait for a holder costs more
     #: than the load plus the misses of the model it evicts (docs/routing.md);
-    #: ``bounded_load`` always
-    spill: Literal["priced", "bounded_load"] = "priced"
+    #: ``bounded_load`` always; ``never`` not while a holder is in the pool
+    #: (its requests wait for a holder, which takes up to max_ongoing_requests)
+    spill: SpillRule = "priced"
 
 
 class LauncherConfig(msgspec.Struct, forbid_unknown_fields=True):

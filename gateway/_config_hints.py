@@ -9,9 +9,11 @@ Two steps around ``msgspec.convert`` in ``parse_config``:
   unknown field `min_replica` - at `$.deployments[0].autoscaling```; this adds
   the closest known field of the struct at that path (``did you mean
   `min_replicas`?``), or, for a Ray Serve name that has no counterpart here,
-  what to use instead.
+  what to use instead. For a value outside a field's fixed set (``Invalid
+  enum value 'nevr' - at `$.deployments[0].routing.spill```) it adds the
+  nearest allowed value, else lists them.
 
-The struct at a path is found by walking ``msgspec.inspect.type_info`` of
+The struct (or the field's type) at a path is found by walking ``msgspec.inspect.type_info`` of
 ``AppConfig``, so fields added to the config are known here with no change.
 """
 
@@ -45,6 +47,7 @@ _RAY_POINTERS: dict[str, str] = {
 _UNKNOWN = re.compile(
     r"^Object contains unknown field `(?P<field>[^`]*)`(?: - at `(?P<path>[^`]*)`)?$"
 )
+_BAD_VALUE = re.compile(r"^Invalid enum value (?P<value>.*) - at `(?P<path>[^`]*)`$")
 _STEP = re.compile(r"\.([A-Za-z_][\w]*)|\[(\d+)\]")
 
 
@@ -76,7 +79,8 @@ def apply_aliases(data: Any) -> tuple[Any, list[str]]:
     return {**data, "deployments": renamed}, problems
 
 
-def _struct_at(root: type, path: str) -> msgspec.inspect.StructType | None:
+def _type_at(root: type, path: str) -> msgspec.inspect.Type | None:
+    """The type of the value at ``path`` (``$.a[0].b``), ``X | None`` unwrapped."""
     info: msgspec.inspect.Type = msgspec.inspect.type_info(root)
     for name, index in _STEP.findall(path.removeprefix("$")):
         info = _unwrap(info)
@@ -91,7 +95,11 @@ def _struct_at(root: type, path: str) -> msgspec.inspect.StructType | None:
             info = fields[name]
         else:
             return None
-    info = _unwrap(info)
+    return _unwrap(info)
+
+
+def _struct_at(root: type, path: str) -> msgspec.inspect.StructType | None:
+    info = _type_at(root, path)
     return info if isinstance(info, msgspec.inspect.StructType) else None
 
 
@@ -106,10 +114,12 @@ def _unwrap(info: msgspec.inspect.Type) -> msgspec.inspect.Type:
 
 def explain(message: str, root: type) -> str:
     """``message`` (a msgspec validation error against ``root``) with a hint
-    for an unknown field: the nearest known name, or the Ray Serve pointer."""
+    for an unknown field (the nearest known name, or the Ray Serve pointer)
+    or a value outside a field's fixed set (the nearest allowed value)."""
     match = _UNKNOWN.match(message)
     if match is None:
-        return message
+        bad = _BAD_VALUE.match(message)
+        return message if bad is None else _explain_value(message, bad["value"], bad["path"], root)
     field, path = match["field"], match["path"] or "$"
     pointer = _RAY_POINTERS.get(field)
     if pointer is not None:
@@ -122,3 +132,17 @@ def explain(message: str, root: type) -> str:
     if close:
         return f"{message}: did you mean `{close[0]}`?"
     return f"{message}; known fields: {', '.join(known)}"
+
+
+def _explain_value(message: str, value: str, path: str, root: type) -> str:
+    info = _type_at(root, path)
+    if not isinstance(info, msgspec.inspect.LiteralType):
+        return message
+    allowed = [str(v) for v in info.values]
+    given = value.strip("'\"")
+    # "Never" and "bounded-load" are near enough to name the value meant.
+    lowered = {a.lower().replace("_", "-"): a for a in allowed}
+    close = difflib.get_close_matches(given.lower().replace("_", "-"), lowered, n=1, cutoff=0.6)
+    if close:
+        return f"{message}: did you mean `{lowered[close[0]]}`?"
+    return f"{message}; expected one of: {', '.join(allowed)}"

@@ -500,6 +500,10 @@ class ReplicaPool:
         self.router.remove_replica(rep.id)
         self._memory.forget(rep.id)
         self._reports.forget(rep.id)
+        if not self._closing:
+            # Requests waiting for it as their model's only holder (``spill:
+            # never`` has no timer that looks again) may now go elsewhere.
+            self.dispatcher.wake()
 
     async def _drain(self, rep: Replica) -> None:
         try:

@@ -35,8 +35,10 @@ from muxgate.gateway._route_decision import (
 from muxgate.gateway._shared_load import others_in_flight
 from muxgate.gateway._spill import (
     INITIAL_SERVICE_TIME_S,
-    should_spill,
-    spill_price_s,
+    SPILL_RULES,
+    SpillRule,
+    holder_limit,
+    spill_now,
     victim_share,
 )
 
@@ -121,6 +123,10 @@ class Router:
        load (``load_s``) plus the future misses of the model it evicts on the
        target. Otherwise :meth:`choose` returns None and the request waits
        for a holder. ``"bounded_load"`` spills whenever the holders are full.
+       ``"never"`` never spills: a holder takes requests for m up to
+       ``max_ongoing_requests`` (not the bounded-load capacity: the request
+       has nowhere else to go) and past that they wait for one; a model held
+       nowhere (every holder gone: dead, drained) is placed as in 5.
 
     ``min_capacity`` keeps a lightly loaded deployment from spilling (and
     paying a model load) for a second concurrent request: a spill costs a model
@@ -158,7 +164,7 @@ class Router:
         holder_choice: Literal["least_loaded", "first"] = "least_loaded",
         placement_choices: int = DEFAULT_PLACEMENT_CHOICES,
         popularity_half_life: float = DEFAULT_POPULARITY_HALF_LIFE,
-        spill_rule: Literal["priced", "bounded_load"] = "bounded_load",
+        spill_rule: SpillRule = "bounded_load",
     ) -> None:
         """Create an empty router.
 
@@ -179,7 +185,8 @@ class Router:
             popularity_half_life: Half-life of the popularity sketch, in requests.
             spill_rule: ``"priced"``: spill only when waiting for a holder is
                 expected to cost more than the load (see step 8);
-                ``"bounded_load"``: whenever every holder is at capacity.
+                ``"bounded_load"``: whenever every holder is at capacity;
+                ``"never"``: never while a replica holds the model.
         """
         if not balance_factor > 1.0:
             raise ValueError(f"balance_factor must be > 1, got {balance_factor}")
@@ -209,15 +216,16 @@ class Router:
         self.holder_choice = holder_choice
         self.popularity = PopularitySketch(half_life=popularity_half_life)
         self._high_water = 0  # most models any replica was seen holding
-        if spill_rule not in ("priced", "bounded_load"):
-            raise ValueError(f"spill_rule must be 'priced' or 'bounded_load', got {spill_rule!r}")
+        if spill_rule not in SPILL_RULES:
+            raise ValueError(f"spill_rule must be one of {SPILL_RULES}, got {spill_rule!r}")
         self.spill_rule = spill_rule
         #: one model load (s); the pool keeps it current from the replicas' counters
         self.load_s = 0.5
         #: interval between slots freeing on a busy replica (s); the dispatcher learns it
         self.service_s = INITIAL_SERVICE_TIME_S
         #: the price of the last spill :meth:`choose` refused (s): the request
-        #: that waits spills once it has waited that long
+        #: that waits spills once it has waited that long (``math.inf``
+        #: under ``spill_rule="never"``: it waits for a holder)
         self.refused_spill_price_s = 0.0
 
     # -- membership -------------------------------------------------------
@@ -397,6 +405,12 @@ class Router:
         bound = math.ceil(self.balance_factor * (self._total_in_flight + 1) / n)
         return min(self.max_ongoing_requests, max(self.min_capacity, bound))
 
+    def holder_capacity(self) -> int:
+        """In-flight requests below which a holder takes a request for its
+        model: :meth:`capacity`, or ``max_ongoing_requests`` under
+        ``spill_rule="never"`` (:func:`~muxgate.gateway._spill.holder_limit`)."""
+        return holder_limit(self.spill_rule, self.capacity(), self.max_ongoing_requests)
+
     def preference_list(self, model_id: str) -> list[str]:
         """The full preference list of ``model_id`` (home first)."""
         return self._ring.ring.preference_list(model_id)
@@ -408,8 +422,9 @@ class Router:
     ) -> RouteDecision | None:
         """Pick a replica for a request, or None when it should wait.
 
-        None when every replica is full, or (``spill_rule="priced"``) when the
-        model's holders are full and a spill would cost more than waiting.
+        None when every replica is full, or when the model's holders are
+        full and the spill rule says wait (``"priced"``: a spill would cost
+        more than waiting; ``"never"``: always).
         Does not change state: call :meth:`acquire` once the request is sent.
 
         Args:
@@ -424,7 +439,8 @@ class Router:
         cap = self.capacity()
         replicas = self._replicas
         holders = self._holders.get(model_id, ())
-        wanted = {r for r in holders if replicas[r].in_flight < cap}
+        limit = holder_limit(self.spill_rule, cap, self.max_ongoing_requests)
+        wanted = {r for r in holders if replicas[r].in_flight < limit}
         if wanted:
             return self._choose_holder(model_id, wanted)
         return self._choose_elsewhere(model_id, holders, cap, waiting, waited_s)
@@ -489,7 +505,7 @@ class Router:
             target = place(free, replicas, self._high_water, self.popularity)
         elif (
             holders
-            and self.spill_rule == "priced"
+            and self.spill_rule != "bounded_load"
             and not self._spill_pays(model_id, target, len(holders), waiting, waited_s)
         ):
             return None
@@ -504,21 +520,26 @@ class Router:
     ) -> bool:
         """Step 8: whether loading ``model_id`` on ``target`` beats waiting for
         one of its ``holders`` (all full). When it does not, records the price
-        at which the waiting request's spill will pay (ski rental)."""
-        victim = victim_share(
-            victim_score(self._replicas[target], self._high_water, self.popularity),
-            self.popularity.score(model_id),
-        )
-        if should_spill(
+        at which the waiting request's spill will pay (ski rental; never, for
+        ``spill_rule="never"``)."""
+        victim = 0.0
+        if self.spill_rule == "priced":
+            victim = victim_share(
+                victim_score(self._replicas[target], self._high_water, self.popularity),
+                self.popularity.score(model_id),
+            )
+        due = spill_now(
+            self.spill_rule,
             waiting=waiting,
             holders=holders,
             service_s=self.service_s,
             load_s=self.load_s,
             victim=victim,
             waited_s=waited_s,
-        ):
+        )
+        if due is None:
             return True
-        self.refused_spill_price_s = spill_price_s(self.load_s, victim)
+        self.refused_spill_price_s = due
         return False
 
     def _choose_p2c(self) -> RouteDecision | None:

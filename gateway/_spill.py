@@ -26,18 +26,32 @@ them frees a slot for this request. So (pure functions, no clock):
   *m*'s, at most 1 (a victim as hot as *m* costs a full reload).
 * ``waited_s``: how long the request has already waited: an estimate proven
   wrong by the clock never keeps a request waiting longer than a spill.
+
+That is the ``priced`` rule (``routing.spill``, the default). The other two
+are the ends it sits between: ``bounded_load`` spills whenever every holder
+is at its bounded-load capacity, and ``never`` never loads a second copy of
+a model while a holder is in the pool: its requests wait for a holder, and
+a holder takes them up to ``max_ongoing_requests`` (:func:`holder_limit`),
+since a wait for a slot the holder has free would buy nothing.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 __all__ = [
     "INITIAL_SERVICE_TIME_S",
     "REPORTED_SERVICE_TIME_ALPHA",
     "SERVICE_TIME_ALPHA",
+    "SPILL_RULES",
     "ServiceTimeEstimate",
+    "SpillRule",
     "expected_wait_s",
+    "holder_limit",
     "service_interval_s",
     "should_spill",
+    "spill_now",
     "spill_price_s",
     "victim_share",
 ]
@@ -48,6 +62,10 @@ INITIAL_SERVICE_TIME_S = 0.01
 SERVICE_TIME_ALPHA = 0.05
 #: weight of a new replica report in it (a report sums a second of calls)
 REPORTED_SERVICE_TIME_ALPHA = 0.3
+
+#: ``routing.spill``: when a request whose model's holders are all full goes elsewhere
+SpillRule = Literal["priced", "bounded_load", "never"]
+SPILL_RULES: tuple[SpillRule, ...] = ("priced", "bounded_load", "never")
 
 
 def expected_wait_s(waiting: int, holders: int, service_s: float) -> float:
@@ -113,6 +131,49 @@ def should_spill(
     """
     wait = max(expected_wait_s(waiting, holders, service_s), waited_s)
     return wait > spill_price_s(load_s, victim)
+
+
+def holder_limit(rule: SpillRule, capacity: int, max_ongoing_requests: int) -> int:
+    """In-flight requests below which a holder of the model takes one more.
+
+    The bounded-load ``capacity`` for ``priced`` and ``bounded_load`` (past
+    it, the request may go elsewhere); ``max_ongoing_requests`` for
+    ``never``, where the only other choice is to wait for this slot anyway.
+    """
+    return max_ongoing_requests if rule == "never" else capacity
+
+
+def spill_now(
+    rule: SpillRule,
+    *,
+    waiting: int,
+    holders: int,
+    service_s: float,
+    load_s: float,
+    victim: float,
+    waited_s: float = 0.0,
+) -> float | None:
+    """The spill decision of ``rule`` for a request whose holders are all full.
+
+    Returns None to spill now, else the wait (s) after which the request
+    should be looked at again: the price of the spill (``priced``: it spills
+    once it has waited that long), or ``math.inf`` (``never``: it waits for
+    a holder, however long). Arguments as :func:`should_spill`.
+    """
+    if rule == "bounded_load":
+        return None
+    if rule == "never":
+        return math.inf
+    if should_spill(
+        waiting=waiting,
+        holders=holders,
+        service_s=service_s,
+        load_s=load_s,
+        victim=victim,
+        waited_s=waited_s,
+    ):
+        return None
+    return spill_price_s(load_s, victim)
 
 
 class ServiceTimeEstimate:

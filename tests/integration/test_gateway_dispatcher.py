@@ -685,6 +685,27 @@ async def test_a_priced_spill_waits_for_the_holder_then_spills_once_waiting_cost
     await blocked
 
 
+async def test_never_spill_waits_for_the_holder_past_any_price() -> None:
+    clock = FakeClock()
+    d, targets, metrics = make(["a", "b"], clock=clock)
+    d.router.spill_rule = "never"
+    holder = d.router.preference_list("m")[0]
+    other = "b" if holder == "a" else "a"
+    targets[holder].gate = gate = asyncio.Event()
+    first = asyncio.ensure_future(send(d, "m", within_s=7200.0))
+    await settle()
+    waiting = [asyncio.ensure_future(send(d, "m", within_s=7200.0)) for _ in range(5)]
+    await settle()
+    clock.now += 3600.0  # far past any load's price (and before the deadline)
+    d.wake()
+    await settle()
+    assert d.queued == 5 and not targets[other].calls
+    gate.set()
+    replies = await asyncio.gather(first, *waiting)
+    assert {replica for _, replica in replies} == {holder}
+    assert metrics.spills == 0 and not targets[other].calls
+
+
 class SharedReplica(FakeReplica):
     """A replica other gateways share: while ``refusals`` last it refuses
     (``overloaded``) and reports their calls (``others``), as its replies do,

@@ -92,3 +92,25 @@ def test_rays_older_names_point_to_the_current_ones() -> None:
     )
     reason = _error(_deployment(autoscaling={"target_num_ongoing_requests_per_replica": 2}))
     assert reason.endswith("is `target_ongoing_requests`")
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("nevr", ": did you mean `never`?"),
+        ("Never", ": did you mean `never`?"),
+        ("bounded-load", ": did you mean `bounded_load`?"),
+        ("sometimes", "; expected one of: bounded_load, never, priced"),
+    ],
+)
+def test_a_value_outside_a_fields_set_gets_the_nearest_allowed_one(value: str, hint: str) -> None:
+    assert _error(_deployment(routing={"spill": value})) == (
+        f"Invalid enum value '{value}' - at `$.deployments[0].routing.spill`{hint}"
+    )
+
+
+def test_every_spill_rule_is_accepted() -> None:
+    for rule in ("priced", "bounded_load", "never"):
+        assert (
+            parse_config(_deployment(routing={"spill": rule})).deployments[0].routing.spill == rule
+        )

@@ -1,7 +1,9 @@
-"""The priced spill rule: pure functions, and the router that applies them."""
+"""The spill rules (``priced``, ``bounded_load``, ``never``): pure
+functions, and the router that applies them."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -10,8 +12,10 @@ from muxgate.gateway._router import Router
 from muxgate.gateway._spill import (
     ServiceTimeEstimate,
     expected_wait_s,
+    holder_limit,
     service_interval_s,
     should_spill,
+    spill_now,
     spill_price_s,
     victim_share,
 )
@@ -159,5 +163,78 @@ def test_hits_are_marked_for_the_service_time_sample() -> None:
 
 
 def test_unknown_spill_rule_is_refused() -> None:
-    with pytest.raises(ValueError, match="spill_rule"):
+    with pytest.raises(ValueError, match="spill_rule must be one of"):
         Router(spill_rule="sometimes")  # type: ignore[arg-type]
+
+
+def test_spill_now_per_rule() -> None:
+    cheap = {"waiting": 1, "holders": 1, "service_s": SERVICE_S, "load_s": LOAD_S, "victim": 0.0}
+    pile = {**cheap, "waiting": 100}  # 100 ms of wait against a 7 ms load
+    # bounded_load: spill whenever the holders are full.
+    assert spill_now("bounded_load", **cheap) is None
+    # priced: wait (looked at again at the price) unless waiting costs more.
+    assert spill_now("priced", **cheap) == pytest.approx(LOAD_S)
+    assert spill_now("priced", **pile) is None
+    assert spill_now("priced", **cheap, waited_s=1.0) is None
+    # never: wait however long the queue or the wait already is.
+    assert spill_now("never", **cheap) == math.inf
+    assert spill_now("never", **pile, waited_s=3600.0) == math.inf
+
+
+def test_a_holder_takes_up_to_max_ongoing_requests_only_under_never() -> None:
+    assert holder_limit("priced", 3, 8) == 3
+    assert holder_limit("bounded_load", 3, 8) == 3
+    assert holder_limit("never", 3, 8) == 8
+
+
+def never_router(n: int = 8, max_ongoing: int = 4) -> Router:
+    router = Router(
+        rng=random.Random(0),
+        max_ongoing_requests=max_ongoing,
+        min_capacity=1,
+        balance_factor=1.25,
+        spill_rule="never",
+    )
+    for i in range(n):
+        router.add_replica(f"replica-{i}")
+    router.load_s, router.service_s = LOAD_S, SERVICE_S
+    return router
+
+
+def test_never_fills_the_holder_to_max_ongoing_then_waits_for_it() -> None:
+    router, priced = never_router(), never_router()
+    priced.spill_rule = "priced"
+    holder = router.preference_list("m")[0]
+    for r in (router, priced):
+        r.observe(holder, models=["m"], loading=[])
+        r.acquire(holder, "m")
+        r.acquire(holder, "m")
+    # Two in flight over 8 replicas: the bounded-load capacity is 1, so the
+    # other rules look past the holder; never sends to its free slots.
+    assert router.capacity() == 1 and router.holder_capacity() == 4
+    spill = priced.choose("m", waiting=100)
+    assert spill is not None and spill.spillover
+    for _ in range(2):
+        decision = router.choose("m")
+        assert decision is not None and decision.replica_id == holder and decision.hit
+        router.acquire(holder, "m")
+    # The holder is at max_ongoing_requests: wait, whatever the pile or the wait.
+    assert router.choose("m", waiting=1000, waited_s=3600.0) is None
+    assert router.refused_spill_price_s == math.inf
+    assert router.holders("m") == {holder}
+    assert "spill_rule=never" in repr(router)
+    router.release(holder, "m")
+    again = router.choose("m", waiting=1000)
+    assert again is not None and again.replica_id == holder
+
+
+def test_never_places_a_model_held_nowhere_and_moves_on_when_its_holder_leaves() -> None:
+    router = never_router(n=3, max_ongoing=1)
+    cold = router.choose("m")  # held nowhere: placed as under any rule
+    assert cold is not None and not cold.spillover
+    first = cold.replica_id
+    router.acquire(first, "m")
+    assert router.choose("m") is None  # its holder is full: wait for it
+    router.remove_replica(first)  # dead or drained: the model may go elsewhere
+    moved = router.choose("m")
+    assert moved is not None and moved.replica_id != first and not moved.spillover
