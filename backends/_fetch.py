@@ -19,6 +19,7 @@ local load is fetched and decoded in one worker-thread hop.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import stat
@@ -62,6 +63,10 @@ def _translate(exc: Exception, url: str) -> BackendError:
     if isinstance(exc, BackendError):
         return exc
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return ModelNotFoundError(url)
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        # A valid id (up to 256 characters) can be longer than a local file
+        # system's name limit (255 bytes): no such model can be stored there.
         return ModelNotFoundError(url)
     return BackendError(f"storage error for {url}: {type(exc).__name__}: {exc}", url=url)
 

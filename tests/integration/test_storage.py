@@ -376,6 +376,15 @@ async def test_not_found(store: Store) -> None:
     assert info.value.url == f"{store.root}/missing/model.pt"
 
 
+async def test_longest_model_id_is_not_found(store: Store) -> None:
+    # 256 characters is a valid id, longer than a local file name may be:
+    # not found, not a storage failure (500). The root exists (a local file
+    # system reports a missing folder before a name too long).
+    store.put("1/model.pt", _torch_bytes(_state()))
+    with pytest.raises(ModelNotFoundError):
+        await load_state_dict(store.root, "a" * 256, **store.kwargs())
+
+
 async def test_truncated_file(store: Store) -> None:
     data = _torch_bytes(_state())
     store.put("cut/model.pt", data[: len(data) // 2])
