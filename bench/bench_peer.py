@@ -38,6 +38,19 @@ with every cost measured as above, and the same limit on the cores that
 other jobs left free during the run (their CPU is the host's busy time that
 neither the system nor the load generator used). Raw JSON lines go to ``--out``.
 
+The data-plane CPU comes from the no-op run. With ``--no-noop`` it comes
+from ``--data-plane-ms`` (``1.2`` for every system, or ``muxgate=1.2,ray=5``)
+or else from the last no-op run of an earlier invocation with the same
+``--out``, which saves what it measured to ``<out>.data-plane.json``; the
+table's "data plane" column says which source each row used.
+
+``--spill never`` (or ``bounded_load``; default: the config's default,
+``priced``) sets muxgate's ``routing.spill``: ``never`` is the "no spills"
+reference, at the same ``--max-ongoing`` as the run it is compared with.
+The shared hook writes a fixed app config (and the harness is read-only),
+so the hook is pointed at a one-file ``muxgate`` shim that adds the
+routing to that config and then runs this repository's ``muxgate``.
+
     flock /work/wt/bench.lock .venv/bin/python bench/bench_peer.py \\
         --ray-venv /tmp/raybench-venv --runs 3
 
@@ -184,9 +197,37 @@ class System:
 class Muxgate(System):
     name = "muxgate"
 
+    def __init__(self, root: Path, port: int, max_ongoing: int, spill: str | None = None) -> None:
+        super().__init__(root, port, max_ongoing)
+        self.spill = spill
+
     def deploy(self, app: str, k: int, replicas: int) -> None:
-        env = {**self.env(), "MUXVENV": str(REPO / ".venv")}
+        venv = REPO / ".venv" if self.spill is None else self._shim_venv()
+        env = {**self.env(), "MUXVENV": str(venv)}
         run([str(PEER / "muxgate_hook.sh"), app, str(k), str(replicas)], env)
+
+    def _shim_venv(self) -> Path:
+        """A folder whose ``bin/muxgate`` adds ``routing.spill`` to the hook's
+        app config, then runs this repository's ``muxgate`` in its place."""
+        shim = Path(tempfile.gettempdir()) / "bench-peer" / "spill-shim"
+        (shim / "bin").mkdir(parents=True, exist_ok=True)
+        real = REPO / ".venv" / "bin" / "muxgate"
+        script = shim / "bin" / "muxgate"
+        script.write_text(
+            f"#!{REPO / '.venv' / 'bin' / 'python'}\n"
+            "# written by bench/bench_peer.py --spill\n"
+            "import os, sys, yaml\n"
+            "if sys.argv[1:2] == ['serve']:\n"
+            "    with open(sys.argv[2]) as f:\n"
+            "        config = yaml.safe_load(f)\n"
+            "    for deployment in config['deployments']:\n"
+            f"        deployment.setdefault('routing', {{}})['spill'] = {self.spill!r}\n"
+            "    with open(sys.argv[2], 'w') as f:\n"
+            "        yaml.safe_dump(config, f)\n"
+            f"os.execv({str(real)!r}, [{str(real)!r}, *sys.argv[1:]])\n"
+        )
+        script.chmod(0o755)
+        return shim
 
     def env(self) -> dict[str, str]:
         # The hook keeps its pid file and app under $TMPDIR/muxbench-work and
@@ -412,7 +453,46 @@ def cpu_limit(
     return cores * 1000 / per_request
 
 
-def row(result: dict[str, Any], limit: float | None, left: float | None = None) -> list[str]:
+def parse_data_plane(value: str | None) -> dict[str, float]:
+    """``--data-plane-ms``: ``1.2`` (every system, key ``*``) or ``muxgate=1.2,ray=5``."""
+    if not value:
+        return {}
+    out: dict[str, float] = {}
+    for part in value.split(","):
+        name, _, ms = part.rpartition("=")
+        try:
+            out[name.strip() or "*"] = float(ms)
+        except ValueError:
+            sys.exit(f"bench_peer: --data-plane-ms {value!r}: expected MS or SYSTEM=MS,...")
+    return out
+
+
+def data_plane_file(out: Path | None) -> Path | None:
+    """Where the last measured data-plane CPU is kept: next to ``--out``."""
+    return None if out is None else out.with_name(out.name + ".data-plane.json")
+
+
+def data_plane_ms(
+    name: str, noop: dict[str, dict[str, Any]], given: dict[str, float], saved: dict[str, Any]
+) -> tuple[float | None, str]:
+    """The data-plane CPU-ms per request of system ``name`` and its source:
+    this invocation's no-op run, ``--data-plane-ms``, or the saved file."""
+    if name in noop:
+        return system_cpu_ms(noop[name]["cpu_ms_per_request"]), "no-op run"
+    for key in (name, "*"):
+        if key in given:
+            return given[key], "--data-plane-ms"
+    if name in saved:
+        return float(saved[name]["ms"]), f"saved {saved[name]['measured_at']}"
+    return None, "none (no-op skipped)"
+
+
+def row(
+    result: dict[str, Any],
+    limit: float | None,
+    left: float | None = None,
+    data_plane: str = "-",
+) -> list[str]:
     cpu = result["cpu_ms_per_request"]
     lat = result["latency_ms"]
     probe = result["healthz_ms_under_load"]
@@ -429,6 +509,7 @@ def row(result: dict[str, Any], limit: float | None, left: float | None = None) 
         f"{system_cpu_ms(cpu):.2f}",
         f"{limit:.0f} ({result['throughput_rps'] / limit:.0%})" if limit else "-",
         f"{left:.0f} ({result['throughput_rps'] / left:.0%})" if left else "-",
+        data_plane,
         f"{probe.get('p50')} / {probe.get('p99')}",
     ]
 
@@ -446,6 +527,7 @@ HEADER = [
     "CPU-ms/req total",
     "CPU limit req/s (achieved)",
     "limit on cores left by other jobs (achieved)",
+    "data plane CPU-ms/req (source)",
     "healthz p50 / p99 ms",
 ]
 
@@ -481,13 +563,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--concurrency", type=int, default=8)
     parser.add_argument("--rate", type=float, default=None, help="open loop at this rate")
     parser.add_argument("--max-ongoing", type=int, default=5)
+    parser.add_argument(
+        "--spill",
+        choices=["priced", "bounded_load", "never"],
+        default=None,
+        help="muxgate's routing.spill (default: the config's default); never: no spills",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quiet", type=float, default=0.3, help="host busy to wait for")
     parser.add_argument("--port", type=int, default=8400)
     parser.add_argument("--models", type=Path, default=Path("/tmp/muxgate-peer-models"))
     parser.add_argument("--no-noop", action="store_true", help="skip the no-op runs")
+    parser.add_argument(
+        "--data-plane-ms",
+        default=None,
+        help="with --no-noop: data-plane CPU-ms/req for the CPU limit (MS, or SYSTEM=MS,...);"
+        " default: the last no-op run saved next to --out",
+    )
     parser.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args(argv)
+    given_data_plane = parse_data_plane(args.data_plane_ms)
+    saved_path = data_plane_file(args.out)
+    saved_data_plane: dict[str, Any] = {}
+    if saved_path is not None and saved_path.is_file():
+        saved_data_plane = json.loads(saved_path.read_text())
     peer_dir()
     from muxgate.gateway.launchers._processes import usable_cores
 
@@ -528,11 +627,12 @@ def main(argv: list[str] | None = None) -> int:
         assert ray_venv is not None
         systems["ray"] = Ray(models, args.port, args.max_ongoing, ray_venv)
     if "muxgate" in wanted:
-        systems["muxgate"] = Muxgate(models, args.port, args.max_ongoing)
+        systems["muxgate"] = Muxgate(models, args.port, args.max_ongoing, args.spill)
     print(
         f"# {platform.node()}: {os.cpu_count()} CPUs, {cores:g} usable, Python "
         f"{platform.python_version()}; N={args.n} {args.dist} s={args.zipf_s} "
         f"K={args.k} R={args.replicas} max_ongoing={args.max_ongoing} "
+        + (f"spill={args.spill} " if args.spill else "")
         + (f"rate={args.rate}" if args.rate else f"c={args.concurrency}")
         + f" requests={args.requests} seed={args.seed}",
         flush=True,
@@ -554,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, system in systems.items():
                 noop[name] = measured_run(python, system, args, "noop", "noop")
                 print(f"# {name} no-op: {json.dumps(noop[name]['cpu_ms_per_request'])}", flush=True)
+            if saved_path is not None:
+                stamp = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
+                for name, result in noop.items():
+                    ms = system_cpu_ms(result["cpu_ms_per_request"])
+                    saved_data_plane[name] = {"ms": round(ms, 3), "measured_at": stamp}
+                saved_path.write_text(json.dumps(saved_data_plane, indent=1) + "\n")
         for i in range(args.runs):
             for name, system in systems.items():
                 result = measured_run(python, system, args, "mux", f"run {i + 1}")
@@ -569,9 +675,10 @@ def main(argv: list[str] | None = None) -> int:
             system.close()
     rows: list[list[str]] = []
     for name, runs in results.items():
-        dp = system_cpu_ms(noop[name]["cpu_ms_per_request"]) if name in noop else None
+        dp, source = data_plane_ms(name, noop, given_data_plane, saved_data_plane)
+        shown = f"{dp:.2f} ({source})" if dp is not None else source
         if name in noop:
-            rows.append(row(noop[name], None))
+            rows.append(row(noop[name], None, None, shown))
         for result in runs:
             limit = left = None
             if dp is not None:
@@ -581,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                 left = cpu_limit(max(0.1, cores - others), dp, result["hit_rate"], costs)
             result["cpu_limit_rps"] = round(limit, 1) if limit else None
             result["cpu_limit_left_rps"] = round(left, 1) if left else None
-            rows.append(row(result, limit, left))
+            result["data_plane_ms"] = {"ms": dp, "source": source}
+            rows.append(row(result, limit, left, shown))
     print_table(rows)
     if len(results.get("ray", [])) and len(results.get("muxgate", [])):
         ray_runs, mux_runs = results["ray"], results["muxgate"]
