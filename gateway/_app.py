@@ -196,7 +196,9 @@ def _admin_guard(token: str | None) -> Any:
 
 def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     status = getattr(exc, "status_code", 500)
-    request_id = request.headers.get("x-request-id") or new_request_id()
+    # The caller's id only when sane (as for the ingress), else one of ours.
+    given = request.headers.get("x-request-id", "")
+    request_id = given if REQUEST_ID.fullmatch(given.encode("latin-1")) else new_request_id()
     code = {
         401: ErrorCode.UNAUTHORIZED,
         404: ErrorCode.NOT_FOUND,
@@ -206,11 +208,17 @@ def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Res
     if status >= 500:
         _log.exception("admin endpoint failed", exc_info=exc)
         message = "internal error in the gateway"
+    headers = {"x-request-id": request_id, "x-muxgate-replica": ""}
+    if status == 405:
+        # RFC 9110: a 405 lists the methods the resource takes.
+        allow = (getattr(exc, "headers", None) or {}).get("allow")
+        if allow:
+            headers["allow"] = allow
     return Response(
         content=error_body(code, message, request_id),
         status_code=status,
         media_type="application/json",
-        headers={"x-request-id": request_id, "x-muxgate-replica": ""},
+        headers=headers,
     )
 
 
@@ -348,7 +356,7 @@ def _status_page() -> Any:
 
     @get("/-/", sync_to_thread=False, opt={"public": True})
     def status_page() -> Response[bytes]:
-        return Response(content=page_bytes, status_code=200, media_type="text/html; charset=utf-8")
+        return Response(content=page_bytes, status_code=200, media_type="text/html")
 
     return status_page
 

@@ -222,6 +222,27 @@ async def test_request_id_is_honoured_or_generated(client: httpx.AsyncClient) ->
     assert len(r.headers["x-request-id"]) >= 16
 
 
+async def test_admin_errors_keep_only_a_sane_request_id(client: httpx.AsyncClient) -> None:
+    for given in ("not sane", "x" * 129):
+        r = await client.get("/-/nothing-here", headers={"x-request-id": given})
+        assert r.status_code == 404
+        assert r.headers["x-request-id"] != given
+        assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+    r = await client.get("/-/nothing-here", headers={"x-request-id": "admin-2"})
+    assert r.headers["x-request-id"] == "admin-2"
+
+
+async def test_admin_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None:
+    r = await client.post("/-/healthz")
+    assert r.status_code == 405
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in r.headers["allow"]
+    r = await client.get("/-/models/Sticky/1/load")
+    assert r.status_code == 405
+    assert "POST" in r.headers["allow"]
+    assert "GET" not in r.headers["allow"]
+
+
 async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> None:
     r = await client.get("/-/healthz", headers={"x-request-id": "admin-1"})
     assert r.status_code == 200
@@ -233,7 +254,7 @@ async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> N
     assert 'muxgate_replicas{deployment="Sticky",state="running"} 2.0' in r.text
     r = await client.get("/-/")
     assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/html")
+    assert r.headers["content-type"] == "text/html; charset=utf-8"
     r = await client.get("/-/nothing-here")
     assert r.status_code == 404
     assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
