@@ -6,8 +6,9 @@ Two passes, and every problem of both is reported at once:
    that fails, the top-level sections and each deployment are validated on
    their own too, so one bad deployment does not hide another's problem.
 2. The classes: each deployment whose own config is valid has its
-   ``import_path`` imported in *one separate Python process* (the
-   ``init_kwargs`` are not used: nothing is constructed), so the checking
+   ``import_path`` imported in *one separate Python process*, and the names
+   of its ``init_kwargs`` bound to the class's signature (a misspelt or a
+   missing argument is found; nothing is constructed), so the checking
    process stays free of user code and a class that crashes the interpreter
    is reported like any other failure.
 
@@ -39,18 +40,27 @@ _PLACEHOLDER = {"name": "placeholder", "import_path": "placeholder:Placeholder"}
 # Runs in the child: imports each class the way a replica does
 # (muxgate.replicas._server._import_class), reports one JSON line.
 _CHILD = f"""
-import json, sys, types
+import inspect, json, sys, types
 from muxgate.replicas._server import _import_class, failure_location
 
 results = {{}}
 for item in json.loads(sys.stdin.read()):
     try:
         where = types.SimpleNamespace(app_dir=item["app_dir"], import_path=item["import_path"])
-        _import_class(where)
+        cls = _import_class(where)
         results[item["name"]] = None
     except BaseException as exc:
         error = f"{{type(exc).__name__}}: {{exc}}"
         results[item["name"]] = {{"error": error, "where": failure_location(exc)}}
+        continue
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # no signature to check (e.g. a C type)
+        continue
+    try:
+        signature.bind(**dict.fromkeys(item["init_kwargs"]))
+    except TypeError as exc:
+        results[item["name"]] = {{"error": str(exc), "init_kwargs": True}}
 sys.stdout.write({_MARKER!r} + json.dumps(results) + "\\n")
 """
 
@@ -62,6 +72,8 @@ class ImportTarget:
     name: str
     import_path: str
     app_dir: str
+    #: the names of its ``init_kwargs`` (bound to the class's signature)
+    init_kwargs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -108,7 +120,7 @@ def _valid_deployments(data: Any, base_dir: str) -> list[ImportTarget]:
         except ConfigError:
             continue
         d = config.deployments[0]
-        targets.append(ImportTarget(d.name, d.import_path, folder))
+        targets.append(ImportTarget(d.name, d.import_path, folder, tuple(d.init_kwargs)))
     return targets
 
 
@@ -142,6 +154,11 @@ def import_classes(
         result = results.get(target.name)
         if result is None:
             out[target.name] = None
+        elif result.get("init_kwargs"):
+            given = ", ".join(target.init_kwargs) or "none"
+            out[target.name] = (
+                f"init_kwargs ({given}) do not fit {target.import_path}: {result['error']}"
+            )
         else:
             at = f" (at {result['where']})" if result.get("where") else ""
             out[target.name] = f"importing {target.import_path}: {result['error']}{at}"

@@ -89,7 +89,7 @@ def _serve(config_path: str, host: str | None, port: int | None, log_level: str)
     # Deployments that start replicas are checked by them (a failed start
     # stops `serve`); those that start none are imported here, in a child.
     idle = [
-        ImportTarget(d.name, d.import_path, config.app_dir)
+        ImportTarget(d.name, d.import_path, config.app_dir, tuple(d.init_kwargs))
         for d in config.deployments
         if d.initial_replicas == 0
     ]

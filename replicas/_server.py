@@ -260,10 +260,15 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
         except ChannelError as exc:
             return failed(_one_line(str(exc)))
 
+        # What a failure with no frame in the user's code was doing.
+        doing = f"importing {spec.import_path}"
+
         async def instantiate() -> Any:
+            nonlocal doing
             # Import and __init__ run in a worker thread; the CPU budget is
             # applied between them in this thread (it runs the async code).
             cls = await anyio.to_thread.run_sync(_import_class, spec, abandon_on_cancel=True)
+            doing = f"constructing {spec.import_path} with init_kwargs {sorted(spec.init_kwargs)}"
             num_cpus = spec.num_cpus
             if num_cpus is None:
                 num_cpus = get_deployment_options(cls).num_cpus
@@ -277,7 +282,7 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
         except Exception as exc:
             _log.exception("Starting %s failed.", spec.import_path)
             where = failure_location(exc)
-            at = f" (at {where})" if where else f" (importing {spec.import_path})"
+            at = f" (at {where})" if where else f" ({doing})"
             return failed(_one_line(f"{type(exc).__name__}: {exc}{at}"))
         if not done:
             return failed(f"stopped during start-up ({starter.reason})")

@@ -223,6 +223,50 @@ def test_check_reports_every_problem_at_once(tmp_path: Path) -> None:
     assert out[4:] == ["ok: deployment 'InitRaises' imports", f"{config}: 4 problems"]
 
 
+def test_check_binds_init_kwargs_to_the_class(tmp_path: Path) -> None:
+    flagged = "broken_apps:FailsWhenFlagged"
+    config = _app(
+        tmp_path,
+        {"name": "Misspelt", "import_path": flagged, "init_kwargs": {"flg": "x"}},
+        {
+            "name": "Extra",
+            "import_path": flagged,
+            "init_kwargs": {"flag": "x", "more": 1},
+            "route_prefix": "/extra",
+        },
+        {
+            "name": "Right",
+            "import_path": flagged,
+            "init_kwargs": {"flag": "x"},
+            "route_prefix": "/right",
+        },
+    )
+    result = _muxgate("check", str(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        f"error: deployment 'Misspelt': init_kwargs (flg) do not fit {flagged}:"
+        " missing a required argument: 'flag'",
+        f"error: deployment 'Extra': init_kwargs (flag, more) do not fit {flagged}:"
+        " got an unexpected keyword argument 'more'",
+        "ok: deployment 'Right' imports",
+        f"{config}: 2 problems",
+    ]
+
+
+def test_serve_names_the_constructor_call_that_failed(tmp_path: Path) -> None:
+    # The TypeError is raised by Python's call, in no frame of the user's
+    # code: the message says the class was being constructed, not imported.
+    config = _app(
+        tmp_path, {"name": "Typo", "import_path": "broken_apps:Fine", "init_kwargs": {"oops": 1}}
+    )
+    result = _muxgate("serve", str(config), "--port", "0", "--log-level", "CRITICAL")
+    assert result.returncode == 1, result.stderr
+    assert (
+        "muxgate: deployment 'Typo' (broken_apps:Fine) failed to start: TypeError:"
+        " Fine() takes no arguments (constructing broken_apps:Fine with init_kwargs ['oops'])"
+    ) in result.stderr
+
+
 def test_serve_stops_at_once_when_a_replica_cannot_start(tmp_path: Path) -> None:
     config = _app(
         tmp_path,
