@@ -119,9 +119,10 @@ def _check(config_path: str) -> int:
 
 
 def _status(url: str, token: str | None) -> int:
-    from muxgate.gateway._status_view import StatusError, fetch, render
+    from muxgate.gateway._status_view import StatusError, base_url, fetch, render
 
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    url = base_url(url)
     try:
         snapshot = fetch(url, token)
     except StatusError as exc:

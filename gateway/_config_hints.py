@@ -11,7 +11,8 @@ Two steps around ``msgspec.convert`` in ``parse_config``:
   `min_replicas`?``), or, for a Ray Serve name that has no counterpart here,
   what to use instead. For a value outside a field's fixed set (``Invalid
   enum value 'nevr' - at `$.deployments[0].routing.spill```) it adds the
-  nearest allowed value, else lists them.
+  nearest allowed value, else lists them; for a string that does not match
+  its field's pattern (``import_path: torch_mlp.Model``), the form wanted.
 
 The struct (or the field's type) at a path is found by walking ``msgspec.inspect.type_info`` of
 ``AppConfig``, so fields added to the config are known here with no change.
@@ -48,6 +49,16 @@ _UNKNOWN = re.compile(
     r"^Object contains unknown field `(?P<field>[^`]*)`(?: - at `(?P<path>[^`]*)`)?$"
 )
 _BAD_VALUE = re.compile(r"^Invalid enum value (?P<value>.*) - at `(?P<path>[^`]*)`$")
+_NO_MATCH = re.compile(r"^Expected `str` matching regex .* - at `(?P<path>[^`]*)`$")
+
+#: a field with a pattern -> the form it wants, in words (the regex alone
+#: leaves a user guessing)
+_PATTERN_HINTS: dict[str, str] = {
+    "import_path": "`module:Class`, e.g. `torch_mlp:Model` (a colon before the class)",
+    "name": "1-64 of `A-Z a-z 0-9 _ . -`, starting with a letter or digit",
+    "namespace": "1-64 of `A-Z a-z 0-9 _ . -`, starting with a letter or digit",
+    "multiplexed_loader": "the name of a method, e.g. `get_model`",
+}
 _STEP = re.compile(r"\.([A-Za-z_][\w]*)|\[(\d+)\]")
 
 
@@ -118,6 +129,10 @@ def explain(message: str, root: type) -> str:
     or a value outside a field's fixed set (the nearest allowed value)."""
     match = _UNKNOWN.match(message)
     if match is None:
+        no_match = _NO_MATCH.match(message)
+        if no_match is not None:
+            hint = _PATTERN_HINTS.get(no_match["path"].rsplit(".", 1)[-1])
+            return message if hint is None else f"{message}: expected {hint}"
         bad = _BAD_VALUE.match(message)
         return message if bad is None else _explain_value(message, bad["value"], bad["path"], root)
     field, path = match["field"], match["path"] or "$"

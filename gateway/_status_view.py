@@ -10,17 +10,25 @@ from typing import Any
 
 import httpx
 
-__all__ = ["StatusError", "fetch", "render"]
+__all__ = ["StatusError", "base_url", "fetch", "render"]
 
 
 class StatusError(Exception):
     """The gateway could not be asked (not running, refused, bad token)."""
 
 
+def base_url(url: str) -> str:
+    """``url`` without a trailing ``/``; ``http://`` added to a bare
+    ``HOST:PORT`` (what ``muxgate serve`` prints after "serving on" has one)."""
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
 def fetch(url: str, token: str | None, *, timeout_s: float = 5.0) -> dict[str, Any]:
     """``GET {url}/-/replicas`` with the bearer token when one is given."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    target = url.rstrip("/") + "/-/replicas"
+    target = base_url(url) + "/-/replicas"
     try:
         response = httpx.get(target, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:

@@ -114,3 +114,11 @@ def test_every_spill_rule_is_accepted() -> None:
         assert (
             parse_config(_deployment(routing={"spill": rule})).deployments[0].routing.spill == rule
         )
+
+
+def test_an_import_path_without_a_colon_says_the_form_wanted() -> None:
+    reason = _error({"deployments": [{"name": "M", "import_path": "torch_mlp.Model"}]})
+    assert reason.endswith(
+        " - at `$.deployments[0].import_path`: expected `module:Class`, e.g."
+        " `torch_mlp:Model` (a colon before the class)"
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from muxgate.gateway._status_view import render
+from muxgate.gateway._status_view import base_url, render
 
 SNAPSHOT = {
     "deployments": {
@@ -81,3 +81,9 @@ def test_render_says_who_holds_the_lease() -> None:
     assert lease_lines(following) == ["  lease: follower of gw1:42:ab (this gateway: gw2:9:cd)"]
     alone = {**following, "leader": None}
     assert lease_lines(alone) == ["  lease: follower of none yet (this gateway: gw2:9:cd)"]
+
+
+def test_a_bare_host_and_port_is_an_http_url() -> None:
+    assert base_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
+    assert base_url("localhost:8000/") == "http://localhost:8000"
+    assert base_url("https://gw.example:443/") == "https://gw.example:443"
