@@ -312,7 +312,8 @@ def _admin_handlers(
         # now. One that does not answer in time keeps its last counters.
         await asyncio.gather(*(p.refresh_counters(_METRICS_REFRESH_S) for p in pools.values()))
         body, content_type = metrics.render(request.headers.get("accept"))
-        return Response(content=body, status_code=200, media_type=content_type)
+        # As a header: Litestar would append a second charset to a text/ media_type.
+        return Response(content=body, status_code=200, headers={"content-type": content_type})
 
     healthz = _healthz(pools, config.http.admin_token)
     return [healthz, replicas, release_quarantine, metrics_endpoint, _status_page()]

@@ -248,8 +248,11 @@ async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> N
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "admin-1"
     assert r.headers["x-muxgate-replica"] == ""
+    assert (await client.get("/sticky/")).status_code == 200  # counted below, run alone too
     r = await client.get("/-/metrics")
     assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    assert r.headers["content-type"].count("charset") == 1
     assert 'muxgate_requests_total{deployment="Sticky",status="200"}' in r.text
     assert 'muxgate_replicas{deployment="Sticky",state="running"} 2.0' in r.text
     r = await client.get("/-/")
