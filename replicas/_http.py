@@ -189,7 +189,9 @@ class Request:
         try:
             return msgspec.json.decode(self._body)
         except msgspec.DecodeError as exc:
-            raise RequestBodyDecodeError(f"The request body is not valid JSON: {exc}") from exc
+            # msgspec calls an empty body "truncated": say what the client sent.
+            reason = "the body is empty" if not self._body else str(exc)
+            raise RequestBodyDecodeError(f"The request body is not valid JSON: {reason}") from exc
 
     def __repr__(self) -> str:
         query = f"?{self.query_string}" if self.query_string else ""

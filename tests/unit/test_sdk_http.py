@@ -120,6 +120,9 @@ async def test_a_body_that_is_not_json_is_the_clients_mistake() -> None:
     # still what code that catches decode errors expects
     assert isinstance(e.value, msgspec.DecodeError)
     assert isinstance(e.value, BadRequestError)
+    empty = Request("GET", body=b"")
+    with pytest.raises(RequestBodyDecodeError, match=r"JSON: the body is empty$"):
+        await empty.json()
     # the deployment's own decoding is not the client's mistake
     with pytest.raises(msgspec.DecodeError) as own:
         msgspec.json.decode(b'{"x": [1')
