@@ -185,6 +185,10 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: no working model) or ``evict_first`` (memory never above the limit);
     #: None: each loader's own ``@multiplexed(load_order=...)``, else ``evict_after``
     load_order: Literal["evict_after", "evict_first"] | None = None
+    #: run async ``@multiplexed`` loaders on the replica's event loop instead
+    #: of a loader thread's (for loaders that await objects bound to that
+    #: loop); None: each loader's own ``@multiplexed(load_on_loop=...)``, else false
+    load_on_loop: bool | None = None
     #: CPU budget per replica (Ray's ``num_cpus``): torch threads and
     #: ``OMP_NUM_THREADS`` follow it, rounded up; None: the class's
     #: ``@deployment(num_cpus=...)``, else 1

@@ -120,6 +120,7 @@ def make_spec(
         log_level=log_level,
         eviction_policy=deployment.eviction_policy,
         load_order=deployment.load_order,
+        load_on_loop=deployment.load_on_loop,
         preload=list(deployment.preload),
         pinned=list(deployment.pinned),
         multiplexed_loader=deployment.multiplexed_loader,

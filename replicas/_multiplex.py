@@ -41,11 +41,13 @@ from muxgate.replicas._cache_stats import (
     replica_state_snapshot,
 )
 from muxgate.replicas._eviction import make_policy
+from muxgate.replicas._loader_loops import LoaderLoopError, is_other_loop_error, loader_loops
 
 __all__ = [
     "EVENT_LOG_SIZE",
     "EventLog",
     "LRUState",
+    "LoaderLoopError",
     "ModelCache",
     "ModelCacheClosedError",
     "ModelTooLargeError",
@@ -81,6 +83,7 @@ def configure_model_caches(
     eviction_policy: str | None = None,
     load_order: str | None = None,
     max_bytes_per_replica: int | None = None,
+    load_on_loop: bool | None = None,
 ) -> None:
     """Settings of this process's deployment for every model cache created from now on.
 
@@ -103,6 +106,8 @@ def configure_model_caches(
         _DEPLOYMENT_OPTIONS["eviction_policy"] = eviction_policy
     if load_order is not None:
         _DEPLOYMENT_OPTIONS["load_order"] = load_order
+    if load_on_loop is not None:
+        _DEPLOYMENT_OPTIONS["load_on_loop"] = load_on_loop
 
 
 class _Loader:
@@ -119,8 +124,10 @@ class _Loader:
         load_order: LoadOrder,
         max_bytes: int = -1,
         sizeof: Callable[[Any], int] | None = None,
+        load_on_loop: bool = False,
     ) -> None:
         self.func = func
+        self.load_on_loop = load_on_loop
         self.max_bytes = max_bytes
         self.sizeof = sizeof
         self.is_method = is_method
@@ -137,10 +144,24 @@ class _Loader:
     def make_cache(self, instance: object) -> ModelCache[Any]:
         func = self.func
         args: tuple[object, ...] = (instance,) if self.is_method else ()
-        if self.is_async:
+        on_loop = _DEPLOYMENT_OPTIONS.get("load_on_loop", self.load_on_loop)
+        if self.is_async and on_loop:
 
             async def load(model_id: str) -> Any:
                 return await func(*args, model_id)
+
+        elif self.is_async:
+            loops, limit, name = loader_loops(), self.max_loads, self.name
+
+            async def load(model_id: str) -> Any:
+                # Off the replica's loop, so that blocking code in the loader's body
+                # (torch) never holds the calls of other requests; see _loader_loops.
+                try:
+                    return await loops.run(functools.partial(func, *args, model_id), limit=limit)
+                except RuntimeError as exc:
+                    if is_other_loop_error(exc):
+                        raise _other_loop_error(name, model_id, exc) from exc
+                    raise
 
         else:
 
@@ -195,6 +216,7 @@ def multiplexed(
     load_order: LoadOrder = ...,
     max_bytes_per_replica: int = ...,
     sizeof: Callable[[Any], int] | None = ...,
+    load_on_loop: bool = ...,
 ) -> _F: ...
 
 
@@ -208,6 +230,7 @@ def multiplexed(
     load_order: LoadOrder = ...,
     max_bytes_per_replica: int = ...,
     sizeof: Callable[[Any], int] | None = ...,
+    load_on_loop: bool = ...,
 ) -> Callable[[_F], _F]: ...
 
 
@@ -220,6 +243,7 @@ def multiplexed(
     load_order: LoadOrder = DEFAULT_LOAD_ORDER,
     max_bytes_per_replica: int = -1,
     sizeof: Callable[[Any], int] | None = None,
+    load_on_loop: bool = False,
 ) -> Any:
     """Turn a model loader into a cached, multiplexed one.
 
@@ -227,8 +251,12 @@ def multiplexed(
     model; the decorated version is always awaited, and keeps up to
     ``max_num_models_per_replica`` models per process (per instance for a
     method), evicting the least recently used unpinned one. Sync loaders run in
-    a worker thread. A deployment's ``eviction_policy`` and ``load_order`` in
-    the app config win over the arguments here.
+    a worker thread; async loaders on a loader thread's own event loop, in a
+    copy of the caller's context (``get_multiplexed_model_id()`` and the
+    caller's context variables work), so that blocking code in their body
+    never holds the replica's event loop. A deployment's ``eviction_policy``,
+    ``load_order``, ``max_bytes_per_replica`` and ``load_on_loop`` in the app
+    config win over the arguments here.
 
     Args:
         func: the loader, when used bare as ``@multiplexed``.
@@ -249,6 +277,12 @@ def multiplexed(
             ``ModelTooLargeError`` (507 ``model_too_large``) and is not kept.
             The deployment's ``max_bytes_per_replica`` in the app config wins.
         sizeof: ``sizeof(model) -> int`` bytes, instead of the rules above.
+        load_on_loop: run an async loader on the replica's event loop, as a
+            coroutine of the caller, instead of on a loader thread: for a
+            loader that awaits objects bound to the replica's loop (an
+            ``asyncio.Event`` set by a request, a client session created
+            there). Without it such a loader fails with ``LoaderLoopError``,
+            which names this option. Its body must then never block.
 
     Raises:
         TypeError: ``func`` is a class, not callable, or has no ``model_id``
@@ -262,6 +296,8 @@ def multiplexed(
     check_limit("max_bytes_per_replica", max_bytes_per_replica, allow_unlimited=True)
     if sizeof is not None and not callable(sizeof):
         raise TypeError(f"sizeof must be callable, got {type(sizeof).__name__}.")
+    if type(load_on_loop) is not bool:
+        raise TypeError(f"load_on_loop must be a bool, got {type(load_on_loop).__name__}.")
 
     def decorate(loader_func: Callable[..., Any]) -> Callable[..., Any]:
         is_method = _loader_shape(loader_func)
@@ -274,6 +310,7 @@ def multiplexed(
             load_order=load_order,
             max_bytes=max_bytes_per_replica,
             sizeof=sizeof,
+            load_on_loop=load_on_loop,
         )
         wrapper: Callable[..., Any]
         if is_method:
@@ -305,6 +342,16 @@ def multiplexed(
     if func is None:
         return decorate
     return decorate(func)
+
+
+def _other_loop_error(name: str, model_id: str, exc: RuntimeError) -> LoaderLoopError:
+    return LoaderLoopError(
+        f"The loader {name} of model '{model_id}' awaited an object bound to another event"
+        f" loop ({exc}). Async @multiplexed loaders run on a loader thread's own event loop"
+        " by default; to run this one on the replica's event loop, pass"
+        " @multiplexed(load_on_loop=True), or set load_on_loop: true for the deployment"
+        " in the app config."
+    )
 
 
 def _loader_shape(func: object) -> bool:

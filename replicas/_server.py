@@ -390,6 +390,7 @@ def run_replica(raw_spec: bytes, ready_fd: int, parent_fd: int | None) -> int:
             eviction_policy=spec.eviction_policy,
             load_order=spec.load_order,
             max_bytes_per_replica=spec.max_bytes_per_replica,
+            load_on_loop=spec.load_on_loop,
         )
     except ValueError as exc:
         os.write(ready_fd, f"FAILED invalid spec: {_one_line(str(exc))}\n".encode())

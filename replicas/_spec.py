@@ -67,6 +67,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             ``pinned`` use; None: every loader of the class.
         max_bytes_per_replica: byte budget of each model cache; None: each
             loader's own ``@multiplexed(max_bytes_per_replica=...)``.
+        load_on_loop: run async loaders on the replica's event loop rather
+            than a loader thread's; None: each loader's own
+            ``@multiplexed(load_on_loop=...)``.
     """
 
     deployment: str
@@ -92,3 +95,4 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     pinned: list[str] = []
     multiplexed_loader: str | None = None
     max_bytes_per_replica: int | None = None
+    load_on_loop: bool | None = None

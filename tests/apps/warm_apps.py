@@ -66,7 +66,8 @@ class Gated:
     def _gate(self, name: str) -> anyio.Event:
         return self._gates.setdefault(name, anyio.Event())
 
-    @multiplexed(max_num_models_per_replica=8)
+    # On the replica's loop: the load waits on an event that a call sets there.
+    @multiplexed(max_num_models_per_replica=8, load_on_loop=True)
     async def get_model(self, model_id: str) -> str:
         await self._gate(f"load-{model_id}").wait()
         return model_id

@@ -178,5 +178,10 @@ def test_cache_settings_per_deployment_reach_the_replica_spec() -> None:
         parse_config({"deployments": [dep(load_order="evict_later")]})
     tinylfu = parse_config({"deployments": [dep(eviction_policy="tinylfu")]}).deployments[0]
     assert make_spec(config, tinylfu, "M#2").eviction_policy == "tinylfu"
+    assert (first.load_on_loop, spec.load_on_loop) == (None, None)  # the loader's own
+    on_loop = parse_config({"deployments": [dep(load_on_loop=True)]}).deployments[0]
+    assert make_spec(config, on_loop, "M#3").load_on_loop is True
+    with pytest.raises(ConfigError, match=r"deployments\[0\]\.load_on_loop"):
+        parse_config({"deployments": [dep(load_on_loop="sometimes")]})
     with pytest.raises(ConfigError, match=r"deployments\[0\]\.eviction_policy"):
         parse_config({"deployments": [dep(eviction_policy="lfu")]})

@@ -95,8 +95,13 @@ class Loads:
 def make_loader(
     loads: Loads, limit: int = 3, max_loads: int = 4, load_order: Any = "evict_after"
 ) -> Any:
+    # On the test's loop: the loads wait on events the test sets from it (the
+    # loader-thread default is tested in test_loader_loops.py).
     @multiplexed(
-        max_num_models_per_replica=limit, max_concurrent_loads=max_loads, load_order=load_order
+        max_num_models_per_replica=limit,
+        max_concurrent_loads=max_loads,
+        load_order=load_order,
+        load_on_loop=True,
     )
     async def get_model(model_id: str) -> FakeModel:
         return await loads(model_id)

@@ -155,6 +155,7 @@ class CacheMachine(RuleBasedStateMachine):
             max_num_models_per_replica=capacity,
             max_concurrent_loads=64,
             load_order=self.load_order,  # type: ignore[arg-type]
+            load_on_loop=True,  # the loads wait on events set from the test's loop
         )
         async def get_model(model_id: str) -> TrackedModel:
             return await self._load(model_id)

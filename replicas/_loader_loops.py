@@ -1,0 +1,216 @@
+"""Event loops that run ``async def`` model loaders off the replica's event loop.
+
+A loader written as ``async def`` often does blocking work in its body (torch
+builds the network and copies the weights on the calling thread). On the
+replica's own loop, such a load holds the loop for its whole duration: calls
+sent meanwhile are not even read, and hits wait behind the load. So an async
+loader runs, by default, on a *loader loop*: an asyncio event loop of its own
+in a daemon thread. The replica's loop only waits for the result.
+
+The loops form one process-wide pool, started lazily, of as many loops as the
+largest ``max_concurrent_loads`` of the caches that use it: a cache's loads
+go to the least busy of its first ``max_concurrent_loads`` loops, so that
+blocking loads of different models run in parallel, as a sync loader's do in
+worker threads.
+
+Each load runs in a copy of the caller's :mod:`contextvars` context (the
+request scope, so ``get_multiplexed_model_id()`` works; the load span; any
+variable the app set before calling the loader). Objects bound to the
+replica's loop (an ``asyncio.Event`` it waits on, a client session created
+there) cannot be awaited on a loader loop: asyncio raises a ``RuntimeError``
+("attached to a different loop"), which becomes a :class:`LoaderLoopError`
+naming the opt-out, ``@multiplexed(load_on_loop=True)``.
+
+Cancellation: cancelling the waiting side cancels the loader's task on its
+loop, then waits for it to end (blocking code cannot be interrupted, the
+same as a sync loader in a worker thread), so no load is still running when
+a cache's ``aclose()`` returns. A model the loader returned all the same is
+not handed out: its unload hook runs, and the cancellation propagates.
+
+Written here rather than on ``anyio.from_thread.start_blocking_portal``,
+which serves calls from worker threads into one loop: here the caller is
+an event loop itself, spreads loads over several loops, hands each its
+context and waits out a cancelled load, with a few of asyncio's thread-safe
+calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
+
+from muxgate.replicas._unload_hooks import run_unload_hook
+
+__all__ = ["LoaderLoopError", "LoaderLoops", "is_other_loop_error", "loader_loops"]
+
+#: what asyncio says when a coroutine awaits an object of another event loop
+_OTHER_LOOP_MESSAGES: Final = (
+    "attached to a different loop",
+    "different event loop",
+    "event loop other than the current one",
+)
+
+
+class LoaderLoopError(RuntimeError):
+    """An async loader awaited an object bound to the replica's event loop.
+
+    It ran on a loader loop (the default); the message names the opt-out.
+    """
+
+
+def is_other_loop_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is asyncio's error for an object awaited on the wrong loop."""
+    if not isinstance(exc, RuntimeError):
+        return False
+    message = str(exc)
+    return any(text in message for text in _OTHER_LOOP_MESSAGES)
+
+
+class _LoaderLoop:
+    """One asyncio event loop running forever in a daemon thread."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.busy = 0  # loads handed to it and not finished (under the pool's lock)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self._run, name=f"muxgate-loader-{index}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+
+class _Submission:
+    """One coroutine on a loader loop: ``done`` mirrors its task's outcome."""
+
+    def __init__(
+        self,
+        loader_loop: _LoaderLoop,
+        make_coro: Callable[[], Coroutine[Any, Any, Any]],
+        context: contextvars.Context,
+    ) -> None:
+        self._loop = loader_loop.loop
+        self._make_coro = make_coro
+        self._context = context
+        self._task: asyncio.Task[Any] | None = None
+        self.done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        # The callbacks run in the order they were queued: start before any cancel.
+        self._loop.call_soon_threadsafe(self._start)
+
+    def _start(self) -> None:  # on the loader loop
+        if not self.done.set_running_or_notify_cancel():
+            return
+        try:
+            coro = self._context.run(self._make_coro)
+        except BaseException as exc:
+            self.done.set_exception(exc)
+            return
+        self._task = self._loop.create_task(coro, context=self._context)
+        self._task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:  # on the loader loop
+        if task.cancelled():
+            # Asked for by ``cancel`` (the waiting side then raises its own
+            # CancelledError), or the loader cancelled itself: a failed load.
+            self.done.set_exception(RuntimeError("The loader's task was cancelled."))
+        elif (exc := task.exception()) is not None:
+            self.done.set_exception(exc)
+        else:
+            self.done.set_result(task.result())
+
+    def cancel(self) -> None:
+        """Ask the task to stop (it ends at its next ``await``)."""
+        self._loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:  # on the loader loop
+        if self._task is not None:
+            self._task.cancel()
+
+
+class LoaderLoops:
+    """The process's loader loops (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loops: list[_LoaderLoop] = []
+
+    def __repr__(self) -> str:
+        with self._lock:
+            busy = [loop.busy for loop in self._loops]
+        return f"<LoaderLoops loops={len(busy)} busy={busy}>"
+
+    def _take(self, limit: int) -> _LoaderLoop:
+        with self._lock:
+            usable = self._loops[:limit]
+            chosen = min(usable, key=lambda loop: loop.busy, default=None)
+            if (chosen is None or chosen.busy > 0) and len(self._loops) < limit:
+                chosen = _LoaderLoop(len(self._loops))
+                self._loops.append(chosen)
+            assert chosen is not None
+            chosen.busy += 1
+            return chosen
+
+    def _give_back(self, loader_loop: _LoaderLoop) -> None:
+        with self._lock:
+            loader_loop.busy -= 1
+
+    def reset_after_fork(self) -> None:
+        """A forked child has none of the parent's threads: start afresh."""
+        self._lock = threading.Lock()
+        self._loops = []
+
+    async def run(
+        self, make_coro: Callable[[], Coroutine[Any, Any, Any]], *, limit: int
+    ) -> Any:
+        """Run ``make_coro()`` on a loader loop, in a copy of the current context.
+
+        ``limit``: how many loops this caller may spread over (at least 1).
+        """
+        loader_loop = self._take(max(1, limit))
+        try:
+            submission = _Submission(loader_loop, make_coro, contextvars.copy_context())
+            waiter = asyncio.wrap_future(submission.done)
+            try:
+                # shield: cancelling this caller must not cancel ``done`` before the task ends
+                return await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    await run_unload_hook(waiter.result())
+                    raise
+                submission.cancel()
+                await _wait_out(waiter)
+                if not waiter.cancelled() and waiter.exception() is None:
+                    await run_unload_hook(waiter.result())  # built anyway: never handed out
+                raise
+        finally:
+            self._give_back(loader_loop)
+
+
+async def _wait_out(waiter: asyncio.Future[Any]) -> None:
+    """Wait for ``waiter`` to finish whatever its outcome, through further cancellations
+    (the caller re-raises the first one)."""
+    while not waiter.done():
+        try:
+            await asyncio.wait([waiter])
+        except asyncio.CancelledError:
+            continue
+
+
+_LOOPS = LoaderLoops()
+
+
+def loader_loops() -> LoaderLoops:
+    """The process-wide pool."""
+    return _LOOPS
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_LOOPS.reset_after_fork)

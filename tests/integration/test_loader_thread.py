@@ -1,0 +1,91 @@
+"""Async loaders run off the replica's event loop, end to end: one replica of
+``loader_thread_apps:SlowLoads`` behind a gateway.
+
+With the default, a hit is answered while a slow load of another model
+blocks its loader's thread (on the replica's loop, the hit's call would not
+even be read until the load ended); the loader sees the request's model id
+and the context variables ``__call__`` set; a loader that awaits an object
+of the replica's loop fails with a message naming the opt-out. With
+``load_on_loop: true`` in the app config, the loader runs on the replica's
+loop and that loader works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from gateway_harness import MODEL, running_gateway
+from waiting import wait_until
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def config(marker_dir: Path, **deployment: Any) -> dict[str, Any]:
+    return {
+        "http": {"port": 0},
+        "deployments": [
+            {
+                "name": "SlowLoads",
+                "import_path": "loader_thread_apps:SlowLoads",
+                "init_kwargs": {"marker_dir": str(marker_dir)},
+                "num_replicas": 1,
+                **deployment,
+            }
+        ],
+    }
+
+
+async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None:
+    async with (
+        running_gateway(config(tmp_path)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        r = await client.post("/", headers={MODEL: "a"})
+        assert r.status_code == 200, r.text
+        first = r.json()
+        # in the loader: the request's model id, and the variable __call__ set
+        assert first["seen_model_id"] == "a" and first["loaded"] is True
+        assert first["loader_thread"].startswith("muxgate-loader-")
+        assert first["call_thread"] == "MainThread"
+        slow: list[httpx.Response] = []
+
+        async def load_slow() -> None:
+            slow.append(await client.post("/", headers={MODEL: "slow-1"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load_slow)
+            await wait_until((tmp_path / "started-slow-1").exists, what="the slow load")
+            with anyio.fail_after(10):
+                r = await client.post("/", headers={MODEL: "a"})
+            assert r.status_code == 200, r.text
+            assert r.json()["loaded"] is False  # a hit
+            assert not slow  # answered while the slow load still blocks its thread
+            (tmp_path / "release-slow-1").touch()
+        assert slow[0].status_code == 200, slow[0].text
+        assert slow[0].json()["seen_model_id"] == "slow-1"
+
+        r = await client.post("/", headers={MODEL: "bound-1"})
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert error["code"] == "user_error"
+        assert error["message"].startswith("LoaderLoopError: ")
+        assert "@multiplexed(load_on_loop=True)" in error["message"]
+        assert "load_on_loop: true" in error["message"]
+
+
+async def test_load_on_loop_in_the_config_keeps_loads_on_the_replicas_loop(
+    tmp_path: Path,
+) -> None:
+    async with (
+        running_gateway(config(tmp_path, load_on_loop=True)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        r = await client.post("/", headers={MODEL: "bound-1"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["loader_thread"] == body["call_thread"] == "MainThread"
+        assert body["seen_model_id"] == "bound-1" and body["loaded"] is True
