@@ -44,7 +44,6 @@ from muxgate.gateway._config import AppConfig
 from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._errors import RouteNotFoundError, error_body
 from muxgate.gateway._frontend import (
-    LOCAL_CLIENTS,
     REQUEST_ID,
     FrontEnd,
     FrontEndOptions,
@@ -54,6 +53,7 @@ from muxgate.gateway._frontend import (
     Send,
     Shutdown,
     Target,
+    is_local_client,
     new_request_id,
 )
 from muxgate.gateway._handles import HANDLES_PREFIX, HandleIngress
@@ -176,7 +176,7 @@ def _admin_denial(
             return "admin endpoints need the bearer token"
         return None
     client = connection.client
-    if client is None or client.host not in LOCAL_CLIENTS:
+    if client is None or not is_local_client(client.host):
         return "admin endpoints answer local clients only"
     return None
 

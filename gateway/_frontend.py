@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -62,6 +63,7 @@ __all__ = [
     "ServerSpan",
     "Shutdown",
     "Target",
+    "is_local_client",
     "model_id_of",
     "new_request_id",
     "read_head",
@@ -83,8 +85,28 @@ MODEL_HEADERS = (b"serve_multiplexed_model_id", b"serve-multiplexed-model-id")
 #: an incoming ``x-request-id`` is kept only when it matches this
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-#: client addresses the admin endpoints answer without a token
+#: client addresses the admin endpoints answer without a token (the common
+#: ones; ``is_local_client`` also knows the rest of 127.0.0.0/8 and
+#: IPv4-mapped loopback addresses)
 LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def is_local_client(host: str | None) -> bool:
+    """Whether a client at ``host`` is on this machine (a loopback address).
+
+    A gateway bound to ``0.0.0.0`` sees loopback clients as any 127.x.y.z
+    address, and one bound to ``::`` sees them as ``::ffff:127.0.0.1``.
+    """
+    if host is None:
+        return False
+    if host in LOCAL_CLIENTS:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def new_request_id() -> str:

@@ -37,12 +37,12 @@ from muxgate.gateway._errors import (
     RouteNotFoundError,
 )
 from muxgate.gateway._frontend import (
-    LOCAL_CLIENTS,
     FrontEnd,
     FrontEndOptions,
     RequestHead,
     Scope,
     Target,
+    is_local_client,
 )
 from muxgate.replicas.contract import ErrorCode, Reply
 
@@ -108,7 +108,7 @@ class HandleIngress(FrontEnd):
         if self._expected_auth is not None:
             return hmac.compare_digest(auth, self._expected_auth)
         client = scope.get("client")
-        return client is not None and client[0] in LOCAL_CLIENTS
+        return client is not None and is_local_client(client[0])
 
     def _resolve(self, scope: Scope, head: RequestHead) -> Target:
         path: str = scope["path"]
