@@ -389,13 +389,14 @@ class ReplicaConnection:
         await self._write(encode_frame(Ping(events_after=events_after)))
         return await future
 
-    async def drain(self, *, events_after: int | None = None) -> Drained:
+    async def drain(self, *, events_after: int | None = None, token: str | None = None) -> Drained:
         """Ask the replica to drain and wait until it reports ``Drained``.
 
         New calls on this connection raise ``ReplicaUnavailableError`` from
         now on; calls already sent finish normally. The replica unloads its
         models (reason ``drain``) and exits after answering. ``events_after``
         as in :meth:`ping` (for ``Drained.events``; the first call's counts).
+        ``token``: the drain token of a fenced replica (``Drain.token``).
 
         Raises:
             ReplicaDiedError: the connection dropped before ``Drained``.
@@ -410,7 +411,7 @@ class ReplicaConnection:
                 raise ReplicaDiedError(
                     f"replica {self.replica_id} connection closed: {self.close_reason}"
                 )
-            await self._write(encode_frame(Drain(events_after=events_after)))
+            await self._write(encode_frame(Drain(events_after=events_after, token=token)))
         return await asyncio.shield(self._drained)
 
     async def _write(self, frame: bytes, call_id: int = 0) -> None:

@@ -20,7 +20,11 @@ Ray, a named detached actor). A holder id asks to ``acquire``:
 the current holder, so a stale leader's late action is refused (fencing).
 An authority that restarts (its process or node died) cannot know whether
 its predecessor's last lease still runs: restored with the last epoch it
-granted, it grants nothing for one period (``blocked_for_s``).
+granted, it grants nothing for one period (``blocked_for_s``), except to
+the holder that epoch was granted to (``last_holder``): its ask takes the
+lease back at once with the same epoch. No one else can hold that epoch's
+lease, and every earlier one ended before it was granted, so this makes no
+second leader; it only spares the leader a period without one.
 
 ``Tenure``, the holder's side. It counts its lease from the moment it
 *sent* the ask, not from the answer, and ends it ``margin_s`` early::
@@ -83,6 +87,8 @@ class Lease:
             the next grant is ``epoch + 1``).
         blocked_for_s: grant nothing for this long from now (a restarted
             authority: its predecessor's holder may still act until then).
+        last_holder: who ``epoch`` was granted to (a restarted authority):
+            during the block, its ask renews that lease instead of waiting.
     """
 
     def __init__(
@@ -91,12 +97,16 @@ class Lease:
         clock: Callable[[], float] = time.monotonic,
         epoch: int = 0,
         blocked_for_s: float = 0.0,
+        last_holder: str | None = None,
     ) -> None:
         self._clock = clock
         self.epoch = epoch
         self.holder: str | None = None
         #: clock time the lease ends (the holder's, or the block after a restart)
         self.expires_at = clock() + blocked_for_s
+        #: a restarted authority's last holder, who may take its lease back
+        #: during the block (None: nobody may)
+        self._restored = last_holder if epoch > 0 and blocked_for_s > 0 else None
         #: holder id -> (in_flight, queued, period_s, reported at)
         self._loads: dict[str, tuple[int, int, float, float]] = {}
 
@@ -115,9 +125,13 @@ class Lease:
         live = now < self.expires_at
         if self.holder == holder and live:
             self.expires_at = now + period_s  # renewed: same epoch
+        elif self.holder is None and live and holder == self._restored:
+            # A restarted authority's last holder: its own lease, renewed.
+            self.holder, self._restored = holder, None
+            self.expires_at = now + period_s
         elif not live:
             self.epoch += 1
-            self.holder = holder
+            self.holder, self._restored = holder, None
             self.expires_at = now + period_s
         others = [
             (f, q)
@@ -126,9 +140,12 @@ class Lease:
         ]
         for h in [h for h, (_, _, period, at) in self._loads.items() if now - at > 2 * period]:
             del self._loads[h]  # gateways gone quiet: their load no longer counts
+        named = self.holder
+        if named is None and now < self.expires_at:
+            named = self._restored  # during a restart's block: who may come back
         return LeaseGrant(
             granted=self.holder == holder,
-            holder=self.holder,
+            holder=named,
             epoch=self.epoch,
             ttl_s=max(0.0, self.expires_at - now) if self.holder is not None else 0.0,
             others_in_flight=sum(f for f, _ in others),
@@ -139,6 +156,10 @@ class Lease:
         """End ``holder``'s lease of ``epoch`` now (the next ``acquire`` by
         anyone gets the next epoch); false if it no longer held it."""
         self._loads.pop(holder, None)
+        if self.holder is None and holder == self._restored and epoch == self.epoch:
+            self._restored = None  # a restart's block for a holder that stops: over
+            self.expires_at = min(self.expires_at, self._clock())
+            return True
         if self.holder != holder or self.epoch != epoch or self._clock() >= self.expires_at:
             return False
         self.holder = None

@@ -517,11 +517,14 @@ class ReplicaPool:
                 _log.info("draining replica %s", rep.id)
                 try:
                     async with asyncio.timeout(self._drain_timeout):
-                        drained = await rep.conn.drain(events_after=rep.events_seq)
+                        may, token = await self._procs.admit_drain(rep)
+                        if may:
+                            drained = await rep.conn.drain(events_after=rep.events_seq, token=token)
                 except Exception as exc:
                     _log.warning("replica %s did not drain cleanly: %r", rep.id, exc)
                 else:
-                    self._reports.drained(rep, drained, rep.conn.counters)
+                    if may:
+                        self._reports.drained(rep, drained, rep.conn.counters)
         finally:
             rep.state = STOPPING
             self._report()

@@ -5,6 +5,8 @@ A launcher that only reports replicas (``ReplicaReporter``) is followed,
 never asked to start or stop one: ``creator`` is None and the stops here
 only close connections. The same holds while a launcher with a leader
 lease (``leadership``) is held by another gateway: ``may_act`` is false.
+A launcher whose replicas obey only fenced drains (``drain_token``, Ray's)
+issues the token a ``Drain`` carries (``admit_drain``).
 """
 
 from __future__ import annotations
@@ -145,6 +147,19 @@ class ReplicaProcesses:
             self.kill(proc)
             with contextlib.suppress(Exception):
                 await creator.wait_exit(proc)
+
+    async def admit_drain(self, rep: Replica) -> tuple[bool, str | None]:
+        """Whether this gateway may drain ``rep`` now, and the token its
+        ``Drain`` carries: from the launcher's ``drain_token(replica)`` where
+        it has one (it checks the lease epoch at the replica's side and
+        returns None to refuse), else None."""
+        if not self.may_act:
+            return False, None
+        issue = getattr(self.creator, "drain_token", None)
+        if issue is None or rep.process is None:
+            return True, None
+        token: str | None = await issue(rep.process)
+        return token is not None, token
 
     def kill(self, replica: LaunchedReplica) -> None:
         """Forcibly, now (synchronous: a cancelled task still leaves no orphan)."""

@@ -308,9 +308,12 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control", tag_field="
 
 class Drain(msgspec.Struct, frozen=True, tag="drain", tag_field="t"):
     """Stop taking calls, finish those in flight, unload every model, exit.
-    ``events_after`` as in ``Ping``, for ``Drained``."""
+    ``events_after`` as in ``Ping``, for ``Drained``. ``token``: the drain
+    token the replica's supervisor issued to the lease holder, which a
+    replica with ``ReplicaSpec.drain_fence`` requires (else it refuses)."""
 
     events_after: int | None = None
+    token: str | None = None
 
 
 class Drained(msgspec.Struct, frozen=True, tag="drained", tag_field="t"):

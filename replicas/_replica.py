@@ -58,6 +58,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -132,9 +133,17 @@ class Replica:
     """The serving state of this process: the instance, calls in flight,
     connections, and the stop request."""
 
-    def __init__(self, spec: ReplicaSpec, instance: Any, gate: HandshakeGate | None = None) -> None:
+    def __init__(
+        self,
+        spec: ReplicaSpec,
+        instance: Any,
+        gate: HandshakeGate | None = None,
+        drain_fence: Callable[[str | None], bool] | None = None,
+    ) -> None:
         self.spec = spec
         self.instance = instance
+        #: ``token -> admitted`` for a ``Drain`` (``DrainFence.admits``); None: any Drain
+        self.drain_fence = drain_fence
         #: admits connections (TLS, the cluster secret); default: no secret, no TLS
         self.gate = gate if gate is not None else HandshakeGate()
         self.in_flight = 0
@@ -338,6 +347,12 @@ class Replica:
         elif isinstance(message, ModelControl):
             self._tg.start_soon(self._control, conn, message, self.stopping)
         elif isinstance(message, Drain):
+            if self.drain_fence is not None and not self.drain_fence(message.token):
+                _log.warning(
+                    "Refused a Drain without a token from this replica's supervisor"
+                    " (a gateway that does not hold the lease); serving on."
+                )
+                return
             if self._drain_requester is None:
                 self._drain_requester = conn
                 self._drain_events_after = message.events_after

@@ -49,6 +49,7 @@ from muxgate.replicas._channel import (
 from muxgate.replicas._context import set_replica_context
 from muxgate.replicas._cpu import apply_cpu_budget
 from muxgate.replicas._deployment import DEFAULT_NUM_CPUS, get_deployment_options
+from muxgate.replicas._drain_fence import DrainFence
 from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
 from muxgate.replicas._handshake import HandshakeGate
 from muxgate.replicas._logging import install_replica_logging
@@ -191,19 +192,25 @@ async def _watch_signals(replica_stop: Callable[[str, bool], None]) -> None:
             replica_stop("shutdown", count == 1)
 
 
-async def _watch_parent_fd(fd: int, replica_stop: Callable[[str, bool], None]) -> None:
+async def _watch_parent_fd(
+    fd: int, replica_stop: Callable[[str, bool], None], fence: DrainFence | None = None
+) -> None:
     """End-of-file on ``fd`` means the gateway died: the spec's stdin pipe
-    (spawned replicas) or the launcher's socket (forked replicas)."""
+    (spawned replicas) or the launcher's socket (forked replicas). What
+    comes on it before then goes to the drain ``fence``, if any."""
     os.set_blocking(fd, False)
     while True:
         await anyio.wait_readable(fd)
         try:
-            if not os.read(fd, 4096):
-                break
+            data = os.read(fd, 4096)
         except BlockingIOError:
             continue
         except OSError:
             break
+        if not data:
+            break
+        if fence is not None:
+            fence.feed(data)
     _log.warning("Gateway went away (its pipe closed); shutting down.")
     replica_stop("parent died", False)
 
@@ -242,12 +249,14 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
         os.write(ready_fd, (line + "\n").encode())
         os.close(ready_fd)
 
+    # A fence with no pipe to read tokens from admits no drain (fail closed).
+    fence = DrainFence(parent_fd) if spec.drain_fence else None
     async with anyio.create_task_group() as watchers:
         watchers.start_soon(_watch_signals, starter.request_stop)
         if not spec.standalone:
             watchers.start_soon(_watch_parent, starter.request_stop)
         if parent_fd is not None:
-            watchers.start_soon(_watch_parent_fd, parent_fd, starter.request_stop)
+            watchers.start_soon(_watch_parent_fd, parent_fd, starter.request_stop, fence)
 
         def failed(reason: str) -> int:
             """Tell the launcher why the start failed; stop the watchers."""
@@ -301,7 +310,7 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             listener, address = await _listen(spec.listen)
         except (OSError, ValueError) as exc:
             return failed(f"cannot listen on {spec.listen}: {_one_line(str(exc))}")
-        replica = Replica(spec, instance, gate)
+        replica = Replica(spec, instance, gate, fence.admits if fence is not None else None)
         starter.replica = replica
         announce(f"READY {address}")
         _log.info("Replica ready at %s.", address)

@@ -70,6 +70,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         load_on_loop: run async loaders on the replica's event loop rather
             than a loader thread's; None: each loader's own
             ``@multiplexed(load_on_loop=...)``.
+        drain_fence: obey only a ``Drain`` carrying a token the replica's
+            supervisor wrote on its stdin pipe (``muxgate.replicas._drain_fence``:
+            a Ray replica actor, after checking the gateway's lease epoch).
     """
 
     deployment: str
@@ -96,3 +99,4 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     multiplexed_loader: str | None = None
     max_bytes_per_replica: int | None = None
     load_on_loop: bool | None = None
+    drain_fence: bool = False

@@ -7,10 +7,12 @@ one at a time, so each acquire, release and check is atomic. It needs no
 CPU (``num_cpus=0``) and Ray restarts it if its node dies
 (``max_restarts=-1``).
 
-Its epochs survive it: each new epoch is written to the Ray cluster's
-key-value store before it is granted, and an actor that starts again reads
-the last one back and grants nothing for one period (its predecessor's
-holder may still act until then). Epochs therefore only grow.
+Its epochs survive it: each new epoch, with the holder it goes to, is
+written to the Ray cluster's key-value store before it is granted, and an
+actor that starts again reads them back and grants nothing for one period
+(its predecessor's holder may still act until then), except to that holder,
+whose next ask takes its lease back with the same epoch: a restart costs
+the leader nothing. Epochs therefore only grow.
 
 ``check_epoch`` is the fence on the replicas' side: a replica actor asked
 to start or stop with an epoch asks the lease actor whether that epoch is
@@ -26,6 +28,7 @@ import asyncio
 import logging
 from typing import Any
 
+import msgspec
 import ray
 import ray.exceptions
 from ray.experimental import internal_kv
@@ -46,6 +49,23 @@ def _epoch_key(deployment: str) -> bytes:
     return f"muxgate:lease-epoch:{deployment}".encode()
 
 
+class _LastGrant(msgspec.Struct, frozen=True):
+    """What the key-value store keeps of a deployment's lease."""
+
+    epoch: int
+    holder: str | None = None
+
+
+def _decode_last_grant(stored: bytes | None) -> _LastGrant:
+    """The stored last grant; a bare number (an earlier release's) is an
+    epoch whose holder is unknown."""
+    if not stored:
+        return _LastGrant(0)
+    if stored.strip().isdigit():
+        return _LastGrant(int(stored))
+    return msgspec.json.decode(stored, type=_LastGrant)
+
+
 class LeaseActor:
     """Runs as the lease's authority (see the module).
 
@@ -58,10 +78,13 @@ class LeaseActor:
     def __init__(self, deployment: str, namespace: str, period_s: float) -> None:
         self._key = _epoch_key(deployment)
         self._namespace = namespace
-        stored = internal_kv._internal_kv_get(self._key, namespace=namespace)
-        epoch = int(stored) if stored else 0
+        last = _decode_last_grant(internal_kv._internal_kv_get(self._key, namespace=namespace))
         # Epoch 0: no lease was ever granted, so nobody can hold one.
-        self._lease = Lease(epoch=epoch, blocked_for_s=period_s if epoch else 0.0)
+        self._lease = Lease(
+            epoch=last.epoch,
+            blocked_for_s=period_s if last.epoch else 0.0,
+            last_holder=last.holder,
+        )
 
     def acquire(self, holder: str, period_s: float, in_flight: int, queued: int) -> LeaseGrant:
         before = self._lease.epoch
@@ -70,7 +93,7 @@ class LeaseActor:
             # Kept before anyone acts on it: a restarted actor never reuses it.
             internal_kv._internal_kv_put(
                 self._key,
-                str(self._lease.epoch).encode(),
+                msgspec.json.encode(_LastGrant(self._lease.epoch, self._lease.holder)),
                 overwrite=True,
                 namespace=self._namespace,
             )

@@ -25,7 +25,10 @@ never pass through Ray.
   Only the leader creates, stops, kills and replaces actors; the others
   adopt what it creates and route over it. ``start`` and ``stop`` carry the
   leader's lease epoch, and the replica actor checks it with the lease
-  actor first, so a stale leader's late action is refused (fencing).
+  actor first, so a stale leader's late action is refused (fencing). So
+  does a drain: the actor checks the epoch, then writes a one-time token on
+  its replica's stdin pipe and returns it (``drain_token``); the replica
+  (spec ``drain_fence``) obeys only a ``Drain`` carrying such a token.
 * The channel uses the cluster secret; when the config names none, one is
   generated per namespace and kept in the Ray cluster's key-value store, so
   the next gateway (which must adopt the actors) finds the same one. Anyone
@@ -173,6 +176,25 @@ class ReplicaActor:
     def wait(self) -> int | None:
         """Block until the replica exited; its exit code."""
         return None if self._proc is None else self._proc.wait()
+
+    def allow_drain(self, epoch: int | None = None) -> str:
+        """A one-time token for one ``Drain`` of the replica, issued to the
+        leader of ``epoch`` (checked first), written on the replica's stdin
+        pipe before it is returned (``muxgate.replicas._drain_fence``).
+
+        Raises:
+            RuntimeError: a stale epoch, or no replica running.
+        """
+        if epoch is not None:
+            check_epoch(self._spec.deployment, self._namespace, epoch)
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.poll() is not None:
+            raise RuntimeError("no replica running")
+        token = secrets.token_hex(16)
+        # One write of a short line: atomic on a pipe, whatever other
+        # actor threads do.
+        os.write(proc.stdin.fileno(), f"DRAIN {token}\n".encode())
+        return token
 
     def stop(self, grace_s: float, epoch: int | None = None) -> int | None:
         """SIGTERM (it finishes its calls and unloads), SIGKILL after ``grace_s``.
@@ -364,7 +386,9 @@ class RayLauncher:
         may, epoch = self._acting()
         if not may:
             raise ReplicaStartError("not started: this gateway does not hold the lease")
-        spec = msgspec.structs.replace(spec, standalone=True, channel=self._channel)
+        spec = msgspec.structs.replace(
+            spec, standalone=True, channel=self._channel, drain_fence=True
+        )
         num_cpus = spec.num_cpus if spec.num_cpus is not None else DEFAULT_NUM_CPUS
         name = ACTOR_PREFIX + spec.replica_id
         self._starting.add(name)
@@ -489,6 +513,23 @@ class RayLauncher:
             code = None
         self.kill(replica)
         return code
+
+    async def drain_token(self, replica: LaunchedReplica) -> str | None:
+        """The token of one ``Drain`` of ``replica``, from its actor once it
+        has checked this gateway's lease epoch; None when this gateway does
+        not lead or the actor refused (the lease moved on meanwhile)."""
+        actor = _actor(replica)
+        may, epoch = self._acting()
+        if not may:
+            return None
+        try:
+            token: str = await actor.allow_drain.remote(epoch)
+        except ray.exceptions.RayTaskError as exc:
+            _log.warning("replica %s not drained: %s", replica.name, exc.cause)
+            return None
+        except ray.exceptions.RayError:
+            return None  # the actor (and so its replica) is gone
+        return token
 
     def kill(self, replica: LaunchedReplica) -> None:
         """Kill the actor now, if this gateway leads; its replica exits as

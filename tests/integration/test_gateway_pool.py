@@ -206,7 +206,7 @@ class FakeConnection:
     async def ping(self, *, events_after: int | None = None) -> Pong:
         return Pong(state=self.state, counters=dict(self.counters))
 
-    async def drain(self, *, events_after: int | None = None) -> Drained:
+    async def drain(self, *, events_after: int | None = None, token: str | None = None) -> Drained:
         await self.drain_gate.wait()
         self.drained = True
         return Drained(counters=dict(self.counters))

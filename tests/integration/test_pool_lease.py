@@ -101,7 +101,7 @@ class SharedConnection(FakeConnection):
         self._watch.cancel()
         await super().aclose()
 
-    async def drain(self, *, events_after: int | None = None) -> Drained:
+    async def drain(self, *, events_after: int | None = None, token: str | None = None) -> Drained:
         drained = await super().drain(events_after=events_after)
         self.process.exited.set()
         return drained

@@ -91,6 +91,41 @@ def test_a_restarted_authority_grants_nothing_for_one_period_then_the_next_epoch
     assert grant.granted and grant.epoch == 8
 
 
+def test_a_restarted_authority_gives_its_last_holder_the_lease_back_at_once() -> None:
+    clock = FakeClock()
+    lease = Lease(clock=clock, epoch=7, blocked_for_s=PERIOD, last_holder="a")
+    # Anyone else waits out the block, and learns who may come back.
+    refused = lease.acquire("b", PERIOD)
+    assert not refused.granted and refused.holder == "a" and not lease.check(7)
+    clock.now += 1
+    back = lease.acquire("a", PERIOD)
+    assert back == LeaseGrant(granted=True, holder="a", epoch=7, ttl_s=PERIOD)
+    assert lease.check(7)
+    clock.now += PERIOD - 0.5  # past the block: still a's, renewed
+    assert not lease.acquire("b", PERIOD).granted
+    assert lease.acquire("a", PERIOD).epoch == 7
+
+
+def test_a_restarted_authoritys_last_holder_that_never_comes_back_costs_one_period() -> None:
+    clock = FakeClock()
+    lease = Lease(clock=clock, epoch=7, blocked_for_s=PERIOD, last_holder="a")
+    clock.now += PERIOD
+    b = lease.acquire("b", PERIOD)
+    assert b.granted and b.epoch == 8
+    # a comes back too late: b holds the lease, a is refused and fenced off.
+    a = lease.acquire("a", PERIOD)
+    assert not a.granted and a.holder == "b" and not lease.check(7)
+
+
+def test_a_restarted_authoritys_last_holder_may_release_it() -> None:
+    clock = FakeClock()
+    lease = Lease(clock=clock, epoch=7, blocked_for_s=PERIOD, last_holder="a")
+    assert not lease.release("a", 6) and not lease.release("b", 7)
+    assert lease.release("a", 7)
+    b = lease.acquire("b", PERIOD)
+    assert b.granted and b.epoch == 8
+
+
 def test_each_answer_carries_the_other_gateways_recent_load() -> None:
     clock = FakeClock()
     lease = Lease(clock=clock)
@@ -189,6 +224,37 @@ async def test_leadership_hands_over_within_two_periods_when_the_leader_stops_re
         assert clock.now - lost_at <= 2 * PERIOD
     assert not a.is_leader() and b.epoch == 2
     assert clock.now - lost_at <= PERIOD + step  # expiry plus one ask interval
+
+
+async def test_a_leader_keeps_leading_across_a_restart_of_the_authority() -> None:
+    clock = FakeClock()
+    lease = Lease(clock=clock)
+    a_client, b_client = InMemoryLeaseClient(lease), InMemoryLeaseClient(lease)
+    a = Leadership(a_client, period_s=PERIOD, holder="a", clock=clock)
+    b = Leadership(b_client, period_s=PERIOD, holder="b", clock=clock)
+    await a.ask(timeout_s=1)
+    await b.ask(timeout_s=1)
+    assert a.is_leader() and a.epoch == 1
+    a.changed.clear()
+    # The authority dies and, a moment later, comes back restored from what
+    # it kept (the last epoch and its holder), as the Ray lease actor does.
+    a_client.reachable = b_client.reachable = False
+    step = PERIOD / 4
+    clock.now += step
+    await a.ask(timeout_s=1)
+    await b.ask(timeout_s=1)
+    restarted = Lease(clock=clock, epoch=lease.epoch, blocked_for_s=PERIOD, last_holder="a")
+    a_client.lease = b_client.lease = restarted
+    a_client.reachable = b_client.reachable = True
+    # b asks first, then a, then both for two periods: a never stops leading,
+    # with its epoch, and b never leads.
+    for _ in range(8):
+        clock.now += step
+        await b.ask(timeout_s=1)
+        await a.ask(timeout_s=1)
+        assert a.is_leader() and a.epoch == 1 and restarted.check(1)
+        assert not b.is_leader() and b.tenure.leader == "a"
+    assert not a.changed.is_set()  # no change of role on the way
 
 
 async def test_leadership_released_on_stop_hands_over_at_the_next_ask() -> None:
