@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -209,7 +210,9 @@ class Muxgate(System):
     def _shim_venv(self) -> Path:
         """A folder whose ``bin/muxgate`` adds ``routing.spill`` to the hook's
         app config, then runs this repository's ``muxgate`` in its place."""
-        shim = Path(tempfile.gettempdir()) / "bench-peer" / "spill-shim"
+        # One per checkout: the shim names this checkout's muxgate.
+        tag = hashlib.blake2b(str(REPO).encode(), digest_size=4).hexdigest()
+        shim = Path(tempfile.gettempdir()) / "bench-peer" / f"spill-shim-{tag}"
         (shim / "bin").mkdir(parents=True, exist_ok=True)
         real = REPO / ".venv" / "bin" / "muxgate"
         script = shim / "bin" / "muxgate"
@@ -663,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.runs):
             for name, system in systems.items():
                 result = measured_run(python, system, args, "mux", f"run {i + 1}")
+                if isinstance(system, Muxgate):
+                    result["spill"] = system.spill or "default"
                 results[name].append(result)
                 print(
                     f"# {name} run {i + 1}: {result['throughput_rps']} req/s, p99 "
