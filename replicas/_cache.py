@@ -40,6 +40,7 @@ from muxgate.replicas._cache_state import MISSING, CacheState, _Missing
 from muxgate.replicas._cache_stats import COUNTERS, EVENTS, count_load, register_cache
 from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._eviction import EvictionPolicy
+from muxgate.replicas._logging import mark_traceback_logged
 from muxgate.replicas._lru import LRU
 from muxgate.replicas._model_size import model_nbytes, release_device_memory
 from muxgate.replicas._unload_hooks import run_unload_hook
@@ -469,6 +470,8 @@ class ModelCache(Generic[M]):
                     f": {type(exc).__name__}." if outcome else ".",
                     exc_info=not outcome,
                 )
+                if not outcome:
+                    mark_traceback_logged(exc)
                 raise
             finally:
                 otel_context.detach(token)

@@ -40,6 +40,7 @@ from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._http import Request, encode_result
+from muxgate.replicas._logging import traceback_logged
 from muxgate.replicas._propagation import extract_context
 from muxgate.replicas._protocol import Call, ErrorInfo
 from muxgate.replicas._spec import ReplicaSpec
@@ -130,6 +131,13 @@ class CallRunner:
                 _log.warning("Request %s: %s: %s", call.request_id, type(exc).__name__, exc)
             elif error.code in (ErrorCode.BAD_REQUEST, ErrorCode.MODEL_TOO_LARGE):
                 _log.warning("%s", error.message)
+            elif traceback_logged(exc):
+                # the failed model load logged it, once for all its waiters
+                _log.error(
+                    "Request %s failed: %s of the model load logged above.",
+                    call.request_id,
+                    type(exc).__name__,
+                )
             else:
                 _log.exception("Request %s failed.", call.request_id)
             if span is not None:

@@ -9,13 +9,36 @@ worker threads they start) are told apart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import TextIO
 
 from muxgate.replicas._context import current_replica, current_request
 
-__all__ = ["FORMAT", "ReplicaContextFilter", "install_replica_logging"]
+__all__ = [
+    "FORMAT",
+    "ReplicaContextFilter",
+    "install_replica_logging",
+    "mark_traceback_logged",
+    "traceback_logged",
+]
+
+#: set on an exception whose traceback is already in the log
+_LOGGED = "_muxgate_traceback_logged"
+
+
+def mark_traceback_logged(exc: BaseException) -> None:
+    """Note that ``exc``'s traceback has been logged (e.g. by the failed
+    model load every waiting request then fails with), so the requests
+    that fail with it log one line each instead of the traceback again."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type without a __dict__
+        setattr(exc, _LOGGED, True)
+
+
+def traceback_logged(exc: BaseException) -> bool:
+    """Whether ``mark_traceback_logged(exc)`` was called."""
+    return getattr(exc, _LOGGED, False) is True
 
 FORMAT = (
     "%(levelname)s %(asctime)s %(deployment)s %(replica_id)s %(request_id)s "

@@ -64,3 +64,28 @@ async def test_unknown_models_and_unauthorized_requests_log_no_traceback(
     assert any("Failed to load model 'missing-7'" in line for line in lines)
     assert not [rec for rec in caplog.records if rec.levelname in ("WARNING", "ERROR")]
     assert not [rec for rec in caplog.records if rec.exc_info]
+
+
+async def test_a_failed_load_logs_its_traceback_once(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Not an expected outcome (a corrupt file): the load logs the traceback,
+    # the request that failed with it one line, not the traceback again.
+    root = tmp_path / "models"
+    (root / "corrupt").mkdir(parents=True)
+    (root / "corrupt" / "model.pt").write_bytes(b"not a torch file" * 8)
+    async with (
+        observed_gateway(root, ["1"]) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        r = await client.get("/", headers={MODEL: "corrupt"})
+        assert r.status_code == 500
+        request_id = r.headers["x-request-id"]
+        seen = ""
+        with anyio.fail_after(10):
+            while f"Request {request_id} failed" not in seen:
+                seen += capfd.readouterr().err
+                await anyio.sleep(0.05)  # polling a child's log: no event to wait on
+    seen += capfd.readouterr().err
+    assert seen.count("muxgate.backends._errors.ModelFormatError:") == 1, seen
+    assert f"Request {request_id} failed: ModelFormatError of the model load logged above." in seen
