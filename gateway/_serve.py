@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -141,7 +142,13 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise GatewayStartError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = (
+                " (another server listens there: stop it, or choose another port"
+                " with --port or http.port; 0 picks a free one)"
+            )
+        raise GatewayStartError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
     return sock
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -288,6 +289,21 @@ def test_serve_stops_at_once_when_a_replica_cannot_start(tmp_path: Path) -> None
         f" model registry unreachable (raised on purpose) (at {where})"
     ) in result.stderr
     assert took < 60, f"took {took:.1f} s"
+
+
+def test_serve_on_a_port_in_use_says_how_to_choose_another(tmp_path: Path) -> None:
+    config = _app(tmp_path, {"name": "Fine", "import_path": "broken_apps:Fine"})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = _muxgate("serve", str(config), "--port", str(port))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"muxgate: cannot listen on 127.0.0.1:{port}: Address already in use (another server"
+        " listens there: stop it, or choose another port with --port or http.port;"
+        " 0 picks a free one)"
+    )
 
 
 def test_serve_imports_deployments_that_start_without_replicas(tmp_path: Path) -> None:
