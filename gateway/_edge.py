@@ -220,10 +220,11 @@ class EdgeProtocol(HttpToolsProtocol):
         return True
 
     def _bad_request(self) -> None:
-        msg = "Invalid HTTP request received."
-        self.logger.warning(msg)
-        self._forget()
-        self.send_400_response(msg)
+        # In the JSON error contract with the ids every answer carries
+        # (uvicorn answers plain text without them), logged as the other
+        # refusals are (at debug: a hostile client cannot flood the log).
+        self.edge.count("malformed")
+        self._refuse(400, ErrorCode.BAD_REQUEST, "malformed HTTP request")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

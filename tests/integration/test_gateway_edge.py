@@ -182,6 +182,39 @@ async def test_too_many_headers_get_431(quiet: Gateway) -> None:
         assert (await client.get("/x", headers=headers)).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nhost: a\r\ncontent-length: abc\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nhost: a\r\nx-ctl: a\x01b\r\n\r\n",
+    ],
+)
+async def test_a_malformed_request_gets_400_in_the_error_contract(
+    quiet: Gateway, head: bytes
+) -> None:
+    gw = quiet
+    assert gw.edge is not None
+    before = gw.edge.refused.get("malformed", 0)
+
+    async def malformed() -> None:
+        reader, writer = await connect(gw)
+        writer.write(head)
+        status, headers, body = await read_response(reader)
+        assert status == 400
+        assert headers["content-type"] == "application/json"
+        assert headers["connection"] == "close"
+        assert headers["x-muxgate-replica"] == ""
+        err = error_of(body)
+        assert (err["code"], err["message"]) == ("bad_request", "malformed HTTP request")
+        assert err["request_id"] == headers["x-request-id"]
+        assert await closed_by_server(reader)
+        writer.close()
+
+    await while_normal_client(gw, malformed())
+    assert gw.edge.refused["malformed"] == before + 1
+
+
 # -- slow and idle clients ------------------------------------------------------------
 
 
