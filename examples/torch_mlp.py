@@ -26,6 +26,7 @@ section or the usual ``AWS_*`` variables).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -53,6 +54,15 @@ def make_net() -> torch.nn.Module:
 class Model:
     def __init__(self, model_root: str | None = None) -> None:
         self.model_root = model_root or os.environ.get("MODEL_ROOT") or DEFAULT_ROOT
+        local = self.model_root.removeprefix("file://")
+        if "://" not in local and not os.path.isdir(local):
+            # Every request would get 404 model_not_found: say why once, at start.
+            logging.getLogger(__name__).warning(
+                "Model root %s does not exist: every model will be 404 model_not_found"
+                " (python examples/make_models.py %s writes models there).",
+                local,
+                local,
+            )
 
     @multiplexed(max_num_models_per_replica=3)
     async def get_model(self, model_id: str) -> torch.nn.Module:

@@ -8,6 +8,7 @@ scripts run as subprocesses against it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -139,3 +140,27 @@ async def test_app_yaml_against_s3(monkeypatch: pytest.MonkeyPatch) -> None:
         async with serve(config) as url:
             out = await _arun("client_http.py", "--url", url, "--model", "2")
         assert json.loads(out.strip().splitlines()[1])["model_id"] == "2"
+
+
+def test_a_model_root_that_does_not_exist_is_named_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Loaded apart (not in sys.modules): what a replica runs, in this process.
+    spec = importlib.util.spec_from_file_location("example_torch_mlp", EXAMPLES / "torch_mlp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    Model = module.Model
+
+    missing = tmp_path / "no-models"
+    Model(str(missing))
+    Model(missing.as_uri())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"Model root {missing} does not exist: every model will be 404 model_not_found"
+        f" (python examples/make_models.py {missing} writes models there)."
+    ] * 2
+    caplog.clear()
+    Model(str(tmp_path))
+    Model("s3://bucket/models")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
