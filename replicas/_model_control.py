@@ -25,6 +25,7 @@ from muxgate.replicas._protocol import ModelControl
 
 __all__ = [
     "MAX_WARMING_LOADS",
+    "ControlRefusedError",
     "WarmTurns",
     "control_models",
     "control_when_due",
@@ -55,10 +56,19 @@ def warm_may_start(
     return in_flight < max_ongoing and warming < max_warming
 
 
+class ControlRefusedError(ValueError):
+    """The control cannot apply to the deployment (no ``@multiplexed``
+    loader, or none of that name): the caller's mistake, unlike an error the
+    load itself raises, which answers as a request for the model would."""
+
+
 def _caches(instance: object, loader: str | None) -> list[ModelCache[Any]]:
-    caches = instance_caches(instance, loader or None)
+    try:
+        caches = instance_caches(instance, loader or None)
+    except ValueError as exc:
+        raise ControlRefusedError(str(exc)) from exc
     if not caches:
-        raise ValueError(f"{type(instance).__qualname__} has no @multiplexed loader.")
+        raise ControlRefusedError(f"{type(instance).__qualname__} has no @multiplexed loader.")
     return caches
 
 
@@ -97,7 +107,7 @@ async def control_models(instance: object, message: ModelControl) -> dict[str, A
     whether it was loaded.
 
     Raises:
-        ValueError: an unknown loader name.
+        ControlRefusedError: an unknown loader name, or none.
         TimeoutError: ``timeout_s`` passed (the load goes on in the cache).
     """
     caches = _caches(instance, message.loader)

@@ -73,6 +73,7 @@ from muxgate.replicas._deployment import get_deployment_options
 from muxgate.replicas._handshake import HandshakeGate
 from muxgate.replicas._memory import rss_bytes
 from muxgate.replicas._model_control import (
+    ControlRefusedError,
     WarmTurns,
     control_when_due,
     process_model_report,
@@ -402,7 +403,7 @@ class Replica:
                 body = msgspec.json.encode(result)
             except TimeoutError:
                 error = ErrorInfo.of(ErrorCode.DEADLINE, "the load is still running")
-            except ValueError as exc:
+            except ControlRefusedError as exc:
                 error = ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
             except Exception as exc:
                 error = error_for(exc)

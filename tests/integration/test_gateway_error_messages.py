@@ -6,6 +6,7 @@ traceback."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -89,3 +90,23 @@ async def test_a_failed_load_logs_its_traceback_once(
     seen += capfd.readouterr().err
     assert seen.count("muxgate.backends._errors.ModelFormatError:") == 1, seen
     assert f"Request {request_id} failed: ModelFormatError of the model load logged above." in seen
+
+
+async def test_an_admin_load_fails_as_a_request_for_the_model_would(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    async with (
+        observed_gateway(root, ["1"]) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        for model_id in ("a/../../x", "missing"):
+            request = await client.get("/", headers={MODEL: model_id})
+            # quoted: httpx would resolve the ".." segments of the URL itself
+            load = await client.post(f"/-/models/Observed/{quote(model_id, safe='')}/load")
+            assert (load.status_code, load.json()["error"]["code"]) == (
+                request.status_code,
+                request.json()["error"]["code"],
+            )
+            assert load.json()["error"]["code"] == {
+                "a/../../x": "bad_model_id",
+                "missing": "model_not_found",
+            }[model_id]
