@@ -72,6 +72,8 @@ class GatewayError(Exception):
     retry_after: int | None = None
     #: answer with ``connection: close`` (the rest of the request is not read)
     close_connection: bool = False
+    #: more response headers (a 405's ``allow``)
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -299,4 +301,5 @@ def error_response(
         headers.append((b"retry-after", str(exc.retry_after).encode()))
     if exc.close_connection:
         headers.append((b"connection", b"close"))
+    headers.extend(exc.extra_headers)
     return exc.status, headers, error_body(exc.code, exc.message, request_id)

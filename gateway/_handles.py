@@ -58,6 +58,7 @@ class MethodNotAllowedError(GatewayError):
     """The handle endpoint takes POST only."""
 
     code = ErrorCode.METHOD_NOT_ALLOWED
+    extra_headers = ((b"allow", b"POST"),)
 
 
 class _CallBody(msgspec.Struct):

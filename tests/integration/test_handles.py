@@ -431,6 +431,7 @@ async def test_handle_endpoint_wire_format(gateway: Gateway) -> None:
         assert bad.json()["error"]["code"] == "bad_request"
         get = await client.get(f"{gateway.url}/-/handles/Down/add")
         assert get.status_code == 405
+        assert get.headers["allow"] == "POST"
 
 
 async def test_unreachable_gateway_is_unavailable() -> None:
