@@ -165,12 +165,24 @@ class _Loader:
 
         else:
 
+            name = self.name
+
             async def load(model_id: str) -> Any:
                 # Never on the loop; the copied context keeps get_multiplexed_model_id() working.
                 context = contextvars.copy_context()
-                return await anyio.to_thread.run_sync(
+                model = await anyio.to_thread.run_sync(
                     functools.partial(context.run, func, *args, model_id)
                 )
+                if inspect.isawaitable(model):
+                    # `return load_state_dict(...)` in a plain def: not a model.
+                    if inspect.iscoroutine(model):
+                        model.close()  # never awaited: no "never awaited" warning later
+                    raise TypeError(
+                        f"@multiplexed loader {name} returned an awaitable, not a model:"
+                        " a loader that awaits (e.g. muxgate.backends.load_state_dict)"
+                        " must be `async def` and await it"
+                    )
+                return model
 
         policy = _DEPLOYMENT_OPTIONS.get("eviction_policy", self.eviction_policy)
         return ModelCache(

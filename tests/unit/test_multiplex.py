@@ -578,6 +578,20 @@ async def test_a_sync_loader_runs_in_a_worker_thread_and_sees_the_request() -> N
     assert seen[0][1] == "m1"
 
 
+async def test_a_sync_loader_that_returns_a_coroutine_gets_a_clear_error() -> None:
+    # The likely slip: `return load_state_dict(...)` in a plain def.
+    async def fetch(model_id: str) -> str:
+        return model_id
+
+    @multiplexed
+    def get_model(model_id: str) -> Any:
+        return fetch(model_id)
+
+    with pytest.raises(TypeError, match=r"returned an awaitable, not a model: .* `async def`"):
+        await get_model("m1")
+    assert "m1" not in model_cache(get_model).loaded_ids()  # not cached
+
+
 class Deployment:
     def __init__(self) -> None:
         self.loaded: list[str] = []
