@@ -8,6 +8,7 @@ only then are ``MUXGATE_CACHE_DIR`` and ``XDG_CACHE_HOME`` consulted.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import threading
 from collections.abc import Mapping
@@ -17,8 +18,9 @@ from types import MappingProxyType
 from typing import Any
 
 import msgspec
+from fsspec.registry import known_implementations
 
-from ._registry import backend_spec
+from ._registry import backend_spec, registered_protocols
 
 DEFAULT_CACHE_MAX_BYTES = 20 * 2**30
 DEFAULT_PART_SIZE = 8 * 2**20
@@ -298,6 +300,33 @@ SETTINGS_SECTIONS: dict[str, type[msgspec.Struct]] = {
 }
 
 
+def _refuse_misspelt_settings(section: Mapping[str, Any]) -> None:
+    """A key that is no protocol muxgate or fsspec knows but close to a
+    settings name (``cach``, ``retries``) is a typo: it would silently
+    leave the setting at its default. Other keys may name protocols that a
+    deployment registers itself, so they are not refused."""
+    known = set(registered_protocols()) | set(known_implementations)
+    for key in section:
+        if key in SETTINGS_SECTIONS or key.lower() in known:
+            continue
+        close = difflib.get_close_matches(key, SETTINGS_SECTIONS, n=1, cutoff=0.6)
+        if close:
+            raise ValueError(
+                f"storage.{key}: neither a storage setting nor a known protocol:"
+                f" did you mean `{close[0]}`?"
+            )
+
+
+def _nearest_field(message: str, kind: type[msgspec.Struct]) -> str:
+    """``: did you mean `x`?`` for msgspec's "unknown field" message, else ""."""
+    _head, sep, rest = message.partition("unknown field `")
+    if not sep:
+        return ""
+    field_name = rest.partition("`")[0]
+    close = difflib.get_close_matches(field_name, kind.__struct_fields__, n=1, cutoff=0.6)
+    return f": did you mean `{close[0]}`?" if close else ""
+
+
 def storage_config_from_section(section: Mapping[str, Mapping[str, Any]]) -> StorageConfig:
     """A ``StorageConfig`` from the app config's ``storage:`` section.
 
@@ -310,6 +339,7 @@ def storage_config_from_section(section: Mapping[str, Mapping[str, Any]]) -> Sto
         ValueError: a setting is unknown, of the wrong type or out of range;
             the message starts with its path, e.g. ``storage.cache.max_bytes``.
     """
+    _refuse_misspelt_settings(section)
     parsed: dict[str, Any] = {}
     for name, kind in SETTINGS_SECTIONS.items():
         try:
@@ -317,7 +347,9 @@ def storage_config_from_section(section: Mapping[str, Mapping[str, Any]]) -> Sto
         except msgspec.ValidationError as exc:
             # "Expected `int`, got `str` - at `$.max_bytes`" -> storage.cache.max_bytes
             message, _, where = str(exc).partition(" - at `$")
-            raise ValueError(f"storage.{name}{where.rstrip('`')}: {message}") from None
+            raise ValueError(
+                f"storage.{name}{where.rstrip('`')}: {message}{_nearest_field(message, kind)}"
+            ) from None
     cache, retry, transfer = parsed["cache"], parsed["retry"], parsed["transfer"]
     try:
         return _resolved(

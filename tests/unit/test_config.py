@@ -140,6 +140,21 @@ def test_app_dir_is_relative_to_the_file(tmp_path: Path) -> None:
             "storage.transfer",
             "unknown field `parts`",
         ),
+        (
+            {"deployments": [dep()], "storage": {"cache": {"max_byte": 3}}},
+            "storage.cache",
+            "unknown field `max_byte`: did you mean `max_bytes`?",
+        ),
+        (
+            {"deployments": [dep()], "storage": {"cach": {"max_bytes": 3}}},
+            "storage.cach",
+            "neither a storage setting nor a known protocol: did you mean `cache`?",
+        ),
+        (
+            {"deployments": [dep()], "storage": {"retries": {"max_attempts": 3}}},
+            "storage.retries",
+            "did you mean `retry`?",
+        ),
     ],
 )
 def test_invalid_configs_name_the_field(data: Any, where: str, why: str) -> None:
