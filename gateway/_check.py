@@ -3,8 +3,8 @@
 Two passes, and every problem of both is reported at once:
 
 1. The config: the whole file is validated as ``muxgate serve`` would; when
-   that fails, the top-level sections and each deployment are validated on
-   their own too, so one bad deployment does not hide another's problem.
+   that fails, each top-level section and each deployment is validated on
+   its own too, so one bad part does not hide another's problem.
 2. The classes: each deployment whose own config is valid has its
    ``import_path`` imported in *one separate Python process*, and the names
    of its ``init_kwargs`` bound to the class's signature (a misspelt or a
@@ -95,10 +95,14 @@ def _config_problems(data: Any, source: str, base_dir: str) -> tuple[AppConfig |
         if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
             return None, [whole.reason]
         problems: list[str] = []
-        try:
-            parse_config({**data, "deployments": [_PLACEHOLDER]}, source=source)
-        except ConfigError as exc:
-            problems.append(exc.reason)
+        # Each top-level section on its own (msgspec stops at the first error).
+        for key, value in data.items():
+            if key == "deployments":
+                continue
+            try:
+                parse_config({key: value, "deployments": [_PLACEHOLDER]}, source=source)
+            except ConfigError as exc:
+                problems.append(exc.reason)
         for i, deployment in enumerate(data["deployments"]):
             try:
                 parse_config({"deployments": [deployment]}, source=source)

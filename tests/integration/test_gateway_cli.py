@@ -224,6 +224,26 @@ def test_check_reports_every_problem_at_once(tmp_path: Path) -> None:
     assert out[4:] == ["ok: deployment 'InitRaises' imports", f"{config}: 4 problems"]
 
 
+def test_check_reports_a_problem_in_each_top_level_section(tmp_path: Path) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "app_dir": APPS,
+                "http": {"limits": {"max_header": 5}},
+                "tracing": {"exporter": "jaeger"},
+                "deployments": [{"name": "Good", "import_path": "gateway_apps:Echo1"}],
+            }
+        )
+    )
+    result = _muxgate("check", str(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout.splitlines()
+    assert out[0].endswith("at `$.http.limits`: did you mean `max_headers`?"), out
+    assert out[1].startswith("error: Invalid enum value 'jaeger' - at `$.tracing.exporter`"), out
+    assert out[2:] == ["ok: deployment 'Good' imports", f"{config}: 2 problems"]
+
+
 def test_check_binds_init_kwargs_to_the_class(tmp_path: Path) -> None:
     flagged = "broken_apps:FailsWhenFlagged"
     config = _app(
