@@ -150,14 +150,21 @@ class AffinityQueue:
             message = f"{message} ({reason})"
         return NoReplicaError(message, retry_after=self._retry_after)
 
-    async def wait_for_slot(self, model_id: str, deadline: float) -> RouteDecision:
+    async def wait_for_slot(
+        self, model_id: str, deadline: float, *, first: bool = False
+    ) -> RouteDecision:
         """Queue a request for ``model_id`` until it is handed a slot
-        (acquired), or raise: 503 queue full or no replica, 504 deadline."""
+        (acquired), or raise: 503 queue full or no replica, 504 deadline.
+
+        ``first``: a request that had its turn already (its replica went
+        away before it could take the call) queues at the head, ahead of
+        those that came after it, and is not refused by the queue's bound.
+        """
         if not len(self.router):
             self._activate()  # the first request at zero replicas
             if not self._starting():
                 raise self._no_replica(f"no replica of {self.name} is running")
-        if 0 <= self.max_queued_requests <= self.waiting:
+        if not first and 0 <= self.max_queued_requests <= self.waiting:
             raise OverCapacityError(
                 f"{self.name} is over capacity ({self.waiting} requests queued)",
                 retry_after=self._retry_after,
@@ -165,7 +172,10 @@ class AffinityQueue:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RouteDecision] = loop.create_future()
         waiter = _Waiter(model_id, future, self.clock(), deadline)
-        self._queue.append(waiter)
+        if first:
+            self._queue.appendleft(waiter)
+        else:
+            self._queue.append(waiter)
         heapq.heappush(self._deadlines, (deadline, next(self._arrivals), waiter))
         self.waiting += 1
         self._waiting_for[model_id] = self._waiting_for.get(model_id, 0) + 1

@@ -262,8 +262,9 @@ class Dispatcher:
             )
             sent_parent, sent_state = traceparent, tracestate
             if decision is None:
+                # A rerouted request had its turn: it keeps its place in line.
                 decision, sent_parent, sent_state = await self._route_slowly(
-                    model_id, deadline, traceparent, tracestate
+                    model_id, deadline, traceparent, tracestate, first=reroutes > 0
                 )
             replica_id = decision.replica_id
             self._readmit(replica_id, model_id)
@@ -390,13 +391,15 @@ class Dispatcher:
         err.replica_id = replica_id
         raise err
 
-    async def _route(self, model_id: str, deadline: float) -> tuple[RouteDecision, bool]:
+    async def _route(
+        self, model_id: str, deadline: float, *, first: bool = False
+    ) -> tuple[RouteDecision, bool]:
         """A replica slot for the request (acquired); and whether it queued."""
         if not self._waiters.waiting:
             decision = self._take_slot(model_id)
             if decision is not None:
                 return decision, False
-        return await self._waiters.wait_for_slot(model_id, deadline), True
+        return await self._waiters.wait_for_slot(model_id, deadline, first=first), True
 
     async def _route_slowly(
         self,
@@ -404,12 +407,16 @@ class Dispatcher:
         deadline: float,
         traceparent: str | None,
         tracestate: str | None,
+        *,
+        first: bool = False,
     ) -> tuple[RouteDecision, str | None, str | None]:
         """A slot when the hot path took none, with the trace context to
         send: queued (tracing off), or ``_route`` inside a ``muxgate.route``
-        span, whose traceparent and tracestate the replica then gets."""
+        span, whose traceparent and tracestate the replica then gets.
+        ``first``: queue at the head (see ``AffinityQueue.wait_for_slot``)."""
         if not tracing_active():
-            return await self._waiters.wait_for_slot(model_id, deadline), traceparent, tracestate
+            decision = await self._waiters.wait_for_slot(model_id, deadline, first=first)
+            return decision, traceparent, tracestate
         # Parent: the gateway's server span when there is one, else the
         # client's traceparent (continued), else a new trace.
         parent = (
@@ -424,7 +431,7 @@ class Dispatcher:
             if recording:
                 span.set_attribute("muxgate.deployment", self.name)
                 span.set_attribute("muxgate.model_id", model_id)
-            decision, queued = await self._route(model_id, deadline)
+            decision, queued = await self._route(model_id, deadline, first=first)
             if recording:
                 span.set_attribute("muxgate.replica_id", decision.replica_id)
                 span.set_attribute("muxgate.spillover", decision.spillover)

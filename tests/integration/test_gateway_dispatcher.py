@@ -160,6 +160,32 @@ async def test_new_arrivals_do_not_overtake_waiters() -> None:
     assert [c["model_id"] for c in targets["a"].calls] == ["m1", "m2", "m3"]
 
 
+async def test_a_waiter_rerouted_from_a_gone_replica_keeps_its_place() -> None:
+    # The slot freed by the dying replica's last call goes to the oldest
+    # waiter, whose call then finds the replica gone: it must not fall
+    # behind the requests that queued after it.
+    d, targets, _ = make(["a"], max_queued=2, starting=True)
+    targets["a"].gate = gate = asyncio.Event()
+    busy = asyncio.ensure_future(send(d, "m1"))
+    await settle()
+    second = asyncio.ensure_future(send(d, "m2"))
+    await settle()
+    third = asyncio.ensure_future(send(d, "m3"))
+    await settle()
+    assert d.queued == 2
+    del targets["a"]  # the replica is gone; the router has not heard yet
+    gate.set()
+    await busy
+    await settle()
+    assert d.router.replica_ids == []
+    assert d.queued == 2  # m2 back in line
+    targets["b"] = FakeReplica("b")
+    d.router.add_replica("b")
+    d.wake()
+    await asyncio.gather(second, third)
+    assert [c["model_id"] for c in targets["b"].calls] == ["m2", "m3"]
+
+
 async def test_unreachable_replica_is_rerouted() -> None:
     d, targets, _ = make(["a", "b"], max_ongoing=4)
     targets["a"].fail = ReplicaUnavailableError("closed")
