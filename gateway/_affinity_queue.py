@@ -37,6 +37,7 @@ from muxgate.gateway._errors import (
     GatewayError,
     NoReplicaError,
     OverCapacityError,
+    client_safe,
 )
 from muxgate.gateway._router import RouteDecision, Router
 
@@ -147,7 +148,9 @@ class AffinityQueue:
     def _no_replica(self, message: str) -> NoReplicaError:
         reason = self._unavailable_reason()
         if reason:
-            message = f"{message} ({reason})"
+            # The start failure names where it was raised: no server paths
+            # for clients (the log and the admin views have them).
+            message = f"{message} ({client_safe(reason)})"
         return NoReplicaError(message, retry_after=self._retry_after)
 
     async def wait_for_slot(

@@ -576,7 +576,9 @@ async def test_waiters_get_the_start_failure_reason() -> None:
         router,
         {},
         starting=lambda: starting,
-        unavailable_reason=lambda: "last start failure: ImportError: no module x",
+        unavailable_reason=lambda: (
+            "last start failure: ImportError: no module x (at /srv/app/models.py:3 in <module>)"
+        ),
         clock=FakeClock(),
     )
     pending = asyncio.ensure_future(send(d))
@@ -586,6 +588,8 @@ async def test_waiters_get_the_start_failure_reason() -> None:
     with pytest.raises(NoReplicaError) as info:
         await pending
     assert "ImportError: no module x" in info.value.message
+    assert "/srv" not in info.value.message  # no server path for clients
+    assert "(at <path>:3 in <module>)" in info.value.message
 
 
 # -- muxgate.route span --------------------------------------------------------
