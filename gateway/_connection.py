@@ -19,7 +19,12 @@ stops the call and frees its slot instead of running it to its deadline.
 Every ``Reply`` and ``Pong`` carries the replica's ``ReplicaState``; the
 connection keeps the latest in ``state`` (and the latest counters in
 ``counters``) and hands it to the ``on_state`` callback, which the pool wires
-to the router.
+to the router. The connection asks the replica (``Hello.push_state``) to
+push its state the moment its residency changes: a ``StatePush`` answers no
+call and resolves nothing, and its state goes the same way as a reply's, so
+gateways sharing a replica see each other's loads a round trip after they
+start, not at their own next reply. A replica of an earlier release does not
+push; the connection works as before.
 
 The connection and its handshake (and the channel's proofs) are
 ``gateway._handshake``.
@@ -69,6 +74,7 @@ from muxgate.replicas.contract import (
     ProtocolError,
     ReplicaState,
     Reply,
+    StatePush,
     Welcome,
     encode_frame,
 )
@@ -108,7 +114,9 @@ class ReplicaConnection:
         address: where the replica listens.
         deployment, replica_id, pid: what the replica said in ``Welcome``.
         options: the class's ``@deployment`` options, from ``Welcome``.
-        state: the latest ``ReplicaState`` the replica reported.
+        state: the latest ``ReplicaState`` the replica reported (in a
+            reply, a pong or a push).
+        pushes: ``StatePush`` frames received.
         counters: the latest cumulative counters (from ``Pong``).
         closed: set once the connection is gone, for whatever reason.
         close_reason: why it closed (``None`` while open).
@@ -134,6 +142,7 @@ class ReplicaConnection:
         self.version = welcome.version
         self.options = welcome.options
         self.state: ReplicaState = welcome.state
+        self.pushes = 0
         self.counters: dict[str, float] = {}
         self.on_state = on_state
         self.closed = anyio.Event()
@@ -170,6 +179,7 @@ class ReplicaConnection:
         auth: ChannelAuth | None = None,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        push_state: bool = True,
     ) -> ReplicaConnection:
         """Connect to the replica at ``address`` and do the handshake.
 
@@ -183,6 +193,9 @@ class ReplicaConnection:
             ssl_context: connect over TLS with this context.
             server_hostname: the name the replica's certificate must hold
                 (default: the address's host).
+            push_state: ask the replica to push its state whenever its
+                residency changes (``StatePush``); False: only replies and
+                pongs carry it, as with a replica of an earlier release.
 
         Raises:
             HandshakeError: refused, wrong version, a failed proof either
@@ -190,14 +203,17 @@ class ReplicaConnection:
             OSError: nothing listens at ``address``.
             ssl.SSLError: the TLS handshake failed (e.g. an untrusted certificate).
         """
-        stream, decoder, welcome = await handshake(
+        stream, decoder, welcome, rest = await handshake(
             address,
             connect_timeout=connect_timeout,
             auth=auth,
             ssl_context=ssl_context,
             server_hostname=server_hostname,
+            push_state=push_state,
         )
         conn = cls(stream, welcome, address=address, decoder=decoder, on_state=on_state)
+        for message in rest:  # a push right behind Welcome
+            conn._dispatch(message)
         # The reader outlives the caller's scope (the pool keeps the
         # connection for the replica's lifetime), so it is a plain task
         # owned by the connection and cancelled by aclose().
@@ -460,6 +476,10 @@ class ReplicaConnection:
             self._set_state(message.state)
             if future is not None and not future.done():
                 future.set_result(message)
+        elif isinstance(message, StatePush):
+            # Unasked: it answers no call and no ping, only the state moves.
+            self.pushes += 1
+            self._set_state(message.state)
         elif isinstance(message, Pong):
             self.counters = message.counters
             self._set_state(message.state)
@@ -525,6 +545,7 @@ class ReplicaConnection:
         return (
             f"<ReplicaConnection {self.replica_id} {self.address} pid={self.pid} {status} "
             f"pending={len(self._pending)} cancels_sent={self.cancels_sent} "
+            f"pushes={self.pushes} "
             f"in_flight={self.state.in_flight} "
             f"models={self.state.models} loading={self.state.loading}>"
         )

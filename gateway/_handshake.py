@@ -4,7 +4,9 @@
 when asked); ``handshake`` sends ``Hello`` and, with the cluster secret,
 checks the replica's proof and sends the gateway's own, until the replica
 answers ``Welcome`` in the gateway's protocol version. Everything after that
-is ``gateway._connection``.
+is ``gateway._connection``. A gateway that asks for ``StatePush`` frames may
+find one right behind ``Welcome`` in the same read: ``handshake`` hands such
+frames on with the stream instead of calling them a protocol error.
 """
 
 from __future__ import annotations
@@ -81,10 +83,12 @@ async def handshake(
     auth: ChannelAuth | None,
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None,
-) -> tuple[anyio.abc.ByteStream, FrameDecoder, Welcome]:
+    push_state: bool = False,
+) -> tuple[anyio.abc.ByteStream, FrameDecoder, Welcome, list[Message]]:
     """Connect to ``address`` and do the handshake (connecting and the
     handshake within ``connect_timeout`` seconds): the open stream, its
-    decoder and the replica's ``Welcome``.
+    decoder, the replica's ``Welcome`` and the frames read behind it (with
+    ``push_state``, a ``StatePush`` may follow at once).
 
     Raises:
         HandshakeError: refused, wrong version, a failed proof either way,
@@ -96,12 +100,12 @@ async def handshake(
         stream = await connect_stream(address, ssl_context, server_hostname)
         try:
             decoder = FrameDecoder()
-            first = await _hello(stream, decoder, address, auth)
+            first, rest = await _hello(stream, decoder, address, auth, push_state)
         except BaseException:
             await anyio.aclose_forcefully(stream)
             raise
     if isinstance(first, Welcome) and first.version == PROTOCOL_VERSION:
-        return stream, decoder, first
+        return stream, decoder, first, rest
     await anyio.aclose_forcefully(stream)
     if isinstance(first, Refused):
         raise HandshakeError(f"refused by replica at {address}: {first.reason}")
@@ -114,32 +118,43 @@ async def handshake(
 
 
 async def _hello(
-    stream: anyio.abc.ByteStream, decoder: FrameDecoder, address: str, auth: ChannelAuth | None
-) -> Message:
+    stream: anyio.abc.ByteStream,
+    decoder: FrameDecoder,
+    address: str,
+    auth: ChannelAuth | None,
+    push_state: bool,
+) -> tuple[Message, list[Message]]:
     """Send ``Hello`` (and, with ``auth``, check the replica's proof and send
-    ours); the replica's answer to it (``Welcome``, ``Refused``, ...)."""
+    ours); the replica's answer to it (``Welcome``, ``Refused``, ...) and the
+    frames read behind that answer."""
     if auth is None:
         # A replica that requires the secret answers with Refused, saying so.
-        await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION)))
-        return await _read_one(stream, decoder)
+        await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION, push_state=push_state)))
+        return await _read_answer(stream, decoder)
     ours = auth.nonce()
-    await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION, nonce=ours)))
-    challenge = await _read_one(stream, decoder)
+    await stream.send(
+        encode_frame(Hello(version=PROTOCOL_VERSION, nonce=ours, push_state=push_state))
+    )
+    challenge, rest = await _read_answer(stream, decoder)
+    if rest:
+        raise HandshakeError(f"replica at {address} sent more than one message at handshake")
     if isinstance(challenge, Welcome):
         # A replica without the secret proves nothing: it may be anyone's.
         raise HandshakeError(f"replica at {address} did not prove the cluster secret")
     if not isinstance(challenge, Challenge):
-        return challenge  # Refused or unexpected: the caller says which
+        return challenge, []  # Refused or unexpected: the caller says which
     if not auth.verify("replica", ours, challenge.nonce, challenge.proof):
         raise HandshakeError(f"replica at {address} failed to prove the cluster secret")
     proof = auth.proof("gateway", ours, challenge.nonce)
     await stream.send(encode_frame(Proof(proof=proof)))
-    return await _read_one(stream, decoder)
+    return await _read_answer(stream, decoder)
 
 
-async def _read_one(stream: anyio.abc.ByteStream, decoder: FrameDecoder) -> Message:
-    """Read until one whole message is decoded (used for the handshake only:
-    the replica sends nothing else before ``Welcome``)."""
+async def _read_answer(
+    stream: anyio.abc.ByteStream, decoder: FrameDecoder
+) -> tuple[Message, list[Message]]:
+    """Read until a whole message is decoded (the handshake only): it, and
+    any messages decoded from the same bytes behind it."""
     while True:
         try:
             data = await stream.receive(_READ_SIZE)
@@ -147,6 +162,4 @@ async def _read_one(stream: anyio.abc.ByteStream, decoder: FrameDecoder) -> Mess
             raise HandshakeError("replica closed the connection during the handshake") from None
         messages = decoder.feed(data)
         if messages:
-            if len(messages) > 1:
-                raise HandshakeError("replica sent more than one message at handshake")
-            return messages[0]
+            return messages[0], messages[1:]

@@ -37,7 +37,13 @@ from muxgate.replicas._cache_options import (
     check_model_id,
 )
 from muxgate.replicas._cache_state import MISSING, CacheState, _Missing
-from muxgate.replicas._cache_stats import COUNTERS, EVENTS, count_load, register_cache
+from muxgate.replicas._cache_stats import (
+    COUNTERS,
+    EVENTS,
+    count_load,
+    register_cache,
+    residency_changed,
+)
 from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._eviction import EvictionPolicy
 from muxgate.replicas._logging import mark_traceback_logged
@@ -332,6 +338,7 @@ class ModelCache(Generic[M]):
         while pending := [task for task in self._tasks if not task.done()]:
             await asyncio.wait(pending)
         removed = self._state.remove_all()
+        residency_changed()
         while removed:
             model_id, model = removed.pop(0)
             await self._unload(model_id, model, reason)
@@ -353,6 +360,8 @@ class ModelCache(Generic[M]):
         # Tasks of another loop can never finish here; their loads did not happen.
         for model_id in list(self._flights):
             self._state.fail_load(model_id)
+        if self._flights:
+            residency_changed()
         self._flights.clear()
         self._tasks.clear()
         self._loop = None
@@ -363,6 +372,7 @@ class ModelCache(Generic[M]):
         evicted = self._state.start_load(model_id) if evict else self._state.start_warm(model_id)
         flight: _Flight[M] = _Flight(evict=evict, may_evict=may_evict)
         self._flights[model_id] = flight
+        residency_changed()
         # The load runs in a task of its own, owned by the cache rather than by the caller
         # that happened to start it: cancelling that caller must not cancel the load the
         # others wait for. create_task copies the caller's context, so the load span is a
@@ -417,6 +427,7 @@ class ModelCache(Generic[M]):
                     )
                 else:
                     self._state.fail_load(model_id)
+                residency_changed()
             flight.done.set()
 
     async def _measure(self, model_id: str, model: M) -> int:
@@ -506,6 +517,7 @@ class ModelCache(Generic[M]):
     def _spawn_unloads(self, evicted: list[tuple[str, M]], reason: str = "lru") -> None:
         if not evicted:
             return
+        residency_changed()
         if self._loop is None or self._loop.is_closed():
             _log.warning("No event loop left to unload models %s.", [m for m, _ in evicted])
             return

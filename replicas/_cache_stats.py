@@ -1,6 +1,7 @@
 """What a process's model caches report to the gateway: the registry of live
-caches, the cumulative counters and the numbered log of finished loads and
-unloads.
+caches, the cumulative counters, the numbered log of finished loads and
+unloads, and the residency watchers (told when a load starts or ends or a
+model is unloaded: the replica pushes its state to the gateways then).
 
 Everything here is process-wide, because the replica server answers for the
 process as a whole (``Pong`` and ``Drained`` carry :func:`counters` and
@@ -38,6 +39,8 @@ __all__ = [
     "register_cache",
     "registered_caches",
     "replica_state_snapshot",
+    "residency_changed",
+    "watch_residency",
 ]
 
 
@@ -89,6 +92,31 @@ def replica_state_snapshot() -> tuple[list[str], list[str]]:
         loaded.update(dict.fromkeys(cache.loaded_ids()))
         loading.update(dict.fromkeys(cache.loading_ids()))
     return list(loaded), list(loading)
+
+
+_WATCHERS: list[Callable[[], None]] = []
+
+
+def watch_residency(watcher: Callable[[], None]) -> Callable[[], None]:
+    """Call ``watcher`` (on the event loop, synchronously; it must not raise
+    or block) whenever some cache's loaded or loading ids change; returns
+    the function that stops it."""
+    _WATCHERS.append(watcher)
+
+    def stop() -> None:
+        if watcher in _WATCHERS:
+            _WATCHERS.remove(watcher)
+
+    return stop
+
+
+def residency_changed() -> None:
+    """A cache started or ended a load or let go of a model: tell the watchers.
+
+    Not on a hit (the LRU order changes on every call; only the ids held
+    are pushed at once, the order travels with the next reply)."""
+    for watcher in _WATCHERS:
+        watcher()
 
 
 #: finished loads and unloads a process keeps until its gateways ask for them

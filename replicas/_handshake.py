@@ -56,16 +56,22 @@ _NOTE_INTERVAL_S = 10.0
 
 class Accepted:
     """A welcomed connection: its stream (TLS when on), the decoder holding
-    any bytes read past the handshake, and the messages already decoded."""
+    any bytes read past the handshake, the messages already decoded, and
+    whether the gateway asked for ``StatePush`` frames (``Hello.push_state``)."""
 
-    __slots__ = ("decoder", "rest", "stream")
+    __slots__ = ("decoder", "push_state", "rest", "stream")
 
     def __init__(
-        self, stream: anyio.abc.ByteStream, decoder: FrameDecoder, rest: list[Message]
+        self,
+        stream: anyio.abc.ByteStream,
+        decoder: FrameDecoder,
+        rest: list[Message],
+        push_state: bool = False,
     ) -> None:
         self.stream = stream
         self.decoder = decoder
         self.rest = rest
+        self.push_state = push_state
 
 
 class _Refuse(Exception):
@@ -141,7 +147,7 @@ class HandshakeGate:
             decoder = FrameDecoder(max_frame=HANDSHAKE_MAX_FRAME_BYTES)
             messages = await _read(stream, decoder)
             try:
-                rest = await self._hello(stream, decoder, messages)
+                hello, rest = await self._hello(stream, decoder, messages)
             except _Refuse as refusal:
                 self._note(peer, refusal.why)
                 if refusal.reply is not None:
@@ -157,12 +163,12 @@ class HandshakeGate:
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             return None  # the peer left or broke the stream: nothing to say
         decoder.max_frame = MAX_FRAME_BYTES  # a welcomed gateway is trusted
-        return Accepted(stream, decoder, rest)
+        return Accepted(stream, decoder, rest, hello.push_state)
 
     async def _hello(
         self, stream: anyio.abc.ByteStream, decoder: FrameDecoder, messages: list[Message]
-    ) -> list[Message]:
-        """Check ``Hello`` (and the secret); the messages that followed it."""
+    ) -> tuple[Hello, list[Message]]:
+        """Check ``Hello`` (and the secret); it, and the messages that followed it."""
         hello, rest = messages[0], messages[1:]
         if not isinstance(hello, Hello):
             raise _Refuse(f"expected Hello, got {type(hello).__name__}", "expected Hello")
@@ -174,7 +180,7 @@ class HandshakeGate:
             raise _Refuse(reason, reason)
         auth = self.auth
         if auth is None:
-            return rest
+            return hello, rest
         if len(hello.nonce) != NONCE_BYTES:
             raise _Refuse(
                 "Hello without the cluster secret",
@@ -192,7 +198,7 @@ class HandshakeGate:
             "gateway", hello.nonce, nonce, proof.proof
         ):
             raise _Refuse("wrong proof of the cluster secret", "authentication failed")
-        return rest
+        return hello, rest
 
     def _note(self, peer: str, why: str) -> None:
         self.refused += 1

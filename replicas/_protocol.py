@@ -12,7 +12,8 @@ Session::
     replica -> gateway   Welcome(version, deployment, replica_id, pid, state)
                          or Refused(reason), then the replica closes
     gateway -> replica   Call(...)*, Cancel(id)*, Ping, Drain
-    replica -> gateway   Reply(...)* (each with the replica's state), Pong, Drained
+    replica -> gateway   Reply(...)* (each with the replica's state), Pong, Drained,
+                         StatePush* (only to a gateway whose Hello asked for it)
 
 A replica that requires the cluster secret (``muxgate replica``, see
 ``muxgate.replicas._channel``) answers a ``Hello`` carrying a ``nonce`` with
@@ -37,6 +38,17 @@ connection only.
 Every ``Reply`` and ``Pong`` carries ``ReplicaState`` (in-flight count, loaded
 model ids in LRU order, ids being loaded), so the router's view of a replica
 is as fresh as its last response.
+
+``StatePush`` is the one frame a replica sends unasked: the moment its
+residency changes (a load starts, a load ends or fails, a model is
+unloaded) it sends its ``ReplicaState`` to every gateway whose ``Hello``
+said ``push_state``, so gateways sharing a replica learn of each other's
+loads within a round trip, not at their own next reply. It answers nothing
+(it carries no id) and a gateway applies its state as it would a reply's.
+Both are additions to version 3 with defaults: a gateway of an earlier
+release sends no ``push_state`` and gets no ``StatePush`` (a frame it could
+not decode), and a replica of an earlier release ignores the field and
+never pushes.
 
 ``Pong`` also carries the replica process's resident memory (``rss_bytes``),
 which the gateway shows and holds against the deployment's memory limit.
@@ -91,12 +103,15 @@ __all__ = [
     "Refused",
     "ReplicaState",
     "Reply",
+    "StatePush",
     "Welcome",
     "encode_frame",
 ]
 
 #: 2: ``Cancel``; the ``ErrorInfo`` code "overloaded".
-#: 3: ``ModelControl``; ``Pong.model_bytes`` and ``Pong.pinned``.
+#: 3: ``ModelControl``; ``Pong.model_bytes`` and ``Pong.pinned``. Later
+#: additions with defaults, so version 3 still: ``Hello.push_state`` and
+#: ``StatePush``; ``Pong.model_requests``.
 PROTOCOL_VERSION = 3
 #: Upper bound of one frame; a larger length prefix is a protocol error.
 MAX_FRAME_BYTES = 1 << 30
@@ -144,10 +159,13 @@ class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
 class Hello(msgspec.Struct, frozen=True, tag="hello", tag_field="t", omit_defaults=True):
     """The gateway's first message; ``nonce`` (random bytes) when it holds
     the cluster secret and expects the replica to prove it holds it too
-    (without one, the frame is byte for byte the one earlier releases sent)."""
+    (without one, the frame is byte for byte the one earlier releases sent).
+    ``push_state``: send me a ``StatePush`` whenever your residency changes
+    (a replica of an earlier release ignores it)."""
 
     version: int
     nonce: bytes = b""
+    push_state: bool = False
 
 
 class Challenge(msgspec.Struct, frozen=True, tag="challenge", tag_field="t"):
@@ -225,6 +243,13 @@ class Reply(msgspec.Struct, frozen=True, tag="reply", tag_field="t"):
     headers: list[tuple[str, str]] = []
     body: bytes = b""
     error: ErrorInfo | None = None
+
+
+class StatePush(msgspec.Struct, frozen=True, tag="state_push", tag_field="t"):
+    """The replica's state, unasked: its residency just changed (see the
+    module docstring). Sent only to a gateway whose ``Hello`` asked for it."""
+
+    state: ReplicaState
 
 
 class ModelEvent(msgspec.Struct, frozen=True, array_like=True):
@@ -335,6 +360,7 @@ Message = (
     | Call
     | Cancel
     | Reply
+    | StatePush
     | Ping
     | Pong
     | Drain

@@ -48,10 +48,20 @@ model lives here, and a reroute means a model load elsewhere (hundreds of
 ms) where a slot frees in milliseconds; refusing past a bound keeps the wait
 short and lets the gateways' own queues (cache-affine, visible to the
 autoscaler) do the queueing.
+
+State pushes: a gateway whose ``Hello`` said ``push_state`` gets a
+``StatePush`` (the replica's ``ReplicaState``) whenever a model cache's
+loaded or loading ids change (``watch_residency``): a load starts, ends or
+fails, a model is evicted or unloaded. The changes of one turn of the event
+loop (a load's end and the eviction it causes) go out as one push. Replies
+carry the state too, but only to the gateway that sent the call; the push
+is how the other gateways sharing this replica learn of a load before they
+place the same model somewhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -66,6 +76,7 @@ import anyio.abc
 import msgspec
 
 from muxgate.replicas._busy import BusyClock
+from muxgate.replicas._cache_stats import watch_residency
 from muxgate.replicas._call_errors import error_for
 from muxgate.replicas._call_runner import CallRunner, Outcome
 from muxgate.replicas._codes import ErrorCode
@@ -99,6 +110,7 @@ from muxgate.replicas._protocol import (
     Refused,
     ReplicaState,
     Reply,
+    StatePush,
     Welcome,
 )
 from muxgate.replicas._replica_io import GatewayConnection, Slots
@@ -173,6 +185,10 @@ class Replica:
         self._runner = CallRunner(spec, instance, limit)
         self._slots = Slots(limit, max_waiting=limit)
         self.cancelled = 0  # calls cancelled by a gateway's Cancel
+        #: ``StatePush`` frames sent (one per push-asking gateway per push)
+        self.pushes = 0
+        self._push_due = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -180,7 +196,7 @@ class Replica:
             f"<Replica {self.spec.deployment}#{self.spec.replica_id} in_flight={self.in_flight} "
             f"running={self._slots.running} waiting={self._slots.waiting} "
             f"warming={self.warms.running} cancelled={self.cancelled} "
-            f"connections={len(self._connections)} "
+            f"connections={len(self._connections)} pushes={self.pushes} "
             f"stopping={self.stopping}>"
         )
 
@@ -189,6 +205,27 @@ class Replica:
     def state(self) -> ReplicaState:
         models, loading = replica_state_snapshot()
         return ReplicaState(in_flight=self.in_flight, models=models, loading=loading)
+
+    def _residency_changed(self) -> None:
+        """A cache's loaded or loading ids changed: push the state to the
+        gateways that asked, once per turn of the event loop however many
+        changes that turn made (a load's start and its evictions)."""
+        if self._push_due or self._loop is None:
+            return
+        self._push_due = True
+        # Thread-safe: the caches change their ids on the loop, but a
+        # watcher must never be the reason a worker thread's call breaks.
+        self._loop.call_soon_threadsafe(self._push_state)
+
+    def _push_state(self) -> None:
+        self._push_due = False
+        targets = [conn for conn in self._connections if conn.push_state]
+        if not targets:
+            return
+        push = StatePush(state=self.state())
+        for conn in targets:
+            if conn.send_nowait(push):
+                self.pushes += 1
 
     def request_stop(self, reason: str, *, graceful: bool) -> None:
         """Ask the main task to stop; a later, less graceful request wins."""
@@ -210,6 +247,14 @@ class Replica:
 
     async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
         """Serve until a stop is requested, then stop as the reason says."""
+        self._loop = asyncio.get_running_loop()
+        stop_watching = watch_residency(self._residency_changed)
+        try:
+            await self._serve(listener)
+        finally:
+            stop_watching()
+
+    async def _serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = self._runner.task_group = tg
             accepting = anyio.CancelScope()
@@ -272,7 +317,7 @@ class Replica:
         if accepted is None:
             await anyio.aclose_forcefully(raw)
             return
-        conn = GatewayConnection(accepted.stream)
+        conn = GatewayConnection(accepted.stream, push_state=accepted.push_state)
         conn.welcomed = True
         decoder = accepted.decoder
         self._connections.add(conn)

@@ -86,13 +86,16 @@ class GatewayConnection:
         "broken",
         "calls",
         "peer",
+        "push_state",
         "stream",
         "welcomed",
     )
 
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream, *, push_state: bool = False) -> None:
         self.stream = stream
         self.welcomed = False
+        #: the gateway asked for ``StatePush`` frames in its ``Hello``
+        self.push_state = push_state
         self.broken = False
         # call id -> its cancel scope, for Cancel(id); ids are per connection.
         self.calls: dict[int, anyio.CancelScope] = {}
@@ -116,6 +119,11 @@ class GatewayConnection:
     async def send(self, message: Message) -> bool:
         """Write one frame (or queue it behind a write under way); False
         when the peer is known to be gone (the caller moves on)."""
+        return self.send_nowait(message)
+
+    def send_nowait(self, message: Message) -> bool:
+        """``send`` from synchronous code (it never awaits): the same frame,
+        the same order."""
         if self.broken:
             return False
         frame = encode_frame(message)

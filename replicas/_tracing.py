@@ -76,7 +76,6 @@ EXPORTERS = ("otlp", "console", "none")
 _TRACES_PATH = "/v1/traces"
 
 
-
 class TracingError(ValueError):
     """The tracing configuration is invalid (e.g. an unknown exporter)."""
 

@@ -36,6 +36,7 @@ from muxgate.replicas._protocol import (
     Refused,
     ReplicaState,
     Reply,
+    StatePush,
     Welcome,
     encode_frame,
 )
@@ -328,6 +329,26 @@ def test_the_event_fields_decode_across_versions() -> None:
     assert isinstance(pong, Pong) and pong.events == [event]
 
 
+class HelloBeforePushes(msgspec.Struct, frozen=True, tag="hello", tag_field="t"):
+    version: int
+    nonce: bytes = b""
+
+
+def test_the_push_fields_decode_across_versions() -> None:
+    """A gateway that asks for pushes still talks to a replica from before
+    them, and one that does not ask sends the very bytes it always sent."""
+    assert encode_frame(Hello(version=PROTOCOL_VERSION, nonce=b"n")) == encode_frame(
+        HelloBeforePushes(version=PROTOCOL_VERSION, nonce=b"n")  # type: ignore[arg-type]
+    )
+    asking = msgspec.msgpack.encode(Hello(version=PROTOCOL_VERSION, nonce=b"n", push_state=True))
+    old = msgspec.msgpack.decode(asking, type=HelloBeforePushes)
+    assert old == HelloBeforePushes(version=PROTOCOL_VERSION, nonce=b"n")
+    (hello,) = FrameDecoder().feed(encode_frame(HelloBeforePushes(version=PROTOCOL_VERSION)))  # type: ignore[arg-type]
+    assert hello == Hello(version=PROTOCOL_VERSION, push_state=False)
+    push = StatePush(state=ReplicaState(in_flight=2, models=["a"], loading=["b"]))
+    assert FrameDecoder().feed(encode_frame(push)) == [push]
+
+
 async def test_replica_process_repr_and_pid(
     replica: tuple[ReplicaProcess, ReplicaConnection],
 ) -> None:
@@ -365,25 +386,30 @@ def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + payload
 
 
+_HELLO = Hello(version=PROTOCOL_VERSION)
+_HELLO_PUSH = Hello(version=PROTOCOL_VERSION, push_state=True)
+
+
 @pytest.mark.parametrize(
-    ("hello_first", "garbage"),
+    ("hello", "garbage"),
     [
-        (False, b"\xff\xff\xff\xffnot a frame at all"),  # length over the limit
-        (False, _frame(b"\x00\x01\x02 not msgpack")),
-        (True, _frame(msgspec.msgpack.encode({"t": "no-such-message", "id": 1}))),
-        (True, _frame(msgspec.msgpack.encode({"t": "call", "id": "not an int"}))),
-        (True, _frame(b"\xc1")),  # a byte msgpack never uses
+        (None, b"\xff\xff\xff\xffnot a frame at all"),  # length over the limit
+        (None, _frame(b"\x00\x01\x02 not msgpack")),
+        (_HELLO, _frame(msgspec.msgpack.encode({"t": "no-such-message", "id": 1}))),
+        (_HELLO, _frame(msgspec.msgpack.encode({"t": "call", "id": "not an int"}))),
+        (_HELLO, _frame(b"\xc1")),  # a byte msgpack never uses
+        (_HELLO_PUSH, _frame(msgspec.msgpack.encode({"t": "state_push", "state": 1}))),
     ],
 )
 async def test_garbage_closes_only_that_connection(
-    replica: tuple[ReplicaProcess, ReplicaConnection], hello_first: bool, garbage: bytes
+    replica: tuple[ReplicaProcess, ReplicaConnection], hello: Hello | None, garbage: bytes
 ) -> None:
     process, conn = replica
     stream = await connect_stream(process.address)
     async with stream:
         decoder = FrameDecoder()
-        if hello_first:
-            await stream.send(encode_frame(Hello(version=PROTOCOL_VERSION)))
+        if hello is not None:
+            await stream.send(encode_frame(hello))
             with anyio.fail_after(10):
                 (welcome,) = decoder.feed(await stream.receive())
             assert isinstance(welcome, Welcome)

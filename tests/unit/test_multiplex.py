@@ -18,6 +18,7 @@ from otlp_receiver import OtlpReceiver
 from span_export import exporting_spans
 from waiting import wait_until
 
+from muxgate.replicas._cache_stats import watch_residency
 from muxgate.replicas._context import (
     current_replica,
     get_multiplexed_model_id,
@@ -739,6 +740,44 @@ async def test_finished_loads_and_unloads_are_logged_for_the_gateway_and_hits_ar
     assert all(e.duration_ms is not None and e.duration_ms >= 0 for e in events)
     assert all(started <= e.time <= time.time() for e in events)
     assert events_since(events[2].seq) == events[3:]
+
+
+async def test_residency_watchers_hear_of_load_starts_ends_and_unloads_not_of_hits() -> None:
+    """What the replica pushes to its gateways on: each change of the ids a
+    cache holds or loads, seen as the watcher is called."""
+    loads = Loads(auto=False)
+    loads.failures["rw-bad"] = OSError("disk gone")
+    get_model = make_loader(loads, limit=1)
+    cache = model_cache(get_model)
+    seen: list[tuple[list[str], list[str]]] = []
+    stop = watch_residency(lambda: seen.append((cache.loaded_ids(), cache.loading_ids())))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get_model, "rw-a")
+            await loads.started("rw-a").wait()
+            assert seen == [([], ["rw-a"])]  # the load started: told before it ends
+            loads.finish("rw-a")
+        assert seen[-1] == (["rw-a"], [])
+        del seen[:]
+        await get_model("rw-a")  # a hit changes no id held
+        assert seen == []
+        loads.finish("rw-bad")
+        with pytest.raises(OSError):
+            await get_model("rw-bad")
+        assert seen == [(["rw-a"], ["rw-bad"]), (["rw-a"], [])]
+        del seen[:]
+        loads.finish("rw-b")
+        await get_model("rw-b")  # evicts rw-a once built
+        assert seen[0] == (["rw-a"], ["rw-b"])
+        assert seen[-1] == (["rw-b"], [])
+        del seen[:]
+        assert cache.unload("rw-b")
+        assert seen == [([], [])]
+    finally:
+        stop()
+    loads.finish("rw-c")
+    await get_model("rw-c")
+    assert seen == [([], [])]  # stopped: told nothing more
 
 
 @pytest.fixture
