@@ -9,6 +9,7 @@ and the reason.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tomllib
@@ -365,7 +366,10 @@ def read_config_file(source: str) -> Any:
     try:
         if source.endswith(".toml"):
             return tomllib.loads(raw.decode())
-        return yaml.safe_load(raw)
+        # A named stream: errors then say `in "app.yaml", line 3`, not "<byte string>".
+        stream = io.BytesIO(raw)
+        stream.name = source
+        return yaml.safe_load(stream)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
         kind = "TOML" if source.endswith(".toml") else "YAML"
         raise ConfigError(source, f"not valid {kind}: {exc}") from exc

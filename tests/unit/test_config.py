@@ -172,6 +172,7 @@ def test_unreadable_and_unparsable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML") as info:
         load_config(bad)
     assert info.value.path == str(bad)
+    assert f'in "{bad}", line 2' in info.value.reason  # not "<byte string>"
     top = tmp_path / "list.yaml"
     top.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
