@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
+import inspect
 import logging
 import os
 import signal
@@ -90,6 +92,23 @@ def failure_location(exc: BaseException) -> str | None:
     return f"{user[-1].filename}:{user[-1].lineno} in {user[-1].name}"
 
 
+def _nearest(name: str, known: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``known``, else ``""``."""
+    # 0.75: a slip of a letter or two (Modle, torch_mpl), not any name
+    # sharing a few letters (no_such_module is not torch_models).
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _modules_in(folder: str) -> list[str]:
+    """The names of the modules and packages directly in ``folder``."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    return [e.removesuffix(".py") for e in entries if e.endswith(".py") or "." not in e]
+
+
 def _import_class(spec: ReplicaSpec) -> Any:
     if spec.app_dir and spec.app_dir not in sys.path:
         sys.path.insert(0, spec.app_dir)
@@ -98,9 +117,24 @@ def _import_class(spec: ReplicaSpec) -> Any:
         module_name, _, attr = spec.import_path.rpartition(".")
     if not module_name or not attr:
         raise ValueError(f"import_path {spec.import_path!r} is not 'module:Class'")
-    obj: Any = importlib.import_module(module_name)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.partition(".")[0] or not spec.app_dir:
+            raise  # a module the deployment's own code imports
+        raise ModuleNotFoundError(
+            f"{exc}{_nearest(exc.name, _modules_in(spec.app_dir))}", name=exc.name
+        ) from None
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            classes = [n for n, v in vars(obj).items() if isinstance(v, type)]
+            kind = "module" if inspect.ismodule(obj) else "class"
+            raise AttributeError(
+                f"{kind} {getattr(obj, '__name__', '?')!r} has no attribute"
+                f" {part!r}{_nearest(part, classes)}"
+            ) from None
     if not isinstance(obj, type):
         raise TypeError(f"{spec.import_path} is not a class")
     return obj

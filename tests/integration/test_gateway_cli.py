@@ -244,6 +244,22 @@ def test_check_reports_a_problem_in_each_top_level_section(tmp_path: Path) -> No
     assert out[2:] == ["ok: deployment 'Good' imports", f"{config}: 2 problems"]
 
 
+def test_check_names_the_class_or_module_meant(tmp_path: Path) -> None:
+    config = _app(
+        tmp_path,
+        {"name": "ClassTypo", "import_path": "broken_apps:Fien"},
+        {"name": "ModuleTypo", "import_path": "broken_aps:Fine", "route_prefix": "/m"},
+    )
+    result = _muxgate("check", str(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[:2] == [
+        "error: deployment 'ClassTypo': importing broken_apps:Fien: AttributeError:"
+        " module 'broken_apps' has no attribute 'Fien'; did you mean 'Fine'?",
+        "error: deployment 'ModuleTypo': importing broken_aps:Fine: ModuleNotFoundError:"
+        " No module named 'broken_aps'; did you mean 'broken_apps'?",
+    ]
+
+
 def test_check_binds_init_kwargs_to_the_class(tmp_path: Path) -> None:
     flagged = "broken_apps:FailsWhenFlagged"
     config = _app(
