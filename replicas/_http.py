@@ -56,6 +56,17 @@ class RequestBodyDecodeError(BadRequestError, msgspec.DecodeError):
     """
 
 
+class RequestBodyTextError(BadRequestError, UnicodeDecodeError):
+    """``Request.text()`` could not decode the body as UTF-8.
+
+    Still a ``UnicodeDecodeError`` (a ``ValueError``) for code that catches
+    those; the same error from the user's own ``bytes.decode`` stays a 500.
+    """
+
+    def __str__(self) -> str:
+        return f"The request body is not valid UTF-8: {UnicodeDecodeError.__str__(self)}"
+
+
 class MissingModelIdError(BadRequestError, ValueError):
     """A multiplexed loader got an empty model id while serving a request
     that carried none (no model-id header, or a handle call without
@@ -176,8 +187,18 @@ class Request:
         return self._body
 
     async def text(self) -> str:
-        """The body decoded as UTF-8."""
-        return self._body.decode("utf-8")
+        """The body decoded as UTF-8.
+
+        Raises:
+            RequestBodyTextError: the body is not UTF-8 (a
+                ``UnicodeDecodeError``; the client gets 400 ``bad_request``).
+        """
+        try:
+            return self._body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestBodyTextError(
+                exc.encoding, exc.object, exc.start, exc.end, exc.reason
+            ) from exc
 
     async def json(self) -> Any:
         """The body decoded as JSON.

@@ -5,12 +5,14 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from muxgate.replicas._call_errors import error_for
 from muxgate.replicas._context import request_scope
 from muxgate.replicas._http import (
     BadRequestError,
     MissingModelIdError,
     Request,
     RequestBodyDecodeError,
+    RequestBodyTextError,
     Response,
     empty_model_id_error,
     encode_result,
@@ -127,6 +129,18 @@ async def test_a_body_that_is_not_json_is_the_clients_mistake() -> None:
     with pytest.raises(msgspec.DecodeError) as own:
         msgspec.json.decode(b'{"x": [1')
     assert not isinstance(own.value, BadRequestError)
+
+
+@pytest.mark.anyio
+async def test_a_body_that_is_not_utf8_is_the_clients_mistake_for_text() -> None:
+    request = Request("POST", body=b"caf\xe9")
+    with pytest.raises(RequestBodyTextError) as e:
+        await request.text()
+    assert str(e.value).startswith("The request body is not valid UTF-8: 'utf-8' codec")
+    assert isinstance(e.value, UnicodeDecodeError)  # what code catching it expects
+    assert isinstance(e.value, BadRequestError)
+    assert error_for(e.value).code == "bad_request"
+    assert await Request("POST", body="café".encode()).text() == "café"
 
 
 def test_an_empty_model_id_is_the_clients_mistake_only_in_a_request_without_one() -> None:
