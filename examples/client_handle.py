@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 
-from muxgate.replicas import get_deployment_handle
+from muxgate.replicas import HandleError, HandleUnavailableError, get_deployment_handle
 
 
 async def run(url: str, model_id: str) -> None:
@@ -31,7 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default="2")
     args = parser.parse_args(argv)
-    asyncio.run(run(args.url, args.model))
+    try:
+        asyncio.run(run(args.url, args.model))
+    except HandleUnavailableError as exc:
+        sys.exit(f"{exc}: is `muxgate serve examples/app.yaml` running?")
+    except HandleError as exc:  # e.g. 404 model_not_found: no such model folder
+        sys.exit(f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

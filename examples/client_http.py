@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import httpx
 
@@ -17,14 +18,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default="1", help="model id (the folder name)")
     args = parser.parse_args(argv)
-    response = httpx.post(
-        f"{args.url}/",
-        json={"x": [1.0, 2.0, 3.0, 4.0]},
-        headers={"serve_multiplexed_model_id": args.model},
-    )
+    try:
+        response = httpx.post(
+            f"{args.url}/",
+            json={"x": [1.0, 2.0, 3.0, 4.0]},
+            headers={"serve_multiplexed_model_id": args.model},
+        )
+    except httpx.ConnectError as exc:
+        sys.exit(f"cannot reach {args.url} ({exc}): is `muxgate serve examples/app.yaml` running?")
     print(response.status_code, "served by", response.headers.get("x-muxgate-replica"))
     print(json.dumps(response.json()))
-    response.raise_for_status()
+    if response.is_error:  # the error document above says why (404: no such model folder)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

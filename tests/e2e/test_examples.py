@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -164,3 +165,19 @@ def test_a_model_root_that_does_not_exist_is_named_at_start(
     Model(str(tmp_path))
     Model("s3://bucket/models")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("script", ["client_http.py", "client_handle.py"])
+def test_a_client_without_a_gateway_says_so_without_a_traceback(script: str) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / script), "--url", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("is `muxgate serve examples/app.yaml` running?")
