@@ -7,6 +7,7 @@ into ``(status, headers, body)`` with :func:`encode_result`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -257,8 +258,19 @@ def _encode_content(content: Any) -> tuple[str, bytes]:
     try:
         return JSON, _json_encoder.encode(content)
     except TypeError as exc:
+        kind = type(content).__name__
+        if isinstance(content, dict | list | tuple | msgspec.Struct):
+            # The container is fine; something inside it is not JSON.
+            inner = str(exc)
+            hint = " (call .tolist() on tensors and arrays)" if "Tensor" in inner or (
+                "ndarray" in inner
+            ) else ""
+            raise TypeError(f"Cannot encode the {kind} returned as JSON: {inner}{hint}.") from exc
+        if inspect.iscoroutine(content):
+            content.close()  # never awaited: no warning about it later
+            raise TypeError("A coroutine is not a response: an `await` is missing.") from exc
         raise TypeError(
-            f"Cannot turn a {type(content).__name__} into a response; return a dict, list, "
+            f"Cannot turn a {kind} into a response; return a dict, list, "
             "str, number, None, bytes, a msgspec Struct or a Response."
         ) from exc
 

@@ -108,6 +108,21 @@ def test_encode_result_of_a_response() -> None:
 def test_encode_result_refuses_what_it_cannot_encode() -> None:
     with pytest.raises(TypeError, match="Cannot turn a object into a response"):
         encode_result(object())
+    # A dict is fine, what is in it is not: say that, and how to fix a tensor.
+    import torch
+
+    with pytest.raises(TypeError) as info:
+        encode_result({"y": torch.zeros(2)})
+    assert str(info.value) == (
+        "Cannot encode the dict returned as JSON: Encoding objects of type Tensor is"
+        " unsupported (call .tolist() on tensors and arrays)."
+    )
+
+    async def forgot() -> dict[str, int]:
+        return {}
+
+    with pytest.raises(TypeError, match=r"^A coroutine is not a response: an `await` is missing"):
+        encode_result(forgot())  # closed: no "never awaited" warning (warnings are errors)
     with pytest.raises(ValueError, match="status_code must be between 100 and 599, got 600"):
         Response("x", status_code=600)
     with pytest.raises(TypeError, match="status_code must be an int, got str"):
