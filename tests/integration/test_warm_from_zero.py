@@ -83,10 +83,26 @@ async def test_the_first_replica_after_zero_serves_then_warms_the_hottest(
         replica_id = r.headers["x-muxgate-replica"]
         assert replica_id != first
 
+        def loads_in(snap: dict[str, Any]) -> list[str]:
+            return [
+                e["model"]
+                for e in snap["events"]
+                if e["replica"] == replica_id and e["kind"] == "load"
+            ]
+
         async def warmed() -> dict[str, Any] | None:
             snap = await view(client)
             (rep,) = snap["replicas"]
-            done = len(rep["models"]) == 5 and rep["pinned"] == ["p-0"] and not rep["loading"]
+            # The models and loading lists change with every reply; the pins
+            # and the load events come with the replica's pongs, a second
+            # apart: a pong between p-0's load and the last warming load
+            # shows the pin with only some of the events.
+            done = (
+                len(rep["models"]) == 5
+                and not rep["loading"]
+                and rep["pinned"] == ["p-0"]
+                and len(loads_in(snap)) >= 5
+            )
             return snap if done else None
 
         snap = await wait_until(warmed, within_s=30, what="the warm set loaded")
@@ -94,9 +110,7 @@ async def test_the_first_replica_after_zero_serves_then_warms_the_hottest(
         # p-7 (the waking request), the deferred pinned and preload ids, then the
         # hottest that fit: p-2 and p-3. p-4 did not fit and was not loaded.
         assert set(rep["models"]) == {"p-7", "p-0", "p-1", "p-2", "p-3"}
-        loads = [
-            e["model"] for e in snap["events"] if e["replica"] == replica_id and e["kind"] == "load"
-        ]
+        loads = loads_in(snap)
         assert loads == ["p-7", "p-0", "p-1", "p-2", "p-3"]
         # and no warming load ran beside the waking one: each started after it ended
         # (events carry the end, wall clock, and the duration; 1 ms for rounding)
@@ -107,11 +121,10 @@ async def test_the_first_replica_after_zero_serves_then_warms_the_hottest(
         }
         woke_at = ends["p-7"][0]
         assert all(end - took >= woke_at - 1e-3 for end, took in list(ends.values())[1:])
-        # the hottest are hits now: no further load
+        # the hottest are hits now: no further load (the cache is full, so a
+        # load would have evicted one of them; the lists change with each reply)
         for model_id in ("p-2", "p-3", "p-0"):
             r = await client.post("/zero", headers={MODEL: model_id})
             assert r.headers["x-muxgate-replica"] == replica_id
-        snap = await view(client)
-        assert [
-            e["model"] for e in snap["events"] if e["replica"] == replica_id and e["kind"] == "load"
-        ] == loads
+        (rep,) = (await view(client))["replicas"]
+        assert set(rep["models"]) == set(loads) and not rep["loading"]
