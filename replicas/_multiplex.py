@@ -41,7 +41,7 @@ from muxgate.replicas._cache_stats import (
     replica_state_snapshot,
 )
 from muxgate.replicas._eviction import make_policy
-from muxgate.replicas._loader_loops import LoaderLoopError, is_other_loop_error, loader_loops
+from muxgate.replicas._loader_thread import LoaderLoopError, is_other_loop_error, loader_thread
 
 __all__ = [
     "EVENT_LOG_SIZE",
@@ -151,13 +151,13 @@ class _Loader:
                 return await func(*args, model_id)
 
         elif self.is_async:
-            loops, limit, name = loader_loops(), self.max_loads, self.name
+            loops, name = loader_thread(), self.name
 
             async def load(model_id: str) -> Any:
                 # Off the replica's loop, so that blocking code in the loader's body
-                # (torch) never holds the calls of other requests; see _loader_loops.
+                # (torch) never holds the calls of other requests; see _loader_thread.
                 try:
-                    return await loops.run(functools.partial(func, *args, model_id), limit=limit)
+                    return await loops.run(functools.partial(func, *args, model_id))
                 except RuntimeError as exc:
                     if is_other_loop_error(exc):
                         raise _other_loop_error(name, model_id, exc) from exc

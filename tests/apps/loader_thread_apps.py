@@ -1,5 +1,5 @@
 """A deployment whose async loader blocks its thread, for the loader-thread tests
-(tests/integration/test_loader_thread.py).
+(tests/integration/test_loader_thread_replica.py).
 
 ``SlowLoads`` (four calls at once) answers what its loader saw. A model id
 ``slow-*`` blocks the loader's thread (a busy wait, as torch code would)

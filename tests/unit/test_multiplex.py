@@ -97,7 +97,7 @@ def make_loader(
     loads: Loads, limit: int = 3, max_loads: int = 4, load_order: Any = "evict_after"
 ) -> Any:
     # On the test's loop: the loads wait on events the test sets from it (the
-    # loader-thread default is tested in test_loader_loops.py).
+    # loader-thread default is tested in tests/unit/test_loader_thread.py).
     @multiplexed(
         max_num_models_per_replica=limit,
         max_concurrent_loads=max_loads,

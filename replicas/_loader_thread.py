@@ -7,11 +7,13 @@ sent meanwhile are not even read, and hits wait behind the load. So an async
 loader runs, by default, on a *loader loop*: an asyncio event loop of its own
 in a daemon thread. The replica's loop only waits for the result.
 
-The loops form one process-wide pool, started lazily, of as many loops as the
-largest ``max_concurrent_loads`` of the caches that use it: a cache's loads
-go to the least busy of its first ``max_concurrent_loads`` loops, so that
-blocking loads of different models run in parallel, as a sync loader's do in
-worker threads.
+One loader loop serves every cache of the process, started on first use.
+Its loads keep the concurrency they had on the replica's loop: their
+``await``s interleave (and ``max_concurrent_loads`` bounds them), while
+blocking code in their bodies runs one load at a time. With a CPU budget of
+one core per replica that is also the faster order: blocking loads that ran
+side by side would share the core and all finish late (measured on the peer
+benchmark: docs/benchmarks.md).
 
 Each load runs in a copy of the caller's :mod:`contextvars` context (the
 request scope, so ``get_multiplexed_model_id()`` works; the load span; any
@@ -28,10 +30,9 @@ a cache's ``aclose()`` returns. A model the loader returned all the same is
 not handed out: its unload hook runs, and the cancellation propagates.
 
 Written here rather than on ``anyio.from_thread.start_blocking_portal``,
-which serves calls from worker threads into one loop: here the caller is
-an event loop itself, spreads loads over several loops, hands each its
-context and waits out a cancelled load, with a few of asyncio's thread-safe
-calls.
+which serves calls from worker threads into a loop: here the caller is an
+event loop itself, hands each load its context and waits out a cancelled
+load, with a few of asyncio's thread-safe calls.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any, Final
 
 from muxgate.replicas._unload_hooks import run_unload_hook
 
-__all__ = ["LoaderLoopError", "LoaderLoops", "is_other_loop_error", "loader_loops"]
+__all__ = ["LoaderLoopError", "LoaderThread", "is_other_loop_error", "loader_thread"]
 
 #: what asyncio says when a coroutine awaits an object of another event loop
 _OTHER_LOOP_MESSAGES: Final = (
@@ -135,28 +136,24 @@ class _Submission:
             self._task.cancel()
 
 
-class LoaderLoops:
-    """The process's loader loops (see the module docstring)."""
+class LoaderThread:
+    """The process's loader loop, started on first use (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._loops: list[_LoaderLoop] = []
+        self._loop: _LoaderLoop | None = None
 
     def __repr__(self) -> str:
-        with self._lock:
-            busy = [loop.busy for loop in self._loops]
-        return f"<LoaderLoops loops={len(busy)} busy={busy}>"
+        loader_loop = self._loop
+        busy = "not started" if loader_loop is None else f"busy={loader_loop.busy}"
+        return f"<LoaderThread {busy}>"
 
-    def _take(self, limit: int) -> _LoaderLoop:
+    def _take(self) -> _LoaderLoop:
         with self._lock:
-            usable = self._loops[:limit]
-            chosen = min(usable, key=lambda loop: loop.busy, default=None)
-            if (chosen is None or chosen.busy > 0) and len(self._loops) < limit:
-                chosen = _LoaderLoop(len(self._loops))
-                self._loops.append(chosen)
-            assert chosen is not None
-            chosen.busy += 1
-            return chosen
+            if self._loop is None:
+                self._loop = _LoaderLoop(0)
+            self._loop.busy += 1
+            return self._loop
 
     def _give_back(self, loader_loop: _LoaderLoop) -> None:
         with self._lock:
@@ -165,16 +162,11 @@ class LoaderLoops:
     def reset_after_fork(self) -> None:
         """A forked child has none of the parent's threads: start afresh."""
         self._lock = threading.Lock()
-        self._loops = []
+        self._loop = None
 
-    async def run(
-        self, make_coro: Callable[[], Coroutine[Any, Any, Any]], *, limit: int
-    ) -> Any:
-        """Run ``make_coro()`` on a loader loop, in a copy of the current context.
-
-        ``limit``: how many loops this caller may spread over (at least 1).
-        """
-        loader_loop = self._take(max(1, limit))
+    async def run(self, make_coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """Run ``make_coro()`` on the loader loop, in a copy of the current context."""
+        loader_loop = self._take()
         try:
             submission = _Submission(loader_loop, make_coro, contextvars.copy_context())
             waiter = asyncio.wrap_future(submission.done)
@@ -204,10 +196,10 @@ async def _wait_out(waiter: asyncio.Future[Any]) -> None:
             continue
 
 
-_LOOPS = LoaderLoops()
+_LOOPS = LoaderThread()
 
 
-def loader_loops() -> LoaderLoops:
+def loader_thread() -> LoaderThread:
     """The process-wide pool."""
     return _LOOPS
 

@@ -3,7 +3,7 @@
 In process, with blocking loaders the test holds on ``threading.Event``s (the
 way torch code blocks the thread it runs on). The end-to-end behaviour, in a
 replica process behind a gateway, is in
-``tests/integration/test_loader_thread.py``.
+``tests/integration/test_loader_thread_replica.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from anyio.lowlevel import checkpoint
 
 from muxgate.replicas._context import get_multiplexed_model_id, request_scope
-from muxgate.replicas._loader_loops import LoaderLoopError, is_other_loop_error, loader_loops
+from muxgate.replicas._loader_thread import LoaderLoopError, is_other_loop_error, loader_thread
 from muxgate.replicas._multiplex import (
     ModelCacheClosedError,
     configure_model_caches,
@@ -129,19 +129,23 @@ async def test_a_hit_is_served_while_a_blocking_load_runs() -> None:
     assert loads.threads["slow"] != threading.get_ident()
 
 
-async def test_blocking_loads_of_different_models_run_in_parallel() -> None:
+async def test_loads_interleave_at_their_awaits_on_one_loader_thread() -> None:
     barrier = threading.Barrier(2, timeout=HOLD_S)
+    threads: list[int] = []
 
     @multiplexed(max_num_models_per_replica=2, max_concurrent_loads=2)
     async def get_model(model_id: str) -> str:
-        barrier.wait()  # passes only if both loads block at the same time
+        threads.append(threading.get_ident())
+        # passes only if both loads wait here at once: the awaits interleave
+        await anyio.to_thread.run_sync(barrier.wait)
         return model_id
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(get_model, "a")
         tg.start_soon(get_model, "b")
     assert sorted(model_cache(get_model).loaded_ids()) == ["a", "b"]
-    assert "loops=" in repr(loader_loops())
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert repr(loader_thread()) == "<LoaderThread busy=0>"
 
 
 async def test_load_on_loop_keeps_the_loader_on_the_callers_loop(
