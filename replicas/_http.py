@@ -238,8 +238,10 @@ class Response:
     ) -> None:
         if type(status_code) is not int:
             raise TypeError(f"status_code must be an int, got {type(status_code).__name__}.")
-        if not 100 <= status_code <= 599:
-            raise ValueError(f"status_code must be between 100 and 599, got {status_code}.")
+        if not 200 <= status_code <= 599:
+            # 1xx are interim answers: sent as the final one, the client
+            # would wait for another that never comes.
+            raise ValueError(f"status_code must be between 200 and 599, got {status_code}.")
         self.content = content
         self.status_code = status_code
         pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())

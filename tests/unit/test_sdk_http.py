@@ -123,8 +123,10 @@ def test_encode_result_refuses_what_it_cannot_encode() -> None:
 
     with pytest.raises(TypeError, match=r"^A coroutine is not a response: an `await` is missing"):
         encode_result(forgot())  # closed: no "never awaited" warning (warnings are errors)
-    with pytest.raises(ValueError, match="status_code must be between 100 and 599, got 600"):
+    with pytest.raises(ValueError, match="status_code must be between 200 and 599, got 600"):
         Response("x", status_code=600)
+    with pytest.raises(ValueError, match="status_code must be between 200 and 599, got 101"):
+        Response("x", status_code=101)  # an interim answer: the client would wait on
     with pytest.raises(TypeError, match="status_code must be an int, got str"):
         Response("x", status_code="200")  # type: ignore[arg-type]
 
