@@ -515,7 +515,8 @@ class FrontEnd:
             ),
         )
         ex.status, headers = self._reply(reply)
-        headers.append((b"content-length", str(len(reply.body)).encode()))
+        if ex.status != 204 and ex.status != 304:  # RFC 9110: no content-length on a 204
+            headers.append((b"content-length", str(len(reply.body)).encode()))
         headers.append((b"x-request-id", ex.request_id.encode()))
         headers.append((b"x-muxgate-replica", ex.replica_id.encode()))
         self.shutdown.in_flight.discard(ex.task)

@@ -21,7 +21,7 @@ from typing import Any
 
 from muxgate.replicas._context import current_replica, get_multiplexed_model_id
 from muxgate.replicas._deployment import deployment
-from muxgate.replicas._http import Request
+from muxgate.replicas._http import Request, Response
 from muxgate.replicas._multiplex import multiplexed
 
 
@@ -41,10 +41,12 @@ def _make(limit: int, name: str = "", **options: Any) -> type:
         async def get_model(self, model_id: str) -> _Loaded:
             return _Loaded(model_id)
 
-        async def __call__(self, request: Request) -> dict[str, Any]:
+        async def __call__(self, request: Request) -> dict[str, Any] | Response:
             model_id = get_multiplexed_model_id()
             if model_id:
                 await self.get_model(model_id)
+            if request.path == "/status":
+                return Response(b"", status_code=int(request.query_params.get("s", "200")))
             if request.path == "/slow":
                 await asyncio.sleep(float(request.query_params.get("s", "1")))
             elif request.path == "/raise":

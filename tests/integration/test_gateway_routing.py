@@ -214,6 +214,17 @@ async def test_deployment_error_is_500_and_replica_keeps_serving(
     assert r.headers["x-muxgate-replica"] == failed_on
 
 
+@pytest.mark.parametrize("status", [204, 304])
+async def test_a_bodiless_status_has_no_content_length(
+    client: httpx.AsyncClient, status: int
+) -> None:
+    r = await client.get("/sticky/status", params={"s": status})
+    assert r.status_code == status
+    assert "content-length" not in r.headers  # RFC 9110 for a 204
+    assert r.headers["x-request-id"] and r.headers["x-muxgate-replica"].startswith("Sticky#")
+    assert (await client.get("/sticky/status")).status_code == 200  # the connection goes on
+
+
 async def test_request_id_is_honoured_or_generated(client: httpx.AsyncClient) -> None:
     r = await client.get("/sticky/", headers={"x-request-id": "abc.DEF-123"})
     assert r.headers["x-request-id"] == "abc.DEF-123"
