@@ -156,11 +156,19 @@ class Ingress(FrontEnd):
         return {"http": http}
 
     def _reply(self, reply: Reply) -> tuple[int, list[tuple[bytes, bytes]]]:
+        # The gateway sets the length and its own ids (a deployment's
+        # x-request-id would make two).
         return reply.status, [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in reply.headers
-            if k.lower() not in ("content-length", "transfer-encoding")
+            if k.lower() not in _GATEWAY_HEADERS
         ]
+
+
+#: response headers the gateway writes itself, never a deployment's
+_GATEWAY_HEADERS = frozenset(
+    ("content-length", "transfer-encoding", "x-request-id", "x-muxgate-replica")
+)
 
 
 # -- admin ------------------------------------------------------------------

@@ -8,6 +8,7 @@ into ``(status, headers, body)`` with :func:`encode_result`.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -220,6 +221,25 @@ class Request:
         return f"<Request {self.method} {self.path}{query} body={len(self._body)}B>"
 
 
+#: a header name: RFC 9110 token characters
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: a header value: visible Latin-1 characters, spaces and tabs (no CR, LF or NUL)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def _checked_header(name: str, value: str) -> tuple[str, str]:
+    """``(name, value)``, or ValueError now, in the deployment's code, for
+    what no HTTP server could send (the client would get no answer)."""
+    if _HEADER_NAME.fullmatch(name) is None:
+        raise ValueError(f"Invalid response header name {name!r}.")
+    if _HEADER_VALUE.fullmatch(value) is None:
+        raise ValueError(
+            f"Invalid value of response header {name!r}: {value!r} (CR, LF, control"
+            " characters and characters outside Latin-1 cannot be sent)."
+        )
+    return name, value
+
+
 class Response:
     """An explicit response: status, headers and media type of the user's choosing.
 
@@ -245,7 +265,9 @@ class Response:
         self.content = content
         self.status_code = status_code
         pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
-        self.headers = [(str(k).lower(), str(v)) for k, v in pairs]
+        self.headers = [_checked_header(str(k).lower(), str(v)) for k, v in pairs]
+        if media_type is not None:
+            _checked_header("content-type", media_type)
         self.media_type = media_type
 
     def __repr__(self) -> str:

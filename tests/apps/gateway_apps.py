@@ -47,6 +47,8 @@ def _make(limit: int, name: str = "", **options: Any) -> type:
                 await self.get_model(model_id)
             if request.path == "/status":
                 return Response(b"", status_code=int(request.query_params.get("s", "200")))
+            if request.path == "/own-ids":  # headers only the gateway may set
+                return Response(b"", headers={"x-request-id": "mine", "x-muxgate-replica": "me"})
             if request.path == "/slow":
                 await asyncio.sleep(float(request.query_params.get("s", "1")))
             elif request.path == "/raise":

@@ -225,6 +225,15 @@ async def test_a_bodiless_status_has_no_content_length(
     assert (await client.get("/sticky/status")).status_code == 200  # the connection goes on
 
 
+async def test_a_deployment_cannot_set_the_gateways_own_headers(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.get("/sticky/own-ids", headers={"x-request-id": "req-7"})
+    assert r.status_code == 200
+    assert r.headers.get_list("x-request-id") == ["req-7"]
+    assert r.headers["x-muxgate-replica"].startswith("Sticky#")
+
+
 async def test_request_id_is_honoured_or_generated(client: httpx.AsyncClient) -> None:
     r = await client.get("/sticky/", headers={"x-request-id": "abc.DEF-123"})
     assert r.headers["x-request-id"] == "abc.DEF-123"

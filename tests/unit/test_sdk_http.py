@@ -125,6 +125,20 @@ def test_encode_result_refuses_what_it_cannot_encode() -> None:
         encode_result(forgot())  # closed: no "never awaited" warning (warnings are errors)
     with pytest.raises(ValueError, match="status_code must be between 200 and 599, got 600"):
         Response("x", status_code=600)
+    # Headers no HTTP server could send fail in the deployment's code (a 500
+    # user_error naming them), not as a dropped connection.
+    with pytest.raises(ValueError, match=r"^Invalid value of response header 'x-a': '1\\r\\nx-b"):
+        Response("x", headers={"x-a": "1\r\nx-b: 2"})
+    with pytest.raises(ValueError, match="outside Latin-1"):
+        Response("x", headers=[("x-a", "\u65e5")])
+    with pytest.raises(ValueError, match=r"^Invalid response header name 'bad name'"):
+        Response("x", headers={"bad name": "1"})
+    with pytest.raises(ValueError, match="content-type"):
+        Response("x", media_type="text/plain\r\nx-b: 1")
+    assert Response("x", headers={"Set-Cookie": "a=b; Path=/", "x-c": "caf\u00e9"}).headers == [
+        ("set-cookie", "a=b; Path=/"),
+        ("x-c", "caf\u00e9"),
+    ]
     with pytest.raises(ValueError, match="status_code must be between 200 and 599, got 101"):
         Response("x", status_code=101)  # an interim answer: the client would wait on
     with pytest.raises(TypeError, match="status_code must be an int, got str"):
