@@ -1,6 +1,6 @@
 """Router decision time at 10, 100 and 1,000 replicas with 100,000 model ids.
 
-Run: .venv/bin/python bench/bench_router.py [--decisions N] [--models N]
+Run: .venv/bin/python bench/bench_router.py [--decisions N] [--models N] [--replicas 10,100,1000]
 
 Each decision is choose() + acquire(), with releases keeping the deployment at
 about half of max_ongoing_requests per replica (so bounded-load spills happen),
@@ -109,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decisions", type=int, default=200_000)
     parser.add_argument("--models", type=int, default=100_000)
+    parser.add_argument("--replicas", default="10,100,1000", help="comma-separated pool sizes")
     args = parser.parse_args()
     print_machine()
     print(f"model ids: {args.models:,} (Zipf 1.1), decisions per row: {args.decisions:,}")
@@ -119,7 +120,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for n in (10, 100, 1000):
+    for n in (int(r) for r in args.replicas.split(",")):
         r = run(n, args.models, args.decisions)
         print(
             f"{n:>8} {r['build_ms']:>9.1f} {r['cold_median_us']:>8.2f} "

@@ -224,6 +224,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="4,64,256", help="file sizes in MB")
     parser.add_argument("--reps", type=int, default=5, help="remote repetitions (best is kept)")
     parser.add_argument("--skip-remote", action="store_true", help="local loads only")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="local rounds per size (default: by size, 4-20)"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-storage-", dir=os.environ.get("BENCH_DIR")))
@@ -236,7 +239,7 @@ def main() -> None:
         for size in sizes:
             # 200 timed calls per variant at 4 MB, 12 at 64 MB, 8 at 256 MB.
             block = max(2, min(10, 40 // size))
-            rounds = max(4, min(20, 400 // size))
+            rounds = args.rounds or max(4, min(20, 400 // size))
             local[size] = local_section(work, size, rounds, block)
             fsyncs[size] = fsync_probe(work, size, 3)
         if not args.skip_remote:

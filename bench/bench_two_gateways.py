@@ -144,8 +144,8 @@ async def processes(
     replica_config.write_text(yaml.safe_dump(config))
     started: list[asyncio.subprocess.Process] = []
     try:
-        addresses = []
-        for i in range(REPLICAS):
+        outs = []
+        for i in range(REPLICAS):  # all at once, then each one's READY line
             out = work / f"replica-{i}.out"
             with out.open("wb") as stdout:
                 proc = await asyncio.create_subprocess_exec(
@@ -155,12 +155,13 @@ async def processes(
                     env=env, stdout=stdout, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
             started.append(proc)
-            line = await _line_from(out, "READY ", proc)
-            addresses.append(line.split(" ", 1)[1])
+            outs.append((out, proc))
+        lines = await asyncio.gather(*(_line_from(out, "READY ", proc) for out, proc in outs))
+        addresses = [line.split(" ", 1)[1] for line in lines]
         deployment["launcher"] = {"kind": "static", "addresses": addresses}
         gateway_config = work / "gateway.yaml"
         gateway_config.write_text(yaml.safe_dump(config))
-        urls = []
+        logs = []
         for i in range(gateways):
             log = work / f"gateway-{i}.log"
             with log.open("wb") as stderr:
@@ -170,8 +171,9 @@ async def processes(
                     env=env, stdout=subprocess.DEVNULL, stderr=stderr,
                 )  # fmt: skip
             started.append(proc)
-            urls.append((await _line_from(log, "serving on", proc)).rsplit(" ", 1)[-1])
-        yield addresses, urls
+            logs.append((log, proc))
+        lines = await asyncio.gather(*(_line_from(log, "serving on", proc) for log, proc in logs))
+        yield addresses, [line.rsplit(" ", 1)[-1] for line in lines]
     finally:
         for proc in reversed(started):  # gateways first
             await _stop(proc)

@@ -12,7 +12,8 @@ replicas that keep them), to a deployment of fixed size.
 Three windows of ``--window`` seconds (30) each, back to back: steady with
 2 replicas; from ``pool.set_target(3)`` on (the third replica's start
 included); from ``pool.set_target(2)`` on (the handover, if any,
-included). For each window: requests, the client-visible loads
+included); a window whose step has not finished by its end goes on until
+it has. For each window: requests, the client-visible loads
 (``muxgate_cache_misses_total``: requests that waited for a load; warming
 loads are not counted there), every load (``muxgate_model_loads_total``,
 the warming ones included) and p99 latency.
@@ -36,6 +37,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from typing import Any
 from unittest import mock
 
@@ -60,6 +62,8 @@ MODEL = "serve_multiplexed_model_id"
 APPS_BY_NAME = {"mlps": "mlp_apps:Mlps", "sized": "warm_apps:Sized", "pool": "warm_apps:Sized"}
 #: the width of the ``sized`` and ``pool`` models (about 1 MB each)
 WIDTH = 512
+#: the longest a window waits past ``--window`` for its scale step to finish
+STEP_TIMEOUT_S = 120.0
 
 
 def total(text: str, name: str = "muxgate_cache_misses_total") -> float:
@@ -106,10 +110,21 @@ async def held(admin: httpx.AsyncClient) -> dict[str, int]:
     return {rep["id"]: len(rep["models"]) for rep in body["replicas"]}
 
 
-async def window(name: str, load: Load, admin: httpx.AsyncClient, seconds: float) -> dict[str, Any]:
+async def window(
+    name: str,
+    load: Load,
+    admin: httpx.AsyncClient,
+    seconds: float,
+    step: Awaitable[None] | None = None,
+) -> dict[str, Any]:
+    """One measured window of ``seconds``; it goes on until ``step`` (the
+    scale step it measures) is done, so that a short ``--window`` on a slow
+    host still holds the whole step."""
     before = (await admin.get("/-/metrics")).text
     load.mark()
     await asyncio.sleep(seconds)  # the measured window, not synchronisation
+    if step is not None:
+        await asyncio.wait_for(step, STEP_TIMEOUT_S)
     lat = load.mark()
     after = (await admin.get("/-/metrics")).text
     row = {
@@ -159,12 +174,12 @@ async def run(warming: bool, args: argparse.Namespace, root: str) -> list[dict[s
             await asyncio.sleep(args.window / 3)  # warm-up, not measured
             rows.append(await window("steady, 2 replicas", load, admin, args.window))
             pool.set_target(3)
-            rows.append(await window("after 2 -> 3", load, admin, args.window))
-            assert pool.running == 3, pool
+            three = pool.wait_for(lambda: pool.running == 3)
+            rows.append(await window("after 2 -> 3", load, admin, args.window, three))
             print("held before 3 -> 2:", await held(admin), flush=True)
             pool.set_target(2)
-            rows.append(await window("after 3 -> 2", load, admin, args.window))
-            assert pool.running == 2, pool
+            two = pool.wait_for(lambda: pool.running == 2)
+            rows.append(await window("after 3 -> 2", load, admin, args.window, two))
             load.stop = True
             await asyncio.gather(*tasks)
             print(f"errors: {load.errors}")
