@@ -3,7 +3,8 @@
 ``Holder`` calls hold until cancelled and record what happened to them as
 empty files in ``marker_dir`` (``NAME.started``, ``NAME.cancelled``,
 ``NAME.returned``), so a test in another process can observe the replica's
-side of a cancellation.
+side of a cancellation; a sync call returns once the test creates
+``NAME.release``.
 """
 
 from __future__ import annotations
@@ -54,17 +55,21 @@ class Holder:
     async def hold(self, name: str) -> str:
         return await self._hold(name)
 
-    def sync_hold(self, name: str, seconds: float) -> str:
-        # A worker thread cannot be interrupted: it runs to its end.
+    def sync_hold(self, name: str, within_s: float) -> str:
+        # A worker thread cannot be interrupted: it runs to its end, which
+        # the test sets by creating NAME.release (or ``within_s`` passes).
         _mark(self.marker_dir, name, "started")
-        time.sleep(seconds)
+        release = os.path.join(self.marker_dir, f"{name}.release")
+        deadline = time.monotonic() + within_s
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling a file another process creates
         _mark(self.marker_dir, name, "returned")
         return name
 
-    def sync_hold_model(self, name: str, seconds: float) -> str:
+    def sync_hold_model(self, name: str, within_s: float) -> str:
         # Pins the request's model from the thread (the loader runs on the loop).
         anyio.from_thread.run(self.get_model, get_multiplexed_model_id())
-        return self.sync_hold(name, seconds)
+        return self.sync_hold(name, within_s)
 
     async def quick(self) -> str:
         return "quick"
