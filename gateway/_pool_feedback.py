@@ -70,6 +70,7 @@ class ReplicaFeedback:
             replica_id,
             models=state.models,
             loading=state.loading,
+            cache_limit=state.cache_limit,
             in_flight=state.in_flight,
             own=conn.unanswered_calls if conn is not None else None,
         )

@@ -45,6 +45,8 @@ __all__ = [
 
 
 class _ReportingCache(Protocol):
+    @property
+    def capacity(self) -> int: ...
     def loaded_ids(self) -> list[str]: ...
     def loading_ids(self) -> list[str]: ...
 
@@ -84,14 +86,23 @@ def counters() -> dict[str, float]:
     return result
 
 
-def replica_state_snapshot() -> tuple[list[str], list[str]]:
-    """``(loaded model ids least recently used first, loading model ids)`` over all caches."""
+def replica_state_snapshot() -> tuple[list[str], list[str], int | None]:
+    """``(loaded model ids least recently used first, loading model ids,
+    cache limit)`` over all caches; the limit is the sum of their capacities,
+    None when one has none or there is no cache."""
     loaded: dict[str, None] = {}
     loading: dict[str, None] = {}
+    limit: int | None = None
+    unlimited = False
     for cache in registered_caches():
         loaded.update(dict.fromkeys(cache.loaded_ids()))
         loading.update(dict.fromkeys(cache.loading_ids()))
-    return list(loaded), list(loading)
+        capacity = cache.capacity
+        if capacity < 0:
+            unlimited = True
+        else:
+            limit = (limit or 0) + capacity
+    return list(loaded), list(loading), None if unlimited else limit
 
 
 _WATCHERS: list[Callable[[], None]] = []

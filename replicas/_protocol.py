@@ -111,7 +111,7 @@ __all__ = [
 #: 2: ``Cancel``; the ``ErrorInfo`` code "overloaded".
 #: 3: ``ModelControl``; ``Pong.model_bytes`` and ``Pong.pinned``. Later
 #: additions with defaults, so version 3 still: ``Hello.push_state`` and
-#: ``StatePush``; ``Pong.model_requests``.
+#: ``StatePush``; ``Pong.model_requests``; ``ReplicaState.cache_limit``.
 PROTOCOL_VERSION = 3
 #: Upper bound of one frame; a larger length prefix is a protocol error.
 MAX_FRAME_BYTES = 1 << 30
@@ -127,11 +127,17 @@ class ProtocolError(Exception):
 
 
 class ReplicaState(msgspec.Struct, frozen=True, array_like=True):
-    """What a replica reports about itself with every reply."""
+    """What a replica reports about itself with every reply.
+
+    ``cache_limit``: how many models its caches hold at most together (the
+    sum of their ``max_num_models_per_replica``); None when the count is
+    unlimited or no cache exists yet. A peer of an earlier release neither
+    sends nor reads it (a trailing element with a default)."""
 
     in_flight: int = 0
     models: list[str] = []  # loaded, least recently used first
     loading: list[str] = []
+    cache_limit: int | None = None
 
 
 class HttpRequest(msgspec.Struct, frozen=True, array_like=True):

@@ -203,8 +203,10 @@ class Replica:
     # -- state ---------------------------------------------------------------
 
     def state(self) -> ReplicaState:
-        models, loading = replica_state_snapshot()
-        return ReplicaState(in_flight=self.in_flight, models=models, loading=loading)
+        models, loading, cache_limit = replica_state_snapshot()
+        return ReplicaState(
+            in_flight=self.in_flight, models=models, loading=loading, cache_limit=cache_limit
+        )
 
     def _residency_changed(self) -> None:
         """A cache's loaded or loading ids changed: push the state to the

@@ -102,6 +102,7 @@ async def test_a_second_gateway_learns_of_a_load_it_never_asked_about(gated: Sta
         assert loaded[0].error is None
         state = await watch.until(lambda s: "push-a" in s.models and not s.loading, "push-a")
         assert state.models == ["push-a"]
+        assert state.cache_limit == 8  # Gated's max_num_models_per_replica
         # A push to old would have been written in the same turn as second's,
         # before the replica read old's ping: the pong comes after any push.
         pong = await old.ping()

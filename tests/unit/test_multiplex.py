@@ -657,9 +657,10 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
     loads.auto = True
     await get_model("snap-b")
     await get_model("snap-a")
-    models, loading = replica_state_snapshot()
+    models, loading, limit = replica_state_snapshot()
     assert [m for m in models if m.startswith("snap-")] == ["snap-b", "snap-a"]
     assert not [m for m in loading if m.startswith("snap-")]
+    assert limit is not None and limit >= 2  # this cache's 2, and live caches of other tests
     after = counters()
     assert after["cache_misses"] - before["cache_misses"] == 2
     assert after["cache_hits"] - before["cache_hits"] == 1
@@ -689,6 +690,9 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
         "loaded=['snap-b', 'snap-a'] loading=[] pinned={}>"
     )
     await cache.aclose()
+    unlimited = make_loader(Loads(), limit=-1)
+    await unlimited("snap-u")
+    assert replica_state_snapshot()[2] is None  # no bound on the count of models
 
 
 def test_the_event_log_numbers_events_keeps_the_last_and_reads_after_a_number() -> None:
