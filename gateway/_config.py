@@ -214,6 +214,13 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"num_cpus must be finite, got {self.num_cpus}")
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("num_replicas and autoscaling are mutually exclusive")
+        module = self.import_path.partition(":")[0]
+        if module.endswith(".py"):
+            # "model.py:Model" imports a submodule "py" of a package "model".
+            raise ValueError(
+                f"import_path names a module, not a file: {module.removesuffix('.py')}:"
+                f"{self.import_path.partition(':')[2]}, not {self.import_path}"
+            )
         prefix = self.route_prefix
         if not prefix.startswith("/"):
             raise ValueError("route_prefix must start with '/'")

@@ -122,3 +122,11 @@ def test_an_import_path_without_a_colon_says_the_form_wanted() -> None:
         " - at `$.deployments[0].import_path`: expected `module:Class`, e.g."
         " `torch_mlp:Model` (a colon before the class)"
     )
+
+
+def test_an_import_path_naming_a_file_says_the_module_name() -> None:
+    reason = _error({"deployments": [{"name": "M", "import_path": "torch_mlp.py:Model"}]})
+    assert reason == (
+        "import_path names a module, not a file: torch_mlp:Model, not torch_mlp.py:Model"
+        " - at `$.deployments[0]`"
+    )
