@@ -160,7 +160,7 @@ class ReplicaPool:
             self.router,
             self.targets,
             self._reports,
-            refused=lambda m: self.quarantine.retry_after(m) is not None,
+            refused=lambda model_id: self.quarantine.suspected(model_id),
             spawn=self._spawn,
             timeout_s=drain_timeout_s,
             draining=lambda: {r.id for r in self.replicas.in_state(DRAINING)},

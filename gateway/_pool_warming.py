@@ -33,7 +33,8 @@ class PoolWarming:
         router: the pool's router (popularity, homes, in-flight calls).
         targets: the pool's running replicas (id -> connection).
         reports: what the replicas report (request counts, load time).
-        refused: whether a model id is quarantined now.
+        refused: whether a model id must not be warmed (suspected of
+            killing replicas: blamed for a recent death, or quarantined).
         spawn: ``(coroutine, what) -> task``, the pool's task spawner.
         timeout_s: the bound of one warming load.
         draining: the ids of the replicas leaving now (none of them keeps a
@@ -92,6 +93,7 @@ class PoolWarming:
                 timeout_s=self._timeout_s,
                 running=running,
                 reported=self._reports.requested,
+                refused=self._refused,
             )
             self._spawn(warming, f"warm-{rep.id}")
 
@@ -109,4 +111,5 @@ class PoolWarming:
                 reported=self._reports.requested,
                 pinned=self._config.pinned,
                 draining=self._draining(),
+                refused=self._refused,
             )

@@ -172,6 +172,21 @@ class Quarantine:
                 newly.append(model_id)
         return newly
 
+    def suspected(self, model_id: str) -> bool:
+        """Whether ``model_id`` was blamed for a replica death within
+        ``window_s``, or is quarantined now: no replica loads it unasked
+        (warming), though one death alone does not refuse its requests."""
+        if self.retry_after(model_id) is not None:
+            return True
+        rec = self._records.get(model_id)
+        if rec is None:
+            return False
+        now = self._clock()
+        recent = now - self.config.window_s
+        return any(t > recent for t in rec.deaths) or (
+            rec.strikes > 0 and now - rec.until <= self.config.window_s
+        )
+
     def retry_after(self, model_id: str) -> float | None:
         """Seconds until ``model_id`` may be tried again, or None if it may now.
 

@@ -139,14 +139,16 @@ async def warm_moved_home(
     timeout_s: float,
     running: Callable[[], bool],
     reported: PopularitySketch | None = None,
+    refused: Callable[[str], bool] = lambda model_id: False,
 ) -> None:
     """Replica ``replica_id`` joined: it warms the recently requested models
-    whose home it is now (``reported``: see ``warm_counts``)."""
+    whose home it is now (``reported``: see ``warm_counts``), none ``refused``."""
     plan = moved_home(
         warm_counts(router.popularity, reported).top(4 * DEFAULT_WARM_LIMIT),
         replica_id,
         router.preference_list,
         lambda home, model_id: home in router.holders(model_id),
+        refused=refused,
     )
     await warm_replica(conn, plan, loader=loader, timeout_s=timeout_s, running=running)
 
@@ -162,6 +164,7 @@ async def hand_over(
     reported: PopularitySketch | None = None,
     pinned: Collection[str] = (),
     draining: Collection[str] = (),
+    refused: Callable[[str], bool] = lambda model_id: False,
 ) -> None:
     """Replica ``replica_id`` leaving on scale-down, still serving: its recently requested
     models warm on their next homes among ``targets``, all at once, bounded
@@ -174,7 +177,9 @@ async def hand_over(
     def holds(home: str, model_id: str) -> bool:
         return home in router.holders(model_id)
 
-    plan = handed_over(conn.state.models, replica_id, score, router.preference_list, holds)
+    plan = handed_over(
+        conn.state.models, replica_id, score, router.preference_list, holds, refused=refused
+    )
     staying = [r for r in targets if r != replica_id and r not in draining]
     spares = spare_copies(
         plan,

@@ -82,6 +82,7 @@ def moved_home(
     holds: Callable[[str, str], bool],
     *,
     limit: int = DEFAULT_WARM_LIMIT,
+    refused: Callable[[str], bool] = lambda model_id: False,
 ) -> list[str]:
     """The models a replica that just joined the ring warms, hottest first.
 
@@ -90,12 +91,14 @@ def moved_home(
     ``joined`` on it) is now ``joined`` and that it does not hold yet
     (``holds(replica, model)``). Their old holders keep serving them meanwhile;
     once ``joined`` holds one, the router prefers it (a holder, and home).
+    Ids ``refused`` (suspected of killing replicas) are left out: a replica
+    that joins to replace one a model killed must not load it unasked.
     """
     out: list[str] = []
     for model_id, score in ranked:
         if len(out) >= limit:
             break
-        if score <= 0:
+        if score <= 0 or refused(model_id):
             continue
         prefs = preference(model_id)
         if prefs and prefs[0] == joined and not holds(joined, model_id):
@@ -111,15 +114,16 @@ def handed_over(
     holds: Callable[[str, str], bool],
     *,
     limit: int = DEFAULT_WARM_LIMIT,
+    refused: Callable[[str], bool] = lambda model_id: False,
 ) -> dict[str, list[str]]:
     """What the other replicas warm before ``leaving`` drains: next home -> models.
 
     The models ``leaving`` holds that were asked for recently (``score`` above
     0), each to its next home (the first replica after ``leaving`` in its
     preference list) unless that one holds it already; per replica hottest
-    first (ties by id), at most ``limit`` in all.
+    first (ties by id), at most ``limit`` in all; none ``refused``.
     """
-    recent = sorted(((score(m), m) for m in held), key=lambda sm: (-sm[0], sm[1]))
+    recent = sorted(((score(m), m) for m in held if not refused(m)), key=lambda sm: (-sm[0], sm[1]))
     plan: dict[str, list[str]] = {}
     count = 0
     for s, model_id in recent:

@@ -43,6 +43,25 @@ def test_two_deaths_within_the_window_quarantine_one_does_not() -> None:
     assert repr(q) == "<Quarantine quarantined=['p'] watched=2>"
 
 
+def test_an_id_blamed_for_a_recent_death_is_suspected_until_the_window_ends() -> None:
+    # What warming skips: one death refuses no request, but no replica
+    # should load the id unasked.
+    q, clock = make(window_s=300.0, backoff_s=30.0)
+    assert not q.suspected("p")
+    q.record_death({"p"})
+    assert q.suspected("p") and q.retry_after("p") is None
+    clock.now += 301
+    assert not q.suspected("p")  # the death is out of the window
+    q.record_death({"p"})
+    clock.now += 1
+    assert q.record_death({"p"}) == ["p"]
+    assert q.suspected("p")  # quarantined
+    clock.now += 31
+    assert q.retry_after("p") is None and q.suspected("p")  # on probation
+    clock.now += 300
+    assert not q.suspected("p")
+
+
 def test_check_refuses_with_503_and_retry_after_and_counts() -> None:
     refusals = []
     clock = FakeClock()

@@ -73,6 +73,19 @@ def test_moved_home_takes_the_recent_models_whose_home_is_the_new_replica() -> N
     assert 30 < len(moved) < 110  # about a third
     assert moved_home(ranked, "c", ring.preference_list, lambda r, m: False, limit=5) == moved[:5]
     assert moved_home([("m9", 0.0)], "c", ring.preference_list, lambda r, m: False) == []
+    # A model suspected of killing replicas is never warmed unasked.
+    suspected = set(moved[:2])
+    assert (
+        moved_home(
+            ranked,
+            "c",
+            ring.preference_list,
+            lambda r, m: False,
+            limit=5,
+            refused=suspected.__contains__,
+        )
+        == moved[2:7]
+    )
 
 
 def test_handed_over_sends_each_recent_model_to_its_next_home() -> None:
@@ -89,6 +102,14 @@ def test_handed_over_sends_each_recent_model_to_its_next_home() -> None:
     assert handed_over(
         ["x", "y"], "d", scores.__getitem__, prefs.__getitem__, lambda r, m: False, limit=1
     ) == {"b": ["y"]}
+    assert handed_over(
+        ["x", "y"],
+        "d",
+        scores.__getitem__,
+        prefs.__getitem__,
+        lambda r, m: False,
+        refused=lambda m: m == "y",
+    ) == {"a": ["x"]}
 
 
 def test_a_full_next_home_may_give_up_only_spare_copies_coldest_first() -> None:
