@@ -7,8 +7,10 @@ gateway, replayed one after the other: ``max_ongoing_requests: 100``
 (holders are never full: no spills), the default routing at
 ``max_ongoing_requests: 3``, and the same with ``routing.spill:
 bounded_load`` (spill whenever every holder is full, the rule before
-pricing). The default must load no more often than the no-spill run, while
-the bounded-load rule shows that the scenario does make holders full.
+pricing). The default must load no more often than the no-spill run, in a
+run where the bounded-load rule shows that the scenario did make holders
+full (and so that the check tells a rule that buys copies from one that
+does not).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 MODELS = [str(i) for i in range(1, 9)]
 REQUESTS = 400
 CLIENTS = 8
+#: measurements until one shows full holders (see the test)
+ATTEMPTS = 2
 
 
 def zipf_ids(n: int, count: int, s: float, seed: int) -> list[str]:
@@ -65,20 +69,20 @@ async def replay(client: httpx.AsyncClient, prefix: str, ids: list[str]) -> None
             tg.start_soon(worker)
 
 
-async def test_priced_spills_load_no_more_than_no_spills(tmp_path: Path) -> None:
-    write_mlps(tmp_path, MODELS)
+async def measure(model_root: Path, ids: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """One gateway, fresh replicas: each config replays ``ids`` in turn; the
+    loads and spills per config."""
     deployments = [
         {
             "name": name,
             "import_path": "mlp_apps:Mlps",
-            "init_kwargs": {"model_root": str(tmp_path)},
+            "init_kwargs": {"model_root": str(model_root)},
             "route_prefix": f"/{name.lower()}",
             "num_replicas": 2,
             **settings,
         }
         for name, settings in RUNS.items()
     ]
-    ids = zipf_ids(len(MODELS), REQUESTS, 1.1, seed=7)
     config = {"http": {"port": 0}, "deployments": deployments}
     async with (
         running_gateway(config) as gw,
@@ -87,15 +91,38 @@ async def test_priced_spills_load_no_more_than_no_spills(tmp_path: Path) -> None
         for name in RUNS:  # one after the other: they share the cores
             await replay(client, f"/{name.lower()}", ids)
         samples = parse_samples((await client.get("/-/metrics")).text)
-    loads = {name: 0.0 for name in RUNS}
+    loads = dict.fromkeys(RUNS, 0.0)
     for labels, value in only(samples, "muxgate_model_loads_total").items():
         loads[dict(labels)["deployment"]] += value
-    spills = sum(only(samples, "muxgate_spillovers_total").values())
-    # Closed-loop interleaving moves one config's load count between runs:
-    # five runs of NoSpill measured 87 to 98 loads (about +-6 %), so the
-    # margin is 20 %. The bounded-load rule loaded 39 % and 65 % more than no
-    # spills in the same measurement, so the check tells a rule that buys
-    # copies from one that does not.
+    spills = dict.fromkeys(RUNS, 0.0)
+    for labels, value in only(samples, "muxgate_spillovers_total").items():
+        spills[dict(labels)["deployment"]] += value
     print(f"loads {loads}, spills {spills}")
-    assert spills > 0 and loads["Bounded"] > 1.2 * loads["NoSpill"], loads
+    return loads, spills
+
+
+async def test_priced_spills_load_no_more_than_no_spills(tmp_path: Path) -> None:
+    write_mlps(tmp_path, MODELS)
+    ids = zipf_ids(len(MODELS), REQUESTS, 1.1, seed=7)
+    # Closed-loop interleaving moves one config's load count between runs:
+    # NoSpill measured 87 to 110 loads (about +-10 %), so the margin is 20 %.
+    # The bounded-load rule is the control: where it loads more than that
+    # margin above NoSpill, holders were full often enough that a rule
+    # buying copies whenever they are shows, and the default's check means
+    # something. How full holders get depends on the host: beside two busy
+    # loops on the 2 cores (the gateway and the clients share one event
+    # loop), the two spilling rules spilled 9-22 times together (38 on a
+    # quiet host), bounded load loaded 1.08-1.38 x NoSpill (1.24-1.70 x
+    # quiet), the default up to 1.22 x: no margin tells them apart there.
+    # A run that does not show the pressure is measured once more, then the
+    # test skips, saying why.
+    for _ in range(ATTEMPTS):
+        loads, spills = await measure(tmp_path, ids)
+        if spills["Bounded"] > 0 and loads["Bounded"] > 1.2 * loads["NoSpill"]:
+            break
+    else:
+        pytest.skip(
+            f"holders were not full often enough to tell the rules apart in {ATTEMPTS} runs"
+            f" (a busy host?): last loads {loads}, spills {spills}"
+        )
     assert loads["Priced"] <= 1.2 * loads["NoSpill"], loads
