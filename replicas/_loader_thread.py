@@ -47,7 +47,40 @@ from typing import Any, Final
 
 from muxgate.replicas._unload_hooks import run_unload_hook
 
-__all__ = ["LoaderLoopError", "LoaderThread", "is_other_loop_error", "loader_thread"]
+__all__ = [
+    "LoaderLoopError",
+    "LoaderThread",
+    "home_loop",
+    "is_other_loop_error",
+    "loader_thread",
+    "run_on",
+]
+
+#: the event loop that handed the running load to the loader thread (in the load's context)
+_HOME: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "muxgate_loader_home", default=None
+)
+
+
+def home_loop() -> asyncio.AbstractEventLoop | None:
+    """The replica's loop when called from a load on the loader thread, else None.
+
+    A ``@multiplexed`` loader called from another loader's body uses it to
+    run on the loop its cache belongs to.
+    """
+    home = _HOME.get()
+    if home is None or home.is_closed():
+        return None
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return home if running is not home else None
+
+
+async def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Await ``coro`` on ``loop`` (another thread's), in a copy of the current context."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
 #: what asyncio says when a coroutine awaits an object of another event loop
 _OTHER_LOOP_MESSAGES: Final = (
@@ -168,7 +201,9 @@ class LoaderThread:
         """Run ``make_coro()`` on the loader loop, in a copy of the current context."""
         loader_loop = self._take()
         try:
-            submission = _Submission(loader_loop, make_coro, contextvars.copy_context())
+            context = contextvars.copy_context()
+            context.run(_HOME.set, asyncio.get_running_loop())
+            submission = _Submission(loader_loop, make_coro, context)
             waiter = asyncio.wrap_future(submission.done)
             try:
                 # shield: cancelling this caller must not cancel ``done`` before the task ends

@@ -41,7 +41,13 @@ from muxgate.replicas._cache_stats import (
     replica_state_snapshot,
 )
 from muxgate.replicas._eviction import make_policy
-from muxgate.replicas._loader_thread import LoaderLoopError, is_other_loop_error, loader_thread
+from muxgate.replicas._loader_thread import (
+    LoaderLoopError,
+    home_loop,
+    is_other_loop_error,
+    loader_thread,
+    run_on,
+)
 
 __all__ = [
     "EVENT_LOG_SIZE",
@@ -329,6 +335,10 @@ def multiplexed(
             cache_for = loader.cache_for
 
             async def method_wrapper(self: object, model_id: str) -> Any:
+                # Called from another loader's body on the loader thread: the
+                # cache belongs to the replica's loop, so the call goes there.
+                if (home := home_loop()) is not None:
+                    return await run_on(home, method_wrapper(self, model_id))
                 cache = cache_for(self)
                 model = cache.get_loaded(model_id)
                 if model is MISSING:
@@ -339,6 +349,8 @@ def multiplexed(
         else:
 
             async def function_wrapper(model_id: str) -> Any:
+                if (home := home_loop()) is not None:  # as in method_wrapper
+                    return await run_on(home, function_wrapper(model_id))
                 # Made on first use, so that the deployment's settings apply to it.
                 cache = loader.function_cache or loader.cache_for(None)
                 model = cache.get_loaded(model_id)

@@ -148,6 +148,28 @@ async def test_loads_interleave_at_their_awaits_on_one_loader_thread() -> None:
     assert repr(loader_thread()) == "<LoaderThread busy=0>"
 
 
+async def test_a_loader_that_calls_another_loader_uses_that_loaders_cache_on_the_loop() -> None:
+    inner_loops: list[asyncio.AbstractEventLoop] = []
+
+    @multiplexed(load_on_loop=True)
+    async def get_tokenizer(model_id: str) -> str:
+        inner_loops.append(asyncio.get_running_loop())
+        return f"tokenizer {model_id} for {get_multiplexed_model_id()}"
+
+    @multiplexed
+    async def get_model(model_id: str) -> tuple[str, str]:
+        assert asyncio.get_running_loop() is not here  # on the loader thread
+        return model_id, await get_tokenizer(model_id)
+
+    here = asyncio.get_running_loop()
+    with request_scope("r1", "m1"):
+        assert await get_model("m1") == ("m1", "tokenizer m1 for m1")
+        assert await get_tokenizer("m1") == "tokenizer m1 for m1"  # a hit: loaded once
+    assert inner_loops == [here]  # the inner cache stayed on the caller's loop
+    assert model_cache(get_tokenizer).loaded_ids() == ["m1"]
+    assert model_cache(get_tokenizer).pins() == {}  # released with the request
+
+
 async def test_load_on_loop_keeps_the_loader_on_the_callers_loop(
     deployment_options: None,
 ) -> None:
