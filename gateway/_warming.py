@@ -19,6 +19,7 @@ from muxgate.gateway._popularity import PopularitySketch
 __all__ = [
     "DEFAULT_WARM_LIMIT",
     "MAX_HANDOVER_S",
+    "WarmCounts",
     "after_zero",
     "handed_over",
     "handover_bound_s",
@@ -188,14 +189,42 @@ def handover_bound_s(load_s: float, plan: dict[str, list[str]]) -> float:
     return min(MAX_HANDOVER_S, 1.0 + 2.0 * max(load_s, 0.0) * longest)
 
 
-def warm_counts(own: PopularitySketch, reported: PopularitySketch | None) -> PopularitySketch:
+class WarmCounts:
+    """Two request-count sketches read as one: each model's higher score.
+
+    What :func:`warm_counts` gives warming: ``top`` and ``score`` as a
+    :class:`PopularitySketch` has them.
+    """
+
+    __slots__ = ("_a", "_b")
+
+    def __init__(self, a: PopularitySketch, b: PopularitySketch) -> None:
+        self._a, self._b = a, b
+
+    def score(self, model_id: str) -> float:
+        return max(self._a.score(model_id), self._b.score(model_id))
+
+    def top(self, n: int) -> list[tuple[str, float]]:
+        # A model in the merged top n is in the top n of the sketch that gives
+        # it its score, so the union of both tops holds the answer.
+        ids = {m for m, _ in self._a.top(n)} | {m for m, _ in self._b.top(n)}
+        ranked = sorted(((m, self.score(m)) for m in ids), key=lambda kv: (-kv[1], kv[0]))
+        return ranked[: max(0, n)]
+
+
+def warm_counts(
+    own: PopularitySketch, reported: PopularitySketch | None
+) -> PopularitySketch | WarmCounts:
     """The request counts warming ranks models by.
 
     ``reported``: the calls per model id the replicas reported, which count
     every gateway's requests (``Pong.model_requests``); ``own``: the ones
-    this gateway routed. The replicas' once they reported any: where
-    several gateways share a pool, one gateway's share of the traffic is
-    not the pool's; with one gateway both count the same requests (the
-    replicas' lag a ping behind).
+    this gateway routed. Each model scores the higher of the two: where
+    several gateways share a pool, one gateway's share of the traffic is not
+    the pool's, and the replicas' counts lag a ping behind, so a model first
+    asked for since the last ping is known only to ``own`` (a replica that
+    joins right after a burst of new models must still warm them).
     """
-    return reported if reported is not None and len(reported) else own
+    if reported is None or not len(reported):
+        return own
+    return WarmCounts(own, reported)

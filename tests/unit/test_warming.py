@@ -234,10 +234,21 @@ def test_a_batch_of_requests_scores_as_the_same_requests_one_by_one() -> None:
     assert batched.score("d") == 0.0
 
 
-def test_warming_ranks_by_the_replicas_counts_once_they_reported_any() -> None:
+def test_warming_ranks_by_the_higher_of_own_and_reported_counts() -> None:
     own, reported = PopularitySketch(), PopularitySketch()
     own.record("mine")
     assert warm_counts(own, None) is own
     assert warm_counts(own, reported) is own  # nothing reported yet
+    # the pool's traffic, as the replicas count it, outranks this gateway's share
     reported.record("everyone's", 10)
-    assert warm_counts(own, reported) is reported
+    reported.record("mine", 2)
+    counts = warm_counts(own, reported)
+    assert [m for m, _ in counts.top(5)] == ["everyone's", "mine"]
+    assert counts.score("mine") == reported.score("mine")
+    # a model asked for since the replicas last reported still counts
+    own.record("new since the last ping", 3)
+    counts = warm_counts(own, reported)
+    assert [m for m, _ in counts.top(5)] == ["everyone's", "new since the last ping", "mine"]
+    assert [m for m, _ in counts.top(1)] == ["everyone's"]
+    assert counts.score("new since the last ping") == own.score("new since the last ping")
+    assert counts.score("never asked for") == 0.0
