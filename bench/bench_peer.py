@@ -498,13 +498,13 @@ def row(
 ) -> list[str]:
     cpu = result["cpu_ms_per_request"]
     lat = result["latency_ms"]
-    probe = result["healthz_ms_under_load"]
+    probe = result["healthz_ms_under_load"] or {}
     return [
         result["system"],
         result["label"],
         f"{result['pre_run_host_busy']}",
         f"{result['throughput_rps']:.0f}",
-        f"{lat['p50']:.1f} / {lat['p99']:.1f}",
+        f"{lat['p50']:.1f} / {lat['p99']:.1f}" if lat else "- (no request answered)",
         f"{result['hit_rate']}",
         f"{result['loads']}",
         f"{result['errors']}",
@@ -671,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(result)
                 print(
                     f"# {name} run {i + 1}: {result['throughput_rps']} req/s, p99 "
-                    f"{result['latency_ms']['p99']} ms, hit {result['hit_rate']}, busy before "
+                    f"{(result['latency_ms'] or {}).get('p99', '-')} ms, "
+                    f"hit {result['hit_rate']}, errors {result['errors']}, busy before "
                     f"{result['pre_run_host_busy']}",
                     flush=True,
                 )
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row(noop[name], None, None, shown))
         for result in runs:
             limit = left = None
-            if dp is not None:
+            if dp is not None and result["hit_rate"] is not None:
                 limit = cpu_limit(cores, dp, result["hit_rate"], costs)
                 # The same on the cores other jobs left free during the run.
                 others = result["cpu_ms_per_request"]["other"] * result["throughput_rps"] / 1000
@@ -696,8 +697,11 @@ def main(argv: list[str] | None = None) -> int:
             result["data_plane_ms"] = {"ms": dp, "source": source}
             rows.append(row(result, limit, left, shown))
     print_table(rows)
-    if len(results.get("ray", [])) and len(results.get("muxgate", [])):
-        ray_runs, mux_runs = results["ray"], results["muxgate"]
+    # A run that answered no request has no latency: it shows in the table, not here.
+    ray_runs, mux_runs = (
+        [r for r in results.get(system, []) if r["latency_ms"]] for system in ("ray", "muxgate")
+    )
+    if ray_runs and mux_runs:
         rps = median_of(mux_runs, "throughput_rps") / median_of(ray_runs, "throughput_rps")
         p99 = statistics.median(r["latency_ms"]["p99"] for r in mux_runs) / statistics.median(
             r["latency_ms"]["p99"] for r in ray_runs

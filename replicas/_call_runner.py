@@ -40,6 +40,7 @@ from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._http import Request, encode_result
+from muxgate.replicas._loader_thread import is_async_callable
 from muxgate.replicas._logging import traceback_logged
 from muxgate.replicas._propagation import extract_context
 from muxgate.replicas._protocol import Call, ErrorInfo
@@ -175,7 +176,7 @@ class CallRunner:
     ) -> Any:
         is_async = self._async_methods.get(name)
         if is_async is None:
-            is_async = self._async_methods[name] = _is_async(target)
+            is_async = self._async_methods[name] = is_async_callable(target)
         if is_async:
             return await target(*args, **kwargs)
         result = await self._run_in_thread(functools.partial(target, *args, **kwargs))
@@ -226,10 +227,3 @@ class CallRunner:
         if not ok:
             raise value
         return value
-
-
-def _is_async(target: Callable[..., Any]) -> bool:
-    if inspect.iscoroutinefunction(target):
-        return True
-    call = getattr(target, "__call__", None)  # noqa: B004 - callable objects
-    return call is not None and inspect.iscoroutinefunction(call)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import inspect
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -51,6 +52,7 @@ __all__ = [
     "LoaderLoopError",
     "LoaderThread",
     "home_loop",
+    "is_async_callable",
     "is_other_loop_error",
     "loader_thread",
     "run_on",
@@ -81,6 +83,7 @@ def home_loop() -> asyncio.AbstractEventLoop | None:
 async def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
     """Await ``coro`` on ``loop`` (another thread's), in a copy of the current context."""
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
 
 #: what asyncio says when a coroutine awaits an object of another event loop
 _OTHER_LOOP_MESSAGES: Final = (
@@ -241,3 +244,11 @@ def loader_thread() -> LoaderThread:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_LOOPS.reset_after_fork)
+
+
+def is_async_callable(target: Callable[..., Any]) -> bool:
+    """An ``async def`` function or method, or an object whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(target):
+        return True
+    call = getattr(target, "__call__", None)  # noqa: B004 - callable objects
+    return call is not None and inspect.iscoroutinefunction(call)

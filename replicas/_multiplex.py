@@ -44,6 +44,7 @@ from muxgate.replicas._eviction import make_policy
 from muxgate.replicas._loader_thread import (
     LoaderLoopError,
     home_loop,
+    is_async_callable,
     is_other_loop_error,
     loader_thread,
     run_on,
@@ -142,7 +143,7 @@ class _Loader:
         self.eviction_policy = eviction_policy
         self.load_order = load_order
         self.name = getattr(func, "__qualname__", repr(func))
-        self.is_async = inspect.iscoroutinefunction(func)
+        self.is_async = is_async_callable(func)  # also an object with an async __call__
         self.attr = f"__muxgate_cache_{id(self):x}"
         self.function_cache: ModelCache[Any] | None = None
         self.slotted_caches: dict[int, ModelCache[Any]] = {}
@@ -170,7 +171,6 @@ class _Loader:
                     raise
 
         else:
-
             name = self.name
 
             async def load(model_id: str) -> Any:

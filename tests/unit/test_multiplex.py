@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import re
@@ -823,3 +824,14 @@ async def test_load_and_unload_spans_are_children_of_the_caller(receiver: OtlpRe
         **{"muxgate.model_id": "c", "muxgate.unload_reason": "shutdown"},
         **common,
     )
+
+
+async def test_a_callable_object_with_an_async_call_is_an_async_loader() -> None:
+    class Loader:
+        async def __call__(self, model_id: str) -> str:
+            await asyncio.sleep(0)
+            return model_id.upper()
+
+    get_model = multiplexed(Loader())
+    assert await get_model("m1") == "M1"  # the model, not an un-awaited coroutine
+    assert model_cache(get_model).loaded_ids() == ["m1"]
