@@ -212,11 +212,9 @@ class LoaderThread:
                 # shield: cancelling this caller must not cancel ``done`` before the task ends
                 return await asyncio.shield(waiter)
             except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    await run_unload_hook(waiter.result())
-                    raise
-                submission.cancel()
-                await _wait_out(waiter)
+                if not waiter.done():
+                    submission.cancel()
+                    await _wait_out(waiter)
                 if not waiter.cancelled() and waiter.exception() is None:
                     await run_unload_hook(waiter.result())  # built anyway: never handed out
                 raise
@@ -238,7 +236,7 @@ _LOOPS = LoaderThread()
 
 
 def loader_thread() -> LoaderThread:
-    """The process-wide pool."""
+    """The process's loader thread."""
     return _LOOPS
 
 
