@@ -392,12 +392,31 @@ def _loader_shape(func: object) -> bool:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"Cannot read the signature of {name}.") from exc
     names = [p.name for p in params]
-    if names == ["model_id"] or (len(names) == 2 and names[1] == "model_id"):
+    shaped = names == ["model_id"] or (len(names) == 2 and names[1] == "model_id")
+    # The cache passes the id positionally: a keyword-only, *args or
+    # **kwargs ``model_id`` would fail at the first load, not here.
+    if shaped and all(p.kind in _POSITIONAL for p in params):
         return len(names) == 2
     raise TypeError(
         f"{name} must take a single 'model_id' argument (after 'self' for a method), "
-        f"got ({', '.join(names)})."
+        f"got ({_signature_text(params)})."
     )
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _signature_text(params: list[inspect.Parameter]) -> str:
+    """The parameters as written, without annotations or defaults: ``self, *, model_id``."""
+    parts: list[str] = []
+    for i, p in enumerate(params):
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and (
+            i == 0 or params[i - 1].kind not in (p.kind, inspect.Parameter.VAR_POSITIONAL)
+        ):
+            parts.append("*")
+        stars = {"VAR_POSITIONAL": "*", "VAR_KEYWORD": "**"}.get(p.kind.name, "")
+        parts.append(stars + p.name)
+    return ", ".join(parts)
 
 
 def model_cache(loader: Callable[..., Any]) -> ModelCache[Any]:

@@ -58,6 +58,40 @@ def test_multiplexed_requires_a_model_id_argument() -> None:
         multiplexed(max_num_models_per_replica=2)(extra_argument)
 
 
+def keyword_only(*, model_id: str) -> str:
+    return model_id
+
+
+def method_keyword_only(self: object, *, model_id: str) -> str:
+    return model_id
+
+
+def var_positional(*model_id: str) -> str:
+    return model_id[0]
+
+
+def var_keyword(**model_id: str) -> str:
+    return ""
+
+
+@pytest.mark.parametrize(
+    ("loader", "shown"),
+    [
+        (keyword_only, "*, model_id"),
+        (method_keyword_only, "self, *, model_id"),
+        (var_positional, "*model_id"),
+        (var_keyword, "**model_id"),
+    ],
+)
+def test_multiplexed_refuses_a_model_id_it_cannot_pass_positionally(
+    loader: Any, shown: str
+) -> None:
+    # The id is passed positionally: refused here, not at the first load.
+    expected = f"must take a single 'model_id' argument.*got \\({re.escape(shown)}\\)\\.$"
+    with pytest.raises(TypeError, match=expected):
+        multiplexed(loader)
+
+
 @pytest.mark.parametrize(
     ("limit", "error", "message"),
     [
