@@ -42,7 +42,7 @@ from litestar.params import FromPath, FromQuery
 
 from muxgate.gateway._config import AppConfig
 from muxgate.gateway._dispatch import Dispatcher
-from muxgate.gateway._errors import RouteNotFoundError, error_body
+from muxgate.gateway._errors import WWW_AUTHENTICATE, RouteNotFoundError, error_body
 from muxgate.gateway._frontend import (
     REQUEST_ID,
     FrontEnd,
@@ -217,6 +217,9 @@ def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Res
         _log.exception("admin endpoint failed", exc_info=exc)
         message = "internal error in the gateway"
     headers = {"x-request-id": request_id, "x-muxgate-replica": ""}
+    if status == 401:
+        name, value = WWW_AUTHENTICATE
+        headers[name.decode()] = value.decode()
     if status == 405:
         # RFC 9110: a 405 lists the methods the resource takes.
         allow = (getattr(exc, "headers", None) or {}).get("allow")

@@ -23,6 +23,7 @@ import msgspec
 from muxgate.replicas.contract import ErrorCode, ErrorInfo
 
 __all__ = [
+    "WWW_AUTHENTICATE",
     "AdminForbiddenError",
     "BadModelIdError",
     "BadRequestError",
@@ -100,10 +101,15 @@ class BadRequestError(GatewayError):
     code = ErrorCode.BAD_REQUEST
 
 
+#: what a 401 must carry (RFC 9110, 11.6.1): the scheme the admin API takes
+WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="muxgate"')
+
+
 class AdminForbiddenError(GatewayError):
     """Admin endpoint without the bearer token, or from a non-local client."""
 
     code = ErrorCode.UNAUTHORIZED
+    extra_headers = (WWW_AUTHENTICATE,)
 
 
 class RouteNotFoundError(GatewayError):

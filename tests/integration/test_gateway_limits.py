@@ -132,7 +132,13 @@ async def test_admin_token_and_remote_clients(gateway: Gateway) -> None:
     app = GatewayASGI(config, {"T": gateway.pools["One"]}, gateway.metrics)
     transport = httpx.ASGITransport(app=app, client=("10.0.0.5", 1234))
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
-        assert (await c.get("/-/replicas")).status_code == 401
+        r = await c.get("/-/replicas")
+        assert r.status_code == 401
+        # RFC 9110: a 401 names the scheme that would be accepted.
+        assert r.headers["www-authenticate"] == 'Bearer realm="muxgate"'
+        r = await c.post("/-/handles/T/__call__", content=b"")
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == 'Bearer realm="muxgate"'
         r = await c.get("/-/replicas", headers={"authorization": "Bearer s3cret"})
         assert r.status_code == 200
         assert (await c.get("/-/")).status_code == 200  # the page itself is public
