@@ -76,8 +76,9 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 10 * 1024 * 1024
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
-    #: when set, every ``/-/`` endpoint needs ``Authorization: Bearer <token>``;
-    #: when unset, they answer only clients on the loopback interface
+    #: when set, every ``/-/`` endpoint but the public ``/-/healthz`` and
+    #: status page needs ``Authorization: Bearer <token>``; when unset, they
+    #: answer only clients on the loopback interface
     admin_token: str | None = None
     limits: HttpLimits = msgspec.field(default_factory=HttpLimits)
     #: on shutdown, how long requests in flight may still run before they are
