@@ -16,6 +16,10 @@
     with silent_server() as silent:            # accepts connections, never answers
         ... storage_options=s3.options_via(silent.endpoint) ...
 
+    with http_files() as web:                  # aiohttp's static files over a temp folder
+        web.put("m1/model.pt", data)
+        await load_state_dict(web.endpoint, "m1")
+
 Each context manager starts its server, waits for readiness with a deadline
 (no fixed sleeps), and stops it (and its temp files) on exit. Nothing here
 changes os.environ: pass ``storage_options`` (or ``env`` for subprocesses).
@@ -23,6 +27,7 @@ changes os.environ: pass ``storage_options`` (or ``env`` for subprocesses).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -45,6 +50,8 @@ from typing import Any
 
 from waiting import wait_until_sync
 
+#: The bucket the shared ``s3_server`` and ``gcs_server`` fixtures create.
+BUCKET = "muxgate-models"
 S3_KEY = "testing"
 S3_SECRET = "testing"
 S3_REGION = "us-east-1"
@@ -308,6 +315,60 @@ def silent_server() -> Iterator[SilentServer]:
         for conn in held:
             conn.close()
         listener.close()
+
+
+@dataclass
+class HttpFiles:
+    """A running static file server (an ``http://`` storage root).
+
+    aiohttp's static handler serves ``folder``: a request path is
+    percent-decoded to a file name below it (``/a%3Fb/model.pt`` is the
+    file ``a?b/model.pt``), with ranges, ``ETag`` and ``Last-Modified``.
+
+    Attributes:
+        endpoint: ``http://127.0.0.1:PORT``, the folder's root.
+        folder: The folder served.
+    """
+
+    endpoint: str
+    folder: Path
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` to the file ``key`` (``/``-separated) below the folder."""
+        target = self.folder.joinpath(*key.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+@contextlib.contextmanager
+def http_files() -> Iterator[HttpFiles]:
+    """Serve a fresh temp folder over HTTP on 127.0.0.1 for the block
+    (aiohttp on its own event loop in a background thread)."""
+    from aiohttp import web
+
+    folder = Path(tempfile.mkdtemp(prefix="http-files-"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = web.Application()
+    app.router.add_static("/", folder)
+    runner = web.AppRunner(app)
+
+    async def start() -> int:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return int(runner.addresses[0][1])
+
+    try:
+        port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+        yield HttpFiles(f"http://127.0.0.1:{port}", folder)
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}

@@ -1,8 +1,8 @@
 """Storage conformance suite: one set of tests, run against every backend.
 
-``store`` is parametrized over file://, memory://, a real moto S3 server and
-a real fake-gcs-server (each server started once per session on a free
-127.0.0.1 port by tests/storage_servers.py).
+``store`` is parametrized over file://, memory://, a real moto S3 server, a
+real fake-gcs-server and a static HTTP file server (each server started once
+per session on a free 127.0.0.1 port, see tests/storage_stores.py).
 """
 
 from __future__ import annotations
@@ -15,14 +15,11 @@ import os
 import pathlib
 import re
 import shlex
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pytest
 from opentelemetry import trace
 
@@ -34,9 +31,8 @@ with warnings.catch_warnings():
 
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from span_export import exporting_spans
-from storage_servers import GcsServer, S3Server, fake_gcs, moto_s3
+from storage_stores import STORES, Store, open_store, store_config
 
-from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
 from muxgate.backends._errors import (
     InvalidModelIdError,
     ModelFormatError,
@@ -56,84 +52,11 @@ from muxgate.replicas._tracing import flush_tracing
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-BUCKET = "muxgate-models"
 
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    with moto_s3() as server:
-        server.create_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture(scope="session")
-def gcs_server() -> Iterator[GcsServer]:
-    with fake_gcs() as server:
-        server.create_bucket(BUCKET)
-        yield server
-
-
-@dataclass
-class Store:
-    """One backend under test: a fresh root, a writer and matching options."""
-
-    name: str
-    root: str
-    put: Callable[[str, bytes], None]
-    storage_options: dict[str, Any]
-    config: StorageConfig
-    cached: bool
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"storage_options": self.storage_options, "config": self.config}
-
-
-def _config(tmp_path: Path) -> StorageConfig:
-    # Small parts so that a few-MB file is a real multi-part ranged download.
-    return StorageConfig(
-        cache=CacheConfig(directory=tmp_path / "cache", max_bytes=1 << 30),
-        retry=RetryPolicy(max_attempts=3, base_delay=0.01, deadline=10),
-        part_size=1 << 20,
-        concurrency=4,
-    )
-
-
-@pytest.fixture(params=["file", "memory", "s3", "gs"])
+@pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    prefix = uuid.uuid4().hex
-    config = _config(tmp_path)
-    if request.param == "file":
-        folder = tmp_path / "models"
-
-        def put_file(rel: str, data: bytes) -> None:
-            target = folder / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-
-        yield Store("file", folder.as_uri(), put_file, {}, config, cached=False)
-    elif request.param == "memory":
-        fs = fsspec.filesystem("memory")
-        root = f"memory://muxgate-test-{prefix}"
-
-        def put_memory(rel: str, data: bytes) -> None:
-            fs.pipe_file(f"{root}/{rel}", data)
-
-        yield Store("memory", root, put_memory, {}, config, cached=False)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-    else:
-        scheme = request.param
-        server: S3Server | GcsServer = request.getfixturevalue(
-            "s3_server" if scheme == "s3" else "gcs_server"
-        )
-        yield Store(
-            scheme,
-            f"{scheme}://{BUCKET}/{prefix}",
-            lambda rel, data: server.put(BUCKET, f"{prefix}/{rel}", data),
-            server.storage_options,
-            config,
-            cached=True,
-        )
+    with open_store(request.param, request, tmp_path) as opened:
+        yield opened
 
 
 def _torch_bytes(obj: object) -> bytes:
@@ -507,5 +430,5 @@ async def test_path_escape_refused(store: Store, model_id: str) -> None:
 async def test_plain_path_root(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     torch.save({"a": torch.zeros(2)}, tmp_path / "m" / "model.pt")
-    loaded = await load_state_dict(str(tmp_path), "m", config=_config(tmp_path))
+    loaded = await load_state_dict(str(tmp_path), "m", config=store_config(tmp_path))
     assert torch.equal(loaded["a"], torch.zeros(2))
