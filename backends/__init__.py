@@ -1,8 +1,9 @@
 """muxgate.backends: model storage through fsspec, and model file formats.
 
 Models are read by URL (``file://`` or a plain path, ``s3://``, ``gs://``,
-``memory://``, more through :func:`register_backend`), with ids joined safely
-onto a storage root, remote objects fetched with parallel ranged reads into a
+``http(s)://``, ``memory://``, more through :func:`register_backend`), with
+ids joined onto a storage root so that each names its own object, never
+leaving the root, remote objects fetched with parallel ranged reads into a
 disk cache shared by the replicas of a host, and weights loaded without
 running pickled code unless the caller says ``trusted=True``.
 

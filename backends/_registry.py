@@ -31,12 +31,22 @@ class BackendSpec:
         remote: Whether objects live on another host; remote protocols go
             through the disk cache and ranged parallel downloads by default.
         default_options: Storage options applied under the configured ones.
+        url_paths: The filesystem's paths are URLs sent to a server as they
+            are (fsspec's HTTP filesystem): :func:`~muxgate.backends.join_model_url`
+            percent-encodes each piece of a model id, so ``?``, ``#`` and
+            ``%`` are part of the object's name, not a query string, a
+            fragment or an escape.
+        reserved: Substrings the filesystem reads as something other than a
+            key, none of which can be escaped, each mapped to what it is
+            read as; a model id containing one is refused.
     """
 
     class_path: str
     package: str = ""
     remote: bool = True
     default_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    url_paths: bool = False
+    reserved: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 # botocore and s3fs retry on their own with long sleeps; muxgate retries
@@ -52,17 +62,34 @@ _S3_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     }
 )
 
+# s3fs splits a path at its first "?versionId=" whatever comes before or
+# after it (the key ends there), so "a?versionId=x/model.pt" would read the
+# object "a". Nothing escapes it; other characters reach S3 as the key.
+_S3_RESERVED: Mapping[str, str] = MappingProxyType(
+    {"?versionId=": "s3 storage reads it as an object version and ends the key before it"}
+)
+
 _BUILTIN: dict[str, BackendSpec] = {
     "file": BackendSpec("fsspec.implementations.local.LocalFileSystem", "fsspec", remote=False),
     "local": BackendSpec("fsspec.implementations.local.LocalFileSystem", "fsspec", remote=False),
     "memory": BackendSpec("fsspec.implementations.memory.MemoryFileSystem", "fsspec", remote=False),
-    "s3": BackendSpec("muxgate.backends._s3.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
-    "s3a": BackendSpec("muxgate.backends._s3.S3FileSystem", "s3fs", default_options=_S3_DEFAULTS),
+    "s3": BackendSpec(
+        "muxgate.backends._s3.S3FileSystem",
+        "s3fs",
+        default_options=_S3_DEFAULTS,
+        reserved=_S3_RESERVED,
+    ),
+    "s3a": BackendSpec(
+        "muxgate.backends._s3.S3FileSystem",
+        "s3fs",
+        default_options=_S3_DEFAULTS,
+        reserved=_S3_RESERVED,
+    ),
     # One attempt per request; see muxgate.backends._gcs.
     "gs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs"),
     "gcs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs"),
-    "http": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp"),
-    "https": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp"),
+    "http": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp", url_paths=True),
+    "https": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp", url_paths=True),
     "az": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs"),
     "abfs": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs"),
     "hf": BackendSpec("huggingface_hub.HfFileSystem", "huggingface_hub"),
@@ -80,6 +107,8 @@ def register_backend(
     package: str = "",
     remote: bool = True,
     default_options: Mapping[str, Any] | None = None,
+    url_paths: bool = False,
+    reserved: Mapping[str, str] | None = None,
     clobber: bool = False,
 ) -> None:
     """Register (or with ``clobber=True`` replace) the filesystem for a protocol.
@@ -91,6 +120,9 @@ def register_backend(
             component of ``class_path``).
         remote: Use the disk cache and ranged downloads by default.
         default_options: Storage options applied under configured ones.
+        url_paths: Paths are URLs sent as they are: percent-encode model ids.
+        reserved: Substrings the filesystem does not read as part of a key
+            (mapped to what it reads them as): ids containing one are refused.
         clobber: Allow replacing an existing registration.
 
     Raises:
@@ -102,6 +134,8 @@ def register_backend(
         package or class_path.split(".", 1)[0],
         remote=remote,
         default_options=MappingProxyType(dict(default_options or {})),
+        url_paths=url_paths,
+        reserved=MappingProxyType(dict(reserved or {})),
     )
     with _lock:
         if protocol in _registry and not clobber:
@@ -116,14 +150,19 @@ def registered_protocols() -> list[str]:
         return sorted(_registry)
 
 
+def find_backend_spec(protocol: str) -> BackendSpec | None:
+    """The registration for ``protocol``, or None when there is none."""
+    with _lock:
+        return _registry.get(protocol)
+
+
 def backend_spec(protocol: str, *, url: str = "") -> BackendSpec:
     """Return the registration for ``protocol``.
 
     Raises:
         UnsupportedProtocolError: If nothing is registered for it.
     """
-    with _lock:
-        spec = _registry.get(protocol)
+    spec = find_backend_spec(protocol)
     if spec is None:
         raise UnsupportedProtocolError(protocol, url=url)
     return spec

@@ -1,11 +1,19 @@
-"""Pure URL helpers: safe joins of model ids onto roots, protocol split, redaction."""
+"""URL helpers: safe joins of model ids onto roots, protocol split, redaction.
+
+Pure but for one read of the protocol registry: how a backend reads a path
+(:attr:`~muxgate.backends._registry.BackendSpec.url_paths`,
+:attr:`~muxgate.backends._registry.BackendSpec.reserved`) decides how an id
+is written into it.
+"""
 
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit, urlunsplit
+from collections.abc import Mapping
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ._errors import InvalidModelIdError
+from ._registry import find_backend_spec
 
 # A leading "name:" followed by "/" or "\" is a URL or a Windows drive path.
 _SCHEME_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[/\\]|^[A-Za-z]:")
@@ -67,6 +75,14 @@ def _check_part(part: str) -> list[str]:
     return segments
 
 
+def _check_reserved(part: str, protocol: str, reserved: Mapping[str, str]) -> None:
+    for substring, meaning in reserved.items():
+        if substring in part:
+            raise InvalidModelIdError(
+                part, f"{substring!r} is not allowed on {protocol}:// storage: {meaning}"
+            )
+
+
 def join_model_url(root: str, model_id: str, *parts: str) -> str:
     """Join a model id and file parts onto a storage root, refusing escapes.
 
@@ -75,6 +91,14 @@ def join_model_url(root: str, model_id: str, *parts: str) -> str:
     percent-encoded); absolute paths, URL schemes, drive letters,
     backslashes and control characters are refused. The root is trusted
     configuration and is used as given (a trailing ``/`` is optional).
+
+    Every other character names the object literally: the result reads the
+    object whose key (or file name) is exactly ``root/model_id/part``. For
+    backends whose paths are URLs (``http://``, ``https://``) each segment
+    is percent-encoded, so ``a?b`` is not the object ``a`` with a query
+    string; where the filesystem reads a substring as something other than
+    a key and nothing escapes it (``?versionId=`` on ``s3://``), the id is
+    refused instead.
 
     Args:
         root: Storage root, e.g. ``"s3://bucket/models"`` or ``"/srv/models"``.
@@ -87,9 +111,15 @@ def join_model_url(root: str, model_id: str, *parts: str) -> str:
     Raises:
         InvalidModelIdError: (a ``ValueError``) if any piece would leave the root.
     """
+    protocol = split_protocol(root)[0]
+    spec = find_backend_spec(protocol)
     segments: list[str] = []
     for part in (model_id, *parts):
         segments.extend(_check_part(part))
+        if spec is not None:
+            _check_reserved(part, protocol, spec.reserved)
+    if spec is not None and spec.url_paths:
+        segments = [quote(segment, safe="") for segment in segments]
     base = root.rstrip("/")
     if base == "" or base.endswith(":/") or base.endswith(":"):
         # "s3://", "file:///" or "/": keep the separator(s) of the scheme.

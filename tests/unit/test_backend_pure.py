@@ -7,8 +7,10 @@ import pickle
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from hypothesis import given
@@ -32,6 +34,7 @@ from muxgate.backends._errors import (
 from muxgate.backends._fetch import Strategy, choose_strategy, plan_parts, source_of
 from muxgate.backends._formats import _refused_global
 from muxgate.backends._instances import FilesystemInstances, freeze_options
+from muxgate.backends._registry import register_backend
 from muxgate.backends._retry import is_transient, with_retries
 from muxgate.backends._urls import join_model_url, redact_url, split_protocol
 
@@ -57,6 +60,54 @@ def test_join_allows_nested_ids_and_ordinary_characters() -> None:
         join_model_url("s3://b", "org/model-v1.2_x:tag", "w.pt")
         == "s3://b/org/model-v1.2_x:tag/w.pt"
     )
+
+
+@pytest.mark.parametrize(
+    ("root", "model_id", "expected"),
+    [
+        # Paths of http(s):// roots are URLs: each piece is percent-encoded.
+        ("https://h/models", "a?b", "https://h/models/a%3Fb/model.pt"),
+        ("http://h/", "org/a#b", "http://h/org/a%23b/model.pt"),
+        ("http://h", "a%41", "http://h/a%2541/model.pt"),
+        ("http://h", "a+b@c:d", "http://h/a%2Bb%40c%3Ad/model.pt"),
+        # Elsewhere the same ids are the keys as they are.
+        ("s3://b", "a?b#c%41", "s3://b/a?b#c%41/model.pt"),
+        ("gs://b", "a?versionId=1", "gs://b/a?versionId=1/model.pt"),
+        ("file:///srv", "a?b#c", "file:///srv/a?b#c/model.pt"),
+    ],
+)
+def test_join_writes_the_id_as_each_backend_reads_it(
+    root: str, model_id: str, expected: str
+) -> None:
+    assert join_model_url(root, model_id, "model.pt") == expected
+
+
+@pytest.mark.parametrize("root", ["s3://bucket/models", "s3a://bucket"])
+@pytest.mark.parametrize("model_id", ["a?versionId=1", "x/a?versionId=", "?versionId=null"])
+def test_join_refuses_what_s3_reads_as_a_version(root: str, model_id: str) -> None:
+    with pytest.raises(InvalidModelIdError) as info:
+        join_model_url(root, model_id, "model.pt")
+    assert info.value.model_id == model_id
+    assert info.value.client_message == (
+        f"invalid model id {model_id!r}: '?versionId=' is not allowed on "
+        f"{root.split(':')[0]}:// storage: s3 storage reads it as an object version "
+        "and ends the key before it"
+    )
+
+
+def test_registered_backends_bring_their_id_rules() -> None:
+    protocol = f"idrules{uuid.uuid4().hex[:8]}"
+    register_backend(
+        protocol,
+        "fsspec.implementations.http.HTTPFileSystem",
+        url_paths=True,
+        reserved={"!!": "a revision marker"},
+    )
+    assert join_model_url(f"{protocol}://h", "a?b", "m") == f"{protocol}://h/a%3Fb/m"
+    with pytest.raises(InvalidModelIdError, match=r"'!!' is not allowed.*a revision marker"):
+        join_model_url(f"{protocol}://h", "a!!b")
+    # An unregistered protocol joins as it did (its fetch fails later).
+    assert join_model_url("nosuch://h", "a?b") == "nosuch://h/a?b"
 
 
 @pytest.mark.parametrize(
@@ -103,6 +154,20 @@ def test_join_never_leaves_root(model_id: str) -> None:
     segments = url[len(root) + 1 :].split("/")
     assert all(s not in ("", ".", "..") for s in segments)
     assert "\\" not in url and "://" not in url[len("s3://") :]
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=30))
+def test_join_under_an_http_root_is_one_path_below_it(model_id: str) -> None:
+    # No query, fragment or escape of the id's own: decoding the path gives
+    # back exactly root/id/model.pt.
+    root = "https://h/models"
+    try:
+        url = join_model_url(root, model_id, "model.pt")
+    except InvalidModelIdError:
+        return
+    parts = urlsplit(url)
+    assert (parts.query, parts.fragment) == ("", "")
+    assert unquote(parts.path) == f"/models/{model_id}/model.pt"
 
 
 def test_split_and_redact() -> None:
