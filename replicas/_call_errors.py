@@ -7,12 +7,21 @@ a replica and never imported here: its errors are matched by class name.
 
 from __future__ import annotations
 
+import asyncio
+
 from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._http import BadRequestError, MissingModelIdError
 from muxgate.replicas._multiplex import ModelTooLargeError
 from muxgate.replicas._protocol import ErrorInfo
 
-__all__ = ["EXPECTED_BACKEND_CODES", "CallFailed", "bad_request", "error_for", "is_backend_error"]
+__all__ = [
+    "EXPECTED_BACKEND_CODES",
+    "CallFailed",
+    "bad_request",
+    "error_for",
+    "is_backend_error",
+    "is_cancellation",
+]
 
 
 class CallFailed(Exception):
@@ -42,6 +51,23 @@ _BACKEND_ERRORS: dict[str, ErrorCode] = {
 EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(_BACKEND_ERRORS.values())
 
 
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc``, caught around user code, is the current task being
+    cancelled (by a deadline, a client gone, the replica stopping), which
+    must go on, rather than the code's own failure, which fails only its call.
+
+    An ``Exception`` and ``SystemExit``/``KeyboardInterrupt`` (the replica
+    takes its signals with a handler, so neither comes from one) are the
+    code's; any other ``BaseException`` (``CancelledError`` above all) is a
+    cancellation only while someone is cancelling the task: code that raises
+    ``CancelledError`` itself fails its call.
+    """
+    if isinstance(exc, Exception | SystemExit | KeyboardInterrupt):
+        return False
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def is_backend_error(exc: BaseException) -> bool:
     return any(cls.__name__ == "BackendError" for cls in type(exc).__mro__)
 
@@ -63,7 +89,8 @@ def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
         return ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
     if isinstance(exc, ModelTooLargeError):
         return ErrorInfo.of(ErrorCode.MODEL_TOO_LARGE, str(exc))
-    message = f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     # muxgate.backends is optional here (and must not be imported eagerly):
     # match its errors by name anywhere in the class hierarchy.
     if is_backend_error(exc):

@@ -35,6 +35,7 @@ from muxgate.replicas._call_errors import (
     CallFailed,
     bad_request,
     error_for,
+    is_cancellation,
 )
 from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._context import current_request, request_scope
@@ -123,9 +124,12 @@ class CallRunner:
             return await self._invoke_call(call)
         except CallFailed as failed:
             return failed.error
-        except (Exception, SystemExit) as exc:
-            # SystemExit too: a handler calling sys.exit() fails its
-            # request, not the replica.
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt or a CancelledError the code raised
+            # itself fail the request, not the replica; a real cancellation
+            # (the deadline, the client gone, the replica stopping) goes on.
+            if is_cancellation(exc):
+                raise
             error = error_for(exc, http=call.http is not None)
             if error.code in EXPECTED_BACKEND_CODES:
                 # an outcome, not a bug: the full detail, no traceback
@@ -214,8 +218,10 @@ class CallRunner:
                     ctx.run, work, abandon_on_cancel=True, limiter=self._limiter
                 )
                 outcome.append((True, value))
-            except Exception as exc:
-                outcome.append((False, exc))
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise
+                outcome.append((False, exc))  # SystemExit too: the call's failure
             finally:
                 done.set()
 

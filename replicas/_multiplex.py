@@ -11,6 +11,7 @@ in :mod:`muxgate.replicas._cache_stats`; the names are re-exported here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import functools
@@ -54,6 +55,7 @@ __all__ = [
     "EVENT_LOG_SIZE",
     "EventLog",
     "LRUState",
+    "LoaderExitError",
     "LoaderLoopError",
     "ModelCache",
     "ModelCacheClosedError",
@@ -155,7 +157,7 @@ class _Loader:
         if self.is_async and on_loop:
 
             async def load(model_id: str) -> Any:
-                return await func(*args, model_id)
+                return await _call_async(func, *args, model_id)
 
         elif self.is_async:
             loops, name = loader_thread(), self.name
@@ -164,7 +166,7 @@ class _Loader:
                 # Off the replica's loop, so that blocking code in the loader's body
                 # (torch) never holds the calls of other requests; see _loader_thread.
                 try:
-                    return await loops.run(functools.partial(func, *args, model_id))
+                    return await loops.run(functools.partial(_call_async, func, *args, model_id))
                 except RuntimeError as exc:
                     if is_other_loop_error(exc):
                         raise _other_loop_error(name, model_id, exc) from exc
@@ -177,7 +179,7 @@ class _Loader:
                 # Never on the loop; the copied context keeps get_multiplexed_model_id() working.
                 context = contextvars.copy_context()
                 model = await anyio.to_thread.run_sync(
-                    functools.partial(context.run, func, *args, model_id)
+                    functools.partial(context.run, _call_sync, func, *args, model_id)
                 )
                 if inspect.isawaitable(model):
                     # `return load_state_dict(...)` in a plain def: not a model.
@@ -366,6 +368,44 @@ def multiplexed(
     if func is None:
         return decorate
     return decorate(func)
+
+
+class LoaderExitError(Exception):
+    """A ``@multiplexed`` loader raised something that is not an ``Exception``
+    (``SystemExit``, ``KeyboardInterrupt``, another ``BaseException``).
+
+    It is the load's failure, as any exception of the loader is: every waiter
+    gets this error (500 ``user_error``), nothing is cached and the next
+    request tries again. Raised as it was, it would stop the event loop the
+    loader ran on (asyncio re-raises ``SystemExit`` and ``KeyboardInterrupt``
+    out of a task), leaving the load unanswered or the replica gone.
+    """
+
+
+def _exit_error(exc: BaseException, model_id: str) -> LoaderExitError:
+    detail = f": {exc}" if str(exc) else ""
+    return LoaderExitError(f"The loader of model '{model_id}' raised {type(exc).__name__}{detail}.")
+
+
+async def _call_async(func: Callable[..., Any], *args: Any) -> Any:
+    """``await func(*args)`` (``model_id`` last), with a ``BaseException``
+    turned into a failed load; a cancellation stays one."""
+    try:
+        return await func(*args)
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        raise _exit_error(exc, args[-1]) from exc
+
+
+def _call_sync(func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)`` in a worker thread, as :func:`_call_async`."""
+    try:
+        return func(*args)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _exit_error(exc, args[-1]) from exc
 
 
 def _other_loop_error(name: str, model_id: str, exc: RuntimeError) -> LoaderLoopError:

@@ -1,0 +1,85 @@
+"""A request whose code raises what is not an ``Exception`` (``sys.exit()``,
+``KeyboardInterrupt``, a ``CancelledError`` nobody asked for, a bare
+``BaseException``) in ``__call__``, sync or async, or in a ``@multiplexed``
+loader, fails alone: 500 ``user_error``, and the same replica process (its
+loader thread too) serves the next request (real processes)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from gateway_harness import MODEL, running_gateway
+
+from muxgate.gateway._serve import Gateway
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+async def gateway() -> AsyncIterator[Gateway]:
+    config = {
+        "http": {"port": 0, "request_timeout_s": 20},
+        "deployments": [
+            {"name": "Exiting", "import_path": "exiting_apps:Exiting", "num_replicas": 1},
+            {
+                "name": "SyncExiting",
+                "import_path": "exiting_apps:SyncExiting",
+                "route_prefix": "/sync",
+                "num_replicas": 1,
+            },
+        ],
+    }
+    async with running_gateway(config) as gw:
+        yield gw
+
+
+async def pid_of(client: httpx.AsyncClient, path: str, model: str = "") -> int:
+    r = await client.get(path, headers={MODEL: model} if model else {})
+    assert r.status_code == 200, r.text
+    pid: int = r.json()["pid"]
+    return pid
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/exit", "SystemExit: 2"),
+        ("/interrupt", "KeyboardInterrupt"),
+        ("/cancelled", "CancelledError"),
+        ("/base", "BaseException: not an Exception"),
+        ("/sync/exit", "SystemExit: 2"),
+        ("/sync/interrupt", "KeyboardInterrupt"),
+    ],
+)
+async def test_call_that_raises_a_base_exception_fails_alone(
+    client: httpx.AsyncClient, path: str, message: str
+) -> None:
+    home = "/sync/ok" if path.startswith("/sync/") else "/ok"
+    pid = await pid_of(client, home)
+    r = await client.get(path)
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["code"] == "user_error"
+    assert r.json()["error"]["message"] == message
+    assert await pid_of(client, home) == pid
+
+
+@pytest.mark.parametrize("path", ["/ok", "/sync-load"])
+@pytest.mark.parametrize(
+    ("model", "raised"), [("exit", "SystemExit: 3"), ("interrupt", "KeyboardInterrupt")]
+)
+async def test_loader_that_raises_a_base_exception_fails_its_load(
+    client: httpx.AsyncClient, path: str, model: str, raised: str
+) -> None:
+    pid = await pid_of(client, "/ok")
+    for _ in range(2):  # not cached: the second request tries again
+        r = await client.get(path, headers={MODEL: model})
+        assert r.status_code == 500, r.text
+        assert r.json()["error"] == {
+            "code": "user_error",
+            "message": f"LoaderExitError: The loader of model '{model}' raised {raised}.",
+            "request_id": r.headers["x-request-id"],
+        }
+    # The same process loads other models, with the same loader.
+    assert await pid_of(client, path, f"fine-{model}") == pid
