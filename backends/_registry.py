@@ -9,6 +9,7 @@ with an actionable message ("Install s3fs to access s3:// URLs").
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,9 +37,10 @@ class BackendSpec:
             percent-encodes each piece of a model id, so ``?``, ``#`` and
             ``%`` are part of the object's name, not a query string, a
             fragment or an escape.
-        reserved: Substrings the filesystem reads as something other than a
-            key, none of which can be escaped, each mapped to what it is
-            read as; a model id containing one is refused.
+        reserved: Regular expressions for what the filesystem reads as
+            something other than a key, which nothing escapes, each mapped
+            to why; a model id in which one matches is refused, naming the
+            text it matched.
     """
 
     class_path: str
@@ -66,7 +68,22 @@ _S3_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 # after it (the key ends there), so "a?versionId=x/model.pt" would read the
 # object "a". Nothing escapes it; other characters reach S3 as the key.
 _S3_RESERVED: Mapping[str, str] = MappingProxyType(
-    {"?versionId=": "s3 storage reads it as an object version and ends the key before it"}
+    {
+        re.escape("?versionId="): "s3fs reads it as an object version and ends the key before it",
+    }
+)
+# gcsfs with version_aware=True reads what follows a "?" as a query string
+# and a generation= in it (percent-encoded too) as an object version, ending
+# the key at the "?". Only a value ended by "&" can be a whole number (the
+# file name follows the id), so a "?" with a later "&" is refused, whatever
+# version_aware is: an id means the same object under every configuration.
+_GCS_RESERVED: Mapping[str, str] = MappingProxyType(
+    {
+        r"\?.*&": (
+            "with version_aware, gcsfs reads what follows '?' as a query string "
+            "whose generation= selects an object version, and ends the key at '?'"
+        ),
+    }
 )
 
 _BUILTIN: dict[str, BackendSpec] = {
@@ -86,8 +103,8 @@ _BUILTIN: dict[str, BackendSpec] = {
         reserved=_S3_RESERVED,
     ),
     # One attempt per request; see muxgate.backends._gcs.
-    "gs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs"),
-    "gcs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs"),
+    "gs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs", reserved=_GCS_RESERVED),
+    "gcs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs", reserved=_GCS_RESERVED),
     "http": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp", url_paths=True),
     "https": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp", url_paths=True),
     "az": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs"),
@@ -121,8 +138,9 @@ def register_backend(
         remote: Use the disk cache and ranged downloads by default.
         default_options: Storage options applied under configured ones.
         url_paths: Paths are URLs sent as they are: percent-encode model ids.
-        reserved: Substrings the filesystem does not read as part of a key
-            (mapped to what it reads them as): ids containing one are refused.
+        reserved: Regular expressions for what the filesystem does not read
+            as part of a key (mapped to why): ids in which one matches are
+            refused.
         clobber: Allow replacing an existing registration.
 
     Raises:

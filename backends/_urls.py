@@ -76,10 +76,11 @@ def _check_part(part: str) -> list[str]:
 
 
 def _check_reserved(part: str, protocol: str, reserved: Mapping[str, str]) -> None:
-    for substring, meaning in reserved.items():
-        if substring in part:
+    for pattern, why in reserved.items():
+        found = re.search(pattern, part)
+        if found is not None:
             raise InvalidModelIdError(
-                part, f"{substring!r} is not allowed on {protocol}:// storage: {meaning}"
+                part, f"{found.group()!r} is not allowed on {protocol}:// storage: {why}"
             )
 
 
@@ -96,9 +97,9 @@ def join_model_url(root: str, model_id: str, *parts: str) -> str:
     object whose key (or file name) is exactly ``root/model_id/part``. For
     backends whose paths are URLs (``http://``, ``https://``) each segment
     is percent-encoded, so ``a?b`` is not the object ``a`` with a query
-    string; where the filesystem reads a substring as something other than
-    a key and nothing escapes it (``?versionId=`` on ``s3://``), the id is
-    refused instead.
+    string; where the filesystem reads part of a path as something other
+    than a key and nothing escapes it (``?versionId=`` on ``s3://``, a
+    ``?`` with a later ``&`` on ``gs://``), the id is refused instead.
 
     Args:
         root: Storage root, e.g. ``"s3://bucket/models"`` or ``"/srv/models"``.

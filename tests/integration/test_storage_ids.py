@@ -20,9 +20,9 @@ import httpx
 import pytest
 from gateway_harness import MODEL, running_gateway
 from storage_servers import BUCKET, HttpFiles, S3Server
-from storage_stores import STORES, Store, open_store, store_config
+from storage_stores import STORES, Store, open_store
 
-from muxgate.backends import InvalidModelIdError, join_model_url, load_state_dict
+from muxgate.backends import InvalidModelIdError, load_state_dict
 
 with warnings.catch_warnings():
     # torch warns at import when numpy is absent; pytest turns warnings into errors.
@@ -57,8 +57,13 @@ LITERAL_IDS = [
     'a^b|c`d"e<f>',
     "a~",
 ]
-#: Ids refused on s3 only: s3fs reads what follows as an object version.
-S3_REFUSED = ["a?versionId=1", "x/a?versionId=null"]
+#: Ids refused on one backend only (read literally by the others): s3fs
+#: ends a key at "?versionId="; gcsfs with version_aware reads "?...&" as a
+#: query string holding a generation.
+REFUSED = {
+    "s3": ["a?versionId=1", "x/a?versionId=null"],
+    "gs": ["a?generation=1&x", "a?b/&generation=2&c"],
+}
 
 
 def _state(value: float) -> bytes:
@@ -74,7 +79,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 async def test_each_id_reads_its_own_object(store: Store) -> None:
-    ids = LITERAL_IDS + ([] if store.name == "s3" else S3_REFUSED)
+    ids = LITERAL_IDS + [
+        i for name, refused in REFUSED.items() if name != store.name for i in refused
+    ]
     # Decoys: a naive join reads the object "a" for "a?b" over HTTP; every
     # id's own object is another's decoy ("a%3Fb" would read "a?b").
     store.put("a", _state(-1.0))
@@ -87,23 +94,24 @@ async def test_each_id_reads_its_own_object(store: Store) -> None:
     assert read == {model_id: model_id for model_id in ids}
 
 
-async def test_s3_refuses_a_version_suffix(s3_server: S3Server, tmp_path: Path) -> None:
-    prefix = f"ids-{uuid.uuid4().hex}"
-    root = f"s3://{BUCKET}/{prefix}"
-    # What s3fs would read for them: the key ends before "?versionId=".
-    s3_server.put(BUCKET, f"{prefix}/a", _state(-1.0))
-    s3_server.put(BUCKET, f"{prefix}/x/a", _state(-1.0))
-    config = store_config(tmp_path)
-    for model_id in S3_REFUSED:
-        with pytest.raises(InvalidModelIdError) as info:
-            await load_state_dict(
-                root, model_id, storage_options=s3_server.storage_options, config=config
-            )
-        assert info.value.model_id == model_id
-        assert "'?versionId=' is not allowed on s3:// storage" in info.value.client_message
-        assert "object version" in info.value.reason
-    # The id joins literally everywhere else.
-    assert join_model_url("gs://b/r", "a?versionId=1", "m.pt") == "gs://b/r/a?versionId=1/m.pt"
+@pytest.mark.parametrize("name", sorted(REFUSED))
+async def test_what_a_backend_reads_as_no_key_is_refused(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    with open_store(name, request, tmp_path) as store:
+        # What the library would read for them: the object "a" (or "x/a").
+        store.put("a", _state(-1.0))
+        store.put("x/a", _state(-1.0))
+        options = {**store.storage_options, "version_aware": True}
+        for storage_options in (store.storage_options, options):
+            for model_id in REFUSED[name]:
+                with pytest.raises(InvalidModelIdError) as info:
+                    await load_state_dict(
+                        store.root, model_id, storage_options=storage_options, config=store.config
+                    )
+                assert info.value.model_id == model_id
+                assert f"is not allowed on {name}:// storage" in info.value.client_message
+                assert "object version" in info.value.reason
 
 
 def _tiny_state(seed_of: str) -> bytes:

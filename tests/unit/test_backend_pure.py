@@ -73,6 +73,8 @@ def test_join_allows_nested_ids_and_ordinary_characters() -> None:
         # Elsewhere the same ids are the keys as they are.
         ("s3://b", "a?b#c%41", "s3://b/a?b#c%41/model.pt"),
         ("gs://b", "a?versionId=1", "gs://b/a?versionId=1/model.pt"),
+        ("gs://b", "a?generation=1", "gs://b/a?generation=1/model.pt"),
+        ("s3://b", "a?generation=1&x", "s3://b/a?generation=1&x/model.pt"),
         ("file:///srv", "a?b#c", "file:///srv/a?b#c/model.pt"),
     ],
 )
@@ -82,17 +84,27 @@ def test_join_writes_the_id_as_each_backend_reads_it(
     assert join_model_url(root, model_id, "model.pt") == expected
 
 
-@pytest.mark.parametrize("root", ["s3://bucket/models", "s3a://bucket"])
-@pytest.mark.parametrize("model_id", ["a?versionId=1", "x/a?versionId=", "?versionId=null"])
-def test_join_refuses_what_s3_reads_as_a_version(root: str, model_id: str) -> None:
+@pytest.mark.parametrize(
+    ("root", "model_id", "refused"),
+    [
+        ("s3://bucket/models", "a?versionId=1", "?versionId="),
+        ("s3a://bucket", "x/a?versionId=", "?versionId="),
+        ("s3://bucket", "?versionId=null", "?versionId="),
+        ("gs://bucket", "a?generation=1&x", "?generation=1&"),
+        ("gcs://bucket", "a?b/&gener%61tion=2&c", "?b/&gener%61tion=2&"),
+    ],
+)
+def test_join_refuses_what_a_backend_reads_as_a_version(
+    root: str, model_id: str, refused: str
+) -> None:
     with pytest.raises(InvalidModelIdError) as info:
         join_model_url(root, model_id, "model.pt")
     assert info.value.model_id == model_id
-    assert info.value.client_message == (
-        f"invalid model id {model_id!r}: '?versionId=' is not allowed on "
-        f"{root.split(':')[0]}:// storage: s3 storage reads it as an object version "
-        "and ends the key before it"
+    protocol = root.split(":")[0]
+    assert info.value.client_message.startswith(
+        f"invalid model id {model_id!r}: {refused!r} is not allowed on {protocol}:// storage: "
     )
+    assert "object version" in info.value.reason
 
 
 def test_registered_backends_bring_their_id_rules() -> None:
@@ -101,11 +113,11 @@ def test_registered_backends_bring_their_id_rules() -> None:
         protocol,
         "fsspec.implementations.http.HTTPFileSystem",
         url_paths=True,
-        reserved={"!!": "a revision marker"},
+        reserved={"!+": "a revision marker"},
     )
     assert join_model_url(f"{protocol}://h", "a?b", "m") == f"{protocol}://h/a%3Fb/m"
-    with pytest.raises(InvalidModelIdError, match=r"'!!' is not allowed.*a revision marker"):
-        join_model_url(f"{protocol}://h", "a!!b")
+    with pytest.raises(InvalidModelIdError, match=r"'!!!' is not allowed.*a revision marker"):
+        join_model_url(f"{protocol}://h", "a!!!b")
     # An unregistered protocol joins as it did (its fetch fails later).
     assert join_model_url("nosuch://h", "a?b") == "nosuch://h/a?b"
 
