@@ -3,6 +3,7 @@ at most once per model object however many caches or ids held it."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -11,7 +12,7 @@ from typing import Any
 
 import anyio.to_thread
 
-__all__ = ["run_unload_hook"]
+__all__ = ["UnloadHookExitError", "run_unload_hook"]
 
 _log = logging.getLogger("muxgate.replicas")
 
@@ -39,13 +40,36 @@ class _IdentitySet:
 _UNLOADED = _IdentitySet()
 
 
+class UnloadHookExitError(Exception):
+    """A model's unload hook raised something that is not an ``Exception``
+    (``SystemExit``, ``KeyboardInterrupt``...): logged as a failing hook is.
+    Raised as it was, it would stop the replica's event loop."""
+
+
 async def run_unload_hook(model: object) -> None:
-    """``aclose()``, else ``close()``, else ``__del__``: at most once per object."""
+    """``aclose()``, else ``close()``, else ``__del__``: at most once per object.
+
+    Raises:
+        Exception: what the hook raised; :class:`UnloadHookExitError` for
+            what is not an ``Exception`` (a cancellation stays one).
+    """
     try:
         if not _UNLOADED.add(model):
             return
     except TypeError:
         pass  # not weak-referenceable: cannot be tracked
+    try:
+        await _run_hook(model)
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        detail = f": {exc}" if str(exc) else ""
+        raise UnloadHookExitError(
+            f"The unload hook of {type(model).__qualname__} raised {type(exc).__name__}{detail}."
+        ) from exc
+
+
+async def _run_hook(model: object) -> None:
     aclose = getattr(model, "aclose", None)
     if callable(aclose):
         result = aclose()

@@ -10,7 +10,8 @@ and leave the replica serving.
 * ``/sync-load``: load the request's model with the sync loader (a worker
   thread), anything else with the async one. Either loader raises
   ``SystemExit(3)`` for model ``exit`` and ``KeyboardInterrupt`` for
-  ``interrupt``.
+  ``interrupt``; models ``exits-on-close...`` and ``interrupts-on-aclose...``
+  load, and their unload hooks raise those.
 
 ``SyncExiting`` (sync ``__call__``, run in a worker thread): ``/exit`` and
 ``/interrupt`` as above. Every answer is ``{"pid", "model"}``.
@@ -26,21 +27,39 @@ from typing import Any
 from muxgate.replicas import Request, get_multiplexed_model_id, multiplexed
 
 
-def _load(model_id: str) -> str:
+class ExitsOnClose:
+    """A model whose unload hook ``close()`` calls ``sys.exit(4)``."""
+
+    def close(self) -> None:
+        sys.exit(4)
+
+
+class InterruptsOnAclose:
+    """A model whose unload hook ``aclose()`` raises ``KeyboardInterrupt``."""
+
+    async def aclose(self) -> None:
+        raise KeyboardInterrupt
+
+
+def _load(model_id: str) -> object:
     if model_id == "exit":
         sys.exit(3)
     if model_id == "interrupt":
         raise KeyboardInterrupt
+    if model_id.startswith("exits-on-close"):
+        return ExitsOnClose()
+    if model_id.startswith("interrupts-on-aclose"):
+        return InterruptsOnAclose()
     return model_id
 
 
 class Exiting:
     @multiplexed(max_num_models_per_replica=4)
-    async def get_model(self, model_id: str) -> str:
+    async def get_model(self, model_id: str) -> object:
         return _load(model_id)
 
     @multiplexed(max_num_models_per_replica=4)
-    def get_sync_model(self, model_id: str) -> str:
+    def get_sync_model(self, model_id: str) -> object:
         return _load(model_id)
 
     async def __call__(self, request: Request) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 ``KeyboardInterrupt``, a ``CancelledError`` nobody asked for, a bare
 ``BaseException``) in ``__call__``, sync or async, or in a ``@multiplexed``
 loader, fails alone: 500 ``user_error``, and the same replica process (its
-loader thread too) serves the next request (real processes)."""
+loader thread too) serves the next request (real processes). An unload
+hook raising one is logged, as any failing hook is."""
 
 from __future__ import annotations
 
@@ -83,3 +84,16 @@ async def test_loader_that_raises_a_base_exception_fails_its_load(
         }
     # The same process loads other models, with the same loader.
     assert await pid_of(client, path, f"fine-{model}") == pid
+
+
+@pytest.mark.parametrize("model", ["exits-on-close", "interrupts-on-aclose"])
+async def test_unload_hook_that_raises_a_base_exception_is_contained(
+    client: httpx.AsyncClient, model: str
+) -> None:
+    pid = await pid_of(client, "/ok", model)
+    r = await client.post(f"/-/models/Exiting/{model}/unload")
+    assert r.status_code == 200, r.text
+    assert list(r.json()["unloaded"].values()) == [True]
+    # Logged, and the replica serves on (the model is gone, so this loads it again).
+    assert await pid_of(client, "/ok", model) == pid
+    assert await pid_of(client, "/ok") == pid
