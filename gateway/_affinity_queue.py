@@ -7,8 +7,12 @@ r loads a model, holds the slot for the load, and every replica stays full of
 loads. Instead a free slot goes to the oldest waiter whose model the chosen
 replica already holds (loaded or loading); the head gets a slot that would
 be a miss once it has waited ``affinity_wait_s`` (about one model load,
-estimated by the pool) and no hit wants the slot, when nothing is in flight,
-or when the chosen replica is idle (a load there delays nobody). So that a
+estimated by the pool) and no hit wants the slot, or at once when the load
+takes no slot a hit could want: the chosen replica is idle, or keeps a free
+slot after this one (a hit that comes next still finds room there). The
+collapse needs replicas full of loads; a miss that leaves a slot free cannot
+cause it, and holding it back only adds the affinity wait to its latency (on
+the peer benchmark, most of a miss's time: docs/benchmarks.md). So that a
 cold model's requests cannot starve behind a stream of hits, a head that has
 waited ``affinity_wait_s`` also takes a slot over younger hits, but at most
 once per ``affinity_wait_s``: those forced loads occupy about one slot, not
@@ -362,9 +366,8 @@ class AffinityQueue:
             if scan.priced_due < math.inf and self._timer is None:
                 self._look_again(scan.priced_due - now)
             return False
-        router = self.router
         due = head.since + self.affinity_wait_s
-        if now >= due or router.total_in_flight == 0 or router.in_flight(decision.replica_id) == 0:
+        if now >= due or self._load_takes_no_hit_slot(decision.replica_id):
             self._hand(head, decision)
             return True
         # A slot is free but only a miss could use it: try again when the
@@ -372,6 +375,13 @@ class AffinityQueue:
         # when a request held back by the spill price is due).
         self._look_again(min(due, scan.priced_due) - now)
         return False
+
+    def _load_takes_no_hit_slot(self, replica_id: str) -> bool:
+        """Whether a miss sent to ``replica_id`` now leaves hits their room:
+        nothing runs there, or a slot stays free after this one."""
+        router = self.router
+        in_flight = router.in_flight(replica_id)
+        return in_flight == 0 or in_flight + 2 <= router.holder_capacity()
 
     def _look_again(self, after_s: float) -> None:
         # The event loop's timer only calls ``wake()``; the pass it runs

@@ -1,18 +1,20 @@
 """Where a model that no replica holds is loaded (the router's placement).
 
-Of the first few replicas under capacity in preference order, the one where
-loading the model evicts the least popular model: a replica with a free
-cache slot first, else the lowest popularity of its victim (its least
-recently used reported model that no request in flight pins); ties go to the
-earlier one. Pure functions of the router's per-replica state
-(:class:`ReplicaLoad`, kept here with them) and its popularity sketch.
+Of the first few replicas under capacity in preference order, those with the
+fewest model loads in flight (a replica runs its loads one after another, so
+there the load starts soonest); of these, the one where loading the model
+evicts the least popular model: a replica with a free cache slot first, else
+the lowest popularity of its victim (its least recently used reported model
+that no request in flight pins); ties go to the earlier one. Pure functions
+of the router's per-replica state (:class:`ReplicaLoad`, kept here with them)
+and its popularity sketch.
 """
 
 from __future__ import annotations
 
 from muxgate.gateway._popularity import PopularitySketch
 
-__all__ = ["ReplicaLoad", "place", "victim_score"]
+__all__ = ["ReplicaLoad", "loads_in_flight", "place", "victim_score"]
 
 
 class ReplicaLoad:
@@ -70,6 +72,18 @@ class ReplicaLoad:
         return False
 
 
+def loads_in_flight(rep: ReplicaLoad) -> int:
+    """Model loads running or due on ``rep``: the models it reported loading,
+    and those of the requests sent there for a model it did not report (each
+    such model is one load, however many requests wait for it)."""
+    models, loading = rep.models, rep.loading
+    n = len(loading)
+    for m in rep.pending:
+        if m not in models and m not in loading:
+            n += 1
+    return n
+
+
 def victim_score(rep: ReplicaLoad, high_water: int, popularity: PopularitySketch) -> float:
     """Popularity of the model a new load on ``rep`` would evict.
 
@@ -100,9 +114,13 @@ def place(
     high_water: int,
     popularity: PopularitySketch,
 ) -> str:
-    """Of ``free`` (replicas under capacity, in preference order), the one
-    whose load evicts the least popular model (a free slot first; ties in
-    preference order)."""
+    """Of ``free`` (replicas under capacity, in preference order), among
+    those with the fewest loads in flight, the one whose load evicts the
+    least popular model (a free slot first; ties in preference order)."""
+    loads = [loads_in_flight(replicas[r]) for r in free]
+    fewest = min(loads)
+    if loads.count(fewest) < len(free):
+        free = [r for r, n in zip(free, loads, strict=True) if n == fewest]
     best = free[0]
     best_score = victim_score(replicas[best], high_water, popularity)
     for replica_id in free[1:]:

@@ -531,6 +531,27 @@ async def test_head_falls_back_to_a_miss_after_the_affinity_wait() -> None:
     assert "affinity_wait_s=0.200" in repr(d)
 
 
+async def test_head_takes_a_miss_at_once_when_a_slot_stays_free_for_hits() -> None:
+    # A long affinity wait: only the free slot left for hits lets the miss go.
+    d, t, _ = affine(["a"], max_ongoing=4, wait_s=60.0)
+    d.router.observe("a", models=["ma"], loading=[])
+    busy = [start(d, f"busy{i}", "ma") for i in range(4)]
+    await settle()
+    miss = start(d, "miss-mc", "mc")
+    await settle()
+    assert d.queued == 1
+    t["a"].release(0)
+    await settle()
+    assert d.queued == 1, "with three in flight the miss would take the last free slot"
+    t["a"].release(1)
+    await settle()
+    # Two in flight: after the miss, one slot is still free for a hit.
+    assert t["a"].ids()[-1] == "miss-mc" and d.queued == 0
+    for i in range(2, 5):
+        t["a"].release(i)
+    await asyncio.gather(*busy, miss)
+
+
 async def test_head_takes_a_miss_when_nothing_else_is_in_flight() -> None:
     d, t, _ = affine(["a"], max_ongoing=1, wait_s=60.0)
     d.router.observe("a", models=["ma"], loading=[])

@@ -69,6 +69,33 @@ def test_free_cache_slot_wins_over_any_victim() -> None:
     assert d is not None and d.replica_id == prefs[1] and d.reason == "placed"
 
 
+def test_a_cold_miss_goes_where_fewest_loads_run() -> None:
+    # prefs[3] has the least popular victim, but a load already runs there
+    # (reported, or a miss sent and not answered): the new load would wait
+    # behind it, so the replica with no load wins, then its victim decides.
+    router = make_router(8)
+    prefs = full_caches(router, "new")
+    router.observe(prefs[3], models=["rare", "hot-b"], loading=["other"], cache_limit=2)
+    d = router.choose("new")
+    assert d is not None and d.replica_id == prefs[2]  # victim "warm", no load
+    router.observe(prefs[3], models=["rare", "hot-b"], loading=[], cache_limit=2)
+    router.acquire(prefs[3], "cold")  # a request for a model it does not hold
+    d = router.choose("new")
+    assert d is not None and d.replica_id == prefs[2]
+    router.release(prefs[3], "cold")
+    router.acquire(prefs[3], "rare")  # a hit: no load (and it pins the victim)
+    router.acquire(prefs[2], "warm")
+    d = router.choose("new")
+    assert d is not None and d.replica_id == prefs[0]  # every victim hot: home
+    # Every candidate running as many loads: the victims decide, as before.
+    router = make_router(8)
+    prefs = full_caches(router, "new")
+    for i, r in enumerate(prefs[:4]):
+        router.acquire(r, f"cold-{i}")
+    d = router.choose("new")
+    assert d is not None and d.replica_id == prefs[3]
+
+
 def test_without_popularity_a_cold_miss_goes_home() -> None:
     router = make_router(8)
     prefs = router.preference_list("new")
