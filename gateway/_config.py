@@ -191,6 +191,10 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: of a loader thread's (for loaders that await objects bound to that
     #: loop); None: each loader's own ``@multiplexed(load_on_loop=...)``, else false
     load_on_loop: bool | None = None
+    #: a replica's loader thread goes before its calls when they compete for
+    #: the CPU (the thread that serves calls runs at a lower priority once the
+    #: loader thread starts); false: the same priority
+    loads_first: bool = True
     #: CPU budget per replica (Ray's ``num_cpus``): torch threads and
     #: ``OMP_NUM_THREADS`` follow it, rounded up; None: the class's
     #: ``@deployment(num_cpus=...)``, else 1

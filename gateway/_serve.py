@@ -122,6 +122,7 @@ def make_spec(
         eviction_policy=deployment.eviction_policy,
         load_order=deployment.load_order,
         load_on_loop=deployment.load_on_loop,
+        loads_first=deployment.loads_first,
         preload=list(deployment.preload),
         pinned=list(deployment.pinned),
         multiplexed_loader=deployment.multiplexed_loader,

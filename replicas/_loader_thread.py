@@ -23,6 +23,19 @@ there) cannot be awaited on a loader loop: asyncio raises a ``RuntimeError``
 ("attached to a different loop"), which becomes a :class:`LoaderLoopError`
 naming the opt-out, ``@multiplexed(load_on_loop=True)``.
 
+Priority: in a replica (``loads_first``, the default), the thread that
+starts the loader thread (the replica's event loop, which serves the calls)
+then lowers its own CPU priority by ``CALLS_NICE`` (Linux: ``nice`` is per
+thread). Under contention for the replica's core a running load goes first:
+the requests waiting for it have waited longest, and a hit costs a fraction
+of a load, so the hits queued behind a load wait less than the load's
+waiters would wait behind them (measured on the peer benchmark:
+docs/benchmarks.md). Only lowering is allowed to an unprivileged process, so
+the serving thread goes down rather than the loader thread up; the threads
+it starts afterwards (worker threads for sync calls and sync loaders)
+inherit its priority. Lowering is all a process can do without privileges,
+so it is also what holds in a container.
+
 Cancellation: cancelling the waiting side cancels the loader's task on its
 loop, then waits for it to end (blocking code cannot be interrupted, the
 same as a sync loader in a worker thread), so no load is still running when
@@ -41,7 +54,9 @@ import asyncio
 import concurrent.futures
 import contextvars
 import inspect
+import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -49,6 +64,7 @@ from typing import Any, Final
 from muxgate.replicas._unload_hooks import run_unload_hook
 
 __all__ = [
+    "CALLS_NICE",
     "LoaderLoopError",
     "LoaderThread",
     "home_loop",
@@ -57,6 +73,12 @@ __all__ = [
     "loader_thread",
     "run_on",
 ]
+
+_log = logging.getLogger("muxgate.replica")
+
+#: how much lower (``nice`` steps) the replica's serving thread runs than its
+#: loader thread with ``loads_first``: about a tenth of the CPU weight
+CALLS_NICE: Final = 10
 
 #: the event loop that handed the running load to the loader thread (in the load's context)
 _HOME: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
@@ -178,6 +200,14 @@ class LoaderThread:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: _LoaderLoop | None = None
+        #: nice steps the thread that starts the loader thread drops (see "Priority")
+        self._calls_nice = 0
+
+    def calls_yield_to_loads(self, enabled: bool) -> None:
+        """With ``enabled``, the thread that starts the loader thread lowers
+        its priority by ``CALLS_NICE`` once it has (the replica sets this from
+        its spec; elsewhere, e.g. a test process, priorities stay alone)."""
+        self._calls_nice = CALLS_NICE if enabled else 0
 
     def __repr__(self) -> str:
         loader_loop = self._loop
@@ -188,6 +218,8 @@ class LoaderThread:
         with self._lock:
             if self._loop is None:
                 self._loop = _LoaderLoop(0)
+                # After the start: the loader thread keeps the priority it was born with.
+                _lower_calling_thread(self._calls_nice)
             self._loop.busy += 1
             return self._loop
 
@@ -220,6 +252,18 @@ class LoaderThread:
                 raise
         finally:
             self._give_back(loader_loop)
+
+
+def _lower_calling_thread(steps: int) -> None:
+    """Raise the calling thread's ``nice`` by ``steps`` (Linux only: elsewhere
+    the call would change the whole process); a refusal is logged, not raised."""
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except OSError as exc:
+        _log.warning("Could not lower the serving thread's priority below the loads': %s", exc)
 
 
 async def _wait_out(waiter: asyncio.Future[Any]) -> None:

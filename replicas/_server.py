@@ -54,6 +54,7 @@ from muxgate.replicas._deployment import DEFAULT_NUM_CPUS, get_deployment_option
 from muxgate.replicas._drain_fence import DrainFence
 from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
 from muxgate.replicas._handshake import HandshakeGate
+from muxgate.replicas._loader_thread import loader_thread
 from muxgate.replicas._logging import install_replica_logging
 from muxgate.replicas._model_control import preload_models
 from muxgate.replicas._multiplex import configure_model_caches
@@ -438,6 +439,7 @@ def run_replica(raw_spec: bytes, ready_fd: int, parent_fd: int | None) -> int:
     except ValueError as exc:
         os.write(ready_fd, f"FAILED invalid spec: {_one_line(str(exc))}\n".encode())
         return 2
+    loader_thread().calls_yield_to_loads(spec.loads_first)
     if spec.storage:
         # Imported only when used: a deployment need not touch storage.
         from muxgate.backends._config import configure_storage_section

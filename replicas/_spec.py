@@ -70,6 +70,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         load_on_loop: run async loaders on the replica's event loop rather
             than a loader thread's; None: each loader's own
             ``@multiplexed(load_on_loop=...)``.
+        loads_first: once the loader thread starts, the thread that serves
+            calls runs at a lower CPU priority than it
+            (``muxgate.replicas._loader_thread``, "Priority").
         drain_fence: obey only a ``Drain`` carrying a token the replica's
             supervisor wrote on its stdin pipe (``muxgate.replicas._drain_fence``:
             a Ray replica actor, after checking the gateway's lease epoch).
@@ -100,3 +103,4 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_bytes_per_replica: int | None = None
     load_on_loop: bool | None = None
     drain_fence: bool = False
+    loads_first: bool = True

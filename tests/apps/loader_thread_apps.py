@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import threading
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ class SlowLoads:
             "model": model_id,
             "seen_model_id": get_multiplexed_model_id(),
             "loader_thread": threading.current_thread().name,
+            "loader_nice": os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
         }
 
     async def __call__(self, request: Request) -> dict[str, Any]:
@@ -71,4 +73,5 @@ class SlowLoads:
             **model,
             "loaded": note["loaded"],
             "call_thread": threading.current_thread().name,
+            "call_nice": os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
         }

@@ -7,11 +7,14 @@ even be read until the load ended); the loader sees the request's model id
 and the context variables ``__call__`` set; a loader that awaits an object
 of the replica's loop fails with a message naming the opt-out. With
 ``load_on_loop: true`` in the app config, the loader runs on the replica's
-loop and that loader works.
+loop and that loader works. Once the loader thread runs, the thread serving
+calls runs at a lower priority than it (``loads_first``, the default), and
+at the same one with ``loads_first: false`` or without a loader thread.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,12 @@ import pytest
 from gateway_harness import MODEL, running_gateway
 from waiting import wait_until
 
+from muxgate.replicas._loader_thread import CALLS_NICE
+
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+#: per-thread priorities are Linux's (elsewhere the replica leaves them alone)
+LINUX = sys.platform.startswith("linux")
 
 
 def config(marker_dir: Path, **deployment: Any) -> dict[str, Any]:
@@ -51,6 +59,9 @@ async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None
         assert first["seen_model_id"] == "a" and first["loaded"] is True
         assert first["loader_thread"].startswith("muxgate-loader-")
         assert first["call_thread"] == "MainThread"
+        # loads_first (the default): the thread serving calls yields to the loader's
+        if LINUX:
+            assert first["call_nice"] - first["loader_nice"] == CALLS_NICE
         slow: list[httpx.Response] = []
 
         async def load_slow() -> None:
@@ -89,3 +100,16 @@ async def test_load_on_loop_in_the_config_keeps_loads_on_the_replicas_loop(
         body = r.json()
         assert body["loader_thread"] == body["call_thread"] == "MainThread"
         assert body["seen_model_id"] == "bound-1" and body["loaded"] is True
+        assert body["call_nice"] == body["loader_nice"]  # no loader thread: nothing lowered
+
+
+async def test_loads_first_false_keeps_one_priority(tmp_path: Path) -> None:
+    async with (
+        running_gateway(config(tmp_path, loads_first=False)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        r = await client.post("/", headers={MODEL: "a"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["loader_thread"].startswith("muxgate-loader-")
+        assert body["call_nice"] == body["loader_nice"]
