@@ -211,7 +211,8 @@ def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Res
         401: ErrorCode.UNAUTHORIZED,
         404: ErrorCode.NOT_FOUND,
         405: ErrorCode.METHOD_NOT_ALLOWED,
-    }.get(status, ErrorCode.INTERNAL)
+        413: ErrorCode.PAYLOAD_TOO_LARGE,
+    }.get(status, ErrorCode.BAD_REQUEST if 400 <= status < 500 else ErrorCode.INTERNAL)
     message = getattr(exc, "detail", "") or "internal error"
     if status >= 500:
         _log.exception("admin endpoint failed", exc_info=exc)
@@ -469,6 +470,10 @@ class GatewayASGI:
             if path.startswith(HANDLES_PREFIX):
                 await self.handles(scope, receive, send)
             elif path.startswith("/-/") or path == "/-":
+                if scope["method"] == "HEAD":
+                    # RFC 9110: HEAD is GET without the body (load balancers
+                    # check health with it); the server sends no body to HEAD.
+                    scope = dict(scope, method="GET")
                 await self.admin(scope, receive, send)
             else:
                 await self.ingress(scope, receive, send)

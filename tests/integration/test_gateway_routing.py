@@ -263,6 +263,23 @@ async def test_admin_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -
     assert "GET" not in r.headers["allow"]
 
 
+async def test_admin_head_is_get_without_the_body(client: httpx.AsyncClient) -> None:
+    r = await client.head("/-/healthz")
+    assert (r.status_code, r.content) == (200, b"")
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-request-id"]
+    assert (await client.head("/-/replicas")).status_code == 200
+    r = await client.head("/-/models/Sticky/1/load")  # a POST endpoint
+    assert r.status_code == 405
+    assert "POST" in r.headers["allow"]
+
+
+async def test_admin_bad_query_is_400_bad_request(client: httpx.AsyncClient) -> None:
+    r = await client.post("/-/models/Sticky/1/load", params={"pin": "maybe"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "bad_request"
+
+
 async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> None:
     r = await client.get("/-/healthz", headers={"x-request-id": "admin-1"})
     assert r.status_code == 200
