@@ -141,6 +141,12 @@ def _import_class(spec: ReplicaSpec) -> Any:
     return obj
 
 
+#: what user code may raise while it is imported and constructed: a start
+#: failure to report (a module that runs argparse at import exits with
+#: SystemExit), not a crash of the replica with no reason given
+_START_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
+
+
 async def _race_stop(
     replica_stop: anyio.Event, fn: Callable[[], Awaitable[Any]]
 ) -> tuple[bool, Any]:
@@ -148,14 +154,14 @@ async def _race_stop(
 
     An exception of ``fn`` is re-raised as itself (not in a group)."""
     result: list[Any] = []
-    failure: list[Exception] = []
+    failure: list[BaseException] = []
 
     async with anyio.create_task_group() as tg:
 
         async def run() -> None:
             try:
                 result.append(await fn())
-            except Exception as exc:
+            except _START_FAILURES as exc:
                 failure.append(exc)
             tg.cancel_scope.cancel()
 
@@ -323,11 +329,12 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
 
         try:
             done, instance = await _race_stop(starter.stop, instantiate)
-        except Exception as exc:
+        except _START_FAILURES as exc:
             _log.exception("Starting %s failed.", spec.import_path)
             where = failure_location(exc)
             at = f" (at {where})" if where else f" ({doing})"
-            return failed(_one_line(f"{type(exc).__name__}: {exc}{at}"))
+            detail = f": {exc}" if str(exc) else ""
+            return failed(_one_line(f"{type(exc).__name__}{detail}{at}"))
         if not done:
             return failed(f"stopped during start-up ({starter.reason})")
         try:

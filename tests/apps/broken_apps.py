@@ -25,3 +25,10 @@ class FailsWhenFlagged:
 
     async def __call__(self, request: object) -> str:
         return "up"
+
+
+class ExitsInInit:
+    """Exits as a script run without its arguments would (argparse does this)."""
+
+    def __init__(self) -> None:
+        raise SystemExit("no config given (exits on purpose)")

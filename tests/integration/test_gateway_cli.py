@@ -304,6 +304,27 @@ def test_serve_names_the_constructor_call_that_failed(tmp_path: Path) -> None:
     ) in result.stderr
 
 
+@pytest.mark.anyio
+async def test_a_deployment_that_exits_while_starting_is_a_start_failure_naming_it() -> None:
+    # sys.exit() in __init__ (or at import: a module running argparse) is the
+    # deployment's failure to start, named with where it happened, as any
+    # exception there; it was "exited with code 70 before it was ready".
+    from muxgate.gateway._serve import GatewayStartError
+
+    config = {
+        "http": {"port": 0},
+        "deployments": [{"name": "Exits", "import_path": "broken_apps:ExitsInInit"}],
+    }
+    with pytest.raises(GatewayStartError) as info:
+        async with running_gateway(config, fail_fast=True):
+            pass
+    where = f"{os.path.join(APPS, 'broken_apps.py')}:34 in __init__"
+    assert str(info.value) == (
+        "deployment 'Exits' (broken_apps:ExitsInInit) failed to start:"
+        f" SystemExit: no config given (exits on purpose) (at {where})"
+    )
+
+
 def test_serve_stops_at_once_when_a_replica_cannot_start(tmp_path: Path) -> None:
     config = _app(
         tmp_path,
