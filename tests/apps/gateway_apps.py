@@ -10,7 +10,7 @@ What ``__call__`` does depends on the path below the route prefix:
   replica keep serving);
 * anything else: answer at once.
 
-Every answer is ``{"model", "replica", "pid", "path", "body_len"}``.
+Every answer is ``{"model", "method", "replica", "pid", "path", "body_len", "greeting"}``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def _make(limit: int, name: str = "", **options: Any) -> type:
                 raise ValueError("the deployment failed on purpose")
             return {
                 "model": model_id,
+                "method": request.method,
                 "replica": current_replica().replica_id,
                 "pid": os.getpid(),
                 "path": request.path,

@@ -153,6 +153,18 @@ async def test_request_without_model_id_is_served(client: httpx.AsyncClient) -> 
     assert r.headers["x-muxgate-replica"].startswith("Sticky#")
 
 
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND"])
+async def test_any_method_reaches_the_deployment(client: httpx.AsyncClient, method: str) -> None:
+    r = await client.request(method, "/sticky/any", headers={MODEL: "m1"}, content=b"abc")
+    assert r.status_code == 200, r.text
+    assert (r.json()["method"], r.json()["path"], r.json()["body_len"]) == (method, "/any", 3)
+    assert r.headers["x-muxgate-replica"].startswith("Sticky#")
+    # HEAD too: the deployment sees it, the client gets the headers only.
+    r = await client.head("/sticky/any", headers={MODEL: "m1"})
+    assert (r.status_code, r.content) == (200, b"")
+    assert r.headers["x-muxgate-replica"].startswith("Sticky#")
+
+
 async def test_hyphenated_header_and_longest_prefix(client: httpx.AsyncClient) -> None:
     r = await client.get("/sticky/deeper/x", headers={"serve-multiplexed-model-id": "h1"})
     assert r.status_code == 200
