@@ -225,7 +225,10 @@ def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Res
         # RFC 9110: a 405 lists the methods the resource takes.
         allow = (getattr(exc, "headers", None) or {}).get("allow")
         if allow:
-            headers["allow"] = allow
+            methods = [m.strip() for m in allow.split(",")]
+            if "GET" in methods and "HEAD" not in methods:
+                methods.insert(methods.index("GET") + 1, "HEAD")  # GatewayASGI's HEAD
+            headers["allow"] = ", ".join(methods)
     return Response(
         content=error_body(code, message, request_id),
         status_code=status,
