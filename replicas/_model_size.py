@@ -39,17 +39,26 @@ def model_nbytes(model: object, sizeof: Callable[[Any], int] | None = None) -> i
 
     Raises:
         TypeError: ``sizeof`` or the model's hook returned something other than
-            a non-negative int.
+            a non-negative int, or raised ``SystemExit``/``KeyboardInterrupt``
+            (which, raised as they are, would stop the replica's event loop).
     """
     if sizeof is not None:
-        return _checked(sizeof(model), "sizeof")
+        return _checked(_call(sizeof, model, "sizeof"), "sizeof")
     hook = getattr(type(model), NBYTES_HOOK, None)
     if callable(hook):
-        return _checked(hook(model), NBYTES_HOOK)
+        return _checked(_call(hook, model, NBYTES_HOOK), NBYTES_HOOK)
     torch = sys.modules.get("torch")
     if torch is None:
         return 0
     return _tensor_bytes(_tensors(model, torch), torch)
+
+
+def _call(measure: Callable[[Any], object], model: object, source: str) -> object:
+    try:
+        return measure(model)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        detail = f": {exc}" if str(exc) else ""
+        raise TypeError(f"{source} raised {type(exc).__name__}{detail}.") from exc
 
 
 def _checked(value: object, source: str) -> int:

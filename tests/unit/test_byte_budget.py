@@ -58,6 +58,27 @@ def test_the_hook_and_sizeof_win_and_bad_sizes_are_refused() -> None:
         model_nbytes(object(), sizeof=lambda m: 1.5)  # type: ignore[arg-type,return-value]
 
 
+def _exits(model: object) -> int:
+    raise SystemExit(6)
+
+
+@pytest.mark.anyio
+async def test_sizeof_that_exits_fails_the_load_not_the_process() -> None:
+    # SystemExit out of a flight's task would stop the event loop (the replica).
+    with pytest.raises(TypeError, match=r"^sizeof raised SystemExit: 6\.$"):
+        model_nbytes(object(), sizeof=_exits)
+    journal: list[str] = []
+
+    @multiplexed(max_bytes_per_replica=100, sizeof=lambda m: _exits(m) if m.model_id == "x" else 1)
+    async def load(model_id: str) -> Blob:
+        return Blob(model_id, 1, journal)
+
+    with pytest.raises(TypeError, match="sizeof raised SystemExit"):
+        await load("x")
+    assert journal == ["unload x"]  # built, not kept: its hook ran
+    assert (await load("y")).model_id == "y"
+
+
 # -- the pure state -----------------------------------------------------------------------------
 
 
