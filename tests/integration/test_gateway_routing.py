@@ -286,6 +286,16 @@ async def test_admin_head_is_get_without_the_body(client: httpx.AsyncClient) -> 
     assert "POST" in r.headers["allow"]
 
 
+async def test_admin_locality_is_the_peer_address_not_forwarded_headers(
+    client: httpx.AsyncClient,
+) -> None:
+    # The server does not rewrite the client from X-Forwarded-For/Forwarded
+    # (a remote client could claim 127.0.0.1 with them): this loopback peer
+    # stays local whatever they say.
+    forged = {"x-forwarded-for": "203.0.113.9", "forwarded": "for=203.0.113.9"}
+    assert (await client.get("/-/replicas", headers=forged)).status_code == 200
+
+
 async def test_admin_bad_query_is_400_bad_request(client: httpx.AsyncClient) -> None:
     r = await client.post("/-/models/Sticky/1/load", params={"pin": "maybe"})
     assert r.status_code == 400
