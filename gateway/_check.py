@@ -19,8 +19,10 @@ and a failure there stops the start (see ``serve(fail_fast=True)``).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -99,16 +101,74 @@ def _config_problems(data: Any, source: str, base_dir: str) -> tuple[AppConfig |
         for key, value in data.items():
             if key == "deployments":
                 continue
-            try:
-                parse_config({key: value, "deployments": [_PLACEHOLDER]}, source=source)
-            except ConfigError as exc:
-                problems.append(exc.reason)
+            problems += _part_problems({key: value, "deployments": [_PLACEHOLDER]}, (key,), source)
         for i, deployment in enumerate(data["deployments"]):
-            try:
-                parse_config({"deployments": [deployment]}, source=source)
-            except ConfigError as exc:
-                problems.append(exc.reason.replace("`$.deployments[0]", f"`$.deployments[{i}]"))
+            problems += [
+                reason.replace("`$.deployments[0]", f"`$.deployments[{i}]")
+                for reason in _part_problems(
+                    {"deployments": [deployment]}, ("deployments", 0), source
+                )
+            ]
         return None, problems or [whole.reason]
+
+
+#: where a msgspec error points: ``- at `$.a.b[0].c` `` (the end of its message)
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`")
+#: problems found in one part before giving up on finding more in it
+_MAX_PROBLEMS_PER_PART = 20
+
+
+def _part_problems(data: dict[str, Any], part: tuple[str | int, ...], source: str) -> list[str]:
+    """Every problem of one part of a config (a top-level section, or a
+    deployment at ``part``): msgspec reports the first, so the field it names
+    is dropped (its default applies) and the part validated again, until it
+    passes or a problem is not one field's (a required field, a rule across
+    fields)."""
+    data = copy.deepcopy(data)
+    problems: list[str] = []
+    while len(problems) < _MAX_PROBLEMS_PER_PART:
+        try:
+            parse_config(data, source=source)
+            break
+        except ConfigError as exc:
+            problems.append(exc.reason)
+            if not _drop_named_field(data, exc.reason, part):
+                break
+    return problems
+
+
+def _drop_named_field(data: dict[str, Any], reason: str, part: tuple[str | int, ...]) -> bool:
+    """Remove the field ``reason`` names from ``data``, if it names one below
+    ``part``; whether it did."""
+    where = _AT.search(reason)
+    if where is None:
+        return False
+    keys: list[str | int] = []
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", where["path"]):
+        keys.append(int(index) if index else name)
+    unknown = _UNKNOWN_FIELD.match(reason)
+    if unknown is not None:
+        keys.append(unknown["field"])
+    elif reason.startswith("Object missing required field"):
+        return False
+    # A problem inside a list (an element, or a field of one): drop the list.
+    for i, key in enumerate(keys):
+        if isinstance(key, int) and i >= len(part):
+            keys = keys[:i]
+            break
+    if len(keys) <= len(part) or tuple(keys[: len(part)]) != part:
+        return False  # the part itself (a rule across its fields)
+    parent: Any = data
+    for key in keys[:-1]:
+        try:
+            parent = parent[key]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if not isinstance(parent, dict) or keys[-1] not in parent:
+        return False
+    del parent[keys[-1]]
+    return True
 
 
 def _valid_deployments(data: Any, base_dir: str) -> list[ImportTarget]:

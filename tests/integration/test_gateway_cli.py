@@ -224,6 +224,50 @@ def test_check_reports_every_problem_at_once(tmp_path: Path) -> None:
     assert out[4:] == ["ok: deployment 'InitRaises' imports", f"{config}: 4 problems"]
 
 
+def test_check_reports_every_problem_of_one_deployment_and_section(tmp_path: Path) -> None:
+    # msgspec stops at the first problem; check drops the field it names and
+    # validates again, so several problems in one part all show.
+    from muxgate.gateway._check import check_config_file
+
+    config = tmp_path / "app.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "http": {"port": 99999, "limits": {"max_header": 5, "max_headers": 0}},
+                "deployments": [
+                    {
+                        "name": "Many",
+                        "import_path": "gateway_apps:Echo1",
+                        "max_ongoing_request": 3,
+                        "routing": {"spill": "Never", "virtual_nodes": 0},
+                        "preload": ["a b", "ok"],
+                        "autoscaling": {"min_replicas": 3, "max_replicas": 2},
+                    },
+                    {"import_path": "gateway_apps:Echo1", "max_queued_requests": -5},
+                ],
+            }
+        )
+    )
+    report = check_config_file(config)
+    assert report.config is None
+    # (yaml.safe_dump sorts the keys: the problems come in that order)
+    assert report.problems == [
+        "Object contains unknown field `max_header` - at `$.http.limits`:"
+        " did you mean `max_headers`?",
+        "Expected `int` >= 1 - at `$.http.limits.max_headers`",
+        "Expected `int` <= 65535 - at `$.http.port`",
+        "min_replicas (3) must be <= max_replicas (2) - at `$.deployments[0].autoscaling`",
+        "Object contains unknown field `max_ongoing_request` - at `$.deployments[0]`:"
+        " did you mean `max_ongoing_requests`?",
+        "Expected `str` matching regex '^[!-~]{1,256}$' - at `$.deployments[0].preload[0]`",
+        "Invalid enum value 'Never' - at `$.deployments[0].routing.spill`: did you mean `never`?",
+        "Expected `int` >= 1 - at `$.deployments[0].routing.virtual_nodes`",
+        "Expected `int` >= -1 - at `$.deployments[1].max_queued_requests`",
+        # a missing required field ends the search in its part
+        "Object missing required field `name` - at `$.deployments[1]`",
+    ]
+
+
 def test_check_reports_a_problem_in_each_top_level_section(tmp_path: Path) -> None:
     config = tmp_path / "app.yaml"
     config.write_text(
