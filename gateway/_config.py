@@ -25,7 +25,7 @@ from muxgate.gateway._policy import AutoscalingConfig
 from muxgate.gateway._quarantine import QuarantineConfig
 from muxgate.gateway._router import DEFAULT_BALANCE_FACTOR, DEFAULT_VIRTUAL_NODES
 from muxgate.gateway._spill import SpillRule
-from muxgate.replicas.contract import ChannelSettings, TlsSettings
+from muxgate.replicas.contract import MAX_BODY_BYTES, ChannelSettings, TlsSettings
 
 __all__ = [
     "AppConfig",
@@ -74,7 +74,8 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
-    max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 10 * 1024 * 1024
+    #: at most what one message to a replica carries (``MAX_BODY_BYTES``, 1 GiB - 1 MiB)
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_BODY_BYTES)] = 10 * 1024 * 1024
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     #: when set, every ``/-/`` endpoint but the public ``/-/healthz`` and
     #: status page needs ``Authorization: Bearer <token>``; when unset, they

@@ -44,7 +44,7 @@ from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._loader_thread import is_async_callable
 from muxgate.replicas._logging import traceback_logged
 from muxgate.replicas._propagation import extract_context
-from muxgate.replicas._protocol import Call, ErrorInfo
+from muxgate.replicas._protocol import MAX_BODY_BYTES, Call, ErrorInfo
 from muxgate.replicas._spec import ReplicaSpec
 from muxgate.replicas._tracing import tracing_active
 
@@ -55,6 +55,13 @@ _tracer = trace.get_tracer("muxgate")
 
 #: A call's outcome: (status, headers, body), or the error to reply with.
 Outcome: TypeAlias = tuple[int, list[tuple[str, str]], bytes] | ErrorInfo
+
+
+def _check_size(body: bytes, headers: list[tuple[str, str]]) -> None:
+    """ValueError (the call's failure) for a reply the channel cannot carry."""
+    size = len(body) + sum(len(k) + len(v) for k, v in headers)
+    if size > MAX_BODY_BYTES:
+        raise ValueError(f"The response is {size} bytes; a reply carries at most {MAX_BODY_BYTES}.")
 
 
 class CallRunner:
@@ -154,6 +161,7 @@ class CallRunner:
             target = self._target("__call__")
             result = await self._invoke("__call__", target, (Request.from_wire(call.http),), {})
             encoded: tuple[int, list[tuple[str, str]], bytes] = encode_result(result)
+            _check_size(encoded[2], encoded[1])
             return encoded
         target = self._target(call.method)
         try:
@@ -164,7 +172,9 @@ class CallRunner:
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise bad_request("args must be a list, kwargs a map")
         result = await self._invoke(call.method, target, tuple(args), kwargs)
-        return 200, [], msgspec.msgpack.encode(result)
+        body = msgspec.msgpack.encode(result)
+        _check_size(body, [])
+        return 200, [], body
 
     def _target(self, name: str) -> Callable[..., Any]:
         # Only public methods and __call__ are reachable from the wire.

@@ -82,6 +82,7 @@ from muxgate.replicas._deployment import DeploymentOptions
 
 __all__ = [
     "HANDSHAKE_MAX_FRAME_BYTES",
+    "MAX_BODY_BYTES",
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "Call",
@@ -115,6 +116,11 @@ __all__ = [
 PROTOCOL_VERSION = 3
 #: Upper bound of one frame; a larger length prefix is a protocol error.
 MAX_FRAME_BYTES = 1 << 30
+#: Upper bound of a request or reply body (HTTP body, handle arguments or
+#: result): the frame less room for the rest of the message (headers, the
+#: replica's state). A reply over it would break the connection, and with it
+#: every call on the replica, so the replica answers an error instead.
+MAX_BODY_BYTES = MAX_FRAME_BYTES - (1 << 20)
 #: Upper bound of one frame before the peer is welcomed (the handshake's
 #: messages are a few hundred bytes).
 HANDSHAKE_MAX_FRAME_BYTES = 1 << 12

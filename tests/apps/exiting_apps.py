@@ -6,7 +6,7 @@ and leave the replica serving.
 
 * ``/exit``: ``sys.exit(2)``; ``/interrupt``: ``KeyboardInterrupt``;
   ``/cancelled``: a ``CancelledError`` nobody asked for; ``/base``: a bare
-  ``BaseException``;
+  ``BaseException``; ``/huge``: bytes one over the channel's frame limit;
 * ``/sync-load``: load the request's model with the sync loader (a worker
   thread), anything else with the async one. Either loader raises
   ``SystemExit(3)`` for model ``exit`` and ``KeyboardInterrupt`` for
@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from muxgate.replicas import Request, get_multiplexed_model_id, multiplexed
+from muxgate.replicas.contract import MAX_FRAME_BYTES
 
 
 class ExitsOnClose:
@@ -76,6 +77,8 @@ class Exiting:
             raise asyncio.CancelledError
         if request.path == "/base":
             raise BaseException("not an Exception")
+        if request.path == "/huge":  # zero pages: no memory is touched
+            return bytes(MAX_FRAME_BYTES + 1)
         return {"pid": os.getpid(), "model": model_id}
 
 

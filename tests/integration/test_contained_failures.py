@@ -7,6 +7,7 @@ hook raising one is logged, as any failing hook is."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -96,4 +97,17 @@ async def test_unload_hook_that_raises_a_base_exception_is_contained(
     assert list(r.json()["unloaded"].values()) == [True]
     # Logged, and the replica serves on (the model is gone, so this loads it again).
     assert await pid_of(client, "/ok", model) == pid
+    assert await pid_of(client, "/ok") == pid
+
+
+async def test_a_response_too_large_for_the_channel_fails_alone(client: httpx.AsyncClient) -> None:
+    # Sent, it broke the replica's connection at the gateway's frame limit
+    # (502 replica_died, for every call on it); the replica answers an error.
+    pid = await pid_of(client, "/ok")
+    r = await client.get("/huge")
+    assert r.status_code == 500, r.text
+    assert re.fullmatch(
+        r"ValueError: The response is 10737418\d\d bytes; a reply carries at most 1072693248\.",
+        r.json()["error"]["message"],
+    )
     assert await pid_of(client, "/ok") == pid

@@ -117,6 +117,12 @@ def test_app_dir_is_relative_to_the_file(tmp_path: Path) -> None:
         ({"deployments": [dep(), dep(name="N")]}, "$.deployments[1].route_prefix", "twice"),
         ({"deployments": [dep(bogus=1)]}, "$.deployments[0]", "unknown field `bogus`"),
         ({"deployments": [dep()], "http": {"port": 70000}}, "$.http.port", "<= 65535"),
+        (
+            # a body must fit one message to a replica (1 GiB less 1 MiB)
+            {"deployments": [dep()], "http": {"max_body_bytes": 1 << 30}},
+            "$.http.max_body_bytes",
+            "<= 1072693248",
+        ),
         ({"deployments": [dep()], "tracing": {"exporter": "jaeger"}}, "$.tracing.exporter", ""),
         ({"deployments": []}, "$.deployments", "length >= 1"),
         ({}, "deployments", "missing"),
