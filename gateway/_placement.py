@@ -36,6 +36,7 @@ class ReplicaLoad:
         "others",
         "own",
         "pending",
+        "pending_loads",
         "pending_total",
     )
 
@@ -51,6 +52,9 @@ class ReplicaLoad:
         # own release removes (a report may predate the request's arrival).
         self.pending: dict[str, int] = {}
         self.pending_total = 0
+        #: models of ``pending`` that it reported neither loaded nor loading
+        #: (each a load there), kept current by the methods below
+        self.pending_loads = 0
         self.cache_limit: int | None = None  # models it can hold, when reported
 
     def holds(self, model_id: str) -> bool:
@@ -58,6 +62,21 @@ class ReplicaLoad:
 
     def held(self) -> set[str]:
         return self.models | self.loading | self.pending.keys()
+
+    def report(self, lru: list[str], loading: set[str]) -> None:
+        """Take in the models it reported (loaded, least recently used first; loading)."""
+        self.lru = lru
+        models = self.models = set(lru)
+        self.loading = loading
+        self.pending_loads = sum(1 for m in self.pending if m not in models and m not in loading)
+
+    def add_pending(self, model_id: str) -> None:
+        """One more request sent here for ``model_id``."""
+        count = self.pending.get(model_id, 0)
+        self.pending[model_id] = count + 1
+        self.pending_total += 1
+        if not count and model_id not in self.models and model_id not in self.loading:
+            self.pending_loads += 1
 
     def drop_pending(self, model_id: str) -> bool:
         """Remove one pending mark; True when it was the model's last one."""
@@ -67,6 +86,8 @@ class ReplicaLoad:
         self.pending_total -= 1
         if count == 1:
             del self.pending[model_id]
+            if model_id not in self.models and model_id not in self.loading:
+                self.pending_loads -= 1
             return True
         self.pending[model_id] = count - 1
         return False
@@ -76,12 +97,7 @@ def loads_in_flight(rep: ReplicaLoad) -> int:
     """Model loads running or due on ``rep``: the models it reported loading,
     and those of the requests sent there for a model it did not report (each
     such model is one load, however many requests wait for it)."""
-    models, loading = rep.models, rep.loading
-    n = len(loading)
-    for m in rep.pending:
-        if m not in models and m not in loading:
-            n += 1
-    return n
+    return len(rep.loading) + rep.pending_loads
 
 
 def victim_score(rep: ReplicaLoad, high_water: int, popularity: PopularitySketch) -> float:
@@ -117,16 +133,27 @@ def place(
     """Of ``free`` (replicas under capacity, in preference order), among
     those with the fewest loads in flight, the one whose load evicts the
     least popular model (a free slot first; ties in preference order)."""
-    loads = [loads_in_flight(replicas[r]) for r in free]
-    fewest = min(loads)
-    if loads.count(fewest) < len(free):
-        free = [r for r, n in zip(free, loads, strict=True) if n == fewest]
     best = free[0]
-    best_score = victim_score(replicas[best], high_water, popularity)
-    for replica_id in free[1:]:
+    best_rep = replicas[best]
+    best_loads = loads_in_flight(best_rep)
+    best_score: float | None = None  # the victim's, computed when a tie needs it
+    if not best_loads:
+        best_score = victim_score(best_rep, high_water, popularity)
         if best_score < 0.0:
-            break  # a free slot: nothing beats it
-        score = victim_score(replicas[replica_id], high_water, popularity)
+            return best  # no load and a free slot: nothing beats it
+    for replica_id in free[1:]:
+        rep = replicas[replica_id]
+        loads = loads_in_flight(rep)
+        if loads > best_loads:
+            continue
+        if loads < best_loads:
+            best, best_rep, best_loads, best_score = replica_id, rep, loads, None
+            continue
+        if best_score is None:
+            best_score = victim_score(best_rep, high_water, popularity)
+        if best_score < 0.0:
+            continue  # a free slot: no victim beats it
+        score = victim_score(rep, high_water, popularity)
         if score < best_score:
-            best, best_score = replica_id, score
+            best, best_rep, best_score = replica_id, rep, score
     return best

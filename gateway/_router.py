@@ -312,9 +312,7 @@ class Router:
             rep.in_flight += others - rep.others
             rep.others = others
         before = rep.held()
-        rep.lru = list(dict.fromkeys(models))
-        rep.models = set(rep.lru)
-        rep.loading = set(loading)
+        rep.report(list(dict.fromkeys(models)), set(loading))
         if cache_limit is not None:
             rep.cache_limit = cache_limit
         # Every replica of a deployment runs the same code, so the most models
@@ -342,8 +340,7 @@ class Router:
             self.popularity.record(model_id)
             if not rep.holds(model_id):
                 self._holders.setdefault(model_id, set()).add(replica_id)
-            rep.pending[model_id] = rep.pending.get(model_id, 0) + 1
-            rep.pending_total += 1
+            rep.add_pending(model_id)
 
     def release(self, replica_id: str, model_id: str) -> None:
         """Record a reply (or failure) from ``replica_id``.

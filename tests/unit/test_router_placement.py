@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from muxgate.gateway._placement import loads_in_flight
 from muxgate.gateway._router import PopularitySketch, Router
 
 
@@ -302,6 +303,13 @@ def test_decisions_are_bounded_affine_and_deterministic(
             rid = ids[op[1] % n]
             in_use = [m for r, m in sent if r == rid and m]
             models = list(dict.fromkeys([*op[2], *in_use]))
-            a.observe(rid, models=models, loading=[])
-            b.observe(rid, models=models, loading=[])
+            loading = op[2][:1]  # one of them reported loading instead
+            models = [m for m in models if m not in loading]
+            a.observe(rid, models=models, loading=loading)
+            b.observe(rid, models=models, loading=loading)
+        for r in ids:
+            # the loads counted as they happen = the loads counted from scratch
+            rep = a._replicas[r]
+            fresh = [m for m in rep.pending if m not in rep.models and m not in rep.loading]
+            assert loads_in_flight(rep) == len(rep.loading) + len(fresh)
     assert repr(a) == repr(b)
