@@ -60,8 +60,9 @@ async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None
         assert first["loader_thread"].startswith("muxgate-loader-")
         assert first["call_thread"] == "MainThread"
         # loads_first (the default): the thread serving calls yields to the loader's
-        if LINUX:
-            assert first["call_nice"] - first["loader_nice"] == CALLS_NICE
+        if LINUX:  # 19 is the lowest priority: a test run already niced may hit it
+            lowered = min(CALLS_NICE, 19 - first["loader_nice"])
+            assert first["call_nice"] - first["loader_nice"] == lowered
         slow: list[httpx.Response] = []
 
         async def load_slow() -> None:
