@@ -17,7 +17,6 @@ splits the action off its end.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,8 +26,8 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery
 
 from muxgate.gateway._connection import ReplicaConnection, ReplicaConnectionError
+from muxgate.gateway._dispatch import validate_model_id
 from muxgate.gateway._errors import (
-    BadModelIdError,
     GatewayError,
     NoReplicaError,
     ReplicaFailedError,
@@ -39,8 +38,6 @@ from muxgate.gateway._frontend import new_request_id
 from muxgate.gateway._pool import ReplicaPool
 
 __all__ = ["home_replica", "model_handlers"]
-
-_MODEL_ID = re.compile(r"[!-~]{1,256}")
 
 
 def home_replica(preference: list[str], running: Mapping[str, Any]) -> str | None:
@@ -123,10 +120,8 @@ def model_handlers(pools: Mapping[str, ReplicaPool], timeout_s: float) -> list[A
             raise NotFoundException("expected .../{model_id}/load or .../{model_id}/unload")
         request_id = request.headers.get("x-request-id") or new_request_id()
         try:
-            if _MODEL_ID.fullmatch(model_id) is None:
-                raise BadModelIdError(
-                    "model id must be 1 to 256 printable ASCII characters without whitespace"
-                )
+            # the ingress's check: any character outside printable ASCII fails it
+            validate_model_id(model_id.encode("utf-8", "surrogatepass"))
             if action == "load":
                 body = await _load(pool, model_id, pin, timeout_s)
             else:

@@ -189,6 +189,11 @@ async def test_admin_model_control_errors(client: httpx.AsyncClient) -> None:
     r = await client.post("/-/models/Budget/big/load")
     assert r.status_code == 507
     assert r.json()["error"]["code"] == "model_too_large"
+    # the ingress's model id rule: printable ASCII, no whitespace, at most 256
+    for bad in ("a%20b", "caf%C3%A9", "x" * 257):
+        r = await client.post(f"/-/models/Pinned/{bad}/load")
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["code"] == "bad_model_id"
 
 
 async def test_model_control_needs_the_token_or_a_local_client(gateway: Gateway) -> None:
