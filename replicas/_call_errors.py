@@ -11,6 +11,7 @@ import asyncio
 
 from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._http import BadRequestError, MissingModelIdError
+from muxgate.replicas._logging import describe_exception
 from muxgate.replicas._multiplex import ModelTooLargeError
 from muxgate.replicas._protocol import ErrorInfo
 
@@ -89,8 +90,7 @@ def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
         return ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
     if isinstance(exc, ModelTooLargeError):
         return ErrorInfo.of(ErrorCode.MODEL_TOO_LARGE, str(exc))
-    text = str(exc)
-    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    message = describe_exception(exc)
     # muxgate.backends is optional here (and must not be imported eagerly):
     # match its errors by name anywhere in the class hierarchy.
     if is_backend_error(exc):

@@ -19,6 +19,7 @@ from muxgate.replicas._context import current_replica, current_request
 __all__ = [
     "FORMAT",
     "ReplicaContextFilter",
+    "describe_exception",
     "install_replica_logging",
     "mark_traceback_logged",
     "traceback_logged",
@@ -39,6 +40,13 @@ def mark_traceback_logged(exc: BaseException) -> None:
 def traceback_logged(exc: BaseException) -> bool:
     """Whether ``mark_traceback_logged(exc)`` was called."""
     return getattr(exc, _LOGGED, False) is True
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message``, or ``Type`` alone when the message is empty
+    (``SystemExit()``, ``KeyboardInterrupt()``)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 FORMAT = (
     "%(levelname)s %(asctime)s %(deployment)s %(replica_id)s %(request_id)s "

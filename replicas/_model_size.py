@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from muxgate.replicas._logging import describe_exception
+
 __all__ = ["NBYTES_HOOK", "model_nbytes", "release_device_memory"]
 
 _log = logging.getLogger("muxgate.replicas")
@@ -57,8 +59,7 @@ def _call(measure: Callable[[Any], object], model: object, source: str) -> objec
     try:
         return measure(model)
     except (SystemExit, KeyboardInterrupt) as exc:
-        detail = f": {exc}" if str(exc) else ""
-        raise TypeError(f"{source} raised {type(exc).__name__}{detail}.") from exc
+        raise TypeError(f"{source} raised {describe_exception(exc)}.") from exc
 
 
 def _checked(value: object, source: str) -> int:

@@ -50,6 +50,7 @@ from muxgate.replicas._loader_thread import (
     loader_thread,
     run_on,
 )
+from muxgate.replicas._logging import describe_exception
 
 __all__ = [
     "EVENT_LOG_SIZE",
@@ -383,8 +384,7 @@ class LoaderExitError(Exception):
 
 
 def _exit_error(exc: BaseException, model_id: str) -> LoaderExitError:
-    detail = f": {exc}" if str(exc) else ""
-    return LoaderExitError(f"The loader of model '{model_id}' raised {type(exc).__name__}{detail}.")
+    return LoaderExitError(f"The loader of model '{model_id}' raised {describe_exception(exc)}.")
 
 
 async def _call_async(func: Callable[..., Any], *args: Any) -> Any:

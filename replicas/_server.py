@@ -55,7 +55,7 @@ from muxgate.replicas._drain_fence import DrainFence
 from muxgate.replicas._handle import aclose_handle_clients, set_handle_defaults
 from muxgate.replicas._handshake import HandshakeGate
 from muxgate.replicas._loader_thread import loader_thread
-from muxgate.replicas._logging import install_replica_logging
+from muxgate.replicas._logging import describe_exception, install_replica_logging
 from muxgate.replicas._model_control import preload_models
 from muxgate.replicas._multiplex import configure_model_caches
 from muxgate.replicas._replica import Replica
@@ -333,8 +333,7 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             _log.exception("Starting %s failed.", spec.import_path)
             where = failure_location(exc)
             at = f" (at {where})" if where else f" ({doing})"
-            detail = f": {exc}" if str(exc) else ""
-            return failed(_one_line(f"{type(exc).__name__}{detail}{at}"))
+            return failed(_one_line(f"{describe_exception(exc)}{at}"))
         if not done:
             return failed(f"stopped during start-up ({starter.reason})")
         try:

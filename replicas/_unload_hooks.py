@@ -12,6 +12,8 @@ from typing import Any
 
 import anyio.to_thread
 
+from muxgate.replicas._logging import describe_exception
+
 __all__ = ["UnloadHookExitError", "run_unload_hook"]
 
 _log = logging.getLogger("muxgate.replicas")
@@ -63,9 +65,8 @@ async def run_unload_hook(model: object) -> None:
     except (Exception, asyncio.CancelledError):
         raise
     except BaseException as exc:
-        detail = f": {exc}" if str(exc) else ""
         raise UnloadHookExitError(
-            f"The unload hook of {type(model).__qualname__} raised {type(exc).__name__}{detail}."
+            f"The unload hook of {type(model).__qualname__} raised {describe_exception(exc)}."
         ) from exc
 
 
