@@ -30,6 +30,19 @@ it does not bound is added here, in ``EdgeProtocol``, a subclass of its
 The time to receive the body is the front end's (``_frontend``), as it is
 bounded by the request's deadline too.
 
+**Upgrade** (``Connection: upgrade`` with ``Upgrade: websocket``, ``h2c``
+or anything else): the gateway speaks HTTP/1.1 only, so it ignores the
+header, as RFC 9110 section 7.8 lets a server, and serves the request; the
+connection stays HTTP/1.1. httptools treats everything after such a head as
+the new protocol's bytes (the body too), and uvicorn dropped them and logged
+two warnings per request, one advising to install a websocket library: a
+client could flood the log, lost its body and any request pipelined behind.
+Here the bytes after the head are parsed on: a body declared by
+``content-length`` or ``transfer-encoding`` is read through a head made up
+for it (``_continue_body``), whose callbacks are ignored. Nothing is logged.
+``CONNECT`` (a proxy's tunnel: a 2xx would tell the client its tunnel is
+open) is refused with 400 ``bad_request``.
+
 ``uvicorn_server`` runs the server on the caller's loop and stops it
 gracefully: it stops accepting (the listening socket is closed), closes idle
 connections, lets requests in flight run for the grace period
@@ -76,6 +89,14 @@ LINGER_S = 1.0
 
 class _TooManyHeaders(Exception):
     pass
+
+
+class _Connect(Exception):
+    pass
+
+
+#: the method of a proxy tunnel, which the gateway does not serve
+_CONNECT = b"CONNECT"
 
 
 class Edge:
@@ -133,6 +154,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_fields = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: input is dropped until the close
+        self._made_up_head = False  # parsing _continue_body's head: no callbacks
 
     # -- connections ---------------------------------------------------------------
 
@@ -204,20 +226,50 @@ class EdgeProtocol(HttpToolsProtocol):
                     ErrorCode.HEADERS_TOO_LARGE,
                     f"more than {self.edge.limits.max_headers} request headers",
                 )
+            elif isinstance(exc.__context__, _Connect):
+                self.edge.count("connect")
+                self._refuse(
+                    400,
+                    ErrorCode.BAD_REQUEST,
+                    "CONNECT is not served: the gateway is not a proxy",
+                )
             else:
                 self._bad_request()
             return False
-        except httptools.HttpParserUpgrade:
-            # As uvicorn: no websockets in the gateway.
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-            return False
+        except httptools.HttpParserUpgrade as exc:
+            # The upgrade is ignored: what follows the head is still HTTP/1.1.
+            rest = data[exc.args[0] :]
+            self._continue_body()
+            return not rest or self._feed(rest)
         except httptools.HttpParserError:
             self._bad_request()
             return False
         return True
+
+    def _continue_body(self) -> None:
+        """Make the parser read the body of the request whose upgrade it
+        skipped (it has called the request complete, with no body).
+
+        The parser is ready for a new request; a head declaring the same
+        body is fed to it with every callback ignored, so what comes next is
+        parsed as the body of the request already under way."""
+        framing = None
+        for name, value in self.headers:
+            if name == b"transfer-encoding":  # the parser checked it ends in chunked
+                framing = b"transfer-encoding: chunked"
+                break
+            if name == b"content-length" and value.strip() not in (b"", b"0"):
+                framing = b"content-length: " + value.strip()
+        if framing is None:
+            return
+        self._made_up_head = True
+        try:
+            self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+        finally:
+            self._made_up_head = False
+        self._in_head = False
+        self.cycle.more_body = True
+        self.cycle.message_event.clear()
 
     def _bad_request(self) -> None:
         # In the JSON error contract with the ids every answer carries
@@ -227,18 +279,30 @@ class EdgeProtocol(HttpToolsProtocol):
         self._refuse(400, ErrorCode.BAD_REQUEST, "malformed HTTP request")
 
     def on_message_begin(self) -> None:
+        if self._made_up_head:
+            return
         super().on_message_begin()
         self._head_begun = True
         if self._head_timer is None:
             self._arm_head_timer()
 
+    def on_url(self, url: bytes) -> None:
+        if not self._made_up_head:
+            super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._made_up_head:
+            return
         self._head_fields += 1
         if self._head_fields > self.edge.limits.max_headers:
             raise _TooManyHeaders
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._made_up_head:
+            return
+        if self.parser.get_method() == _CONNECT:
+            raise _Connect
         self._cancel_head_timer()
         self._in_head = self._head_begun = False
         self._head_bytes = self._head_fields = 0
@@ -347,6 +411,8 @@ async def uvicorn_server(
         log_config=None,
         access_log=False,
         proxy_headers=False,
+        # No websockets: an upgrade is ignored whatever is installed.
+        ws="none",
         # uvicorn types these as int; the loop's timers take any float.
         timeout_keep_alive=cast(int, http.limits.keep_alive_timeout_s),
         timeout_graceful_shutdown=math.ceil(grace_s) + _BACKSTOP_S,

@@ -8,9 +8,10 @@ What ``__call__`` does depends on the path below the route prefix:
 * ``/slow?s=SECONDS``: sleep, then answer (requests that stay in flight);
 * ``/raise``: raise ``ValueError`` (the gateway must answer 500 and the
   replica keep serving);
+* ``/body``: answer the request's body as it arrived;
 * anything else: answer at once.
 
-Every answer is ``{"model", "method", "replica", "pid", "path", "body_len", "greeting"}``.
+Every other answer is ``{"model", "method", "replica", "pid", "path", "body_len", "greeting"}``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def _make(limit: int, name: str = "", **options: Any) -> type:
                 return Response(b"", status_code=int(request.query_params.get("s", "200")))
             if request.path == "/own-ids":  # headers only the gateway may set
                 return Response(b"", headers={"x-request-id": "mine", "x-muxgate-replica": "me"})
+            if request.path == "/body":  # the body as it arrived
+                return Response(await request.body(), media_type="application/octet-stream")
             if request.path == "/slow":
                 await asyncio.sleep(float(request.query_params.get("s", "1")))
             elif request.path == "/raise":
