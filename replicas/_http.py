@@ -286,9 +286,11 @@ def _encode_content(content: Any) -> tuple[str, bytes]:
         if isinstance(content, dict | list | tuple | msgspec.Struct):
             # The container is fine; something inside it is not JSON.
             inner = str(exc)
-            hint = " (call .tolist() on tensors and arrays)" if "Tensor" in inner or (
-                "ndarray" in inner
-            ) else ""
+            hint = (
+                " (call .tolist() on tensors and arrays)"
+                if "Tensor" in inner or ("ndarray" in inner)
+                else ""
+            )
             raise TypeError(f"Cannot encode the {kind} returned as JSON: {inner}{hint}.") from exc
         if inspect.iscoroutine(content):
             content.close()  # never awaited: no warning about it later

@@ -48,6 +48,7 @@ def describe_exception(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
+
 FORMAT = (
     "%(levelname)s %(asctime)s %(deployment)s %(replica_id)s %(request_id)s "
     "%(filename)s:%(lineno)d - %(message)s"

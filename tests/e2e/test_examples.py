@@ -157,10 +157,11 @@ def test_a_model_root_that_does_not_exist_is_named_at_start(
     Model(str(missing))
     Model(missing.as_uri())
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [
+    warning = (
         f"Model root {missing} does not exist: every model will be 404 model_not_found"
         f" (python examples/make_models.py {missing} writes models there)."
-    ] * 2
+    )
+    assert warnings == [warning, warning]
     caplog.clear()
     Model(str(tmp_path))
     Model("s3://bucket/models")

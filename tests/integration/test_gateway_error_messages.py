@@ -106,7 +106,5 @@ async def test_an_admin_load_fails_as_a_request_for_the_model_would(tmp_path: Pa
                 request.status_code,
                 request.json()["error"]["code"],
             )
-            assert load.json()["error"]["code"] == {
-                "a/../../x": "bad_model_id",
-                "missing": "model_not_found",
-            }[model_id]
+            expected = {"a/../../x": "bad_model_id", "missing": "model_not_found"}[model_id]
+            assert load.json()["error"]["code"] == expected
