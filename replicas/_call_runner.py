@@ -9,7 +9,9 @@ deadline is *abandoned* (its task moves on, no reply), the thread runs to
 its end, still holding a worker-thread token (so at most
 ``max_ongoing_requests`` threads ever run), and the model pins it took are
 released when it returns, not before (a model is never unloaded under a
-running thread).
+running thread). Handle calls the thread makes run on the replica's loop,
+and those it waits for in ``result()`` are cancelled when the call is
+abandoned (:mod:`muxgate.replicas._handle_loops`).
 
 The replica (:mod:`muxgate.replicas._replica`) decides whether a call runs
 (slots, draining) and sends the outcome back.
@@ -17,6 +19,7 @@ The replica (:mod:`muxgate.replicas._replica`) decides whether a call runs
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
@@ -40,6 +43,7 @@ from muxgate.replicas._call_errors import (
 from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._context import current_request, request_scope
 from muxgate.replicas._handle import call_deadline
+from muxgate.replicas._handle_loops import SyncCalls
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._loader_thread import is_async_callable
 from muxgate.replicas._logging import traceback_logged
@@ -213,8 +217,11 @@ class CallRunner:
         request_id = request.request_id if request is not None else ""
         model_id = request.multiplexed_model_id if request is not None else ""
 
+        # Handle calls the thread makes run on this loop (remote() in sync code).
+        calls = SyncCalls(asyncio.get_running_loop())
+
         def work() -> Any:
-            with request_scope(request_id, model_id):
+            with request_scope(request_id, model_id), calls.bound():
                 return func()
 
         ctx = contextvars.copy_context()
@@ -236,7 +243,13 @@ class CallRunner:
                 done.set()
 
         self.task_group.start_soon(hold)
-        await done.wait()
+        try:
+            await done.wait()
+        except BaseException:
+            # Abandoned: the thread runs on, but the handle calls it waits for
+            # are cancelled, as those an async method awaits would be.
+            calls.abandon()
+            raise
         if not outcome:  # the helper was cancelled: the replica is stopping
             raise anyio.get_cancelled_exc_class()
         ok, value = outcome[0]

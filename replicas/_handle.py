@@ -35,6 +35,11 @@ caller's context taken at that moment: the trace context (``traceparent``)
 and the deadline of the request being served are the caller's even when the
 response is awaited elsewhere, later, or never.
 
+Sync code: ``remote()`` needs no running loop. With none in the calling
+thread the task runs on the replica's loop (a sync deployment method) or on
+a private background loop (anywhere else), see
+:mod:`muxgate.replicas._handle_loops`; ``response.result()`` blocks for it.
+
 Transport: one pooled keep-alive ``httpx.AsyncClient`` per event loop and
 process, created on first use, so a call costs one HTTP round trip on a warm
 connection.
@@ -43,18 +48,26 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import os
 import time
-import weakref
-from collections.abc import Generator, Iterator
+from collections.abc import Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from opentelemetry import context as otel_context
 
 from muxgate.replicas._codes import ErrorCode
+from muxgate.replicas._handle_loops import (
+    SyncCalls,
+    aclose_handle_clients,
+    client,
+    loop_for_sync_caller,
+    running_loop,
+    sync_calls,
+)
 from muxgate.replicas._propagation import inject_traceparent
 from muxgate.replicas._tracing import tracing_active
 
@@ -192,11 +205,6 @@ class _Defaults:
 
 
 _defaults = _Defaults()
-# One client per event loop: an httpx client's connections belong to the loop
-# that opened them. Weak keys, so a closed and dropped loop takes its entry along.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def set_handle_defaults(gateway_url: str | None, token: str | None = None) -> None:
@@ -204,34 +212,6 @@ def set_handle_defaults(gateway_url: str | None, token: str | None = None) -> No
     with the URL and admin token of the gateway that started the replica)."""
     _defaults.url = gateway_url.rstrip("/") if gateway_url else None
     _defaults.token = token or None
-
-
-def _client() -> httpx.AsyncClient:
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None or client.is_closed:
-        import httpx  # imported on first use: replicas that never call out skip it
-
-        client = httpx.AsyncClient(
-            # No overall timeout: the gateway enforces each call's deadline
-            # and answers 504; only connecting is bounded here.
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            trust_env=False,
-        )
-        _clients[loop] = client
-    return client
-
-
-async def aclose_handle_clients() -> None:
-    """Close this event loop's handle connections (harmless when there are none).
-
-    Handles keep working afterwards: the next call opens a new client.
-    """
-    loop = asyncio.get_running_loop()
-    client = _clients.pop(loop, None)
-    if client is not None:
-        await client.aclose()
 
 
 # -- deadlines ------------------------------------------------------------------
@@ -297,11 +277,12 @@ class DeploymentResponse:
     """The result of a handle call, returned at once by ``remote()`` while the
     call runs (Ray Serve's ``DeploymentResponse``).
 
-    ``await response`` returns the method's result or raises the call's
-    :class:`HandleError`; awaiting again returns the same result (or raises
-    the same error) without calling again. Pass a response as a top-level
-    positional or keyword argument to another ``remote()`` call and that call
-    waits for its value and sends the value.
+    ``await response`` (async code) or ``response.result()`` (sync code)
+    returns the method's result or raises the call's :class:`HandleError`;
+    doing so again returns the same result (or raises the same error)
+    without calling again. Pass a response as a top-level positional or
+    keyword argument to another ``remote()`` call and that call waits for
+    its value and sends the value.
 
     Cancellation: ``cancel()`` cancels the call (the gateway and the replica
     see the client go away), and awaiting it then raises
@@ -312,16 +293,20 @@ class DeploymentResponse:
     Made by ``DeploymentHandle.remote``, not directly.
     """
 
-    __slots__ = ("_cancel_requested", "_target", "_task")
+    __slots__ = ("_cancel_requested", "_loop", "_target", "_task")
 
-    def __init__(self, task: asyncio.Task[Any], target: str) -> None:
+    def __init__(
+        self, task: asyncio.Task[Any] | None, target: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        # None until _start() runs on ``loop`` (remote() called from sync code).
         self._task = task
+        self._loop = loop
         self._target = target
         self._cancel_requested = False
 
     def __repr__(self) -> str:
         task = self._task
-        if not task.done():
+        if task is None or not task.done():
             state = "pending"
         elif task.cancelled():
             state = "cancelled"
@@ -331,6 +316,12 @@ class DeploymentResponse:
             state = "done"
         return f"<DeploymentResponse {self._target} {state}>"
 
+    def _start(self, call: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+        # On self._loop, before anything else there sees this response: the
+        # loop runs callbacks in order, and whoever got the response from the
+        # sync caller got it after remote() scheduled this.
+        self._task = _start_call(self._loop, call, context)
+
     def cancel(self) -> None:
         """Cancel the call (nothing happens once it has finished)."""
         # Once: each Task.cancel() interrupts the task again, including the
@@ -338,19 +329,85 @@ class DeploymentResponse:
         # gateway never sees the caller go away.
         if not self._cancel_requested:
             self._cancel_requested = True
-            self._task.cancel()
+            if running_loop() is self._loop:
+                self._cancel_task()
+            else:
+                self._loop.call_soon_threadsafe(self._cancel_task)
+
+    def _cancel_task(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._result(cancel_with_awaiter=True).__await__()
 
+    def result(self, *, timeout_s: float | None = None) -> Any:
+        """Wait for the call in sync code and return its result (Ray Serve's
+        ``DeploymentResponse.result``).
+
+        Args:
+            timeout_s: wait at most this long (default: until the call ends,
+                which its own deadline bounds). Giving up waiting does not
+                cancel the call: ``result()`` again may still get its value.
+
+        Raises:
+            HandleError: (a subclass by status) the call failed, as ``await``.
+            TimeoutError: no result within ``timeout_s``.
+            RuntimeError: an event loop runs in this thread (use ``await``).
+            ValueError: ``timeout_s`` is negative.
+        """
+        if timeout_s is not None and not timeout_s >= 0:
+            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
+        if running_loop() is not None:
+            # Blocking here would stall this loop, and with it the call if
+            # it runs on this loop: a deadlock.
+            raise RuntimeError(
+                "DeploymentResponse.result() blocks, and this thread runs an event "
+                "loop: use `await response` in async code"
+            )
+        calls = sync_calls()
+        waiter = asyncio.run_coroutine_threadsafe(
+            self._wait(calls if calls is not None and calls.loop is self._loop else None),
+            self._loop,
+        )
+        try:
+            return waiter.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            waiter.cancel()  # stop waiting; the call goes on
+            raise TimeoutError(
+                f"no result from {self._target} within {timeout_s} s (the call goes on)"
+            ) from None
+
+    async def _wait(self, calls: SyncCalls | None) -> Any:
+        # result() waits here, on self._loop.
+        if calls is None:
+            return await self._result(cancel_with_awaiter=False)
+        if calls.abandoned:
+            self.cancel()  # the request this thread serves is gone
+        calls.waiting.add(self)
+        try:
+            return await self._result(cancel_with_awaiter=False)
+        finally:
+            calls.waiting.discard(self)
+
     async def _result(self, *, cancel_with_awaiter: bool) -> Any:
+        if self._loop is not asyncio.get_running_loop():
+            # Made by sync code (its call runs on another thread's loop):
+            # wait there. Cancelling this wait cancels the one there.
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(
+                    self._result(cancel_with_awaiter=cancel_with_awaiter), self._loop
+                )
+            )
+        task = self._task
+        assert task is not None  # see _start
         try:
             # Shielded, because an awaiting task may be cancelled many times
             # (anyio's cancel scopes repeat it until the task yields); the
             # call is cancelled once, below.
-            return await asyncio.shield(self._task)
+            return await asyncio.shield(task)
         except asyncio.CancelledError:
-            if self._task.cancelled() and not _awaiter_cancelled():
+            if task.cancelled() and not _awaiter_cancelled():
                 # The call was cancelled, the awaiting task was not: a
                 # CancelledError escaping into it would look like its own
                 # cancellation (anyio and TaskGroup would treat it so).
@@ -362,6 +419,19 @@ class DeploymentResponse:
             if cancel_with_awaiter:
                 self.cancel()
             raise
+
+
+def _start_call(
+    loop: asyncio.AbstractEventLoop,
+    call: Coroutine[Any, Any, Any],
+    context: contextvars.Context | None = None,
+) -> asyncio.Task[Any]:
+    # The task runs in a copy of the context of remote()'s caller: its trace
+    # context and request deadline go with the call.
+    task = loop.create_task(call, context=context)
+    _in_flight.add(task)
+    task.add_done_callback(_call_finished)
+    return task
 
 
 async def _resolve(value: Any) -> Any:
@@ -379,7 +449,8 @@ class DeploymentHandle:
     """Calls one deployment through its gateway; get one with
     :func:`get_deployment_handle`.
 
-    ``await handle.remote(*args, **kwargs)`` calls ``__call__``;
+    ``await handle.remote(*args, **kwargs)`` calls ``__call__`` (in sync
+    code: ``handle.remote(...).result()``);
     ``await handle.other.remote(...)`` calls the method ``other``;
     ``handle.options(multiplexed_model_id="2")`` returns a new handle whose
     calls carry model id "2" (the original is unchanged). Handles are
@@ -390,7 +461,7 @@ class DeploymentHandle:
     starting with ``_``; call those with ``options(method_name=...)``
     (methods starting with ``_`` are private and cannot be called at all).
 
-    Raises (from awaiting a response):
+    Raises (from awaiting a response, or its ``result()``):
         HandleError: (a subclass by status) the call failed; see its
             ``status``, ``code``, ``message`` and ``request_id``.
         TypeError: an argument is not a MessagePack value (nothing is sent).
@@ -488,22 +559,25 @@ class DeploymentHandle:
         only, positional or keyword) are replaced by their results before
         the call is sent.
 
-        Raises:
-            RuntimeError: no event loop runs in this thread (call it from
-                async code).
+        The call runs on the event loop running in this thread; in sync code
+        (no loop runs here), on the replica's loop inside a sync deployment
+        method, else on a private loop in a background thread.
         """
+        loop = running_loop()
+        if loop is not None:
+            # create_task copies the current context here, at remote() time.
+            return DeploymentResponse(
+                _start_call(loop, self._call(args, kwargs)), self._target(), loop
+            )
+        loop = loop_for_sync_caller()
+        response = DeploymentResponse(None, self._target(), loop)
+        call = self._call(args, kwargs)
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                "DeploymentHandle.remote() needs a running event loop: call it from async code"
-            ) from None
-        # create_task copies the current context here, at remote() time: the
-        # caller's trace context and request deadline go with the call.
-        task = loop.create_task(self._call(args, kwargs))
-        _in_flight.add(task)
-        task.add_done_callback(_call_finished)
-        return DeploymentResponse(task, self._target())
+            loop.call_soon_threadsafe(response._start, call, contextvars.copy_context())
+        except RuntimeError:  # the loop is closed (the replica is stopping)
+            call.close()
+            raise
+        return response
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if any(isinstance(v, DeploymentResponse) for v in (*args, *kwargs.values())):
@@ -533,7 +607,7 @@ class DeploymentHandle:
         import httpx
 
         try:
-            response = await _client().post(self._url, content=content, headers=headers)
+            response = await client().post(self._url, content=content, headers=headers)
         except httpx.TransportError as exc:
             raise HandleUnavailableError(
                 ErrorCode.GATEWAY_UNREACHABLE.status,

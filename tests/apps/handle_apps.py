@@ -3,6 +3,7 @@
 ``Down`` is multiplexed and reports the model id it sees; ``Up`` holds a
 handle to ``Down`` (made in ``__init__``, inside its replica, with no URL:
 the gateway passed its own) and calls it with a different model id.
+``SyncUp`` does the same from plain ``def`` methods, with ``result()``.
 
 ``Down.hold`` connects to a TCP port the test listens on, sends its name and
 returns once the test answers, so the test (another process) sees the call
@@ -13,6 +14,7 @@ cancelled.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import anyio
@@ -124,3 +126,42 @@ class Up:
                 "message": exc.message,
             }
         return {}
+
+
+@deployment
+class SyncUp:
+    """Plain ``def`` methods (worker threads of the replica) calling Down."""
+
+    def __init__(self) -> None:
+        self.down = get_deployment_handle("Down")
+
+    def compose(self, down_model: str) -> dict[str, Any]:
+        downstream = self.down.options(multiplexed_model_id=down_model).remote("from-sync", k=1)
+        return {
+            "downstream": downstream.result(),
+            "upstream": get_multiplexed_model_id(),
+            "worker_thread": threading.current_thread() is not threading.main_thread(),
+        }
+
+    def chain(self, a: int) -> int:
+        """Responses started here and passed on, without waiting for the first."""
+        first = self.down.add.remote(a, b=1)
+        return self.down.add.remote(first, b=first).result()  # type: ignore[no-any-return]
+
+    def relay_budget(self) -> float | None:
+        return self.down.budget.remote().result()  # type: ignore[no-any-return]
+
+    def call_failing(self, method: str, *args: Any) -> dict[str, Any]:
+        try:
+            self.down.options(method_name=method).remote(*args).result()
+        except HandleError as exc:
+            return {"type": type(exc).__name__, "status": exc.status, "code": exc.code}
+        return {}
+
+    def hold(self, port: int, name: str) -> Any:
+        """Waits for a held Down call (cancelled if this request is abandoned)."""
+        return self.down.hold.remote(port, name).result()
+
+    async def result_in_async(self) -> Any:
+        """``result()`` where ``await`` belongs: the RuntimeError, not a deadlock."""
+        return self.down.add.remote(1).result()

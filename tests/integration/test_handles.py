@@ -245,12 +245,6 @@ async def test_unawaited_failed_response_is_not_reported(
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
-def test_remote_needs_a_running_loop() -> None:
-    handle = DeploymentHandle("Down", gateway_url="http://127.0.0.1:1")
-    with pytest.raises(RuntimeError, match="running event loop"):
-        handle.remote()
-
-
 async def test_composition_model_id_is_not_inherited(gateway: Gateway) -> None:
     """Upstream serving "foo" calls downstream with "bar": each sees its own."""
     up = get_deployment_handle("Up", gateway.url).options(multiplexed_model_id="foo")

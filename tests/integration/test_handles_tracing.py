@@ -3,7 +3,8 @@
 A gateway exporting to a real OTLP/HTTP receiver serves ``Down`` and ``Up``;
 spans from the gateway (this process) and both replicas must form one trace:
 incoming traceparent -> server span -> (route) -> replica span, and for
-composition: Up's replica span -> handle call's server span -> Down's replica span.
+composition: Up's replica span -> handle call's server span -> Down's replica span,
+and the same from ``SyncUp``'s plain ``def`` method (a worker thread).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ async def test_server_span_and_traces_across_handles() -> None:
             "deployments": [
                 {"name": "Down", "import_path": "handle_apps:Down", "route_prefix": "/down"},
                 {"name": "Up", "import_path": "handle_apps:Up", "route_prefix": "/up"},
+                {"name": "SyncUp", "import_path": "handle_apps:SyncUp", "route_prefix": "/sync"},
             ],
         }
         async with running_gateway(config) as gw:
@@ -58,11 +60,15 @@ async def test_server_span_and_traces_across_handles() -> None:
                 caller_trace = format(caller.get_span_context().trace_id, "032x")
                 up = get_deployment_handle("Up", gw.url).options(multiplexed_model_id="foo")
                 assert (await up.compose.remote("bar"))["downstream"]["model_id"] == "bar"
+            with trace.get_tracer("test").start_as_current_span("sync caller") as caller:
+                sync_trace = format(caller.get_span_context().trace_id, "032x")
+                sync_up = get_deployment_handle("SyncUp", gw.url)
+                assert (await sync_up.compose.remote("baz"))["downstream"]["model_id"] == "baz"
             await aclose_handle_clients()
         # Leaving the gateway shut its tracing down (flushed) and stopped the
         # replicas, which flush theirs as they exit.
         spans = receiver.wait_for(
-            lambda spans: sum(s.name == "muxgate.replica.handle" for s in spans) >= 4
+            lambda spans: sum(s.name == "muxgate.replica.handle" for s in spans) >= 6
         )
 
     http_span = next(s for s in spans if s.name == "POST /down")
@@ -81,16 +87,19 @@ async def test_server_span_and_traces_across_handles() -> None:
     assert "POST /down" in _ancestors(replica_span, spans)
 
     # Composition: caller -> handle server span (Up) -> Up's replica span ->
-    # handle server span (Down) -> Down's replica span, all one trace.
-    in_trace = [s for s in spans if s.trace_id == caller_trace]
-    down_calls = [
-        s
-        for s in in_trace
-        if s.name == "muxgate.replica.handle" and s.attributes.get("muxgate.deployment") == "Down"
-    ]
-    assert down_calls, sorted(s.name for s in in_trace)
-    chain = _ancestors(down_calls[0], in_trace)
-    handle_spans = [n for n in chain if n == "POST /-/handles/{deployment}/{method}"]
-    assert len(handle_spans) == 2, chain
-    assert "muxgate.replica.handle" in chain
-    assert chain[-1] == "caller"
+    # handle server span (Down) -> Down's replica span, all one trace; the
+    # same when Up's method is sync (its call leaves from a worker thread).
+    for trace_id, top in ((caller_trace, "caller"), (sync_trace, "sync caller")):
+        in_trace = [s for s in spans if s.trace_id == trace_id]
+        down_calls = [
+            s
+            for s in in_trace
+            if s.name == "muxgate.replica.handle"
+            and s.attributes.get("muxgate.deployment") == "Down"
+        ]
+        assert down_calls, sorted(s.name for s in in_trace)
+        chain = _ancestors(down_calls[0], in_trace)
+        handle_spans = [n for n in chain if n == "POST /-/handles/{deployment}/{method}"]
+        assert len(handle_spans) == 2, chain
+        assert "muxgate.replica.handle" in chain
+        assert chain[-1] == top
