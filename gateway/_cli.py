@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from typing import cast
 
+from muxgate.gateway._cli_args import log_level_arg, port_arg
+
 __all__ = ["main"]
 
 #: where ``muxgate status`` looks without a URL (``http:`` of the default config)
@@ -44,11 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"muxgate {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the gateway and its replicas in the foreground")
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway and its replicas in the foreground",
+        description="Run the gateway and its replicas in the foreground until Ctrl-C or"
+        " SIGTERM (requests in flight get a grace period; a second signal stops at once)."
+        " The status page is at /-/ of the URL it prints.",
+    )
     serve.add_argument("config", help="application config (app.yaml, or .toml)")
     serve.add_argument("--host", default=None, help="override http.host")
-    serve.add_argument("--port", type=int, default=None, help="override http.port (0: any)")
-    serve.add_argument("--log-level", default="INFO", help="gateway log level (default INFO)")
+    serve.add_argument("--port", type=port_arg, default=None, help="override http.port (0: any)")
+    serve.add_argument(
+        "--log-level", type=log_level_arg, default="INFO", help="gateway log level (default INFO)"
+    )
     check = sub.add_parser(
         "check",
         help="validate a config and import every deployment's class (in a separate process)",
@@ -78,9 +88,7 @@ def _serve(config_path: str, host: str | None, port: int | None, log_level: str)
     from muxgate.gateway._errors import ConfigError
     from muxgate.gateway._serve import run
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(levelname)s %(asctime)s %(name)s - %(message)s"
-    )
+    logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s %(name)s - %(message)s")
     try:
         config = load_config(config_path)
     except ConfigError as exc:

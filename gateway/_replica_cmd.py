@@ -56,7 +56,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     replica.add_argument(
         "--gateway-url", default=None, help="base URL of a gateway, for deployment handles"
     )
-    replica.add_argument("--log-level", default="INFO", help="replica log level (default INFO)")
+    from muxgate.gateway._cli_args import log_level_arg
+
+    replica.add_argument(
+        "--log-level", type=log_level_arg, default="INFO", help="replica log level (default INFO)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -407,6 +407,43 @@ def test_serve_on_a_port_in_use_says_how_to_choose_another(tmp_path: Path) -> No
     )
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "value", "message"),
+    [
+        ("serve", "--port", "99999", "'99999' is not a port: 0..65535 (0: any free one)"),
+        ("serve", "--port", "http", "'http' is not a port: 0..65535 (0: any free one)"),
+        (
+            "serve",
+            "--log-level",
+            "verbose",
+            "'verbose' is not a log level: DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        (
+            "replica",
+            "--log-level",
+            "loud",
+            "'loud' is not a log level: DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+    ],
+)
+def test_a_bad_port_or_log_level_is_a_usage_error_naming_it(
+    tmp_path: Path, command: str, option: str, value: str, message: str
+) -> None:
+    """Not a traceback from bind() or logging once the gateway is half up."""
+    config = _app(tmp_path, {"name": "Fine", "import_path": "broken_apps:Fine"})
+    args = [command, str(config), option, value]
+    if command == "replica":
+        args += ["--deployment", "Fine", "--listen", "tcp:127.0.0.1:0", "--name", "r1"]
+    result = _muxgate(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1].endswith(f"error: argument {option}: {message}")
+    ), result.stderr
+    # Any case is a level.
+    assert _muxgate(command, "--log-level", "debug", "--help").returncode == 0
+
+
 def test_serve_imports_deployments_that_start_without_replicas(tmp_path: Path) -> None:
     scale_to_zero = {"min_replicas": 0, "max_replicas": 1}
     broken = _app(
