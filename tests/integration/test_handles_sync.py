@@ -231,3 +231,28 @@ async def test_plain_script(gateway: Gateway) -> None:
         )
     assert (proc.returncode, proc.stderr.decode()) == (0, "")
     assert proc.stdout.decode().strip() == "42"
+
+
+async def test_forked_script_gets_its_own_background_loop(gateway: Gateway) -> None:
+    """A child forked after a call inherits the loop but not its thread: its
+    calls start a loop of their own instead of waiting forever."""
+    script = textwrap.dedent(
+        """
+        import os
+        from muxgate.replicas import get_deployment_handle
+
+        down = get_deployment_handle("Down")
+        print(down.add.remote(1).result(timeout_s=10), flush=True)
+        pid = os.fork()
+        if pid == 0:
+            print(down.add.remote(2).result(timeout_s=10), flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(down.add.remote(3).result(timeout_s=10), os.waitstatus_to_exitcode(status))
+        """
+    )
+    env = {**os.environ, "MUXGATE_GATEWAY_URL": gateway.url}
+    with anyio.fail_after(60):
+        proc = await anyio.run_process([sys.executable, "-c", script], env=env, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split("\n") == ["1", "2", "3 0", ""]
