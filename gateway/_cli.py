@@ -57,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="override http.host")
     serve.add_argument("--port", type=port_arg, default=None, help="override http.port (0: any)")
     serve.add_argument(
-        "--log-level", type=log_level_arg, default="INFO", help="gateway log level (default INFO)"
+        "--log-level",
+        type=log_level_arg,
+        default="INFO",
+        help="log level of the gateway and its replicas (default INFO)",
     )
     check = sub.add_parser(
         "check",
@@ -106,7 +109,7 @@ def _serve(config_path: str, host: str | None, port: int | None, log_level: str)
         print(f"muxgate: deployment {name!r} cannot start: {problem}", file=sys.stderr)
     if failed:
         return 1
-    code: int = run(config, host=host, port=port)
+    code: int = run(config, host=host, port=port, replica_log_level=log_level)
     return code
 
 

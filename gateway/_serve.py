@@ -417,18 +417,29 @@ async def serve(
         yield gateway.url
 
 
-def run(config: AppConfig, *, host: str | None = None, port: int | None = None) -> int:
-    """Serve in the foreground until SIGINT or SIGTERM; return the exit code."""
+def run(
+    config: AppConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    replica_log_level: str = "INFO",
+) -> int:
+    """Serve in the foreground until SIGINT or SIGTERM; return the exit code.
+
+    ``replica_log_level``: the root log level inside the replicas (``muxgate
+    serve --log-level`` sets the gateway's and this)."""
     loop_factory: Any = None
     with contextlib.suppress(ImportError):
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_run(config, host=host, port=port))
+        return runner.run(_run(config, host=host, port=port, replica_log_level=replica_log_level))
 
 
-async def _run(config: AppConfig, *, host: str | None, port: int | None) -> int:
+async def _run(
+    config: AppConfig, *, host: str | None, port: int | None, replica_log_level: str
+) -> int:
     # A signal while replicas start cancels the start; once serving, it
     # starts the graceful shutdown (stop accepting, let requests in flight
     # finish within http.shutdown_grace_s, then stop the replicas). A second
@@ -464,7 +475,9 @@ async def _run(config: AppConfig, *, host: str | None, port: int | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        async with start_gateway(config, host=host, port=port, fail_fast=True) as gateway:
+        async with start_gateway(
+            config, host=host, port=port, fail_fast=True, replica_log_level=replica_log_level
+        ) as gateway:
             serving.append(gateway)
             print(f"muxgate: serving on {gateway.url}", file=sys.stderr, flush=True)
             await stop.wait()

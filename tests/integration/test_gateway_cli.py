@@ -93,6 +93,10 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path: Path, sig: signal.Signal
         assert r.status_code == 200
         assert r.json()["model"] == "7"
         assert httpx.get(f"{url}/-/healthz", timeout=10).status_code == 200
+        # --log-level is the replicas' too: their INFO lines (written before
+        # the answer) are not there; test_sigterm... sees them at INFO.
+        assert "Loading model '7'." not in log.read_text()
+        assert "Replica ready" not in log.read_text()
         processes = descendants(proc.pid)  # 2 replicas, and the fork server if any
         assert len(processes) in (2, 3)
         proc.send_signal(sig)
@@ -507,6 +511,7 @@ def test_sigterm_lets_requests_finish_and_answers_the_rest_503(tmp_path: Path) -
         with httpx.Client(base_url=url, timeout=30) as client:
             # Keep-alive: the client's connection is open and idle at SIGTERM.
             assert client.get("/x", headers={MODEL: "1"}).status_code == 200
+            assert "Loading model '1'." in log.read_text()  # replicas log at INFO
 
             def slow(seconds: float, out: list[httpx.Response]) -> None:
                 out.append(client.get("/slow", params={"s": seconds}, headers={MODEL: "2"}))
