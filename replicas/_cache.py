@@ -46,7 +46,7 @@ from muxgate.replicas._cache_stats import (
 )
 from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._eviction import EvictionPolicy
-from muxgate.replicas._logging import mark_traceback_logged
+from muxgate.replicas._logging import OUTCOME, mark_traceback_logged
 from muxgate.replicas._lru import LRU
 from muxgate.replicas._model_size import model_nbytes, release_device_memory
 from muxgate.replicas._unload_hooks import run_unload_hook
@@ -480,6 +480,7 @@ class ModelCache(Generic[M]):
                     failed_after * 1e3,
                     f": {type(exc).__name__}." if outcome else ".",
                     exc_info=not outcome,
+                    extra={OUTCOME: "load_failed"} if outcome else None,
                 )
                 if not outcome:
                     mark_traceback_logged(exc)

@@ -46,7 +46,7 @@ from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._handle_loops import SyncCalls
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._loader_thread import is_async_callable
-from muxgate.replicas._logging import traceback_logged
+from muxgate.replicas._logging import OUTCOME, traceback_logged
 from muxgate.replicas._propagation import extract_context
 from muxgate.replicas._protocol import MAX_BODY_BYTES, Call, ErrorInfo
 from muxgate.replicas._spec import ReplicaSpec
@@ -144,9 +144,15 @@ class CallRunner:
             error = error_for(exc, http=call.http is not None)
             if error.code in EXPECTED_BACKEND_CODES:
                 # an outcome, not a bug: the full detail, no traceback
-                _log.warning("Request %s: %s: %s", call.request_id, type(exc).__name__, exc)
+                _log.warning(
+                    "Request %s: %s: %s",
+                    call.request_id,
+                    type(exc).__name__,
+                    exc,
+                    extra={OUTCOME: error.code},
+                )
             elif error.code in (ErrorCode.BAD_REQUEST, ErrorCode.MODEL_TOO_LARGE):
-                _log.warning("%s", error.message)
+                _log.warning("%s", error.message, extra={OUTCOME: error.code})
             elif traceback_logged(exc):
                 # the failed model load logged it, once for all its waiters
                 _log.error(

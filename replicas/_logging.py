@@ -12,12 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import TextIO
 
 from muxgate.replicas._context import current_replica, current_request
 
 __all__ = [
     "FORMAT",
+    "OUTCOME",
+    "OutcomeThrottle",
     "ReplicaContextFilter",
     "describe_exception",
     "install_replica_logging",
@@ -67,6 +72,66 @@ class ReplicaContextFilter(logging.Filter):
         return True
 
 
+#: the ``extra=`` key of a record a client's request caused (its value: the
+#: outcome, e.g. ``model_not_found``), which ``OutcomeThrottle`` bounds
+OUTCOME = "muxgate_outcome"
+
+
+class OutcomeThrottle(logging.Filter):
+    """Bounds the lines clients can cause: of the records marked with an
+    outcome (``extra={OUTCOME: "model_not_found"}``: an unknown model id, a
+    body that is not JSON, storage down), ``burst`` per outcome pass in each
+    ``interval_s``; the rest are counted, and the first one to pass after
+    them says how many were left out. Unmarked records always pass.
+
+    A client sending unknown ids or bad bodies as fast as it can makes at
+    most ``burst`` warnings a minute per outcome, not one or two a request.
+    """
+
+    def __init__(
+        self,
+        burst: int = 10,
+        interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.burst = burst
+        self.interval_s = interval_s
+        self._clock = clock
+        #: outcome -> [window start, passed in it, left out in it]
+        self._windows: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        left_out = {k: int(w[2]) for k, w in self._windows.items() if w[2]}
+        return f"<OutcomeThrottle {self.burst}/{self.interval_s:g}s left_out={left_out}>"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        outcome = getattr(record, OUTCOME, None)
+        if not isinstance(outcome, str):
+            return True
+        with self._lock:  # loader threads log too
+            now = self._clock()
+            window = self._windows.get(outcome)
+            if window is None or now - window[0] >= self.interval_s:
+                self._windows[outcome] = [now, 1, 0]
+                if window is None or not window[2]:
+                    return True
+                left_out, since = int(window[2]), now - window[0]
+            elif window[1] < self.burst:
+                window[1] += 1
+                return True
+            else:
+                window[2] += 1
+                return False
+        record.msg = (
+            f"{record.getMessage()} [{left_out} more {outcome} line(s) in the last"
+            f" {since:.0f} s not logged]"
+        )
+        record.args = None
+        return True
+
+
 class _ReplicaHandler(logging.StreamHandler[TextIO]):
     """Marks the handler this module installed, so a second install replaces it."""
 
@@ -92,6 +157,7 @@ def install_replica_logging(
             handler.close()
     handler = _ReplicaHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(ReplicaContextFilter())
+    handler.addFilter(OutcomeThrottle())
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)

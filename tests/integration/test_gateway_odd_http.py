@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from waiting import wait_until_sync
+from serve_process import serve_process
 
 APPS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "apps"))
 
@@ -69,28 +66,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "  - {name: Odd, import_path: 'gateway_apps:Echo1', num_replicas: 1}\n"
     )
     log = tmp / "stderr.log"
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "muxgate.gateway._cli", "serve", str(config), "--port", "0"],
-            stderr=stderr,
-        )
-        try:
-
-            def url() -> str | None:
-                for line in log.read_text(errors="replace").splitlines():
-                    if "serving on" in line:
-                        return line.strip().rsplit(" ", 1)[-1]
-                assert proc.poll() is None, log.read_text()
-                return None
-
-            yield Gateway(wait_until_sync(url, within_s=60, what="serving on"), log)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve_process(config, log) as url:
+        yield Gateway(url, log)
 
 
 class Client:

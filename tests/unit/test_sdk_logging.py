@@ -9,9 +9,10 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from fake_clock import FakeClock
 
 from muxgate.replicas._context import current_replica, request_scope, set_replica_context
-from muxgate.replicas._logging import install_replica_logging
+from muxgate.replicas._logging import OUTCOME, OutcomeThrottle, install_replica_logging
 from muxgate.replicas._multiplex import model_cache, multiplexed
 
 
@@ -70,3 +71,75 @@ def test_model_loads_are_logged_with_the_request_that_caused_them(
     assert re.fullmatch(PREFIX + r"req-9 _cache\.py:\d+ - Loading model '42'\.", lines[0])
     assert re.fullmatch(PREFIX + r"req-9 _cache\.py:\d+ - Loaded model '42' in .*ms\.", lines[1])
     assert re.fullmatch(PREFIX + r"- _cache\.py:\d+ - Unloading model '42'\.", lines[2])
+
+
+# -- lines clients cause are bounded -------------------------------------------------
+
+
+def throttled(throttle: OutcomeThrottle) -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(throttle)
+    log = logging.Logger("throttled")  # not registered: no other handler sees it
+    log.addHandler(handler)
+    return log, stream
+
+
+def test_outcome_lines_are_bounded_per_outcome_and_the_rest_counted() -> None:
+    clock = FakeClock()
+    throttle = OutcomeThrottle(burst=3, interval_s=60, clock=clock)
+    log, stream = throttled(throttle)
+    for i in range(50):
+        log.warning("unknown id %s", i, extra={OUTCOME: "model_not_found"})
+        log.warning("bad body %s", i, extra={OUTCOME: "bad_request"})
+        log.warning("not an outcome %s", i)
+    lines = stream.getvalue().splitlines()
+    assert [line for line in lines if line.startswith("unknown id")] == [
+        "unknown id 0",
+        "unknown id 1",
+        "unknown id 2",
+    ]
+    assert len([line for line in lines if line.startswith("bad body")]) == 3
+    assert len([line for line in lines if line.startswith("not an outcome")]) == 50
+    assert repr(throttle) == (
+        "<OutcomeThrottle 3/60s left_out={'model_not_found': 47, 'bad_request': 47}>"
+    )
+
+    # Within the minute, still nothing; after it, the first line passes and
+    # says how many were left out, and a new minute begins.
+    clock.now += 59
+    log.warning("unknown id late", extra={OUTCOME: "model_not_found"})
+    clock.now += 1.5
+    stream.truncate(0)
+    stream.seek(0)
+    for i in range(5):
+        log.warning("unknown id again %s", i, extra={OUTCOME: "model_not_found"})
+    assert stream.getvalue().splitlines() == [
+        "unknown id again 0 [48 more model_not_found line(s) in the last 60 s not logged]",
+        "unknown id again 1",
+        "unknown id again 2",
+    ]
+    # bad_request: its first window (121.5 s ago) is the one that left lines out.
+    clock.now += 61
+    stream.truncate(0)
+    stream.seek(0)
+    log.warning("bad body later", extra={OUTCOME: "bad_request"})
+    log.warning("unknown id much later", extra={OUTCOME: "model_not_found"})
+    assert stream.getvalue().splitlines() == [
+        "bad body later [47 more bad_request line(s) in the last 122 s not logged]",
+        "unknown id much later [2 more model_not_found line(s) in the last 61 s not logged]",
+    ]
+    # After a minute that left nothing out, the next line is plain.
+    clock.now += 60
+    stream.truncate(0)
+    stream.seek(0)
+    log.warning("unknown id plain", extra={OUTCOME: "model_not_found"})
+    assert stream.getvalue().splitlines() == ["unknown id plain"]
+
+
+def test_the_replica_handler_bounds_outcome_lines(log_stream: io.StringIO) -> None:
+    log = logging.getLogger("user.code")
+    for _ in range(100):
+        log.warning("no such model", extra={OUTCOME: "model_not_found"})
+    assert log_stream.getvalue().count("no such model") == 10
