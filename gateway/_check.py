@@ -122,9 +122,10 @@ _MAX_PROBLEMS_PER_PART = 20
 def _part_problems(data: dict[str, Any], part: tuple[str | int, ...], source: str) -> list[str]:
     """Every problem of one part of a config (a top-level section, or a
     deployment at ``part``): msgspec reports the first, so the field it names
-    is dropped (its default applies) and the part validated again, until it
-    passes or a problem is not one field's (a required field, a rule across
-    fields)."""
+    is dropped (its default applies; a deployment's required ``name`` and
+    ``import_path`` get a valid stand-in instead, so they are not reported
+    missing next) and the part validated again, until it passes or a problem
+    is not one field's (a required field, a rule across fields)."""
     data = copy.deepcopy(data)
     problems: list[str] = []
     while len(problems) < _MAX_PROBLEMS_PER_PART:
@@ -167,7 +168,11 @@ def _drop_named_field(data: dict[str, Any], reason: str, part: tuple[str | int, 
             return False
     if not isinstance(parent, dict) or keys[-1] not in parent:
         return False
-    del parent[keys[-1]]
+    if part == ("deployments", 0) and len(keys) == 3 and keys[-1] in _PLACEHOLDER:
+        # A required field: dropped, it would be reported missing next.
+        parent[keys[-1]] = _PLACEHOLDER[keys[-1]]
+    else:
+        del parent[keys[-1]]
     return True
 
 

@@ -272,6 +272,21 @@ def test_check_reports_every_problem_of_one_deployment_and_section(tmp_path: Pat
     ]
 
 
+def test_check_does_not_report_an_invalid_required_field_missing_too(tmp_path: Path) -> None:
+    from muxgate.gateway._check import check_config_file
+
+    config = tmp_path / "app.yaml"
+    deployment = {"name": "bad name", "import_path": "mod.Class", "max_ongoing_request": 3}
+    config.write_text(yaml.safe_dump({"deployments": [deployment]}))
+    problems = check_config_file(config).problems
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("Expected `str` matching regex")
+    assert "at `$.deployments[0].import_path`: expected `module:Class`" in problems[0]
+    assert "unknown field `max_ongoing_request`" in problems[1]
+    assert "at `$.deployments[0].name`: expected 1-64 of" in problems[2]
+    assert not [p for p in problems if "missing required field" in p]
+
+
 def test_check_reports_a_problem_in_each_top_level_section(tmp_path: Path) -> None:
     config = tmp_path / "app.yaml"
     config.write_text(
