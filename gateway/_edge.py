@@ -79,12 +79,31 @@ from muxgate.gateway._errors import error_body
 from muxgate.gateway._frontend import Shutdown, new_request_id
 from muxgate.replicas.contract import ErrorCode
 
-__all__ = ["LINGER_S", "Edge", "EdgeProtocol", "edge_protocol", "uvicorn_server"]
+__all__ = ["HTTP_LOGGER", "LINGER_S", "Edge", "EdgeProtocol", "edge_protocol", "uvicorn_server"]
 
 _log = logging.getLogger("muxgate.gateway.edge")
 
 #: how long a refused connection's further input is read and dropped
 LINGER_S = 1.0
+
+#: the name uvicorn's server messages are logged under here
+HTTP_LOGGER = "muxgate.gateway.http"
+
+
+class _UvicornName(logging.Filter):
+    """Logs uvicorn's server messages ("Shutting down", "Waiting for
+    connections to close") as ``muxgate.gateway.http``: under uvicorn's own
+    name, ``uvicorn.error``, every shutdown put "error" in an INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.name = HTTP_LOGGER
+        return True
+
+
+def _rename_uvicorn_logger() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _UvicornName) for f in logger.filters):
+        logger.addFilter(_UvicornName())
 
 
 class _TooManyHeaders(Exception):
@@ -404,6 +423,7 @@ async def uvicorn_server(
     ``sock``; stopped gracefully on exit (see the module docstring)."""
     edge = Edge(http.limits)
     grace_s = http.grace_s
+    _rename_uvicorn_logger()
     uv_config = uvicorn.Config(
         app,
         http=edge_protocol(edge),

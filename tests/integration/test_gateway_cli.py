@@ -560,6 +560,9 @@ def test_sigterm_lets_requests_finish_and_answers_the_rest_503(tmp_path: Path) -
         assert 1.0 < time.monotonic() - sent < 15
         assert _gone(processes)
         assert "requests in flight get up to 2 s" in log.read_text()
+        # uvicorn's messages, under the gateway's name: no "error" in INFO lines
+        assert "muxgate.gateway.http - Shutting down" in log.read_text()
+        assert "uvicorn.error" not in log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
