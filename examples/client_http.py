@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     except httpx.ConnectError as exc:
         sys.exit(f"cannot reach {args.url} ({exc}): is `muxgate serve examples/app.yaml` running?")
-    print(response.status_code, "served by", response.headers.get("x-muxgate-replica"))
+    # empty when the gateway answered itself (a bad model id, no route, ...)
+    replica = response.headers.get("x-muxgate-replica") or "the gateway"
+    print(response.status_code, "served by", replica)
     print(json.dumps(response.json()))
     if response.is_error:  # the error document above says why (404: no such model folder)
         sys.exit(1)

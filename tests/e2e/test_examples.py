@@ -96,6 +96,15 @@ async def test_app_yaml_http_and_handle_clients(model_env: Path) -> None:
         assert call_result == result
         assert predict == {"model_id": "2", "predict": result["y"]}
 
+        # A model id the gateway refuses: no replica served it, the client says so.
+        with anyio.fail_after(60):
+            refused = await anyio.run_process(
+                [sys.executable, str(EXAMPLES / "client_http.py"), "--url", url, "--model", "a b"],
+                check=False,
+            )
+        assert refused.returncode == 1
+        assert refused.stdout.decode().splitlines()[0] == "400 served by the gateway"
+
         async with httpx.AsyncClient() as client:
             missing = await client.post(
                 f"{url}/", json={"x": [0, 0, 0, 0]}, headers={"serve_multiplexed_model_id": "9"}
