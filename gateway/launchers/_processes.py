@@ -252,6 +252,10 @@ class ForkServer:
     def __init__(self, process: anyio.abc.Process, control: socket.socket) -> None:
         self.process = process
         self.control = control
+        # One sender at a time: when a burst of starts fills the control
+        # socket's send buffer, anyio lets only one task wait for it to drain
+        # (a second gets BusyResourceError), so the others queue here.
+        self._send_lock = anyio.Lock()
 
     @classmethod
     async def start(
@@ -303,12 +307,13 @@ class ForkServer:
         lines = _SocketLines(ours)
         try:
             try:
-                while True:
-                    try:
-                        socket.send_fds(self.control, [b"S"], [theirs.fileno()])
-                        break
-                    except BlockingIOError:
-                        await anyio.wait_writable(self.control)
+                async with self._send_lock:
+                    while True:
+                        try:
+                            socket.send_fds(self.control, [b"S"], [theirs.fileno()])
+                            break
+                        except BlockingIOError:
+                            await anyio.wait_writable(self.control)
             except OSError as exc:
                 raise NoForkError(f"fork server unreachable: {exc}") from exc
             finally:

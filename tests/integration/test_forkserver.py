@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -246,6 +247,52 @@ async def test_closing_the_launcher_leaves_no_fork_server_and_no_children() -> N
         assert repr(launcher).startswith("<LocalLauncher")
     finally:
         await conn.aclose()
+
+
+async def test_a_burst_of_starts_waits_its_turn_at_a_stalled_fork_server() -> None:
+    """More starts at once than the fork server's control socket can queue
+    take turns to send, rather than failing with "Another task is already
+    writing to this resource" (the test shrinks the socket's send buffer to
+    the minimum, so that a few requests fill it, as hundreds would)."""
+    launcher = LocalLauncher(fork_server=True)
+    n = 24
+    entered = 0
+    started: list[ReplicaProcess] = []
+    try:
+        assert await launcher.warm_up()
+        server = launcher._server
+        assert server is not None
+        server.control.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        fork = server.fork
+
+        async def counted_fork(s: ReplicaSpec) -> Any:
+            nonlocal entered
+            entered += 1
+            return await fork(s)
+
+        server.fork = counted_fork  # type: ignore[method-assign]
+
+        async def start(i: int) -> None:
+            started.append(await launcher.start(spec(f"burst#{i}", "echo:Echo")))
+
+        # Stopped, the fork server reads nothing: the queue fills after a few.
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(start, i)
+                await wait_until(lambda: entered == n, within_s=10.0, what="every start to ask")
+                os.kill(server.process.pid, signal.SIGCONT)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert len(started) == n
+        assert len({p.pid for p in started}) == n
+        assert all(p.forked for p in started)
+    finally:
+        await launcher.aclose()
+    for process in started:
+        with anyio.fail_after(10):
+            await process.wait()
 
 
 _FAKE_GATEWAY = """
