@@ -55,6 +55,7 @@ from muxgate.gateway._errors import (
     ReplicaFailedError,
     error_from_info,
 )
+from muxgate.gateway._load_failures import FailedLoads
 from muxgate.gateway._router import RouteDecision, Router
 from muxgate.gateway._spill import ServiceTimeEstimate
 from muxgate.replicas.contract import (
@@ -151,6 +152,9 @@ class Dispatcher:
             again once it has a slot (it may have waited in the queue);
             raises a ``GatewayError`` to refuse it (the pool's quarantine).
         clock: monotonic seconds (the pool's); deadlines are in its units.
+        failed_loads: where the calls that failed to load their model and
+            those that succeeded are recorded (the pool's warming leaves
+            the failed ones out); None: nowhere.
     """
 
     def __init__(
@@ -169,8 +173,10 @@ class Dispatcher:
         affinity_wait_s: float = 0.5,
         admit: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        failed_loads: FailedLoads | None = None,
     ) -> None:
         self.name = name
+        self._failed_loads = failed_loads
         self.router = router
         self._targets = targets
         self._metrics = metrics
@@ -295,8 +301,10 @@ class Dispatcher:
             finally:
                 self._call_ended(replica_id, model_id)
             if reply.error is None:
-                self._answered(decision, sent_at, sharing)
+                self._answered(decision, model_id, sent_at, sharing)
                 return reply, replica_id
+            if self._failed_loads is not None:
+                self._failed_loads.replied(model_id, reply.error, reply.state)
             reroutes = self._refused(reply.error, replica_id, reroutes)
 
     # -- the steps of ``dispatch`` (synchronous: no await between them) ----------
@@ -332,13 +340,18 @@ class Dispatcher:
         if self._waiters.waiting:
             self._waiters.wake()
 
-    def _answered(self, decision: RouteDecision, sent_at: float, sharing: int) -> None:
+    def _answered(
+        self, decision: RouteDecision, model_id: str, sent_at: float, sharing: int
+    ) -> None:
         # The router's model view is refreshed by the connection's on_state
         # callback (wired by the pool), for replies and pongs; a cache hit
         # also tells how long a slot stays busy.
         if decision.hit:
             took = self.clock() - sent_at
             self.router.service_s = self.service_time.observe(took, sharing)
+        failed = self._failed_loads
+        if failed:  # nothing to clear, the usual case: no lookup
+            failed.loaded(model_id)
 
     def _unreachable(self, replica_id: str, reroutes: int) -> int:
         """A replica that cannot take the call (closed or draining): out of

@@ -19,7 +19,9 @@ Its parts, each in a module of its own:
 * ``ReplicaFeedback`` (``_pool_feedback``): what each reply and pong
   changes in the router and the dispatcher; the memory limit check.
 * ``routing_side`` (``_pool_routing``): the router, quarantine and
-  dispatcher, built from the config.
+  dispatcher, built from the config; the dispatcher records in
+  ``FailedLoads`` (``_load_failures``) the model ids whose last load
+  failed, which warming leaves out.
 * ``Roles`` (``_pool_roles``): whether the pool follows the launcher, a
   leader, or reconciles on its own; adopts the replicas already running.
 
@@ -58,6 +60,7 @@ from typing import Any
 from muxgate.gateway._autoscaler import Autoscaler
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway._load_failures import FailedLoads
 from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_feedback import ReplicaFeedback
@@ -140,6 +143,8 @@ class ReplicaPool:
         self.replicas = ReplicaSet(config.name, clock=clock)
         #: replica id -> connection, for RUNNING replicas only
         self.targets: dict[str, ReplicaConnection] = {}
+        #: the model ids whose last load failed (warming leaves them out)
+        self.failed_loads = FailedLoads()
         #: the ring, the model ids that keep killing replicas, the queue
         self.router, self.quarantine, self.dispatcher = routing_side(
             config,
@@ -150,6 +155,7 @@ class ReplicaPool:
             metrics=metrics,
             per_model_labels=per_model_labels,
             clock=clock,
+            failed_loads=self.failed_loads,
         )
         #: what the replicas report in their pongs (and metrics fed from it)
         self._reports = ReplicaReports(
@@ -161,6 +167,7 @@ class ReplicaPool:
             self.targets,
             self._reports,
             refused=lambda model_id: self.quarantine.suspected(model_id),
+            failed=self.failed_loads.__contains__,
             spawn=self._spawn,
             timeout_s=drain_timeout_s,
             draining=lambda: {r.id for r in self.replicas.in_state(DRAINING)},

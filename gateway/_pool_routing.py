@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
 from muxgate.gateway._dispatch import Dispatcher
+from muxgate.gateway._load_failures import FailedLoads
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_reports import INITIAL_LOAD_TIME_S
 from muxgate.gateway._quarantine import Quarantine
@@ -33,10 +34,11 @@ def routing_side(
     metrics: GatewayMetrics | None,
     per_model_labels: bool,
     clock: Callable[[], float],
+    failed_loads: FailedLoads | None = None,
 ) -> tuple[Router, Quarantine, Dispatcher]:
     """The router, quarantine and dispatcher of the deployment ``config``
-    sending over ``targets`` (replica id -> connection); the callables are
-    the pool's (see ``Dispatcher``)."""
+    sending over ``targets`` (replica id -> connection); the callables and
+    ``failed_loads`` are the pool's (see ``Dispatcher``)."""
     router = Router(
         balance_factor=config.routing.balance_factor,
         virtual_nodes=config.routing.virtual_nodes,
@@ -77,5 +79,6 @@ def routing_side(
         ),
         admit=quarantine.check,
         clock=clock,
+        failed_loads=failed_loads,
     )
     return router, quarantine, dispatcher

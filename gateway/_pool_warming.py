@@ -35,6 +35,10 @@ class PoolWarming:
         reports: what the replicas report (request counts, load time).
         refused: whether a model id must not be warmed (suspected of
             killing replicas: blamed for a recent death, or quarantined).
+        failed: whether a model id's last load failed (``FailedLoads``):
+            warming leaves it out too, except the config's deferred
+            ``pinned`` and ``preload`` ids, which a waking replica loads as
+            one that starts does.
         spawn: ``(coroutine, what) -> task``, the pool's task spawner.
         timeout_s: the bound of one warming load.
         draining: the ids of the replicas leaving now (none of them keeps a
@@ -49,6 +53,7 @@ class PoolWarming:
         reports: ReplicaReports,
         *,
         refused: Callable[[str], bool],
+        failed: Callable[[str], bool] = lambda model_id: False,
         spawn: Callable[[Awaitable[Any], str], asyncio.Task[Any]],
         timeout_s: float,
         draining: Callable[[], Collection[str]] = frozenset,
@@ -57,10 +62,14 @@ class PoolWarming:
         self._router = router
         self._targets = targets
         self._reports = reports
-        self._refused = refused
+        self._quarantined = refused
+        self._failed = failed
         self._spawn = spawn
         self._timeout_s = timeout_s
         self._draining = draining
+
+    def _refused(self, model_id: str) -> bool:
+        return self._failed(model_id) or self._quarantined(model_id)
 
     def joined(self, rep: Replica, conn: ReplicaConnection) -> None:
         """``rep`` runs now (and serves already): start its warming, if any."""
@@ -71,12 +80,19 @@ class PoolWarming:
 
         if rep.wakes and len(self._targets) == 1:
             # The config's deferred pinned and preload ids, then the warm set.
+            deferred = {*config.pinned, *config.preload}
+
+            def refused(model_id: str) -> bool:
+                if model_id in deferred:
+                    return self._quarantined(model_id)
+                return self._refused(model_id)
+
             warming = warm_after_zero(
                 conn,
                 router,
                 pinned=config.pinned,
                 preload=config.preload,
-                refused=self._refused,
+                refused=refused,
                 loader=config.multiplexed_loader,
                 timeout_s=self._timeout_s,
                 running=running,

@@ -109,7 +109,8 @@ async def warm_after_zero(
 ) -> None:
     """The first replica after zero: the config's deferred ``pinned`` and
     ``preload`` ids, then the hottest models of the deployment's warm set
-    (docs/routing.md, "Warm models"); ids ``refused`` (quarantined) are left out.
+    (docs/routing.md, "Warm models"); ids ``refused`` (quarantined, or whose
+    last load failed) are left out.
 
     Nothing is sent before ``waking`` calls ended on ``conn`` (within
     ``timeout_s``): the requests that woke the deployment, sent before
