@@ -290,8 +290,11 @@ class ModelCache(Generic[M]):
 
         Warming never costs a working model: the fit is checked before the
         load starts and again once the model is built (its size is known only
-        then); a model that no longer fits is unloaded again. Load failures are
-        logged by the load itself and reported as False.
+        then); a model that no longer fits is unloaded again (False), and so
+        is one larger than the byte budget can ever hold. Any other failed
+        load raises what it raised, as it does to a request's caller: a
+        failure is not "does not fit" (the gateway's warming stops at the
+        first model that does not fit, and skips one that failed).
 
         ``may_evict``: ids the caller gives up (spare copies held elsewhere
         too): once the model is built, the fewest of them, in order, that
@@ -308,6 +311,8 @@ class ModelCache(Generic[M]):
                 return False
             flight = self._start_flight(model_id, evict=False, may_evict=tuple(may_evict))
         await flight.done.wait()
+        if flight.error is not None and not isinstance(flight.error, ModelTooLargeError):
+            raise flight.error
         return flight.error is None and model_id in self._state.loaded_ids()
 
     def unload(self, model_id: str) -> bool:

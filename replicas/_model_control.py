@@ -102,9 +102,9 @@ async def preload_models(
 async def control_models(instance: object, message: ModelControl) -> dict[str, Any]:
     """Carry out one ``ModelControl``; what was done, for the ``Reply`` body.
 
-    ``load`` raises what the load raised (a load that fails is not cached);
-    ``warm`` reports whether each cache holds the model now; ``unload``
-    whether it was loaded.
+    ``load`` and ``warm`` raise what the load raised (a load that fails is
+    not cached); ``warm`` reports whether each cache holds the model now
+    (False: it does not fit); ``unload`` whether it was loaded.
 
     Raises:
         ControlRefusedError: an unknown loader name, or none.

@@ -103,3 +103,36 @@ async def test_a_failed_load_is_not_warmed_right_after(gateway: tuple[Gateway, P
         r = await client.post("/zero", headers={MODEL: "77"})
         assert r.status_code == 200, r.text
         assert "77" not in pool.failed_loads
+
+
+async def test_a_warm_that_fails_is_skipped_and_warming_goes_on(
+    gateway: tuple[Gateway, Path],
+) -> None:
+    """A model that loaded before, then left storage: the gateway knows no
+    failure of it, so the warm set after zero still names it, first; its
+    warm fails and the next model is warmed (a failed warm answered "not
+    loaded", which the gateway reads as a full cache, and warming stopped)."""
+    gw, root = gateway
+    pool = gw.pools["Zero"]
+    write_models(root, ["gone", "w"])
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        # s, then gone twice: gone ranks first, s second
+        for model_id in ("s", "gone", "gone"):
+            r = await client.post("/zero", headers={MODEL: model_id})
+            assert r.status_code == 200, r.text
+        await asyncio.wait_for(pool.wait_for(lambda: pool.target == 0 and not pool.replicas), 30)
+        (root / "gone" / "model.pt").unlink()
+
+        r = await client.post("/zero", headers={MODEL: "w"})  # wakes a new replica
+        assert r.status_code == 200, r.text
+        replica_id = r.headers["x-muxgate-replica"]
+
+        async def warmed() -> dict[str, Any] | None:
+            r = await client.get("/-/replicas")
+            snap: dict[str, Any] = r.json()["deployments"]["Zero"]
+            return snap if loads(snap, replica_id, "s") == ["load"] else None
+
+        snap = await wait_until(warmed, within_s=30, what="s warmed after gone failed")
+        assert loads(snap, replica_id, "gone") == ["load_failed"]
+        (rep,) = snap["replicas"]
+        assert set(rep["models"]) == {"w", "s"}

@@ -409,6 +409,22 @@ async def test_a_failed_load_is_not_cached_and_every_waiter_gets_the_same_error(
     assert loads.calls == ["a", "a"]
 
 
+async def test_a_warm_whose_load_fails_raises_its_error_not_false() -> None:
+    """False means "does not fit" (the gateway stops warming there); a
+    failed load is the load's error, as a request gets it."""
+    loads = Loads()
+    boom = FileNotFoundError("no such model")
+    loads.failures["a"] = boom
+    cache = model_cache(make_loader(loads))
+    with pytest.raises(FileNotFoundError) as info:
+        await cache.warm("a")
+    assert info.value is boom
+    assert cache.loaded_ids() == [] and cache.loading_ids() == []
+    assert await cache.warm("a") is True  # not cached: the next warm tries again
+    assert loads.calls == ["a", "a"]
+    await cache.aclose()
+
+
 # -- unload hooks ----------------------------------------------------------------------------
 
 
