@@ -227,6 +227,12 @@ class _ReplicaCounters(Collector):
             )
         yield durations
         yield per_deployment(
+            "muxgate_model_load_cpu_seconds_total",
+            "CPU time of the loaders' own code in successful model loads, on whichever"
+            " thread ran it (not the time a load waited).",
+            "model_load_cpu_seconds_sum",
+        )
+        yield per_deployment(
             "muxgate_cache_hits_total",
             "Model lookups answered from a replica's cache.",
             "cache_hits",
@@ -270,6 +276,8 @@ class GatewayMetrics:
       across replica churn.
     * ``model_load_duration_seconds{deployment}``: histogram of load times,
       merged from the replicas' own histograms the same way.
+    * ``model_load_cpu_seconds_total{deployment}``: CPU time the loaders' own
+      code took in those loads (over ``model_loads_total``: a load's CPU cost).
     * ``models_loaded{deployment,replica}``: per live replica.
     * ``replica_rss_bytes{deployment,replica}``: resident memory of each live
       replica process, as it last reported.

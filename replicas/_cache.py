@@ -46,6 +46,7 @@ from muxgate.replicas._cache_stats import (
 )
 from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._eviction import EvictionPolicy
+from muxgate.replicas._load_cpu import charging
 from muxgate.replicas._logging import OUTCOME, mark_traceback_logged
 from muxgate.replicas._lru import LRU
 from muxgate.replicas._model_size import model_nbytes, release_device_memory
@@ -470,7 +471,8 @@ class ModelCache(Generic[M]):
             # muxgate.backends fetches inside the loader report here (see FETCH_LOG_KEY)
             token = otel_context.attach(otel_context.set_value(_FETCH_LOG_KEY, fetched))
             try:
-                model = await self._load(model_id)
+                with charging() as cpu:
+                    model = await self._load(model_id)
             except Exception as exc:
                 failed_after = time.perf_counter() - start
                 COUNTERS["model_load_failures"] += 1
@@ -495,8 +497,9 @@ class ModelCache(Generic[M]):
             if fetched:
                 self._sources[model_id] = sources = _source_attrs(fetched)
                 span.set_attributes(sources)
+            span.set_attribute("muxgate.load.cpu_seconds", cpu.seconds)
         seconds = time.perf_counter() - start
-        count_load(seconds)
+        count_load(seconds, cpu.seconds)
         EVENTS.record("load", model_id, seconds)
         _log.info("Loaded model '%s' in %.1fms.", model_id, seconds * 1e3)
         return model

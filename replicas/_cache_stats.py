@@ -71,10 +71,12 @@ _BUCKET_KEYS: Final = tuple(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKE
 COUNTERS: dict[str, float] = dict.fromkeys(CACHE_COUNTER_KEYS, 0.0)
 
 
-def count_load(seconds: float) -> None:
-    """Count one finished load that took ``seconds``."""
+def count_load(seconds: float, cpu_seconds: float = 0.0) -> None:
+    """Count one finished load that took ``seconds``, ``cpu_seconds`` of them
+    on a CPU running the loader's code (see ``muxgate.replicas._load_cpu``)."""
     COUNTERS["model_loads"] += 1
     COUNTERS["model_load_seconds_sum"] += seconds
+    COUNTERS["model_load_cpu_seconds_sum"] += cpu_seconds
     for key in _BUCKET_KEYS[bisect.bisect_left(MODEL_LOAD_BUCKETS, seconds) :]:
         COUNTERS[key] += 1
 

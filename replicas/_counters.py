@@ -51,6 +51,8 @@ CACHE_COUNTER_KEYS: Final[tuple[str, ...]] = (
     "cache_misses",
     "model_load_seconds_sum",
     *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
+    # Appended: the gateway reads a key an older replica does not report as 0.
+    "model_load_cpu_seconds_sum",
 )
 
 #: Counted by muxgate.backends when a replica imported it: fetches answered

@@ -42,6 +42,7 @@ from muxgate.replicas._cache_stats import (
     replica_state_snapshot,
 )
 from muxgate.replicas._eviction import make_policy
+from muxgate.replicas._load_cpu import charged, thread_cpu_of
 from muxgate.replicas._loader_thread import (
     LoaderLoopError,
     home_loop,
@@ -391,7 +392,7 @@ async def _call_async(func: Callable[..., Any], *args: Any) -> Any:
     """``await func(*args)`` (``model_id`` last), with a ``BaseException``
     turned into a failed load; a cancellation stays one."""
     try:
-        return await func(*args)
+        return await charged(func(*args))
     except (Exception, asyncio.CancelledError):
         raise
     except BaseException as exc:
@@ -401,7 +402,7 @@ async def _call_async(func: Callable[..., Any], *args: Any) -> Any:
 def _call_sync(func: Callable[..., Any], *args: Any) -> Any:
     """``func(*args)`` in a worker thread, as :func:`_call_async`."""
     try:
-        return func(*args)
+        return thread_cpu_of(functools.partial(func, *args))
     except Exception:
         raise
     except BaseException as exc:

@@ -101,6 +101,9 @@ async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
     assert only(samples, "muxgate_model_load_duration_seconds_sum")[DEP] > 0.0
     load_buckets = only(samples, "muxgate_model_load_duration_seconds_bucket")
     assert load_buckets[(("deployment", "Observed"), ("le", "+Inf"))] == 3.0
+    # The loaders' own CPU: some, and no more than the loads' wall time.
+    load_cpu = only(samples, "muxgate_model_load_cpu_seconds_total")[DEP]
+    assert 0.0 < load_cpu <= only(samples, "muxgate_model_load_duration_seconds_sum")[DEP]
     by_bound = sorted((float(dict(k)["le"]), v) for k, v in load_buckets.items())
     assert [v for _, v in by_bound] == sorted(v for _, v in by_bound)
     assert only(samples, "muxgate_model_unloads_total") == {
@@ -148,6 +151,7 @@ async def test_a_scrape_before_any_request_shows_zeros(gateway: Gateway) -> None
     for name in (
         "muxgate_model_loads_total",
         "muxgate_model_load_duration_seconds_count",
+        "muxgate_model_load_cpu_seconds_total",
         "muxgate_cache_hits_total",
         "muxgate_cache_misses_total",
     ):

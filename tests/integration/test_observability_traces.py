@@ -122,6 +122,8 @@ async def test_a_model_load_is_one_trace_across_gateway_replica_and_storage(
     # what the load read, on the load span itself
     assert load.attributes["muxgate.bytes"] == fetch.attributes["muxgate.bytes"]
     assert load.attributes["muxgate.source_url"] == fetch.attributes["url.full"]
+    # the CPU the loader's own code took (a small state dict: well under a second)
+    assert 0 < load.attributes["muxgate.load.cpu_seconds"] < 1
     assert "muxgate.model.unload" not in chain
 
     # -- request 2: a load, nothing evicted ------------------------------------

@@ -695,8 +695,12 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
         "cache_misses",
         "model_load_seconds_sum",
         *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
+        "model_load_cpu_seconds_sum",
         "models_loaded",
     }
+    # The loaders' own CPU, never more than the loads' wall time.
+    cpu = after["model_load_cpu_seconds_sum"] - before["model_load_cpu_seconds_sum"]
+    assert 0 < cpu <= after["model_load_seconds_sum"] - before["model_load_seconds_sum"]
     # The load duration histogram: each load lands in every bucket from its
     # duration up (cumulative), so the per-bucket increases step up to 2.
     steps = [after[load_bucket_key(b)] - before[load_bucket_key(b)] for b in MODEL_LOAD_BUCKETS]
