@@ -34,7 +34,10 @@ hash + LRU and static-optimum hit rates, and the CPU limit of each run::
 
     limit = cores / (data-plane CPU + hit rate x hit cost + miss rate x load cost)
 
-with every cost measured as above, and the same limit on the cores that
+with every cost measured as above; for muxgate also the same limit with the
+load cost its replicas measured during the run (``muxgate_model_load_cpu_seconds_total``
+over ``muxgate_model_loads_total``: a load sharing its core costs more than
+one in this process's quiet loop); and the same limit on the cores that
 other jobs left free during the run (their CPU is the host's busy time that
 neither the system nor the load generator used). Raw JSON lines go to ``--out``.
 
@@ -201,6 +204,20 @@ class Muxgate(System):
     def __init__(self, root: Path, port: int, max_ongoing: int, spill: str | None = None) -> None:
         super().__init__(root, port, max_ongoing)
         self.spill = spill
+
+    def load_cpu_ms(self) -> float | None:
+        """CPU-ms per load in the run just made, as the replicas measured it
+        (their loaders' own code, on whichever thread ran it), from the
+        gateway's metrics; None before any load."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/metrics", timeout=10) as r:
+            text = r.read().decode()
+        totals: dict[str, float] = {}
+        for name in ("muxgate_model_load_cpu_seconds_total", "muxgate_model_loads_total"):
+            values = re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.MULTILINE)
+            totals[name] = sum(float(v) for v in values)
+        loads = totals["muxgate_model_loads_total"]
+        cpu = totals["muxgate_model_load_cpu_seconds_total"]
+        return round(cpu / loads * 1000, 3) if loads else None
 
     def deploy(self, app: str, k: int, replicas: int) -> None:
         venv = REPO / ".venv" if self.spill is None else self._shim_venv()
@@ -432,6 +449,8 @@ def measured_run(
     try:
         with probe.running():
             result = loadgen(python, system, args, label, app)
+        if isinstance(system, Muxgate) and app == "mux":
+            result["load_cpu_ms_in_run"] = system.load_cpu_ms()
     finally:
         system.stop_app()
     result["cpu_ms_per_request"] = cpu_by_group(system, result)
@@ -495,6 +514,7 @@ def row(
     limit: float | None,
     left: float | None = None,
     data_plane: str = "-",
+    in_run: float | None = None,
 ) -> list[str]:
     cpu = result["cpu_ms_per_request"]
     lat = result["latency_ms"]
@@ -511,6 +531,10 @@ def row(
         f"{cpu['front']} / {cpu['replicas']} / {cpu['control']} / {cpu['client']} ({cpu['other']})",
         f"{system_cpu_ms(cpu):.2f}",
         f"{limit:.0f} ({result['throughput_rps'] / limit:.0%})" if limit else "-",
+        f"{in_run:.0f} ({result['throughput_rps'] / in_run:.0%}; a load"
+        f" {result['load_cpu_ms_in_run']:.2f} ms)"
+        if in_run
+        else "-",
         f"{left:.0f} ({result['throughput_rps'] / left:.0%})" if left else "-",
         data_plane,
         f"{probe.get('p50')} / {probe.get('p99')}",
@@ -529,6 +553,7 @@ HEADER = [
     "CPU-ms/req front / replicas / control / client (other jobs)",
     "CPU-ms/req total",
     "CPU limit req/s (achieved)",
+    "the same with the load's CPU measured in the run (achieved; load cost)",
     "limit on cores left by other jobs (achieved)",
     "data plane CPU-ms/req (source)",
     "healthz p50 / p99 ms",
@@ -686,16 +711,20 @@ def main(argv: list[str] | None = None) -> int:
         if name in noop:
             rows.append(row(noop[name], None, None, shown))
         for result in runs:
-            limit = left = None
+            limit = left = in_run = None
             if dp is not None and result["hit_rate"] is not None:
                 limit = cpu_limit(cores, dp, result["hit_rate"], costs)
+                if result.get("load_cpu_ms_in_run"):
+                    measured = {**costs, "load_cpu_ms": result["load_cpu_ms_in_run"]}
+                    in_run = cpu_limit(cores, dp, result["hit_rate"], measured)
                 # The same on the cores other jobs left free during the run.
                 others = result["cpu_ms_per_request"]["other"] * result["throughput_rps"] / 1000
                 left = cpu_limit(max(0.1, cores - others), dp, result["hit_rate"], costs)
             result["cpu_limit_rps"] = round(limit, 1) if limit else None
             result["cpu_limit_left_rps"] = round(left, 1) if left else None
+            result["cpu_limit_in_run_rps"] = round(in_run, 1) if in_run else None
             result["data_plane_ms"] = {"ms": dp, "source": source}
-            rows.append(row(result, limit, left, shown))
+            rows.append(row(result, limit, left, shown, in_run))
     print_table(rows)
     # A run that answered no request has no latency: it shows in the table, not here.
     ray_runs, mux_runs = (
