@@ -143,3 +143,25 @@ class StorageUnavailableError(BackendError):
         self.attempts = attempts
         self.elapsed = elapsed
         self.reason = reason
+
+
+class StorageAccessDeniedError(BackendError):
+    """Storage refused the replica's credentials, or it has none.
+
+    Missing credentials (botocore's ``NoCredentialsError``, Google's
+    ``DefaultCredentialsError``), ones storage does not accept (S3
+    ``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, an expired token),
+    or ones without permission for the object (S3 ``AccessDenied``, an
+    HTTP 401 or 403 from GCS or an ``http(s)://`` root, a
+    ``PermissionError`` from any filesystem). Never retried: the same credentials fail the
+    same way until an operator changes them or the permissions.
+
+    Attributes:
+        reason: The storage library's error, for the log.
+    """
+
+    default_client_message = "model storage refused access (credentials missing or not allowed)"
+
+    def __init__(self, url: str, *, reason: str) -> None:
+        super().__init__(f"storage refused access to {url}: {reason}", url=url)
+        self.reason = reason

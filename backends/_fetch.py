@@ -42,12 +42,17 @@ from ._artifact import Artifact, Strategy, choose_strategy, source_of
 from ._cache import DiskCache, version_token
 from ._config import RetryPolicy, StorageConfig, resolve_config
 from ._deadline import storage_deadline
-from ._errors import BackendError, ModelNotFoundError, StorageUnavailableError
+from ._errors import (
+    BackendError,
+    ModelNotFoundError,
+    StorageAccessDeniedError,
+    StorageUnavailableError,
+)
 from ._fetchcache import fill_cache, in_thread, remove_file, stale_copy, storage_counters
 from ._fetchspan import FetchSpan, record
 from ._instances import freeze_options, instances
 from ._registry import backend_spec, filesystem_class
-from ._retry import is_transient, with_retries
+from ._retry import denied_by, is_transient, with_retries
 from ._transfer import ObjectChanged, plan_parts, ranged_download
 from ._urls import redact_url, split_protocol
 
@@ -62,6 +67,11 @@ _MAX_VERSION_RESTARTS = 3
 def _translate(exc: Exception, url: str) -> BackendError:
     if isinstance(exc, BackendError):
         return exc
+    # Before "not found": fsspec's HTTP filesystem turns every failed stat,
+    # a 401 or 403 too, into a FileNotFoundError raised from the response's.
+    denied = denied_by(exc)
+    if denied is not None:
+        return StorageAccessDeniedError(url, reason=f"{type(denied).__name__}: {denied}")
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return ModelNotFoundError(url)
     if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
@@ -381,6 +391,7 @@ async def fetch(
     Raises:
         ModelNotFoundError: The object does not exist.
         StorageUnavailableError: Transient failures outlasted the retry policy.
+        StorageAccessDeniedError: Credentials missing or refused.
         BackendError: Any other storage failure.
     """
     cfg = resolve_config(config)

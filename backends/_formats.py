@@ -171,6 +171,7 @@ async def load_state_dict(
         UnsafePickleError: The file needs code to load and ``trusted`` is false.
         ModelFormatError: Not a state dict (corrupt, truncated, other format).
         StorageUnavailableError: Storage kept failing transiently.
+        StorageAccessDeniedError: Storage credentials missing or refused.
     """
     url = join_model_url(root, model_id, filename)
     return await _load(

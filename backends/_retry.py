@@ -52,6 +52,23 @@ _TRANSIENT_NAMES = frozenset(
 )
 
 
+# Credentials missing or refused, by class name (botocore, google-auth):
+# the storage library could not sign or authorize the request at all.
+_DENIED_NAMES = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "CredentialRetrievalError",
+        "NoAuthTokenError",
+        "TokenRetrievalError",
+        "UnauthorizedSSOTokenError",
+        "DefaultCredentialsError",
+        "RefreshError",
+    }
+)
+_DENIED_STATUS = frozenset({401, 403})
+
+
 def _status_of(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
@@ -95,6 +112,39 @@ def is_transient(exc: BaseException) -> bool:
         if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(link).__mro__):
             return True
     return False
+
+
+def denied_by(exc: BaseException) -> BaseException | None:
+    """The error that says a storage call's credentials are missing or
+    refused: ``exc`` or one in its ``__cause__``/``__context__`` chain
+    (None: none does).
+
+    Denied: a ``PermissionError`` (s3fs turns S3's ``AccessDenied``,
+    ``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ``ExpiredToken`` and
+    a bare 403 into one; a local filesystem raises one too), an
+    HTTP 401 or 403 (gcsfs's ``HttpError``; aiohttp's, under the
+    ``FileNotFoundError`` fsspec's HTTP filesystem raises for any failed
+    stat), gcsfs's ``OSError("Forbidden: ...")`` for a 403, or a
+    credentials error of botocore or google-auth, by class name.
+    """
+    for link in _chain(exc):
+        if isinstance(link, PermissionError):
+            return link
+        if _status_of(link) in _DENIED_STATUS:
+            return link
+        if any(cls.__name__ in _DENIED_NAMES for cls in type(link).__mro__):
+            return link
+        # gcsfs raises a plain OSError for a 403, with no status or errno:
+        # only its message says so (gcsfs.retry.validate_response).
+        if type(link) is OSError and link.errno is None and str(link).startswith("Forbidden: "):
+            return link
+    return None
+
+
+def is_access_denied(exc: BaseException) -> bool:
+    """Whether a storage error means the credentials are missing or refused
+    (see :func:`denied_by`)."""
+    return denied_by(exc) is not None
 
 
 async def with_retries(

@@ -42,6 +42,7 @@ __all__ = [
     "RequestTimeoutError",
     "RouteNotFoundError",
     "ShuttingDownError",
+    "StorageDeniedError",
     "StorageUnavailableError",
     "client_safe",
     "error_body",
@@ -194,6 +195,16 @@ class StorageUnavailableError(GatewayError):
         self.retry_after = retry_after
 
 
+class StorageDeniedError(GatewayError):
+    """The replica's model storage refused its credentials, or it has none."""
+
+    code = ErrorCode.STORAGE_DENIED
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class QuarantinedError(GatewayError):
     """The model id was loading or in flight when replicas died, repeatedly;
     it is refused until its back-off ends (``Retry-After``)."""
@@ -229,6 +240,7 @@ _INFO_CODES: dict[str, type[GatewayError]] = {
         BadModelIdError,
         BadRequestError,
         StorageUnavailableError,
+        StorageDeniedError,
         DeadlineExceededError,
         PayloadTooLargeError,
     )

@@ -44,10 +44,16 @@ from muxgate.replicas._cache_stats import (
     register_cache,
     residency_changed,
 )
+from muxgate.replicas._codes import BACKEND_ERROR_CODES
 from muxgate.replicas._context import current_replica, current_request
 from muxgate.replicas._eviction import EvictionPolicy
 from muxgate.replicas._load_cpu import charging
-from muxgate.replicas._logging import OUTCOME, mark_traceback_logged
+from muxgate.replicas._logging import (
+    OUTCOME,
+    describe_exception,
+    mark_outcome_logged,
+    mark_traceback_logged,
+)
 from muxgate.replicas._lru import LRU
 from muxgate.replicas._model_size import model_nbytes, release_device_memory
 from muxgate.replicas._unload_hooks import run_unload_hook
@@ -69,15 +75,16 @@ M = TypeVar("M")
 
 _log = logging.getLogger("muxgate.replicas")
 
-#: muxgate.backends errors that are outcomes rather than bugs, matched by name
-#: (the package is optional in a replica and not imported here)
-_OUTCOMES: Final = frozenset(
-    {"ModelNotFoundError", "InvalidModelIdError", "StorageUnavailableError"}
-)
 
-
-def _is_outcome(exc: BaseException) -> bool:
-    return any(cls.__name__ in _OUTCOMES for cls in type(exc).__mro__)
+def _outcome_of(exc: BaseException) -> str | None:
+    """The error code of a muxgate.backends error that is an outcome rather
+    than a bug, matched by name (the package is optional in a replica and
+    not imported here); None for anything else."""
+    for cls in type(exc).__mro__:
+        code = BACKEND_ERROR_CODES.get(cls.__name__)
+        if code is not None:
+            return str(code)
+    return None
 
 
 # A proxy until the process installs a TracerProvider; it then follows the global one.
@@ -477,20 +484,29 @@ class ModelCache(Generic[M]):
                 failed_after = time.perf_counter() - start
                 COUNTERS["model_load_failures"] += 1
                 EVENTS.record("load_failed", model_id, failed_after, type(exc).__name__)
-                # An outcome (not found, refused id, storage down) is logged
-                # once with its detail where the request fails, without a
+                # An outcome (not found, refused id, storage down or
+                # refusing) is logged here with its detail, without a
                 # traceback; anything else keeps its traceback here.
-                outcome = _is_outcome(exc)
-                _log.warning(
-                    "Failed to load model '%s' after %.1fms%s",
-                    model_id,
-                    failed_after * 1e3,
-                    f": {type(exc).__name__}." if outcome else ".",
-                    exc_info=not outcome,
-                    extra={OUTCOME: "load_failed"} if outcome else None,
-                )
-                if not outcome:
+                outcome = _outcome_of(exc)
+                if outcome is None:
+                    _log.warning(
+                        "Failed to load model '%s' after %.1fms.",
+                        model_id,
+                        failed_after * 1e3,
+                        exc_info=True,
+                    )
                     mark_traceback_logged(exc)
+                else:
+                    # The detail, once, without a traceback; the request
+                    # whose load this was adds no line of its own.
+                    _log.warning(
+                        "Failed to load model '%s' after %.1fms: %s",
+                        model_id,
+                        failed_after * 1e3,
+                        describe_exception(exc),
+                        extra={OUTCOME: outcome},
+                    )
+                    mark_outcome_logged(exc)
                 raise
             finally:
                 otel_context.detach(token)

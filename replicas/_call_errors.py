@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from muxgate.replicas._codes import ErrorCode
+from muxgate.replicas._codes import BACKEND_ERROR_CODES, ErrorCode
 from muxgate.replicas._http import BadRequestError, MissingModelIdError
 from muxgate.replicas._logging import describe_exception
 from muxgate.replicas._multiplex import ModelTooLargeError
@@ -37,19 +37,8 @@ def bad_request(message: str) -> CallFailed:
     return CallFailed(ErrorInfo.of(ErrorCode.BAD_REQUEST, message))
 
 
-#: muxgate.backends errors that mean something to the client, by class name,
-#: and their codes. Anything else user code raises is a 500 ``user_error``.
-_BACKEND_ERRORS: dict[str, ErrorCode] = {
-    "ModelNotFoundError": ErrorCode.MODEL_NOT_FOUND,
-    # an id that would leave the storage root: the client's mistake, not ours
-    "InvalidModelIdError": ErrorCode.BAD_MODEL_ID,
-    # storage kept failing after retries: worth retrying later
-    "StorageUnavailableError": ErrorCode.STORAGE_UNAVAILABLE,
-}
-
-
 #: Codes of backend errors that are outcomes (logged without a traceback).
-EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(_BACKEND_ERRORS.values())
+EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(BACKEND_ERROR_CODES.values())
 
 
 def is_cancellation(exc: BaseException) -> bool:
@@ -100,7 +89,7 @@ def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
         if isinstance(client, str) and client:
             message = client
     for cls in type(exc).__mro__:
-        known = _BACKEND_ERRORS.get(cls.__name__)
+        known = BACKEND_ERROR_CODES.get(cls.__name__)
         if known is not None:
             return ErrorInfo.of(known, message)
     return ErrorInfo.of(ErrorCode.USER_ERROR, message)

@@ -46,7 +46,7 @@ from muxgate.replicas._handle import call_deadline
 from muxgate.replicas._handle_loops import SyncCalls
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._loader_thread import is_async_callable
-from muxgate.replicas._logging import OUTCOME, traceback_logged
+from muxgate.replicas._logging import OUTCOME, outcome_logged_for, traceback_logged
 from muxgate.replicas._propagation import extract_context
 from muxgate.replicas._protocol import MAX_BODY_BYTES, Call, ErrorInfo
 from muxgate.replicas._spec import ReplicaSpec
@@ -143,14 +143,16 @@ class CallRunner:
                 raise
             error = error_for(exc, http=call.http is not None)
             if error.code in EXPECTED_BACKEND_CODES:
-                # an outcome, not a bug: the full detail, no traceback
-                _log.warning(
-                    "Request %s: %s: %s",
-                    call.request_id,
-                    type(exc).__name__,
-                    exc,
-                    extra={OUTCOME: error.code},
-                )
+                # An outcome, not a bug: the full detail, no traceback, once:
+                # not again if this request's own failed model load wrote it.
+                if not outcome_logged_for(exc, call.request_id):
+                    _log.warning(
+                        "Request %s: %s: %s",
+                        call.request_id,
+                        type(exc).__name__,
+                        exc,
+                        extra={OUTCOME: error.code},
+                    )
             elif error.code in (ErrorCode.BAD_REQUEST, ErrorCode.MODEL_TOO_LARGE):
                 _log.warning("%s", error.message, extra={OUTCOME: error.code})
             elif traceback_logged(exc):

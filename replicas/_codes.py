@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ErrorCode"]
+__all__ = ["BACKEND_ERROR_CODES", "ErrorCode"]
 
 
 class ErrorCode(enum.StrEnum):
@@ -70,6 +70,10 @@ class ErrorCode(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down", 503
     #: model storage kept failing after its retries
     STORAGE_UNAVAILABLE = "storage_unavailable", 503
+    #: model storage refused the replica's credentials, or it has none
+    #: (a 503 as storage being down is: the replica cannot read the model;
+    #: it lasts until an operator fixes the credentials or permissions)
+    STORAGE_DENIED = "storage_denied", 503
     #: replica-side: the replica is stopping (the gateway answers over_capacity)
     DRAINING = "draining", 503
     #: replica-side: its own max_ongoing_requests guard refused the call
@@ -82,3 +86,18 @@ class ErrorCode(enum.StrEnum):
 
     # -- handle client: an answer that is not a gateway error body ------------
     HTTP_ERROR = "http_error", 500
+
+
+#: muxgate.backends errors that mean something to the client, by class name
+#: (the package is optional in a replica and never imported by it), and
+#: their codes. They are outcomes, not bugs: logged without a traceback.
+#: Anything else user code raises is a 500 ``user_error``.
+BACKEND_ERROR_CODES: dict[str, ErrorCode] = {
+    "ModelNotFoundError": ErrorCode.MODEL_NOT_FOUND,
+    # an id that would leave the storage root: the client's mistake, not ours
+    "InvalidModelIdError": ErrorCode.BAD_MODEL_ID,
+    # storage kept failing after retries: worth retrying later
+    "StorageUnavailableError": ErrorCode.STORAGE_UNAVAILABLE,
+    # credentials missing or refused: the deployment's storage setup, not its code
+    "StorageAccessDeniedError": ErrorCode.STORAGE_DENIED,
+}

@@ -26,12 +26,16 @@ __all__ = [
     "ReplicaContextFilter",
     "describe_exception",
     "install_replica_logging",
+    "mark_outcome_logged",
     "mark_traceback_logged",
+    "outcome_logged_for",
     "traceback_logged",
 ]
 
 #: set on an exception whose traceback is already in the log
 _LOGGED = "_muxgate_traceback_logged"
+#: set on an outcome (an expected error) logged with its detail: the request id it was logged for
+_OUTCOME_LOGGED = "_muxgate_outcome_logged_for"
 
 
 def mark_traceback_logged(exc: BaseException) -> None:
@@ -45,6 +49,22 @@ def mark_traceback_logged(exc: BaseException) -> None:
 def traceback_logged(exc: BaseException) -> bool:
     """Whether ``mark_traceback_logged(exc)`` was called."""
     return getattr(exc, _LOGGED, False) is True
+
+
+def mark_outcome_logged(exc: BaseException) -> None:
+    """Note that ``exc``, an outcome (an expected error, such as a model
+    not in storage), was logged with its detail in the current request's
+    name (a failed model load's line), so that request logs nothing more
+    for it: one line per failed request. Other requests failing with it
+    (they waited for the same load) still log theirs."""
+    request = current_request()
+    with contextlib.suppress(AttributeError, TypeError):  # a type without a __dict__
+        setattr(exc, _OUTCOME_LOGGED, request.request_id if request is not None else "")
+
+
+def outcome_logged_for(exc: BaseException, request_id: str) -> bool:
+    """Whether ``mark_outcome_logged(exc)`` was called in request ``request_id``."""
+    return bool(request_id) and getattr(exc, _OUTCOME_LOGGED, None) == request_id
 
 
 def describe_exception(exc: BaseException) -> str:

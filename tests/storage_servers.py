@@ -16,6 +16,9 @@
     with silent_server() as silent:            # accepts connections, never answers
         ... storage_options=s3.options_via(silent.endpoint) ...
 
+    with refusing_server(403, body) as deny:   # answers every request 403 (or 401)
+        ... storage_options=gcs.options_via(deny.endpoint) ...
+
     with http_files() as web:                  # aiohttp's static files over a temp folder
         web.put("m1/model.pt", data)
         await load_state_dict(web.endpoint, "m1")
@@ -142,6 +145,37 @@ class S3Server:
     def delete(self, bucket: str, key: str) -> None:
         """Delete ``bucket/key``."""
         self.client().delete_object(Bucket=bucket, Key=key)
+
+    def iam_user(self, name: str) -> tuple[str, str]:
+        """Create IAM user ``name`` with no policy; its (access key id, secret)."""
+        import boto3
+
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name=S3_REGION,
+        )
+        iam.create_user(UserName=name)
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return str(key["AccessKeyId"]), str(key["SecretAccessKey"])
+
+    def enforce_auth(self) -> None:
+        """From now on, check every request's credentials and IAM policies
+        as AWS does (moto's ``reset-auth``): unknown key ids get 403
+        ``InvalidAccessKeyId``, a wrong secret ``SignatureDoesNotMatch``,
+        a user without a policy allowing the action ``AccessDenied``. Set
+        up buckets and users before: the fixture's own key is not an IAM
+        user's."""
+        request = urllib.request.Request(
+            self.endpoint + "/moto-api/reset-auth",
+            data=b"0",
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200
 
     def stop(self) -> None:
         """Stop the server now (a storage outage: connections are refused)."""
@@ -369,6 +403,63 @@ def http_files() -> Iterator[HttpFiles]:
         thread.join(timeout=10)
         loop.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class RefusingServer:
+    """An HTTP server that answers every request with one error status.
+
+    Attributes:
+        endpoint: ``http://127.0.0.1:PORT``.
+        requests: ``(method, path)`` of each request, in order.
+    """
+
+    endpoint: str
+    requests: list[tuple[str, str]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def refusing_server(
+    status: int, body: bytes = b"", content_type: str = "application/json"
+) -> Iterator[RefusingServer]:
+    """Run a :class:`RefusingServer` on 127.0.0.1 for the block: storage
+    that refuses the caller's credentials (401, 403) as a GCS, S3 or plain
+    HTTP server would, with ``body`` as its error document."""
+    server: RefusingServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _refuse(self) -> None:
+            server.requests.append((self.command, urllib.parse.urlsplit(self.path).path))
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _refuse
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    server = RefusingServer(f"http://127.0.0.1:{httpd.server_address[1]}")
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
 
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}

@@ -35,7 +35,7 @@ from muxgate.backends._fetch import Strategy, choose_strategy, plan_parts, sourc
 from muxgate.backends._formats import _refused_global
 from muxgate.backends._instances import FilesystemInstances, freeze_options
 from muxgate.backends._registry import register_backend
-from muxgate.backends._retry import is_transient, with_retries
+from muxgate.backends._retry import is_access_denied, is_transient, with_retries
 from muxgate.backends._urls import join_model_url, redact_url, split_protocol
 
 
@@ -233,6 +233,43 @@ def _wrapped(inner: BaseException) -> OSError:
 )
 def test_is_transient(exc: BaseException, transient: bool) -> None:
     assert is_transient(exc) is transient
+
+
+class NoCredentialsError(Exception):
+    """Named like botocore's: classified by name, botocore not imported."""
+
+
+class _HttpError(Exception):
+    """Like gcsfs's HttpError: the status in ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"status {code}")
+        self.code = code
+
+
+@pytest.mark.parametrize(
+    ("exc", "denied"),
+    [
+        (PermissionError("Forbidden"), True),  # s3fs: AccessDenied, InvalidAccessKeyId, 403
+        (_wrapped(PermissionError("Forbidden")), True),
+        (_ClientError(403), True),
+        (_HttpError(401), True),
+        (_HttpError(403), True),
+        (NoCredentialsError("Unable to locate credentials"), True),
+        (_wrapped(NoCredentialsError()), True),
+        (OSError("Forbidden: b/k\nno access"), True),  # gcsfs's 403
+        (OSError(errno.EIO, "Forbidden: not gcsfs's shape"), False),
+        (_HttpError(404), False),
+        (_ClientError(503), False),
+        (FileNotFoundError("x"), False),
+        (ConnectionResetError(), False),
+        (ValueError("Forbidden: a value"), False),
+    ],
+)
+def test_is_access_denied(exc: BaseException, denied: bool) -> None:
+    assert is_access_denied(exc) is denied
+    if denied:
+        assert not is_transient(exc)  # never retried
 
 
 def test_retry_policy_backoff() -> None:

@@ -31,6 +31,7 @@ CONTRACT = {
         "ModelNotFoundError",
         "ModelFormatError",
         "StorageUnavailableError",
+        "StorageAccessDeniedError",
     },
     "muxgate.gateway": {"serve", "load_config", "AppConfig", "Router", "AutoscalingConfig"},
 }

@@ -12,7 +12,13 @@ import pytest
 from fake_clock import FakeClock
 
 from muxgate.replicas._context import current_replica, request_scope, set_replica_context
-from muxgate.replicas._logging import OUTCOME, OutcomeThrottle, install_replica_logging
+from muxgate.replicas._logging import (
+    OUTCOME,
+    OutcomeThrottle,
+    install_replica_logging,
+    mark_outcome_logged,
+    outcome_logged_for,
+)
 from muxgate.replicas._multiplex import model_cache, multiplexed
 
 
@@ -71,6 +77,44 @@ def test_model_loads_are_logged_with_the_request_that_caused_them(
     assert re.fullmatch(PREFIX + r"req-9 _cache\.py:\d+ - Loading model '42'\.", lines[0])
     assert re.fullmatch(PREFIX + r"req-9 _cache\.py:\d+ - Loaded model '42' in .*ms\.", lines[1])
     assert re.fullmatch(PREFIX + r"- _cache\.py:\d+ - Unloading model '42'\.", lines[2])
+
+
+class StorageAccessDeniedError(Exception):
+    """Named like muxgate.backends' (matched by name in a replica)."""
+
+
+def test_a_failed_load_that_is_an_outcome_logs_its_detail_once_for_its_request(
+    log_stream: io.StringIO,
+) -> None:
+    denied = StorageAccessDeniedError("storage refused access to s3://b/m/model.pt: Forbidden")
+
+    @multiplexed
+    async def get_model(model_id: str) -> str:
+        raise denied
+
+    async def main() -> None:
+        with request_scope("req-3", "m"), pytest.raises(StorageAccessDeniedError):
+            await get_model("m")
+        await model_cache(get_model).aclose()
+
+    anyio.run(main)
+    (line,) = [x for x in log_stream.getvalue().splitlines() if x.startswith("WARNING")]
+    assert re.fullmatch(
+        r"WARNING .* req-3 _cache\.py:\d+ - Failed to load model 'm' after .*ms: "
+        r"StorageAccessDeniedError: storage refused access to s3://b/m/model\.pt: Forbidden",
+        line,
+    )
+    assert "Traceback" not in log_stream.getvalue()
+    # the request that caused it logs nothing more; another that waited for it does
+    assert outcome_logged_for(denied, "req-3")
+    assert not outcome_logged_for(denied, "req-4")
+    assert not outcome_logged_for(ValueError(), "req-3")
+
+
+def test_an_outcome_logged_outside_a_request_is_no_requests() -> None:
+    exc = ValueError("x")
+    mark_outcome_logged(exc)
+    assert not outcome_logged_for(exc, "")
 
 
 # -- lines clients cause are bounded -------------------------------------------------

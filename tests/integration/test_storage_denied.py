@@ -1,0 +1,237 @@
+"""Storage that refuses the replica's credentials, or a replica without any:
+``StorageAccessDeniedError``, never retried, and through the gateway 503
+``storage_denied`` with a message that names no bucket, path or key and one
+warning line in the replica's log, no traceback.
+
+Against real servers on 127.0.0.1: moto checking credentials and IAM
+policies as AWS does (``S3Server.enforce_auth``), botocore finding no
+credentials at all, and an HTTP server answering 401/403 as GCS or a plain
+HTTP root does (fake-gcs-server accepts everyone).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+with warnings.catch_warnings():
+    # torch warns at import when numpy is absent; pytest turns warnings into errors.
+    warnings.simplefilter("ignore", UserWarning)
+    import torch
+
+from gateway_harness import MODEL
+from serve_process import serve_process
+from storage_servers import S3Server, fault_proxy, moto_s3, refusing_server
+
+from muxgate.backends._config import CacheConfig, RetryPolicy, StorageConfig
+from muxgate.backends._errors import StorageAccessDeniedError
+from muxgate.backends._formats import load_state_dict
+from muxgate.backends._registry import filesystem_class
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+BUCKET = "muxgate-denied"
+APPS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "apps"))
+#: botocore finds no credentials anywhere (and does not ask an EC2 metadata service)
+NO_CREDENTIALS = {
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def _config(cache_dir: Path) -> StorageConfig:
+    retry = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, deadline=10)
+    return StorageConfig(cache=CacheConfig(directory=cache_dir, max_bytes=1 << 30), retry=retry)
+
+
+def _model_bytes() -> bytes:
+    from apps.observability_apps import TinyNet
+
+    buf = io.BytesIO()
+    torch.save(TinyNet().state_dict(), buf)
+    return buf.getvalue()
+
+
+def _s3_options(endpoint: str, key: str | None, secret: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "endpoint_url": endpoint,
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    if key is not None:
+        options |= {"key": key, "secret": secret}
+    return options
+
+
+@pytest.fixture
+def s3() -> Iterator[tuple[S3Server, tuple[str, str]]]:
+    """A moto server of this test's own that checks credentials: a bucket
+    with model ``m``; and the key id and secret of an IAM user without any
+    policy."""
+    with moto_s3() as server:
+        server.create_bucket(BUCKET)
+        server.put(BUCKET, "models/m/model.pt", _model_bytes())
+        reader = server.iam_user("reader")
+        server.enforce_auth()
+        yield server, reader
+
+
+def _without_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in NO_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+
+
+def _assert_denied(exc: StorageAccessDeniedError, *secrets: str) -> None:
+    assert exc.client_message == (
+        "model storage refused access (credentials missing or not allowed)"
+    )
+    for secret in (BUCKET, "s3://", "gs://", "models/m", *secrets):
+        assert secret not in exc.client_message
+    assert BUCKET in str(exc) or "127.0.0.1" in str(exc)  # the log gets the URL
+
+
+# -- muxgate.backends on its own ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["unknown key", "wrong secret", "no policy"])
+async def test_s3_refusing_the_credentials_is_access_denied_once(
+    s3: tuple[S3Server, tuple[str, str]], tmp_path: Path, who: str
+) -> None:
+    server, (key, secret) = s3
+    key, secret = {
+        "unknown key": ("AKIAUNKNOWNUNKNOWN12", "whatever"),
+        "wrong secret": (key, "not-the-secret"),
+        "no policy": (key, secret),
+    }[who]
+    with fault_proxy(server.endpoint) as proxy:
+        with pytest.raises(StorageAccessDeniedError) as info:
+            await load_state_dict(
+                f"s3://{BUCKET}/models",
+                "m",
+                storage_options=_s3_options(proxy.endpoint, key, secret),
+                config=_config(tmp_path / "cache"),
+            )
+        assert proxy.count() == 1  # not retried: the same credentials fail the same way
+    _assert_denied(info.value, key, secret)
+    assert "PermissionError" in info.value.reason
+
+
+async def test_s3_without_any_credentials_is_access_denied(
+    s3: tuple[S3Server, tuple[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _without_credentials(monkeypatch)
+    with fault_proxy(s3[0].endpoint) as proxy:
+        with pytest.raises(StorageAccessDeniedError) as info:
+            await load_state_dict(
+                f"s3://{BUCKET}/models",
+                "m",
+                storage_options=_s3_options(proxy.endpoint, None, None),
+                config=_config(tmp_path / "cache"),
+            )
+        assert proxy.count() == 0  # botocore could not sign: nothing was sent
+    _assert_denied(info.value)
+    assert "NoCredentialsError" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("scheme", "status"), [("gs", 401), ("gs", 403), ("http", 401), ("http", 403)]
+)
+async def test_gcs_and_http_refusals_are_access_denied(
+    tmp_path: Path, scheme: str, status: int
+) -> None:
+    filesystem_class(scheme)  # imported before the server counts anything
+    body = json.dumps(
+        {"error": {"code": status, "message": "Permission denied on the object", "errors": []}}
+    ).encode()
+    with refusing_server(status, body) as deny:
+        if scheme == "gs":
+            root = f"gs://{BUCKET}/models"
+            options: dict[str, Any] = {
+                "endpoint_url": deny.endpoint,
+                "token": "anon",
+                "project": "test",
+            }
+        else:
+            root, options = f"{deny.endpoint}/models", {}
+        with pytest.raises(StorageAccessDeniedError) as info:
+            await load_state_dict(
+                root, "m", storage_options=options, config=_config(tmp_path / "cache")
+            )
+        assert len(deny.requests) >= 1
+    _assert_denied(info.value)
+    assert str(status) in info.value.reason or "Forbidden" in info.value.reason
+
+
+# -- through muxgate serve and a real replica --------------------------------------------------
+
+
+def _serve_config(tmp_path: Path, options: dict[str, Any]) -> Path:
+    config = tmp_path / "app.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "app_dir": APPS,
+                "storage": {"s3": options, "cache": {"directory": str(tmp_path / "cache")}},
+                "deployments": [
+                    {
+                        "name": "Observed",
+                        "import_path": "observability_apps:Observed",
+                        "init_kwargs": {"model_root": f"s3://{BUCKET}/models"},
+                        "num_replicas": 1,
+                    }
+                ],
+            }
+        )
+    )
+    return config
+
+
+@pytest.mark.parametrize("credentials", ["refused", "missing"])
+def test_gateway_answers_503_storage_denied_and_logs_one_line(
+    s3: tuple[S3Server, tuple[str, str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    credentials: str,
+) -> None:
+    server, (key, _) = s3
+    if credentials == "missing":
+        _without_credentials(monkeypatch)  # muxgate serve and its replicas inherit it
+        options = _s3_options(server.endpoint, None, None)
+        secrets: tuple[str, ...] = ()
+    else:
+        options = _s3_options(server.endpoint, key, "not-the-secret")
+        secrets = (key, "not-the-secret")
+    log = tmp_path / "stderr.log"
+    with (
+        serve_process(_serve_config(tmp_path, options), log) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        r = client.post("/", headers={MODEL: "m"})
+        lines = log.read_text(errors="replace").splitlines()
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "storage_denied"
+    assert error["message"] == "model storage refused access (credentials missing or not allowed)"
+    assert int(r.headers["retry-after"]) >= 1
+    for secret in (BUCKET, "s3://", "models/m", "127.0.0.1", *secrets):
+        assert secret not in r.text
+    # one warning with the detail for the operator, no traceback
+    request_id = r.headers["x-request-id"]
+    warnings_ = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
+    assert len(warnings_) == 1, "\n".join(warnings_)
+    (line,) = warnings_
+    assert request_id in line and "StorageAccessDeniedError" in line
+    assert f"s3://{BUCKET}/models/m/model.pt" in line
+    assert ("NoCredentialsError" if credentials == "missing" else "PermissionError") in line
+    assert not [line for line in lines if line.startswith("Traceback")]
