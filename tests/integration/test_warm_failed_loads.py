@@ -95,8 +95,10 @@ async def test_a_failed_load_is_not_warmed_right_after(gateway: tuple[Gateway, P
         snap = await wait_until(warmed, within_s=30, what="s warmed on the woken replica")
         # the request's load failed once; warming did not try it again
         assert loads(snap, replica_id, "77") == ["load_failed"]
-        (rep,) = snap["replicas"]
-        assert rep["models"] == ["s"] and not rep["loading"]
+        # Nothing of 77 on the replica. (It may already be going back to zero,
+        # its models unloading: downscale_to_zero_delay_s is short.)
+        for rep in snap["replicas"]:
+            assert "77" not in rep["models"] and "77" not in rep["loading"], rep
 
         # 77 in storage now: a request loads it, and the failure is cleared
         write_models(root, ["77"])
@@ -134,5 +136,6 @@ async def test_a_warm_that_fails_is_skipped_and_warming_goes_on(
 
         snap = await wait_until(warmed, within_s=30, what="s warmed after gone failed")
         assert loads(snap, replica_id, "gone") == ["load_failed"]
-        (rep,) = snap["replicas"]
-        assert set(rep["models"]) == {"w", "s"}
+        assert loads(snap, replica_id, "w") == ["load"]
+        # (From the events, not the replica's model list: the replica may
+        # already be going back to zero, its models unloading.)
