@@ -26,6 +26,7 @@ __all__ = [
     "ReplicaContextFilter",
     "describe_exception",
     "install_replica_logging",
+    "logged",
     "mark_outcome_logged",
     "mark_traceback_logged",
     "outcome_logged_for",
@@ -65,6 +66,12 @@ def mark_outcome_logged(exc: BaseException) -> None:
 def outcome_logged_for(exc: BaseException, request_id: str) -> bool:
     """Whether ``mark_outcome_logged(exc)`` was called in request ``request_id``."""
     return bool(request_id) and getattr(exc, _OUTCOME_LOGGED, None) == request_id
+
+
+def logged(exc: BaseException) -> bool:
+    """Whether ``exc`` is in the log already: its traceback, or its detail
+    as an outcome (by a failed model load, whichever request it was for)."""
+    return traceback_logged(exc) or getattr(exc, _OUTCOME_LOGGED, None) is not None
 
 
 def describe_exception(exc: BaseException) -> str:

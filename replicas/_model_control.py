@@ -20,6 +20,7 @@ import msgspec
 
 from muxgate.replicas._cache import ModelCache
 from muxgate.replicas._context import request_scope
+from muxgate.replicas._logging import logged
 from muxgate.replicas._multiplex import instance_caches, model_caches
 from muxgate.replicas._protocol import ModelControl
 
@@ -90,12 +91,13 @@ async def preload_models(
         for cache in caches:
             try:
                 await cache.preload(model_id, pin=pin)
-            except Exception:
+            except Exception as exc:
+                # The failed load logged its detail (or traceback) already.
                 _log.warning(
                     "Preloading model '%s' (%s) failed; the replica starts without it.",
                     model_id,
                     cache.name,
-                    exc_info=True,
+                    exc_info=not logged(exc),
                 )
 
 

@@ -82,6 +82,7 @@ from muxgate.replicas._call_runner import CallRunner, Outcome
 from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._deployment import get_deployment_options
 from muxgate.replicas._handshake import HandshakeGate
+from muxgate.replicas._logging import logged
 from muxgate.replicas._memory import rss_bytes
 from muxgate.replicas._model_control import (
     ControlRefusedError,
@@ -454,7 +455,10 @@ class Replica:
                 error = ErrorInfo.of(ErrorCode.BAD_REQUEST, str(exc))
             except Exception as exc:
                 error = error_for(exc)
-                _log.warning("%s of model '%s' failed: %s", message.action, message.model_id, exc)
+                if not logged(exc):  # a failed load wrote its own line
+                    _log.warning(
+                        "%s of model '%s' failed: %s", message.action, message.model_id, exc
+                    )
         state = self.state()
         if error is not None:
             await conn.send(Reply(id=message.id, state=state, status=error.status, error=error))

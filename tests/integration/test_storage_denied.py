@@ -176,7 +176,7 @@ async def test_gcs_and_http_refusals_are_access_denied(
 # -- through muxgate serve and a real replica --------------------------------------------------
 
 
-def _serve_config(tmp_path: Path, options: dict[str, Any]) -> Path:
+def _serve_config(tmp_path: Path, options: dict[str, Any], **deployment: Any) -> Path:
     config = tmp_path / "app.yaml"
     config.write_text(
         json.dumps(
@@ -189,6 +189,7 @@ def _serve_config(tmp_path: Path, options: dict[str, Any]) -> Path:
                         "import_path": "observability_apps:Observed",
                         "init_kwargs": {"model_root": f"s3://{BUCKET}/models"},
                         "num_replicas": 1,
+                        **deployment,
                     }
                 ],
             }
@@ -235,3 +236,29 @@ def test_gateway_answers_503_storage_denied_and_logs_one_line(
     assert f"s3://{BUCKET}/models/m/model.pt" in line
     assert ("NoCredentialsError" if credentials == "missing" else "PermissionError") in line
     assert not [line for line in lines if line.startswith("Traceback")]
+
+
+def test_a_refused_preload_and_admin_load_log_no_traceback(
+    s3: tuple[S3Server, tuple[str, str]], tmp_path: Path
+) -> None:
+    """The replica starts without a preload id storage refuses (its load's
+    line and one saying so, no traceback), and an operator's load of it
+    answers as a request would, adding no line to the failed load's."""
+    server, (key, _) = s3
+    options = _s3_options(server.endpoint, key, "not-the-secret")
+    log = tmp_path / "stderr.log"
+    with (
+        serve_process(_serve_config(tmp_path, options, preload=["m"]), log) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        r = client.post("/-/models/Observed/m/load")
+        lines = log.read_text(errors="replace").splitlines()
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "storage_denied"
+    assert not [line for line in lines if line.startswith("Traceback")], "\n".join(lines)
+    warnings_ = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
+    failed = [line for line in warnings_ if "Failed to load model 'm'" in line]
+    assert len(failed) == 2, "\n".join(warnings_)  # the preload's load, the admin load
+    assert all("StorageAccessDeniedError" in line for line in failed)
+    assert sum("Preloading model 'm'" in line for line in warnings_) == 1
+    assert len(warnings_) == 3, "\n".join(warnings_)

@@ -16,7 +16,9 @@ from muxgate.replicas._logging import (
     OUTCOME,
     OutcomeThrottle,
     install_replica_logging,
+    logged,
     mark_outcome_logged,
+    mark_traceback_logged,
     outcome_logged_for,
 )
 from muxgate.replicas._multiplex import model_cache, multiplexed
@@ -113,8 +115,13 @@ def test_a_failed_load_that_is_an_outcome_logs_its_detail_once_for_its_request(
 
 def test_an_outcome_logged_outside_a_request_is_no_requests() -> None:
     exc = ValueError("x")
+    assert not logged(exc)
     mark_outcome_logged(exc)
     assert not outcome_logged_for(exc, "")
+    assert logged(exc)  # a preload or a warm: in the log all the same
+    other = ValueError("y")
+    mark_traceback_logged(other)
+    assert logged(other)
 
 
 # -- lines clients cause are bounded -------------------------------------------------
