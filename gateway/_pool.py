@@ -167,7 +167,7 @@ class ReplicaPool:
             self.targets,
             self._reports,
             refused=lambda model_id: self.quarantine.suspected(model_id),
-            failed=self.failed_loads.__contains__,
+            failed_loads=self.failed_loads,
             spawn=self._spawn,
             timeout_s=drain_timeout_s,
             draining=lambda: {r.id for r in self.replicas.in_state(DRAINING)},

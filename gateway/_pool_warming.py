@@ -17,6 +17,7 @@ from typing import Any
 
 from muxgate.gateway._config import DeploymentConfig
 from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway._load_failures import FailedLoads
 from muxgate.gateway._pool_reports import ReplicaReports
 from muxgate.gateway._replica_set import RUNNING, Replica
 from muxgate.gateway._router import Router
@@ -35,10 +36,11 @@ class PoolWarming:
         reports: what the replicas report (request counts, load time).
         refused: whether a model id must not be warmed (suspected of
             killing replicas: blamed for a recent death, or quarantined).
-        failed: whether a model id's last load failed (``FailedLoads``):
-            warming leaves it out too, except the config's deferred
-            ``pinned`` and ``preload`` ids, which a waking replica loads as
-            one that starts does.
+        failed_loads: the model ids whose last load failed (the
+            dispatcher's, which a failed warm adds to): warming leaves them
+            out too, except the config's deferred ``pinned`` and
+            ``preload`` ids, which a waking replica loads as one that
+            starts does.
         spawn: ``(coroutine, what) -> task``, the pool's task spawner.
         timeout_s: the bound of one warming load.
         draining: the ids of the replicas leaving now (none of them keeps a
@@ -53,7 +55,7 @@ class PoolWarming:
         reports: ReplicaReports,
         *,
         refused: Callable[[str], bool],
-        failed: Callable[[str], bool] = lambda model_id: False,
+        failed_loads: FailedLoads | None = None,
         spawn: Callable[[Awaitable[Any], str], asyncio.Task[Any]],
         timeout_s: float,
         draining: Callable[[], Collection[str]] = frozenset,
@@ -63,13 +65,14 @@ class PoolWarming:
         self._targets = targets
         self._reports = reports
         self._quarantined = refused
-        self._failed = failed
+        self._failed_loads = failed_loads
         self._spawn = spawn
         self._timeout_s = timeout_s
         self._draining = draining
 
     def _refused(self, model_id: str) -> bool:
-        return self._failed(model_id) or self._quarantined(model_id)
+        failed = self._failed_loads
+        return (failed is not None and model_id in failed) or self._quarantined(model_id)
 
     def joined(self, rep: Replica, conn: ReplicaConnection) -> None:
         """``rep`` runs now (and serves already): start its warming, if any."""
@@ -98,6 +101,7 @@ class PoolWarming:
                 running=running,
                 waking=router.in_flight(rep.id),
                 reported=self._reports.requested,
+                failed_loads=self._failed_loads,
             )
             self._spawn(warming, f"warm-{rep.id}")
         elif len(self._targets) > 1:
@@ -110,6 +114,7 @@ class PoolWarming:
                 running=running,
                 reported=self._reports.requested,
                 refused=self._refused,
+                failed_loads=self._failed_loads,
             )
             self._spawn(warming, f"warm-{rep.id}")
 
@@ -128,4 +133,5 @@ class PoolWarming:
                 pinned=self._config.pinned,
                 draining=self._draining(),
                 refused=self._refused,
+                failed_loads=self._failed_loads,
             )

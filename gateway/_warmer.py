@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import msgspec
 
 from muxgate.gateway._connection import ReplicaConnection, ReplicaConnectionError
+from muxgate.gateway._load_failures import FailedLoads
 from muxgate.gateway._popularity import PopularitySketch
 from muxgate.gateway._router import Router
 from muxgate.gateway._warming import (
@@ -52,13 +53,15 @@ async def warm_replica(
     timeout_s: float = 60.0,
     running: Callable[[], bool] = lambda: True,
     may_evict: Sequence[str] = (),
+    failed_loads: FailedLoads | None = None,
 ) -> list[str]:
     """Warm ``plan`` on the replica of ``conn`` in order; the ids it holds now.
 
     Ids in ``pinned`` are loaded and pinned (evicting if need be, as the
     config's ``pinned`` at start), the others warmed (kept only if they fit
     without evicting anything but, as needed, the ``may_evict`` ids).
-    A model that fails to load is logged and skipped.
+    A model that fails to load is logged and skipped, and recorded in
+    ``failed_loads`` (no later warming volunteers it).
     """
     warmed: list[str] = []
     for model_id in plan:
@@ -79,6 +82,8 @@ async def warm_replica(
         except ReplicaConnectionError:
             break
         if reply.error is not None:
+            if failed_loads is not None:
+                failed_loads.replied(model_id, reply.error, reply.state)
             _log.warning(
                 "warming model '%s' on %s failed: %s",
                 model_id,
@@ -106,6 +111,7 @@ async def warm_after_zero(
     running: Callable[[], bool],
     waking: int = 0,
     reported: PopularitySketch | None = None,
+    failed_loads: FailedLoads | None = None,
 ) -> None:
     """The first replica after zero: the config's deferred ``pinned`` and
     ``preload`` ids, then the hottest models of the deployment's warm set
@@ -127,7 +133,13 @@ async def warm_after_zero(
         refused=[m for m, _ in ranked if refused(m)],
     )
     await warm_replica(
-        conn, plan, pinned=pinned, loader=loader, timeout_s=timeout_s, running=running
+        conn,
+        plan,
+        pinned=pinned,
+        loader=loader,
+        timeout_s=timeout_s,
+        running=running,
+        failed_loads=failed_loads,
     )
 
 
@@ -141,6 +153,7 @@ async def warm_moved_home(
     running: Callable[[], bool],
     reported: PopularitySketch | None = None,
     refused: Callable[[str], bool] = lambda model_id: False,
+    failed_loads: FailedLoads | None = None,
 ) -> None:
     """Replica ``replica_id`` joined: it warms the recently requested models
     whose home it is now (``reported``: see ``warm_counts``), none ``refused``."""
@@ -151,7 +164,14 @@ async def warm_moved_home(
         lambda home, model_id: home in router.holders(model_id),
         refused=refused,
     )
-    await warm_replica(conn, plan, loader=loader, timeout_s=timeout_s, running=running)
+    await warm_replica(
+        conn,
+        plan,
+        loader=loader,
+        timeout_s=timeout_s,
+        running=running,
+        failed_loads=failed_loads,
+    )
 
 
 async def hand_over(
@@ -166,6 +186,7 @@ async def hand_over(
     pinned: Collection[str] = (),
     draining: Collection[str] = (),
     refused: Callable[[str], bool] = lambda model_id: False,
+    failed_loads: FailedLoads | None = None,
 ) -> None:
     """Replica ``replica_id`` leaving on scale-down, still serving: its recently requested
     models warm on their next homes among ``targets``, all at once, bounded
@@ -202,6 +223,7 @@ async def hand_over(
                         loader=loader,
                         timeout_s=bound,
                         may_evict=spares.get(home, ()),
+                        failed_loads=failed_loads,
                     )
                     for home, models in plan.items()
                     if home in targets

@@ -139,3 +139,5 @@ async def test_a_warm_that_fails_is_skipped_and_warming_goes_on(
         assert loads(snap, replica_id, "w") == ["load"]
         # (From the events, not the replica's model list: the replica may
         # already be going back to zero, its models unloading.)
+        # the failed warm counts against gone as a failed request's load does
+        assert "gone" in pool.failed_loads and "s" not in pool.failed_loads
