@@ -46,7 +46,8 @@ async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Path]]:
                     "max_replicas": 1,
                     "initial_replicas": 0,
                     "downscale_delay_s": 0.5,
-                    "downscale_to_zero_delay_s": 0.5,
+                    # long enough for the warming after a wake to end first
+                    "downscale_to_zero_delay_s": 2.0,
                     "metrics_interval_s": 0.1,
                     "look_back_period_s": 0.3,
                 },
@@ -96,7 +97,7 @@ async def test_a_failed_load_is_not_warmed_right_after(gateway: tuple[Gateway, P
         # the request's load failed once; warming did not try it again
         assert loads(snap, replica_id, "77") == ["load_failed"]
         # Nothing of 77 on the replica. (It may already be going back to zero,
-        # its models unloading: downscale_to_zero_delay_s is short.)
+        # its models unloading.)
         for rep in snap["replicas"]:
             assert "77" not in rep["models"] and "77" not in rep["loading"], rep
 
