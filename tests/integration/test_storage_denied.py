@@ -144,6 +144,30 @@ async def test_s3_without_any_credentials_is_access_denied(
     assert "NoCredentialsError" in info.value.reason
 
 
+async def test_gcs_without_credentials_is_access_denied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """google-auth finds no credentials (``DefaultCredentialsError``):
+    nothing is asked of the server, which is a refusing one."""
+    for name in list(os.environ):
+        if name.startswith(("GOOGLE_", "GCE_", "CLOUDSDK_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "none.json"))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # no metadata server to ask either
+    with refusing_server(500) as server:
+        options = {"token": "google_default", "endpoint_url": server.endpoint}
+        with pytest.raises(StorageAccessDeniedError) as info:
+            await load_state_dict(
+                f"gs://{BUCKET}/models",
+                "m",
+                storage_options=options,
+                config=_config(tmp_path / "cache"),
+            )
+        assert server.requests == []
+    _assert_denied(info.value)
+    assert "DefaultCredentialsError" in info.value.reason
+
+
 @pytest.mark.parametrize(
     ("scheme", "status"), [("gs", 401), ("gs", 403), ("http", 401), ("http", 403)]
 )
