@@ -53,9 +53,22 @@ cancels the tasks and answers a plain-text 500) is set beyond that, as a
 backstop only.
 
 A refused connection is answered in the JSON error contract with
-``connection: close``; then the gateway stops writing (half-close), reads
-and drops whatever the client still sends for ``LINGER_S`` (so the answer is
-not lost to a reset), and closes. Nothing it sends after the refusal is kept.
+``connection: close``; then the gateway lingers: it stops writing
+(half-close), reads and drops what the client still sends, for at most
+``LINGER_S`` and at most ``LINGER_BYTES`` (so the answer is not lost to a
+reset, and a client cannot make it read more), and closes. Nothing it sends
+after the refusal is kept.
+
+The front end's answers sent before the request's body was read to its end
+(413 ``payload_too_large`` for a ``content-length`` over the limit, sent
+without reading the body, or for a chunked body once it passes the limit;
+408 for a body too slow; 503 ``shutting_down``) carry ``connection: close``
+too, and uvicorn would close the connection at once, with the rest of the
+body unread: a reset that can destroy the answer. Each request's cycle gets
+the connection through ``_CycleTransport``, whose ``close`` lingers the same
+way instead whenever the body is unread. (Before, a 413 kept the connection
+alive and uvicorn read and dropped the whole announced body, 10 GB if the
+client said so.)
 """
 
 from __future__ import annotations
@@ -71,7 +84,11 @@ from typing import Any, ClassVar, cast
 import httptools
 import uvicorn
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from muxgate.gateway._config import HttpConfig, HttpLimits
@@ -79,12 +96,24 @@ from muxgate.gateway._errors import error_body
 from muxgate.gateway._frontend import Shutdown, new_request_id
 from muxgate.replicas.contract import ErrorCode
 
-__all__ = ["HTTP_LOGGER", "LINGER_S", "Edge", "EdgeProtocol", "edge_protocol", "uvicorn_server"]
+__all__ = [
+    "HTTP_LOGGER",
+    "LINGER_BYTES",
+    "LINGER_S",
+    "Edge",
+    "EdgeProtocol",
+    "edge_protocol",
+    "uvicorn_server",
+]
 
 _log = logging.getLogger("muxgate.gateway.edge")
 
-#: how long a refused connection's further input is read and dropped
+#: how long a refused connection's further input is read and dropped, at most
 LINGER_S = 1.0
+
+#: how many bytes of a refused connection's further input are read and
+#: dropped, at most; past them the connection is closed at once
+LINGER_BYTES = 256 * 1024
 
 #: the name uvicorn's server messages are logged under here
 HTTP_LOGGER = "muxgate.gateway.http"
@@ -153,6 +182,35 @@ class Edge:
         return True
 
 
+class _CycleTransport(asyncio.Transport):
+    """The connection as one request's cycle (uvicorn's
+    ``RequestResponseCycle``) sees it: the same, except that closing it while
+    the request's body is unread lingers (``EdgeProtocol._linger``) instead
+    of closing at once (see the module docstring)."""
+
+    def __init__(self, protocol: EdgeProtocol, cycle: RequestResponseCycle) -> None:
+        super().__init__()
+        self._protocol = protocol
+        self._cycle = cycle
+        self._transport = protocol.transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._protocol._discarding or self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        cycle = self._cycle
+        if cycle.more_body and not cycle.disconnected and not self._protocol._discarding:
+            self._protocol._linger()
+        else:
+            self._transport.close()
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the header, time and connection
     limits of ``Edge`` (see the module docstring)."""
@@ -173,6 +231,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_fields = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: input is dropped until the close
+        self._dropped = 0  # bytes dropped since
         self._made_up_head = False  # parsing _continue_body's head: no callbacks
 
     # -- connections ---------------------------------------------------------------
@@ -212,6 +271,9 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES and not self.transport.is_closing():
+                self.transport.close()
             return
         self._unset_keepalive_if_required()
         if self._in_head:
@@ -327,12 +389,17 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_bytes = self._head_fields = 0
         self.edge.idle.pop(self, None)  # a request is in flight
         super().on_headers_complete()
+        cycle = self.cycle  # its task has not run yet: nothing has used the transport
+        cycle.transport = _CycleTransport(self, cycle)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True  # what comes next is the next request's head
 
     def on_response_complete(self) -> None:
+        if self._discarding:  # lingering: no keep-alive, nothing more is read
+            self.server_state.total_requests += 1
+            return
         pipelined = bool(self.pipeline)
         super().on_response_complete()
         if not pipelined and not self.transport.is_closing() and self in self.edge.open:
@@ -373,13 +440,12 @@ class EdgeProtocol(HttpToolsProtocol):
     def _refuse(
         self, status: int, code: str, message: str, *, retry_after: int | None = None
     ) -> None:
-        """Answer ``status`` (JSON, ``connection: close``), then drop input and close."""
+        """Answer ``status`` (JSON, ``connection: close``), then linger and close."""
         _log.debug("refused a connection from %s: %s %s", self.client, status, code)
-        self._forget()
-        self._discarding = True
-        self._unset_keepalive_if_required()
         transport = self.transport
         if transport.is_closing():
+            self._forget()
+            self._discarding = True
             return
         request_id = new_request_id()
         body = error_body(code, message, request_id)
@@ -399,6 +465,19 @@ class EdgeProtocol(HttpToolsProtocol):
             lines += [name, b": ", value, b"\r\n"]
         lines += [b"\r\n", body]
         transport.write(b"".join(lines))
+        self._linger()
+
+    def _linger(self) -> None:
+        """The answer is written: stop writing (half-close), read and drop
+        what the client still sends, at most ``LINGER_BYTES`` (in
+        ``data_received``) for at most ``LINGER_S``, and close."""
+        self._forget()
+        self._discarding = True
+        self._dropped = 0
+        self._unset_keepalive_if_required()
+        transport = self.transport
+        if transport.is_closing():
+            return
         self.flow.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()

@@ -142,9 +142,12 @@ class HeadersTooLargeError(GatewayError):
 
 
 class PayloadTooLargeError(GatewayError):
-    """The request body is over ``http.max_body_bytes``."""
+    """The request body is over ``http.max_body_bytes`` (announced by its
+    ``content-length``, or counted while a chunked one arrives). The rest of
+    the body is not read: the connection is closed."""
 
     code = ErrorCode.PAYLOAD_TOO_LARGE
+    close_connection = True
 
 
 class DeploymentError(GatewayError):

@@ -583,9 +583,9 @@ class FrontEnd:
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("the client disconnected before sending the body")
         body: bytes = message.get("body", b"")
+        if len(body) > self._max_body:
+            raise _TooLarge  # at once: more of the body may never come
         if not message.get("more_body", False):
-            if len(body) > self._max_body:
-                raise _TooLarge
             return body
         chunks = [body]
         size = len(body)
