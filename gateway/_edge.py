@@ -59,16 +59,19 @@ A refused connection is answered in the JSON error contract with
 reset, and a client cannot make it read more), and closes. Nothing it sends
 after the refusal is kept.
 
-The front end's answers sent before the request's body was read to its end
-(413 ``payload_too_large`` for a ``content-length`` over the limit, sent
-without reading the body, or for a chunked body once it passes the limit;
-408 for a body too slow; 503 ``shutting_down``) carry ``connection: close``
-too, and uvicorn would close the connection at once, with the rest of the
-body unread: a reset that can destroy the answer. Each request's cycle gets
-the connection through ``_CycleTransport``, whose ``close`` lingers the same
-way instead whenever the body is unread. (Before, a 413 kept the connection
-alive and uvicorn read and dropped the whole announced body, 10 GB if the
-client said so.)
+**Answers sent before the request's body was read to its end** (413
+``payload_too_large`` for a ``content-length`` over the limit, sent without
+reading the body, or for a chunked body once it passes the limit; 408 for a
+body too slow; any other answer given without reading the body: a 404, 405,
+400, 401 ...) carry ``connection: close``: a request's cycle is kept alive
+only once the parser has seen the end of its body (``on_message_complete``,
+at once for a request without one). uvicorn would then close the connection
+at once, with the rest of the body unread: a reset that can destroy the
+answer. Each request's cycle gets the connection through
+``_CycleTransport``, whose ``close`` lingers as above instead whenever the
+body is unread. (Before, such an answer kept the connection alive and
+uvicorn read and dropped the whole announced body, 10 GB if the client said
+so.)
 """
 
 from __future__ import annotations
@@ -232,6 +235,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: input is dropped until the close
         self._dropped = 0  # bytes dropped since
+        #: the cycle whose keep-alive waits for the end of its request's body
+        self._keep_alive_after_body: RequestResponseCycle | None = None
         self._made_up_head = False  # parsing _continue_body's head: no callbacks
 
     # -- connections ---------------------------------------------------------------
@@ -391,10 +396,26 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle  # its task has not run yet: nothing has used the transport
         cycle.transport = _CycleTransport(self, cycle)
+        if cycle.keep_alive:
+            # Kept alive only once the body has been read to its end
+            # (on_message_complete, at once for a request without one): an
+            # answer sent before says ``connection: close``, and the rest of
+            # the body is never read.
+            cycle.keep_alive = False
+            self._keep_alive_after_body = cycle
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True  # what comes next is the next request's head
+        cycle = self._keep_alive_after_body
+        if cycle is not None and cycle is self.cycle:
+            self._keep_alive_after_body = None
+            if not cycle.response_started:
+                cycle.keep_alive = True
+
+    def shutdown(self) -> None:
+        self._keep_alive_after_body = None  # the server is stopping: closed after the answer
+        super().shutdown()
 
     def on_response_complete(self) -> None:
         if self._discarding:  # lingering: no keep-alive, nothing more is read

@@ -236,6 +236,28 @@ def test_a_client_that_stops_sending_is_closed_after_the_linger(gateway: Gateway
         assert time.monotonic() - started < LINGER_S + 2, sent
 
 
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (head(b"/-/healthz", b"", method=b"GET"), 200),
+        (head(b"/-/healthz", b""), 405),
+        (head(b"/x", b"serve_multiplexed_model_id: a b\r\n"), 400),
+    ],
+    ids=["healthz", "method_not_allowed", "bad_model_id"],
+)
+def test_any_answer_before_the_body_closes_without_reading_it(
+    gateway: Gateway, request_head: bytes, status: int
+) -> None:
+    # Answers that never read the body: the announced 10 GB is not read
+    # either (before, the connection was kept alive and read to its end).
+    with Client(gateway) as c:
+        c.send(request_head[:-2] + b"Content-Length: 10000000000\r\n\r\n")
+        got, headers, _ = c.response()
+        assert (got, headers["connection"]) == (status, "close")
+        sent, took = c.send_until_closed(b"x" * 65536)
+        assert took < SEND_FOR_S / 2 and sent < BOUND, (took, sent)
+
+
 def test_a_library_that_writes_the_whole_body_first_still_gets_the_413(
     gateway: Gateway,
 ) -> None:
