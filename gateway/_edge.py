@@ -18,6 +18,11 @@ it does not bound is added here, in ``EdgeProtocol``, a subclass of its
   one: 408 ``request_timeout``, or a plain close when nothing came at all.
   (uvicorn has no such timer: a connection that never sends a request, or
   sends it a byte at a time, was held for ever.)
+* A refusal of a request pipelined behind one still in flight (its head
+  too large, too slow or malformed) is answered after the answers before
+  it; the connection reads nothing more meanwhile. (Before, the refusal was
+  written first and the answer in flight was lost, with an ERROR line in
+  the log for each such connection.)
 * **Open connections**, ``max_connections``. At the cap a new connection
   closes the one idle longest (kept alive between requests, or not yet done
   sending its head), so clients that hold connections without using them
@@ -235,6 +240,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: input is dropped until the close
         self._dropped = 0  # bytes dropped since
+        #: a refusal of a pipelined request, sent once the answers before it are
+        self._deferred: tuple[int, str, str] | None = None
         #: the cycle whose keep-alive waits for the end of its request's body
         self._keep_alive_after_body: RequestResponseCycle | None = None
         self._made_up_head = False  # parsing _continue_body's head: no callbacks
@@ -275,6 +282,9 @@ class EdgeProtocol(HttpToolsProtocol):
     # -- the head ----------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._deferred is not None:  # refused, its answer waits: read no more
+            self.flow.pause_reading()
+            return
         if self._discarding:
             self._dropped += len(data)
             if self._dropped > LINGER_BYTES and not self.transport.is_closing():
@@ -421,6 +431,12 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._discarding:  # lingering: no keep-alive, nothing more is read
             self.server_state.total_requests += 1
             return
+        if self._deferred is not None and not self.pipeline:
+            self.server_state.total_requests += 1
+            status, code, message = self._deferred
+            self._deferred = None
+            self._refuse(status, code, message)
+            return
         pipelined = bool(self.pipeline)
         super().on_response_complete()
         if not pipelined and not self.transport.is_closing() and self in self.edge.open:
@@ -461,7 +477,18 @@ class EdgeProtocol(HttpToolsProtocol):
     def _refuse(
         self, status: int, code: str, message: str, *, retry_after: int | None = None
     ) -> None:
-        """Answer ``status`` (JSON, ``connection: close``), then linger and close."""
+        """Answer ``status`` (JSON, ``connection: close``), then linger and close.
+
+        A request pipelined behind one still in flight is answered after
+        the answers before it (``on_response_complete``); until then the
+        connection reads no more."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            _log.debug("refusing a pipelined request from %s: %s %s", self.client, status, code)
+            self._cancel_head_timer()
+            self._deferred = (status, code, message)
+            self.flow.pause_reading()
+            return
         _log.debug("refused a connection from %s: %s %s", self.client, status, code)
         transport = self.transport
         if transport.is_closing():

@@ -10,6 +10,8 @@ correct answer, and a flood of them leaves the log as it was.
 * ``CONNECT`` (a tunnel through a proxy) is 400 ``bad_request``.
 * HTTP/1.0, pipelining, ``Expect: 100-continue``, an absolute-form target,
   a long header line under the limit and one over it.
+* A request refused (431, 400) while pipelined behind one in flight: the
+  answer in flight comes first, then the refusal.
 
 The log is read once the answers are in: the gateway writes a request's log
 lines before it answers, so there is nothing to wait for.
@@ -239,4 +241,30 @@ def test_a_long_header_line_is_served_under_the_limit_and_431_over_it(gateway: G
             assert status == 431
             assert json.loads(answer)["error"]["code"] == "headers_too_large"
             assert headers["connection"] == "close"
+    assert_quiet(new_lines(gateway, before))
+
+
+@pytest.mark.parametrize(
+    ("behind", "status"),
+    [
+        (request(b"/long", b"X-Long: " + b"a" * 70_000 + b"\r\n"), 431),
+        (b"GET /x HTTP/1.1\r\nHost gw\r\n\r\n", 400),
+    ],
+    ids=["headers_too_large", "malformed"],
+)
+def test_a_refused_request_pipelined_behind_one_in_flight_is_answered_after_it(
+    gateway: Gateway, behind: bytes, status: int
+) -> None:
+    # Before, the refusal was written first, the answer in flight was lost
+    # and each such connection logged an ERROR line.
+    before = len(gateway.log_lines())
+    for _ in range(FLOOD // 10):
+        with Client(gateway) as c:
+            c.send(request(b"/slow?s=0.1") + behind)
+            got, _, answer = c.response()
+            assert (got, echo(answer)["path"]) == (200, "/slow")
+            got, headers, answer = c.response()
+            assert (got, headers["connection"]) == (status, "close")
+            assert json.loads(answer)["error"]["request_id"] == headers["x-request-id"]
+            assert c.closed()
     assert_quiet(new_lines(gateway, before))
