@@ -364,8 +364,12 @@ class EdgeProtocol(HttpToolsProtocol):
         finally:
             self._made_up_head = False
         self._in_head = False
-        self.cycle.more_body = True
-        self.cycle.message_event.clear()
+        cycle = self.cycle
+        cycle.more_body = True
+        cycle.message_event.clear()
+        if cycle.keep_alive and not cycle.response_started:  # kept alive once the body is read
+            cycle.keep_alive = False
+            self._keep_alive_after_body = cycle
 
     def _bad_request(self) -> None:
         # In the JSON error contract with the ids every answer carries

@@ -242,8 +242,9 @@ def test_a_client_that_stops_sending_is_closed_after_the_linger(gateway: Gateway
         (head(b"/-/healthz", b"", method=b"GET"), 200),
         (head(b"/-/healthz", b""), 405),
         (head(b"/x", b"serve_multiplexed_model_id: a b\r\n"), 400),
+        (head(b"/-/healthz", b"Connection: Upgrade\r\nUpgrade: h2c\r\n"), 405),
     ],
-    ids=["healthz", "method_not_allowed", "bad_model_id"],
+    ids=["healthz", "method_not_allowed", "bad_model_id", "after_an_upgrade"],
 )
 def test_any_answer_before_the_body_closes_without_reading_it(
     gateway: Gateway, request_head: bytes, status: int
