@@ -67,8 +67,8 @@ after the refusal is kept.
 **Answers sent before the request's body was read to its end** (413
 ``payload_too_large`` for a ``content-length`` over the limit, sent without
 reading the body, or for a chunked body once it passes the limit; 408 for a
-body too slow; any other answer given without reading the body: a 404, 405,
-400, 401 ...) carry ``connection: close``: a request's cycle is kept alive
+body too slow; any other answer given without reading the body: a 405, a
+400 ...) carry ``connection: close``: a request's cycle is kept alive
 only once the parser has seen the end of its body (``on_message_complete``,
 at once for a request without one). uvicorn would then close the connection
 at once, with the rest of the body unread: a reset that can destroy the
