@@ -46,6 +46,7 @@ test: $(TESTS) system-deps
 
 lint: $(TESTS)
 	$(VENV)/bin/ruff check gateway replicas backends tests bench examples
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-logo
 
