@@ -209,14 +209,17 @@ class Muxgate(System):
         """CPU-ms per load in the run just made, as the replicas measured it
         (their loaders' own code, on whichever thread ran it), from the
         gateway's metrics; None before any load."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/metrics", timeout=10) as r:
             text = r.read().decode()
-        totals: dict[str, float] = {}
-        for name in ("muxgate_model_load_cpu_seconds_total", "muxgate_model_loads_total"):
-            values = re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.MULTILINE)
-            totals[name] = sum(float(v) for v in values)
-        loads = totals["muxgate_model_loads_total"]
-        cpu = totals["muxgate_model_load_cpu_seconds_total"]
+        totals = {
+            family.name: sum(s.value for s in family.samples if s.name.endswith("_total"))
+            for family in text_string_to_metric_families(text)
+        }
+        # the text format's counter family names drop their "_total"
+        loads = totals.get("muxgate_model_loads", 0.0)
+        cpu = totals.get("muxgate_model_load_cpu_seconds", 0.0)
         return round(cpu / loads * 1000, 3) if loads else None
 
     def deploy(self, app: str, k: int, replicas: int) -> None:

@@ -5,20 +5,26 @@ a process of its own, its stderr (its log, the replicas' too) in a file.
 
 The URL comes from the ``serving on`` line; on exit the process gets
 SIGTERM (SIGKILL if it has not stopped in 30 s).
+
+:class:`ServedGateway` names such a process by address and log, and
+:class:`RawClient` speaks HTTP/1.1 to it over one raw socket, for tests of
+what an HTTP library would not send.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from waiting import wait_until_sync
 
-__all__ = ["serve_process"]
+__all__ = ["RawClient", "ServedGateway", "serve_process"]
 
 
 @contextlib.contextmanager
@@ -44,3 +50,57 @@ def serve_process(config: Path, log: Path, *args: str) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class ServedGateway:
+    """A ``muxgate serve`` process: its address and its log."""
+
+    def __init__(self, url: str, log: Path) -> None:
+        parts = urlsplit(url)
+        assert parts.hostname is not None and parts.port is not None
+        self.address = (parts.hostname, parts.port)
+        self.log = log
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+
+class RawClient:
+    """One raw connection: send bytes, read whole responses.
+
+    ``send_buffer``: the socket's send buffer in bytes (the system's default
+    when None), set before connecting.
+    """
+
+    def __init__(self, gw: ServedGateway, send_buffer: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if send_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        self.sock.settimeout(10)
+        self.sock.connect(gw.address)
+        self.file = self.sock.makefile("rb")
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """The next response: status, headers (lower-case names), body."""
+        status_line = self.file.readline()
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+        headers: dict[str, str] = {}
+        while (line := self.file.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = self.file.read(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, body
+
+    def closed(self) -> bool:
+        """Whether the gateway closed the connection (reads to its end)."""
+        return self.file.read() == b""

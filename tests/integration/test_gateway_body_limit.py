@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from serve_process import serve_process
+from serve_process import RawClient, ServedGateway, serve_process
 
 from muxgate.gateway._edge import LINGER_BYTES, LINGER_S
 
@@ -59,15 +56,7 @@ SEND_FOR_S = 10.0
 FLOOD = 50
 
 
-class Gateway:
-    def __init__(self, url: str, log: Path) -> None:
-        parts = urlsplit(url)
-        assert parts.hostname is not None and parts.port is not None
-        self.address = (parts.hostname, parts.port)
-        self.log = log
-
-    def log_lines(self) -> list[str]:
-        return self.log.read_text(errors="replace").splitlines()
+Gateway = ServedGateway
 
 
 @pytest.fixture(scope="module")
@@ -87,36 +76,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield Gateway(url, log)
 
 
-class Client:
-    """One raw connection with a small send buffer: send bytes, read whole
-    responses, send until the gateway closes."""
+class Client(RawClient):
+    """A raw connection with a small send buffer, which sends until the
+    gateway closes."""
 
     def __init__(self, gw: Gateway) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
-        self.sock.settimeout(10)
-        self.sock.connect(gw.address)
-        self.file = self.sock.makefile("rb")
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        status_line = self.file.readline()
-        assert status_line.startswith(b"HTTP/1.1 "), status_line
-        headers: dict[str, str] = {}
-        while (line := self.file.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = self.file.read(int(headers.get("content-length", "0")))
-        return int(status_line.split()[1]), headers, body
+        super().__init__(gw, send_buffer=32 * 1024)
 
     def send_until_closed(self, chunk: bytes) -> tuple[int, float]:
         """Send ``chunk`` over and over until the gateway closes the

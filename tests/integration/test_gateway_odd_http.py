@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-from serve_process import serve_process
+from serve_process import RawClient, ServedGateway, serve_process
 
 APPS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "apps"))
 
@@ -47,15 +44,8 @@ H2C = (
 )
 
 
-class Gateway:
-    def __init__(self, url: str, log: Path) -> None:
-        parts = urlsplit(url)
-        assert parts.hostname is not None and parts.port is not None
-        self.address = (parts.hostname, parts.port)
-        self.log = log
-
-    def log_lines(self) -> list[str]:
-        return self.log.read_text(errors="replace").splitlines()
+Gateway = ServedGateway
+Client = RawClient
 
 
 @pytest.fixture(scope="module")
@@ -70,37 +60,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     log = tmp / "stderr.log"
     with serve_process(config, log) as url:
         yield Gateway(url, log)
-
-
-class Client:
-    """One raw connection: send bytes, read whole responses."""
-
-    def __init__(self, gw: Gateway) -> None:
-        self.sock = socket.create_connection(gw.address, timeout=10)
-        self.file = self.sock.makefile("rb")
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        status_line = self.file.readline()
-        assert status_line.startswith(b"HTTP/1.1 "), status_line
-        headers: dict[str, str] = {}
-        while (line := self.file.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = self.file.read(int(headers.get("content-length", "0")))
-        return int(status_line.split()[1]), headers, body
-
-    def closed(self) -> bool:
-        return self.file.read() == b""
 
 
 def echo(body: bytes) -> dict[str, Any]:
