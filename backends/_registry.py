@@ -86,6 +86,32 @@ _GCS_RESERVED: Mapping[str, str] = MappingProxyType(
     }
 )
 
+# adlfs splits a path at its first "?versionid=" (its split_path), always
+# ending the key there and reading the rest as a blob version when the
+# filesystem is version_aware: "a?versionid=1/model.pt" would read the blob
+# "a". Other "?" and "#" reach Azure as part of the blob name.
+_AZURE_RESERVED: Mapping[str, str] = MappingProxyType(
+    {
+        re.escape("?versionid="): (
+            "adlfs reads it as an object version and ends the blob name before it"
+        ),
+    }
+)
+# huggingface_hub's HfFileSystem reads "@" after the first two segments of a
+# path (the repository id) as the start of a revision ("org/repo@v1/f");
+# deeper in the path it is literal. Where the root names less than a
+# repository ("hf://org"), the id's first segment is the repository, and an
+# "@" there would pick a revision instead of a folder: the id is refused,
+# whatever the root, so that it names the same object under every root.
+_HF_RESERVED: Mapping[str, str] = MappingProxyType(
+    {
+        "@": (
+            "huggingface_hub reads it after a repository id as a revision "
+            "(an object version), not as part of a path"
+        ),
+    }
+)
+
 _BUILTIN: dict[str, BackendSpec] = {
     "file": BackendSpec("fsspec.implementations.local.LocalFileSystem", "fsspec", remote=False),
     "local": BackendSpec("fsspec.implementations.local.LocalFileSystem", "fsspec", remote=False),
@@ -107,9 +133,9 @@ _BUILTIN: dict[str, BackendSpec] = {
     "gcs": BackendSpec("muxgate.backends._gcs.GCSFileSystem", "gcsfs", reserved=_GCS_RESERVED),
     "http": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp", url_paths=True),
     "https": BackendSpec("fsspec.implementations.http.HTTPFileSystem", "aiohttp", url_paths=True),
-    "az": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs"),
-    "abfs": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs"),
-    "hf": BackendSpec("huggingface_hub.HfFileSystem", "huggingface_hub"),
+    "az": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs", reserved=_AZURE_RESERVED),
+    "abfs": BackendSpec("adlfs.AzureBlobFileSystem", "adlfs", reserved=_AZURE_RESERVED),
+    "hf": BackendSpec("huggingface_hub.HfFileSystem", "huggingface_hub", reserved=_HF_RESERVED),
 }
 
 _lock = threading.Lock()

@@ -47,6 +47,15 @@ or else from the last no-op run of an earlier invocation with the same
 ``--out``, which saves what it measured to ``<out>.data-plane.json``; the
 table's "data plane" column says which source each row used.
 
+``--loader recipe`` runs both systems' apps with the load recipe of
+docs/benchmarks.md ("Model load recipe": the network built on the ``meta``
+device, ``torch.load(mmap=True)``, ``load_state_dict(assign=True)``)
+instead of the harness's loader (random initialisation, then a copy of
+every weight). The harness is read-only, so the run uses a copy of it in a
+temporary folder with those three lines changed in ``muxgate_app.py`` and
+``ray_app.py``; everything else (load generator, models, hooks) is the
+harness's own. The load cost of the CPU limit is then measured the same way.
+
 ``--spill never`` (or ``bounded_load``; default: the config's default,
 ``priced``) sets muxgate's ``routing.spill``: ``never`` is the "no spills"
 reference, at the same ``--max-ongoing`` as the run it is compared with.
@@ -125,9 +134,10 @@ def peer_dir() -> Path:
 # -- costs measured in this process ---------------------------------------------
 
 
-def measure_costs(root: Path, reps: int = 30) -> dict[str, float]:
+def measure_costs(root: Path, reps: int = 30, *, recipe: bool = False) -> dict[str, float]:
     """Thread-CPU ms of one model load (as the apps load: build, torch.load,
-    load_state_dict, eval) and of one forward pass on the fixed input."""
+    load_state_dict, eval; with ``recipe``, as ``--loader recipe`` makes them
+    load) and of one forward pass on the fixed input."""
     import torch
 
     sys.path.insert(0, str(PEER))
@@ -139,9 +149,15 @@ def measure_costs(root: Path, reps: int = 30) -> dict[str, float]:
     loads: list[float] = []
     hits: list[float] = []
     for i in range(reps + 1):
+        path = root / str(1 + i % 20) / "model.pt"
         c0 = time.thread_time()
-        model = build_mlp(**arch)
-        model.load_state_dict(torch.load(root / str(1 + i % 20) / "model.pt", weights_only=True))
+        if recipe:
+            with torch.device("meta"):
+                model = build_mlp(**arch)
+            model.load_state_dict(torch.load(path, weights_only=True, mmap=True), assign=True)
+        else:
+            model = build_mlp(**arch)
+            model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
         c1 = time.thread_time()
         with torch.inference_mode():
@@ -154,6 +170,37 @@ def measure_costs(root: Path, reps: int = 30) -> dict[str, float]:
         "load_cpu_ms": round(statistics.median(loads), 3),
         "hit_cpu_ms": round(statistics.median(hits), 3),
     }
+
+
+#: ``--loader recipe``: (pattern, replacement) for the harness apps' loader
+#: lines, each of which must match exactly once in each app
+_RECIPE_EDITS: tuple[tuple[str, str], ...] = (
+    (
+        r"^(?P<indent>[ ]*)model = build_mlp\(\*\*self\.arch\)$",
+        '\\g<indent>with torch.device("meta"):\n\\g<indent>    model = build_mlp(**self.arch)',
+    ),
+    # (in code, not ray_app's docstring, which quotes the call)
+    (r"(?<= )weights_only=True\)", "weights_only=True, mmap=True)"),
+    (r"model\.load_state_dict\(state\)", "model.load_state_dict(state, assign=True)"),
+)
+
+
+def recipe_harness(peer: Path) -> Path:
+    """A copy of the harness whose two apps load with the load recipe."""
+    copy = Path(tempfile.mkdtemp(prefix="peer-recipe-", dir=tempfile.gettempdir()))
+    shutil.copytree(peer, copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("results"))
+    for app in ("muxgate_app.py", "ray_app.py"):
+        text = (copy / app).read_text()
+        for pattern, replacement in _RECIPE_EDITS:
+            text, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+            if count != 1:
+                shutil.rmtree(copy, ignore_errors=True)
+                sys.exit(
+                    f"bench_peer: --loader recipe expects one match of {pattern!r} in "
+                    f"{peer / app}, found {count}: the harness's loader changed"
+                )
+        (copy / app).write_text(text)
+    return copy
 
 
 # -- systems ------------------------------------------------------------------
@@ -600,6 +647,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="muxgate's routing.spill (default: the config's default); never: no spills",
     )
+    parser.add_argument(
+        "--loader",
+        choices=["harness", "recipe"],
+        default="harness",
+        help="the apps' model loader: the harness's, or the load recipe (both systems)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quiet", type=float, default=0.3, help="host busy to wait for")
     parser.add_argument("--port", type=int, default=8400)
@@ -618,7 +671,24 @@ def main(argv: list[str] | None = None) -> int:
     saved_data_plane: dict[str, Any] = {}
     if saved_path is not None and saved_path.is_file():
         saved_data_plane = json.loads(saved_path.read_text())
+    global PEER
     peer_dir()
+    recipe_copy = recipe_harness(PEER) if args.loader == "recipe" else None
+    if recipe_copy is not None:
+        PEER = recipe_copy
+    try:
+        return _main(args, given_data_plane, saved_path, saved_data_plane)
+    finally:
+        if recipe_copy is not None:
+            shutil.rmtree(recipe_copy, ignore_errors=True)
+
+
+def _main(
+    args: argparse.Namespace,
+    given_data_plane: dict[str, float],
+    saved_path: Path | None,
+    saved_data_plane: dict[str, Any],
+) -> int:
     from muxgate.gateway.launchers._processes import usable_cores
 
     python = sys.executable  # the project venv has torch and aiohttp
@@ -646,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             dict(os.environ),
         )
-    costs = measure_costs(models)
+    costs = measure_costs(models, recipe=args.loader == "recipe")
     cores = usable_cores()
     sim_cmd = [python, str(PEER / "cache_sim.py"), "-n", str(args.n), "--dist", args.dist]
     sim_cmd += ["-s", str(args.zipf_s), "--seed", str(args.seed), "--requests", str(args.requests)]
@@ -662,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {platform.node()}: {os.cpu_count()} CPUs, {cores:g} usable, Python "
         f"{platform.python_version()}; N={args.n} {args.dist} s={args.zipf_s} "
-        f"K={args.k} R={args.replicas} max_ongoing={args.max_ongoing} "
+        f"K={args.k} R={args.replicas} max_ongoing={args.max_ongoing} loader={args.loader} "
         + (f"spill={args.spill} " if args.spill else "")
         + (f"rate={args.rate}" if args.rate else f"c={args.concurrency}")
         + f" requests={args.requests} seed={args.seed}",

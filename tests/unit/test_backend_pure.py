@@ -76,6 +76,10 @@ def test_join_allows_nested_ids_and_ordinary_characters() -> None:
         ("gs://b", "a?generation=1", "gs://b/a?generation=1/model.pt"),
         ("s3://b", "a?generation=1&x", "s3://b/a?generation=1&x/model.pt"),
         ("file:///srv", "a?b#c", "file:///srv/a?b#c/model.pt"),
+        # adlfs keeps any other "?" and a "#" in the blob name
+        ("az://c/models", "a?b#c", "az://c/models/a?b#c/model.pt"),
+        ("abfs://c", "a?versionId=1", "abfs://c/a?versionId=1/model.pt"),
+        ("hf://org/repo", "a?b#c", "hf://org/repo/a?b#c/model.pt"),
     ],
 )
 def test_join_writes_the_id_as_each_backend_reads_it(
@@ -92,6 +96,10 @@ def test_join_writes_the_id_as_each_backend_reads_it(
         ("s3://bucket", "?versionId=null", "?versionId="),
         ("gs://bucket", "a?generation=1&x", "?generation=1&"),
         ("gcs://bucket", "a?b/&gener%61tion=2&c", "?b/&gener%61tion=2&"),
+        ("az://container/models", "a?versionid=1", "?versionid="),
+        ("abfs://container", "x/?versionid=2", "?versionid="),
+        ("hf://org", "repo@v1", "@"),
+        ("hf://org/repo/models", "a@b", "@"),
     ],
 )
 def test_join_refuses_what_a_backend_reads_as_a_version(
