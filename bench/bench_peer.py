@@ -59,9 +59,11 @@ harness's own. The load cost of the CPU limit is then measured the same way.
 ``--spill never`` (or ``bounded_load``; default: the config's default,
 ``priced``) sets muxgate's ``routing.spill``: ``never`` is the "no spills"
 reference, at the same ``--max-ongoing`` as the run it is compared with.
-The shared hook writes a fixed app config (and the harness is read-only),
-so the hook is pointed at a one-file ``muxgate`` shim that adds the
-routing to that config and then runs this repository's ``muxgate``.
+``--eviction-policy tinylfu`` (or ``lru``, the default) sets muxgate's
+``eviction_policy``. The shared hook writes a fixed app config (and the
+harness is read-only), so for either option the hook is pointed at a
+one-file ``muxgate`` shim that adds the fields to that config and then runs
+this repository's ``muxgate``.
 
     flock /work/wt/bench.lock .venv/bin/python bench/bench_peer.py \\
         --ray-venv /tmp/raybench-venv --runs 3
@@ -248,9 +250,26 @@ class System:
 class Muxgate(System):
     name = "muxgate"
 
-    def __init__(self, root: Path, port: int, max_ongoing: int, spill: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        max_ongoing: int,
+        spill: str | None = None,
+        eviction_policy: str | None = None,
+    ) -> None:
         super().__init__(root, port, max_ongoing)
         self.spill = spill
+        self.eviction_policy = eviction_policy
+
+    def config_changes(self) -> dict[str, Any]:
+        """The deployment fields the options set, as the app config spells them."""
+        changes: dict[str, Any] = {}
+        if self.spill is not None:
+            changes["routing"] = {"spill": self.spill}
+        if self.eviction_policy is not None:
+            changes["eviction_policy"] = self.eviction_policy
+        return changes
 
     def load_cpu_ms(self) -> float | None:
         """CPU-ms per load in the run just made, as the replicas measured it
@@ -270,28 +289,35 @@ class Muxgate(System):
         return round(cpu / loads * 1000, 3) if loads else None
 
     def deploy(self, app: str, k: int, replicas: int) -> None:
-        venv = REPO / ".venv" if self.spill is None else self._shim_venv()
+        changes = self.config_changes()
+        venv = self._shim_venv(changes) if changes else REPO / ".venv"
         env = {**self.env(), "MUXVENV": str(venv)}
         run([str(PEER / "muxgate_hook.sh"), app, str(k), str(replicas)], env)
 
-    def _shim_venv(self) -> Path:
-        """A folder whose ``bin/muxgate`` adds ``routing.spill`` to the hook's
-        app config, then runs this repository's ``muxgate`` in its place."""
+    def _shim_venv(self, changes: dict[str, Any]) -> Path:
+        """A folder whose ``bin/muxgate`` adds ``changes`` to every deployment
+        of the hook's app config, then runs this repository's ``muxgate`` in
+        its place."""
         # One per checkout: the shim names this checkout's muxgate.
         tag = hashlib.blake2b(str(REPO).encode(), digest_size=4).hexdigest()
-        shim = Path(tempfile.gettempdir()) / "bench-peer" / f"spill-shim-{tag}"
+        shim = Path(tempfile.gettempdir()) / "bench-peer" / f"config-shim-{tag}"
         (shim / "bin").mkdir(parents=True, exist_ok=True)
         real = REPO / ".venv" / "bin" / "muxgate"
         script = shim / "bin" / "muxgate"
         script.write_text(
             f"#!{REPO / '.venv' / 'bin' / 'python'}\n"
-            "# written by bench/bench_peer.py --spill\n"
-            "import os, sys, yaml\n"
+            "# written by bench/bench_peer.py (--spill, --eviction-policy)\n"
+            "import json, os, sys, yaml\n"
+            f"changes = json.loads({json.dumps(changes)!r})\n"
             "if sys.argv[1:2] == ['serve']:\n"
             "    with open(sys.argv[2]) as f:\n"
             "        config = yaml.safe_load(f)\n"
             "    for deployment in config['deployments']:\n"
-            f"        deployment.setdefault('routing', {{}})['spill'] = {self.spill!r}\n"
+            "        for key, value in changes.items():\n"
+            "            if isinstance(value, dict):\n"
+            "                deployment.setdefault(key, {}).update(value)\n"
+            "            else:\n"
+            "                deployment[key] = value\n"
             "    with open(sys.argv[2], 'w') as f:\n"
             "        yaml.safe_dump(config, f)\n"
             f"os.execv({str(real)!r}, [{str(real)!r}, *sys.argv[1:]])\n"
@@ -648,6 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         help="muxgate's routing.spill (default: the config's default); never: no spills",
     )
     parser.add_argument(
+        "--eviction-policy",
+        choices=["lru", "tinylfu"],
+        default=None,
+        help="muxgate's eviction_policy (default: the config's default, lru)",
+    )
+    parser.add_argument(
         "--loader",
         choices=["harness", "recipe"],
         default="harness",
@@ -728,12 +760,15 @@ def _main(
         assert ray_venv is not None
         systems["ray"] = Ray(models, args.port, args.max_ongoing, ray_venv)
     if "muxgate" in wanted:
-        systems["muxgate"] = Muxgate(models, args.port, args.max_ongoing, args.spill)
+        systems["muxgate"] = Muxgate(
+            models, args.port, args.max_ongoing, args.spill, args.eviction_policy
+        )
     print(
         f"# {platform.node()}: {os.cpu_count()} CPUs, {cores:g} usable, Python "
         f"{platform.python_version()}; N={args.n} {args.dist} s={args.zipf_s} "
         f"K={args.k} R={args.replicas} max_ongoing={args.max_ongoing} loader={args.loader} "
         + (f"spill={args.spill} " if args.spill else "")
+        + (f"eviction_policy={args.eviction_policy} " if args.eviction_policy else "")
         + (f"rate={args.rate}" if args.rate else f"c={args.concurrency}")
         + f" requests={args.requests} seed={args.seed}",
         flush=True,
@@ -766,6 +801,7 @@ def _main(
                 result = measured_run(python, system, args, "mux", f"run {i + 1}")
                 if isinstance(system, Muxgate):
                     result["spill"] = system.spill or "default"
+                    result["eviction_policy"] = system.eviction_policy or "default"
                 results[name].append(result)
                 print(
                     f"# {name} run {i + 1}: {result['throughput_rps']} req/s, p99 "
