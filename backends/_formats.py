@@ -21,7 +21,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from ._config import StorageConfig
-from ._errors import ModelFormatError, UnsafePickleError
+from ._errors import ModelFormatError, StorageAccessDeniedError, UnsafePickleError
 from ._fetch import Artifact, fetch_and_decode
 from ._urls import join_model_url
 
@@ -117,6 +117,10 @@ def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
         raise UnsafePickleError(
             artifact.url, fmt, f"it calls {refused}, which a safe load refuses; {hint}"
         ) from exc
+    except PermissionError as exc:
+        # A local file (or a mapped one) that this process may not read is
+        # storage refusing access, not a file in another format.
+        raise StorageAccessDeniedError(artifact.url, reason=_reason(exc)) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelFormatError(artifact.url, fmt, _reason(exc)) from exc
     except Exception as exc:  # safetensors raises its own SafetensorError

@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,10 +28,12 @@ __all__ = ["RawClient", "ServedGateway", "serve_process"]
 
 
 @contextlib.contextmanager
-def serve_process(config: Path, log: Path, *args: str) -> Iterator[str]:
-    """Run ``muxgate serve CONFIG --port 0 ARGS...``; yield its URL."""
+def serve_process(config: Path, log: Path, *args: str, prefix: Sequence[str] = ()) -> Iterator[str]:
+    """Run ``muxgate serve CONFIG --port 0 ARGS...``; yield its URL.
+
+    ``prefix``: a command that runs it (``setpriv ...``)."""
     with log.open("wb") as stderr:
-        command = [sys.executable, "-m", "muxgate.gateway._cli", "serve", str(config)]
+        command = [*prefix, sys.executable, "-m", "muxgate.gateway._cli", "serve", str(config)]
         proc = subprocess.Popen([*command, "--port", "0", *args], stderr=stderr)
         try:
 

@@ -6,7 +6,9 @@ warning line in the replica's log, no traceback.
 Against real servers on 127.0.0.1: moto checking credentials and IAM
 policies as AWS does (``S3Server.enforce_auth``), botocore finding no
 credentials at all, and an HTTP server answering 401/403 as GCS or a plain
-HTTP root does (fake-gcs-server accepts everyone).
+HTTP root does (fake-gcs-server accepts everyone); and a local model file,
+or its folder, that the replica's user may not read (as root: a replica
+started without the capabilities that read any file).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -286,3 +291,109 @@ def test_a_refused_preload_and_admin_load_log_no_traceback(
     assert all("StorageAccessDeniedError" in line for line in failed)
     assert sum("Preloading model 'm'" in line for line in warnings_) == 1
     assert len(warnings_) == 3, "\n".join(warnings_)
+
+
+# -- a local file the replica may not read --------------------------------------------------
+
+
+def _without_file_permissions() -> list[str]:
+    """A command prefix under which a file of mode 000 is unreadable: none
+    for a user other than root; as root, ``setpriv`` taking the capabilities
+    that read any file (``CAP_DAC_OVERRIDE``, ``CAP_DAC_READ_SEARCH``) out of
+    the bounding set, so that the command and everything it starts run
+    without them."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("runs as root, and setpriv (util-linux) is not there to drop its file access")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, "--bounding-set", caps, "--inh-caps", caps]
+
+
+def _unreadable_model(root: Path, what: str) -> Path:
+    """``root/m/model.pt``, with the file or its folder made unreadable."""
+    (root / "m").mkdir(parents=True)
+    (root / "m" / "model.pt").write_bytes(_model_bytes())
+    locked = root / "m" / "model.pt" if what == "file" else root / "m"
+    locked.chmod(0)
+    return locked
+
+
+@pytest.fixture
+def unlock() -> Iterator[list[Path]]:
+    """Paths to give their permissions back at teardown (pytest removes tmp_path)."""
+    locked: list[Path] = []
+    yield locked
+    for path in locked:
+        path.chmod(0o755)
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_local_file_the_replica_may_not_read_is_access_denied(
+    tmp_path: Path, unlock: list[Path], what: str
+) -> None:
+    """Not ``ModelFormatError`` ("not a valid state_dict file"): the file
+    may be fine, the process may not read it."""
+    unlock.append(_unreadable_model(tmp_path / "models", what))
+    probe = (
+        "import asyncio, json\n"
+        "from muxgate.backends import load_state_dict\n"
+        "try:\n"
+        f"    asyncio.run(load_state_dict({str(tmp_path / 'models')!r}, 'm'))\n"
+        "    print(json.dumps({'error': None}))\n"
+        "except Exception as exc:\n"
+        "    print(json.dumps({'error': type(exc).__name__,\n"
+        "                      'client': getattr(exc, 'client_message', None),\n"
+        "                      'log': str(exc)}))\n"
+    )
+    done = subprocess.run(
+        [*_without_file_permissions(), sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["error"] == "StorageAccessDeniedError", outcome
+    assert outcome["client"] == "model storage refused access (credentials missing or not allowed)"
+    assert "PermissionError" in outcome["log"]
+    assert str(tmp_path) in outcome["log"]  # the operator's line names the file
+
+
+def test_gateway_answers_503_storage_denied_for_an_unreadable_local_file(
+    tmp_path: Path, unlock: list[Path]
+) -> None:
+    root = tmp_path / "models"
+    unlock.append(_unreadable_model(root, "file"))
+    config = tmp_path / "app.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "app_dir": APPS,
+                "deployments": [
+                    {
+                        "name": "Observed",
+                        "import_path": "observability_apps:Observed",
+                        "init_kwargs": {"model_root": str(root)},
+                        "num_replicas": 1,
+                    }
+                ],
+            }
+        )
+    )
+    log = tmp_path / "stderr.log"
+    with (
+        serve_process(config, log, prefix=_without_file_permissions()) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        r = client.post("/", headers={MODEL: "m"})
+        lines = log.read_text(errors="replace").splitlines()
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "storage_denied"
+    assert str(tmp_path) not in r.text and "model.pt" not in r.text
+    warnings_ = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
+    assert len(warnings_) == 1, "\n".join(warnings_)
+    assert "StorageAccessDeniedError" in warnings_[0] and "PermissionError" in warnings_[0]
+    assert not [line for line in lines if line.startswith("Traceback")]
