@@ -205,26 +205,56 @@ async def test_gcs_and_http_refusals_are_access_denied(
 # -- through muxgate serve and a real replica --------------------------------------------------
 
 
-def _serve_config(tmp_path: Path, options: dict[str, Any], **deployment: Any) -> Path:
-    config = tmp_path / "app.yaml"
-    config.write_text(
-        json.dumps(
+def _serve_config(
+    tmp_path: Path,
+    s3_options: dict[str, Any] | None,
+    *,
+    model_root: str = f"s3://{BUCKET}/models",
+    **deployment: Any,
+) -> Path:
+    app: dict[str, Any] = {
+        "app_dir": APPS,
+        "deployments": [
             {
-                "app_dir": APPS,
-                "storage": {"s3": options, "cache": {"directory": str(tmp_path / "cache")}},
-                "deployments": [
-                    {
-                        "name": "Observed",
-                        "import_path": "observability_apps:Observed",
-                        "init_kwargs": {"model_root": f"s3://{BUCKET}/models"},
-                        "num_replicas": 1,
-                        **deployment,
-                    }
-                ],
+                "name": "Observed",
+                "import_path": "observability_apps:Observed",
+                "init_kwargs": {"model_root": model_root},
+                "num_replicas": 1,
+                **deployment,
             }
-        )
-    )
+        ],
+    }
+    if s3_options is not None:
+        app["storage"] = {"s3": s3_options, "cache": {"directory": str(tmp_path / "cache")}}
+    config = tmp_path / "app.yaml"
+    config.write_text(json.dumps(app))
     return config
+
+
+def _ask_for_m(
+    config: Path, log: Path, prefix: list[str] | None = None
+) -> tuple[httpx.Response, str]:
+    """One request for model ``m`` through ``muxgate serve CONFIG``: the
+    answer, checked to be 503 ``storage_denied``, and the one warning line
+    it logged (with no traceback)."""
+    with (
+        serve_process(config, log, prefix=prefix or ()) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        r = client.post("/", headers={MODEL: "m"})
+        lines = log.read_text(errors="replace").splitlines()
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "storage_denied"
+    assert error["message"] == "model storage refused access (credentials missing or not allowed)"
+    assert int(r.headers["retry-after"]) >= 1
+    # one warning with the detail for the operator, no traceback
+    warnings_ = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
+    assert len(warnings_) == 1, "\n".join(warnings_)
+    assert not [line for line in lines if line.startswith("Traceback")]
+    (line,) = warnings_
+    assert r.headers["x-request-id"] in line and "StorageAccessDeniedError" in line
+    return r, line
 
 
 @pytest.mark.parametrize("credentials", ["refused", "missing"])
@@ -242,29 +272,11 @@ def test_gateway_answers_503_storage_denied_and_logs_one_line(
     else:
         options = _s3_options(server.endpoint, key, "not-the-secret")
         secrets = (key, "not-the-secret")
-    log = tmp_path / "stderr.log"
-    with (
-        serve_process(_serve_config(tmp_path, options), log) as url,
-        httpx.Client(base_url=url, timeout=30) as client,
-    ):
-        r = client.post("/", headers={MODEL: "m"})
-        lines = log.read_text(errors="replace").splitlines()
-    assert r.status_code == 503, r.text
-    error = r.json()["error"]
-    assert error["code"] == "storage_denied"
-    assert error["message"] == "model storage refused access (credentials missing or not allowed)"
-    assert int(r.headers["retry-after"]) >= 1
+    r, line = _ask_for_m(_serve_config(tmp_path, options), tmp_path / "stderr.log")
     for secret in (BUCKET, "s3://", "models/m", "127.0.0.1", *secrets):
         assert secret not in r.text
-    # one warning with the detail for the operator, no traceback
-    request_id = r.headers["x-request-id"]
-    warnings_ = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
-    assert len(warnings_) == 1, "\n".join(warnings_)
-    (line,) = warnings_
-    assert request_id in line and "StorageAccessDeniedError" in line
     assert f"s3://{BUCKET}/models/m/model.pt" in line
     assert ("NoCredentialsError" if credentials == "missing" else "PermissionError") in line
-    assert not [line for line in lines if line.startswith("Traceback")]
 
 
 def test_a_refused_preload_and_admin_load_log_no_traceback(
@@ -370,34 +382,7 @@ def test_gateway_answers_503_storage_denied_for_an_unreadable_local_file(
 ) -> None:
     root = tmp_path / "models"
     unlock.append(_unreadable_model(root, "file"))
-    config = tmp_path / "app.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "app_dir": APPS,
-                "deployments": [
-                    {
-                        "name": "Observed",
-                        "import_path": "observability_apps:Observed",
-                        "init_kwargs": {"model_root": str(root)},
-                        "num_replicas": 1,
-                    }
-                ],
-            }
-        )
-    )
-    log = tmp_path / "stderr.log"
-    with (
-        serve_process(config, log, prefix=_without_file_permissions()) as url,
-        httpx.Client(base_url=url, timeout=30) as client,
-    ):
-        r = client.post("/", headers={MODEL: "m"})
-        lines = log.read_text(errors="replace").splitlines()
-    assert r.status_code == 503, r.text
-    error = r.json()["error"]
-    assert error["code"] == "storage_denied"
+    config = _serve_config(tmp_path, None, model_root=str(root))
+    r, line = _ask_for_m(config, tmp_path / "stderr.log", prefix=_without_file_permissions())
     assert str(tmp_path) not in r.text and "model.pt" not in r.text
-    warnings_ = [line for line in lines if line.startswith(("WARNING", "ERROR"))]
-    assert len(warnings_) == 1, "\n".join(warnings_)
-    assert "StorageAccessDeniedError" in warnings_[0] and "PermissionError" in warnings_[0]
-    assert not [line for line in lines if line.startswith("Traceback")]
+    assert f"{root}/m/model.pt" in line and "PermissionError" in line
