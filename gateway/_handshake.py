@@ -27,6 +27,7 @@ from muxgate.replicas.contract import (
     Refused,
     Welcome,
     encode_frame,
+    guard_unix_streams,
 )
 
 __all__ = [
@@ -60,6 +61,7 @@ async def connect_stream(
     certificate must name ``server_hostname``, by default the address's host)."""
     scheme, _, rest = address.partition(":")
     if scheme == "unix" and rest and ssl_context is None:
+        guard_unix_streams()  # see muxgate.replicas._unix_streams
         return await anyio.connect_unix(rest)
     if scheme == "tcp" and rest:
         host, _, port = rest.rpartition(":")

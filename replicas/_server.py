@@ -61,6 +61,7 @@ from muxgate.replicas._multiplex import configure_model_caches
 from muxgate.replicas._replica import Replica
 from muxgate.replicas._spec import ReplicaSpec, TracingSettings
 from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
+from muxgate.replicas._unix_streams import guard_unix_streams
 
 __all__ = ["main", "run_replica"]
 
@@ -181,6 +182,7 @@ async def _listen(address: str) -> tuple[anyio.abc.Listener[anyio.abc.SocketStre
     if scheme == "unix" and rest:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(rest)
+        guard_unix_streams()  # see muxgate.replicas._unix_streams
         unix = await anyio.create_unix_listener(rest)
         return unix, f"unix:{rest}"
     if scheme == "tcp" and rest:

@@ -21,6 +21,7 @@ small private modules, one per subject:
 ``muxgate.replicas._propagation`` trace context in a ``Call``
 ``muxgate.replicas._fastwrite``   writing frames to a socket without a task
 ``muxgate.replicas._tracing``     span export, set up alike in both processes
+``muxgate.replicas._unix_streams`` a guard for anyio's Unix socket streams
 ================================  ==============================================
 
 This is not user API: names here change with ``PROTOCOL_VERSION``.
@@ -55,6 +56,7 @@ from muxgate.replicas._propagation import extract_context, inject_traceparent
 from muxgate.replicas._protocol import *  # noqa: F403
 from muxgate.replicas._spec import ReplicaSpec, TracingSettings
 from muxgate.replicas._tracing import exports_spans, flush_tracing, tracing_active
+from muxgate.replicas._unix_streams import guard_unix_streams
 
 __all__ = [
     "DEFAULT_MAX_ONGOING_REQUESTS",
@@ -78,6 +80,7 @@ __all__ = [
     "exports_spans",
     "extract_context",
     "flush_tracing",
+    "guard_unix_streams",
     "inject_traceparent",
     "load_bucket_key",
     "load_secret",
