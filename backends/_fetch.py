@@ -64,7 +64,8 @@ T = TypeVar("T")
 _MAX_VERSION_RESTARTS = 3
 
 
-def _translate(exc: Exception, url: str) -> BackendError:
+def translate_storage_error(exc: Exception, url: str) -> BackendError:
+    """The :class:`BackendError` a storage library's exception means for ``url``."""
     if isinstance(exc, BackendError):
         return exc
     # Before "not found": fsspec's HTTP filesystem turns every failed stat,
@@ -362,7 +363,7 @@ class _Fetcher:
 
 
 def _translate_and_raise(exc: Exception, safe_url: str) -> NoReturn:
-    translated = _translate(exc, safe_url)
+    translated = translate_storage_error(exc, safe_url)
     if translated is exc:
         raise exc
     raise translated from exc
@@ -480,4 +481,5 @@ __all__ = [
     "plan_parts",
     "source_of",
     "storage_counters",
+    "translate_storage_error",
 ]

@@ -21,8 +21,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from ._config import StorageConfig
-from ._errors import ModelFormatError, StorageAccessDeniedError, UnsafePickleError
-from ._fetch import Artifact, fetch_and_decode
+from ._errors import ModelFormatError, UnsafePickleError
+from ._fetch import Artifact, fetch_and_decode, translate_storage_error
 from ._urls import join_model_url
 
 T = TypeVar("T")
@@ -119,8 +119,9 @@ def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
         ) from exc
     except PermissionError as exc:
         # A local file (or a mapped one) that this process may not read is
-        # storage refusing access, not a file in another format.
-        raise StorageAccessDeniedError(artifact.url, reason=_reason(exc)) from exc
+        # storage refusing access, as the fetch would have said, not a file
+        # in another format.
+        raise translate_storage_error(exc, artifact.url) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelFormatError(artifact.url, fmt, _reason(exc)) from exc
     except Exception as exc:  # safetensors raises its own SafetensorError

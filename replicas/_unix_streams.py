@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["guard_unix_streams", "unix_streams_guarded"]
@@ -47,32 +48,34 @@ def _complete_unless_done(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _wait_until_readable(self: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-    raw: socket.socket = self._raw_socket
+def _wait_until(
+    stream: Any,
+    attribute: str,
+    watch: Callable[..., None],
+    unwatch: Callable[[socket.socket], object],
+) -> asyncio.Future[None]:
+    """A future completed when ``stream``'s socket is ready (``watch``:
+    the loop's ``add_reader`` or ``add_writer``), kept on ``attribute``
+    while pending, as anyio keeps it."""
+    raw: socket.socket = stream._raw_socket
 
     def forget(_: object) -> None:
-        del self._receive_future
-        loop.remove_reader(raw)
+        delattr(stream, attribute)
+        unwatch(raw)
 
-    future: asyncio.Future[None] = loop.create_future()
-    self._receive_future = future
-    loop.add_reader(raw, _complete_unless_done, future)
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    setattr(stream, attribute, future)
+    watch(raw, _complete_unless_done, future)
     future.add_done_callback(forget)
     return future
+
+
+def _wait_until_readable(self: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    return _wait_until(self, "_receive_future", loop.add_reader, loop.remove_reader)
 
 
 def _wait_until_writable(self: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-    raw: socket.socket = self._raw_socket
-
-    def forget(_: object) -> None:
-        del self._send_future
-        loop.remove_writer(raw)
-
-    future: asyncio.Future[None] = loop.create_future()
-    self._send_future = future
-    loop.add_writer(raw, _complete_unless_done, future)
-    future.add_done_callback(forget)
-    return future
+    return _wait_until(self, "_send_future", loop.add_writer, loop.remove_writer)
 
 
 def guard_unix_streams() -> bool:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from waiting import wait_until_sync
 
-__all__ = ["RawClient", "ServedGateway", "serve_process"]
+__all__ = ["RawClient", "ServedGateway", "serve_process", "served_gateway"]
 
 
 @contextlib.contextmanager
@@ -52,6 +52,17 @@ def serve_process(config: Path, log: Path, *args: str, prefix: Sequence[str] = (
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def served_gateway(folder: Path, config_text: str) -> Iterator[ServedGateway]:
+    """``muxgate serve`` on the app config ``config_text``, written into
+    ``folder`` beside the process's log."""
+    config = folder / "app.yaml"
+    config.write_text(config_text)
+    log = folder / "stderr.log"
+    with serve_process(config, log) as url:
+        yield ServedGateway(url, log)
 
 
 class ServedGateway:

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_process import RawClient, ServedGateway, serve_process
+from serve_process import RawClient, ServedGateway, served_gateway
 
 from muxgate.gateway._edge import LINGER_BYTES, LINGER_S
 
@@ -61,9 +61,7 @@ Gateway = ServedGateway
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("body_limit")
-    config = tmp / "app.yaml"
-    config.write_text(
+    config = (
         f"app_dir: {APPS}\n"
         "http:\n"
         f"  max_body_bytes: {MAX_BODY}\n"
@@ -71,9 +69,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "deployments:\n"
         "  - {name: Body, import_path: 'gateway_apps:Echo1', num_replicas: 1}\n"
     )
-    log = tmp / "stderr.log"
-    with serve_process(config, log) as url:
-        yield Gateway(url, log)
+    with served_gateway(tmp_path_factory.mktemp("body_limit"), config) as gw:
+        yield gw
 
 
 class Client(RawClient):

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from serve_process import RawClient, ServedGateway, serve_process
+from serve_process import RawClient, ServedGateway, served_gateway
 
 APPS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "apps"))
 
@@ -50,16 +50,13 @@ Client = RawClient
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("odd_http")
-    config = tmp / "app.yaml"
-    config.write_text(
+    config = (
         f"app_dir: {APPS}\n"
         "deployments:\n"
         "  - {name: Odd, import_path: 'gateway_apps:Echo1', num_replicas: 1}\n"
     )
-    log = tmp / "stderr.log"
-    with serve_process(config, log) as url:
-        yield Gateway(url, log)
+    with served_gateway(tmp_path_factory.mktemp("odd_http"), config) as gw:
+        yield gw
 
 
 def echo(body: bytes) -> dict[str, Any]:

@@ -58,6 +58,17 @@ def _config(cache_dir: Path) -> StorageConfig:
     return StorageConfig(cache=CacheConfig(directory=cache_dir, max_bytes=1 << 30), retry=retry)
 
 
+async def _denied_load(
+    root: str, options: dict[str, Any], tmp_path: Path
+) -> StorageAccessDeniedError:
+    """Load model ``m`` under ``root``; the StorageAccessDeniedError it raises."""
+    with pytest.raises(StorageAccessDeniedError) as info:
+        await load_state_dict(
+            root, "m", storage_options=options, config=_config(tmp_path / "cache")
+        )
+    return info.value
+
+
 def _model_bytes() -> bytes:
     from apps.observability_apps import TinyNet
 
@@ -120,16 +131,11 @@ async def test_s3_refusing_the_credentials_is_access_denied_once(
         "no policy": (key, secret),
     }[who]
     with fault_proxy(server.endpoint) as proxy:
-        with pytest.raises(StorageAccessDeniedError) as info:
-            await load_state_dict(
-                f"s3://{BUCKET}/models",
-                "m",
-                storage_options=_s3_options(proxy.endpoint, key, secret),
-                config=_config(tmp_path / "cache"),
-            )
+        options = _s3_options(proxy.endpoint, key, secret)
+        denied = await _denied_load(f"s3://{BUCKET}/models", options, tmp_path)
         assert proxy.count() == 1  # not retried: the same credentials fail the same way
-    _assert_denied(info.value, key, secret)
-    assert "PermissionError" in info.value.reason
+    _assert_denied(denied, key, secret)
+    assert "PermissionError" in denied.reason
 
 
 async def test_s3_without_any_credentials_is_access_denied(
@@ -137,16 +143,11 @@ async def test_s3_without_any_credentials_is_access_denied(
 ) -> None:
     _without_credentials(monkeypatch)
     with fault_proxy(s3[0].endpoint) as proxy:
-        with pytest.raises(StorageAccessDeniedError) as info:
-            await load_state_dict(
-                f"s3://{BUCKET}/models",
-                "m",
-                storage_options=_s3_options(proxy.endpoint, None, None),
-                config=_config(tmp_path / "cache"),
-            )
+        options = _s3_options(proxy.endpoint, None, None)
+        denied = await _denied_load(f"s3://{BUCKET}/models", options, tmp_path)
         assert proxy.count() == 0  # botocore could not sign: nothing was sent
-    _assert_denied(info.value)
-    assert "NoCredentialsError" in info.value.reason
+    _assert_denied(denied)
+    assert "NoCredentialsError" in denied.reason
 
 
 async def test_gcs_without_credentials_is_access_denied(
@@ -161,16 +162,10 @@ async def test_gcs_without_credentials_is_access_denied(
     monkeypatch.setenv("NO_GCE_CHECK", "True")  # no metadata server to ask either
     with refusing_server(500) as server:
         options = {"token": "google_default", "endpoint_url": server.endpoint}
-        with pytest.raises(StorageAccessDeniedError) as info:
-            await load_state_dict(
-                f"gs://{BUCKET}/models",
-                "m",
-                storage_options=options,
-                config=_config(tmp_path / "cache"),
-            )
+        denied = await _denied_load(f"gs://{BUCKET}/models", options, tmp_path)
         assert server.requests == []
-    _assert_denied(info.value)
-    assert "DefaultCredentialsError" in info.value.reason
+    _assert_denied(denied)
+    assert "DefaultCredentialsError" in denied.reason
 
 
 @pytest.mark.parametrize(
@@ -193,13 +188,10 @@ async def test_gcs_and_http_refusals_are_access_denied(
             }
         else:
             root, options = f"{deny.endpoint}/models", {}
-        with pytest.raises(StorageAccessDeniedError) as info:
-            await load_state_dict(
-                root, "m", storage_options=options, config=_config(tmp_path / "cache")
-            )
+        denied = await _denied_load(root, options, tmp_path)
         assert len(deny.requests) >= 1
-    _assert_denied(info.value)
-    assert str(status) in info.value.reason or "Forbidden" in info.value.reason
+    _assert_denied(denied)
+    assert str(status) in denied.reason or "Forbidden" in denied.reason
 
 
 # -- through muxgate serve and a real replica --------------------------------------------------

@@ -137,6 +137,14 @@ def throttled(throttle: OutcomeThrottle) -> tuple[logging.Logger, io.StringIO]:
     return log, stream
 
 
+def take_lines(stream: io.StringIO) -> list[str]:
+    """The lines written to ``stream`` since the last call, then empty it."""
+    lines = stream.getvalue().splitlines()
+    stream.truncate(0)
+    stream.seek(0)
+    return lines
+
+
 def test_outcome_lines_are_bounded_per_outcome_and_the_rest_counted() -> None:
     clock = FakeClock()
     throttle = OutcomeThrottle(burst=3, interval_s=60, clock=clock)
@@ -162,31 +170,26 @@ def test_outcome_lines_are_bounded_per_outcome_and_the_rest_counted() -> None:
     clock.now += 59
     log.warning("unknown id late", extra={OUTCOME: "model_not_found"})
     clock.now += 1.5
-    stream.truncate(0)
-    stream.seek(0)
+    take_lines(stream)
     for i in range(5):
         log.warning("unknown id again %s", i, extra={OUTCOME: "model_not_found"})
-    assert stream.getvalue().splitlines() == [
+    assert take_lines(stream) == [
         "unknown id again 0 [48 more model_not_found line(s) in the last 60 s not logged]",
         "unknown id again 1",
         "unknown id again 2",
     ]
     # bad_request: its first window (121.5 s ago) is the one that left lines out.
     clock.now += 61
-    stream.truncate(0)
-    stream.seek(0)
     log.warning("bad body later", extra={OUTCOME: "bad_request"})
     log.warning("unknown id much later", extra={OUTCOME: "model_not_found"})
-    assert stream.getvalue().splitlines() == [
+    assert take_lines(stream) == [
         "bad body later [47 more bad_request line(s) in the last 122 s not logged]",
         "unknown id much later [2 more model_not_found line(s) in the last 61 s not logged]",
     ]
     # After a minute that left nothing out, the next line is plain.
     clock.now += 60
-    stream.truncate(0)
-    stream.seek(0)
     log.warning("unknown id plain", extra={OUTCOME: "model_not_found"})
-    assert stream.getvalue().splitlines() == ["unknown id plain"]
+    assert take_lines(stream) == ["unknown id plain"]
 
 
 def test_the_replica_handler_bounds_outcome_lines(log_stream: io.StringIO) -> None:
