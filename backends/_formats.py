@@ -117,10 +117,11 @@ def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
         raise UnsafePickleError(
             artifact.url, fmt, f"it calls {refused}, which a safe load refuses; {hint}"
         ) from exc
-    except PermissionError as exc:
-        # A local file (or a mapped one) that this process may not read is
-        # storage refusing access, as the fetch would have said, not a file
-        # in another format.
+    except (PermissionError, FileNotFoundError) as exc:
+        # A local file (or a mapped one) that this process may not read, or
+        # one removed between the fetch and the read, is what the fetch
+        # would have said (access denied, not found), not a file in another
+        # format.
         raise translate_storage_error(exc, artifact.url) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelFormatError(artifact.url, fmt, _reason(exc)) from exc

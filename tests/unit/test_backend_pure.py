@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from muxgate.backends._artifact import Artifact
 from muxgate.backends._cache import (
     CachedFile,
     DiskCache,
@@ -32,7 +33,7 @@ from muxgate.backends._errors import (
     StorageUnavailableError,
 )
 from muxgate.backends._fetch import Strategy, choose_strategy, plan_parts, source_of
-from muxgate.backends._formats import _refused_global
+from muxgate.backends._formats import _decode, _refused_global, _state_dict
 from muxgate.backends._instances import FilesystemInstances, freeze_options
 from muxgate.backends._registry import register_backend
 from muxgate.backends._retry import is_access_denied, is_transient, with_retries
@@ -573,3 +574,13 @@ def test_importing_backends_does_not_import_torch_or_cloud_sdks() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_model_file_removed_between_fetch_and_read_is_not_found(tmp_path: Path) -> None:
+    """The fetch saw the file; it is gone when torch opens it: 404, not a format error."""
+    gone = tmp_path / "m" / "model.pt"
+    artifact = Artifact(
+        url=f"file://{gone}", size=10, cache_hit=False, strategy=Strategy.LOCAL_FILE, path=str(gone)
+    )
+    with pytest.raises(ModelNotFoundError):
+        _decode(artifact, "state_dict", lambda a: _state_dict("cpu", False, a))
