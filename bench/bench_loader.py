@@ -20,6 +20,17 @@ parts alone: ``torch.load`` and the random initialisation.
     .venv/bin/python bench/bench_loader.py [--reps 200]
 
 Prints a table (median and p90, ms) and one JSON line.
+
+``--beside`` measures instead what a replica's other thread does to a
+load of the peer model (its loader thread shares one interpreter lock with
+the thread serving calls): the two load recipes alone, then beside a
+thread of the same process that runs Python in bursts (``--burst-ms`` of
+every ``--period-ms``, as a serving thread between calls does) at the
+serving thread's two priorities (``nice`` 0, and 10 as with
+``loads_first``), beside a Python thread that never sleeps (a serving
+thread that always has a call to run), and beside a thread that runs
+torch operations (which release the lock). ``--switch-interval`` sets
+:func:`sys.setswitchinterval` (CPython's default 0.005 s).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -112,12 +124,91 @@ def measure(sizes: list[int], folder: str, reps: int) -> dict[str, dict[str, flo
     )
 
 
+def _neighbour(kind: str, nice: int, burst_ms: float, period_ms: float) -> Callable[[], None]:
+    """Start a thread of this process that runs ``kind`` of work until the
+    returned function stops it."""
+    stop = threading.Event()
+
+    def python_bursts() -> None:
+        while not stop.is_set():
+            until = time.perf_counter() + burst_ms / 1000.0
+            while time.perf_counter() < until:
+                pass
+            time.sleep(max(0.0, period_ms - burst_ms) / 1000.0)
+
+    def python_spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    def torch_ops() -> None:
+        a = torch.randn(256, 256)
+        while not stop.is_set():
+            a @ a
+
+    body = {"python bursts": python_bursts, "python spin": python_spin, "torch ops": torch_ops}
+
+    def run() -> None:
+        if nice and sys.platform.startswith("linux"):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        body[kind]()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def halt() -> None:
+        stop.set()
+        thread.join()
+
+    return halt
+
+
+def beside(folder: str, reps: int, burst_ms: float, period_ms: float) -> dict[str, Any]:
+    """The peer model's two load recipes alone and beside each neighbour thread."""
+    sizes = ARCHES["peer 4 MB (256-640x3-64)"]
+    path = os.path.join(folder, "peer.pt")
+    torch.save(build(sizes).state_dict(), path)
+
+    def random_copy() -> None:
+        build(sizes).load_state_dict(torch.load(path, weights_only=True))
+
+    def recipe() -> None:
+        with torch.device("meta"):
+            net = build(sizes)
+        net.load_state_dict(torch.load(path, weights_only=True, mmap=True), assign=True)
+
+    neighbours: list[tuple[str, str, int]] = [
+        ("alone", "", 0),
+        (f"Python {burst_ms:g} ms of every {period_ms:g} ms, nice 0", "python bursts", 0),
+        (f"Python {burst_ms:g} ms of every {period_ms:g} ms, nice 10", "python bursts", 10),
+        ("Python without a pause, nice 10", "python spin", 10),
+        ("torch operations, nice 10", "torch ops", 10),
+    ]
+    results: dict[str, Any] = {}
+    for label, kind, nice in neighbours:
+        halt = _neighbour(kind, nice, burst_ms, period_ms) if kind else None
+        try:
+            results[label] = timed({"random+copy": random_copy, "meta+assign+mmap": recipe}, reps)
+        finally:
+            if halt is not None:
+                halt()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--beside", action="store_true", help="a load beside another thread")
+    parser.add_argument("--burst-ms", type=float, default=0.3)
+    parser.add_argument("--period-ms", type=float, default=1.0)
+    parser.add_argument("--switch-interval", type=float, default=None, help="seconds")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+    if args.beside:
+        return _print_beside(args)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as folder:
         for name, sizes in ARCHES.items():
@@ -136,6 +227,27 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(f"| {row} | " + " | ".join(cells) + " |")
     print(json.dumps({"bench": "loader", "threads": args.threads, "reps": args.reps, **results}))
+    return 0
+
+
+def _print_beside(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as folder:
+        results = beside(folder, args.reps, args.burst_ms, args.period_ms)
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} reps, switch interval "
+        f"{sys.getswitchinterval() * 1000:g} ms; the peer model's load, ms: "
+        "wall p50 / wall p90 / thread CPU p50"
+    )
+    print("| the load's thread beside | random+copy | meta+assign+mmap |")
+    print("|---|---|---|")
+    for label, rows in results.items():
+        cells = [
+            "{wall_p50:.2f} / {wall_p90:.2f} / {cpu_p50:.2f}".format(**rows[recipe])
+            for recipe in ("random+copy", "meta+assign+mmap")
+        ]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    record = {"bench": "loader_beside", "reps": args.reps, "burst_ms": args.burst_ms}
+    print(json.dumps({**record, "switch_interval_s": sys.getswitchinterval(), **results}))
     return 0
 
 

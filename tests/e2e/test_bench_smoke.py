@@ -131,6 +131,7 @@ SCRIPTS: dict[str, Smoke] = {
     "bench_storage": Smoke("--skip-remote --sizes 1 --rounds 1", (r"^ +1 MB: +[\d.]+ ms -> ",)),
     "bench_loader": Smoke("--reps 2", (r'"bench": "loader"',)),
     "bench_routing_sim": Smoke("--quick --requests 200 --seeds 1 --scenario hot", (r"^wall time",)),
+    "bench_tail_floor": Smoke("--requests 400 --seeds 1", (r"^\| threads \| \d+ \|",)),
     "bench_router": Smoke("--decisions 500 --models 500 --replicas 10", (r"^ +10 +[\d.]+ ",)),
     "bench_metrics": Smoke("--calls 500 --repeats 1", (r"observe_request +\d+",)),
     "bench_write_path": Smoke("--frames 100 --repeat 1", (r"^_write \(now\) +[\d.]+",)),
