@@ -36,6 +36,11 @@ it starts afterwards (worker threads for sync calls and sync loaders)
 inherit its priority. Lowering is all a process can do without privileges,
 so it is also what holds in a container.
 
+Calls wait out load steps: with ``loads_first`` a call whose model is
+already loaded waits (briefly) while a load's blocking code runs here,
+since the two threads share the interpreter lock
+(:mod:`muxgate.replicas._load_steps`).
+
 Cancellation: cancelling the waiting side cancels the loader's task on its
 loop, then waits for it to end (blocking code cannot be interrupted, the
 same as a sync loader in a worker thread), so no load is still running when
@@ -61,6 +66,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+from muxgate.replicas._load_steps import LastStep, LoadSteps, stepped
 from muxgate.replicas._unload_hooks import run_unload_hook
 
 __all__ = [
@@ -68,6 +74,7 @@ __all__ = [
     "LoaderLoopError",
     "LoaderThread",
     "home_loop",
+    "in_a_load",
     "is_async_callable",
     "is_other_loop_error",
     "loader_thread",
@@ -100,6 +107,12 @@ def home_loop() -> asyncio.AbstractEventLoop | None:
     except RuntimeError:
         return None
     return home if running is not home else None
+
+
+def in_a_load() -> bool:
+    """Whether the caller runs on behalf of a load on the loader thread (its
+    body, or a call it made on the replica's loop)."""
+    return _HOME.get() is not None
 
 
 async def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -202,12 +215,17 @@ class LoaderThread:
         self._loop: _LoaderLoop | None = None
         #: nice steps the thread that starts the loader thread drops (see "Priority")
         self._calls_nice = 0
+        #: the steps of the loads run here, which calls with a loaded model wait out
+        self.steps = LoadSteps()
 
     def calls_yield_to_loads(self, enabled: bool) -> None:
         """With ``enabled``, the thread that starts the loader thread lowers
-        its priority by ``CALLS_NICE`` once it has (the replica sets this from
-        its spec; elsewhere, e.g. a test process, priorities stay alone)."""
+        its priority by ``CALLS_NICE`` once it has, and calls whose model is
+        loaded wait out a load step under way (:mod:`muxgate.replicas._load_steps`).
+        The replica sets this from its spec; elsewhere, e.g. a test process,
+        both stay off."""
         self._calls_nice = CALLS_NICE if enabled else 0
+        self.steps.enabled = enabled
 
     def __repr__(self) -> str:
         loader_loop = self._loop
@@ -231,6 +249,7 @@ class LoaderThread:
         """A forked child has none of the parent's threads: start afresh."""
         self._lock = threading.Lock()
         self._loop = None
+        self.steps.reset_after_fork()
 
     async def run(self, make_coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """Run ``make_coro()`` on the loader loop, in a copy of the current context."""
@@ -238,7 +257,14 @@ class LoaderThread:
         try:
             context = contextvars.copy_context()
             context.run(_HOME.set, asyncio.get_running_loop())
-            submission = _Submission(loader_loop, make_coro, context)
+            last = LastStep(self.steps)
+            if self.steps.enabled:
+                steps = self.steps
+                submission = _Submission(
+                    loader_loop, lambda: stepped(make_coro(), steps, last), context
+                )
+            else:
+                submission = _Submission(loader_loop, make_coro, context)
             waiter = asyncio.wrap_future(submission.done)
             try:
                 # shield: cancelling this caller must not cancel ``done`` before the task ends
@@ -251,6 +277,7 @@ class LoaderThread:
                     await run_unload_hook(waiter.result())  # built anyway: never handed out
                 raise
         finally:
+            last.close()
             self._give_back(loader_loop)
 
 

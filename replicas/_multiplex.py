@@ -46,6 +46,7 @@ from muxgate.replicas._load_cpu import charged, thread_cpu_of
 from muxgate.replicas._loader_thread import (
     LoaderLoopError,
     home_loop,
+    in_a_load,
     is_async_callable,
     is_other_loop_error,
     loader_thread,
@@ -335,6 +336,8 @@ def multiplexed(
             load_on_loop=load_on_loop,
         )
         wrapper: Callable[..., Any]
+        # A hit waits out a load step under way (loads_first; see _load_steps).
+        steps = loader_thread().steps
         if is_method:
             cache_for = loader.cache_for
 
@@ -347,6 +350,8 @@ def multiplexed(
                 model = cache.get_loaded(model_id)
                 if model is MISSING:
                     return await cache.load(model_id)
+                if steps.running and steps.enabled and not in_a_load():
+                    await steps.wait_for_step()
                 return model
 
             wrapper = method_wrapper
@@ -360,6 +365,8 @@ def multiplexed(
                 model = cache.get_loaded(model_id)
                 if model is MISSING:
                     return await cache.load(model_id)
+                if steps.running and steps.enabled and not in_a_load():
+                    await steps.wait_for_step()
                 return model
 
             wrapper = function_wrapper

@@ -75,7 +75,9 @@ async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None
                 r = await client.post("/", headers={MODEL: "a"})
             assert r.status_code == 200, r.text
             assert r.json()["loaded"] is False  # a hit
-            assert not slow  # answered while the slow load still blocks its thread
+            # answered while the slow load still blocks its thread (loads_first:
+            # after waiting out MAX_WAIT_S of it, _load_steps)
+            assert not slow
             (tmp_path / "release-slow-1").touch()
         assert slow[0].status_code == 200, slow[0].text
         assert slow[0].json()["seen_model_id"] == "slow-1"
