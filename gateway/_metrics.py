@@ -233,6 +233,17 @@ class _ReplicaCounters(Collector):
             "model_load_cpu_seconds_sum",
         )
         yield per_deployment(
+            "muxgate_load_step_waits_total",
+            "Calls whose model was loaded that first waited out a load step under way"
+            " (loads_first).",
+            "load_step_waits",
+        )
+        yield per_deployment(
+            "muxgate_load_step_wait_seconds_total",
+            "Time those calls waited.",
+            "load_step_wait_seconds_sum",
+        )
+        yield per_deployment(
             "muxgate_cache_hits_total",
             "Model lookups answered from a replica's cache.",
             "cache_hits",
@@ -278,6 +289,9 @@ class GatewayMetrics:
       merged from the replicas' own histograms the same way.
     * ``model_load_cpu_seconds_total{deployment}``: CPU time the loaders' own
       code took in those loads (over ``model_loads_total``: a load's CPU cost).
+    * ``load_step_waits_total{deployment}``, ``load_step_wait_seconds_total``:
+      calls with a loaded model that waited out a load step (``loads_first``),
+      and how long.
     * ``models_loaded{deployment,replica}``: per live replica.
     * ``replica_rss_bytes{deployment,replica}``: resident memory of each live
       replica process, as it last reported.

@@ -53,6 +53,9 @@ CACHE_COUNTER_KEYS: Final[tuple[str, ...]] = (
     *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
     # Appended: the gateway reads a key an older replica does not report as 0.
     "model_load_cpu_seconds_sum",
+    # calls with a loaded model that waited out a load step (loads_first), and how long
+    "load_step_waits",
+    "load_step_wait_seconds_sum",
 )
 
 #: Counted by muxgate.backends when a replica imported it: fetches answered

@@ -42,8 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine, Generator
 from typing import Any, Final
+
+from muxgate.replicas._cache_stats import COUNTERS
 
 __all__ = ["MAX_WAIT_S", "LastStep", "LoadSteps", "stepped"]
 
@@ -110,10 +113,13 @@ class LoadSteps:
             step = self._begun
             self._waiters.append((step, fut))
         timer = loop.call_later(MAX_WAIT_S, _wake_here, fut)
+        start = time.perf_counter()
         try:
             await fut
         finally:
             timer.cancel()
+            COUNTERS["load_step_waits"] += 1
+            COUNTERS["load_step_wait_seconds_sum"] += time.perf_counter() - start
             # Woken by the cap or cancelled: no longer a waiter. (Woken by
             # ``end``, it is gone already.)
             with self._lock:

@@ -9,7 +9,9 @@ of the replica's loop fails with a message naming the opt-out. With
 ``load_on_loop: true`` in the app config, the loader runs on the replica's
 loop and that loader works. Once the loader thread runs, the thread serving
 calls runs at a lower priority than it (``loads_first``, the default), and
-at the same one with ``loads_first: false`` or without a loader thread.
+at the same one with ``loads_first: false`` or without a loader thread;
+with ``loads_first`` the hit first waits out the blocked load's step, up to
+its cap, and the gateway's metrics count the wait.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import anyio
 import httpx
 import pytest
 from gateway_harness import MODEL, running_gateway
+from prometheus_text import only, parse_samples
 from waiting import wait_until
 
+from muxgate.replicas._load_steps import MAX_WAIT_S
 from muxgate.replicas._loader_thread import CALLS_NICE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -47,6 +51,40 @@ def config(marker_dir: Path, **deployment: Any) -> dict[str, Any]:
     }
 
 
+DEP = (("deployment", "SlowLoads"),)
+
+
+async def hit_during_a_slow_load(client: httpx.AsyncClient, marker_dir: Path, n: int) -> None:
+    """A hit on ``a`` answered while ``slow-N`` blocks the loader's thread."""
+    slow: list[httpx.Response] = []
+
+    async def load_slow() -> None:
+        slow.append(await client.post("/", headers={MODEL: f"slow-{n}"}))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load_slow)
+        await wait_until((marker_dir / f"started-slow-{n}").exists, what="the slow load")
+        with anyio.fail_after(10):
+            r = await client.post("/", headers={MODEL: "a"})
+        assert r.status_code == 200, r.text
+        assert r.json()["loaded"] is False  # a hit
+        # answered while the slow load still blocks its thread (with
+        # loads_first, after waiting out MAX_WAIT_S of its step)
+        assert not slow
+        (marker_dir / f"release-slow-{n}").touch()
+    assert slow[0].status_code == 200, slow[0].text
+    assert slow[0].json()["seen_model_id"] == f"slow-{n}"
+
+
+async def step_waits(client: httpx.AsyncClient) -> tuple[float, float]:
+    """The gateway's count of calls that waited out a load step, and their seconds."""
+    samples = parse_samples((await client.get("/-/metrics")).text)
+    return (
+        only(samples, "muxgate_load_step_waits_total")[DEP],
+        only(samples, "muxgate_load_step_wait_seconds_total")[DEP],
+    )
+
+
 async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None:
     async with (
         running_gateway(config(tmp_path)) as gw,
@@ -63,24 +101,11 @@ async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None
         if LINUX:  # 19 is the lowest priority: a test run already niced may hit it
             lowered = min(CALLS_NICE, 19 - first["loader_nice"])
             assert first["call_nice"] - first["loader_nice"] == lowered
-        slow: list[httpx.Response] = []
-
-        async def load_slow() -> None:
-            slow.append(await client.post("/", headers={MODEL: "slow-1"}))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(load_slow)
-            await wait_until((tmp_path / "started-slow-1").exists, what="the slow load")
-            with anyio.fail_after(10):
-                r = await client.post("/", headers={MODEL: "a"})
-            assert r.status_code == 200, r.text
-            assert r.json()["loaded"] is False  # a hit
-            # answered while the slow load still blocks its thread (loads_first:
-            # after waiting out MAX_WAIT_S of it, _load_steps)
-            assert not slow
-            (tmp_path / "release-slow-1").touch()
-        assert slow[0].status_code == 200, slow[0].text
-        assert slow[0].json()["seen_model_id"] == "slow-1"
+        assert await step_waits(client) == (0.0, 0.0)
+        await hit_during_a_slow_load(client, tmp_path, 1)
+        waits, seconds = await step_waits(client)
+        assert waits == 1.0
+        assert MAX_WAIT_S * 0.9 <= seconds < 10  # the whole cap: the step never ended
 
         r = await client.post("/", headers={MODEL: "bound-1"})
         assert r.status_code == 500
@@ -116,3 +141,6 @@ async def test_loads_first_false_keeps_one_priority(tmp_path: Path) -> None:
         body = r.json()
         assert body["loader_thread"].startswith("muxgate-loader-")
         assert body["call_nice"] == body["loader_nice"]
+        # and a hit runs beside a load at once: it waited out nothing
+        await hit_during_a_slow_load(client, tmp_path, 2)
+        assert await step_waits(client) == (0.0, 0.0)

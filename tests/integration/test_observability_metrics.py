@@ -114,6 +114,8 @@ async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
     }
     assert only(samples, "muxgate_cache_hits_total") == {DEP: 2.0}
     assert only(samples, "muxgate_cache_misses_total") == {DEP: 3.0}
+    # One request at a time: no hit came while a load ran.
+    assert only(samples, "muxgate_load_step_waits_total") == {DEP: 0.0}
     assert only(samples, "muxgate_models_loaded") == {
         (("deployment", "Observed"), ("replica", replica_id)): 2.0
     }
@@ -154,6 +156,8 @@ async def test_a_scrape_before_any_request_shows_zeros(gateway: Gateway) -> None
         "muxgate_model_load_cpu_seconds_total",
         "muxgate_cache_hits_total",
         "muxgate_cache_misses_total",
+        "muxgate_load_step_waits_total",
+        "muxgate_load_step_wait_seconds_total",
     ):
         assert only(samples, name) == {DEP: 0.0}, name
     assert set(only(samples, "muxgate_model_unloads_total").values()) == {0.0}
