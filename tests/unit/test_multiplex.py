@@ -696,6 +696,8 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
         "model_load_seconds_sum",
         *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
         "model_load_cpu_seconds_sum",
+        "load_step_waits",
+        "load_step_wait_seconds_sum",
         "models_loaded",
     }
     # The loaders' own CPU, never more than the loads' wall time.
