@@ -60,8 +60,9 @@ harness's own. The load cost of the CPU limit is then measured the same way.
 ``priced``) sets muxgate's ``routing.spill``: ``never`` is the "no spills"
 reference, at the same ``--max-ongoing`` as the run it is compared with.
 ``--eviction-policy tinylfu`` (or ``lru``, the default) sets muxgate's
-``eviction_policy``. The shared hook writes a fixed app config (and the
-harness is read-only), so for either option the hook is pointed at a
+``eviction_policy``, ``--hits-wait-for-loads`` its ``hits_wait_for_loads:
+true``. The shared hook writes a fixed app config (and the
+harness is read-only), so for any of these options the hook is pointed at a
 one-file ``muxgate`` shim that adds the fields to that config and then runs
 this repository's ``muxgate``.
 
@@ -257,10 +258,12 @@ class Muxgate(System):
         max_ongoing: int,
         spill: str | None = None,
         eviction_policy: str | None = None,
+        hits_wait_for_loads: bool = False,
     ) -> None:
         super().__init__(root, port, max_ongoing)
         self.spill = spill
         self.eviction_policy = eviction_policy
+        self.hits_wait_for_loads = hits_wait_for_loads
 
     def config_changes(self) -> dict[str, Any]:
         """The deployment fields the options set, as the app config spells them."""
@@ -269,6 +272,8 @@ class Muxgate(System):
             changes["routing"] = {"spill": self.spill}
         if self.eviction_policy is not None:
             changes["eviction_policy"] = self.eviction_policy
+        if self.hits_wait_for_loads:
+            changes["hits_wait_for_loads"] = True
         return changes
 
     def load_cpu_ms(self) -> float | None:
@@ -306,7 +311,7 @@ class Muxgate(System):
         script = shim / "bin" / "muxgate"
         script.write_text(
             f"#!{REPO / '.venv' / 'bin' / 'python'}\n"
-            "# written by bench/bench_peer.py (--spill, --eviction-policy)\n"
+            "# written by bench/bench_peer.py (--spill, --eviction-policy, --hits-wait-for-loads)\n"
             "import json, os, sys, yaml\n"
             f"changes = json.loads({json.dumps(changes)!r})\n"
             "if sys.argv[1:2] == ['serve']:\n"
@@ -680,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         help="muxgate's eviction_policy (default: the config's default, lru)",
     )
     parser.add_argument(
+        "--hits-wait-for-loads",
+        action="store_true",
+        help="muxgate's hits_wait_for_loads: true (default: the config's default, false)",
+    )
+    parser.add_argument(
         "--loader",
         choices=["harness", "recipe"],
         default="harness",
@@ -761,7 +771,12 @@ def _main(
         systems["ray"] = Ray(models, args.port, args.max_ongoing, ray_venv)
     if "muxgate" in wanted:
         systems["muxgate"] = Muxgate(
-            models, args.port, args.max_ongoing, args.spill, args.eviction_policy
+            models,
+            args.port,
+            args.max_ongoing,
+            args.spill,
+            args.eviction_policy,
+            args.hits_wait_for_loads,
         )
     print(
         f"# {platform.node()}: {os.cpu_count()} CPUs, {cores:g} usable, Python "
@@ -769,6 +784,7 @@ def _main(
         f"K={args.k} R={args.replicas} max_ongoing={args.max_ongoing} loader={args.loader} "
         + (f"spill={args.spill} " if args.spill else "")
         + (f"eviction_policy={args.eviction_policy} " if args.eviction_policy else "")
+        + ("hits_wait_for_loads=true " if args.hits_wait_for_loads else "")
         + (f"rate={args.rate}" if args.rate else f"c={args.concurrency}")
         + f" requests={args.requests} seed={args.seed}",
         flush=True,
@@ -802,6 +818,7 @@ def _main(
                 if isinstance(system, Muxgate):
                     result["spill"] = system.spill or "default"
                     result["eviction_policy"] = system.eviction_policy or "default"
+                    result["hits_wait_for_loads"] = system.hits_wait_for_loads
                 results[name].append(result)
                 print(
                     f"# {name} run {i + 1}: {result['throughput_rps']} req/s, p99 "

@@ -235,7 +235,7 @@ class _ReplicaCounters(Collector):
         yield per_deployment(
             "muxgate_load_step_waits_total",
             "Calls whose model was loaded that first waited out a load step under way"
-            " (loads_first).",
+            " (hits_wait_for_loads).",
             "load_step_waits",
         )
         yield per_deployment(
@@ -290,7 +290,7 @@ class GatewayMetrics:
     * ``model_load_cpu_seconds_total{deployment}``: CPU time the loaders' own
       code took in those loads (over ``model_loads_total``: a load's CPU cost).
     * ``load_step_waits_total{deployment}``, ``load_step_wait_seconds_total``:
-      calls with a loaded model that waited out a load step (``loads_first``),
+      calls with a loaded model that waited out a load step (``hits_wait_for_loads``),
       and how long.
     * ``models_loaded{deployment,replica}``: per live replica.
     * ``replica_rss_bytes{deployment,replica}``: resident memory of each live

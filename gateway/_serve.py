@@ -123,6 +123,7 @@ def make_spec(
         load_order=deployment.load_order,
         load_on_loop=deployment.load_on_loop,
         loads_first=deployment.loads_first,
+        hits_wait_for_loads=deployment.hits_wait_for_loads,
         preload=list(deployment.preload),
         pinned=list(deployment.pinned),
         multiplexed_loader=deployment.multiplexed_loader,

@@ -53,7 +53,7 @@ CACHE_COUNTER_KEYS: Final[tuple[str, ...]] = (
     *(load_bucket_key(bound) for bound in MODEL_LOAD_BUCKETS),
     # Appended: the gateway reads a key an older replica does not report as 0.
     "model_load_cpu_seconds_sum",
-    # calls with a loaded model that waited out a load step (loads_first), and how long
+    # calls with a loaded model that waited out a load step (hits_wait_for_loads), and how long
     "load_step_waits",
     "load_step_wait_seconds_sum",
 )

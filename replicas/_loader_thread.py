@@ -36,9 +36,9 @@ it starts afterwards (worker threads for sync calls and sync loaders)
 inherit its priority. Lowering is all a process can do without privileges,
 so it is also what holds in a container.
 
-Calls wait out load steps: with ``loads_first`` a call whose model is
-already loaded waits (briefly) while a load's blocking code runs here,
-since the two threads share the interpreter lock
+Calls may wait out load steps: with ``hits_wait_for_loads`` a call whose
+model is already loaded waits (briefly) while a load's blocking code runs
+here, since the two threads share the interpreter lock
 (:mod:`muxgate.replicas._load_steps`).
 
 Cancellation: cancelling the waiting side cancels the loader's task on its
@@ -215,17 +215,15 @@ class LoaderThread:
         self._loop: _LoaderLoop | None = None
         #: nice steps the thread that starts the loader thread drops (see "Priority")
         self._calls_nice = 0
-        #: the steps of the loads run here, which calls with a loaded model wait out
+        #: the steps of the loads run here, which calls with a loaded model may
+        #: wait out (``steps.enabled``: the replica sets it from its spec)
         self.steps = LoadSteps()
 
     def calls_yield_to_loads(self, enabled: bool) -> None:
         """With ``enabled``, the thread that starts the loader thread lowers
-        its priority by ``CALLS_NICE`` once it has, and calls whose model is
-        loaded wait out a load step under way (:mod:`muxgate.replicas._load_steps`).
-        The replica sets this from its spec; elsewhere, e.g. a test process,
-        both stay off."""
+        its priority by ``CALLS_NICE`` once it has (the replica sets this from
+        its spec; elsewhere, e.g. a test process, priorities stay alone)."""
         self._calls_nice = CALLS_NICE if enabled else 0
-        self.steps.enabled = enabled
 
     def __repr__(self) -> str:
         loader_loop = self._loop

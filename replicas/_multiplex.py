@@ -336,7 +336,7 @@ def multiplexed(
             load_on_loop=load_on_loop,
         )
         wrapper: Callable[..., Any]
-        # A hit waits out a load step under way (loads_first; see _load_steps).
+        # A hit may wait out a load step under way (hits_wait_for_loads; _load_steps).
         steps = loader_thread().steps
         if is_method:
             cache_for = loader.cache_for

@@ -448,6 +448,7 @@ def run_replica(raw_spec: bytes, ready_fd: int, parent_fd: int | None) -> int:
         os.write(ready_fd, f"FAILED invalid spec: {_one_line(str(exc))}\n".encode())
         return 2
     loader_thread().calls_yield_to_loads(spec.loads_first)
+    loader_thread().steps.enabled = spec.hits_wait_for_loads
     if spec.storage:
         # Imported only when used: a deployment need not touch storage.
         from muxgate.backends._config import configure_storage_section

@@ -73,6 +73,9 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         loads_first: once the loader thread starts, the thread that serves
             calls runs at a lower CPU priority than it
             (``muxgate.replicas._loader_thread``, "Priority").
+        hits_wait_for_loads: a call whose model is loaded waits out the load
+            step under way on the loader thread, at most 50 ms
+            (``muxgate.replicas._load_steps``).
         drain_fence: obey only a ``Drain`` carrying a token the replica's
             supervisor wrote on its stdin pipe (``muxgate.replicas._drain_fence``:
             a Ray replica actor, after checking the gateway's lease epoch).
@@ -104,3 +107,4 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     load_on_loop: bool | None = None
     drain_fence: bool = False
     loads_first: bool = True
+    hits_wait_for_loads: bool = False

@@ -9,9 +9,9 @@ of the replica's loop fails with a message naming the opt-out. With
 ``load_on_loop: true`` in the app config, the loader runs on the replica's
 loop and that loader works. Once the loader thread runs, the thread serving
 calls runs at a lower priority than it (``loads_first``, the default), and
-at the same one with ``loads_first: false`` or without a loader thread;
-with ``loads_first`` the hit first waits out the blocked load's step, up to
-its cap, and the gateway's metrics count the wait.
+at the same one with ``loads_first: false`` or without a loader thread.
+With ``hits_wait_for_loads: true`` the hit first waits out the blocked
+load's step, up to its cap, and the gateway's metrics count the wait.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ async def hit_during_a_slow_load(client: httpx.AsyncClient, marker_dir: Path, n:
         assert r.status_code == 200, r.text
         assert r.json()["loaded"] is False  # a hit
         # answered while the slow load still blocks its thread (with
-        # loads_first, after waiting out MAX_WAIT_S of its step)
+        # hits_wait_for_loads, after waiting out MAX_WAIT_S of its step)
         assert not slow
         (marker_dir / f"release-slow-{n}").touch()
     assert slow[0].status_code == 200, slow[0].text
@@ -101,11 +101,8 @@ async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None
         if LINUX:  # 19 is the lowest priority: a test run already niced may hit it
             lowered = min(CALLS_NICE, 19 - first["loader_nice"])
             assert first["call_nice"] - first["loader_nice"] == lowered
-        assert await step_waits(client) == (0.0, 0.0)
         await hit_during_a_slow_load(client, tmp_path, 1)
-        waits, seconds = await step_waits(client)
-        assert waits == 1.0
-        assert MAX_WAIT_S * 0.9 <= seconds < 10  # the whole cap: the step never ended
+        assert await step_waits(client) == (0.0, 0.0)  # by default hits do not wait
 
         r = await client.post("/", headers={MODEL: "bound-1"})
         assert r.status_code == 500
@@ -141,6 +138,17 @@ async def test_loads_first_false_keeps_one_priority(tmp_path: Path) -> None:
         body = r.json()
         assert body["loader_thread"].startswith("muxgate-loader-")
         assert body["call_nice"] == body["loader_nice"]
-        # and a hit runs beside a load at once: it waited out nothing
-        await hit_during_a_slow_load(client, tmp_path, 2)
+
+
+async def test_hits_wait_for_loads_waits_out_the_step_and_counts_it(tmp_path: Path) -> None:
+    async with (
+        running_gateway(config(tmp_path, hits_wait_for_loads=True)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        r = await client.post("/", headers={MODEL: "a"})
+        assert r.status_code == 200, r.text
         assert await step_waits(client) == (0.0, 0.0)
+        await hit_during_a_slow_load(client, tmp_path, 2)
+        waits, seconds = await step_waits(client)
+        assert waits == 1.0
+        assert MAX_WAIT_S * 0.9 <= seconds < 10  # the whole cap: the step never ended

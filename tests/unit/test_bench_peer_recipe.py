@@ -1,6 +1,7 @@
 """``bench_peer.py --loader recipe``: the copy of the harness whose two apps
 load with the load recipe, made from a harness written here in the shape of
-the shared one (its loader lines, and ray_app's docstring that quotes them)."""
+the shared one (its loader lines, and ray_app's docstring that quotes them);
+and the deployment fields its muxgate options set."""
 
 from __future__ import annotations
 
@@ -95,3 +96,14 @@ def test_a_changed_loader_is_refused_by_name(bench_peer: ModuleType, tmp_path: P
     with pytest.raises(SystemExit, match=r"load_state_dict.*found 0: the harness's loader changed"):
         bench_peer.recipe_harness(harness)
     assert set(Path(tempfile.gettempdir()).glob("peer-recipe-*")) == before  # no copy left
+
+
+def test_the_muxgate_options_become_deployment_fields(bench_peer: ModuleType) -> None:
+    plain = bench_peer.Muxgate(Path("/models"), 8400, 5)
+    assert plain.config_changes() == {}
+    tuned = bench_peer.Muxgate(Path("/models"), 8400, 5, "never", "tinylfu", True)
+    assert tuned.config_changes() == {
+        "routing": {"spill": "never"},
+        "eviction_policy": "tinylfu",
+        "hits_wait_for_loads": True,
+    }

@@ -1,5 +1,5 @@
 """Calls whose model is loaded wait out the load step under way
-(``loads_first``; :mod:`muxgate.replicas._load_steps`).
+(``hits_wait_for_loads``; :mod:`muxgate.replicas._load_steps`).
 
 In process: :class:`LoadSteps` alone, then ``@multiplexed`` loaders on the
 loader thread whose loads block that thread on ``threading.Event``s (as
@@ -45,7 +45,7 @@ def anyio_backend() -> str:
 @pytest.fixture
 def steps_on() -> Iterator[LoadSteps]:
     """The process's loader thread with waiting on, as in a replica with
-    ``loads_first`` (its priorities left alone: a test process keeps one)."""
+    ``hits_wait_for_loads``."""
     steps = loader_thread().steps
     steps.enabled = True
     try:
@@ -164,7 +164,7 @@ async def test_a_hit_waits_out_a_blocking_load_on_the_loader_thread(
     assert not steps_on.running
 
 
-async def test_without_loads_first_a_hit_runs_beside_the_load() -> None:
+async def test_by_default_a_hit_runs_beside_the_load() -> None:
     loads = Held("slow")
     get_model = loads.loader()
     await get_model("a")
