@@ -40,6 +40,9 @@ over ``muxgate_model_loads_total``: a load sharing its core costs more than
 one in this process's quiet loop); and the same limit on the cores that
 other jobs left free during the run (their CPU is the host's busy time that
 neither the system nor the load generator used). Raw JSON lines go to ``--out``.
+For muxgate each run's line also gives what its gateway counted: requests
+that joined a load under way, requests sent past their model's home
+replica, and calls that waited out a load step (``hits_wait_for_loads``).
 
 The data-plane CPU comes from the no-op run. With ``--no-noop`` it comes
 from ``--data-plane-ms`` (``1.2`` for every system, or ``muxgate=1.2,ray=5``)
@@ -276,10 +279,19 @@ class Muxgate(System):
             changes["hits_wait_for_loads"] = True
         return changes
 
-    def load_cpu_ms(self) -> float | None:
-        """CPU-ms per load in the run just made, as the replicas measured it
-        (their loaders' own code, on whichever thread ran it), from the
-        gateway's metrics; None before any load."""
+    def run_counters(self) -> dict[str, Any]:
+        """What the gateway counted in the run just made (its metrics):
+
+        - ``load_cpu_ms_in_run``: CPU-ms per load as the replicas measured it
+          (their loaders' own code, on whichever thread ran it), None before
+          any load;
+        - ``joins``: requests that waited for a load of their model already
+          under way (cache misses less loads);
+        - ``past_home``: requests sent past their model's home replica
+          (spills, and models held nowhere placed off their home);
+        - ``step_waits``: calls that waited out a load step
+          (``hits_wait_for_loads``).
+        """
         from prometheus_client.parser import text_string_to_metric_families
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/metrics", timeout=10) as r:
@@ -291,7 +303,12 @@ class Muxgate(System):
         # the text format's counter family names drop their "_total"
         loads = totals.get("muxgate_model_loads", 0.0)
         cpu = totals.get("muxgate_model_load_cpu_seconds", 0.0)
-        return round(cpu / loads * 1000, 3) if loads else None
+        return {
+            "load_cpu_ms_in_run": round(cpu / loads * 1000, 3) if loads else None,
+            "joins": int(totals.get("muxgate_cache_misses", 0.0) - loads),
+            "past_home": int(totals.get("muxgate_spillovers", 0.0)),
+            "step_waits": int(totals.get("muxgate_load_step_waits", 0.0)),
+        }
 
     def deploy(self, app: str, k: int, replicas: int) -> None:
         changes = self.config_changes()
@@ -531,7 +548,7 @@ def measured_run(
         with probe.running():
             result = loadgen(python, system, args, label, app)
         if isinstance(system, Muxgate) and app == "mux":
-            result["load_cpu_ms_in_run"] = system.load_cpu_ms()
+            result.update(system.run_counters())
     finally:
         system.stop_app()
     result["cpu_ms_per_request"] = cpu_by_group(system, result)
@@ -824,7 +841,13 @@ def _main(
                     f"# {name} run {i + 1}: {result['throughput_rps']} req/s, p99 "
                     f"{(result['latency_ms'] or {}).get('p99', '-')} ms, "
                     f"hit {result['hit_rate']}, errors {result['errors']}, busy before "
-                    f"{result['pre_run_host_busy']}",
+                    f"{result['pre_run_host_busy']}"
+                    + (
+                        f", joins {result['joins']}, past home {result['past_home']}, "
+                        f"step waits {result['step_waits']}"
+                        if "joins" in result
+                        else ""
+                    ),
                     flush=True,
                 )
     finally:
