@@ -30,6 +30,8 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, TypeVar
 
+from muxgate.replicas._coro_steps import drive_steps
+
 __all__ = ["charge", "charged", "charging", "thread_cpu_of"]
 
 T = TypeVar("T")
@@ -87,28 +89,17 @@ class _Charged:
         self._holder = holder
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        steps = self._awaitable.__await__()
         holder = self._holder
-        value: Any = None
-        error: BaseException | None = None
-        while True:
+        start = 0.0
+
+        def before() -> None:
+            nonlocal start
             start = time.thread_time()
-            try:
-                yielded = steps.send(value) if error is None else steps.throw(error)
-            except StopIteration as done:
-                holder.seconds += time.thread_time() - start
-                return done.value
-            except BaseException:
-                holder.seconds += time.thread_time() - start
-                raise
+
+        def after(_last: bool) -> None:
             holder.seconds += time.thread_time() - start
-            try:
-                value, error = (yield yielded), None
-            except GeneratorExit:
-                steps.close()
-                raise
-            except BaseException as exc:  # thrown in (a cancellation): pass it on
-                value, error = None, exc
+
+        return (yield from drive_steps(self._awaitable.__await__(), before, after))
 
 
 async def charged(awaitable: Awaitable[T]) -> T:

@@ -49,6 +49,7 @@ from collections.abc import Coroutine, Generator
 from typing import Any, Final
 
 from muxgate.replicas._cache_stats import COUNTERS
+from muxgate.replicas._coro_steps import drive_steps
 
 __all__ = ["MAX_WAIT_S", "LastStep", "LoadSteps", "stepped"]
 
@@ -63,12 +64,15 @@ class LoadSteps:
         self._lock = threading.Lock()
         #: calls wait for steps (the replica sets it from ``hits_wait_for_loads``)
         self.enabled = False
-        #: a step is running (read without the lock: a stale read only lets
-        #: a call run beside a step that just started, or look once more)
-        self.running = False
         self._begun = 0
         self._ended = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    @property
+    def running(self) -> bool:
+        """A step is running (read without the lock: a stale read only lets a
+        call run beside a step that just started, or look once more)."""
+        return self._ended < self._begun
 
     def __repr__(self) -> str:
         state = "running" if self.running else "idle"
@@ -77,7 +81,6 @@ class LoadSteps:
     def reset_after_fork(self) -> None:
         """A forked child runs no step and has no waiters."""
         self._lock = threading.Lock()
-        self.running = False
         self._begun = self._ended = 0
         self._waiters = []
 
@@ -85,7 +88,6 @@ class LoadSteps:
         """A step starts (on the loader thread)."""
         with self._lock:
             self._begun += 1
-            self.running = True
 
     def end(self) -> None:
         """A step ends: wake the calls that were waiting for the steps begun
@@ -93,7 +95,6 @@ class LoadSteps:
         it may end after the next load's first step began.)"""
         with self._lock:
             self._ended += 1
-            self.running = self._ended < self._begun
             ended = self._ended
             woken = [fut for step, fut in self._waiters if step <= ended]
             self._waiters = [(step, fut) for step, fut in self._waiters if step > ended]
@@ -175,27 +176,15 @@ class _Stepped:
         self._last = last
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        coro, steps = self._coro, self._steps
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            steps.begin()
-            try:
-                yielded = coro.send(value) if error is None else coro.throw(error)
-            except StopIteration as done:
-                self._last.open = True
-                return done.value
-            except BaseException:
-                self._last.open = True
-                raise
-            steps.end()
-            try:
-                value, error = (yield yielded), None
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # thrown in (a cancellation): pass it on
-                value, error = None, exc
+        steps, last = self._steps, self._last
+
+        def after(is_last: bool) -> None:
+            if is_last:
+                last.open = True  # ends when the replica's loop takes the outcome
+            else:
+                steps.end()
+
+        return (yield from drive_steps(self._coro.__await__(), steps.begin, after))
 
 
 async def stepped(coro: Coroutine[Any, Any, Any], steps: LoadSteps, last: LastStep) -> Any:

@@ -16,7 +16,9 @@ load's step, up to its cap, and the gateway's metrics count the wait.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,16 @@ def config(marker_dir: Path, **deployment: Any) -> dict[str, Any]:
 DEP = (("deployment", "SlowLoads"),)
 
 
+@contextlib.asynccontextmanager
+async def client_of(marker_dir: Path, **deployment: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a gateway serving ``SlowLoads`` with ``deployment``'s fields."""
+    async with (
+        running_gateway(config(marker_dir, **deployment)) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
+    ):
+        yield client
+
+
 async def hit_during_a_slow_load(client: httpx.AsyncClient, marker_dir: Path, n: int) -> None:
     """A hit on ``a`` answered while ``slow-N`` blocks the loader's thread."""
     slow: list[httpx.Response] = []
@@ -86,10 +98,7 @@ async def step_waits(client: httpx.AsyncClient) -> tuple[float, float]:
 
 
 async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None:
-    async with (
-        running_gateway(config(tmp_path)) as gw,
-        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
-    ):
+    async with client_of(tmp_path) as client:
         r = await client.post("/", headers={MODEL: "a"})
         assert r.status_code == 200, r.text
         first = r.json()
@@ -116,10 +125,7 @@ async def test_a_hit_is_served_while_another_model_loads(tmp_path: Path) -> None
 async def test_load_on_loop_in_the_config_keeps_loads_on_the_replicas_loop(
     tmp_path: Path,
 ) -> None:
-    async with (
-        running_gateway(config(tmp_path, load_on_loop=True)) as gw,
-        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
-    ):
+    async with client_of(tmp_path, load_on_loop=True) as client:
         r = await client.post("/", headers={MODEL: "bound-1"})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -129,10 +135,7 @@ async def test_load_on_loop_in_the_config_keeps_loads_on_the_replicas_loop(
 
 
 async def test_loads_first_false_keeps_one_priority(tmp_path: Path) -> None:
-    async with (
-        running_gateway(config(tmp_path, loads_first=False)) as gw,
-        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
-    ):
+    async with client_of(tmp_path, loads_first=False) as client:
         r = await client.post("/", headers={MODEL: "a"})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -141,10 +144,7 @@ async def test_loads_first_false_keeps_one_priority(tmp_path: Path) -> None:
 
 
 async def test_hits_wait_for_loads_waits_out_the_step_and_counts_it(tmp_path: Path) -> None:
-    async with (
-        running_gateway(config(tmp_path, hits_wait_for_loads=True)) as gw,
-        httpx.AsyncClient(base_url=gw.url, timeout=30) as client,
-    ):
+    async with client_of(tmp_path, hits_wait_for_loads=True) as client:
         r = await client.post("/", headers={MODEL: "a"})
         assert r.status_code == 200, r.text
         assert await step_waits(client) == (0.0, 0.0)

@@ -42,6 +42,21 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def a_step_running() -> LoadSteps:
+    """Steps with waiting on and one step under way."""
+    steps = LoadSteps()
+    steps.enabled = True
+    steps.begin()
+    return steps
+
+
+async def a_waiter(steps: LoadSteps) -> asyncio.Task[None]:
+    """A call waiting for ``steps``, settled into its wait."""
+    waiter = asyncio.create_task(steps.wait_for_step())
+    await settle()
+    return waiter
+
+
 @pytest.fixture
 def steps_on() -> Iterator[LoadSteps]:
     """The process's loader thread with waiting on, as in a replica with
@@ -55,11 +70,8 @@ def steps_on() -> Iterator[LoadSteps]:
 
 
 async def test_a_call_waits_for_the_step_running_when_it_came() -> None:
-    steps = LoadSteps()
-    steps.enabled = True
-    steps.begin()
-    waiter = asyncio.create_task(steps.wait_for_step())
-    await settle()
+    steps = a_step_running()
+    waiter = await a_waiter(steps)
     assert not waiter.done()
     # The step ends on another thread; the next one starts at once.
     await anyio.to_thread.run_sync(lambda: (steps.end(), steps.begin()))
@@ -83,9 +95,7 @@ async def test_a_step_that_runs_on_holds_a_call_only_up_to_the_cap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_load_steps, "MAX_WAIT_S", 0.01)
-    steps = LoadSteps()
-    steps.enabled = True
-    steps.begin()
+    steps = a_step_running()
     await asyncio.wait_for(steps.wait_for_step(), HOLD_S)
     assert steps.running  # it went on beside the step
     assert repr(steps) == "<LoadSteps running begun=1 waiters=0>"
@@ -94,11 +104,8 @@ async def test_a_step_that_runs_on_holds_a_call_only_up_to_the_cap(
 
 
 async def test_a_cancelled_call_stops_waiting() -> None:
-    steps = LoadSteps()
-    steps.enabled = True
-    steps.begin()
-    waiter = asyncio.create_task(steps.wait_for_step())
-    await settle()
+    steps = a_step_running()
+    waiter = await a_waiter(steps)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -107,11 +114,8 @@ async def test_a_cancelled_call_stops_waiting() -> None:
 
 
 async def test_a_forked_child_starts_with_no_step_and_no_waiter() -> None:
-    steps = LoadSteps()
-    steps.enabled = True
-    steps.begin()
-    waiter = asyncio.create_task(steps.wait_for_step())
-    await settle()
+    steps = a_step_running()
+    waiter = await a_waiter(steps)
     steps.reset_after_fork()
     assert not steps.running
     assert repr(steps) == "<LoadSteps idle begun=0 waiters=0>"
@@ -219,3 +223,4 @@ async def test_a_loaders_own_calls_run_as_part_of_its_load(steps_on: LoadSteps) 
     assert seen == {"model in a load": True, "tokenizer in a load": True}
     assert not in_a_load()
     assert not steps_on.running
+
