@@ -224,3 +224,22 @@ async def test_a_loaders_own_calls_run_as_part_of_its_load(steps_on: LoadSteps) 
     assert not in_a_load()
     assert not steps_on.running
 
+
+async def test_a_loads_last_step_lasts_until_the_replicas_loop_takes_the_model(
+    steps_on: LoadSteps,
+) -> None:
+    loads = Held("slow")
+    get_model = loads.loader()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get_model, "slow")
+        assert await anyio.to_thread.run_sync(loads.started.wait, HOLD_S)
+        loads.release.set()
+        # This loop blocks until the loader loop has run a callback queued after
+        # the load's last step: that step has returned on the loader thread,
+        # and this loop has not taken the model back yet.
+        loader_loop = loader_thread()._loop
+        assert loader_loop is not None
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loader_loop.loop).result(HOLD_S)
+        assert loads.order == ["loaded slow"]
+        assert steps_on.running  # the hand-over is part of the load
+    assert not steps_on.running
