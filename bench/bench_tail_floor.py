@@ -225,11 +225,17 @@ def _water_fill(weighted: list[tuple[_Request, float]], cores: int) -> list[tupl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--miss-rate", type=float, default=0.25, help="loads per request")
-    parser.add_argument("--load-ms", type=float, default=6.0, help="a load's CPU")
-    parser.add_argument("--hit-ms", type=float, default=0.3, help="a forward pass's CPU")
+    defaults = Costs()
+    parser.add_argument("--miss-rate", type=float, default=defaults.miss_rate, help="loads/request")
+    parser.add_argument("--load-ms", type=float, default=defaults.load_ms, help="a load's CPU")
     parser.add_argument(
-        "--data-plane-ms", type=float, default=1.1, help="everything else, CPU per request"
+        "--hit-ms", type=float, default=defaults.hit_ms, help="a forward pass's CPU"
+    )
+    parser.add_argument(
+        "--data-plane-ms",
+        type=float,
+        default=defaults.data_plane_ms,
+        help="everything else, CPU per request",
     )
     parser.add_argument("-c", "--clients", type=int, default=8)
     parser.add_argument("--cores", type=int, default=2)
