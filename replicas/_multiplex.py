@@ -350,7 +350,7 @@ def multiplexed(
                 model = cache.get_loaded(model_id)
                 if model is MISSING:
                     return await cache.load(model_id)
-                if steps.running and steps.enabled and not in_a_load():
+                if steps.enabled and steps.running and not in_a_load():
                     await steps.wait_for_step()
                 return model
 
@@ -365,7 +365,7 @@ def multiplexed(
                 model = cache.get_loaded(model_id)
                 if model is MISSING:
                     return await cache.load(model_id)
-                if steps.running and steps.enabled and not in_a_load():
+                if steps.enabled and steps.running and not in_a_load():
                     await steps.wait_for_step()
                 return model
 
