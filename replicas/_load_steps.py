@@ -26,9 +26,11 @@ load (its code between two ``await`` suspensions), up to
   while its own load is suspended, and waits for nobody else's either).
 
 A load's last step (the one that returns the model) stays open until the
-replica's loop has taken the model back (:class:`LastStep`): the hand-over
-to the requests waiting for that model is part of the load. Those
-requests are otherwise unaffected: they wait for the load anyway.
+replica's loop has taken the model back (:class:`LastStep`) and the
+requests waiting for that model have been made ready: the hand-over is
+part of the load, and those requests, which have waited longest, go on
+before the hits the step held. They are otherwise unaffected: they wait
+for the load anyway.
 Measured on the peer benchmark's closed loop in docs/benchmarks.md ("Hits
 wait out a load step"): a sixth off the p99 for a few per cent of
 throughput, and a twentieth more loads; off by default for that.

@@ -275,7 +275,10 @@ class LoaderThread:
                     await run_unload_hook(waiter.result())  # built anyway: never handed out
                 raise
         finally:
-            last.close()
+            if last.open:
+                # After the callbacks this outcome makes ready: the requests
+                # waiting for the model go on before the hits the step held.
+                asyncio.get_running_loop().call_soon(last.close)
             self._give_back(loader_loop)
 
 

@@ -243,3 +243,26 @@ async def test_a_loads_last_step_lasts_until_the_replicas_loop_takes_the_model(
         assert loads.order == ["loaded slow"]
         assert steps_on.running  # the hand-over is part of the load
     assert not steps_on.running
+
+
+async def test_the_loads_own_requests_resume_before_the_hits_its_last_step_held(
+    steps_on: LoadSteps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_load_steps, "MAX_WAIT_S", HOLD_S)  # a slow host: no early end
+    loads = Held("slow")
+    get_model = loads.loader()
+    await get_model("a")
+
+    async def miss() -> None:
+        with request_scope("r-slow", "slow"):
+            await get_model("slow")
+            loads.order.append("miss slow")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(miss)
+        assert await anyio.to_thread.run_sync(loads.started.wait, HOLD_S)
+        tg.start_soon(_hit, get_model, "a", loads.order)
+        await settle()
+        loads.release.set()
+    # The request that waited for the load (the longest) goes on first.
+    assert loads.order == ["loaded slow", "miss slow", "hit a"]
