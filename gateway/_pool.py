@@ -179,6 +179,9 @@ class ReplicaPool:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        #: set while ``serve`` gives up at the first failed start (its log
+        #: then promises no next try)
+        self.start_failure_is_final = False
         self._feedback = ReplicaFeedback(
             config,
             self.router,
@@ -486,13 +489,16 @@ class ReplicaPool:
     def _start_failed(self, rep: Replica, exc: Exception) -> None:
         reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
         delay = self.replicas.start_failed(rep, str(reason))
-        _log.error(
-            "replica %s of %s failed to start (%s); next try in %.1f s",
-            rep.id,
-            self.name,
-            reason,
-            delay,
-        )
+        if self.start_failure_is_final:
+            _log.error("replica %s of %s failed to start (%s)", rep.id, self.name, reason)
+        else:
+            _log.error(
+                "replica %s of %s failed to start (%s); next try in %.1f s",
+                rep.id,
+                self.name,
+                reason,
+                delay,
+            )
         if rep.process is not None:
             # Killed here, not in a task that shutdown could cancel: no orphans.
             self._procs.kill(rep.process)

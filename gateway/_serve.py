@@ -262,7 +262,13 @@ async def start_gateway(
             try:
                 async with asyncio.timeout(ready_timeout_s):
                     if fail_fast:
-                        await _healthy_or_failed(pools)
+                        for pool in pools.values():
+                            pool.start_failure_is_final = True
+                        try:
+                            await _healthy_or_failed(pools)
+                        finally:
+                            for pool in pools.values():
+                                pool.start_failure_is_final = False
                     await asyncio.gather(*(p.wait_healthy() for p in pools.values()))
             except TimeoutError:
                 lines = "; ".join(p.status_line() for p in pools.values() if not p.healthy)

@@ -124,9 +124,11 @@ def _import_class(spec: ReplicaSpec) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name != module_name.partition(".")[0] or not spec.app_dir:
             raise  # a module the deployment's own code imports
-        raise ModuleNotFoundError(
-            f"{exc}{_nearest(exc.name, _modules_in(spec.app_dir))}", name=exc.name
-        ) from None
+        if os.path.isdir(spec.app_dir):
+            hint = _nearest(exc.name, _modules_in(spec.app_dir))
+        else:
+            hint = f" (app_dir {spec.app_dir} is not a folder)"
+        raise ModuleNotFoundError(f"{exc}{hint}", name=exc.name) from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -332,9 +334,12 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
         try:
             done, instance = await _race_stop(starter.stop, instantiate)
         except _START_FAILURES as exc:
-            _log.exception("Starting %s failed.", spec.import_path)
             where = failure_location(exc)
             at = f" (at {where})" if where else f" ({doing})"
+            if where:  # the traceback shows the user's code
+                _log.exception("Starting %s failed.", spec.import_path)
+            else:  # only muxgate's frames: the one line says it all
+                _log.error("Starting %s failed: %s%s", spec.import_path, describe_exception(exc), at)
             return failed(_one_line(f"{describe_exception(exc)}{at}"))
         if not done:
             return failed(f"stopped during start-up ({starter.reason})")

@@ -160,15 +160,22 @@ def test_serve_reports_replicas_that_cannot_start(tmp_path: Path) -> None:
         proc.stdout + proc.stderr
     )
     assert "No module named 'no_such_module' (importing no_such_module:Thing)" in proc.stdout
+    # Only muxgate's frames: no traceback, and no next try promised by a gateway that gives up.
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "failed to start (ModuleNotFoundError" in proc.stderr, proc.stderr
+    assert "next try" not in proc.stderr, proc.stderr
 
 
-def _muxgate(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+def _muxgate(
+    *args: str, timeout: float = 120, cwd: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "muxgate.gateway._cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, **env},
+        cwd=cwd,
         check=False,
     )
 
@@ -321,6 +328,18 @@ def test_check_names_the_class_or_module_meant(tmp_path: Path) -> None:
         "error: deployment 'ModuleTypo': importing broken_aps:Fine: ModuleNotFoundError:"
         " No module named 'broken_aps'; did you mean 'broken_apps'?",
     ]
+
+
+def test_check_says_when_app_dir_is_not_a_folder(tmp_path: Path) -> None:
+    config = tmp_path / "app.yaml"
+    app = {"name": "Lost", "import_path": "broken_apps:Fine"}
+    config.write_text(yaml.safe_dump({"app_dir": "nowhere", "deployments": [app]}))
+    result = _muxgate("check", str(config), cwd=str(tmp_path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "error: deployment 'Lost': importing broken_apps:Fine: ModuleNotFoundError:"
+        f" No module named 'broken_apps' (app_dir {tmp_path / 'nowhere'} is not a folder)"
+    )
 
 
 def test_check_binds_init_kwargs_to_the_class(tmp_path: Path) -> None:
