@@ -335,12 +335,13 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             done, instance = await _race_stop(starter.stop, instantiate)
         except _START_FAILURES as exc:
             where = failure_location(exc)
-            at = f" (at {where})" if where else f" ({doing})"
-            if where:  # the traceback shows the user's code
+            reason = f"{describe_exception(exc)} (at {where})" if where else None
+            if reason is not None:  # the traceback shows the user's code
                 _log.exception("Starting %s failed.", spec.import_path)
             else:  # only muxgate's frames: the one line says it all
-                _log.error("Starting %s failed: %s%s", spec.import_path, describe_exception(exc), at)
-            return failed(_one_line(f"{describe_exception(exc)}{at}"))
+                reason = f"{describe_exception(exc)} ({doing})"
+                _log.error("Starting %s failed: %s", spec.import_path, reason)
+            return failed(_one_line(reason))
         if not done:
             return failed(f"stopped during start-up ({starter.reason})")
         try:
