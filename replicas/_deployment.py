@@ -43,7 +43,10 @@ class DeploymentOptions(msgspec.Struct, frozen=True, kw_only=True):
             router looks elsewhere or queues.
         max_queued_requests: gateway queue per deployment, ``-1`` for no limit.
         num_replicas: fixed number of replicas, or ``None`` to leave it to the config.
-        graceful_shutdown_timeout_s: how long a draining replica may finish its requests.
+        graceful_shutdown_timeout_s: how long a draining or stopping replica
+            waits for its calls before it cancels them; ``None``: as long as
+            the gateway's request timeout (``http.request_timeout_s``), which
+            also bounds a value given here.
         num_cpus: CPU budget of one replica; fractions allowed (rounded up
             for the thread count).
     """
@@ -52,7 +55,7 @@ class DeploymentOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     num_replicas: int | None = None
-    graceful_shutdown_timeout_s: float = 20.0
+    graceful_shutdown_timeout_s: float | None = None
     num_cpus: float = DEFAULT_NUM_CPUS
 
 
@@ -83,7 +86,7 @@ def deployment(
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
-    graceful_shutdown_timeout_s: float = 20.0,
+    graceful_shutdown_timeout_s: float | None = None,
     num_cpus: float = DEFAULT_NUM_CPUS,
 ) -> _C: ...
 
@@ -96,7 +99,7 @@ def deployment(
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
-    graceful_shutdown_timeout_s: float = 20.0,
+    graceful_shutdown_timeout_s: float | None = None,
     num_cpus: float = DEFAULT_NUM_CPUS,
 ) -> Any: ...
 
@@ -108,7 +111,7 @@ def deployment(
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     num_replicas: int | None = None,
-    graceful_shutdown_timeout_s: float = 20.0,
+    graceful_shutdown_timeout_s: float | None = None,
     num_cpus: float = DEFAULT_NUM_CPUS,
 ) -> Any:
     """Mark a class as a deployment, bare (``@deployment``) or with options.
@@ -119,7 +122,8 @@ def deployment(
         max_ongoing_requests: concurrent requests per replica, at least 1.
         max_queued_requests: gateway queue bound, at least 1 or ``-1``.
         num_replicas: fixed replica count (at least 0), or ``None``.
-        graceful_shutdown_timeout_s: drain time limit in seconds, at least 0.
+        graceful_shutdown_timeout_s: drain time limit in seconds, at least 0;
+            ``None``: the gateway's request timeout (which also bounds a value).
         num_cpus: CPU budget per replica, above 0; fractions allowed. A
             replica runs ``ceil(num_cpus)`` torch intra-op and inter-op
             threads and has ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and
@@ -141,12 +145,13 @@ def deployment(
     if num_replicas is not None:
         _int_option("num_replicas", num_replicas, 0)
     timeout = graceful_shutdown_timeout_s
-    if type(timeout) not in (int, float):
-        raise TypeError(
-            f"graceful_shutdown_timeout_s must be a number, got {type(timeout).__name__}."
-        )
-    if not timeout >= 0:  # also refuses NaN
-        raise ValueError(f"graceful_shutdown_timeout_s must be >= 0, got {timeout}.")
+    if timeout is not None:
+        if type(timeout) not in (int, float):
+            raise TypeError(
+                f"graceful_shutdown_timeout_s must be a number, got {type(timeout).__name__}."
+            )
+        if not timeout >= 0:  # also refuses NaN
+            raise ValueError(f"graceful_shutdown_timeout_s must be >= 0, got {timeout}.")
     cpus = check_num_cpus(num_cpus)
 
     def decorate(target: type) -> type:
@@ -160,7 +165,7 @@ def deployment(
             max_ongoing_requests=max_ongoing_requests,
             max_queued_requests=max_queued_requests,
             num_replicas=num_replicas,
-            graceful_shutdown_timeout_s=float(timeout),
+            graceful_shutdown_timeout_s=None if timeout is None else float(timeout),
             num_cpus=cpus,
         )
         setattr(target, _OPTIONS_ATTR, options)

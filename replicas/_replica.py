@@ -230,6 +230,15 @@ class Replica:
             if conn.send_nowait(push):
                 self.pushes += 1
 
+    @property
+    def drain_grace_s(self) -> float:
+        """How long a graceful stop waits for the calls in flight: the
+        gateway's (its request timeout), or the class's
+        ``@deployment(graceful_shutdown_timeout_s=...)`` if shorter."""
+        own = self.options.graceful_shutdown_timeout_s
+        grace = self.spec.graceful_shutdown_timeout_s
+        return grace if own is None else min(grace, own)
+
     def request_stop(self, reason: str, *, graceful: bool) -> None:
         """Ask the main task to stop; a later, less graceful request wins."""
         if self.stop_requested.is_set():
@@ -267,7 +276,7 @@ class Replica:
             accepting.cancel()
             _log.info("Stopping (%s), %d call(s) in flight.", self.stop_reason, self.in_flight)
             if self.stop_graceful:
-                with anyio.move_on_after(self.spec.graceful_shutdown_timeout_s):
+                with anyio.move_on_after(self.drain_grace_s):
                     await self._idle.wait()
             self._cancel_calls()
             with anyio.move_on_after(_CLOSE_GRACE_S):

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 
+from muxgate.replicas import deployment
 from muxgate.replicas._context import get_multiplexed_model_id
 
 
@@ -133,3 +134,8 @@ class StorageProbe:
             "part_size": config.part_size,
             "protocols": sorted(config.options),
         }
+
+
+@deployment(graceful_shutdown_timeout_s=0.2)
+class ShortGrace(Echo):
+    """Echo whose calls get 0.2 s to finish when the replica stops."""

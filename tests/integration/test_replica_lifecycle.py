@@ -190,6 +190,35 @@ async def test_sigterm_finishes_in_flight_calls_then_exits(launcher: LocalLaunch
         await conn.aclose()
 
 
+async def test_a_class_grace_shorter_than_the_gateways_cancels_the_slow_calls(
+    launcher: LocalLauncher,
+) -> None:
+    # The gateway's grace (the spec's) is long; the class asks for 0.2 s.
+    process = await launcher.start(
+        spec("grace#1", "echo:ShortGrace", graceful_shutdown_timeout_s=60.0)
+    )
+    conn = await ReplicaConnection.connect(process.address)
+    errors: list[BaseException] = []
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+
+                async def slow() -> None:
+                    try:
+                        await conn.call(request_id="s", method="sleep", **pack(30.0))
+                    except Exception as exc:
+                        errors.append(exc)
+
+                tg.start_soon(slow)
+                while (await conn.ping()).state.in_flight < 1:
+                    pass
+                process.terminate()
+            assert await process.wait() == 0
+        assert len(errors) == 1  # cancelled at the class's grace, not after 30 s
+    finally:
+        await conn.aclose()
+
+
 _FAKE_GATEWAY = """
 import anyio, sys
 from muxgate.gateway.launchers.local import LocalLauncher

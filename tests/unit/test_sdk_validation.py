@@ -150,7 +150,7 @@ def test_deployment_bare_and_with_options_returns_the_same_class() -> None:
     assert options.max_ongoing_requests == 2
     assert options.num_replicas == 3
     assert options.max_queued_requests == 1000
-    assert options.graceful_shutdown_timeout_s == 20.0
+    assert options.graceful_shutdown_timeout_s is None  # the gateway's request timeout
     assert is_deployment(Bare) and is_deployment(Configured)
 
 
