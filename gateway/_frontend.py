@@ -434,6 +434,11 @@ class FrontEnd:
     def _timeout_s(self, head: RequestHead) -> float:
         return self._timeout
 
+    def _too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"request body is over {self._max_body} bytes (http.max_body_bytes)"
+        )
+
     # -- the skeleton ------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -498,7 +503,7 @@ class FrontEnd:
             traceparent, tracestate = span.traceparent()
         ex.model_id = model_id_of(head)
         if head.content_length > self._max_body:
-            raise PayloadTooLargeError(f"request body is over {self._max_body} bytes")
+            raise self._too_large()
         if head.content_length > 0 or head.chunked:
             body = await self._read_body(receive, min(self._body_timeout, timeout_s))
         else:  # no body: the server has the whole request already
@@ -527,7 +532,7 @@ class FrontEnd:
     async def _failed(self, ex: _Exchange, send: Send, exc: BaseException) -> None:
         """Answer what ``_exchange`` raised, if anyone is left to answer."""
         if isinstance(exc, _TooLarge):
-            exc = PayloadTooLargeError(f"request body is over {self._max_body} bytes")
+            exc = self._too_large()
         elif isinstance(exc, ClientDisconnected):
             ex.status = CLIENT_CLOSED_REQUEST  # nobody to answer
             _log.debug("client of %s disconnected; %s cancelled", ex.request_id, self.what)

@@ -32,13 +32,19 @@ def fetch(url: str, token: str | None, *, timeout_s: float = 5.0) -> dict[str, A
     try:
         response = httpx.get(target, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
-        raise StatusError(f"cannot reach {target}: {exc}") from exc
+        raise StatusError(
+            f"cannot reach {target}: {exc} (is `muxgate serve` running there?"
+            " give its address: muxgate status http://HOST:PORT)"
+        ) from exc
     if response.status_code != 200:
         try:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text[:200]
-        hint = " (give the admin token with --token or MUXGATE_ADMIN_TOKEN)"
+        if token:
+            hint = " (the token given was refused: check --token or MUXGATE_ADMIN_TOKEN)"
+        else:
+            hint = " (give the admin token with --token or MUXGATE_ADMIN_TOKEN)"
         raise StatusError(
             f"{target} answered {response.status_code}: {message}"
             + (hint if response.status_code == 401 else "")

@@ -512,7 +512,11 @@ async def test_status_shows_the_pool_and_honours_the_token() -> None:
         refused = await anyio.run_process(command, check=False)
         assert refused.returncode == 1
         assert "answered 401" in refused.stderr.decode()
-        assert "--token or MUXGATE_ADMIN_TOKEN" in refused.stderr.decode()
+        assert "give the admin token with --token or MUXGATE_ADMIN_TOKEN" in refused.stderr.decode()
+        wrong = {**os.environ, "MUXGATE_ADMIN_TOKEN": "wrong"}
+        rejected = await anyio.run_process(command, check=False, env=wrong)
+        assert rejected.returncode == 1
+        assert "the token given was refused" in rejected.stderr.decode()
         env = {**os.environ, "MUXGATE_ADMIN_TOKEN": "s3cret"}
         shown = await anyio.run_process(command, check=False, env=env)
         assert shown.returncode == 0, shown.stderr.decode()

@@ -89,6 +89,8 @@ async def test_body_over_limit_is_413(client: httpx.AsyncClient) -> None:
     r = await client.post("/one/x", content=b"x" * 1001)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "payload_too_large"
+    # names the setting to raise
+    assert r.json()["error"]["message"] == "request body is over 1000 bytes (http.max_body_bytes)"
 
     async def chunks() -> AsyncIterator[bytes]:  # no content-length: counted while read
         for _ in range(5):

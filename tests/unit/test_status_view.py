@@ -1,8 +1,13 @@
-"""``muxgate status``: the /-/replicas snapshot as text (pure rendering)."""
+"""``muxgate status``: the /-/replicas snapshot as text (pure rendering), and
+what it says when nothing answers."""
 
 from __future__ import annotations
 
-from muxgate.gateway._status_view import base_url, render
+import socket
+
+import pytest
+
+from muxgate.gateway._status_view import StatusError, base_url, fetch, render
 
 SNAPSHOT = {
     "deployments": {
@@ -87,3 +92,15 @@ def test_a_bare_host_and_port_is_an_http_url() -> None:
     assert base_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
     assert base_url("localhost:8000/") == "http://localhost:8000"
     assert base_url("https://gw.example:443/") == "https://gw.example:443"
+
+
+def test_nothing_listening_says_how_to_point_it_at_a_gateway() -> None:
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        with pytest.raises(StatusError) as raised:
+            fetch(url, None, timeout_s=5)
+    assert str(raised.value).startswith(f"cannot reach {url}/-/replicas: ")
+    assert str(raised.value).endswith(
+        "(is `muxgate serve` running there? give its address: muxgate status http://HOST:PORT)"
+    )
