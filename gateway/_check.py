@@ -28,7 +28,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from muxgate.gateway._config import AppConfig, parse_config, read_config_file
+from muxgate.gateway._config import (
+    AppConfig,
+    DeploymentConfig,
+    parse_config,
+    read_config_file,
+    repeated_names,
+)
 from muxgate.gateway._errors import ConfigError
 
 __all__ = ["CheckReport", "ImportTarget", "check_config_file", "import_classes"]
@@ -102,13 +108,14 @@ def _config_problems(data: Any, source: str, base_dir: str) -> tuple[AppConfig |
             if key == "deployments":
                 continue
             problems += _part_problems({key: value, "deployments": [_PLACEHOLDER]}, (key,), source)
+        valid: list[tuple[int, DeploymentConfig]] = []
         for i, deployment in enumerate(data["deployments"]):
-            problems += [
-                reason.replace("`$.deployments[0]", f"`$.deployments[{i}]")
-                for reason in _part_problems(
-                    {"deployments": [deployment]}, ("deployments", 0), source
-                )
-            ]
+            found = _part_problems({"deployments": [deployment]}, ("deployments", 0), source)
+            problems += [r.replace("`$.deployments[0]", f"`$.deployments[{i}]") for r in found]
+            if not found:
+                valid.append((i, parse_config({"deployments": [deployment]}).deployments[0]))
+        # The rules across deployments, among those valid on their own.
+        problems += repeated_names(valid)
         return None, problems or [whole.reason]
 
 

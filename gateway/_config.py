@@ -13,6 +13,7 @@ import io
 import math
 import os
 import tomllib
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -274,6 +275,28 @@ class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
     per_model_labels: bool = False
 
 
+def repeated_names(deployments: Iterable[tuple[int, DeploymentConfig]]) -> list[str]:
+    """A problem for each deployment (with its index in the config) whose
+    name or route prefix an earlier one already has."""
+    names: set[str] = set()
+    prefixes: set[str] = set()
+    problems = []
+    for i, d in deployments:
+        # msgspec reports errors raised in __post_init__ at `$`; name the field ourselves.
+        if d.name in names:
+            problems.append(
+                f"deployment name {d.name!r} is used twice - at `$.deployments[{i}].name`"
+            )
+        if d.route_prefix in prefixes:
+            problems.append(
+                f"route_prefix {d.route_prefix!r} is used twice"
+                f" - at `$.deployments[{i}].route_prefix`"
+            )
+        names.add(d.name)
+        prefixes.add(d.route_prefix)
+    return problems
+
+
 class AppConfig(msgspec.Struct, forbid_unknown_fields=True):
     """The whole application: HTTP listener, deployments, storage, telemetry."""
 
@@ -295,21 +318,9 @@ class AppConfig(msgspec.Struct, forbid_unknown_fields=True):
     launcher: LauncherConfig = msgspec.field(default_factory=LauncherConfig)
 
     def __post_init__(self) -> None:
-        names: set[str] = set()
-        prefixes: set[str] = set()
-        for i, d in enumerate(self.deployments):
-            # msgspec reports errors raised here at `$`; name the field ourselves.
-            if d.name in names:
-                raise ValueError(
-                    f"deployment name {d.name!r} is used twice - at `$.deployments[{i}].name`"
-                )
-            if d.route_prefix in prefixes:
-                raise ValueError(
-                    f"route_prefix {d.route_prefix!r} is used twice"
-                    f" - at `$.deployments[{i}].route_prefix`"
-                )
-            names.add(d.name)
-            prefixes.add(d.route_prefix)
+        repeats = repeated_names(enumerate(self.deployments))
+        if repeats:
+            raise ValueError(repeats[0])
 
     def launcher_for(self, deployment: DeploymentConfig) -> LauncherConfig:
         """The deployment's launcher settings, else the app-level ones."""

@@ -208,11 +208,11 @@ def test_check_reports_every_problem_at_once(tmp_path: Path) -> None:
     config = _app(
         tmp_path,
         {"name": "Typo", "import_path": "gateway_apps:Echo1", "max_ongoing_request": 2},
-        {"name": "NoModule", "import_path": "no_such_module:Thing"},
-        {"name": "RaisesOnImport", "import_path": "broken_on_import:Thing"},
-        {"name": "NoClass", "import_path": "broken_apps:Missing"},
+        {"name": "NoModule", "import_path": "no_such_module:Thing", "route_prefix": "/a"},
+        {"name": "RaisesOnImport", "import_path": "broken_on_import:Thing", "route_prefix": "/b"},
+        {"name": "NoClass", "import_path": "broken_apps:Missing", "route_prefix": "/c"},
         # only imported, never constructed: its __init__ raising is no problem here
-        {"name": "InitRaises", "import_path": "broken_apps:InitRaises"},
+        {"name": "InitRaises", "import_path": "broken_apps:InitRaises", "route_prefix": "/d"},
     )
     result = _muxgate("check", str(config))
     assert result.returncode == 1, result.stdout + result.stderr
@@ -327,6 +327,25 @@ def test_check_names_the_class_or_module_meant(tmp_path: Path) -> None:
         " module 'broken_apps' has no attribute 'Fien'; did you mean 'Fine'?",
         "error: deployment 'ModuleTypo': importing broken_aps:Fine: ModuleNotFoundError:"
         " No module named 'broken_aps'; did you mean 'broken_apps'?",
+    ]
+
+
+def test_check_reports_repeated_names_beside_other_problems(tmp_path: Path) -> None:
+    config = tmp_path / "app.yaml"
+    echo = "gateway_apps:Echo1"
+    deployments = [
+        {"name": "Twice", "import_path": echo},
+        {"name": "Twice", "import_path": echo, "route_prefix": "/m"},
+        {"name": "Other", "import_path": echo, "route_prefix": "/m"},
+    ]
+    data = {"app_dir": APPS, "http": {"port": "x"}, "deployments": deployments}
+    config.write_text(yaml.safe_dump(data))
+    result = _muxgate("check", str(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[:3] == [
+        "error: Expected `int`, got `str` - at `$.http.port`",
+        "error: deployment name 'Twice' is used twice - at `$.deployments[1].name`",
+        "error: route_prefix '/m' is used twice - at `$.deployments[2].route_prefix`",
     ]
 
 
