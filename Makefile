@@ -21,11 +21,11 @@ $(BASE): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: no Python >= 3.11 found; set PYTHON=/path/to/python3.11+" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: the local CPU build satisfies the project's torch range, so
-	# nothing gigabyte-sized is downloaded afterwards.
+# torch first: this pinned CPU build satisfies the project's torch range, so
+# nothing gigabyte-sized is downloaded afterwards.
 	$(PY) -m pip install -q torch==2.13.0
-	# A regular install for the demo; the test stamp makes it editable (an
-	# editable install of this layout makes setuptools print a notice).
+# A regular install for the demo; the test stamp makes it editable (an
+# editable install of this layout makes setuptools print a notice).
 	$(PY) -m pip install -q .
 	touch $@
 
