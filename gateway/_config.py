@@ -339,6 +339,8 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: str = ".") ->
     Raises:
         ConfigError: naming ``source``, the field's path and the reason.
     """
+    if data is None:  # an empty YAML file
+        raise ConfigError(source, "the config is empty: it needs at least `deployments:`")
     if not isinstance(data, dict):
         raise ConfigError(source, "expected a mapping at the top level")
     data, problems = apply_aliases(data)  # Ray Serve's names (autoscaling_config)

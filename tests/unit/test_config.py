@@ -74,6 +74,13 @@ def test_toml_is_accepted(tmp_path: Path) -> None:
     assert config.deployments[0].min_replicas == 2
 
 
+def test_an_empty_file_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "app.yaml"
+    path.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="the config is empty: it needs at least `deployments:`"):
+        load_config(path)
+
+
 def test_defaults() -> None:
     config = parse_config({"deployments": [dep()]})
     d = config.deployments[0]
