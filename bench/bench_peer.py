@@ -63,8 +63,8 @@ harness's own. The load cost of the CPU limit is then measured the same way.
 ``priced``) sets muxgate's ``routing.spill``: ``never`` is the "no spills"
 reference, at the same ``--max-ongoing`` as the run it is compared with.
 ``--eviction-policy tinylfu`` (or ``lru``, the default) sets muxgate's
-``eviction_policy``, ``--hits-wait-for-loads`` its ``hits_wait_for_loads:
-true``. The shared hook writes a fixed app config (and the
+``eviction_policy``, ``--hits-wait-for-loads false`` (or ``true``, the
+default) its ``hits_wait_for_loads``. The shared hook writes a fixed app config (and the
 harness is read-only), so for any of these options the hook is pointed at a
 one-file ``muxgate`` shim that adds the fields to that config and then runs
 this repository's ``muxgate``.
@@ -261,7 +261,7 @@ class Muxgate(System):
         max_ongoing: int,
         spill: str | None = None,
         eviction_policy: str | None = None,
-        hits_wait_for_loads: bool = False,
+        hits_wait_for_loads: bool | None = None,
     ) -> None:
         super().__init__(root, port, max_ongoing)
         self.spill = spill
@@ -275,8 +275,8 @@ class Muxgate(System):
             changes["routing"] = {"spill": self.spill}
         if self.eviction_policy is not None:
             changes["eviction_policy"] = self.eviction_policy
-        if self.hits_wait_for_loads:
-            changes["hits_wait_for_loads"] = True
+        if self.hits_wait_for_loads is not None:
+            changes["hits_wait_for_loads"] = self.hits_wait_for_loads
         return changes
 
     def run_counters(self) -> dict[str, Any]:
@@ -703,8 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--hits-wait-for-loads",
-        action="store_true",
-        help="muxgate's hits_wait_for_loads: true (default: the config's default, false)",
+        choices=["true", "false"],
+        default=None,
+        help="muxgate's hits_wait_for_loads (default: the config's default, true)",
     )
     parser.add_argument(
         "--loader",
@@ -793,7 +794,7 @@ def _main(
             args.max_ongoing,
             args.spill,
             args.eviction_policy,
-            args.hits_wait_for_loads,
+            None if args.hits_wait_for_loads is None else args.hits_wait_for_loads == "true",
         )
     print(
         f"# {platform.node()}: {os.cpu_count()} CPUs, {cores:g} usable, Python "
@@ -801,7 +802,7 @@ def _main(
         f"K={args.k} R={args.replicas} max_ongoing={args.max_ongoing} loader={args.loader} "
         + (f"spill={args.spill} " if args.spill else "")
         + (f"eviction_policy={args.eviction_policy} " if args.eviction_policy else "")
-        + ("hits_wait_for_loads=true " if args.hits_wait_for_loads else "")
+        + (f"hits_wait_for_loads={args.hits_wait_for_loads} " if args.hits_wait_for_loads else "")
         + (f"rate={args.rate}" if args.rate else f"c={args.concurrency}")
         + f" requests={args.requests} seed={args.seed}",
         flush=True,
@@ -835,7 +836,8 @@ def _main(
                 if isinstance(system, Muxgate):
                     result["spill"] = system.spill or "default"
                     result["eviction_policy"] = system.eviction_policy or "default"
-                    result["hits_wait_for_loads"] = system.hits_wait_for_loads
+                    wait = system.hits_wait_for_loads
+                    result["hits_wait_for_loads"] = "default" if wait is None else wait
                 results[name].append(result)
                 print(
                     f"# {name} run {i + 1}: {result['throughput_rps']} req/s, p99 "

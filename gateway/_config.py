@@ -199,10 +199,9 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     loads_first: bool = True
     #: a call whose model is loaded waits out the load step running on the
     #: replica's loader thread (at most 50 ms), so that the load has the
-    #: interpreter lock to itself: a lower p99 under saturation for a few per
-    #: cent of throughput (docs/model-cache.md, "Loads first"); false: hits
-    #: run beside loads
-    hits_wait_for_loads: bool = False
+    #: interpreter lock to itself: a lower p99 under saturation
+    #: (docs/model-cache.md, "Loads first"); false: hits run beside loads
+    hits_wait_for_loads: bool = True
     #: CPU budget per replica (Ray's ``num_cpus``): torch threads and
     #: ``OMP_NUM_THREADS`` follow it, rounded up; None: the class's
     #: ``@deployment(num_cpus=...)``, else 1

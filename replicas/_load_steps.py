@@ -11,8 +11,9 @@ took 8 ms beside a serving thread running Python a third of the time and
 137 ms beside one that never paused (docs/benchmarks.md, "What the
 closed-loop p99 target asks of a schedule").
 
-With ``hits_wait_for_loads`` (a deployment field, off by default; the
-replica sets :attr:`LoadSteps.enabled` from its spec) a call whose model is
+With ``hits_wait_for_loads`` (a deployment field, on by default; the
+replica sets :attr:`LoadSteps.enabled` from its spec; elsewhere, as in a
+test process, it is off) a call whose model is
 already loaded therefore waits while the loader thread runs a *step* of a
 load (its code between two ``await`` suspensions), up to
 :data:`MAX_WAIT_S`, then goes on:
@@ -32,8 +33,8 @@ part of the load, and those requests, which have waited longest, go on
 before the hits the step held. They are otherwise unaffected: they wait
 for the load anyway.
 Measured on the peer benchmark's closed loop in docs/benchmarks.md ("Hits
-wait out a load step"): a sixth off the p99 for a few per cent of
-throughput, and a twentieth more loads; off by default for that.
+wait out a load step", "The wait by default"): a fifth off the p99 for
+0-5 % of throughput, and a twentieth more loads.
 
 :class:`LoadSteps` is shared by the process's loader thread (which marks
 the steps, :func:`stepped`) and the ``@multiplexed`` wrappers (which wait,

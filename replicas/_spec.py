@@ -107,4 +107,4 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     load_on_loop: bool | None = None
     drain_fence: bool = False
     loads_first: bool = True
-    hits_wait_for_loads: bool = False
+    hits_wait_for_loads: bool = True

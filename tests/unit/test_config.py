@@ -212,9 +212,9 @@ def test_cache_settings_per_deployment_reach_the_replica_spec() -> None:
     assert make_spec(config, on_loop, "M#3").load_on_loop is True
     with pytest.raises(ConfigError, match=r"deployments\[0\]\.load_on_loop"):
         parse_config({"deployments": [dep(load_on_loop="sometimes")]})
-    assert (first.hits_wait_for_loads, spec.hits_wait_for_loads) == (False, False)
-    waiting = parse_config({"deployments": [dep(hits_wait_for_loads=True)]}).deployments[0]
-    assert make_spec(config, waiting, "M#4").hits_wait_for_loads is True
+    assert (first.hits_wait_for_loads, spec.hits_wait_for_loads) == (True, True)
+    beside = parse_config({"deployments": [dep(hits_wait_for_loads=False)]}).deployments[0]
+    assert make_spec(config, beside, "M#4").hits_wait_for_loads is False
     with pytest.raises(ConfigError, match=r"deployments\[0\]\.hits_wait_for_loads"):
         parse_config({"deployments": [dep(hits_wait_for_loads="sometimes")]})
     with pytest.raises(ConfigError, match=r"deployments\[0\]\.eviction_policy"):
