@@ -8,8 +8,7 @@ from typing import Any
 
 import anyio
 
-from muxgate.replicas import deployment
-from muxgate.replicas._context import get_multiplexed_model_id
+from muxgate.replicas import deployment, get_multiplexed_model_id
 
 
 class Echo:
