@@ -92,4 +92,14 @@ def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
         known = BACKEND_ERROR_CODES.get(cls.__name__)
         if known is not None:
             return ErrorInfo.of(known, message)
+    if isinstance(exc, TypeError | AttributeError) and "'coroutine' object" in message:
+        message += f" ({_MISSING_AWAIT})"
     return ErrorInfo.of(ErrorCode.USER_ERROR, message)
+
+
+#: the hint on a user error that used a coroutine as a value: typically a
+#: ``@multiplexed`` loader called from a plain ``def`` method
+_MISSING_AWAIT = (
+    "an `await` is missing: a @multiplexed loader is a coroutine function,"
+    " to call from an `async def` method"
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from muxgate.replicas import multiplexed
 from muxgate.replicas._call_errors import error_for
 from muxgate.replicas._context import request_scope
 from muxgate.replicas._http import (
@@ -186,3 +187,22 @@ def test_an_empty_model_id_is_the_clients_mistake_only_in_a_request_without_one(
     )
     with request_scope("r2", "7"):
         assert type(empty_model_id_error()) is ValueError
+
+
+def test_a_loader_called_without_await_names_the_missing_await() -> None:
+    @multiplexed
+    async def get_model(model_id: str) -> str:
+        return model_id
+
+    model = get_model("m1")  # what a plain `def __call__` gets: a coroutine
+    try:
+        with pytest.raises(TypeError) as raised:
+            model("x")
+    finally:
+        model.close()
+    info = error_for(raised.value)
+    assert (info.code, info.status) == ("user_error", 500)
+    assert info.message == (
+        "TypeError: 'coroutine' object is not callable (an `await` is missing:"
+        " a @multiplexed loader is a coroutine function, to call from an `async def` method)"
+    )
