@@ -164,6 +164,11 @@ def test_app_dir_is_relative_to_the_file(tmp_path: Path) -> None:
             "neither a storage setting nor a known protocol: did you mean `cache`?",
         ),
         (
+            {"deployments": [dep()], "storage": {"s4": {"endpoint_url": "http://x"}}},
+            "storage.s4",
+            "neither a storage setting nor a known protocol: did you mean `s3`?",
+        ),
+        (
             {"deployments": [dep()], "storage": {"retries": {"max_attempts": 3}}},
             "storage.retries",
             "did you mean `retry`?",
