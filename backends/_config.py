@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from fsspec.registry import known_implementations
@@ -302,18 +302,18 @@ SETTINGS_SECTIONS: dict[str, type[msgspec.Struct]] = {
 
 def _refuse_misspelt_settings(section: Mapping[str, Any]) -> None:
     """A key that is no protocol muxgate or fsspec knows but close to a
-    settings name (``cach``, ``retries``) or one letter off a known protocol
-    with the same first letter (``s4``, ``gcz``) is a typo: it would
-    silently leave the setting at its default, or the protocol without its
+    settings name (``cach``, ``retries``), or one letter off a common object
+    store's protocol in the same place (``s4``, ``gcz``), is a typo: it would
+    silently leave the setting at its default, or the store without its
     options. Other keys may name protocols that a deployment registers
-    itself, so they are not refused."""
+    itself (the gateway never imports its code), so they are not refused."""
     known = set(registered_protocols()) | set(known_implementations)
     for key in section:
         if key in SETTINGS_SECTIONS or key.lower() in known:
             continue
         close = difflib.get_close_matches(key, SETTINGS_SECTIONS, n=1, cutoff=0.6)
         if not close:
-            close = sorted(p for p in known if _one_letter_off(key.lower(), p))[:1]
+            close = [p for p in _COMMON_STORES if _one_letter_off(key.lower(), p)][:1]
         if close:
             raise ValueError(
                 f"storage.{key}: neither a storage setting nor a known protocol:"
@@ -321,15 +321,15 @@ def _refuse_misspelt_settings(section: Mapping[str, Any]) -> None:
             )
 
 
+#: the protocols a typo is checked against: the object stores users name most
+_COMMON_STORES: Final = ("s3", "gs", "gcs", "az", "abfs", "file", "hf")
+
+
 def _one_letter_off(typed: str, known: str) -> bool:
-    """``typed`` is ``known`` with one letter changed, added or dropped
-    after the first (which must match)."""
-    if not typed or not known or typed[0] != known[0] or abs(len(typed) - len(known)) > 1:
+    """``typed`` is ``known`` with one letter after the first changed."""
+    if len(typed) != len(known) or typed[:1] != known[:1]:
         return False
-    if len(typed) == len(known):
-        return sum(a != b for a, b in zip(typed, known, strict=True)) == 1
-    short, long = sorted((typed, known), key=len)
-    return any(long[:i] + long[i + 1 :] == short for i in range(1, len(long)))
+    return sum(a != b for a, b in zip(typed, known, strict=True)) == 1
 
 
 def _nearest_field(message: str, kind: type[msgspec.Struct]) -> str:

@@ -64,10 +64,10 @@ harness's own. The load cost of the CPU limit is then measured the same way.
 reference, at the same ``--max-ongoing`` as the run it is compared with.
 ``--eviction-policy tinylfu`` (or ``lru``, the default) sets muxgate's
 ``eviction_policy``, ``--hits-wait-for-loads false`` (or ``true``, the
-default) its ``hits_wait_for_loads``. The shared hook writes a fixed app config (and the
-harness is read-only), so for any of these options the hook is pointed at a
-one-file ``muxgate`` shim that adds the fields to that config and then runs
-this repository's ``muxgate``.
+default) its ``hits_wait_for_loads``. The shared hook writes a fixed app
+config (and the harness is read-only), so for any of these options the hook
+is pointed at a one-file ``muxgate`` shim that adds the fields to that
+config and then runs this repository's ``muxgate``.
 
     flock /work/wt/bench.lock .venv/bin/python bench/bench_peer.py \\
         --ray-venv /tmp/raybench-venv --runs 3

@@ -179,8 +179,8 @@ class ReplicaPool:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
-        #: set while ``serve`` gives up at the first failed start (its log
-        #: then promises no next try)
+        #: set while ``serve`` gives up at a failed start of a pool not yet
+        #: healthy (the log then promises no next try)
         self.start_failure_is_final = False
         self._feedback = ReplicaFeedback(
             config,
@@ -489,7 +489,7 @@ class ReplicaPool:
     def _start_failed(self, rep: Replica, exc: Exception) -> None:
         reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
         delay = self.replicas.start_failed(rep, str(reason))
-        if self.start_failure_is_final:
+        if self.start_failure_is_final and not self.healthy:
             _log.error("replica %s of %s failed to start (%s)", rep.id, self.name, reason)
         else:
             _log.error(

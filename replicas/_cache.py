@@ -441,6 +441,8 @@ class ModelCache(Generic[M]):
                 else:
                     self._state.fail_load(model_id)
                 residency_changed()
+            # No await between the loader's outcome and here: the waiters are
+            # made ready before the hits its last step held (``LoaderThread.run``).
             flight.done.set()
 
     async def _measure(self, model_id: str, model: M) -> int:

@@ -8,6 +8,7 @@ a replica and never imported here: its errors are matched by class name.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 from muxgate.replicas._codes import BACKEND_ERROR_CODES, ErrorCode
 from muxgate.replicas._http import BadRequestError, MissingModelIdError
@@ -41,6 +42,14 @@ def bad_request(message: str) -> CallFailed:
 EXPECTED_BACKEND_CODES: frozenset[str] = frozenset(BACKEND_ERROR_CODES.values())
 
 
+#: the hint on a user error that used a coroutine as a value (typically a
+#: ``@multiplexed`` loader called from a plain ``def`` method)
+_MISSING_AWAIT: Final = (
+    "an `await` is missing, e.g. a @multiplexed loader called from a plain `def`"
+    " method: it is a coroutine function, to await from an `async def` one"
+)
+
+
 def is_cancellation(exc: BaseException) -> bool:
     """Whether ``exc``, caught around user code, is the current task being
     cancelled (by a deadline, a client gone, the replica stopping), which
@@ -67,7 +76,9 @@ def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
 
     A :class:`BadRequestError` (the body is not JSON, no model id) is the
     client's mistake: 400 ``bad_request`` with its message; for a handle call
-    a missing model id names ``options(multiplexed_model_id=...)``.
+    a missing model id names ``options(multiplexed_model_id=...)``. A
+    ``TypeError`` or ``AttributeError`` about a ``'coroutine' object`` gets
+    a hint that an ``await`` is missing.
     """
     if isinstance(exc, MissingModelIdError) and not http:
         return ErrorInfo.of(
@@ -95,11 +106,3 @@ def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
     if isinstance(exc, TypeError | AttributeError) and "'coroutine' object" in message:
         message += f" ({_MISSING_AWAIT})"
     return ErrorInfo.of(ErrorCode.USER_ERROR, message)
-
-
-#: the hint on a user error that used a coroutine as a value: typically a
-#: ``@multiplexed`` loader called from a plain ``def`` method
-_MISSING_AWAIT = (
-    "an `await` is missing: a @multiplexed loader is a coroutine function,"
-    " to call from an `async def` method"
-)

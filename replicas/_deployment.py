@@ -44,9 +44,11 @@ class DeploymentOptions(msgspec.Struct, frozen=True, kw_only=True):
         max_queued_requests: gateway queue per deployment, ``-1`` for no limit.
         num_replicas: fixed number of replicas, or ``None`` to leave it to the config.
         graceful_shutdown_timeout_s: how long a draining or stopping replica
-            waits for its calls before it cancels them; ``None``: as long as
-            the gateway's request timeout (``http.request_timeout_s``), which
-            also bounds a value given here.
+            waits for its calls before it cancels them; ``inf`` (none of the
+            class's own, the default): as long as the gateway's request
+            timeout (``http.request_timeout_s``), which also bounds a value
+            given here. (A number on the wire, so gateways of any version
+            read it.)
         num_cpus: CPU budget of one replica; fractions allowed (rounded up
             for the thread count).
     """
@@ -55,7 +57,7 @@ class DeploymentOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     num_replicas: int | None = None
-    graceful_shutdown_timeout_s: float | None = None
+    graceful_shutdown_timeout_s: float = math.inf
     num_cpus: float = DEFAULT_NUM_CPUS
 
 
@@ -123,7 +125,8 @@ def deployment(
         max_queued_requests: gateway queue bound, at least 1 or ``-1``.
         num_replicas: fixed replica count (at least 0), or ``None``.
         graceful_shutdown_timeout_s: drain time limit in seconds, at least 0;
-            ``None``: the gateway's request timeout (which also bounds a value).
+            ``None`` (the default): none of the class's own, the gateway's
+            request timeout applies (it also bounds a value).
         num_cpus: CPU budget per replica, above 0; fractions allowed. A
             replica runs ``ceil(num_cpus)`` torch intra-op and inter-op
             threads and has ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and
@@ -165,7 +168,7 @@ def deployment(
             max_ongoing_requests=max_ongoing_requests,
             max_queued_requests=max_queued_requests,
             num_replicas=num_replicas,
-            graceful_shutdown_timeout_s=None if timeout is None else float(timeout),
+            graceful_shutdown_timeout_s=math.inf if timeout is None else float(timeout),
             num_cpus=cpus,
         )
         setattr(target, _OPTIONS_ATTR, options)

@@ -13,10 +13,9 @@ closed-loop p99 target asks of a schedule").
 
 With ``hits_wait_for_loads`` (a deployment field, on by default; the
 replica sets :attr:`LoadSteps.enabled` from its spec; elsewhere, as in a
-test process, it is off) a call whose model is
-already loaded therefore waits while the loader thread runs a *step* of a
-load (its code between two ``await`` suspensions), up to
-:data:`MAX_WAIT_S`, then goes on:
+test process, it is off) a call whose model is already loaded therefore
+waits while the loader thread runs a *step* of a load (its code between
+two ``await`` suspensions), up to :data:`MAX_WAIT_S`, then goes on:
 
 - only the step running when the call arrived: a step that starts later
   does not hold it, so a stream of loads never starves the hits;
@@ -153,8 +152,9 @@ def _wake(fut: asyncio.Future[None]) -> None:
 
 
 class LastStep:
-    """Whether a load's last step is still open: it ends when the replica's
-    loop takes the load's outcome (:meth:`close`), not on the loader thread."""
+    """Whether a load's last step is still open: it ends (:meth:`close`) on
+    the replica's loop, one turn after the loop took the load's outcome, not
+    on the loader thread (see ``LoaderThread.run``)."""
 
     __slots__ = ("_steps", "open")
 

@@ -235,9 +235,7 @@ class Replica:
         """How long a graceful stop waits for the calls in flight: the
         gateway's (its request timeout), or the class's
         ``@deployment(graceful_shutdown_timeout_s=...)`` if shorter."""
-        own = self.options.graceful_shutdown_timeout_s
-        grace = self.spec.graceful_shutdown_timeout_s
-        return grace if own is None else min(grace, own)
+        return min(self.spec.graceful_shutdown_timeout_s, self.options.graceful_shutdown_timeout_s)
 
     def request_stop(self, reason: str, *, graceful: bool) -> None:
         """Ask the main task to stop; a later, less graceful request wins."""

@@ -94,6 +94,14 @@ def failure_location(exc: BaseException) -> str | None:
     return f"{user[-1].filename}:{user[-1].lineno} in {user[-1].name}"
 
 
+def _raised_resolving_the_import_path(exc: BaseException) -> bool:
+    """Whether ``exc`` is :func:`_import_class`'s own (no such module,
+    class or attribute): raised in this file, so its traceback shows no
+    code but muxgate's."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename) == os.path.abspath(__file__)
+
+
 def _nearest(name: str, known: list[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``known``, else ``""``."""
     # 0.75: a slip of a letter or two (Modle, torch_mpl), not any name
@@ -335,12 +343,12 @@ async def _amain(spec: ReplicaSpec, ready_fd: int, parent_fd: int | None) -> int
             done, instance = await _race_stop(starter.stop, instantiate)
         except _START_FAILURES as exc:
             where = failure_location(exc)
-            reason = f"{describe_exception(exc)} (at {where})" if where else None
-            if reason is not None:  # the traceback shows the user's code
-                _log.exception("Starting %s failed.", spec.import_path)
-            else:  # only muxgate's frames: the one line says it all
-                reason = f"{describe_exception(exc)} ({doing})"
+            at = f" (at {where})" if where else f" ({doing})"
+            reason = f"{describe_exception(exc)}{at}"
+            if _raised_resolving_the_import_path(exc):  # the one line says it all
                 _log.error("Starting %s failed: %s", spec.import_path, reason)
+            else:
+                _log.exception("Starting %s failed.", spec.import_path)
             return failed(_one_line(reason))
         if not done:
             return failed(f"stopped during start-up ({starter.reason})")

@@ -32,3 +32,13 @@ class ExitsInInit:
 
     def __init__(self) -> None:
         raise SystemExit("no config given (exits on purpose)")
+
+
+class MisusesTheSdk:
+    """``__init__`` makes the SDK raise: the failure's innermost frames are
+    muxgate's, but the user's code is in its traceback."""
+
+    def __init__(self) -> None:
+        from muxgate.replicas import multiplexed
+
+        multiplexed(max_num_models_per_replica="three")  # type: ignore[call-overload]

@@ -81,6 +81,14 @@ def test_an_empty_file_says_so(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_protocols_a_deployment_may_register_itself_are_not_typos() -> None:
+    # The gateway never imports the deployment's code: names no one knows
+    # here (fsspec plugins, the app's own) are taken as they are.
+    for name in ("obs", "s3n", "ftps", "myproto", "r2"):
+        config = parse_config({"deployments": [dep()], "storage": {name: {"key": "k"}}})
+        assert name in config.storage
+
+
 def test_defaults() -> None:
     config = parse_config({"deployments": [dep()]})
     d = config.deployments[0]
@@ -167,6 +175,11 @@ def test_app_dir_is_relative_to_the_file(tmp_path: Path) -> None:
             {"deployments": [dep()], "storage": {"s4": {"endpoint_url": "http://x"}}},
             "storage.s4",
             "neither a storage setting nor a known protocol: did you mean `s3`?",
+        ),
+        (
+            {"deployments": [dep()], "storage": {"gcz": {"token": "anon"}}},
+            "storage.gcz",
+            "neither a storage setting nor a known protocol: did you mean `gcs`?",
         ),
         (
             {"deployments": [dep()], "storage": {"retries": {"max_attempts": 3}}},

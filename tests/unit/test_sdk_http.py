@@ -203,6 +203,7 @@ def test_a_loader_called_without_await_names_the_missing_await() -> None:
     info = error_for(raised.value)
     assert (info.code, info.status) == ("user_error", 500)
     assert info.message == (
-        "TypeError: 'coroutine' object is not callable (an `await` is missing:"
-        " a @multiplexed loader is a coroutine function, to call from an `async def` method)"
+        "TypeError: 'coroutine' object is not callable (an `await` is missing, e.g. a"
+        " @multiplexed loader called from a plain `def` method: it is a coroutine function,"
+        " to await from an `async def` one)"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -150,7 +151,7 @@ def test_deployment_bare_and_with_options_returns_the_same_class() -> None:
     assert options.max_ongoing_requests == 2
     assert options.num_replicas == 3
     assert options.max_queued_requests == 1000
-    assert options.graceful_shutdown_timeout_s is None  # the gateway's request timeout
+    assert options.graceful_shutdown_timeout_s == math.inf  # the gateway's request timeout
     assert is_deployment(Bare) and is_deployment(Configured)
 
 
