@@ -199,6 +199,12 @@ class _ReplicaCounters(Collector):
             "Model loads that raised.",
             "model_load_failures",
         )
+        yield per_deployment(
+            "muxgate_model_load_refused_ids_total",
+            "Of those, loads of an id the storage refused (bad_model_id: the client's"
+            " mistake, not the storage's).",
+            "model_load_refused_ids",
+        )
         unloads = CounterMetricFamily(
             "muxgate_model_unloads_total",
             "Models unloaded by replicas, by reason (lru, shutdown, drain, admin).",
@@ -280,8 +286,9 @@ class GatewayMetrics:
       running, draining).
     * ``spillovers_total{deployment}``: requests routed past the model's home
       replica by the bounded-load rule.
-    * ``model_loads_total``, ``model_load_failures_total``,
-      ``model_unloads_total{reason}``, ``cache_hits_total``,
+    * ``model_loads_total``, ``model_load_failures_total`` (of which
+      ``model_load_refused_ids_total``: ids the storage refused, the
+      client's mistake), ``model_unloads_total{reason}``, ``cache_hits_total``,
       ``cache_misses_total``, ``storage_stale_serves_total`` (all
       ``{deployment}``): replica counters summed over replicas, monotonic
       across replica churn.

@@ -490,6 +490,8 @@ class ModelCache(Generic[M]):
                 # refusing) is logged here with its detail, without a
                 # traceback; anything else keeps its traceback here.
                 outcome = _outcome_of(exc)
+                if outcome == "bad_model_id":
+                    COUNTERS["model_load_refused_ids"] += 1
                 if outcome is None:
                     _log.warning(
                         "Failed to load model '%s' after %.1fms.",

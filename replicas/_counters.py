@@ -56,6 +56,8 @@ CACHE_COUNTER_KEYS: Final[tuple[str, ...]] = (
     # calls with a loaded model that waited out a load step (hits_wait_for_loads), and how long
     "load_step_waits",
     "load_step_wait_seconds_sum",
+    # failed loads whose id the storage refused (bad_model_id: the client's mistake)
+    "model_load_refused_ids",
 )
 
 #: Counted by muxgate.backends when a replica imported it: fetches answered

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gateway_harness import MODEL, running_gateway
+from prometheus_text import only, parse_samples
 from storage_servers import BUCKET, HttpFiles, S3Server
 from storage_stores import STORES, Store, open_store
 
@@ -178,3 +179,8 @@ async def test_through_the_gateway(
         error = r.json()["error"]
         assert error["code"] == "bad_model_id"
         assert "'?versionId=' is not allowed on s3:// storage" in error["message"]
+        # A failed load, counted apart as the client's mistake (the alert leaves it out).
+        samples = parse_samples((await client.get("/-/metrics")).text)
+        s3 = (("deployment", "s3"),)
+        assert only(samples, "muxgate_model_load_failures_total")[s3] == 1.0
+        assert only(samples, "muxgate_model_load_refused_ids_total")[s3] == 1.0

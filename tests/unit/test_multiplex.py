@@ -698,6 +698,7 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
         "model_load_cpu_seconds_sum",
         "load_step_waits",
         "load_step_wait_seconds_sum",
+        "model_load_refused_ids",
         "models_loaded",
     }
     # The loaders' own CPU, never more than the loads' wall time.
