@@ -21,7 +21,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from ._config import StorageConfig
-from ._errors import ModelFormatError, UnsafePickleError
+from ._errors import ModelFormatError, ModelNotFoundError, UnsafePickleError
 from ._fetch import Artifact, fetch_and_decode, translate_storage_error
 from ._urls import join_model_url
 
@@ -88,18 +88,24 @@ def _reason(exc: BaseException) -> str:
 
 async def _load(
     url: str,
+    model_id: str,
     fmt: str,
     decode: Callable[[Artifact], T],
     *,
     storage_options: Mapping[str, Any] | None,
     config: StorageConfig | None,
 ) -> T:
-    return await fetch_and_decode(
-        url,
-        lambda artifact: _decode(artifact, fmt, decode),
-        storage_options=storage_options,
-        config=config,
-    )
+    try:
+        return await fetch_and_decode(
+            url,
+            lambda artifact: _decode(artifact, fmt, decode),
+            storage_options=storage_options,
+            config=config,
+        )
+    except ModelNotFoundError as exc:
+        # The id is the client's own: naming it tells nothing the URL would.
+        exc.client_message = f"model {model_id!r} not found in storage"
+        raise
 
 
 def _decode(artifact: Artifact, fmt: str, decode: Callable[[Artifact], T]) -> T:
@@ -182,6 +188,7 @@ async def load_state_dict(
     url = join_model_url(root, model_id, filename)
     return await _load(
         url,
+        model_id,
         "state_dict",
         partial(_state_dict, map_location, trusted),
         storage_options=storage_options,
@@ -217,6 +224,7 @@ async def load_torchscript(
     url = join_model_url(root, model_id, filename)
     return await _load(
         url,
+        model_id,
         "torchscript",
         partial(_torchscript, map_location),
         storage_options=storage_options,
@@ -270,6 +278,7 @@ async def load_exported_program(
     url = join_model_url(root, model_id, filename)
     return await _load(
         url,
+        model_id,
         "exported_program",
         partial(_exported_program, trusted),
         storage_options=storage_options,
@@ -318,6 +327,7 @@ async def load_safetensors(
     url = join_model_url(root, model_id, filename)
     return await _load(
         url,
+        model_id,
         "safetensors",
         partial(_safetensors, map_location),
         storage_options=storage_options,
@@ -375,6 +385,7 @@ async def load_pickled_module(
     url = join_model_url(root, model_id, filename)
     return await _load(
         url,
+        model_id,
         "pickled_module",
         partial(_pickled, map_location, trusted),
         storage_options=storage_options,

@@ -49,6 +49,7 @@ async def test_unknown_models_and_unauthorized_requests_log_no_traceback(
         r = await client.get("/", headers={MODEL: "missing-7"})
         assert r.status_code == 404
         assert r.json()["error"]["code"] == "model_not_found"
+        assert r.json()["error"]["message"] == "model 'missing-7' not found in storage"
         assert str(root) not in r.text
         for _ in range(20):
             assert (await client.get("/-/replicas")).status_code == 401
