@@ -64,7 +64,8 @@ harness's own. The load cost of the CPU limit is then measured the same way.
 reference, at the same ``--max-ongoing`` as the run it is compared with.
 ``--eviction-policy tinylfu`` (or ``lru``, the default) sets muxgate's
 ``eviction_policy``, ``--hits-wait-for-loads false`` (or ``true``, the
-default) its ``hits_wait_for_loads``. The shared hook writes a fixed app
+default) its ``hits_wait_for_loads``, ``--pin-cpus`` its ``pin_cpus:
+true``. The shared hook writes a fixed app
 config (and the harness is read-only), so for any of these options the hook
 is pointed at a one-file ``muxgate`` shim that adds the fields to that
 config and then runs this repository's ``muxgate``.
@@ -262,11 +263,13 @@ class Muxgate(System):
         spill: str | None = None,
         eviction_policy: str | None = None,
         hits_wait_for_loads: bool | None = None,
+        pin_cpus: bool = False,
     ) -> None:
         super().__init__(root, port, max_ongoing)
         self.spill = spill
         self.eviction_policy = eviction_policy
         self.hits_wait_for_loads = hits_wait_for_loads
+        self.pin_cpus = pin_cpus
 
     def config_changes(self) -> dict[str, Any]:
         """The deployment fields the options set, as the app config spells them."""
@@ -277,6 +280,8 @@ class Muxgate(System):
             changes["eviction_policy"] = self.eviction_policy
         if self.hits_wait_for_loads is not None:
             changes["hits_wait_for_loads"] = self.hits_wait_for_loads
+        if self.pin_cpus:
+            changes["pin_cpus"] = True
         return changes
 
     def run_counters(self) -> dict[str, Any]:
@@ -328,7 +333,8 @@ class Muxgate(System):
         script = shim / "bin" / "muxgate"
         script.write_text(
             f"#!{REPO / '.venv' / 'bin' / 'python'}\n"
-            "# written by bench/bench_peer.py (--spill, --eviction-policy, --hits-wait-for-loads)\n"
+            "# written by bench/bench_peer.py (--spill, --eviction-policy,"
+            " --hits-wait-for-loads, --pin-cpus)\n"
             "import json, os, sys, yaml\n"
             f"changes = json.loads({json.dumps(changes)!r})\n"
             "if sys.argv[1:2] == ['serve']:\n"
@@ -708,6 +714,11 @@ def main(argv: list[str] | None = None) -> int:
         help="muxgate's hits_wait_for_loads (default: the config's default, true)",
     )
     parser.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="muxgate's pin_cpus: true (each replica on cores of its own; default false)",
+    )
+    parser.add_argument(
         "--loader",
         choices=["harness", "recipe"],
         default="harness",
@@ -795,6 +806,7 @@ def _main(
             args.spill,
             args.eviction_policy,
             None if args.hits_wait_for_loads is None else args.hits_wait_for_loads == "true",
+            args.pin_cpus,
         )
     print(
         f"# {platform.node()}: {os.cpu_count()} CPUs, {cores:g} usable, Python "
@@ -803,6 +815,7 @@ def _main(
         + (f"spill={args.spill} " if args.spill else "")
         + (f"eviction_policy={args.eviction_policy} " if args.eviction_policy else "")
         + (f"hits_wait_for_loads={args.hits_wait_for_loads} " if args.hits_wait_for_loads else "")
+        + ("pin_cpus=true " if args.pin_cpus else "")
         + (f"rate={args.rate}" if args.rate else f"c={args.concurrency}")
         + f" requests={args.requests} seed={args.seed}",
         flush=True,
@@ -838,6 +851,7 @@ def _main(
                     result["eviction_policy"] = system.eviction_policy or "default"
                     wait = system.hits_wait_for_loads
                     result["hits_wait_for_loads"] = "default" if wait is None else wait
+                    result["pin_cpus"] = system.pin_cpus
                 results[name].append(result)
                 print(
                     f"# {name} run {i + 1}: {result['throughput_rps']} req/s, p99 "

@@ -206,6 +206,10 @@ class DeploymentConfig(msgspec.Struct, forbid_unknown_fields=True):
     #: ``OMP_NUM_THREADS`` follow it, rounded up; None: the class's
     #: ``@deployment(num_cpus=...)``, else 1
     num_cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    #: local replicas: each is pinned (CPU affinity) to cores of its own,
+    #: as many as its budget rounded up, while the gateway's cores last;
+    #: the others float (docs/config.md, "CPU budgets")
+    pin_cpus: bool = False
     #: where the replicas run; None: the app-level ``launcher``
     launcher: LauncherConfig | None = None
     #: model ids each replica loads before it reports ready (docs/routing.md,

@@ -124,6 +124,7 @@ def make_spec(
         load_on_loop=deployment.load_on_loop,
         loads_first=deployment.loads_first,
         hits_wait_for_loads=deployment.hits_wait_for_loads,
+        pin_cpus=deployment.pin_cpus,
         preload=list(deployment.preload),
         pinned=list(deployment.pinned),
         multiplexed_loader=deployment.multiplexed_loader,

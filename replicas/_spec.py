@@ -76,6 +76,8 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         hits_wait_for_loads: a call whose model is loaded waits out the load
             step under way on the loader thread, at most 50 ms
             (``muxgate.replicas._load_steps``).
+        pin_cpus: a local launcher pins the replica to cores of its own
+            (``muxgate.gateway.launchers._processes.CpuPins``).
         drain_fence: obey only a ``Drain`` carrying a token the replica's
             supervisor wrote on its stdin pipe (``muxgate.replicas._drain_fence``:
             a Ray replica actor, after checking the gateway's lease epoch).
@@ -108,3 +110,4 @@ class ReplicaSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     drain_fence: bool = False
     loads_first: bool = True
     hits_wait_for_loads: bool = True
+    pin_cpus: bool = False

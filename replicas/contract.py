@@ -45,7 +45,7 @@ from muxgate.replicas._counters import (
     UNLOAD_REASONS,
     load_bucket_key,
 )
-from muxgate.replicas._cpu import cpu_budget_env
+from muxgate.replicas._cpu import cpu_budget_env, thread_count_for
 from muxgate.replicas._deployment import (
     DEFAULT_MAX_ONGOING_REQUESTS,
     DEFAULT_MAX_QUEUED_REQUESTS,
@@ -84,6 +84,7 @@ __all__ = [
     "inject_traceparent",
     "load_bucket_key",
     "load_secret",
+    "thread_count_for",
     "tracing_active",
 ]
 __all__ += _protocol.__all__

@@ -41,14 +41,21 @@ import msgspec
 from muxgate.gateway.launchers._interface import LaunchedReplica, ReplicaStartError
 from muxgate.gateway.launchers._processes import (
     CpuBudgets,
+    CpuPins,
     ForkedProcess,
     ForkServer,
     NoForkError,
     ReplicaProcess,
     SpawnedProcess,
+    pin_process,
     usable_cores,
 )
-from muxgate.replicas.contract import DEFAULT_NUM_CPUS, ReplicaSpec, cpu_budget_env
+from muxgate.replicas.contract import (
+    DEFAULT_NUM_CPUS,
+    ReplicaSpec,
+    cpu_budget_env,
+    thread_count_for,
+)
 
 __all__ = ["FORK_SERVER_DEFAULT", "LocalLauncher", "ReplicaProcess"]
 
@@ -133,6 +140,8 @@ class LocalLauncher:
         self.fork_disabled_reason: str | None = None
         #: CPU budgets of the replicas started here against the host's cores
         self.cpu_budgets = CpuBudgets(usable_cores())
+        #: cores of their own for the replicas whose spec says ``pin_cpus``
+        self.cpu_pins = CpuPins()
         self._running: dict[str, ReplicaProcess] = {}
 
     def __repr__(self) -> str:
@@ -192,11 +201,26 @@ class LocalLauncher:
             if running.returncode is not None:
                 del self._running[replica_id]
                 self.cpu_budgets.remove(replica_id)
+                self.cpu_pins.release(replica_id)
         self._running[process.replica_id] = process
         num_cpus = process.spec.num_cpus
-        self.cpu_budgets.add(
-            process.replica_id, num_cpus if num_cpus is not None else DEFAULT_NUM_CPUS
-        )
+        budget = num_cpus if num_cpus is not None else DEFAULT_NUM_CPUS
+        self.cpu_budgets.add(process.replica_id, budget)
+        if process.spec.pin_cpus:
+            self._pin(process, budget)
+
+    def _pin(self, process: ReplicaProcess, budget: float) -> None:
+        cores = self.cpu_pins.take(process.replica_id, thread_count_for(budget))
+        if cores is None:
+            _log.info(
+                "replica %s is not pinned: the other pinned replicas hold the cores",
+                process.replica_id,
+            )
+        elif pin_process(process.pid, cores):
+            process.cores = cores
+            _log.info("replica %s pinned to cores %s", process.replica_id, cores)
+        else:
+            self.cpu_pins.release(process.replica_id)
 
     async def ready_replicas(self, deployment: str) -> list[ReplicaProcess]:
         """The replicas of ``deployment`` started here that still run. A

@@ -2,7 +2,8 @@
 threads and OMP/MKL/OpenBLAS variables equal ``ceil(num_cpus)`` (from the
 spec, else the class's decorator, else 1), for spawned and forked replicas;
 a fork server that preloads a module running torch ops at import still
-forks (one thread, no OpenMP pool) and its children size their own pools."""
+forks (one thread, no OpenMP pool) and its children size their own pools.
+With ``pin_cpus`` each replica gets cores of its own while they last."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import msgspec
 import pytest
 
 from muxgate.gateway._connection import ReplicaConnection
+from muxgate.gateway.launchers._processes import CpuPins
 from muxgate.gateway.launchers.local import LocalLauncher, ReplicaProcess
 from muxgate.replicas._server import ReplicaSpec
 
@@ -120,5 +122,37 @@ async def test_fork_server_that_ran_torch_at_import_still_forks_safely() -> None
         with anyio.fail_after(20):
             assert await process.wait() == 0
         assert thread_count(server.process.pid) == 1
+    finally:
+        await launcher.aclose()
+
+
+def affinities(pid: int) -> set[frozenset[int]]:
+    """The CPU affinity of each thread of ``pid``."""
+    return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+async def test_pinned_replicas_get_cores_of_their_own_while_they_last() -> None:
+    every = sorted(os.sched_getaffinity(0))
+    launcher = LocalLauncher(fork_server=True)
+    launcher.cpu_pins = CpuPins(every[:2])  # two cores to hand out
+    pinned = msgspec.structs.replace(spec("pin#1", "fork_apps:CpuFacts", None), pin_cpus=True)
+    try:
+        with anyio.fail_after(60):
+            first = await launcher.start(pinned)
+            second = await launcher.start(msgspec.structs.replace(pinned, replica_id="pin#2"))
+            third = await launcher.start(msgspec.structs.replace(pinned, replica_id="pin#3"))
+        assert (first.cores, second.cores, third.cores) == ([every[0]], [every[1]], None)
+        for process in (first, second):
+            # threads started after the pinning (the call's worker thread) inherit it
+            async with await ReplicaConnection.connect(process.address) as conn:
+                await call(conn, "facts")
+            assert affinities(process.pid) == {frozenset(process.cores or [])}
+        assert affinities(third.pid) == {frozenset(every)}  # floats over every core
+        # A replica's cores go back when it has exited.
+        with anyio.fail_after(30):
+            await launcher.stop(first, 10.0)
+            fourth = await launcher.start(msgspec.structs.replace(pinned, replica_id="pin#4"))
+        assert fourth.cores == [every[0]]
     finally:
         await launcher.aclose()

@@ -101,9 +101,10 @@ def test_a_changed_loader_is_refused_by_name(bench_peer: ModuleType, tmp_path: P
 def test_the_muxgate_options_become_deployment_fields(bench_peer: ModuleType) -> None:
     plain = bench_peer.Muxgate(Path("/models"), 8400, 5)
     assert plain.config_changes() == {}
-    tuned = bench_peer.Muxgate(Path("/models"), 8400, 5, "never", "tinylfu", False)
+    tuned = bench_peer.Muxgate(Path("/models"), 8400, 5, "never", "tinylfu", False, True)
     assert tuned.config_changes() == {
         "routing": {"spill": "never"},
         "eviction_policy": "tinylfu",
         "hits_wait_for_loads": False,
+        "pin_cpus": True,
     }

@@ -233,6 +233,9 @@ def test_cache_settings_per_deployment_reach_the_replica_spec() -> None:
     assert (first.hits_wait_for_loads, spec.hits_wait_for_loads) == (True, True)
     beside = parse_config({"deployments": [dep(hits_wait_for_loads=False)]}).deployments[0]
     assert make_spec(config, beside, "M#4").hits_wait_for_loads is False
+    assert (first.pin_cpus, spec.pin_cpus) == (False, False)
+    pinning = parse_config({"deployments": [dep(pin_cpus=True)]}).deployments[0]
+    assert make_spec(config, pinning, "M#5").pin_cpus is True
     with pytest.raises(ConfigError, match=r"deployments\[0\]\.hits_wait_for_loads"):
         parse_config({"deployments": [dep(hits_wait_for_loads="sometimes")]})
     with pytest.raises(ConfigError, match=r"deployments\[0\]\.eviction_policy"):
