@@ -476,13 +476,6 @@ class CpuPins:
         """Give back the cores of ``replica_id`` (it exited)."""
         self._owner = {c: r for c, r in self._owner.items() if r != replica_id}
 
-    def held(self) -> dict[str, list[int]]:
-        """Replica id -> its cores."""
-        held: dict[str, list[int]] = {}
-        for core, replica_id in sorted(self._owner.items()):
-            held.setdefault(replica_id, []).append(core)
-        return held
-
 
 def pin_process(pid: int, cores: Sequence[int]) -> bool:
     """Set the CPU affinity of every thread of process ``pid`` (threads it

@@ -169,29 +169,7 @@ def test_serve_logs_the_traceback_of_a_start_failure_with_the_users_code_in_it(
 def test_serve_reports_replicas_that_cannot_start(tmp_path: Path) -> None:
     config = tmp_path / "app.yaml"
     config.write_text("deployments:\n  - {name: Broken, import_path: 'no_such_module:Thing'}\n")
-    env = {**os.environ}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, asyncio\n"
-            "from muxgate.gateway._config import load_config\n"
-            "from muxgate.gateway._serve import serve, GatewayStartError\n"
-            "async def main():\n"
-            "    try:\n"
-            "        async with serve(load_config(sys.argv[1]), port=0, ready_timeout_s=60):\n"
-            "            pass\n"
-            "    except GatewayStartError as exc:\n"
-            "        print('ERROR', exc)\n"
-            "asyncio.run(main())\n",
-            str(config),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    proc = _serve_until_it_gives_up(config)
     assert "ERROR deployment 'Broken' (no_such_module:Thing) failed to start:" in proc.stdout, (
         proc.stdout + proc.stderr
     )

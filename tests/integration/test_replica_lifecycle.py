@@ -22,7 +22,7 @@ from muxgate.gateway._connection import (
     ReplicaDiedError,
     ReplicaUnavailableError,
 )
-from muxgate.gateway.launchers.local import LocalLauncher, ReplicaStartError
+from muxgate.gateway.launchers.local import LocalLauncher, ReplicaProcess, ReplicaStartError
 from muxgate.replicas._protocol import HttpRequest
 from muxgate.replicas.contract import ReplicaSpec
 
@@ -168,22 +168,34 @@ async def test_sigkill_fails_pending_calls_with_replica_died(launcher: LocalLaun
         await conn.aclose()
 
 
+async def sigterm_during_a_sleep(
+    process: ReplicaProcess, conn: ReplicaConnection, seconds: float
+) -> Any:
+    """SIGTERM ``process`` while it runs a call sleeping ``seconds``; the
+    call's reply, or the exception the call raised."""
+    outcome: list[Any] = []
+
+    async def slow() -> None:
+        try:
+            outcome.append(await conn.call(request_id="s", method="sleep", **pack(seconds)))
+        except Exception as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow)
+        while (await conn.ping()).state.in_flight < 1:
+            pass
+        process.terminate()
+    return outcome[0]
+
+
 async def test_sigterm_finishes_in_flight_calls_then_exits(launcher: LocalLauncher) -> None:
     process = await launcher.start(spec("term#1"))
     conn = await ReplicaConnection.connect(process.address)
-    replies: list[Any] = []
     try:
         with anyio.fail_after(20):
-            async with anyio.create_task_group() as tg:
-
-                async def slow() -> None:
-                    replies.append(await conn.call(request_id="s", method="sleep", **pack(0.3)))
-
-                tg.start_soon(slow)
-                while (await conn.ping()).state.in_flight < 1:
-                    pass
-                process.terminate()
-            assert msgspec.msgpack.decode(replies[0].body) == 0.3
+            reply = await sigterm_during_a_sleep(process, conn, 0.3)
+            assert msgspec.msgpack.decode(reply.body) == 0.3
             assert await process.wait() == 0
             await conn.closed.wait()
     finally:
@@ -198,23 +210,11 @@ async def test_a_class_grace_shorter_than_the_gateways_cancels_the_slow_calls(
         spec("grace#1", "echo:ShortGrace", graceful_shutdown_timeout_s=60.0)
     )
     conn = await ReplicaConnection.connect(process.address)
-    errors: list[BaseException] = []
     try:
         with anyio.fail_after(20):
-            async with anyio.create_task_group() as tg:
-
-                async def slow() -> None:
-                    try:
-                        await conn.call(request_id="s", method="sleep", **pack(30.0))
-                    except Exception as exc:
-                        errors.append(exc)
-
-                tg.start_soon(slow)
-                while (await conn.ping()).state.in_flight < 1:
-                    pass
-                process.terminate()
+            outcome = await sigterm_during_a_sleep(process, conn, 30.0)
             assert await process.wait() == 0
-        assert len(errors) == 1  # cancelled at the class's grace, not after 30 s
+        assert isinstance(outcome, Exception)  # cancelled at the class's grace, not after 30 s
     finally:
         await conn.aclose()
 

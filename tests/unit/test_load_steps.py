@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import pytest
 
@@ -149,18 +151,32 @@ async def _hit(get_model: Any, model_id: str, order: list[str]) -> None:
         order.append(f"hit {model_id}")
 
 
-async def test_a_hit_waits_out_a_blocking_load_on_the_loader_thread(
-    steps_on: LoadSteps, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(_load_steps, "MAX_WAIT_S", HOLD_S)  # a slow host: no early end
+async def slow_with_a_loaded(monkeypatch: pytest.MonkeyPatch) -> tuple[Held, Any]:
+    """A loader whose load of ``slow`` blocks, ``a`` loaded already, and
+    the wait's cap out of the way (a slow host: no early end)."""
+    monkeypatch.setattr(_load_steps, "MAX_WAIT_S", HOLD_S)
     loads = Held("slow")
     get_model = loads.loader()
     await get_model("a")
+    return loads, get_model
+
+
+async def hit_a_while_slow_loads(
+    tg: anyio.abc.TaskGroup, loads: Held, get_model: Any, load_slow: Any
+) -> None:
+    """Start ``load_slow``, and once its load blocks, a hit on ``a``."""
+    tg.start_soon(load_slow)
+    assert await anyio.to_thread.run_sync(loads.started.wait, HOLD_S)
+    tg.start_soon(_hit, get_model, "a", loads.order)
+    await settle()
+
+
+async def test_a_hit_waits_out_a_blocking_load_on_the_loader_thread(
+    steps_on: LoadSteps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads, get_model = await slow_with_a_loaded(monkeypatch)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(get_model, "slow")
-        assert await anyio.to_thread.run_sync(loads.started.wait, HOLD_S)
-        tg.start_soon(_hit, get_model, "a", loads.order)
-        await settle()
+        await hit_a_while_slow_loads(tg, loads, get_model, partial(get_model, "slow"))
         assert loads.order == []  # the hit waits while the load's code runs
         loads.release.set()
     assert loads.order == ["loaded slow", "hit a"]
@@ -248,10 +264,7 @@ async def test_a_loads_last_step_lasts_until_the_replicas_loop_takes_the_model(
 async def test_the_loads_own_requests_resume_before_the_hits_its_last_step_held(
     steps_on: LoadSteps, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_load_steps, "MAX_WAIT_S", HOLD_S)  # a slow host: no early end
-    loads = Held("slow")
-    get_model = loads.loader()
-    await get_model("a")
+    loads, get_model = await slow_with_a_loaded(monkeypatch)
 
     async def miss() -> None:
         with request_scope("r-slow", "slow"):
@@ -259,10 +272,7 @@ async def test_the_loads_own_requests_resume_before_the_hits_its_last_step_held(
             loads.order.append("miss slow")
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(miss)
-        assert await anyio.to_thread.run_sync(loads.started.wait, HOLD_S)
-        tg.start_soon(_hit, get_model, "a", loads.order)
-        await settle()
+        await hit_a_while_slow_loads(tg, loads, get_model, miss)
         loads.release.set()
     # The request that waited for the load (the longest) goes on first.
     assert loads.order == ["loaded slow", "miss slow", "hit a"]
