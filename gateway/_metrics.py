@@ -205,6 +205,12 @@ class _ReplicaCounters(Collector):
             " mistake, not the storage's).",
             "model_load_refused_ids",
         )
+        yield per_deployment(
+            "muxgate_model_load_not_found_total",
+            "Of those, loads of an id the storage does not have (model_not_found: usually the"
+            " client's mistake; every load of a deployment failing so points at its model root).",
+            "model_load_not_found",
+        )
         unloads = CounterMetricFamily(
             "muxgate_model_unloads_total",
             "Models unloaded by replicas, by reason (lru, shutdown, drain, admin).",
@@ -288,7 +294,8 @@ class GatewayMetrics:
       replica by the bounded-load rule.
     * ``model_loads_total``, ``model_load_failures_total`` (of which
       ``model_load_refused_ids_total``: ids the storage refused, the
-      client's mistake), ``model_unloads_total{reason}``, ``cache_hits_total``,
+      client's mistake; and ``model_load_not_found_total``: ids the storage
+      does not have), ``model_unloads_total{reason}``, ``cache_hits_total``,
       ``cache_misses_total``, ``storage_stale_serves_total`` (all
       ``{deployment}``): replica counters summed over replicas, monotonic
       across replica churn.

@@ -492,6 +492,8 @@ class ModelCache(Generic[M]):
                 outcome = _outcome_of(exc)
                 if outcome == "bad_model_id":
                     COUNTERS["model_load_refused_ids"] += 1
+                elif outcome == "model_not_found":
+                    COUNTERS["model_load_not_found"] += 1
                 if outcome is None:
                     _log.warning(
                         "Failed to load model '%s' after %.1fms.",

@@ -58,6 +58,8 @@ CACHE_COUNTER_KEYS: Final[tuple[str, ...]] = (
     "load_step_wait_seconds_sum",
     # failed loads whose id the storage refused (bad_model_id: the client's mistake)
     "model_load_refused_ids",
+    # failed loads of an id the storage does not have (model_not_found: mostly clients' typos)
+    "model_load_not_found",
 )
 
 #: Counted by muxgate.backends when a replica imported it: fetches answered

@@ -97,6 +97,7 @@ async def test_metrics_after_a_known_request_sequence(gateway: Gateway) -> None:
     assert only(samples, "muxgate_model_loads_total") == {DEP: 3.0}
     assert only(samples, "muxgate_model_load_failures_total") == {DEP: 0.0}
     assert only(samples, "muxgate_model_load_refused_ids_total") == {DEP: 0.0}
+    assert only(samples, "muxgate_model_load_not_found_total") == {DEP: 0.0}
     # Three loads in the replica's histogram: all counted, every bucket cumulative.
     assert only(samples, "muxgate_model_load_duration_seconds_count") == {DEP: 3.0}
     assert only(samples, "muxgate_model_load_duration_seconds_sum")[DEP] > 0.0

@@ -179,8 +179,12 @@ async def test_through_the_gateway(
         error = r.json()["error"]
         assert error["code"] == "bad_model_id"
         assert "'?versionId=' is not allowed on s3:// storage" in error["message"]
-        # A failed load, counted apart as the client's mistake (the alert leaves it out).
+        r = await client.get("/s3", headers={MODEL: "nobody"})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+        # Failed loads, each counted apart as the client's mistake (the alert leaves them out).
         samples = parse_samples((await client.get("/-/metrics")).text)
         s3 = (("deployment", "s3"),)
-        assert only(samples, "muxgate_model_load_failures_total")[s3] == 1.0
+        assert only(samples, "muxgate_model_load_failures_total")[s3] == 2.0
         assert only(samples, "muxgate_model_load_refused_ids_total")[s3] == 1.0
+        assert only(samples, "muxgate_model_load_not_found_total")[s3] == 1.0

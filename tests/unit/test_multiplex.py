@@ -699,6 +699,7 @@ async def test_process_wide_caches_snapshot_and_counters() -> None:
         "load_step_waits",
         "load_step_wait_seconds_sum",
         "model_load_refused_ids",
+        "model_load_not_found",
         "models_loaded",
     }
     # The loaders' own CPU, never more than the loads' wall time.
