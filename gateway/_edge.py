@@ -376,6 +376,24 @@ class EdgeProtocol(HttpToolsProtocol):
         # (uvicorn answers plain text without them), logged as the other
         # refusals are (at debug: a hostile client cannot flood the log).
         self.edge.count("malformed")
+        cycle = self.cycle
+        if not self._in_head and cycle is not None and not cycle.response_started:
+            # The body of a request whose head was read does not parse (a
+            # chunk size that is not hex, a transfer-encoding other than
+            # chunked): this 400 is its answer. Its cycle is told the client
+            # left, so it answers nothing and sends no call (it waited for
+            # the rest of its body, then answered the body timeout's 408); a
+            # cycle still pipelined is never started, and its 400 follows
+            # the answers before it.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            for entry in self.pipeline:
+                if entry[0] is cycle:
+                    self.pipeline.remove(entry)
+                    self._cancel_head_timer()
+                    self._deferred = (400, ErrorCode.BAD_REQUEST, "malformed HTTP request")
+                    self.flow.pause_reading()
+                    return
         self._refuse(400, ErrorCode.BAD_REQUEST, "malformed HTTP request")
 
     def on_message_begin(self) -> None:
@@ -487,7 +505,7 @@ class EdgeProtocol(HttpToolsProtocol):
         the answers before it (``on_response_complete``); until then the
         connection reads no more."""
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
+        if cycle is not None and not cycle.response_complete and not cycle.disconnected:
             _log.debug("refusing a pipelined request from %s: %s %s", self.client, status, code)
             self._cancel_head_timer()
             self._deferred = (status, code, message)

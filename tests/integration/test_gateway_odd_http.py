@@ -10,8 +10,8 @@ correct answer, and a flood of them leaves the log as it was.
 * ``CONNECT`` (a tunnel through a proxy) is 400 ``bad_request``.
 * HTTP/1.0, pipelining, ``Expect: 100-continue``, an absolute-form target,
   a long header line under the limit and one over it.
-* A request refused (431, 400) while pipelined behind one in flight: the
-  answer in flight comes first, then the refusal.
+* A request refused (431, 400 for its head or its body) while pipelined
+  behind one in flight: the answer in flight comes first, then the refusal.
 
 The log is read once the answers are in: the gateway writes a request's log
 lines before it answers, so there is nothing to wait for.
@@ -205,8 +205,9 @@ def test_a_long_header_line_is_served_under_the_limit_and_431_over_it(gateway: G
     [
         (request(b"/long", b"X-Long: " + b"a" * 70_000 + b"\r\n"), 431),
         (b"GET /x HTTP/1.1\r\nHost gw\r\n\r\n", 400),
+        (request(b"/x", b"Transfer-Encoding: chunked\r\n", b"zz\r\n", b"POST"), 400),
     ],
-    ids=["headers_too_large", "malformed"],
+    ids=["headers_too_large", "malformed", "malformed_body"],
 )
 def test_a_refused_request_pipelined_behind_one_in_flight_is_answered_after_it(
     gateway: Gateway, behind: bytes, status: int
