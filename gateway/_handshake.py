@@ -17,6 +17,8 @@ import anyio
 import anyio.abc
 
 from muxgate.replicas.contract import (
+    HANDSHAKE_MAX_FRAME_BYTES,
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Challenge,
     ChannelAuth,
@@ -24,6 +26,7 @@ from muxgate.replicas.contract import (
     Hello,
     Message,
     Proof,
+    ProtocolError,
     Refused,
     Welcome,
     encode_frame,
@@ -137,6 +140,11 @@ async def _hello(
     await stream.send(
         encode_frame(Hello(version=PROTOCOL_VERSION, nonce=ours, push_state=push_state))
     )
+    # Until the peer proved the secret its frames are small, as the
+    # replica's are: a length prefix of 1 GiB is refused at once instead of
+    # being buffered (a peer that proved nothing made the gateway hold a
+    # gigabyte, once per probe of a static address).
+    decoder.max_frame = HANDSHAKE_MAX_FRAME_BYTES
     challenge, rest = await _read_answer(stream, decoder)
     if rest:
         raise HandshakeError(f"replica at {address} sent more than one message at handshake")
@@ -147,6 +155,7 @@ async def _hello(
         return challenge, []  # Refused or unexpected: the caller says which
     if not auth.verify("replica", ours, challenge.nonce, challenge.proof):
         raise HandshakeError(f"replica at {address} failed to prove the cluster secret")
+    decoder.max_frame = MAX_FRAME_BYTES  # proven: its Welcome may carry a large state
     proof = auth.proof("gateway", ours, challenge.nonce)
     await stream.send(encode_frame(Proof(proof=proof)))
     return await _read_answer(stream, decoder)
@@ -162,6 +171,9 @@ async def _read_answer(
             data = await stream.receive(_READ_SIZE)
         except anyio.EndOfStream:
             raise HandshakeError("replica closed the connection during the handshake") from None
-        messages = decoder.feed(data)
+        try:
+            messages = decoder.feed(data)
+        except ProtocolError as exc:
+            raise HandshakeError(f"replica answered the handshake wrongly: {exc}") from None
         if messages:
             return messages[0], messages[1:]

@@ -40,7 +40,7 @@ from muxgate.replicas._protocol import (
     Welcome,
     encode_frame,
 )
-from muxgate.replicas.contract import ReplicaSpec
+from muxgate.replicas.contract import ChannelAuth, ReplicaSpec
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -177,6 +177,41 @@ async def test_connect_raises_handshake_error(tmp_path: Path, answer: Any, expec
     finally:
         await listener.aclose()
         os.unlink(path)
+
+
+async def test_an_unproven_peer_cannot_make_the_gateway_buffer_a_large_frame() -> None:
+    """A stand-in at a replica's address that answers the Hello with a length
+    prefix of 1 GiB and streams bytes behind it: before the peer proved the
+    cluster secret, the gateway refuses the prefix at once (as a replica
+    does a gateway's), instead of buffering what comes until the connect
+    timeout (it did: a gigabyte per probe of a static address)."""
+    path = f"/tmp/muxgate-hs-big-{os.getpid()}.sock"
+    listener = await anyio.create_unix_listener(path)
+    sent = 0
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def serve_one() -> None:
+                nonlocal sent
+                stream = await listener.accept()
+                async with stream:
+                    await stream.receive()  # the Hello
+                    await stream.send(((1 << 30) - 1).to_bytes(4, "big"))
+                    chunk = bytes(1 << 16)
+                    with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                        for _ in range(256):  # 16 MiB, if the gateway reads on
+                            await stream.send(chunk)
+                            sent += len(chunk)
+
+            tg.start_soon(serve_one)
+            with anyio.fail_after(5), pytest.raises(HandshakeError, match="exceeds the limit"):
+                await ReplicaConnection.connect(
+                    f"unix:{path}", auth=ChannelAuth(b"s" * 32), connect_timeout=30
+                )
+    finally:
+        await listener.aclose()
+        os.unlink(path)
+    assert sent < 16 << 20
 
 
 async def test_connect_to_nothing_raises_oserror(tmp_path: Path) -> None:
