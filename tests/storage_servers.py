@@ -10,7 +10,7 @@
         ... storage_options=gcs.storage_options ...
 
     with fault_proxy(s3.endpoint) as proxy:    # counts requests, injects 503s
-        proxy.fail_next(2)
+        proxy.fail_next(2)                      # (or cut_next: half a body, then close)
         ... storage_options=s3.options_via(proxy.endpoint) ...
 
     with silent_server() as silent:            # accepts connections, never answers
@@ -476,6 +476,7 @@ class FaultProxy:
         self._upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self._lock = threading.Lock()
         self._failures: list[tuple[int, str | None]] = []
+        self._cuts: list[str] = []
         self._holds: list[tuple[str, str, threading.Event]] = []
         self.requests: list[tuple[str, str]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -496,6 +497,14 @@ class FaultProxy:
         """Answer the next ``n`` requests (of ``method``, if given) with ``status``."""
         with self._lock:
             self._failures.extend([(status, method)] * n)
+
+    def cut_next(self, n: int, *, method: str = "GET") -> None:
+        """Answer the next ``n`` requests of ``method`` with the upstream's
+        status and headers (its whole ``Content-Length``) and only the first
+        half of its body, then close the connection: storage that stops
+        mid-transfer."""
+        with self._lock:
+            self._cuts.extend([method] * n)
 
     def hold(self, method: str, path_contains: str) -> threading.Event:
         """Hold matching requests until the returned event is set (30 s cap)."""
@@ -537,6 +546,9 @@ class FaultProxy:
                     if failure is not None:
                         proxy._failures.remove(failure)
                     holds = [e for m, p, e in proxy._holds if m == self.command and p in path]
+                    cut = failure is None and self.command in proxy._cuts
+                    if cut:
+                        proxy._cuts.remove(self.command)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 if failure is not None:
@@ -570,7 +582,12 @@ class FaultProxy:
                     else:
                         self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    if self.command != "HEAD":
+                    if cut:
+                        self.wfile.write(data[: len(data) // 2])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    elif self.command != "HEAD":
                         self.wfile.write(data)
                 finally:
                     conn.close()

@@ -2,8 +2,8 @@
 storage calls that give up before the request's deadline.
 
 Against real servers on 127.0.0.1: moto (stopped for an outage), a TCP
-server that accepts and never answers, a FaultProxy holding requests, and
-fake-gcs-server. The gateway tests run real replica processes; the last one
+server that accepts and never answers, a FaultProxy holding requests or
+cutting a transfer halfway, and fake-gcs-server. The gateway tests run real replica processes; the last one
 checks that models in memory keep serving through an S3 outage (a failed
 load of another model costs none of them).
 """
@@ -216,6 +216,32 @@ async def test_hanging_storage_serves_the_cached_copy_within_the_deadline(
     assert stale["w"].tolist() == [3.0] * 4
     # half of the storage budget (2.25 s) for the check, the rest to load the copy
     assert elapsed < 2.0, elapsed
+
+
+async def test_storage_that_stops_mid_transfer_is_retried_and_nothing_short_is_kept(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    """The store sends its headers and half of the object, then closes the
+    connection: the read is retried; when every attempt is cut the load is
+    ``storage_unavailable`` (not a model file that does not parse), and no
+    short copy is left in the disk cache for a later load to serve."""
+    config = _config(tmp_path / "cache")  # 3 attempts
+    root = f"s3://{BUCKET}/models"
+    s3.put(BUCKET, "models/once/model.pt", _weights(4.0))
+    s3.put(BUCKET, "models/always/model.pt", _weights(5.0))
+    with fault_proxy(s3.endpoint) as proxy:
+        options = s3.options_via(proxy.endpoint)
+        proxy.cut_next(1)
+        once = await load_state_dict(root, "once", storage_options=options, config=config)
+        assert once["w"].tolist() == [4.0] * 4
+        assert proxy.count("GET", "/models/once/") == 2
+        proxy.cut_next(3)
+        with pytest.raises(StorageUnavailableError) as info:
+            await load_state_dict(root, "always", storage_options=options, config=config)
+        assert proxy.count("GET", "/models/always/") == 3
+        assert "payload is not completed" in info.value.reason
+        whole = await load_state_dict(root, "always", storage_options=options, config=config)
+        assert whole["w"].tolist() == [5.0] * 4
 
 
 async def test_gcs_down_serves_the_cached_copy(tmp_path: Path) -> None:
