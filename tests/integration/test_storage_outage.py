@@ -3,9 +3,10 @@ storage calls that give up before the request's deadline.
 
 Against real servers on 127.0.0.1: moto (stopped for an outage), a TCP
 server that accepts and never answers, a FaultProxy holding requests or
-cutting a transfer halfway, and fake-gcs-server. The gateway tests run real replica processes; the last one
-checks that models in memory keep serving through an S3 outage (a failed
-load of another model costs none of them).
+cutting a transfer halfway, and fake-gcs-server. The gateway tests run
+real replica processes; the last one checks that models in memory keep
+serving through an S3 outage (a failed load of another model costs none of
+them).
 """
 
 from __future__ import annotations
