@@ -181,8 +181,12 @@ class CallRunner:
             kwargs = msgspec.msgpack.decode(call.kwargs) if call.kwargs else {}
         except msgspec.DecodeError as exc:
             raise bad_request(f"undecodable arguments: {exc}") from exc
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise bad_request("args must be a list, kwargs a map")
+        if (
+            not isinstance(args, list)
+            or not isinstance(kwargs, dict)
+            or not all(isinstance(name, str) for name in kwargs)
+        ):
+            raise bad_request("args must be a list, kwargs a map with string keys")
         result = await self._invoke(call.method, target, tuple(args), kwargs)
         body = msgspec.msgpack.encode(result)
         _check_size(body, [])

@@ -318,9 +318,22 @@ async def test_unknown_or_private_method_is_bad_request(
     assert (reply.error.code, reply.error.status) == ("bad_request", 400)
 
 
-async def test_undecodable_args_are_bad_request(conn: ReplicaConnection) -> None:
-    reply = await conn.call(request_id="bad-args", method="add", args=b"\xc1")
-    assert reply.error is not None and reply.error.code == "bad_request"
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"args": b"\xc1"},
+        {"args": msgspec.msgpack.encode(5)},
+        # keys that are not strings: the caller's mistake, not the method's
+        # (it was 500 user_error "TypeError: keywords must be strings")
+        {"kwargs": msgspec.msgpack.encode({1: 2})},
+    ],
+    ids=["undecodable", "not_a_list", "kwargs_keys"],
+)
+async def test_undecodable_args_are_bad_request(
+    conn: ReplicaConnection, args: dict[str, bytes]
+) -> None:
+    reply = await conn.call(request_id="bad-args", method="add", **args)
+    assert reply.error is not None and reply.error.code == "bad_request", reply.error
 
 
 async def test_ping_returns_state_and_counters(conn: ReplicaConnection) -> None:
