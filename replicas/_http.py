@@ -206,8 +206,9 @@ class Request:
         """The body decoded as JSON.
 
         Raises:
-            RequestBodyDecodeError: the body is not JSON (a
-                ``msgspec.DecodeError``; the client gets 400 ``bad_request``).
+            RequestBodyDecodeError: the body is not JSON, or nested past the
+                interpreter's recursion limit (a ``msgspec.DecodeError``; the
+                client gets 400 ``bad_request``).
         """
         try:
             return msgspec.json.decode(self._body)
@@ -215,6 +216,10 @@ class Request:
             # msgspec calls an empty body "truncated": say what the client sent.
             reason = "the body is empty" if not self._body else str(exc)
             raise RequestBodyDecodeError(f"The request body is not valid JSON: {reason}") from exc
+        except RecursionError as exc:  # msgspec's depth limit: the client's input too
+            raise RequestBodyDecodeError(
+                "The request body is not valid JSON: it is nested too deeply"
+            ) from exc
 
     def __repr__(self) -> str:
         query = f"?{self.query_string}" if self.query_string else ""

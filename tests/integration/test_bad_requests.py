@@ -58,6 +58,18 @@ async def test_a_body_that_is_not_json_is_400(client: httpx.AsyncClient) -> None
     assert (await client.post("/json", content=b'{"x": 1}')).json() == {"x": 1}
 
 
+async def test_a_body_nested_too_deeply_is_400(client: httpx.AsyncClient) -> None:
+    # msgspec gives up past the recursion limit with a RecursionError: the
+    # client's input all the same (it was 500 user_error, a traceback each)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    response = await client.post("/json", content=b'{"x": ' + deep + b"}")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_request"
+    assert error["message"] == "The request body is not valid JSON: it is nested too deeply"
+    assert (await client.post("/json", content=b'{"x": [[1]]}')).json() == {"x": [[1]]}
+
+
 async def test_the_deployments_own_decode_error_stays_a_user_error(
     client: httpx.AsyncClient,
 ) -> None:
