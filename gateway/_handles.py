@@ -153,6 +153,10 @@ class HandleIngress(FrontEnd):
             raise BadRequestError(
                 f"the body must be MessagePack {{args: list, kwargs: map}}: {exc}"
             ) from None
+        except RecursionError:  # msgspec's depth limit, also when skipping a Raw
+            raise BadRequestError(
+                "the body must be MessagePack {args: list, kwargs: map}: it is nested too deeply"
+            ) from None
         return {
             "http": None,
             "method": target.extra,

@@ -181,6 +181,8 @@ class CallRunner:
             kwargs = msgspec.msgpack.decode(call.kwargs) if call.kwargs else {}
         except msgspec.DecodeError as exc:
             raise bad_request(f"undecodable arguments: {exc}") from exc
+        except RecursionError as exc:  # msgspec's depth limit
+            raise bad_request("undecodable arguments: nested too deeply") from exc
         if (
             not isinstance(args, list)
             or not isinstance(kwargs, dict)

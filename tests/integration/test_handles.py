@@ -372,6 +372,14 @@ async def test_handle_endpoint_wire_format(gateway: Gateway) -> None:
         bad = await client.post(f"{gateway.url}/-/handles/Down/add", content=b"\xc1")
         assert bad.status_code == 400
         assert bad.json()["error"]["code"] == "bad_request"
+        # arguments nested past msgspec's depth limit: the caller's mistake
+        # too (it was 500 internal, a gateway traceback per call)
+        deep = b"\x91" * 100_000 + b"\xc0"  # [[[...[nil]...]]]
+        for body in (b"\x81\xa4args\x91" + deep, b"\x81\xa6kwargs\x81\xa1b" + deep):
+            bad = await client.post(f"{gateway.url}/-/handles/Down/add", content=body)
+            assert bad.status_code == 400, bad.text
+            assert bad.json()["error"]["code"] == "bad_request"
+            assert "nested too deeply" in bad.json()["error"]["message"]
         get = await client.get(f"{gateway.url}/-/handles/Down/add")
         assert get.status_code == 405
         assert get.headers["allow"] == "POST"

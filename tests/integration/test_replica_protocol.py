@@ -326,8 +326,10 @@ async def test_unknown_or_private_method_is_bad_request(
         # keys that are not strings: the caller's mistake, not the method's
         # (it was 500 user_error "TypeError: keywords must be strings")
         {"kwargs": msgspec.msgpack.encode({1: 2})},
+        # past msgspec's depth limit (a RecursionError: was 500 user_error)
+        {"args": b"\x91" * 100_000 + b"\xc0"},
     ],
-    ids=["undecodable", "not_a_list", "kwargs_keys"],
+    ids=["undecodable", "not_a_list", "kwargs_keys", "nested_too_deeply"],
 )
 async def test_undecodable_args_are_bad_request(
     conn: ReplicaConnection, args: dict[str, bytes]
