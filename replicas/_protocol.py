@@ -420,6 +420,11 @@ class FrameDecoder:
                 messages.append(_decoder.decode(memoryview(buf)[offset + _HEADER.size : end]))
             except msgspec.DecodeError as exc:
                 raise ProtocolError(f"undecodable frame: {exc}") from exc
+            except RecursionError as exc:
+                # msgspec's depth limit (even skipping an unknown field): a
+                # frame like any other that does not decode, not a crash of
+                # whoever reads it (it ended the replica, before any proof)
+                raise ProtocolError("undecodable frame: nested too deeply") from exc
             offset = end
         if offset:
             del buf[:offset]

@@ -1,6 +1,7 @@
 """A real ``muxgate replica`` (cluster secret required) against hostile peers:
-random bytes, truncated frames, absurd length prefixes, floods of hellos,
-wrong proofs, calls before the proof, slow peers. Each is closed on its own;
+random bytes, truncated frames, absurd length prefixes, frames nested past
+the decoder's depth limit, floods of hellos, wrong proofs, calls before the
+proof, slow peers. Each is closed on its own;
 the replica stays up, keeps serving an authenticated gateway throughout, and
 its memory stays bounded (the frame cap before ``Welcome`` is checked on the
 length prefix, before the frame is buffered)."""
@@ -20,6 +21,7 @@ import pytest
 from standalone_replicas import SECRET, Standalone, standalone_replica, write_config
 
 from muxgate.gateway._connection import ReplicaConnection, connect_stream
+from muxgate.gateway._handshake import handshake
 from muxgate.replicas._channel import ChannelAuth
 from muxgate.replicas._protocol import (
     PROTOCOL_VERSION,
@@ -210,6 +212,42 @@ async def test_wrong_proofs_and_calls_before_the_proof_are_refused(
 
     await served_throughout(gateway, attack)
     assert (await gateway.ping()).state.in_flight == 0  # the early sleep never started
+
+
+def nested_too_deeply(frame: bytes) -> bytes:
+    """``frame`` (a map) with one more field, unknown to the replica, whose
+    value is 4000 nested arrays: 4 KiB that msgspec cannot even skip past
+    its depth limit (a ``RecursionError``, not a ``DecodeError``)."""
+    body = frame[4:]
+    assert 0x80 <= body[0] < 0x8F  # a fixmap of fewer than 15 fields
+    body = bytes([body[0] + 1]) + body[1:] + b"\xa3zzz" + b"\x91" * 4000 + b"\xc0"
+    return struct.pack(">I", len(body)) + body
+
+
+async def test_a_frame_nested_too_deeply_closes_only_its_connection(
+    replica: Standalone, gateway: ReplicaConnection
+) -> None:
+    # Before, the RecursionError escaped the handshake and ended the replica:
+    # one 4 KiB frame from a peer that proved nothing stopped it.
+    address = replica.address
+
+    async def attack() -> None:
+        for frame in (hello(), encode_frame(Hello(version=PROTOCOL_VERSION))):
+            messages, _ = await hostile(address, nested_too_deeply(frame))
+            assert all(isinstance(m, Refused) for m in messages), messages
+        # after the proof too: a frame of a gateway that proved the secret
+        stream, _, _, _ = await handshake(
+            address, connect_timeout=10, auth=AUTH, ssl_context=None, server_hostname=None
+        )
+        async with stream:
+            await stream.send(nested_too_deeply(encode_frame(Hello(version=PROTOCOL_VERSION))))
+            ended = (anyio.EndOfStream, anyio.BrokenResourceError, OSError)
+            with anyio.fail_after(10), contextlib.suppress(*ended):
+                while await stream.receive():  # until the replica closes it
+                    pass
+
+    await served_throughout(gateway, attack)
+    assert replica.process.returncode is None
 
 
 async def test_slow_peers_are_cut_off_at_the_handshake_deadline(
