@@ -42,7 +42,7 @@ from muxgate.replicas._call_errors import (
 )
 from muxgate.replicas._codes import ErrorCode
 from muxgate.replicas._context import current_request, request_scope
-from muxgate.replicas._handle import call_deadline
+from muxgate.replicas._handle import call_deadline, not_a_value
 from muxgate.replicas._handle_loops import SyncCalls
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._loader_thread import is_async_callable
@@ -190,7 +190,13 @@ class CallRunner:
         ):
             raise bad_request("args must be a list, kwargs a map with string keys")
         result = await self._invoke(call.method, target, tuple(args), kwargs)
-        body = msgspec.msgpack.encode(result)
+        try:
+            body = msgspec.msgpack.encode(result)
+        except TypeError as exc:
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited: no warning about it later
+            what = f"the {type(result).__name__} that {call.method}() returned"
+            raise not_a_value(what, exc) from exc
         _check_size(body, [])
         return 200, [], body
 

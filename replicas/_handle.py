@@ -87,6 +87,7 @@ __all__ = [
     "aclose_handle_clients",
     "call_deadline",
     "get_deployment_handle",
+    "not_a_value",
     "set_handle_defaults",
 ]
 
@@ -253,6 +254,24 @@ def remaining_time() -> float | None:
 # -- responses ------------------------------------------------------------------
 
 _encode = msgspec.msgpack.Encoder().encode
+
+
+def not_a_value(what: str, exc: TypeError) -> TypeError:
+    """The error for ``what`` (a handle call's arguments, a method's result)
+    when msgspec cannot encode it: what it could not encode, what can travel,
+    and the usual way out (``.tolist()``, or the missing ``await``)."""
+    inner = str(exc)  # "Encoding objects of type Tensor is unsupported"
+    if "type coroutine" in inner:
+        hint = ": an `await` is missing"
+    elif "Tensor" in inner or "ndarray" in inner:
+        hint = " (call .tolist() on tensors and arrays)"
+    else:
+        hint = ""
+    return TypeError(
+        f"Cannot send {what}: {inner}; handle arguments and results are MessagePack"
+        f" values (None, bool, int, float, str, bytes, list, dict, msgspec Struct){hint}."
+    )
+
 
 # Calls whose response was dropped unawaited: the loop keeps only weak
 # references to tasks, and a fire-and-forget call must still finish.
@@ -583,7 +602,10 @@ class DeploymentHandle:
         if any(isinstance(v, DeploymentResponse) for v in (*args, *kwargs.values())):
             args = tuple([await _resolve(a) for a in args])
             kwargs = {k: await _resolve(v) for k, v in kwargs.items()}
-        content = _encode({"args": args, "kwargs": kwargs})
+        try:
+            content = _encode({"args": args, "kwargs": kwargs})
+        except TypeError as exc:
+            raise not_a_value("the arguments of a handle call", exc) from exc
         headers = self._headers
         budget = self._timeout_s
         left = remaining_time()

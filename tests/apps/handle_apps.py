@@ -68,6 +68,11 @@ class Down:
     def unencodable(self) -> object:
         return object()
 
+    async def unawaited(self) -> object:
+        """Returns a coroutine: an ``await`` is missing (a plain ``def``
+        returning one is awaited: that is the sync way to delegate)."""
+        return self.add(1, 2)
+
     async def hold(self, port: int, name: str, value: Any = None) -> Any:
         # Announces itself on the test's TCP listener and returns when the
         # test answers; cancelled, it closes the connection, which the test sees.

@@ -317,9 +317,26 @@ async def test_handle_errors(gateway: Gateway) -> None:
 
     err = await _raises(down.unencodable)  # a result that is not MessagePack
     assert (err.status, err.code) == (500, "user_error")
+    assert err.message == (
+        "TypeError: Cannot send the object that unencodable() returned: Encoding objects of"
+        " type object is unsupported; handle arguments and results are MessagePack values"
+        " (None, bool, int, float, str, bytes, list, dict, msgspec Struct)."
+    )
+    err = await _raises(down.unawaited)
+    assert (err.status, err.code) == (500, "user_error")
+    assert err.message.startswith("TypeError: Cannot send the coroutine that unawaited()")
+    assert err.message.endswith(": an `await` is missing.")
 
-    with pytest.raises(TypeError):  # an argument that is not MessagePack
+    with pytest.raises(TypeError) as raised:  # an argument that is not MessagePack
         await down.remote(object())
+    assert str(raised.value).startswith(
+        "Cannot send the arguments of a handle call: Encoding objects of type object"
+    )
+    import torch
+
+    with pytest.raises(TypeError) as raised:  # the usual one: a tensor
+        await down.add.remote(torch.ones(2))
+    assert str(raised.value).endswith(" (call .tolist() on tensors and arrays).")
 
     # The deployment keeps serving after all of that.
     assert await down.add.remote(1, 1) == 2
