@@ -50,6 +50,14 @@ _MISSING_AWAIT: Final = (
 )
 
 
+def _names_a_coroutine(message: str) -> bool:
+    """Whether an error's text says it got a coroutine: Python's own
+    ``'coroutine' object is not ...``, or a library's type check, as torch's
+    ``load_state_dict`` ``got <class 'coroutine'>`` for an ``await`` missing
+    before ``load_state_dict(...)`` of muxgate.backends."""
+    return "'coroutine' object" in message or "<class 'coroutine'>" in message
+
+
 def is_cancellation(exc: BaseException) -> bool:
     """Whether ``exc``, caught around user code, is the current task being
     cancelled (by a deadline, a client gone, the replica stopping), which
@@ -103,6 +111,6 @@ def error_for(exc: BaseException, *, http: bool = True) -> ErrorInfo:
         known = BACKEND_ERROR_CODES.get(cls.__name__)
         if known is not None:
             return ErrorInfo.of(known, message)
-    if isinstance(exc, TypeError | AttributeError) and "'coroutine' object" in message:
+    if isinstance(exc, TypeError | AttributeError) and _names_a_coroutine(message):
         message += f" ({_MISSING_AWAIT})"
     return ErrorInfo.of(ErrorCode.USER_ERROR, message)

@@ -207,3 +207,25 @@ def test_a_loader_called_without_await_names_the_missing_await() -> None:
         " @multiplexed loader called from a plain `def` method: it is a coroutine function,"
         " to await from an `async def` one)"
     )
+
+
+def test_a_state_dict_loaded_without_await_names_the_missing_await() -> None:
+    """The README's loader with the ``await`` before ``load_state_dict``
+    left out: torch's own type check gets the coroutine."""
+    import torch
+
+    async def load_state_dict() -> dict[str, torch.Tensor]:
+        return {}
+
+    state = load_state_dict()
+    try:
+        with pytest.raises(TypeError) as raised:
+            torch.nn.Linear(1, 1).load_state_dict(state)  # type: ignore[arg-type]
+    finally:
+        state.close()
+    info = error_for(raised.value)
+    assert (info.code, info.status) == ("user_error", 500)
+    assert info.message.startswith(
+        "TypeError: Expected state_dict to be dict-like, got <class 'coroutine'>. (an `await`"
+        " is missing, e.g. a @multiplexed loader"
+    )
