@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import difflib
 import functools
 import inspect
 import logging
@@ -206,8 +207,16 @@ class CallRunner:
             raise bad_request(f"method {name!r} is not callable")
         target = getattr(self.instance, name, None)
         if not callable(target):
-            raise bad_request(f"{self.spec.deployment} has no method {name!r}")
+            raise bad_request(f"{self.spec.deployment} has no method {name!r}{self._nearest(name)}")
         return target  # type: ignore[no-any-return]
+
+    def _nearest(self, name: str) -> str:
+        """``"; did you mean 'predict'?"`` for the closest public method."""
+        cls = type(self.instance)  # static lookups: no property runs
+        found = {n: inspect.getattr_static(cls, n, None) for n in dir(cls) if n[:1] != "_"}
+        methods = [n for n, v in found.items() if callable(v) or isinstance(v, classmethod)]
+        close = difflib.get_close_matches(name, methods, n=1, cutoff=0.75)
+        return f"; did you mean {close[0]!r}?" if close else ""
 
     async def _invoke(
         self, name: str, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -311,6 +311,13 @@ async def test_handle_errors(gateway: Gateway) -> None:
 
     err = await _raises(down.no_such_method)
     assert (err.status, err.code) == (400, "bad_request")
+    err = await _raises(down.ad)  # a slip: the method named closest
+    assert err.message == "Down has no method 'ad'; did you mean 'add'?"
+    err = await _raises(get_deployment_handle("Dwn", gateway.url))
+    assert (err.status, err.code) == (404, "not_found")
+    assert err.message == "no deployment named 'Dwn'; did you mean 'Down'?"
+    err = await _raises(get_deployment_handle("Nope", gateway.url))
+    assert err.message == "no deployment named 'Nope' (deployments: Down, Up)"
 
     err = await _raises(down.options(method_name="_private"))
     assert (err.status, err.code) == (400, "bad_request")
