@@ -25,6 +25,7 @@ import os
 import stat
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
@@ -44,6 +45,7 @@ from ._config import RetryPolicy, StorageConfig, resolve_config
 from ._deadline import storage_deadline
 from ._errors import (
     BackendError,
+    ModelFormatError,
     ModelNotFoundError,
     StorageAccessDeniedError,
     StorageUnavailableError,
@@ -411,6 +413,20 @@ async def fetch(
             cleanup()
 
 
+#: disk-cache files that were downloaded and did not decode (the remote's
+#: own content, not damage): a cache hit on one is not downloaded again.
+#: Bounded; a path names one version of one object.
+_UNDECODABLE_DOWNLOADS: OrderedDict[str, None] = OrderedDict()
+_UNDECODABLE_DOWNLOADS_MAX = 1024
+
+
+def _remember_undecodable(path: str) -> None:
+    _UNDECODABLE_DOWNLOADS[path] = None
+    _UNDECODABLE_DOWNLOADS.move_to_end(path)
+    while len(_UNDECODABLE_DOWNLOADS) > _UNDECODABLE_DOWNLOADS_MAX:
+        _UNDECODABLE_DOWNLOADS.popitem(last=False)
+
+
 async def fetch_and_decode(
     url: str,
     decode: Callable[[Artifact], T],
@@ -427,7 +443,29 @@ async def fetch_and_decode(
     more per call) and ~0.8x of ``torch.load`` on the calling thread, the
     hop itself costing most of the difference; 64 and 256 MB loads at
     0.86-0.94x of the calling thread.
+
+    A copy from the disk cache that ``decode`` refuses (``ModelFormatError``)
+    is removed and the object fetched again, once: the remote may hold it
+    whole where the cache's copy was damaged (same size, other bytes, which
+    the size check cannot tell; it failed every load until evicted, and
+    its hits kept it from being evicted). A download that does not decode
+    is the remote's own content: a cache hit on it is not fetched again
+    (per process, for the last 1024 such files), so a bad model costs no
+    download per request.
     """
+    return await _fetch_and_decode(url, decode, storage_options, config, recheck=True)
+
+
+async def _fetch_and_decode(
+    url: str,
+    decode: Callable[[Artifact], T],
+    storage_options: Mapping[str, Any] | None,
+    config: StorageConfig | None,
+    *,
+    recheck: bool,
+) -> T:
+    """``fetch_and_decode``; ``recheck``: fetch again a cached copy that
+    does not decode."""
     cfg = resolve_config(config)
     safe_url = redact_url(url)
     started = time.perf_counter()
@@ -458,9 +496,23 @@ async def fetch_and_decode(
         return outcome_fn()
     try:
         return await anyio.to_thread.run_sync(decode, artifact)
+    except ModelFormatError as exc:
+        path = artifact.path
+        if path is None or artifact.source not in ("cache", "remote"):
+            raise
+        if artifact.source == "remote" or path in _UNDECODABLE_DOWNLOADS or not recheck:
+            _remember_undecodable(path)
+            raise
+        logger.warning(
+            "The disk cache's copy of %s does not decode (%s): removed, fetching it again",
+            safe_url,
+            exc.reason,
+        )
+        remove_file(path)
     finally:
         for cleanup in artifact._cleanup:
             cleanup()
+    return await _fetch_and_decode(url, decode, storage_options, config, recheck=False)
 
 
 def _reraise(exc: Exception) -> NoReturn:

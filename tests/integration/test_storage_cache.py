@@ -39,6 +39,7 @@ from muxgate.backends._config import (
 )
 from muxgate.backends._errors import (
     MissingDependencyError,
+    ModelFormatError,
     StorageUnavailableError,
     UnsupportedProtocolError,
 )
@@ -284,6 +285,41 @@ async def test_server_down_fails_fast(
         )
     assert info.value.attempts == 4
     assert time.monotonic() - started < 5
+
+
+def _cached_files(cache_dir: Path) -> list[Path]:
+    return [f for f in (cache_dir / "objects").glob("*/*") if not f.name.startswith(".")]
+
+
+async def test_a_damaged_cached_copy_is_fetched_again_a_bad_remote_copy_is_not(
+    s3: S3Server, proxy: FaultProxy, prefix: str, tmp_path: Path
+) -> None:
+    """A cached copy of the right size whose bytes were damaged (a disk
+    error; a crash with fsync off) failed every load of its model, though
+    the remote held it whole, for as long as requests kept it in the cache.
+    It is removed and fetched again. A file that is bad at the remote is not
+    downloaded again for each load."""
+    config = _config(tmp_path / "cache")
+    root = f"s3://{BUCKET}/{prefix}"
+    options = s3.options_via(proxy.endpoint)
+    s3.put(BUCKET, f"{prefix}/good/model.pt", _model_bytes(1000, seed=2))
+    await load_state_dict(root, "good", storage_options=options, config=config)
+    (copy_,) = _cached_files(tmp_path / "cache")
+    damaged = bytearray(copy_.read_bytes())
+    damaged[-512:] = bytes(512)  # same size: the size check cannot tell
+    copy_.write_bytes(damaged)
+    good = await load_state_dict(root, "good", storage_options=options, config=config)
+    assert good["w"].tolist() == [2.0] * 1000
+    assert proxy.count("GET", f"/{prefix}/good/") == 2
+    # whole again in the cache: the next load downloads nothing
+    await load_state_dict(root, "good", storage_options=options, config=config)
+    assert proxy.count("GET", f"/{prefix}/good/") == 2
+
+    s3.put(BUCKET, f"{prefix}/bad/model.pt", b"not a torch file " * 64)
+    for _ in range(3):
+        with pytest.raises(ModelFormatError):
+            await load_state_dict(root, "bad", storage_options=options, config=config)
+    assert proxy.count("GET", f"/{prefix}/bad/") == 1
 
 
 async def test_lru_eviction_bounds_the_cache(
