@@ -182,7 +182,19 @@ class _ErrorEnvelope(msgspec.Struct):
 _decode_error = msgspec.json.Decoder(_ErrorEnvelope).decode
 
 
-def _raise_for(status: int, body: bytes, headers: httpx.Headers) -> None:
+#: what a 401 about the token adds: where a handle's token comes from
+_NO_TOKEN_HINT: Final = (
+    " (give it with get_deployment_handle(..., token=...) or MUXGATE_ADMIN_TOKEN)"
+)
+_TOKEN_REFUSED_HINT: Final = (
+    " (the token given was refused: check get_deployment_handle(..., token=...)"
+    " or MUXGATE_ADMIN_TOKEN)"
+)
+
+
+def _raise_for(
+    status: int, body: bytes, headers: httpx.Headers, *, token_sent: bool = False
+) -> None:
     request_id = headers.get("x-request-id", "")
     replica_id = headers.get("x-muxgate-replica", "")
     try:
@@ -191,6 +203,8 @@ def _raise_for(status: int, body: bytes, headers: httpx.Headers) -> None:
         request_id = err.request_id or request_id
     except (msgspec.DecodeError, msgspec.ValidationError):
         code, message = ErrorCode.HTTP_ERROR, body[:200].decode("utf-8", "replace")
+    if code == ErrorCode.UNAUTHORIZED and "token" in message:
+        message += _TOKEN_REFUSED_HINT if token_sent else _NO_TOKEN_HINT
     cls = _error_class(status)
     if cls is HandleUserError and code != ErrorCode.USER_ERROR:
         cls = HandleError  # a 500 from the gateway itself, not the deployment
@@ -637,7 +651,12 @@ class DeploymentHandle:
                 f"cannot reach the gateway at {self._gateway_url}: {exc!r}",
             ) from exc
         if response.status_code != 200:
-            _raise_for(response.status_code, response.content, response.headers)
+            _raise_for(
+                response.status_code,
+                response.content,
+                response.headers,
+                token_sent=self._token is not None,
+            )
         return msgspec.msgpack.decode(response.content)
 
 

@@ -443,6 +443,16 @@ async def test_admin_token_guards_handles_and_reaches_replicas() -> None:
     async with running_gateway(config) as gw:
         err = await _raises(get_deployment_handle("Down", gw.url))
         assert (err.status, err.code) == (401, "unauthorized")
+        assert err.message == (
+            "handle calls need the admin bearer token (give it with"
+            " get_deployment_handle(..., token=...) or MUXGATE_ADMIN_TOKEN)"
+        )
+        err = await _raises(get_deployment_handle("Down", gw.url, token="wrong"))
+        assert (err.status, err.code) == (401, "unauthorized")
+        assert err.message.endswith(
+            " (the token given was refused: check"
+            " get_deployment_handle(..., token=...) or MUXGATE_ADMIN_TOKEN)"
+        )
         up = get_deployment_handle("Up", gw.url, token="s3cret")
         result = await up.options(multiplexed_model_id="foo").compose.remote("bar")
         assert result["downstream"]["model_id"] == "bar"
