@@ -13,6 +13,7 @@ to responses sends ``client_message`` and logs ``str(exc)``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -94,7 +95,12 @@ class ModelNotFoundError(BackendError):
     default_client_message = "model not found in storage"
 
     def __init__(self, url: str) -> None:
-        super().__init__(f"model file not found: {url}", url=url)
+        message = f"model file not found: {url}"
+        if "://" not in url and not os.path.isabs(url):
+            # A relative root is read from the process's working directory
+            # (that of `muxgate serve`), not from the config file's folder.
+            message += f" (a relative path: from the working directory {os.getcwd()})"
+        super().__init__(message, url=url)
 
 
 class ModelFormatError(BackendError):

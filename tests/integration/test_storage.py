@@ -299,6 +299,24 @@ async def test_not_found(store: Store) -> None:
     assert info.value.url == f"{store.root}/missing/model.pt"
 
 
+async def test_not_found_under_a_relative_root_names_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative ``model_root`` is read from the working directory, which the
+    log says: a config next to its models does not make them found."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError) as info:
+        await load_state_dict("models", "7")
+    assert str(info.value) == (
+        "model file not found: models/7/model.pt"
+        f" (a relative path: from the working directory {tmp_path})"
+    )
+    assert info.value.client_message == "model '7' not found in storage"  # no path
+    with pytest.raises(ModelNotFoundError) as info:
+        await load_state_dict(str(tmp_path / "models"), "7")
+    assert str(info.value) == f"model file not found: {tmp_path}/models/7/model.pt"
+
+
 async def test_longest_model_id_is_not_found(store: Store) -> None:
     # 256 characters is a valid id, longer than a local file name may be:
     # not found, not a storage failure (500). The root exists (a local file
