@@ -133,7 +133,10 @@ def _import_class(spec: ReplicaSpec) -> Any:
         if exc.name != module_name.partition(".")[0] or not spec.app_dir:
             raise  # a module the deployment's own code imports
         if os.path.isdir(spec.app_dir):
-            hint = _nearest(exc.name, _modules_in(spec.app_dir))
+            hint = _nearest(exc.name, _modules_in(spec.app_dir)) or (
+                f"; not in {spec.app_dir} (the app_dir: by default the config file's"
+                " folder) nor an installed package"
+            )
         else:
             hint = f" (app_dir {spec.app_dir} is not a folder)"
         raise ModuleNotFoundError(f"{exc}{hint}", name=exc.name) from None

@@ -173,7 +173,10 @@ def test_serve_reports_replicas_that_cannot_start(tmp_path: Path) -> None:
     assert "ERROR deployment 'Broken' (no_such_module:Thing) failed to start:" in proc.stdout, (
         proc.stdout + proc.stderr
     )
-    assert "No module named 'no_such_module' (importing no_such_module:Thing)" in proc.stdout
+    assert (
+        f"No module named 'no_such_module'; not in {tmp_path} (the app_dir: by default the"
+        " config file's folder) nor an installed package (importing no_such_module:Thing)"
+    ) in proc.stdout
     # Only muxgate's frames: no traceback, and no next try promised by a gateway that gives up.
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "failed to start (ModuleNotFoundError" in proc.stderr, proc.stderr
@@ -237,7 +240,8 @@ def test_check_reports_every_problem_at_once(tmp_path: Path) -> None:
     )
     assert out[1] == (
         "error: deployment 'NoModule': importing no_such_module:Thing:"
-        " ModuleNotFoundError: No module named 'no_such_module'"
+        f" ModuleNotFoundError: No module named 'no_such_module'; not in {APPS} (the"
+        " app_dir: by default the config file's folder) nor an installed package"
     )
     broken = os.path.join(APPS, "broken_on_import.py")
     assert out[2] == (
