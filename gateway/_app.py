@@ -25,6 +25,7 @@ stays behind the admin guard at ``/-/replicas``.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import hmac
 import importlib.resources
 import logging
@@ -202,6 +203,16 @@ def _admin_guard(token: str | None) -> Any:
     return guard
 
 
+def _no_admin_endpoint(request: Request[Any, Any, Any]) -> str:
+    """``no admin endpoint '/-/replica'; did you mean '/-/replicas'?`` (the
+    endpoints are public knowledge: docs/http.md lists them)."""
+    path = request.url.path
+    paths = sorted({route.path for route in request.app.routes})
+    close = difflib.get_close_matches(path, paths, n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"no admin endpoint {path!r}{hint}"
+
+
 def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     status = getattr(exc, "status_code", 500)
     # The caller's id only when sane (as for the ingress), else one of ours.
@@ -214,6 +225,8 @@ def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Res
         413: ErrorCode.PAYLOAD_TOO_LARGE,
     }.get(status, ErrorCode.BAD_REQUEST if 400 <= status < 500 else ErrorCode.INTERNAL)
     message = getattr(exc, "detail", "") or "internal error"
+    if status == 404 and isinstance(exc, NotFoundException) and message == "Not Found":
+        message = _no_admin_endpoint(request)  # no route: Litestar's bare message
     if status >= 500:
         _log.exception("admin endpoint failed", exc_info=exc)
         message = "internal error in the gateway"

@@ -322,6 +322,12 @@ async def test_admin_endpoints(client: httpx.AsyncClient, gateway: Gateway) -> N
     assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
     assert r.headers.get_list("x-request-id") == [r.headers["x-request-id"]]
     assert r.json()["error"]["code"] == "not_found"
+    assert r.json()["error"]["message"] == "no admin endpoint '/-/nothing-here'"
+    r = await client.get("/-/replica")  # a slip: the endpoint named closest
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == (
+        "no admin endpoint '/-/replica'; did you mean '/-/replicas'?"
+    )
     view = (await client.get("/-/replicas")).json()["deployments"]
     assert set(view) == {"Sticky", "Lru", "Spread", "Decorated", "Nested"}
     assert "Sticky" in repr(gateway)
