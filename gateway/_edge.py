@@ -13,6 +13,11 @@ it does not bound is added here, in ``EdgeProtocol``, a subclass of its
   stops it. Answer: 431 ``headers_too_large``. (httptools has no limit of
   its own, and uvicorn's ``h11_max_incomplete_event_size`` applies to its
   slower h11 parser only, answering a plain-text 400.)
+* **Trailers** of a chunked body: the same limits, the bytes counted from
+  the last progress of the parser (a body byte, a chunk, a trailer field),
+  the fields apart from the head's. They are dropped: uvicorn appended
+  them to the request's headers, so a trailer could add a header (a model
+  id) that a proxy checking the head never saw.
 * **Time to receive the head**, ``header_timeout_s`` from accepting the
   connection, or from the first byte of a later request on a kept-alive
   one: 408 ``request_timeout``, or a plain close when nothing came at all.
@@ -245,6 +250,11 @@ class EdgeProtocol(HttpToolsProtocol):
         #: the cycle whose keep-alive waits for the end of its request's body
         self._keep_alive_after_body: RequestResponseCycle | None = None
         self._made_up_head = False  # parsing _continue_body's head: no callbacks
+        #: bytes of a body fed since the parser last made progress (body
+        #: bytes, a chunk, a trailer field): bounds what it buffers of a
+        #: trailer field or a chunk extension that never ends
+        self._unparsed = 0
+        self._progress = 0  # parser callbacks so far (see _unparsed)
 
     # -- connections ---------------------------------------------------------------
 
@@ -308,7 +318,24 @@ class EdgeProtocol(HttpToolsProtocol):
                 data = data[room:]
             else:
                 self._head_bytes += len(data)
-        self._feed(data)
+        progress = self._progress
+        if not self._feed(data) or self._in_head:
+            return
+        # Counted per read: the tail of a read after its last callback is
+        # not, so at most one read more than the limit is buffered.
+        self._unparsed = self._unparsed + len(data) if progress == self._progress else 0
+        limit = self.edge.limits.max_header_bytes
+        if self._unparsed > limit:
+            # httptools buffers a trailer field until it ends (by repeated
+            # concatenation): one that never ended grew the gateway by
+            # hundreds of MB, unbounded by max_header_bytes, until the
+            # body timeout.
+            self.edge.count("trailer_bytes")
+            self._refuse_request(
+                431,
+                ErrorCode.HEADERS_TOO_LARGE,
+                f"request trailers or chunk extensions are over {limit} bytes",
+            )
 
     def _feed(self, data: bytes) -> bool:
         """Parse ``data``; False when the connection was answered and is closing."""
@@ -317,10 +344,11 @@ class EdgeProtocol(HttpToolsProtocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _TooManyHeaders):
                 self.edge.count("header_fields")
-                self._refuse(
+                what = "request headers" if self._in_head else "request trailer fields"
+                self._refuse_request(
                     431,
                     ErrorCode.HEADERS_TOO_LARGE,
-                    f"more than {self.edge.limits.max_headers} request headers",
+                    f"more than {self.edge.limits.max_headers} {what}",
                 )
             elif isinstance(exc.__context__, _Connect):
                 self.edge.count("connect")
@@ -376,25 +404,30 @@ class EdgeProtocol(HttpToolsProtocol):
         # (uvicorn answers plain text without them), logged as the other
         # refusals are (at debug: a hostile client cannot flood the log).
         self.edge.count("malformed")
+        self._refuse_request(400, ErrorCode.BAD_REQUEST, "malformed HTTP request")
+
+    def _refuse_request(self, status: int, code: str, message: str) -> None:
+        """Refuse the request being parsed (``_refuse``), also once its head
+        was read and its cycle runs.
+
+        When its body (a chunk size that is not hex, a transfer-encoding
+        other than chunked) or its trailers are refused, this answer is its
+        answer: its cycle is told the client left, so it answers nothing
+        and sends no call (it waited for the rest of its body, then answered
+        the body timeout's 408); a cycle still pipelined is never started,
+        and the refusal follows the answers before it."""
         cycle = self.cycle
         if not self._in_head and cycle is not None and not cycle.response_started:
-            # The body of a request whose head was read does not parse (a
-            # chunk size that is not hex, a transfer-encoding other than
-            # chunked): this 400 is its answer. Its cycle is told the client
-            # left, so it answers nothing and sends no call (it waited for
-            # the rest of its body, then answered the body timeout's 408); a
-            # cycle still pipelined is never started, and its 400 follows
-            # the answers before it.
             cycle.disconnected = True
             cycle.message_event.set()
             for entry in self.pipeline:
                 if entry[0] is cycle:
                     self.pipeline.remove(entry)
                     self._cancel_head_timer()
-                    self._deferred = (400, ErrorCode.BAD_REQUEST, "malformed HTTP request")
+                    self._deferred = (status, code, message)
                     self.flow.pause_reading()
                     return
-        self._refuse(400, ErrorCode.BAD_REQUEST, "malformed HTTP request")
+        self._refuse(status, code, message)
 
     def on_message_begin(self) -> None:
         if self._made_up_head:
@@ -414,7 +447,24 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_fields += 1
         if self._head_fields > self.edge.limits.max_headers:
             raise _TooManyHeaders
+        if not self._in_head:
+            # A trailer field (after a chunked body): dropped. uvicorn
+            # appended it to the request's headers, the very list the
+            # request was given, so a trailer could add a model id (or any
+            # header) that a proxy checking the head never saw.
+            self._progress += 1
+            return
         super().on_header(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        self._progress += 1
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._progress += 1
+
+    def on_chunk_complete(self) -> None:
+        self._progress += 1
 
     def on_headers_complete(self) -> None:
         if self._made_up_head:
@@ -423,7 +473,8 @@ class EdgeProtocol(HttpToolsProtocol):
             raise _Connect
         self._cancel_head_timer()
         self._in_head = self._head_begun = False
-        self._head_bytes = self._head_fields = 0
+        self._head_bytes = self._head_fields = self._unparsed = 0
+        self._progress += 1
         self.edge.idle.pop(self, None)  # a request is in flight
         super().on_headers_complete()
         cycle = self.cycle  # its task has not run yet: nothing has used the transport
@@ -439,6 +490,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True  # what comes next is the next request's head
+        self._head_fields = self._unparsed = 0  # trailer fields count for this one only
         cycle = self._keep_alive_after_body
         if cycle is not None and cycle is self.cycle:
             self._keep_alive_after_body = None

@@ -8,6 +8,7 @@ served; and model-id headers that disagree (400)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -387,3 +388,56 @@ async def test_model_id_headers_that_disagree_are_400(quiet: Gateway) -> None:
         r = await client.post("/-/handles/Edge/__call__", headers=both)
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "bad_model_id"
+
+
+# -- trailers -------------------------------------------------------------------------
+
+CHUNKED = b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n"
+
+
+async def test_trailers_are_dropped_and_count_for_their_request_only(quiet: Gateway) -> None:
+    # uvicorn merged trailer fields into the request's headers: a trailer
+    # could add a model id (or any header) a proxy checking the head never saw
+    reader, writer = await connect(quiet)
+    writer.write(CHUNKED + f"{MODEL}: smuggled\r\nx-request-id: from-a-trailer\r\n\r\n".encode())
+    status, headers, body = await read_response(reader)
+    assert status == 200, body
+    assert json.loads(body)["model"] == ""
+    assert headers["x-request-id"] != "from-a-trailer"
+    # 19 trailer fields, then a request of 20 header fields on the same
+    # connection: each within max_headers (20)
+    writer.write(CHUNKED + b"".join(b"x-t%d: v\r\n" % i for i in range(19)) + b"\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200, body
+    head = b"GET /x HTTP/1.1\r\nhost: a\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(18))
+    writer.write(head + f"{MODEL}: m\r\n\r\n".encode())
+    status, _, body = await read_response(reader)
+    assert (status, json.loads(body).get("model")) == (200, "m"), body
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("trailers", "message"),
+    [
+        # one field that never ends (httptools buffers it whole, by repeated
+        # concatenation: it grew the gateway by hundreds of MB)
+        (b"x-long: " + b"v" * 65536, "request trailers or chunk extensions are over 4096 bytes"),
+        (b"".join(b"x-t%d: v\r\n" % i for i in range(30)), "more than 20 request trailer fields"),
+    ],
+    ids=["endless_field", "too_many_fields"],
+)
+async def test_trailers_over_the_header_limits_get_431(
+    quiet: Gateway, trailers: bytes, message: str
+) -> None:
+    # before: nothing bounded trailers but the body timeout, then its 408
+    async def too_much() -> None:
+        reader, writer = await connect(quiet)
+        with contextlib.suppress(ConnectionError):
+            writer.write(CHUNKED + trailers)
+            await writer.drain()
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"]) == (431, "close"), body
+        assert error_of(body)["message"] == message
+        writer.close()
+
+    await while_normal_client(quiet, too_much())
