@@ -206,6 +206,12 @@ class CallRunner:
         if name != "__call__" and (not name or name.startswith("_")):
             raise bad_request(f"method {name!r} is not callable")
         target = getattr(self.instance, name, None)
+        if not callable(target) and name == "__call__":
+            raise bad_request(
+                f"{self.spec.deployment} has no __call__ method, so it answers no HTTP"
+                " request and no handle.remote(); call its methods by name through a"
+                " handle (handle.method.remote())"
+            )
         if not callable(target):
             raise bad_request(f"{self.spec.deployment} has no method {name!r}{self._nearest(name)}")
         return target  # type: ignore[no-any-return]

@@ -170,3 +170,10 @@ class SyncUp:
     async def result_in_async(self) -> Any:
         """``result()`` where ``await`` belongs: the RuntimeError, not a deadlock."""
         return self.down.add.remote(1).result()
+
+
+class MethodsOnly:
+    """No ``__call__``: reachable by method name through handles only."""
+
+    async def add(self, a: int, b: int = 0) -> int:
+        return a + b

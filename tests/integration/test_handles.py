@@ -459,6 +459,29 @@ async def test_admin_token_guards_handles_and_reaches_replicas() -> None:
         await aclose_handle_clients()
 
 
+async def test_a_deployment_without_call_says_so() -> None:
+    """HTTP and ``handle.remote()`` reach ``__call__``; a class without one
+    says that its methods are reached by name."""
+    config = {
+        "http": {"port": 0},
+        "deployments": [{"name": "M", "import_path": "handle_apps:MethodsOnly"}],
+    }
+    async with running_gateway(config) as gw:
+        handle = get_deployment_handle("M", gw.url)
+        assert await handle.add.remote(1, 2) == 3
+        err = await _raises(handle)
+        assert (err.status, err.code) == (400, "bad_request")
+        assert err.message == (
+            "M has no __call__ method, so it answers no HTTP request and no handle.remote();"
+            " call its methods by name through a handle (handle.method.remote())"
+        )
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/", json={})
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == err.message
+        await aclose_handle_clients()
+
+
 async def test_handles_through_the_litestar_app() -> None:
     """``create_app`` (ingress mounted in Litestar) serves handle calls too."""
     config = {
