@@ -65,7 +65,7 @@ from muxgate.gateway._memory_limit import MemoryLimit
 from muxgate.gateway._metrics import GatewayMetrics
 from muxgate.gateway._pool_feedback import ReplicaFeedback
 from muxgate.gateway._pool_health import HealthPoller
-from muxgate.gateway._pool_processes import ReplicaProcesses, SpecFactory
+from muxgate.gateway._pool_processes import ReplicaProcesses, SpecFactory, how_it_ended
 from muxgate.gateway._pool_reports import ReplicaReports
 from muxgate.gateway._pool_roles import Roles
 from muxgate.gateway._pool_routing import routing_side
@@ -456,7 +456,9 @@ class ReplicaPool:
             self._kick.set()  # replace it
             self._report()
             self.dispatcher.wake()
-            await self._procs.stop(rep)
+            code = await self._procs.stop(rep)
+            if code is not None:  # how it died: the connection's close does not say
+                _log.warning("replica %s %s", rep.id, how_it_ended(code))
 
     def _adopt_class_options(self, options: DeploymentOptions) -> None:
         """Take the class's ``@deployment`` options for what the config leaves unset.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Callable
 
 import msgspec
@@ -25,7 +26,7 @@ from muxgate.gateway.launchers import LaunchedReplica, Launcher, ReplicaReporter
 from muxgate.replicas import DeploymentOptions
 from muxgate.replicas.contract import ReplicaSpec
 
-__all__ = ["DRAIN_MARGIN_S", "EXIT_GRACE_S", "ReplicaProcesses", "SpecFactory"]
+__all__ = ["DRAIN_MARGIN_S", "EXIT_GRACE_S", "ReplicaProcesses", "SpecFactory", "how_it_ended"]
 
 #: seconds a process gets to exit after its connection closed, before SIGKILL
 EXIT_GRACE_S = 5.0
@@ -36,6 +37,19 @@ DRAIN_MARGIN_S = 5.0
 SpecFactory = Callable[[DeploymentConfig, str], ReplicaSpec]
 
 _log = logging.getLogger("muxgate.gateway.pool")
+
+
+def how_it_ended(code: int) -> str:
+    """A replica's exit code in words: ``exited with code 7``, ``was
+    killed by SIGABRT (signal 6)``."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "signal"
+    hint = " (sent by kill -9, or by the kernel when memory ran out)" if -code == 9 else ""
+    return f"was killed by {name} (signal {-code}){hint}"
 
 
 class ReplicaProcesses:
@@ -129,24 +143,26 @@ class ReplicaProcesses:
         elif rep.process is not None:
             self.kill(rep.process)
 
-    async def stop(self, rep: Replica) -> None:
-        """Close the connection and make sure the process is gone."""
+    async def stop(self, rep: Replica) -> int | None:
+        """Close the connection and make sure the process is gone; its exit
+        code (``-N``: killed by signal N), None where unknown or not ours."""
         if rep.conn is not None:
             with contextlib.suppress(Exception):
                 await rep.conn.aclose()
         proc, creator = rep.process, self.creator
         if proc is None or creator is None or not self.may_act:
-            return  # not the pool's to stop: another starts and stops replicas
+            return None  # not the pool's to stop: another starts and stops replicas
         if rep.conn is None:
             # Never connected (start abandoned): nothing to finish, no grace.
             self.kill(proc)
         try:
             async with asyncio.timeout(EXIT_GRACE_S):
-                await creator.wait_exit(proc)
+                return await creator.wait_exit(proc)
         except TimeoutError:
             self.kill(proc)
             with contextlib.suppress(Exception):
-                await creator.wait_exit(proc)
+                return await creator.wait_exit(proc)
+        return None
 
     async def admit_drain(self, rep: Replica) -> tuple[bool, str | None]:
         """Whether this gateway may drain ``rep`` now, and the token its

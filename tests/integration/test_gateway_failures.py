@@ -39,7 +39,7 @@ async def replicas(client: httpx.AsyncClient) -> list[dict[str, Any]]:
 
 
 async def test_sigkill_fails_only_in_flight_requests_and_pool_recovers(
-    gateway: Gateway,
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
         doomed = asyncio.ensure_future(
@@ -81,6 +81,12 @@ async def test_sigkill_fails_only_in_flight_requests_and_pool_recovers(
             )
 
         await wait_until(within_s=30.0, check=replaced, what="pool back to 2 running replicas")
+        # The log says how it died (the connection's close could not).
+        said = f"replica {victim['id']} was killed by SIGKILL (signal 9)"
+        await wait_until(
+            lambda: any(r.getMessage().startswith(said) for r in caplog.records),
+            what="the log line saying how the replica died",
+        )
         assert (await client.get("/-/healthz")).status_code == 200
         served = {(await client.get("/", headers={MODEL: f"m{i}"})).status_code for i in range(10)}
         assert served == {200}

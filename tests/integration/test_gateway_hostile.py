@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from apps.hostile_apps import POISON_EXIT
 from gateway_harness import MODEL, running_gateway
 from prometheus_text import parse_samples
 from waiting import wait_until
@@ -45,7 +46,9 @@ async def deployment(client: httpx.AsyncClient) -> dict[str, Any]:
     return body
 
 
-async def test_an_id_that_kills_replicas_is_quarantined_and_the_rest_keep_working() -> None:
+async def test_an_id_that_kills_replicas_is_quarantined_and_the_rest_keep_working(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async with (
         running_gateway(hostile()) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
@@ -64,6 +67,13 @@ async def test_an_id_that_kills_replicas_is_quarantined_and_the_rest_keep_workin
         assert first.status_code == 502
         assert (await bystander).status_code == 502
         assert (await deployment(client))["quarantined"] == []  # one death is not enough
+        # The log says how the replica ended: its exit code.
+        await wait_until(
+            lambda: any(
+                r.getMessage().endswith(f"exited with code {POISON_EXIT}") for r in caplog.records
+            ),
+            what="the log line with the replica's exit code",
+        )
 
         # The second request waits for the replacement and kills it too.
         second = await client.get("/", headers={MODEL: "poison"})
