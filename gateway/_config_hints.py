@@ -40,6 +40,17 @@ _RAY_POINTERS: dict[str, str] = {
     "runtime_env": "replicas run in the gateway's environment; `import_path` resolves"
     " next to the config file",
     "proxy_location": "the gateway is the only proxy",
+    "http_options": "its name here is `http:` (`host`, `port`, `request_timeout_s`, ...)",
+    "grpc_options": "the gateway serves HTTP only",
+    "logging_config": "`muxgate serve --log-level` sets the level of the gateway and"
+    " its replicas",
+    "args": "pass arguments to the class through `init_kwargs`",
+    "graceful_shutdown_timeout_s": "set it on the class, `@deployment("
+    "graceful_shutdown_timeout_s=...)`; `http.request_timeout_s` bounds it",
+    "health_check_period_s": "the gateway watches each replica's process and connection;"
+    " there are no health-check settings",
+    "health_check_timeout_s": "the gateway watches each replica's process and connection;"
+    " there are no health-check settings",
     "max_concurrent_queries": "its current name, here too, is `max_ongoing_requests`",
     "target_num_ongoing_requests_per_replica": "its current name, here too, is"
     " `target_ongoing_requests`",

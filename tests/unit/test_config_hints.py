@@ -80,6 +80,28 @@ def test_ray_fields_without_a_counterpart_say_what_to_do(field: str) -> None:
     assert f"`{field}` is a Ray Serve field; " in reason
 
 
+@pytest.mark.parametrize(
+    ("field", "hint"),
+    [
+        ("http_options", "its name here is `http:`"),
+        ("grpc_options", "the gateway serves HTTP only"),
+        ("logging_config", "`muxgate serve --log-level`"),
+    ],
+)
+def test_rays_top_level_fields_say_what_to_do(field: str, hint: str) -> None:
+    reason = _error({field: {}, "deployments": [{"name": "M", "import_path": "m:M"}]})
+    assert reason.startswith(f"Object contains unknown field `{field}`: `{field}` is a Ray")
+    assert hint in reason
+
+
+@pytest.mark.parametrize(
+    "field", ["graceful_shutdown_timeout_s", "health_check_period_s", "health_check_timeout_s"]
+)
+def test_rays_deployment_settings_without_a_field_here_say_what_to_do(field: str) -> None:
+    reason = _error(_deployment(**{field: 5}))
+    assert f"`{field}` is a Ray Serve field; " in reason
+
+
 def test_rays_applications_list_points_to_deployments() -> None:
     reason = _error({"applications": [{"import_path": "m:app"}]})
     assert "muxgate lists `deployments:` at the top level" in reason
