@@ -42,8 +42,7 @@ _RAY_POINTERS: dict[str, str] = {
     "proxy_location": "the gateway is the only proxy",
     "http_options": "its name here is `http:` (`host`, `port`, `request_timeout_s`, ...)",
     "grpc_options": "the gateway serves HTTP only",
-    "logging_config": "`muxgate serve --log-level` sets the level of the gateway and"
-    " its replicas",
+    "logging_config": "`muxgate serve --log-level` sets the level of the gateway and its replicas",
     "args": "pass arguments to the class through `init_kwargs`",
     "graceful_shutdown_timeout_s": "set it on the class, `@deployment("
     "graceful_shutdown_timeout_s=...)`; `http.request_timeout_s` bounds it",
