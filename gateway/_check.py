@@ -100,7 +100,7 @@ def _config_problems(data: Any, source: str, base_dir: str) -> tuple[AppConfig |
     try:
         return parse_config(data, source=source, base_dir=base_dir), []
     except ConfigError as whole:
-        if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
+        if not isinstance(data, dict) or not data:
             return None, [whole.reason]
         problems: list[str] = []
         # Each top-level section on its own (msgspec stops at the first error).
@@ -108,6 +108,12 @@ def _config_problems(data: Any, source: str, base_dir: str) -> tuple[AppConfig |
             if key == "deployments":
                 continue
             problems += _part_problems({key: value, "deployments": [_PLACEHOLDER]}, (key,), source)
+        if not isinstance(data.get("deployments"), list):
+            # Missing (a Ray Serve config has `applications:`) or not a list:
+            # said after the sections' own problems, as one more.
+            rest = {k: v for k, v in data.items() if k == "deployments"}
+            problems += _part_problems(rest, ("deployments",), source)
+            return None, problems or [whole.reason]
         valid: list[tuple[int, DeploymentConfig]] = []
         for i, deployment in enumerate(data["deployments"]):
             found = _part_problems({"deployments": [deployment]}, ("deployments", 0), source)

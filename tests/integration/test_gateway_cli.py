@@ -332,6 +332,35 @@ def test_check_reports_a_problem_in_each_top_level_section(tmp_path: Path) -> No
     assert out[2:] == ["ok: deployment 'Good' imports", f"{config}: 2 problems"]
 
 
+def test_check_reports_every_ray_serve_field_of_a_config_without_deployments(
+    tmp_path: Path,
+) -> None:
+    """A Ray Serve config (no `deployments:`) gets every pointer in one run,
+    not one per run."""
+    from muxgate.gateway._check import check_config_file
+
+    config = tmp_path / "app.yaml"
+    ray_config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"port": 8000},
+        "applications": [{"name": "app1", "import_path": "torch_mlp:Model"}],
+    }
+    config.write_text(yaml.safe_dump(ray_config, sort_keys=False))
+    problems = check_config_file(config).problems
+    assert [p.partition(":")[0] for p in problems] == [
+        "Object contains unknown field `proxy_location`",
+        "Object contains unknown field `http_options`",
+        "Object contains unknown field `applications`",
+        "Object missing required field `deployments`",
+    ], problems
+    assert "is a Ray Serve field; its name here is `http:`" in problems[1]
+    config.write_text(yaml.safe_dump({"http": {"prot": 1}, "deployments": 3}))
+    assert check_config_file(config).problems == [
+        "Object contains unknown field `prot` - at `$.http`: did you mean `port`?",
+        "Expected `array`, got `int` - at `$.deployments`",
+    ]
+
+
 def test_check_names_the_class_or_module_meant(tmp_path: Path) -> None:
     config = _app(
         tmp_path,
