@@ -75,7 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Show GET URL/-/replicas as text: replicas, their state and models (least"
         " recently used first), start failures.",
     )
-    status.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default {DEFAULT_URL}")
+    status.add_argument(
+        "url",
+        nargs="?",
+        default=DEFAULT_URL,
+        help=f"the gateway: a URL, HOST:PORT or a local PORT (default {DEFAULT_URL})",
+    )
     status.add_argument("--token", default=None, help=f"admin bearer token (default: ${TOKEN_ENV})")
     sub.add_parser("demo", help="make demo models, serve them, drive traffic, print a summary")
     from muxgate.gateway import _replica_cmd

@@ -19,10 +19,15 @@ class StatusError(Exception):
 
 def base_url(url: str) -> str:
     """``url`` without a trailing ``/``; ``http://`` added to a bare
-    ``HOST:PORT`` (what ``muxgate serve`` prints after "serving on" has one)."""
+    ``HOST:PORT`` (what ``muxgate serve`` prints after "serving on" has one),
+    ``http://127.0.0.1:`` to a bare port, and the status page's ``/-/`` (the
+    URL ``muxgate demo`` prints) taken off."""
+    if url.isdigit():
+        url = f"127.0.0.1:{url}"
     if "://" not in url:
         url = "http://" + url
-    return url.rstrip("/")
+    url = url.rstrip("/")
+    return url.removesuffix("/-")
 
 
 def fetch(url: str, token: str | None, *, timeout_s: float = 5.0) -> dict[str, Any]:

@@ -92,6 +92,10 @@ def test_a_bare_host_and_port_is_an_http_url() -> None:
     assert base_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
     assert base_url("localhost:8000/") == "http://localhost:8000"
     assert base_url("https://gw.example:443/") == "https://gw.example:443"
+    assert base_url("8000") == "http://127.0.0.1:8000"  # a bare port: this host
+    # the status page's address, as muxgate demo and serve print it
+    assert base_url("http://127.0.0.1:8000/-/") == "http://127.0.0.1:8000"
+    assert base_url("127.0.0.1:8000/-") == "http://127.0.0.1:8000"
 
 
 def test_nothing_listening_says_how_to_point_it_at_a_gateway() -> None:
