@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from muxgate.gateway._errors import (
+    DEADLINE_SOURCE,
     DeadlineExceededError,
     GatewayError,
     NoReplicaError,
@@ -236,7 +237,7 @@ class AffinityQueue:
             self._unqueue(waiter)
             if len(self.router):
                 error: GatewayError = DeadlineExceededError(
-                    "the request's deadline passed while it was queued"
+                    "the request's deadline passed while it was queued" + DEADLINE_SOURCE
                 )
             else:
                 error = self._no_replica(

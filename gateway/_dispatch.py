@@ -48,6 +48,7 @@ from opentelemetry import trace
 from muxgate.gateway._affinity_queue import AffinityQueue
 from muxgate.gateway._connection import ReplicaDiedError, ReplicaUnavailableError
 from muxgate.gateway._errors import (
+    DEADLINE_SOURCE,
     BadModelIdError,
     DeadlineExceededError,
     GatewayError,
@@ -317,7 +318,7 @@ class Dispatcher:
             raise ReplicaUnavailableError(replica_id)
         sent_at = self.clock()
         if deadline <= sent_at:
-            raise DeadlineExceededError("the request's deadline passed")
+            raise DeadlineExceededError("the request's deadline passed" + DEADLINE_SOURCE)
         return target, sent_at, self.router.in_flight(replica_id)
 
     def _readmit(self, replica_id: str, model_id: str) -> None:
@@ -370,7 +371,7 @@ class Dispatcher:
         that went away with the call."""
         err: GatewayError
         if isinstance(exc, TimeoutError):
-            err = DeadlineExceededError("the request's deadline passed")
+            err = DeadlineExceededError("the request's deadline passed" + DEADLINE_SOURCE)
         else:
             err = ReplicaFailedError("the replica serving the request died")
         err.replica_id = replica_id

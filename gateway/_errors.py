@@ -23,6 +23,7 @@ import msgspec
 from muxgate.replicas.contract import ErrorCode, ErrorInfo
 
 __all__ = [
+    "DEADLINE_SOURCE",
     "WWW_AUTHENTICATE",
     "AdminForbiddenError",
     "BadModelIdError",
@@ -232,6 +233,10 @@ class DeadlineExceededError(GatewayError):
     """The request's deadline passed before it was answered."""
 
     code = ErrorCode.DEADLINE
+
+
+#: what a 504's message ends with: the settings that made the deadline
+DEADLINE_SOURCE = " (http.request_timeout_s, or a handle call's shorter timeout)"
 
 
 # Replica-side ErrorInfo.code -> gateway error class.

@@ -109,6 +109,10 @@ async def test_deadline_is_504(client: httpx.AsyncClient) -> None:
     took = time.monotonic() - started
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "deadline"
+    # names the settings that made the deadline
+    assert r.json()["error"]["message"] == (
+        "the request's deadline passed (http.request_timeout_s, or a handle call's shorter timeout)"
+    )
     assert TIMEOUT_S - 0.5 < took < TIMEOUT_S + 3
     assert r.headers["x-muxgate-replica"].startswith("One#")
 
