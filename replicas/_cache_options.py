@@ -60,7 +60,9 @@ def check_limit(name: str, value: object, *, allow_unlimited: bool) -> None:
 
 def check_model_id(model_id: object) -> None:
     if type(model_id) is not str:
-        raise TypeError(f"The model ID must be a str, got {type(model_id).__name__}.")
+        called = getattr(model_id, "__name__", "") == "get_multiplexed_model_id"
+        hint = " (call it: get_multiplexed_model_id())" if called else ""
+        raise TypeError(f"The model ID must be a str, got {type(model_id).__name__}{hint}.")
     if not model_id:
         raise empty_model_id_error()
 

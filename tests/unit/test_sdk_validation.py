@@ -129,6 +129,13 @@ async def test_the_model_id_must_be_a_non_empty_str() -> None:
         await get("")
     with pytest.raises(TypeError, match=r"^The model ID must be a str, got int\.$"):
         await get(1)
+    from muxgate.replicas import get_multiplexed_model_id
+
+    with pytest.raises(TypeError) as raised:  # the parentheses left out
+        await get(get_multiplexed_model_id)  # type: ignore[arg-type]
+    assert str(raised.value) == (
+        "The model ID must be a str, got function (call it: get_multiplexed_model_id())."
+    )
 
 
 # -- deployment ------------------------------------------------------------------------------
