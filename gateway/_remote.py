@@ -14,7 +14,7 @@ from typing import Any
 from muxgate.gateway._channel_client import ChannelClient
 from muxgate.gateway._config import AppConfig
 from muxgate.gateway.launchers import get_launcher_class
-from muxgate.replicas.contract import SECRET_ENV, load_secret
+from muxgate.replicas.contract import SECRET_ENV, ChannelError, is_loopback_host, load_secret
 
 __all__ = ["RemoteLaunchers"]
 
@@ -51,6 +51,7 @@ class RemoteLaunchers:
         ray_kinds = [s for s in remote.values() if s.kind == "ray"]
         if check_only:
             self.channel = ChannelClient(config.cluster)
+            _refuse_unauthenticated(remote, self.channel)
             for settings in remote.values():
                 get_launcher_class(settings.kind)
             return
@@ -60,6 +61,7 @@ class RemoteLaunchers:
             secret = get_launcher_class("ray").generated_secret(ray_kinds[0])
         environ = None if secret is None else {**os.environ, SECRET_ENV: os.fsdecode(secret)}
         self.channel = ChannelClient(config.cluster, environ)
+        _refuse_unauthenticated(remote, self.channel)
         cleaned: set[str] = set()
         for name, settings in remote.items():
             cls: Any = get_launcher_class(settings.kind)
@@ -100,3 +102,29 @@ class RemoteLaunchers:
     async def aclose(self) -> None:
         for launcher in self.launchers.values():
             await launcher.aclose()
+
+
+def _refuse_unauthenticated(remote: dict[str, Any], channel: ChannelClient) -> None:
+    """A ``static`` launcher whose replicas are on other hosts needs the
+    cluster secret or TLS: without either, whatever answers at an address
+    would be taken for a replica and sent the clients' requests (a replica
+    itself refuses to listen there without them, so only an impostor could
+    answer). As ``muxgate replica`` refuses to listen so.
+
+    Raises:
+        ChannelError: such a launcher, with neither.
+    """
+    if channel.auth is not None or channel.ssl_context is not None:
+        return
+    for settings in remote.values():
+        if settings.kind != "static":
+            continue
+        where = [settings.dns] if settings.dns else list(settings.addresses)
+        for address in where:
+            host = address.removeprefix("tcp:").rpartition(":")[0]
+            if not is_loopback_host(host):
+                raise ChannelError(
+                    f"refusing to connect to replicas at {address} without the cluster secret "
+                    "or TLS: anything that answers there would be taken for a replica (set "
+                    "cluster.secret_file or MUXGATE_CLUSTER_SECRET, or cluster.tls)"
+                )

@@ -35,6 +35,7 @@ from muxgate.replicas._channel import (
     ChannelSettings,
     TlsSettings,
     client_ssl_context,
+    is_loopback_host,
     load_secret,
 )
 from muxgate.replicas._codes import ErrorCode
@@ -82,6 +83,7 @@ __all__ = [
     "flush_tracing",
     "guard_unix_streams",
     "inject_traceparent",
+    "is_loopback_host",
     "load_bucket_key",
     "load_secret",
     "thread_count_for",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from muxgate.gateway._config import parse_config
+from muxgate.gateway._config import load_config, parse_config
 from muxgate.gateway._errors import ConfigError
 
 
@@ -63,6 +63,43 @@ def test_check_reports_an_unusable_cluster_secret(tmp_path: Any) -> None:
         f"cluster: cannot read the cluster secret file {tmp_path}/missing-secret"
         in (report.problems[0])
     )
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "addresses: ['tcp:127.0.0.1:7100', 'tcp:10.0.0.7:7100']",
+        "addresses: ['tcp:[::1]:7100', 'tcp:replica-host:7100']",
+        "dns: 'replicas.muxgate.svc:7100'",
+    ],
+)
+def test_replicas_on_other_hosts_need_the_secret_or_tls(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Before, the gateway took whatever answered there for a replica, and
+    # sent it the clients' requests (a replica itself refuses to listen so).
+    from muxgate.gateway._check import check_config_file
+    from muxgate.gateway._remote import RemoteLaunchers
+    from muxgate.replicas.contract import SECRET_ENV, ChannelError
+
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    path = tmp_path / "app.yaml"
+    path.write_text(
+        f"deployments:\n  - {{name: A, import_path: 'm:A', launcher: {{kind: static, {where}}}}}\n"
+    )
+    report = check_config_file(path)
+    assert any("without the cluster secret or TLS" in p for p in report.problems), report
+    with pytest.raises(ChannelError, match="refusing to connect to replicas at"):
+        RemoteLaunchers(load_config(path))
+    # with the secret, or only on this host, it is fine
+    monkeypatch.setenv(SECRET_ENV, "0123456789abcdef0123")
+    assert RemoteLaunchers(load_config(path)).launchers
+    monkeypatch.delenv(SECRET_ENV)
+    local = "addresses: ['tcp:127.0.0.1:7100', 'tcp:localhost:7101', 'tcp:[::1]:7102']"
+    path.write_text(
+        f"deployments:\n  - {{name: A, import_path: 'm:A', launcher: {{kind: static, {local}}}}}\n"
+    )
+    assert RemoteLaunchers(load_config(path)).launchers
 
 
 def test_a_ray_launcher_takes_an_address_a_namespace_and_a_lease_period_only() -> None:
