@@ -165,7 +165,17 @@ def _demo(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``muxgate`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command took its signals (reading the config,
+        # importing the gateway): a line, not a traceback of whatever
+        # module was being imported. 130: killed by SIGINT, as shells say.
+        print("muxgate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:
         # The demo parses its own options (argparse's REMAINDER would stop
         # at the first "--option" and reject it).

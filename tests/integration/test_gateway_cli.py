@@ -22,6 +22,7 @@ import pytest
 import yaml
 from gateway_harness import MODEL, running_gateway
 from processes import descendants
+from waiting import wait_until_sync
 
 from muxgate.gateway._config import parse_config
 from muxgate.gateway._serve import serve
@@ -107,6 +108,47 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path: Path, sig: signal.Signal
             proc.kill()
             proc.wait()
         stderr.close()
+
+
+def test_ctrl_c_before_serve_took_its_signals_is_a_line_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while `serve` still reads its config: the config is a FIFO, so
+    the command is held in that read, before any handler of its own, until
+    the test sends SIGINT."""
+    config = tmp_path / "app.yaml"
+    os.mkfifo(config)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "muxgate.gateway._cli", "serve", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        # Python raises KeyboardInterrupt only where SIGINT was not ignored
+        # (a background job's children inherit it ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    writer = -1
+
+    def reader_opened() -> bool:  # a FIFO opens for writing once a reader has it
+        nonlocal writer
+        try:
+            writer = os.open(config, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return proc.poll() is not None
+        return True
+
+    try:
+        wait_until_sync(reader_opened, within_s=30, what="serve to open its config")
+        assert writer >= 0, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)  # it is blocked reading: nothing written
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert err == "muxgate: interrupted\n"
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.mark.anyio
