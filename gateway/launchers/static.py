@@ -37,6 +37,8 @@ _log = logging.getLogger("muxgate.gateway.launcher")
 
 #: Seconds one probe (connect and handshake) may take.
 PROBE_TIMEOUT_S = 2.0
+#: Reasons logged per unreachable address until it answers again.
+MAX_LOGGED_REASONS = 8
 
 
 class StaticReplica:
@@ -91,8 +93,10 @@ class StaticLauncher:
         self._clock = clock
         self._resolved: list[str] = []
         self._resolved_at: float | None = None
-        #: address -> why its last probe failed (logged once per change)
-        self._unreachable: dict[str, str] = {}
+        #: address -> why its probes failed since it last answered (each
+        #: reason logged once: an address whose probes fail by turns for
+        #: two reasons, a timeout and a refusal, logged a line a probe)
+        self._unreachable: dict[str, set[str]] = {}
 
     @classmethod
     def from_config(cls, config: LauncherConfig, *, channel: ChannelClient) -> StaticLauncher:
@@ -136,9 +140,12 @@ class StaticLauncher:
                 conn = await self.connect(address)
         except Exception as exc:  # OSError, HandshakeError, ssl.SSLError, TimeoutError
             why = f"{type(exc).__name__}: {exc}"
-            if self._unreachable.get(address) != why:
+            if isinstance(exc, TimeoutError) and not str(exc):
+                why = f"no answer within {PROBE_TIMEOUT_S:g} s"
+            seen = self._unreachable.setdefault(address, set())
+            if why not in seen and len(seen) < MAX_LOGGED_REASONS:
+                seen.add(why)
                 _log.warning("static replica at %s does not answer: %s", address, why)
-            self._unreachable[address] = why
             return None
         await conn.aclose()
         if self._unreachable.pop(address, None) is not None:

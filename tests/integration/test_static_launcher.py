@@ -10,6 +10,7 @@ import ssl
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 from gateway_harness import MODEL, running_gateway
@@ -100,6 +101,36 @@ async def test_static_launcher_reports_by_name_and_skips_the_unreachable(
         assert [r.name for r in await launcher.ready_replicas("Echo")] == ["echo-a"]
         assert "unreachable=1" in repr(launcher)
         await launcher.aclose()
+
+
+async def test_an_address_failing_by_turns_for_two_reasons_is_logged_once_for_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before, each change of reason was logged: a line per probe (one a
+    # second) for an address that timed out and refused by turns.
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    accepted = 0
+
+    async def by_turns(stream: anyio.abc.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        async with stream:
+            await stream.receive()  # the Hello
+            if accepted % 2:  # a frame that is no message; else closed
+                await stream.send(b"\x00\x00\x00\x01\xc1")
+
+    address = f"tcp:127.0.0.1:{port}"
+    launcher = StaticLauncher(addresses=[address], channel=ChannelClient(ChannelSettings(), {}))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, by_turns)
+        for _ in range(6):
+            assert await launcher.ready_replicas("Any") == []
+        tg.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if address in r.getMessage()]
+    assert accepted == 6
+    assert len(lines) == 2, lines
+    assert len(set(lines)) == 2
 
 
 async def test_dns_names_are_resolved_again_after_the_interval(tmp_path: Path) -> None:
