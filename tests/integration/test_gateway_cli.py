@@ -118,13 +118,17 @@ def test_ctrl_c_before_serve_took_its_signals_is_a_line_not_a_traceback(
     the test sends SIGINT."""
     config = tmp_path / "app.yaml"
     os.mkfifo(config)
+    # Python raises KeyboardInterrupt only where SIGINT is not ignored (a
+    # background job's children inherit it ignored): the entry point, with
+    # Python's own handler put back first.
+    entry = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+        " from muxgate.gateway._cli import main; sys.exit(main())"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "muxgate.gateway._cli", "serve", str(config)],
+        [sys.executable, "-c", entry, "serve", str(config)],
         stderr=subprocess.PIPE,
         text=True,
-        # Python raises KeyboardInterrupt only where SIGINT was not ignored
-        # (a background job's children inherit it ignored).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     writer = -1
 
