@@ -68,6 +68,9 @@ class HttpLimits(msgspec.Struct, forbid_unknown_fields=True):
     #: open connections; at the cap a new one closes the longest-idle one,
     #: or gets 503 when every connection has a request in flight
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    #: requests queued behind the one in flight on a connection (HTTP/1.1
+    #: pipelining); the next one gets 503, after the answers before it
+    max_pipelined: Annotated[int, msgspec.Meta(ge=1)] = 64
 
 
 class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -23,6 +23,10 @@ it does not bound is added here, in ``EdgeProtocol``, a subclass of its
   one: 408 ``request_timeout``, or a plain close when nothing came at all.
   (uvicorn has no such timer: a connection that never sends a request, or
   sends it a byte at a time, was held for ever.)
+* **Pipelined requests**, ``max_pipelined`` queued behind the one in
+  flight: the next is refused with 503 ``over_capacity``. uvicorn stops
+  reading once one is queued but parses all it read: thousands of requests
+  a few bytes long each from one read.
 * A refusal of a request pipelined behind one still in flight (its head
   too large, too slow or malformed) is answered after the answers before
   it; the connection reads nothing more meanwhile. (Before, the refusal was
@@ -156,6 +160,10 @@ class _Connect(Exception):
     pass
 
 
+class _TooManyPipelined(Exception):
+    pass
+
+
 #: the method of a proxy tunnel, which the gateway does not serve
 _CONNECT = b"CONNECT"
 
@@ -246,7 +254,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._discarding = False  # refused: input is dropped until the close
         self._dropped = 0  # bytes dropped since
         #: a refusal of a pipelined request, sent once the answers before it are
-        self._deferred: tuple[int, str, str] | None = None
+        self._deferred: tuple[int, str, str, int | None] | None = None
         #: the cycle whose keep-alive waits for the end of its request's body
         self._keep_alive_after_body: RequestResponseCycle | None = None
         self._made_up_head = False  # parsing _continue_body's head: no callbacks
@@ -350,6 +358,15 @@ class EdgeProtocol(HttpToolsProtocol):
                     ErrorCode.HEADERS_TOO_LARGE,
                     f"more than {self.edge.limits.max_headers} {what}",
                 )
+            elif isinstance(exc.__context__, _TooManyPipelined):
+                self.edge.count("pipelined")
+                self._refuse_request(
+                    503,
+                    ErrorCode.OVER_CAPACITY,
+                    f"more than {self.edge.limits.max_pipelined} requests pipelined on one "
+                    "connection; wait for answers or use more connections",
+                    retry_after=1,
+                )
             elif isinstance(exc.__context__, _Connect):
                 self.edge.count("connect")
                 self._refuse(
@@ -406,7 +423,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self.edge.count("malformed")
         self._refuse_request(400, ErrorCode.BAD_REQUEST, "malformed HTTP request")
 
-    def _refuse_request(self, status: int, code: str, message: str) -> None:
+    def _refuse_request(
+        self, status: int, code: str, message: str, *, retry_after: int | None = None
+    ) -> None:
         """Refuse the request being parsed (``_refuse``), also once its head
         was read and its cycle runs.
 
@@ -424,10 +443,10 @@ class EdgeProtocol(HttpToolsProtocol):
                 if entry[0] is cycle:
                     self.pipeline.remove(entry)
                     self._cancel_head_timer()
-                    self._deferred = (status, code, message)
+                    self._deferred = (status, code, message, retry_after)
                     self.flow.pause_reading()
                     return
-        self._refuse(status, code, message)
+        self._refuse(status, code, message, retry_after=retry_after)
 
     def on_message_begin(self) -> None:
         if self._made_up_head:
@@ -471,6 +490,16 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         if self.parser.get_method() == _CONNECT:
             raise _Connect
+        running = self.cycle
+        if (
+            running is not None
+            and not running.response_complete
+            and len(self.pipeline) >= self.edge.limits.max_pipelined
+        ):
+            # uvicorn stops reading behind a pipelined request, but parses
+            # the rest of what it read: a request a few bytes long each, one
+            # read held thousands in memory (5 MB a connection).
+            raise _TooManyPipelined
         self._cancel_head_timer()
         self._in_head = self._head_begun = False
         self._head_bytes = self._head_fields = self._unparsed = 0
@@ -507,9 +536,9 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         if self._deferred is not None and not self.pipeline:
             self.server_state.total_requests += 1
-            status, code, message = self._deferred
+            status, code, message, retry_after = self._deferred
             self._deferred = None
-            self._refuse(status, code, message)
+            self._refuse(status, code, message, retry_after=retry_after)
             return
         pipelined = bool(self.pipeline)
         super().on_response_complete()
@@ -560,7 +589,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete and not cycle.disconnected:
             _log.debug("refusing a pipelined request from %s: %s %s", self.client, status, code)
             self._cancel_head_timer()
-            self._deferred = (status, code, message)
+            self._deferred = (status, code, message, retry_after)
             self.flow.pause_reading()
             return
         _log.debug("refused a connection from %s: %s %s", self.client, status, code)

@@ -31,6 +31,7 @@ LIMITS = {
     "body_timeout_s": 1.0,
     "keep_alive_timeout_s": 0.5,
     "max_connections": 8,
+    "max_pipelined": 4,
 }
 
 
@@ -441,3 +442,32 @@ async def test_trailers_over_the_header_limits_get_431(
         writer.close()
 
     await while_normal_client(quiet, too_much())
+
+
+# -- pipelining -----------------------------------------------------------------------
+
+
+async def test_requests_pipelined_past_the_limit_get_503_after_the_answers_before(
+    quiet: Gateway,
+) -> None:
+    # uvicorn parsed every request of a read behind the one in flight: a few
+    # bytes each, one read held thousands of them (5 MB a connection)
+    async def pipelined() -> None:
+        reader, writer = await connect(quiet)
+        writer.write(
+            b"GET /slow?s=0.3 HTTP/1.1\r\nhost: a\r\n\r\n"
+            + b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n" * 200
+        )
+        statuses = []
+        for _ in range(5):  # the one in flight and the 4 behind it
+            status, _, body = await read_response(reader)
+            statuses.append(status)
+        assert statuses == [200] * 5
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
+        assert error_of(body)["code"] == "over_capacity"
+        assert "more than 4 requests pipelined" in error_of(body)["message"]
+        assert await closed_by_server(reader)
+        writer.close()
+
+    await while_normal_client(quiet, pipelined())
