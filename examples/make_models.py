@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 
 import fsspec
 import torch
@@ -40,8 +41,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--count", type=int, default=8)
     args = parser.parse_args(argv)
-    ids = write_models(args.root, args.count)
+    try:
+        ids = write_models(args.root, args.count)
+    except Exception as exc:  # a line saying what to do, not a storage library's traceback
+        why = f"{type(exc).__name__}: {exc}{_hint(args.root, exc)}"
+        sys.exit(f"make_models.py: cannot write under {args.root}: {why}")
     print(f"wrote {len(ids)} models under {args.root}")
+
+
+def _hint(root: str, exc: Exception) -> str:
+    """What to set when an S3 write fails for want of credentials or of a server."""
+    if not root.startswith("s3://"):
+        return ""
+    name = type(exc).__name__
+    if "Credentials" in name:
+        return " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    if "Connect" in name:
+        return (
+            " (no S3 answered; for an S3-compatible server such as MinIO, give its address:"
+            " AWS_ENDPOINT_URL_S3=http://HOST:PORT)"
+        )
+    return ""
 
 
 if __name__ == "__main__":

@@ -152,6 +152,36 @@ async def test_app_yaml_against_s3(monkeypatch: pytest.MonkeyPatch) -> None:
         assert json.loads(out.strip().splitlines()[1])["model_id"] == "2"
 
 
+def test_make_models_without_s3_credentials_says_what_to_set() -> None:
+    """No credentials (none in the environment, no files, no instance
+    metadata): one line saying what to set, not botocore's traceback."""
+    from storage_servers import moto_s3
+
+    with moto_s3() as s3:
+        s3.create_bucket("bucket")
+        env = {k: v for k, v in {**os.environ, **s3.env}.items() if k not in _CREDENTIALS}
+        env |= {
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / "make_models.py"), "s3://bucket/models"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "make_models.py: cannot write under s3://bucket/models: NoCredentialsError:"
+        " Unable to locate credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)\n"
+    )
+
+
+_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
 def test_a_model_root_that_does_not_exist_is_named_at_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
