@@ -279,6 +279,8 @@ def not_a_value(what: str, exc: TypeError) -> TypeError:
         hint = ": an `await` is missing"
     elif "Tensor" in inner or "ndarray" in inner:
         hint = " (call .tolist() on tensors and arrays)"
+    elif "DeploymentResponse" in inner:
+        hint = " (a response is resolved as a top-level argument only: pass it as one, or await it)"
     else:
         hint = ""
     return TypeError(

@@ -169,8 +169,11 @@ async def test_response_passed_to_another_call(gateway: Gateway) -> None:
     # Inside a replica: Up starts a call and passes it on without awaiting it.
     assert await get_deployment_handle("Up", gateway.url).chain.remote(3) == 8
     # Nested deeper than the top level, a response is not a MessagePack value.
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError) as raised:
         await down.remote([down.add.remote(1)])
+    assert str(raised.value).endswith(
+        "(a response is resolved as a top-level argument only: pass it as one, or await it)."
+    )
 
 
 async def test_cancel_a_response(gateway: Gateway) -> None:
