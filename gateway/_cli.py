@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         # module was being imported. 130: killed by SIGINT, as shells say.
         print("muxgate: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read the output went away (`muxgate status | head`): stop
+        # quietly. stdout goes to /dev/null so that the flush at exit does
+        # not fail again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _main(argv: list[str]) -> int:

@@ -155,6 +155,28 @@ def test_ctrl_c_before_serve_took_its_signals_is_a_line_not_a_traceback(
             proc.communicate()
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`muxgate check ... | head -1`: the reader gone, the rest of the output
+    is dropped without a BrokenPipeError traceback."""
+    config = tmp_path / "app.yaml"
+    config.write_text("deployments:\n  - {name: M, import_path: 'm:M', route_prefix: api/}\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader at all: the first write fails
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "muxgate.gateway._cli", "check", str(config)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert proc.stderr == ""
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("given", ["AppConfig", "path", "mapping"])
 async def test_serve_context_manager_leaves_no_process(tmp_path: Path, given: str) -> None:
