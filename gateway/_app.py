@@ -43,7 +43,12 @@ from litestar.params import FromPath, FromQuery
 
 from muxgate.gateway._config import AppConfig
 from muxgate.gateway._dispatch import Dispatcher
-from muxgate.gateway._errors import WWW_AUTHENTICATE, RouteNotFoundError, error_body
+from muxgate.gateway._errors import (
+    WWW_AUTHENTICATE,
+    RouteNotFoundError,
+    error_body,
+    no_deployment_named,
+)
 from muxgate.gateway._frontend import (
     REQUEST_ID,
     FrontEnd,
@@ -326,7 +331,7 @@ def _admin_handlers(
         # ?model_id=X releases one id (ids may contain "/"), none: all.
         pool = pools.get(deployment)
         if pool is None:
-            raise NotFoundException(f"no deployment named {deployment!r}")
+            raise NotFoundException(no_deployment_named(deployment, pools))
         released = pool.quarantine.clear(model_id)
         return Response(
             content=msgspec.json.encode({"released": released}),

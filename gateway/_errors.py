@@ -16,7 +16,9 @@ the full message once.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
 import msgspec
 
@@ -49,6 +51,7 @@ __all__ = [
     "error_body",
     "error_from_info",
     "error_response",
+    "no_deployment_named",
 ]
 
 
@@ -329,3 +332,16 @@ def error_response(
         headers.append((b"connection", b"close"))
     headers.extend(exc.extra_headers)
     return exc.status, headers, error_body(exc.code, exc.message, request_id)
+
+
+def no_deployment_named(name: str, known: Iterable[str]) -> str:
+    """``no deployment named 'Modle'; did you mean 'Model'?`` for a slip of a
+    letter or two, else the deployments there are (up to 10). For admin and
+    handle callers only: they may know the names."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    if close:
+        return f"no deployment named {name!r}; did you mean {close[0]!r}?"
+    if not names or len(names) > 10:
+        return f"no deployment named {name!r}"
+    return f"no deployment named {name!r} (deployments: {', '.join(names)})"

@@ -23,7 +23,6 @@ the access check, the argument decoding and the MessagePack reply.
 
 from __future__ import annotations
 
-import difflib
 import hmac
 from collections.abc import Mapping
 from typing import Any, Unpack
@@ -36,6 +35,7 @@ from muxgate.gateway._errors import (
     BadRequestError,
     GatewayError,
     RouteNotFoundError,
+    no_deployment_named,
 )
 from muxgate.gateway._frontend import (
     FrontEnd,
@@ -112,17 +112,6 @@ class HandleIngress(FrontEnd):
         client = scope.get("client")
         return client is not None and is_local_client(client[0])
 
-    def _nearest(self, name: str) -> str:
-        """``"; did you mean 'Model'?"`` for a slip of a letter or two, else
-        the deployments there are (the caller is local or has the token)."""
-        close = difflib.get_close_matches(name, list(self._dispatchers), n=1, cutoff=0.75)
-        if close:
-            return f"; did you mean {close[0]!r}?"
-        names = sorted(self._dispatchers)
-        if not names or len(names) > 10:
-            return ""
-        return f" (deployments: {', '.join(names)})"
-
     def _resolve(self, scope: Scope, head: RequestHead) -> Target:
         path: str = scope["path"]
         name, _, method = path[len(HANDLES_PREFIX) :].partition("/")
@@ -137,7 +126,7 @@ class HandleIngress(FrontEnd):
         elif scope["method"] != "POST":
             refusal = MethodNotAllowedError("handle calls are POST requests")
         elif dispatcher is None:
-            refusal = RouteNotFoundError(f"no deployment named {name!r}{self._nearest(name)}")
+            refusal = RouteNotFoundError(no_deployment_named(name, self._dispatchers))
         elif not method or "/" in method:
             refusal = RouteNotFoundError("handle calls are POST /-/handles/{deployment}/{method}")
         # Calls to an unknown deployment are not counted (no such label).

@@ -33,6 +33,7 @@ from muxgate.gateway._errors import (
     ReplicaFailedError,
     error_from_info,
     error_response,
+    no_deployment_named,
 )
 from muxgate.gateway._frontend import new_request_id
 from muxgate.gateway._pool import ReplicaPool
@@ -114,7 +115,7 @@ def model_handlers(pools: Mapping[str, ReplicaPool], timeout_s: float) -> list[A
     ) -> Response[bytes]:
         pool = pools.get(deployment)
         if pool is None:
-            raise NotFoundException(f"no deployment named {deployment!r}")
+            raise NotFoundException(no_deployment_named(deployment, pools))
         model_id, _, action = rest.lstrip("/").rpartition("/")
         if action not in ("load", "unload"):
             raise NotFoundException("expected .../{model_id}/load or .../{model_id}/unload")

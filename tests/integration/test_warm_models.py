@@ -180,6 +180,9 @@ async def test_pinned_models_stay_and_the_admin_api_loads_on_the_home_replica(
 async def test_admin_model_control_errors(client: httpx.AsyncClient) -> None:
     r = await client.post("/-/models/Nope/x/load")
     assert r.status_code == 404
+    r = await client.post("/-/models/Pined/x/load")  # a slip: the closest name
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "no deployment named 'Pined'; did you mean 'Pinned'?"
     r = await client.post("/-/models/Pinned/p-1/reload")
     assert r.status_code == 404
     r = await client.post("/-/models/Pinned/missing-model/load")

@@ -22,6 +22,7 @@ from muxgate.gateway._errors import (
     error_body,
     error_from_info,
     error_response,
+    no_deployment_named,
 )
 from muxgate.replicas._call_errors import error_for as _error_for
 from muxgate.replicas.contract import (
@@ -194,3 +195,16 @@ def test_edge_errors_close_the_connection() -> None:
         assert got == status
         assert (b"connection", b"close") in headers
         assert dict(headers).get(b"retry-after") == retry
+
+
+def test_no_deployment_named_suggests_the_closest_or_lists_them() -> None:
+    known = ["Model", "Ensemble"]
+    assert no_deployment_named("Modle", known) == (
+        "no deployment named 'Modle'; did you mean 'Model'?"
+    )
+    assert no_deployment_named("Nope", known) == (
+        "no deployment named 'Nope' (deployments: Ensemble, Model)"
+    )
+    many = [f"D{i}" for i in range(11)]  # more than 10: not listed
+    assert no_deployment_named("Nope", many) == "no deployment named 'Nope'"
+    assert no_deployment_named("Nope", []) == "no deployment named 'Nope'"
