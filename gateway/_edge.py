@@ -164,6 +164,10 @@ class _TooManyPipelined(Exception):
     pass
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
 #: the method of a proxy tunnel, which the gateway does not serve
 _CONNECT = b"CONNECT"
 
@@ -263,6 +267,10 @@ class EdgeProtocol(HttpToolsProtocol):
         #: trailer field or a chunk extension that never ends
         self._unparsed = 0
         self._progress = 0  # parser callbacks so far (see _unparsed)
+        #: the head's bytes as parsed (target, fields): the bytes counted
+        #: as they arrive miss the start of a head read with the end of
+        #: the request before it (a pipelined head could pass the limit)
+        self._head_size = 0
 
     # -- connections ---------------------------------------------------------------
 
@@ -350,7 +358,14 @@ class EdgeProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _TooManyHeaders):
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self.edge.count("header_bytes")
+                self._refuse_request(
+                    431,
+                    ErrorCode.HEADERS_TOO_LARGE,
+                    f"request headers are over {self.edge.limits.max_header_bytes} bytes",
+                )
+            elif isinstance(exc.__context__, _TooManyHeaders):
                 self.edge.count("header_fields")
                 what = "request headers" if self._in_head else "request trailer fields"
                 self._refuse_request(
@@ -453,11 +468,13 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         super().on_message_begin()
         self._head_begun = True
+        self._head_size = 0
         if self._head_timer is None:
             self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
         if not self._made_up_head:
+            self._head_size += len(url)
             super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -473,6 +490,7 @@ class EdgeProtocol(HttpToolsProtocol):
             # header) that a proxy checking the head never saw.
             self._progress += 1
             return
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
         super().on_header(name, value)
 
     def on_body(self, body: bytes) -> None:
@@ -490,6 +508,9 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         if self.parser.get_method() == _CONNECT:
             raise _Connect
+        # the request line's method, spaces, version and CRLFs: 16 bytes at least
+        if self._head_size + 16 > self.edge.limits.max_header_bytes:
+            raise _HeadTooLarge
         running = self.cycle
         if (
             running is not None

@@ -162,6 +162,24 @@ async def test_headers_over_the_byte_limit_get_431_while_others_are_served(
         assert r.status_code == 200
 
 
+async def test_a_head_read_with_the_end_of_the_request_before_it_is_counted_whole(
+    quiet: Gateway,
+) -> None:
+    # The bytes of a head were counted from the read after the one holding
+    # the end of the request before it: a pipelined head that began in that
+    # read passed the limit by what it held (6000 bytes of head were served)
+    reader, writer = await connect(quiet)
+    second = b"GET /x HTTP/1.1\r\nhost: a\r\nx-long: " + b"a" * 6000 + b"\r\n\r\n"
+    writer.write(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n" + second[:2000])
+    status, _, _ = await read_response(reader)  # the first is answered: its read was parsed
+    assert status == 200
+    writer.write(second[2000:])
+    status, headers, body = await read_response(reader)
+    assert (status, headers["connection"]) == (431, "close"), body
+    assert error_of(body)["message"] == "request headers are over 4096 bytes"
+    writer.close()
+
+
 async def test_too_many_headers_get_431(quiet: Gateway) -> None:
     gw = quiet
 
