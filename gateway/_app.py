@@ -51,6 +51,7 @@ from muxgate.gateway._errors import (
 )
 from muxgate.gateway._frontend import (
     REQUEST_ID,
+    BodyBudget,
     FrontEnd,
     FrontEndOptions,
     Receive,
@@ -403,8 +404,11 @@ def _ingress_mount(
 ) -> Any:
     """The ingress and the handle endpoint mounted at ``/`` (a complete
     Litestar app; the server itself runs ``GatewayASGI``)."""
-    handles = build_handle_ingress(config, pools, metrics, shutdown=shutdown)
-    ingress = build_ingress(config, pools, metrics, use_raw_path=True, shutdown=shutdown)
+    budget = body_budget(config)
+    handles = build_handle_ingress(config, pools, metrics, shutdown=shutdown, body_budget=budget)
+    ingress = build_ingress(
+        config, pools, metrics, use_raw_path=True, shutdown=shutdown, body_budget=budget
+    )
     handles_prefix = HANDLES_PREFIX.encode()
 
     async def ingress_handler(scope: lt.Scope, receive: lt.Receive, send: lt.Send) -> None:
@@ -424,6 +428,14 @@ def _ingress_mount(
     return asgi("/", is_mount=True, copy_scope=False, opt={"public": True})(ingress_handler)
 
 
+def body_budget(config: AppConfig) -> BodyBudget:
+    """The budget of request bodies held at once that one server's
+    endpoints share: ``max_body_bytes_in_flight``, and at least one body of
+    ``max_body_bytes``."""
+    http = config.http
+    return BodyBudget(max(http.limits.max_body_bytes_in_flight, http.max_body_bytes))
+
+
 def build_ingress(
     config: AppConfig,
     pools: Mapping[str, ReplicaPool],
@@ -431,6 +443,7 @@ def build_ingress(
     *,
     use_raw_path: bool = False,
     shutdown: Shutdown | None = None,
+    body_budget: BodyBudget | None = None,
 ) -> Ingress:
     """The ingress for every deployment of ``config``."""
     routes = {d.route_prefix: (d.name, pools[d.name].dispatcher) for d in config.deployments}
@@ -442,6 +455,7 @@ def build_ingress(
         use_raw_path=use_raw_path,
         body_timeout_s=config.http.limits.body_timeout_s,
         shutdown=shutdown,
+        body_budget=body_budget,
     )
 
 
@@ -451,6 +465,7 @@ def build_handle_ingress(
     metrics: GatewayMetrics | None,
     *,
     shutdown: Shutdown | None = None,
+    body_budget: BodyBudget | None = None,
 ) -> HandleIngress:
     """The ``/-/handles/`` endpoint for every deployment of ``config``."""
     return HandleIngress(
@@ -461,6 +476,7 @@ def build_handle_ingress(
         metrics=metrics,
         body_timeout_s=config.http.limits.body_timeout_s,
         shutdown=shutdown,
+        body_budget=body_budget,
     )
 
 
@@ -482,8 +498,13 @@ class GatewayASGI:
         self.admin = cast(Callable[[Scope, Receive, Send], Awaitable[None]], self.litestar)
         #: what a graceful shutdown tells the ingress and the handle endpoint
         self.shutdown = shutdown if shutdown is not None else Shutdown()
-        self.ingress = build_ingress(config, pools, metrics, shutdown=self.shutdown)
-        self.handles = build_handle_ingress(config, pools, metrics, shutdown=self.shutdown)
+        budget = body_budget(config)
+        self.ingress = build_ingress(
+            config, pools, metrics, shutdown=self.shutdown, body_budget=budget
+        )
+        self.handles = build_handle_ingress(
+            config, pools, metrics, shutdown=self.shutdown, body_budget=budget
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

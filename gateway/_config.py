@@ -71,6 +71,9 @@ class HttpLimits(msgspec.Struct, forbid_unknown_fields=True):
     #: requests queued behind the one in flight on a connection (HTTP/1.1
     #: pipelining); the next one gets 503, after the answers before it
     max_pipelined: Annotated[int, msgspec.Meta(ge=1)] = 64
+    #: bytes of request bodies the gateway holds at once, every connection's
+    #: (at least ``http.max_body_bytes``); a body that would pass it: 503
+    max_body_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 1 << 30
 
 
 class HttpConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -42,6 +42,7 @@ from muxgate.gateway._dispatch import Dispatcher, validate_model_id
 from muxgate.gateway._errors import (
     BadModelIdError,
     GatewayError,
+    OverCapacityError,
     PayloadTooLargeError,
     RequestTimeoutError,
     ShuttingDownError,
@@ -53,6 +54,7 @@ from muxgate.replicas.contract import Reply, extract_context, inject_traceparent
 __all__ = [
     "LOCAL_CLIENTS",
     "REQUEST_ID",
+    "BodyBudget",
     "FrontEnd",
     "FrontEndOptions",
     "Message",
@@ -363,22 +365,64 @@ class Shutdown:
         return len(tasks)
 
 
+class BodyBudget:
+    """The bytes of request bodies the gateway holds at once, shared by the
+    endpoints of one server (``http.limits.max_body_bytes_in_flight``).
+
+    Every body is held whole until its request ends (it is sent to a
+    replica in one message, and again if the request is routed again), so
+    without a bound a thousand connections each sending a body just under
+    ``max_body_bytes`` made the gateway hold ten gigabytes. Counted as the
+    bytes arrive, not as ``content-length`` announces them: a client that
+    announces a body and sends nothing holds none of it."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def __repr__(self) -> str:
+        return f"<BodyBudget {self.held}/{self.limit}>"
+
+    def take(self, n: int) -> bool:
+        """Hold ``n`` more bytes, if they fit."""
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
 class FrontEndOptions(TypedDict, total=False):
     """``FrontEnd``'s optional settings, passed on as they are by its subclasses."""
 
     metrics: GatewayMetrics | None
     body_timeout_s: float | None
     shutdown: Shutdown | None
+    body_budget: BodyBudget | None
 
 
 class _Exchange:
     """One request's state, for the metrics and the span at its end."""
 
-    __slots__ = ("model_id", "replica_id", "request_id", "responded", "span", "status", "task")
+    __slots__ = (
+        "body_held",
+        "model_id",
+        "replica_id",
+        "request_id",
+        "responded",
+        "span",
+        "status",
+        "task",
+    )
 
     def __init__(self, request_id: str, task: asyncio.Task[Any] | None) -> None:
         self.request_id = request_id
         self.task = task
+        self.body_held = 0  # bytes of the body held in the BodyBudget
         self.model_id = ""
         self.replica_id = ""
         self.status = 500
@@ -396,6 +440,8 @@ class FrontEnd:
         body_timeout_s: the body must have arrived this long after the
             headers (and before the request's deadline), else 408.
         shutdown: the server's shutdown state (a private one when None).
+        body_budget: the server's bytes of bodies held at once (unbounded
+            when None).
     """
 
     #: collect every header for the replica (HTTP ingress) or not (handles)
@@ -412,6 +458,8 @@ class FrontEnd:
         self._body_timeout = body_timeout_s if body_timeout_s is not None else request_timeout_s
         shutdown = options.get("shutdown")
         self.shutdown = shutdown if shutdown is not None else Shutdown()
+        budget = options.get("body_budget")
+        self._budget = budget if budget is not None else BodyBudget(1 << 62)
         metrics = self._metrics = options.get("metrics")
         self._per_model = metrics.per_model_labels if metrics is not None else False
 
@@ -457,6 +505,7 @@ class FrontEnd:
         except BaseException as exc:
             await self._failed(ex, send, exc)
         finally:
+            self._budget.give(ex.body_held)
             self.shutdown.in_flight.discard(ex.task)
             if ex.span is not None:
                 ex.span.finish(ex.status, ex.replica_id, ex.model_id)
@@ -505,9 +554,9 @@ class FrontEnd:
         if head.content_length > self._max_body:
             raise self._too_large()
         if head.content_length > 0 or head.chunked:
-            body = await self._read_body(receive, min(self._body_timeout, timeout_s))
+            body = await self._read_body(receive, min(self._body_timeout, timeout_s), ex)
         else:  # no body: the server has the whole request already
-            body = await self._receive_body(receive)
+            body = await self._receive_body(receive, ex)
         reply, ex.replica_id = await until_disconnect(
             receive,
             dispatcher.dispatch(
@@ -555,7 +604,7 @@ class FrontEnd:
             ex.replica_id = getattr(exc, "replica_id", "")
         ex.status = await send_error(send, exc, ex.request_id, ex.replica_id)
 
-    async def _read_body(self, receive: Receive, within_s: float) -> bytes:
+    async def _read_body(self, receive: Receive, within_s: float, ex: _Exchange) -> bytes:
         """The whole body, at most ``max_body_bytes``, within ``within_s`` of
         the headers: a slow client cannot hold a request past its limits.
 
@@ -573,7 +622,7 @@ class FrontEnd:
 
         timer = asyncio.get_running_loop().call_later(within_s, expire)
         try:
-            return await self._receive_body(receive)
+            return await self._receive_body(receive, ex)
         except asyncio.CancelledError:
             if expired and task.uncancel() == 0:
                 raise RequestTimeoutError(
@@ -583,13 +632,14 @@ class FrontEnd:
         finally:
             timer.cancel()
 
-    async def _receive_body(self, receive: Receive) -> bytes:
+    async def _receive_body(self, receive: Receive, ex: _Exchange) -> bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("the client disconnected before sending the body")
         body: bytes = message.get("body", b"")
         if len(body) > self._max_body:
             raise _TooLarge  # at once: more of the body may never come
+        self._hold(ex, len(body))
         if not message.get("more_body", False):
             return body
         chunks = [body]
@@ -602,5 +652,15 @@ class FrontEnd:
             size += len(chunk)
             if size > self._max_body:
                 raise _TooLarge
+            self._hold(ex, len(chunk))
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _hold(self, ex: _Exchange, n: int) -> None:
+        """Count ``n`` more bytes of ``ex``'s body in the server's budget."""
+        if not self._budget.take(n):
+            raise OverCapacityError(
+                "the gateway holds as many request bodies as it may "
+                "(http.limits.max_body_bytes_in_flight); try again"
+            )
+        ex.body_held += n

@@ -489,3 +489,60 @@ async def test_requests_pipelined_past_the_limit_get_503_after_the_answers_befor
         writer.close()
 
     await while_normal_client(quiet, pipelined())
+
+
+# -- bodies held at once ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def budgeted() -> AsyncIterator[Gateway]:
+    """Bodies of up to 32 KiB, 64 KiB of them held at once: two fit, not three."""
+    config = {
+        "http": {
+            "port": 0,
+            "max_body_bytes": 32768,
+            "limits": {"max_body_bytes_in_flight": 65536},
+        },
+        "deployments": [{"name": "Edge", "import_path": "gateway_apps:Echo1"}],
+    }
+    async with running_gateway(config) as gw:
+        yield gw
+
+
+async def test_a_body_past_the_gateways_budget_gets_503_while_the_others_go_on(
+    budgeted: Gateway,
+) -> None:
+    quiet = budgeted
+    # Every body is held whole until its request ends: before the budget, a
+    # thousand connections each sending one just under max_body_bytes held
+    # ten gigabytes of them.
+    head = b"POST /body HTTP/1.1\r\nhost: a\r\ncontent-length: 32000\r\n\r\n"
+
+    async def body_but_the_end() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await connect(quiet)
+        writer.write(head + b"x" * 30000)
+        await writer.drain()
+        return reader, writer
+
+    async def scenario() -> None:
+        clients = [await body_but_the_end() for _ in range(3)]  # 90000 bytes: two fit
+        answers = {asyncio.ensure_future(read_response(r)): (r, w) for r, w in clients}
+        done, waiting = await asyncio.wait(answers, timeout=10, return_when="FIRST_COMPLETED")
+        assert len(done) == 1, "no body was refused"
+        status, headers, body = done.pop().result()
+        assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
+        assert error_of(body)["code"] == "over_capacity"
+        assert "max_body_bytes_in_flight" in error_of(body)["message"]
+        for task in waiting:  # the two held go on, and are served whole
+            answers[task][1].write(b"y" * 2000)
+        for task in waiting:
+            status, _, body = await task
+            assert (status, len(body)) == (200, 32000)
+        for _, writer in clients:
+            writer.close()
+        # their bytes are given back: a body fits again
+        async with httpx.AsyncClient(base_url=quiet.url, timeout=10) as client:
+            r = await client.post("/body", content=b"z" * 30000)
+            assert (r.status_code, len(r.content)) == (200, 30000)
+
+    await while_normal_client(quiet, scenario())
