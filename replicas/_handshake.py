@@ -8,8 +8,12 @@ socket. Whatever a peer does, only its own connection is affected:
 * the whole handshake (TLS included) has one deadline, so a slow peer is cut
   off after ``timeout_s``;
 * until ``Welcome`` a frame may be at most ``HANDSHAKE_MAX_FRAME_BYTES`` and
-  at most ``max_pending`` handshakes run at once (newer connections are
-  closed at once), so unauthenticated peers hold a bounded amount of memory;
+  at most ``max_pending`` handshakes run at once, so unauthenticated peers
+  hold a bounded amount of memory. A connection past the cap closes the
+  oldest handshake under way: closing the newcomer instead let 64 silent
+  connections, renewed every ``timeout_s``, lock every gateway out (a
+  gateway's handshake takes a round trip or two, a silent peer's the whole
+  deadline, so the silent ones are the oldest);
 * a frame that does not decode, a message out of order, a wrong proof or a
   failed TLS handshake close the connection (with ``Refused`` when the
   stream still works).
@@ -105,10 +109,16 @@ class HandshakeGate:
         self.ssl_context = ssl_context
         self.timeout_s = timeout_s
         self.max_pending = max_pending
-        self.pending = 0
+        #: the handshakes under way, oldest first (a dict as an ordered set)
+        self._pending: dict[anyio.CancelScope, None] = {}
         self.refused = 0
         self._unlogged = 0
         self._last_note = -_NOTE_INTERVAL_S
+
+    @property
+    def pending(self) -> int:
+        """Handshakes under way."""
+        return len(self._pending)
 
     def __repr__(self) -> str:
         return (
@@ -123,17 +133,21 @@ class HandshakeGate:
 
         None: the peer was refused (the caller closes ``raw``)."""
         peer = _peer(raw)
-        if self.pending >= self.max_pending:
-            self._note(peer, f"{self.pending} handshakes already under way")
-            return None
-        self.pending += 1
+        if len(self._pending) >= self.max_pending:
+            next(iter(self._pending)).cancel()  # the oldest makes room
+        scope = anyio.CancelScope(deadline=anyio.current_time() + self.timeout_s)
+        self._pending[scope] = None
         try:
-            with anyio.move_on_after(self.timeout_s):
+            with scope:
                 return await self._handshake(raw, peer, welcome)
-            self._note(peer, f"no handshake within {self.timeout_s:g}s")
+            if anyio.current_time() < scope.deadline:
+                why = f"closed to make room: {self.max_pending} handshakes under way"
+            else:
+                why = f"no handshake within {self.timeout_s:g}s"
+            self._note(peer, why)
             return None
         finally:
-            self.pending -= 1
+            del self._pending[scope]
 
     async def _handshake(
         self, raw: anyio.abc.SocketStream, peer: str, welcome: Callable[[], Welcome | Refused]

@@ -250,6 +250,25 @@ async def test_a_frame_nested_too_deeply_closes_only_its_connection(
     assert replica.process.returncode is None
 
 
+async def test_silent_peers_at_the_cap_of_handshakes_do_not_lock_a_gateway_out(
+    replica: Standalone, gateway: ReplicaConnection
+) -> None:
+    # Past the cap of 64 handshakes under way, the newcomer was closed at
+    # once: 64 silent connections, renewed every deadline, kept every gateway
+    # from connecting (a restarted gateway could not reach its replicas).
+    # Now the oldest handshake makes room.
+    silent = [await connect_stream(replica.address) for _ in range(80)]
+    try:
+        with anyio.fail_after(HANDSHAKE_S + SLACK_S):
+            fresh = await ReplicaConnection.connect(replica.address, auth=AUTH)
+        assert await add(fresh, 1, 2) == 3
+        await fresh.aclose()
+    finally:
+        for stream in silent:
+            await stream.aclose()
+    assert await add(gateway, 2, 2) == 4
+
+
 async def test_slow_peers_are_cut_off_at_the_handshake_deadline(
     replica: Standalone, gateway: ReplicaConnection
 ) -> None:
