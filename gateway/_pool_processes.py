@@ -48,7 +48,11 @@ def how_it_ended(code: int) -> str:
         name = signal.Signals(-code).name
     except ValueError:
         name = "signal"
-    hint = " (sent by kill -9, or by the kernel when memory ran out)" if -code == 9 else ""
+    hint = (
+        " (kill -9, the kernel when memory ran out, or this gateway when it stopped answering)"
+        if -code == 9
+        else ""
+    )
     return f"was killed by {name} (signal {-code}){hint}"
 
 
