@@ -5,6 +5,7 @@ over the same replicas route alike, and one leaving costs the other nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import ssl
 from pathlib import Path
@@ -54,9 +55,24 @@ async def test_gateway_follows_static_replicas(tmp_path: Path) -> None:
                     assert await served_by(client, model) == replica
                 assert set(placement.values()) == {"hooked-0", "hooked-1"}
 
-                # hooked-1 dies: it leaves the ring, hooked-0 serves everything.
+                # hooked-1 dies with a request in flight: that one gets 502 at
+                # once; it leaves the ring, hooked-0 serves everything.
+                on_1 = next(m for m, r in placement.items() if r == "hooked-1")
+                doomed = asyncio.ensure_future(
+                    client.get("/slow", params={"s": "30"}, headers={MODEL: on_1})
+                )
+
+                async def in_flight_on_1() -> bool:
+                    body = (await client.get("/-/replicas")).json()["deployments"]["Hooked"]
+                    return any(r["id"] == "hooked-1" and r["in_flight"] for r in body["replicas"])
+
+                await wait_until(in_flight_on_1, within_s=20)
                 r1.process.send_signal(signal.SIGKILL)
                 await r1.process.wait()
+                with anyio.fail_after(10):
+                    died = await doomed
+                assert died.status_code == 502, died.text
+                assert died.json()["error"]["code"] == "replica_died"
 
                 async def only_hooked_0() -> bool:
                     return sorted(pool.targets) == ["hooked-0"]
