@@ -71,6 +71,29 @@ def check_num_cpus(value: object) -> float:
     return number
 
 
+#: Ray Serve's ``@serve.deployment`` options that are set elsewhere here
+_RAY_OPTIONS: dict[str, str] = {
+    "autoscaling_config": "set `autoscaling:` for the deployment in the app config",
+    "user_config": "pass settings through `init_kwargs` in the app config",
+    "ray_actor_options": "replicas are local processes: give `num_cpus=` here",
+    "max_concurrent_queries": "its current name, here too, is `max_ongoing_requests`",
+    "route_prefix": "set `route_prefix:` for the deployment in the app config",
+    "health_check_period_s": "the gateway watches each replica's process and connection",
+    "health_check_timeout_s": "the gateway watches each replica's process and connection",
+}
+
+
+def _unknown_option(option: str) -> str:
+    """Why ``@deployment`` does not take ``option``, and where it goes instead."""
+    where = _RAY_OPTIONS.get(option)
+    if where is None:
+        where = (
+            "it takes name, max_ongoing_requests, max_queued_requests, num_replicas,"
+            " graceful_shutdown_timeout_s and num_cpus; the rest is set in the app config"
+        )
+    return f"@deployment() got an unexpected keyword argument {option!r}: {where}."
+
+
 def _int_option(name: str, value: object, minimum: int, *, allow_minus_one: bool = False) -> int:
     if type(value) is not int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
@@ -115,6 +138,7 @@ def deployment(
     num_replicas: int | None = None,
     graceful_shutdown_timeout_s: float | None = None,
     num_cpus: float = DEFAULT_NUM_CPUS,
+    **others: Any,
 ) -> Any:
     """Mark a class as a deployment, bare (``@deployment``) or with options.
 
@@ -139,6 +163,8 @@ def deployment(
         TypeError: not a class, or an option of the wrong type.
         ValueError: an option out of range.
     """
+    if others:
+        raise TypeError(_unknown_option(next(iter(others))))
     if name is not None and (type(name) is not str or not name.strip()):
         raise (TypeError if type(name) is not str else ValueError)(
             f"name must be a non-empty str, got {name!r}."

@@ -214,6 +214,27 @@ def test_deployment_validates_its_options(
         deployment(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("option", "where"),
+    [
+        ("autoscaling_config", "set `autoscaling:` for the deployment in the app config."),
+        ("ray_actor_options", "replicas are local processes: give `num_cpus=` here."),
+        (
+            "max_replica",
+            "it takes name, max_ongoing_requests, max_queued_requests, num_replicas,"
+            " graceful_shutdown_timeout_s and num_cpus; the rest is set in the app config.",
+        ),
+    ],
+)
+def test_deployment_says_where_an_option_it_does_not_take_goes(option: str, where: str) -> None:
+    """Ray Serve's ``@serve.deployment(autoscaling_config=...)`` and the like."""
+    with pytest.raises(TypeError) as raised:
+        deployment(**{option: {}})
+    assert str(raised.value) == (
+        f"@deployment() got an unexpected keyword argument {option!r}: {where}"
+    )
+
+
 def test_deployment_decorates_classes_only() -> None:
     with pytest.raises(
         TypeError,
