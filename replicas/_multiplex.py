@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import difflib
 import functools
 import inspect
 import weakref
@@ -267,6 +268,7 @@ def multiplexed(
     max_bytes_per_replica: int = -1,
     sizeof: Callable[[Any], int] | None = None,
     load_on_loop: bool = False,
+    **others: Any,
 ) -> Any:
     """Turn a model loader into a cached, multiplexed one.
 
@@ -312,6 +314,14 @@ def multiplexed(
             argument; a limit is not an int.
         ValueError: a limit is out of range, an unknown policy or load order.
     """
+    if others:
+        option = next(iter(others))
+        known = [
+            p for p in inspect.signature(multiplexed).parameters if p not in ("func", "others")
+        ]
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(known)}."
+        raise TypeError(f"@multiplexed() got an unexpected keyword argument {option!r}: {hint}")
     check_limit("max_num_models_per_replica", max_num_models_per_replica, allow_unlimited=True)
     check_limit("max_concurrent_loads", max_concurrent_loads, allow_unlimited=False)
     make_policy(eviction_policy, max_num_models_per_replica)  # validates the name
@@ -433,7 +443,15 @@ def _loader_shape(func: object) -> bool:
             f"@multiplexed decorates a function or method, not a class ({func.__qualname__})."
         )
     if not callable(func):
-        raise TypeError(f"@multiplexed decorates a function or method, not {type(func).__name__}.")
+        # @multiplexed(3): a number where the loader goes
+        hint = (
+            " (its options are keywords: @multiplexed(max_num_models_per_replica=3))"
+            if type(func) is int
+            else ""
+        )
+        raise TypeError(
+            f"@multiplexed decorates a function or method, not {type(func).__name__}{hint}."
+        )
     name = getattr(func, "__qualname__", repr(func))
     try:
         params = list(inspect.signature(func).parameters.values())

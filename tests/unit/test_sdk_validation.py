@@ -29,13 +29,32 @@ class NotALoader:
     ("target", "message"),
     [
         (NotALoader, "@multiplexed decorates a function or method, not a class (NotALoader)."),
-        (42, "@multiplexed decorates a function or method, not int."),
+        (
+            42,  # @multiplexed(42)
+            "@multiplexed decorates a function or method, not int (its options are keywords:"
+            " @multiplexed(max_num_models_per_replica=3)).",
+        ),
         ("load", "@multiplexed decorates a function or method, not str."),
     ],
 )
 def test_multiplexed_refuses_what_is_not_a_loader(target: Any, message: str) -> None:
     with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         multiplexed(target)
+
+
+def test_multiplexed_names_the_option_meant() -> None:
+    with pytest.raises(TypeError) as raised:
+        multiplexed(max_num_models=3)  # type: ignore[call-overload]
+    assert str(raised.value) == (
+        "@multiplexed() got an unexpected keyword argument 'max_num_models':"
+        " did you mean 'max_num_models_per_replica'?"
+    )
+    with pytest.raises(TypeError) as raised:
+        multiplexed(cache=3)  # type: ignore[call-overload]
+    assert str(raised.value).startswith(
+        "@multiplexed() got an unexpected keyword argument 'cache': it takes"
+        " max_num_models_per_replica, max_concurrent_loads,"
+    )
 
 
 def no_model_id(name: str) -> str:
