@@ -225,7 +225,7 @@ _defaults = _Defaults()
 def set_handle_defaults(gateway_url: str | None, token: str | None = None) -> None:
     """Set this process's default gateway (the replica entry point calls it
     with the URL and admin token of the gateway that started the replica)."""
-    _defaults.url = gateway_url.rstrip("/") if gateway_url else None
+    _defaults.url = _http_url(gateway_url) if gateway_url else None
     _defaults.token = token or None
 
 
@@ -527,12 +527,17 @@ class DeploymentHandle:
     ) -> None:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if type(multiplexed_model_id) is not str:
+            raise TypeError(
+                "multiplexed_model_id must be a str (model ids are strings, as in the"
+                f' header: multiplexed_model_id="2"), got {type(multiplexed_model_id).__name__}'
+            )
         self._deployment_name = deployment_name
         self._method_name = method_name
         self._model_id = multiplexed_model_id
         self._timeout_s = timeout_s
         self._token = token or None
-        self._gateway_url = gateway_url.rstrip("/")
+        self._gateway_url = _http_url(gateway_url)
         self._url = f"{self._gateway_url}/-/handles/{deployment_name}/{method_name}"
         headers = {"content-type": _MSGPACK, "accept": _MSGPACK}
         if token:
@@ -662,6 +667,12 @@ class DeploymentHandle:
         return msgspec.msgpack.decode(response.content)
 
 
+def _http_url(url: str) -> str:
+    """``url`` without a trailing ``/``, and ``http://`` before a bare
+    ``HOST:PORT`` (as ``muxgate status`` takes it)."""
+    return (url if "://" in url else "http://" + url).rstrip("/")
+
+
 def get_deployment_handle(
     deployment_name: str, gateway_url: str | None = None, *, token: str | None = None
 ) -> DeploymentHandle:
@@ -685,8 +696,9 @@ def get_deployment_handle(
             "no gateway URL: pass gateway_url=, or set MUXGATE_GATEWAY_URL "
             "(inside a replica the gateway sets it)"
         )
+    url = _http_url(url)
     if token is None:
         # The replica's own token belongs to its own gateway only.
-        own = _defaults.token if url.rstrip("/") == _defaults.url else None
+        own = _defaults.token if url == _defaults.url else None
         token = own or os.environ.get("MUXGATE_ADMIN_TOKEN")
     return DeploymentHandle(deployment_name, gateway_url=url, token=token)

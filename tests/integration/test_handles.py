@@ -425,6 +425,23 @@ async def test_unreachable_gateway_is_unavailable() -> None:
     await aclose_handle_clients()
 
 
+async def test_a_bare_host_and_port_is_an_http_url(gateway: Gateway) -> None:
+    """As `muxgate status` takes it: `127.0.0.1:8000` means http://."""
+    bare = gateway.url.removeprefix("http://")
+    assert await get_deployment_handle("Down", bare).add.remote(1, 1) == 2
+    assert get_deployment_handle("Down", "127.0.0.1:1/")._gateway_url == "http://127.0.0.1:1"
+
+
+def test_a_model_id_that_is_not_a_str_is_refused_at_once(gateway: Gateway) -> None:
+    down = get_deployment_handle("Down", gateway.url)
+    with pytest.raises(TypeError) as raised:
+        down.options(multiplexed_model_id=2)  # type: ignore[arg-type]
+    assert str(raised.value) == (
+        "multiplexed_model_id must be a str (model ids are strings, as in the header:"
+        ' multiplexed_model_id="2"), got int'
+    )
+
+
 def test_no_gateway_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MUXGATE_GATEWAY_URL", raising=False)
     with pytest.raises(ValueError, match="MUXGATE_GATEWAY_URL"):
