@@ -280,8 +280,10 @@ class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True):
-    #: label request metrics with the model id (unbounded cardinality: opt-in)
+    #: label request metrics with the model id (opt-in: a series per model)
     per_model_labels: bool = False
+    #: model ids labelled per deployment; later ones share the label "(other)"
+    max_model_labels: Annotated[int, msgspec.Meta(ge=1)] = 1000
 
 
 def repeated_names(deployments: Iterable[tuple[int, DeploymentConfig]]) -> list[str]:

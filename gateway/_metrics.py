@@ -54,7 +54,10 @@ from muxgate.replicas.contract import (
     load_bucket_key,
 )
 
-__all__ = ["REQUEST_DURATION_BUCKETS", "GatewayMetrics"]
+__all__ = ["OTHER_MODELS", "REQUEST_DURATION_BUCKETS", "GatewayMetrics"]
+
+#: the ``model`` label of the ids past ``metrics.max_model_labels``
+OTHER_MODELS: Final = "(other)"
 
 #: Request latency spans a cache hit (about a millisecond) to a cold model
 #: load behind a queue (tens of seconds); roughly 2.5x steps over that range.
@@ -322,14 +325,21 @@ class GatewayMetrics:
       deployments whose launcher has a lease (``ray``).
 
     With ``per_model_labels=True`` requests, request duration and spillovers
-    also carry ``model`` (the multiplexed model id, ``""`` for none).
+    also carry ``model`` (the multiplexed model id, ``""`` for none). The
+    ids come from clients, any number of them: the first
+    ``max_model_labels`` per deployment get a label of their own, the rest
+    share :data:`OTHER_MODELS`, so a client sending random ids cannot grow
+    the series without bound.
 
     Thread-safe; every method is cheap and non-blocking, so it can be called
     from the event loop.
     """
 
-    def __init__(self, *, per_model_labels: bool = False) -> None:
+    def __init__(self, *, per_model_labels: bool = False, max_model_labels: int = 1000) -> None:
         self.per_model_labels = per_model_labels
+        self.max_model_labels = max_model_labels
+        #: the model ids labelled so far, per deployment (at most max_model_labels)
+        self._model_labels: dict[str, set[str]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         model = ["model"] if per_model_labels else []
         self._requests = Counter(
@@ -417,12 +427,27 @@ class GatewayMetrics:
         self, deployment: str, status: int, seconds: float, model_id: str = ""
     ) -> None:
         """Count one finished request and observe its duration."""
-        key = (deployment, status, model_id if self.per_model_labels else "")
+        key = (deployment, status, self._model_label(deployment, model_id))
         children = self._request_children.get(key)
         if children is None:
             children = self._new_request_children(key)
         children[0].inc()
         children[1].observe(seconds)
+
+    def _model_label(self, deployment: str, model_id: str) -> str:
+        """``model_id``'s label: ``""`` without per-model labels, else the id
+        while the deployment has room for it, else :data:`OTHER_MODELS`."""
+        if not self.per_model_labels or not model_id:
+            return ""
+        labelled = self._model_labels.get(deployment)
+        if labelled is None:
+            labelled = self._model_labels.setdefault(deployment, set())
+        if model_id in labelled:
+            return model_id
+        if len(labelled) >= self.max_model_labels:
+            return OTHER_MODELS
+        labelled.add(model_id)
+        return model_id
 
     def _new_request_children(self, key: tuple[str, int, str]) -> tuple[Counter, Histogram]:
         deployment, status, model_id = key
@@ -473,7 +498,7 @@ class GatewayMetrics:
 
     def count_spillover(self, deployment: str, model_id: str = "") -> None:
         """Count one request routed away from its model's home replica."""
-        key = (deployment, model_id if self.per_model_labels else "")
+        key = (deployment, self._model_label(deployment, model_id))
         child = self._spillover_children.get(key)
         if child is None:
             if self.per_model_labels:

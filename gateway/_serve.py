@@ -199,7 +199,10 @@ async def start_gateway(
     config = as_config(config)
     host = host if host is not None else config.http.host
     port = port if port is not None else config.http.port
-    metrics = GatewayMetrics(per_model_labels=config.metrics.per_model_labels)
+    metrics = GatewayMetrics(
+        per_model_labels=config.metrics.per_model_labels,
+        max_model_labels=config.metrics.max_model_labels,
+    )
     try:
         remote = RemoteLaunchers(config)  # deployments whose replicas run elsewhere
     except ChannelError as exc:

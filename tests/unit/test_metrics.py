@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_text import Samples, only, parse_samples
 
-from muxgate.gateway._metrics import REQUEST_DURATION_BUCKETS, GatewayMetrics
+from muxgate.gateway._metrics import OTHER_MODELS, REQUEST_DURATION_BUCKETS, GatewayMetrics
 from muxgate.replicas.contract import MODEL_LOAD_BUCKETS, load_bucket_key
 
 
@@ -69,6 +69,28 @@ def test_per_model_labels_are_off_by_default() -> None:
     body, _ = m.render()
     assert b"model=" not in body
     assert 'model="m1"' not in body.decode()
+
+
+def test_model_labels_are_bounded_per_deployment() -> None:
+    # The ids come from clients: before, each new one (random ids, or ids
+    # that do not exist) was a new series for as long as the gateway ran.
+    m = GatewayMetrics(per_model_labels=True, max_model_labels=3)
+    for i in range(50):
+        m.observe_request("Model", 404, 0.01, model_id=f"random-{i}")
+        m.count_spillover("Model", f"random-{i}")
+    m.observe_request("Model", 200, 0.01, model_id="random-1")  # labelled already
+    m.observe_request("Other", 200, 0.01, model_id="x")  # a budget per deployment
+    s = scrape(m)
+    requests = only(s, "muxgate_requests_total")
+    assert requests == {
+        (("deployment", "Model"), ("model", "random-0"), ("status", "404")): 1.0,
+        (("deployment", "Model"), ("model", "random-1"), ("status", "404")): 1.0,
+        (("deployment", "Model"), ("model", "random-2"), ("status", "404")): 1.0,
+        (("deployment", "Model"), ("model", OTHER_MODELS), ("status", "404")): 47.0,
+        (("deployment", "Model"), ("model", "random-1"), ("status", "200")): 1.0,
+        (("deployment", "Other"), ("model", "x"), ("status", "200")): 1.0,
+    }
+    assert len(only(s, "muxgate_spillovers_total")) == 4
 
 
 def test_per_model_labels_when_enabled() -> None:
