@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import hmac
 import importlib.resources
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -60,6 +59,7 @@ from muxgate.gateway._frontend import (
     Send,
     Shutdown,
     Target,
+    bearer_matches,
     is_local_client,
     new_request_id,
 )
@@ -187,7 +187,7 @@ def _admin_denial(
     """Why ``connection`` may not use the admin endpoints, or None if it may."""
     if expected is not None:
         given = connection.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        if not bearer_matches(given, expected):
             return "admin endpoints need the bearer token"
         return None
     client = connection.client

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import logging
 import os
@@ -65,6 +66,7 @@ __all__ = [
     "ServerSpan",
     "Shutdown",
     "Target",
+    "bearer_matches",
     "is_local_client",
     "model_id_of",
     "new_request_id",
@@ -91,6 +93,17 @@ _TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 #: ones; ``is_local_client`` also knows the rest of 127.0.0.0/8 and
 #: IPv4-mapped loopback addresses)
 LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def bearer_matches(given: bytes, expected: bytes) -> bool:
+    """Whether the ``Authorization`` value ``given`` is ``expected``
+    (``Bearer <token>``), the scheme's case aside: RFC 9110 (11.1) makes
+    schemes case-insensitive, and ``bearer <token>`` was refused. The
+    token is compared in constant time."""
+    scheme, _, token = given.partition(b" ")
+    want_scheme, _, want = expected.partition(b" ")
+    same_scheme = scheme.lower() == want_scheme.lower()
+    return hmac.compare_digest(token.lstrip(b" "), want) and same_scheme
 
 
 def is_local_client(host: str | None) -> bool:

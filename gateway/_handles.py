@@ -23,7 +23,6 @@ the access check, the argument decoding and the MessagePack reply.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from typing import Any, Unpack
 
@@ -43,6 +42,7 @@ from muxgate.gateway._frontend import (
     RequestHead,
     Scope,
     Target,
+    bearer_matches,
     is_local_client,
 )
 from muxgate.replicas.contract import ErrorCode, Reply
@@ -108,7 +108,7 @@ class HandleIngress(FrontEnd):
 
     def _allowed(self, scope: Scope, auth: bytes) -> bool:
         if self._expected_auth is not None:
-            return hmac.compare_digest(auth, self._expected_auth)
+            return bearer_matches(auth, self._expected_auth)
         client = scope.get("client")
         return client is not None and is_local_client(client[0])
 

@@ -147,6 +147,17 @@ async def test_admin_token_and_remote_clients(gateway: Gateway) -> None:
         assert r.headers["www-authenticate"] == 'Bearer realm="muxgate"'
         r = await c.get("/-/replicas", headers={"authorization": "Bearer s3cret"})
         assert r.status_code == 200
+        # the scheme is case-insensitive (RFC 9110 11.1; "bearer" was refused)
+        for scheme in ("bearer", "BEARER"):
+            r = await c.get("/-/replicas", headers={"authorization": f"{scheme} s3cret"})
+            assert r.status_code == 200
+        r = await c.post(
+            "/-/handles/T/__call__", content=b"", headers={"authorization": "bearer s3cret"}
+        )
+        assert r.status_code != 401
+        for wrong in ("Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer"):
+            r = await c.get("/-/replicas", headers={"authorization": wrong})
+            assert r.status_code == 401, wrong
         assert (await c.get("/-/")).status_code == 200  # the page itself is public
         # Probes cannot send a token: healthz is public, and says no more than ok.
         r = await c.get("/-/healthz")
