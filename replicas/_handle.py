@@ -527,11 +527,14 @@ class DeploymentHandle:
     ) -> None:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if type(multiplexed_model_id) is not str:
+        if not isinstance(multiplexed_model_id, str):
             raise TypeError(
                 "multiplexed_model_id must be a str (model ids are strings, as in the"
                 f' header: multiplexed_model_id="2"), got {type(multiplexed_model_id).__name__}'
             )
+        # A str subclass (a StrEnum member, numpy's str_) is a str: taken as
+        # its plain text, as the header carries it.
+        multiplexed_model_id = str.__str__(multiplexed_model_id)
         self._deployment_name = deployment_name
         self._method_name = method_name
         self._model_id = multiplexed_model_id

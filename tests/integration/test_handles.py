@@ -8,6 +8,7 @@ listener of the test (:func:`held_calls`) and returns when the test says so.
 
 from __future__ import annotations
 
+import enum
 import gc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -440,6 +441,18 @@ def test_a_model_id_that_is_not_a_str_is_refused_at_once(gateway: Gateway) -> No
         "multiplexed_model_id must be a str (model ids are strings, as in the header:"
         ' multiplexed_model_id="2"), got int'
     )
+
+
+async def test_a_model_id_of_a_str_subclass_is_its_text(gateway: Gateway) -> None:
+    # a StrEnum member or numpy's str_ is a str: the check for ids that are
+    # not strings refused them, where the header took them as their text
+    class Ids(enum.StrEnum):
+        TWO = "2"
+
+    down = get_deployment_handle("Down", gateway.url).options(multiplexed_model_id=Ids.TWO)
+    result = await down.remote()
+    assert (result["model_id"], result["model"]) == ("2", "model-2")
+    assert type(down._model_id) is str
 
 
 def test_no_gateway_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
