@@ -490,7 +490,7 @@ class EdgeProtocol(HttpToolsProtocol):
             # header) that a proxy checking the head never saw.
             self._progress += 1
             return
-        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+        self._head_size += len(name) + len(value) + 3  # ":" and CRLF at least
         super().on_header(name, value)
 
     def on_body(self, body: bytes) -> None:
