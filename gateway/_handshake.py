@@ -145,7 +145,7 @@ async def _hello(
     # being buffered (a peer that proved nothing made the gateway hold a
     # gigabyte, once per probe of a static address).
     decoder.max_frame = HANDSHAKE_MAX_FRAME_BYTES
-    challenge, rest = await _read_answer(stream, decoder)
+    challenge, rest = await _read_answer(stream, decoder, unproven=True)
     if rest:
         raise HandshakeError(f"replica at {address} sent more than one message at handshake")
     if isinstance(challenge, Welcome):
@@ -162,10 +162,11 @@ async def _hello(
 
 
 async def _read_answer(
-    stream: anyio.abc.ByteStream, decoder: FrameDecoder
+    stream: anyio.abc.ByteStream, decoder: FrameDecoder, *, unproven: bool = False
 ) -> tuple[Message, list[Message]]:
     """Read until a whole message is decoded (the handshake only): it, and
-    any messages decoded from the same bytes behind it."""
+    any messages decoded from the same bytes behind it. ``unproven``: the
+    answer to a ``Hello`` with the secret's nonce, held to 4 KiB."""
     while True:
         try:
             data = await stream.receive(_READ_SIZE)
@@ -174,6 +175,14 @@ async def _read_answer(
         try:
             messages = decoder.feed(data)
         except ProtocolError as exc:
-            raise HandshakeError(f"replica answered the handshake wrongly: {exc}") from None
+            # A replica without the secret answers at once with its Welcome,
+            # whose state (the models it holds) can pass the 4 KiB.
+            hint = (
+                "; a replica without the cluster secret answers with its Welcome, which"
+                " can be this large: give it the secret"
+                if unproven and "exceeds the limit" in str(exc)
+                else ""
+            )
+            raise HandshakeError(f"replica answered the handshake wrongly: {exc}{hint}") from None
         if messages:
             return messages[0], messages[1:]

@@ -26,6 +26,7 @@ from muxgate.gateway._connection import (
 )
 from muxgate.gateway.launchers.local import LocalLauncher, ReplicaProcess
 from muxgate.replicas._protocol import (
+    HANDSHAKE_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     FrameDecoder,
     Hello,
@@ -212,6 +213,44 @@ async def test_an_unproven_peer_cannot_make_the_gateway_buffer_a_large_frame() -
         await listener.aclose()
         os.unlink(path)
     assert sent < 16 << 20
+
+
+async def test_a_replica_without_the_secret_and_a_large_welcome_is_named_so() -> None:
+    """A gateway with the secret, a replica without it (on loopback) that
+    has served a while: its Welcome, state and all, is past the 4 KiB held
+    to before the proof. The error says the likely cause, not only that a
+    frame was too large."""
+    path = f"/tmp/muxgate-hs-welcome-{os.getpid()}.sock"
+    listener = await anyio.create_unix_listener(path)
+    models = [f"org/model-{i:04d}" for i in range(400)]
+    welcome = Welcome(
+        version=PROTOCOL_VERSION,
+        deployment="D",
+        replica_id="r",
+        pid=1,
+        state=ReplicaState(models=models),
+    )
+    assert len(encode_frame(welcome)) > HANDSHAKE_MAX_FRAME_BYTES
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def serve_one() -> None:
+                stream = await listener.accept()
+                async with stream:
+                    await stream.receive()  # the Hello
+                    with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                        await stream.send(encode_frame(welcome))
+
+            tg.start_soon(serve_one)
+            with anyio.fail_after(10), pytest.raises(HandshakeError) as raised:
+                await ReplicaConnection.connect(
+                    f"unix:{path}", auth=ChannelAuth(b"s" * 32), connect_timeout=10
+                )
+    finally:
+        await listener.aclose()
+        os.unlink(path)
+    assert "exceeds the limit" in str(raised.value)
+    assert "a replica without the cluster secret" in str(raised.value)
 
 
 async def test_connect_to_nothing_raises_oserror(tmp_path: Path) -> None:
