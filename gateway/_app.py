@@ -25,7 +25,6 @@ stays behind the admin guard at ``/-/replicas``.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import importlib.resources
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,6 +44,7 @@ from muxgate.gateway._dispatch import Dispatcher
 from muxgate.gateway._errors import (
     WWW_AUTHENTICATE,
     RouteNotFoundError,
+    did_you_mean,
     error_body,
     no_deployment_named,
 )
@@ -214,9 +214,7 @@ def _no_admin_endpoint(request: Request[Any, Any, Any]) -> str:
     endpoints are public knowledge: docs/http.md lists them)."""
     path = request.url.path
     paths = sorted({route.path for route in request.app.routes})
-    close = difflib.get_close_matches(path, paths, n=1, cutoff=0.75)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"no admin endpoint {path!r}{hint}"
+    return f"no admin endpoint {path!r}{did_you_mean(path, paths)}"
 
 
 def _admin_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -48,6 +48,7 @@ __all__ = [
     "StorageDeniedError",
     "StorageUnavailableError",
     "client_safe",
+    "did_you_mean",
     "error_body",
     "error_from_info",
     "error_response",
@@ -334,14 +335,21 @@ def error_response(
     return exc.status, headers, error_body(exc.code, exc.message, request_id)
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``known`` (a slip of a
+    letter or two), else ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def no_deployment_named(name: str, known: Iterable[str]) -> str:
     """``no deployment named 'Modle'; did you mean 'Model'?`` for a slip of a
     letter or two, else the deployments there are (up to 10). For admin and
     handle callers only: they may know the names."""
     names = sorted(known)
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
-    if close:
-        return f"no deployment named {name!r}; did you mean {close[0]!r}?"
+    hint = did_you_mean(name, names)
+    if hint:
+        return f"no deployment named {name!r}{hint}"
     if not names or len(names) > 10:
         return f"no deployment named {name!r}"
     return f"no deployment named {name!r} (deployments: {', '.join(names)})"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import difflib
 import functools
 import inspect
 import logging
@@ -48,6 +47,7 @@ from muxgate.replicas._handle_loops import SyncCalls
 from muxgate.replicas._http import Request, encode_result
 from muxgate.replicas._loader_thread import is_async_callable
 from muxgate.replicas._logging import OUTCOME, outcome_logged_for, traceback_logged
+from muxgate.replicas._names import nearest
 from muxgate.replicas._propagation import extract_context
 from muxgate.replicas._protocol import MAX_BODY_BYTES, Call, ErrorInfo
 from muxgate.replicas._spec import ReplicaSpec
@@ -221,8 +221,7 @@ class CallRunner:
         cls = type(self.instance)  # static lookups: no property runs
         found = {n: inspect.getattr_static(cls, n, None) for n in dir(cls) if n[:1] != "_"}
         methods = [n for n, v in found.items() if callable(v) or isinstance(v, classmethod)]
-        close = difflib.get_close_matches(name, methods, n=1, cutoff=0.75)
-        return f"; did you mean {close[0]!r}?" if close else ""
+        return nearest(name, methods)
 
     async def _invoke(
         self, name: str, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]

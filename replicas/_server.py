@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import importlib
 import inspect
 import logging
@@ -58,6 +57,7 @@ from muxgate.replicas._loader_thread import loader_thread
 from muxgate.replicas._logging import describe_exception, install_replica_logging
 from muxgate.replicas._model_control import preload_models
 from muxgate.replicas._multiplex import configure_model_caches
+from muxgate.replicas._names import nearest
 from muxgate.replicas._replica import Replica
 from muxgate.replicas._spec import ReplicaSpec, TracingSettings
 from muxgate.replicas._tracing import configure_tracing, shutdown_tracing
@@ -102,14 +102,6 @@ def _raised_resolving_the_import_path(exc: BaseException) -> bool:
     return bool(frames) and os.path.abspath(frames[-1].filename) == os.path.abspath(__file__)
 
 
-def _nearest(name: str, known: list[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest of ``known``, else ``""``."""
-    # 0.75: a slip of a letter or two (Modle, torch_mpl), not any name
-    # sharing a few letters (no_such_module is not torch_models).
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _modules_in(folder: str) -> list[str]:
     """The names of the modules and packages directly in ``folder``."""
     try:
@@ -133,7 +125,7 @@ def _import_class(spec: ReplicaSpec) -> Any:
         if exc.name != module_name.partition(".")[0] or not spec.app_dir:
             raise  # a module the deployment's own code imports
         if os.path.isdir(spec.app_dir):
-            hint = _nearest(exc.name, _modules_in(spec.app_dir)) or (
+            hint = nearest(exc.name, _modules_in(spec.app_dir)) or (
                 f"; not in {spec.app_dir} (the app_dir: by default the config file's"
                 " folder) nor an installed package"
             )
@@ -148,7 +140,7 @@ def _import_class(spec: ReplicaSpec) -> Any:
             kind = "module" if inspect.ismodule(obj) else "class"
             raise AttributeError(
                 f"{kind} {getattr(obj, '__name__', '?')!r} has no attribute"
-                f" {part!r}{_nearest(part, classes)}"
+                f" {part!r}{nearest(part, classes)}"
             ) from None
     if not isinstance(obj, type):
         raise TypeError(f"{spec.import_path} is not a class")
